@@ -1,0 +1,100 @@
+"""A DEALER socket driven by the asyncio event loop, without a future per message.
+
+The socket's file descriptor is edge-triggered: it signals when the socket's
+state changes, not while messages wait. So every wake-up drains the socket
+until it is empty, and every send is followed by a check of the socket's
+events, since a send can consume the signal of a message that has arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Callable
+
+import zmq
+
+DRAIN_BATCH = 500  # messages handled before other tasks get a turn
+BACKLOG_RETRY_S = 0.005  # wait before retrying sends the socket refused (HWM)
+SOCKET_HWM = 100_000
+
+
+def dealer(context: zmq.Context, address: str, routing_id: bytes | None = None) -> zmq.Socket:
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
+    sock.setsockopt(zmq.RCVHWM, SOCKET_HWM)
+    sock.setsockopt(zmq.LINGER, 200)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    if routing_id:
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
+    sock.connect(address)
+    return sock
+
+
+class Channel:
+    """Receives into a callback; sends without blocking and without losing a message.
+
+    A send the socket refuses (its queue is at the high-water mark) waits in a
+    backlog, in order, and is retried shortly.
+    """
+
+    def __init__(self, sock: zmq.Socket, on_message: Callable[[list[bytes]], None]) -> None:
+        self.sock = sock
+        self.on_message = on_message
+        self.loop = asyncio.get_running_loop()
+        self.backlog: deque[list[bytes]] = deque()
+        self._check_scheduled = False
+        self._closed = False
+        self.loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
+        self.loop.call_soon(self._drain)
+
+    def send(self, frames: list[bytes]) -> None:
+        if self._closed:
+            return
+        if self.backlog:
+            self.backlog.append(frames)
+            return
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self.backlog.append(frames)
+            self.loop.call_later(BACKLOG_RETRY_S, self._flush_backlog)
+        self._schedule_check()
+
+    def _flush_backlog(self) -> None:
+        while self.backlog and not self._closed:
+            try:
+                self.sock.send_multipart(self.backlog[0], zmq.NOBLOCK)
+            except zmq.Again:
+                self.loop.call_later(BACKLOG_RETRY_S, self._flush_backlog)
+                break
+            self.backlog.popleft()
+        self._schedule_check()
+
+    def _schedule_check(self) -> None:
+        if not self._check_scheduled:
+            self._check_scheduled = True
+            self.loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._check_scheduled = False
+        if self._closed:
+            return
+        sock = self.sock
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.on_message(frames)
+            if self._closed:
+                return
+        self._schedule_check()  # more may wait; let other tasks run first
+
+    def close(self, linger_ms: int = 200) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
+        self.sock.close(linger_ms)

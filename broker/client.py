@@ -1,0 +1,350 @@
+"""The Python client of the broker.
+
+    async with Client("tcp://127.0.0.1:5555") as client:
+        async for chunk in client.round_robin("generate", {"text": "a,b"}):
+            print(chunk.decode(), end="")
+
+One DEALER socket carries any number of concurrent requests, told apart by
+request id. Leaving a stream early (break, aclose(), or dropping it) sends
+CANCEL, and the worker's handler is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from typing import Any, Iterator
+
+import orjson
+import zmq
+
+from broker import protocol as p
+from broker.channel import Channel, dealer
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+DEFAULT_TIMEOUT = 60.0
+HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_MISSES = 3
+DEADLINE_GRACE = 1.0  # the broker ends a request at its deadline; the client waits this much more
+
+Body = bytes | str | Any
+
+
+class BrokerError(Exception):
+    """An ERROR from the broker or a worker, or the client giving up."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def encode_body(body: Body) -> bytes:
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        return body.encode()
+    return orjson.dumps(body)
+
+
+class Stream:
+    """The reply to one request: an async iterator of chunks (bytes).
+
+    `worker_id` names the worker once its first reply has arrived.
+    """
+
+    __slots__ = ("_client", "rid", "worker_id", "deadline", "_chunks", "_waiter",
+                 "_error", "_done", "__weakref__")
+
+    def __init__(self, client: Client, rid: bytes, deadline: float) -> None:
+        self._client = client
+        self.rid = rid
+        self.deadline = deadline
+        self.worker_id: str | None = None
+        self._chunks: deque[bytes] = deque()
+        self._waiter: asyncio.Future | None = None
+        self._error: BaseException | None = None
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            if self._chunks:
+                return self._chunks.popleft()
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            self._waiter = self._client.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def first(self) -> bytes | None:
+        """Wait for the first chunk (or the end) without consuming it."""
+        while not self._chunks and not self._done:
+            self._waiter = self._client.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if not self._chunks and self._error is not None:
+            raise self._error
+        return self._chunks[0] if self._chunks else None
+
+    async def read(self) -> bytes:
+        """The whole reply, joined."""
+        return b"".join([chunk async for chunk in self])
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the request: the broker and the worker are told, the stream ends."""
+        if not self._done:
+            self._client._cancel(self)
+            self._finish(None)
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        if not self._done:
+            try:
+                self._client._cancel(self)
+            except Exception:
+                pass  # the client or its loop is gone already
+
+    # fed by the client
+    def _feed(self, chunks: list[bytes], worker_id: str, last: bool) -> None:
+        self.worker_id = worker_id
+        self._chunks.extend(chunks)
+        if last:
+            self._finish(None)
+        else:
+            self._wake()
+
+    def _finish(self, error: BaseException | None) -> None:
+        self._done = True
+        self._error = error
+        self._client._forget(self)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Client:
+    """An asyncio client of the broker's client-facing socket."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 context: zmq.Context | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.context = context or zmq.Context.instance()
+        self.streams: dict[bytes, Stream] = {}
+        self._stats_waiters: dict[bytes, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._channel: Channel | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._last_heard = 0.0
+        self._boot_id: bytes | None = None
+        self.loop: asyncio.AbstractEventLoop
+
+    async def __aenter__(self) -> Client:
+        self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def connect(self) -> None:
+        """Open the socket; call it inside the running event loop."""
+        self.loop = asyncio.get_running_loop()
+        self._channel = Channel(dealer(self.context, self.address), self._on_message)
+        self._last_heard = time.monotonic()
+        self._channel.send(p.encode_heartbeat())
+        self._watchdog = self.loop.create_task(self._watch())
+
+    async def close(self) -> None:
+        for stream in list(self.streams.values()):
+            stream.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._channel is not None:
+            self._channel.close()
+
+    @property
+    def broker_alive(self) -> bool:
+        """False once the broker has been silent for several heartbeats."""
+        return time.monotonic() - self._last_heard <= self.heartbeat_interval * HEARTBEAT_MISSES
+
+    # --- requests -------------------------------------------------------------
+
+    def request(self, service: str, body: Body, *, policy: str = "", worker: str = "",
+                timeout: float | None = None) -> Stream:
+        """Send a request; the reply streams from the returned Stream.
+
+        `policy` empty means the broker's default. `worker` is the target of
+        the "direct" policy. `timeout` (seconds) ends the request if it is not
+        done by then.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        rid = b"%x" % next(self._ids)
+        stream = Stream(self, rid, time.monotonic() + timeout + DEADLINE_GRACE)
+        self.streams[rid] = stream
+        message = p.Request(rid, service, encode_body(body), policy, worker, int(timeout * 1000))
+        self._channel.send(p.encode_request_to_broker(message))
+        return stream
+
+    def round_robin(self, service: str, body: Body, **options: Any) -> Stream:
+        return self.request(service, body, policy="round_robin", **options)
+
+    def random(self, service: str, body: Body, **options: Any) -> Stream:
+        return self.request(service, body, policy="random", **options)
+
+    def direct(self, service: str, body: Body, worker_id: str, **options: Any) -> Stream:
+        return self.request(service, body, policy="direct", worker=worker_id, **options)
+
+    async def stats(self, timeout: float = 5.0) -> dict:
+        rid = b"s%x" % next(self._ids)
+        waiter = self.loop.create_future()
+        self._stats_waiters[rid] = waiter
+        self._channel.send(p.encode_stats_request(p.StatsRequest(rid)))
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            raise BrokerError(p.E_BROKER_UNREACHABLE,
+                              f"no stats from {self.address} within {timeout:g} s") from None
+        finally:
+            self._stats_waiters.pop(rid, None)
+
+    # --- plumbing ---------------------------------------------------------------
+
+    def _cancel(self, stream: Stream) -> None:
+        if self.streams.pop(stream.rid, None) is not None and self._channel is not None:
+            self._channel.send(p.encode_cancel(p.Cancel(stream.rid)))
+
+    def _forget(self, stream: Stream) -> None:
+        self.streams.pop(stream.rid, None)
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        self._last_heard = time.monotonic()
+        try:
+            msg = p.decode_to_client(frames)
+        except p.ProtocolError:
+            return  # not from a zroute broker; nothing to route it to
+        kind = type(msg)
+        if kind is p.Chunk or kind is p.End:
+            stream = self.streams.get(msg.rid)
+            if stream is not None:
+                stream._feed(msg.chunks, msg.worker_id, kind is p.End)
+        elif kind is p.Error:
+            stream = self.streams.get(msg.rid)
+            if stream is not None:
+                stream._finish(BrokerError(msg.code, msg.message))
+        elif kind is p.StatsReply:
+            waiter = self._stats_waiters.get(msg.rid)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(msg.stats)
+        else:
+            self._on_heartbeat(msg.boot_id)
+
+    def _on_heartbeat(self, boot_id: bytes) -> None:
+        if self._boot_id is not None and boot_id != self._boot_id:
+            self._fail_all(p.E_BROKER_UNREACHABLE, "the broker restarted during the request")
+        self._boot_id = boot_id
+
+    def _fail_all(self, code: str, message: str) -> None:
+        for stream in list(self.streams.values()):
+            stream._finish(BrokerError(code, message))
+
+    async def _watch(self) -> None:
+        """Heartbeat the broker; end requests past their deadline or on a dead broker."""
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            self._channel.send(p.encode_heartbeat())
+            if not self.broker_alive:
+                self._fail_all(p.E_BROKER_UNREACHABLE, f"no answer from the broker at {self.address}")
+            now = time.monotonic()
+            for stream in [s for s in self.streams.values() if now > s.deadline]:
+                self._cancel(stream)
+                stream._finish(BrokerError(p.E_TIMEOUT, "request deadline expired"))
+
+
+class BlockingClient:
+    """A synchronous client for scripts and the REPL: one request at a time."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
+                 context: zmq.Context | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.sock = dealer(context or zmq.Context.instance(), address)
+        self._ids = itertools.count(1)
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+    def request(self, service: str, body: Body, *, policy: str = "", worker: str = "",
+                timeout: float | None = None) -> Iterator[bytes]:
+        """Yield the reply's chunks as they arrive."""
+        timeout = self.timeout if timeout is None else timeout
+        rid = b"%x" % next(self._ids)
+        message = p.Request(rid, service, encode_body(body), policy, worker, int(timeout * 1000))
+        self.sock.send_multipart(p.encode_request_to_broker(message))
+        finished = False
+        try:
+            while True:
+                reply = self._receive(rid, timeout + DEADLINE_GRACE)
+                if isinstance(reply, p.Error):
+                    finished = True
+                    raise BrokerError(reply.code, reply.message)
+                yield from reply.chunks
+                if isinstance(reply, p.End):
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.sock.send_multipart(p.encode_cancel(p.Cancel(rid)))
+
+    def stats(self, timeout: float = 5.0) -> dict:
+        rid = b"s%x" % next(self._ids)
+        self.sock.send_multipart(p.encode_stats_request(p.StatsRequest(rid)))
+        return self._receive(rid, timeout).stats
+
+    def _receive(self, rid: bytes, timeout: float) -> p.Message:
+        """The next message for `rid`; others (late replies, heartbeats) are skipped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.sock.poll(remaining * 1000):
+                raise BrokerError(p.E_BROKER_UNREACHABLE,
+                                  f"no answer from the broker at {self.address} within {timeout:g} s")
+            try:
+                msg = p.decode_to_client(self.sock.recv_multipart())
+            except p.ProtocolError:
+                continue
+            if getattr(msg, "rid", None) == rid:
+                return msg

@@ -1,0 +1,364 @@
+"""The zroute wire protocol: pure encoders and decoders, no sockets.
+
+Every message is a list of ZeroMQ frames that starts with the version header
+and a one-byte command. docs/PROTOCOL.md describes each frame. The ROUTER
+identity frame that ZeroMQ adds on a ROUTER socket is not part of a message:
+the caller strips it before decoding and prepends it after encoding.
+
+A frame list that does not parse raises ProtocolError, and only ProtocolError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import orjson
+
+VERSION = b"ZR1"
+
+# Commands. One byte each; the same byte means the same thing in every direction.
+READY = b"\x01"
+HEARTBEAT = b"\x02"
+DISCONNECT = b"\x03"
+REQUEST = b"\x04"
+CHUNK = b"\x05"
+END = b"\x06"
+ERROR = b"\x07"
+CANCEL = b"\x08"
+STATS = b"\x09"
+DRAIN = b"\x0a"
+
+COMMAND_NAMES = {
+    READY: "READY",
+    HEARTBEAT: "HEARTBEAT",
+    DISCONNECT: "DISCONNECT",
+    REQUEST: "REQUEST",
+    CHUNK: "CHUNK",
+    END: "END",
+    ERROR: "ERROR",
+    CANCEL: "CANCEL",
+    STATS: "STATS",
+    DRAIN: "DRAIN",
+}
+
+# Stable error codes carried by ERROR frames.
+E_NO_WORKERS = "no_workers"
+E_NO_SUCH_WORKER = "no_such_worker"
+E_BAD_REQUEST = "bad_request"
+E_UNKNOWN_POLICY = "unknown_policy"
+E_HANDLER = "handler_error"
+E_WORKER_LOST = "worker_lost"
+E_TIMEOUT = "timeout"
+E_QUEUE_FULL = "queue_full"
+E_ID_IN_USE = "worker_id_in_use"
+E_BROKER_UNREACHABLE = "broker_unreachable"
+
+MAX_ID_LENGTH = 255  # worker ids, service and policy names
+MAX_CLIENT_RID = 255  # request ids chosen by clients
+MAX_RID = 1024  # request ids on the worker leg, where the broker extends them
+
+
+class ProtocolError(ValueError):
+    """A frame list that is not a valid zroute message."""
+
+
+# --- messages -------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Request:
+    """client -> broker, and broker -> worker (policy and target unused there)."""
+
+    rid: bytes
+    service: str
+    body: bytes
+    policy: str = ""
+    target: str = ""
+    timeout_ms: int = 0
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A part of a reply. worker_id is set on the broker -> client leg only."""
+
+    rid: bytes
+    chunks: list[bytes]
+    worker_id: str = ""
+
+
+@dataclass(slots=True)
+class End:
+    """The last part of a reply; it may carry the final chunks too."""
+
+    rid: bytes
+    chunks: list[bytes] = field(default_factory=list)
+    worker_id: str = ""
+
+
+@dataclass(slots=True)
+class Error:
+    rid: bytes
+    code: str
+    message: str
+
+
+@dataclass(slots=True)
+class Cancel:
+    rid: bytes
+
+
+@dataclass(slots=True)
+class StatsRequest:
+    rid: bytes
+
+
+@dataclass(slots=True)
+class StatsReply:
+    rid: bytes
+    stats: dict
+
+
+@dataclass(slots=True)
+class Ready:
+    worker_id: str
+    services: list[str]
+    capacity: int = 0  # 0 means unlimited
+
+
+@dataclass(slots=True)
+class Heartbeat:
+    """Any message proves liveness; this one carries nothing else.
+
+    From the broker it names the broker's boot id, so that a peer can tell
+    that the broker restarted and forgot it.
+    """
+
+    boot_id: bytes = b""
+
+
+@dataclass(slots=True)
+class Disconnect:
+    pass
+
+
+@dataclass(slots=True)
+class Drain:
+    """worker -> broker: send me nothing new, I finish what I hold."""
+
+
+Message = Union[
+    Request, Chunk, End, Error, Cancel, StatsRequest, StatsReply,
+    Ready, Heartbeat, Disconnect, Drain,
+]
+
+
+# --- encoding --------------------------------------------------------------
+
+
+def encode_request_to_broker(m: Request) -> list[bytes]:
+    return [VERSION, REQUEST, m.rid, m.service.encode(), m.policy.encode(),
+            m.target.encode(), b"%d" % m.timeout_ms, m.body]
+
+
+def encode_request_to_worker(m: Request) -> list[bytes]:
+    return [VERSION, REQUEST, m.rid, m.service.encode(), m.body]
+
+
+def encode_reply_from_worker(m: Chunk | End) -> list[bytes]:
+    return [VERSION, CHUNK if isinstance(m, Chunk) else END, m.rid, *m.chunks]
+
+
+def encode_reply_to_client(m: Chunk | End) -> list[bytes]:
+    command = CHUNK if isinstance(m, Chunk) else END
+    return [VERSION, command, m.rid, m.worker_id.encode(), *m.chunks]
+
+
+def encode_error(m: Error) -> list[bytes]:
+    return [VERSION, ERROR, m.rid, m.code.encode(), m.message.encode()]
+
+
+def encode_cancel(m: Cancel) -> list[bytes]:
+    return [VERSION, CANCEL, m.rid]
+
+
+def encode_stats_request(m: StatsRequest) -> list[bytes]:
+    return [VERSION, STATS, m.rid]
+
+
+def encode_stats_reply(m: StatsReply) -> list[bytes]:
+    return [VERSION, STATS, m.rid, orjson.dumps(m.stats)]
+
+
+def encode_ready(m: Ready) -> list[bytes]:
+    info = {"services": m.services, "capacity": m.capacity}
+    return [VERSION, READY, m.worker_id.encode(), orjson.dumps(info)]
+
+
+def encode_heartbeat(m: Heartbeat | None = None) -> list[bytes]:
+    if m is not None and m.boot_id:
+        return [VERSION, HEARTBEAT, m.boot_id]
+    return [VERSION, HEARTBEAT]
+
+
+def encode_disconnect(_: Disconnect | None = None) -> list[bytes]:
+    return [VERSION, DISCONNECT]
+
+
+def encode_drain(_: Drain | None = None) -> list[bytes]:
+    return [VERSION, DRAIN]
+
+
+# --- decoding --------------------------------------------------------------
+
+
+def _text(frame: bytes, what: str, *, allow_empty: bool = False) -> str:
+    if not frame and not allow_empty:
+        raise ProtocolError(f"empty {what}")
+    if len(frame) > MAX_ID_LENGTH:
+        raise ProtocolError(f"{what} longer than {MAX_ID_LENGTH} bytes")
+    try:
+        return frame.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{what} is not UTF-8") from None
+
+
+def _json_object(frame: bytes, what: str) -> dict:
+    try:
+        value = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        raise ProtocolError(f"{what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} is not a JSON object")
+    return value
+
+
+def _header(frames: list[bytes]) -> bytes:
+    """Check the version and return the command byte."""
+    if len(frames) < 2:
+        raise ProtocolError(f"message of {len(frames)} frame(s) is too short")
+    if frames[0] != VERSION:
+        raise ProtocolError(f"unsupported protocol version {frames[0][:16]!r}")
+    return frames[1]
+
+
+def _expect(frames: list[bytes], count: int, *, at_least: bool = False) -> None:
+    ok = len(frames) >= count if at_least else len(frames) == count
+    if not ok:
+        name = COMMAND_NAMES[frames[1]]
+        raise ProtocolError(f"{name} needs {count} frames, got {len(frames)}")
+
+
+def _rid(frame: bytes, limit: int = MAX_RID) -> bytes:
+    if not frame or len(frame) > limit:
+        raise ProtocolError(f"request id must be 1 to {limit} bytes")
+    return frame
+
+
+def _error(frames: list[bytes]) -> Error:
+    """An empty request id means the error is about the peer, not a request."""
+    _expect(frames, 5)
+    rid = frames[2] and _rid(frames[2])
+    return Error(rid, _text(frames[3], "error code"), frames[4].decode(errors="replace"))
+
+
+def _heartbeat(frames: list[bytes], *, from_broker: bool) -> Heartbeat:
+    _expect(frames, 3 if from_broker else 2)
+    return Heartbeat(frames[2] if from_broker else b"")
+
+
+def decode_from_client(frames: list[bytes]) -> Request | Cancel | StatsRequest | Heartbeat:
+    """Decode what a client sends to the broker."""
+    command = _header(frames)
+    if command == REQUEST:
+        _expect(frames, 8)
+        try:
+            timeout_ms = int(frames[6])
+        except ValueError:
+            raise ProtocolError("timeout is not an integer") from None
+        if timeout_ms < 0:
+            raise ProtocolError("timeout is negative")
+        return Request(_rid(frames[2], MAX_CLIENT_RID), _text(frames[3], "service"), frames[7],
+                       _text(frames[4], "policy", allow_empty=True),
+                       _text(frames[5], "target", allow_empty=True), timeout_ms)
+    if command == CANCEL:
+        _expect(frames, 3)
+        return Cancel(_rid(frames[2], MAX_CLIENT_RID))
+    if command == STATS:
+        _expect(frames, 3)
+        return StatsRequest(_rid(frames[2], MAX_CLIENT_RID))
+    if command == HEARTBEAT:
+        return _heartbeat(frames, from_broker=False)
+    raise ProtocolError(f"command {command[:4]!r} is not valid from a client")
+
+
+def decode_to_client(frames: list[bytes]) -> Chunk | End | Error | StatsReply | Heartbeat:
+    """Decode what the broker sends to a client."""
+    command = _header(frames)
+    if command == CHUNK or command == END:
+        _expect(frames, 4, at_least=True)
+        cls = Chunk if command == CHUNK else End
+        return cls(_rid(frames[2]), frames[4:], _text(frames[3], "worker id"))
+    if command == ERROR:
+        return _error(frames)
+    if command == STATS:
+        _expect(frames, 4)
+        return StatsReply(_rid(frames[2]), _json_object(frames[3], "stats"))
+    if command == HEARTBEAT:
+        return _heartbeat(frames, from_broker=True)
+    raise ProtocolError(f"command {command[:4]!r} is not valid to a client")
+
+
+def decode_from_worker(frames: list[bytes]) -> Message:
+    """Decode what a worker sends to the broker."""
+    command = _header(frames)
+    if command == CHUNK or command == END:
+        _expect(frames, 3, at_least=True)
+        cls = Chunk if command == CHUNK else End
+        return cls(_rid(frames[2]), frames[3:])
+    if command == HEARTBEAT:
+        return _heartbeat(frames, from_broker=False)
+    if command == READY:
+        return _ready(frames)
+    if command == ERROR:
+        return _error(frames)
+    if command == DISCONNECT:
+        _expect(frames, 2)
+        return Disconnect()
+    if command == DRAIN:
+        _expect(frames, 2)
+        return Drain()
+    raise ProtocolError(f"command {command[:4]!r} is not valid from a worker")
+
+
+def _ready(frames: list[bytes]) -> Ready:
+    _expect(frames, 4)
+    worker_id = _text(frames[2], "worker id")
+    info = _json_object(frames[3], "READY info")
+    services = info.get("services")
+    if (not isinstance(services, list) or not services
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_ID_LENGTH for s in services)):
+        raise ProtocolError("READY services must be a non-empty list of names")
+    capacity = info.get("capacity", 0)
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
+        raise ProtocolError("READY capacity must be an integer >= 0")
+    return Ready(worker_id, services, capacity)
+
+
+def decode_to_worker(frames: list[bytes]) -> Request | Cancel | Heartbeat | Disconnect | Error:
+    """Decode what the broker sends to a worker."""
+    command = _header(frames)
+    if command == REQUEST:
+        _expect(frames, 5)
+        return Request(_rid(frames[2]), _text(frames[3], "service"), frames[4])
+    if command == CANCEL:
+        _expect(frames, 3)
+        return Cancel(_rid(frames[2]))
+    if command == HEARTBEAT:
+        return _heartbeat(frames, from_broker=True)
+    if command == DISCONNECT:
+        _expect(frames, 2)
+        return Disconnect()
+    if command == ERROR:
+        return _error(frames)
+    raise ProtocolError(f"command {command[:4]!r} is not valid to a worker")

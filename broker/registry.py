@@ -1,0 +1,106 @@
+"""The broker's view of its workers: who they are, what they serve, how busy."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from typing import Iterable
+
+READY = "ready"
+DRAINING = "draining"
+EVICTED = "evicted"
+
+LATENCY_WINDOW = 1000  # recent request durations kept per worker for percentiles
+DEPARTED_KEPT = 100  # evicted workers still shown in stats
+
+
+class WorkerInfo:
+    """One registered worker, keyed by its id and by its ZeroMQ routing identity."""
+
+    __slots__ = ("worker_id", "peer", "services", "capacity", "state", "inflight",
+                 "completed", "failed", "last_seen", "requests", "latencies")
+
+    def __init__(self, worker_id: str, peer: bytes, services: list[str], capacity: int) -> None:
+        self.worker_id = worker_id
+        self.peer = peer
+        self.services = services
+        self.capacity = capacity  # 0 means unlimited
+        self.state = READY
+        self.inflight = 0
+        self.completed = 0
+        self.failed = 0
+        self.last_seen = time.monotonic()
+        self.requests: dict[bytes, object] = {}  # broker request key -> request
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+
+    @property
+    def has_room(self) -> bool:
+        return self.state == READY and (self.capacity == 0 or self.inflight < self.capacity)
+
+    @property
+    def load(self) -> float:
+        """In-flight relative to capacity; unlimited workers count raw in-flight."""
+        return self.inflight / self.capacity if self.capacity else float(self.inflight)
+
+    def stats(self, now: float) -> dict:
+        return {
+            "id": self.worker_id,
+            "services": self.services,
+            "state": self.state,
+            "capacity": self.capacity,
+            "inflight": self.inflight,
+            "completed": self.completed,
+            "failed": self.failed,
+            "last_seen_s": round(now - self.last_seen, 3),
+            "latency_p50_s": percentile(self.latencies, 0.50),
+            "latency_p99_s": percentile(self.latencies, 0.99),
+        }
+
+
+def percentile(samples: Iterable[float], fraction: float) -> float | None:
+    ordered = sorted(samples)
+    if not ordered:
+        return None
+    index = min(len(ordered) - 1, int(fraction * len(ordered)))
+    return round(ordered[index], 6)
+
+
+class Registry:
+    """Live workers by id, by routing identity and by service."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, WorkerInfo] = {}
+        self.by_peer: dict[bytes, WorkerInfo] = {}
+        self.by_service: dict[str, list[WorkerInfo]] = {}  # sorted by id
+        self.departed: OrderedDict[str, WorkerInfo] = OrderedDict()
+
+    def add(self, worker: WorkerInfo) -> None:
+        self.departed.pop(worker.worker_id, None)
+        self.by_id[worker.worker_id] = worker
+        self.by_peer[worker.peer] = worker
+        for service in worker.services:
+            members = self.by_service.setdefault(service, [])
+            members.append(worker)
+            members.sort(key=lambda w: w.worker_id)
+
+    def remove(self, worker: WorkerInfo) -> None:
+        worker.state = EVICTED
+        self.by_id.pop(worker.worker_id, None)
+        self.by_peer.pop(worker.peer, None)
+        for service in worker.services:
+            members = self.by_service.get(service, [])
+            if worker in members:
+                members.remove(worker)
+            if not members:
+                self.by_service.pop(service, None)
+        self.departed[worker.worker_id] = worker
+        while len(self.departed) > DEPARTED_KEPT:
+            self.departed.popitem(last=False)
+
+    def serving(self, service: str) -> list[WorkerInfo]:
+        """Workers registered for a service that still take new requests."""
+        return [w for w in self.by_service.get(service, ()) if w.state == READY]
+
+    def available(self, service: str) -> list[WorkerInfo]:
+        """Workers of a service with room for one more request."""
+        return [w for w in self.by_service.get(service, ()) if w.has_room]

@@ -1,0 +1,458 @@
+"""The broker: a ROUTER for clients, a ROUTER for workers, and the routing between.
+
+A single thread runs a poll loop. Each readable socket is drained in batches
+with NOBLOCK, and every send is NOBLOCK, so that no peer can stall the loop:
+a peer whose queue is full, or that has gone, fails its own requests only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import math
+import time
+from collections import deque
+from typing import Any, Callable
+
+import zmq
+
+from broker import protocol as p
+from broker.policies import DEFAULT_POLICY, DIRECT, POLICIES, ROUTING_MODES
+from broker.ratelimit import LogLimiter
+from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
+
+log = logging.getLogger("zroute.broker")
+
+DRAIN_BATCH = 500  # messages taken from one socket before looking at the other
+SOCKET_HWM = 100_000  # messages queued per peer before sends to it fail
+POLL_MS = 50  # the loop wakes at least this often for timers and stop()
+DEADLINE_TICK = 0.05  # deadlines are kept in buckets of this many seconds
+
+
+class Request:
+    """A request the broker holds, from arrival until its END, ERROR or CANCEL."""
+
+    __slots__ = ("token", "client", "rid", "service", "body", "policy", "target",
+                 "worker", "chunks", "retries", "arrived", "queued_at", "deadline_tick")
+
+    def __init__(self, token: bytes, client: bytes, m: p.Request, policy: str, deadline_tick: int):
+        self.token = token  # the request id the worker sees
+        self.client = client
+        self.rid = m.rid
+        self.service = m.service
+        self.body = m.body
+        self.policy = policy
+        self.target = m.target
+        self.worker: WorkerInfo | None = None
+        self.chunks = 0
+        self.retries = 0
+        self.arrived = time.monotonic()
+        self.queued_at: float | None = None
+        self.deadline_tick = deadline_tick
+
+
+def request_token(client: bytes, rid: bytes) -> bytes:
+    """A broker-wide unique id: the client's routing id (length-prefixed) and its rid."""
+    return bytes((len(client),)) + client + rid
+
+
+class Broker:
+    """Routes requests from clients to workers and streams the replies back.
+
+    `settings` is the `Broker` section of the configuration (zroute.config).
+    """
+
+    def __init__(self, settings: Any, context: zmq.Context | None = None) -> None:
+        self.settings = settings
+        self.context = context or zmq.Context.instance()
+        self.registry = Registry()
+        self.policies = {name: cls() for name, cls in POLICIES.items()}
+        self.requests: dict[bytes, Request] = {}
+        self.queues: dict[str, deque[Request]] = {}
+        # Deadlines in buckets, so that a finished request is forgotten at once.
+        self.deadlines: dict[int, set[bytes]] = {}
+        self._checked_tick = int(time.monotonic() / DEADLINE_TICK)
+        self.boot_id = os.urandom(8)
+        self.started = time.monotonic()
+        self.totals = dict.fromkeys(
+            ("requests", "completed", "failed", "cancelled", "chunks", "errors", "retries",
+             "timeouts", "evictions", "queued", "rejected_frames"), 0)
+        self.queue_wait_total = 0.0
+        self.drops = LogLimiter(log)
+        self._stopping = False
+        self._next_heartbeat = 0.0
+        self.frontend = self._router(settings.frontend)
+        self.backend = self._router(settings.backend)
+
+    # --- sockets and loop ------------------------------------------------
+
+    def _router(self, endpoint: str) -> zmq.Socket:
+        sock = self.context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # EHOSTUNREACH instead of a silent drop
+        sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
+        sock.setsockopt(zmq.RCVHWM, SOCKET_HWM)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_size)
+        sock.setsockopt(zmq.LINGER, 200)
+        sock.bind(endpoint)
+        return sock
+
+    def run(self) -> None:
+        """Serve until stop() is called."""
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        log.info("broker serving clients on %s, workers on %s",
+                 self.settings.frontend, self.settings.backend)
+        while not self._stopping:
+            for sock, _ in poller.poll(POLL_MS):
+                if sock is self.frontend:
+                    self._drain(sock, self._on_client)
+                else:
+                    self._drain(sock, self._on_worker)
+            self._on_timers(time.monotonic())
+        self._shutdown()
+
+    def stop(self) -> None:
+        """Ask the loop to end; safe to call from a signal handler."""
+        self._stopping = True
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], None]) -> None:
+        recv = sock.recv_multipart
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames[0], frames[1:])
+
+    def _send(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> bool:
+        """Send without blocking; False if the peer is gone or its queue is full."""
+        try:
+            sock.send_multipart([peer, *frames], zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
+
+    def _shutdown(self) -> None:
+        for req in list(self.requests.values()):
+            self._fail(req, p.E_WORKER_LOST, "broker is shutting down")
+        self.frontend.close()
+        self.backend.close()
+        log.info("broker stopped")
+
+    # --- clients -----------------------------------------------------------
+
+    def _on_client(self, peer: bytes, frames: list[bytes]) -> None:
+        try:
+            msg = p.decode_from_client(frames)
+        except p.ProtocolError as e:
+            self._reject_client_frames(peer, frames, e)
+            return
+        kind = type(msg)
+        if kind is p.Request:
+            self._accept(peer, msg)
+        elif kind is p.Cancel:
+            self._cancel(request_token(peer, msg.rid))
+        elif kind is p.StatsRequest:
+            self._send(self.frontend, peer, p.encode_stats_reply(p.StatsReply(msg.rid, self.stats())))
+        else:
+            self._send(self.frontend, peer, p.encode_heartbeat(p.Heartbeat(self.boot_id)))
+
+    def _reject_client_frames(self, peer: bytes, frames: list[bytes], error: p.ProtocolError) -> None:
+        """Answer a malformed request with ERROR if it names a request id; else drop it."""
+        self.totals["rejected_frames"] += 1
+        self.drops.warn(f"dropped a malformed message from a client: {error}")
+        if len(frames) >= 3 and frames[0] == p.VERSION and 0 < len(frames[2]) <= p.MAX_CLIENT_RID:
+            self._send(self.frontend, peer,
+                       p.encode_error(p.Error(frames[2], p.E_BAD_REQUEST, str(error))))
+
+    def _accept(self, client: bytes, m: p.Request) -> None:
+        self.totals["requests"] += 1
+        policy = m.policy or DEFAULT_POLICY
+        error = self._check_routing(policy, m.target)
+        if error:
+            self._reply_error(client, m.rid, *error)
+            return
+        token = request_token(client, m.rid)
+        if token in self.requests:
+            self._reply_error(client, m.rid, p.E_BAD_REQUEST, "request id is already in flight")
+            return
+        timeout = m.timeout_ms / 1000 if m.timeout_ms else self.settings.request_timeout
+        tick = math.ceil((time.monotonic() + timeout) / DEADLINE_TICK)
+        req = Request(token, client, m, policy, tick)
+        self.requests[token] = req
+        self.deadlines.setdefault(tick, set()).add(token)
+        self._dispatch(req)
+
+    @staticmethod
+    def _check_routing(policy: str, target: str) -> tuple[str, str] | None:
+        if policy not in ROUTING_MODES:
+            valid = ", ".join(ROUTING_MODES)
+            return p.E_UNKNOWN_POLICY, f"unknown routing policy {policy!r} (valid: {valid})"
+        if policy == DIRECT and not target:
+            return p.E_BAD_REQUEST, "direct routing needs a target worker id"
+        return None
+
+    def _reply_error(self, client: bytes, rid: bytes, code: str, message: str) -> None:
+        self.totals["errors"] += 1
+        self._send(self.frontend, client, p.encode_error(p.Error(rid, code, message)))
+
+    def _cancel(self, token: bytes) -> None:
+        req = self.requests.get(token)
+        if req is None:
+            self.drops.info("CANCEL for a request the broker does not hold")
+            return
+        self.totals["cancelled"] += 1
+        self._finish(req, ok=False, cancel_worker=True)
+
+    # --- routing -------------------------------------------------------------
+
+    def _dispatch(self, req: Request) -> None:
+        """Send a request to a worker, queue it, or fail it."""
+        worker = self._pick(req)
+        if worker is not None:
+            self._assign(req, worker)
+
+    def _pick(self, req: Request) -> WorkerInfo | None:
+        """The worker for `req` now, or None once it is queued or failed."""
+        if req.policy == DIRECT:
+            worker = self.registry.by_id.get(req.target)
+            if worker is None or req.service not in worker.services or worker.state != READY:
+                self._fail(req, p.E_NO_SUCH_WORKER,
+                           f"no such worker: {req.target!r} serves no {req.service!r} requests")
+                return None
+            if worker.has_room:
+                return worker
+        else:
+            candidates = self.registry.available(req.service)
+            if candidates:
+                return self.policies[req.policy].choose(req.service, candidates)
+            if not self.registry.serving(req.service):
+                self._fail(req, p.E_NO_WORKERS, f"no workers for service {req.service!r}")
+                return None
+        self._enqueue(req)
+        return None
+
+    def _assign(self, req: Request, worker: WorkerInfo) -> None:
+        req.worker = worker
+        worker.inflight += 1
+        worker.requests[req.token] = req
+        frames = p.encode_request_to_worker(p.Request(req.token, req.service, req.body))
+        if not self._send(self.backend, worker.peer, frames):
+            self._evict(worker, "cannot be reached")
+
+    def _enqueue(self, req: Request) -> None:
+        queue = self.queues.setdefault(req.service, deque())
+        if len(queue) >= self.settings.max_queue:
+            self._fail(req, p.E_QUEUE_FULL,
+                       f"all workers of {req.service!r} are busy and the queue is full")
+            return
+        self.totals["queued"] += 1
+        req.queued_at = time.monotonic()
+        queue.append(req)
+
+    def _dequeue(self, req: Request) -> None:
+        if req.queued_at is None:
+            return
+        self.queue_wait_total += time.monotonic() - req.queued_at
+        req.queued_at = None
+        self.queues[req.service].remove(req)
+
+    def _pump(self, service: str) -> None:
+        """Dispatch queued requests of a service while its workers have room."""
+        queue = self.queues.get(service)
+        while queue and self.registry.available(service):
+            waiting = len(queue)
+            for req in list(queue):
+                worker = self._queued_pick(req)
+                if worker is not None:
+                    self._dequeue(req)
+                    self._assign(req, worker)
+                    break
+            if len(queue) == waiting:
+                return  # only direct requests for busy workers are left
+
+    def _queued_pick(self, req: Request) -> WorkerInfo | None:
+        if req.policy == DIRECT:
+            worker = self.registry.by_id.get(req.target)
+            return worker if worker is not None and worker.has_room else None
+        candidates = self.registry.available(req.service)
+        return self.policies[req.policy].choose(req.service, candidates) if candidates else None
+
+    # --- request endings ---------------------------------------------------
+
+    def _fail(self, req: Request, code: str, message: str) -> None:
+        self._reply_error(req.client, req.rid, code, message)
+        self._finish(req, ok=False, cancel_worker=True)
+
+    def _finish(self, req: Request, *, ok: bool, cancel_worker: bool = False) -> None:
+        """Forget a request, and free its worker's slot."""
+        if self.requests.pop(req.token, None) is None:
+            return
+        bucket = self.deadlines.get(req.deadline_tick)
+        if bucket is not None:
+            bucket.discard(req.token)
+        self._dequeue(req)
+        self.totals["completed" if ok else "failed"] += 1
+        worker = req.worker
+        if worker is None:
+            return
+        worker.requests.pop(req.token, None)
+        worker.inflight -= 1
+        if ok:
+            worker.completed += 1
+            worker.latencies.append(time.monotonic() - req.arrived)
+        else:
+            worker.failed += 1
+        if cancel_worker and worker.state != EVICTED:
+            self._send(self.backend, worker.peer, p.encode_cancel(p.Cancel(req.token)))
+        for service in worker.services:
+            self._pump(service)
+
+    # --- workers -----------------------------------------------------------
+
+    def _on_worker(self, peer: bytes, frames: list[bytes]) -> None:
+        try:
+            msg = p.decode_from_worker(frames)
+        except p.ProtocolError as e:
+            self.totals["rejected_frames"] += 1
+            self.drops.warn(f"dropped a malformed message from a worker: {e}")
+            return
+        worker = self.registry.by_peer.get(peer)
+        kind = type(msg)
+        if kind is p.Ready:
+            self._register(peer, worker, msg)
+            return
+        if worker is None:
+            # A peer we do not know, most likely registered with a broker before a
+            # restart: tell it to register again.
+            self._send(self.backend, peer, p.encode_disconnect())
+            return
+        worker.last_seen = time.monotonic()
+        if kind is p.Chunk or kind is p.End:
+            self._relay(worker, msg)
+        elif kind is p.Error:
+            self._relay_error(worker, msg)
+        elif kind is p.Disconnect:
+            self._evict(worker, "disconnected")
+        elif kind is p.Drain:
+            worker.state = DRAINING
+            log.info("worker %s is draining with %d in flight", worker.worker_id, worker.inflight)
+
+    def _relay(self, worker: WorkerInfo, msg: p.Chunk | p.End) -> None:
+        req = worker.requests.get(msg.rid)
+        if req is None:
+            self.drops.info(f"dropped a reply from {worker.worker_id} for a request it does not hold")
+            return
+        req.chunks += len(msg.chunks)
+        self.totals["chunks"] += len(msg.chunks)
+        msg.rid = req.rid
+        msg.worker_id = worker.worker_id
+        if not self._send(self.frontend, req.client, p.encode_reply_to_client(msg)):
+            self.drops.warn("a client is gone or not reading; cancelling its request")
+            self._finish(req, ok=False, cancel_worker=True)
+        elif type(msg) is p.End:
+            self._finish(req, ok=True)
+
+    def _relay_error(self, worker: WorkerInfo, msg: p.Error) -> None:
+        req = worker.requests.get(msg.rid)
+        if req is None:
+            self.drops.info(f"dropped an error from {worker.worker_id} for a request it does not hold")
+            return
+        self._reply_error(req.client, req.rid, msg.code, msg.message)
+        self._finish(req, ok=False)
+
+    def _register(self, peer: bytes, known: WorkerInfo | None, msg: p.Ready) -> None:
+        holder = self.registry.by_id.get(msg.worker_id)
+        if holder is not None and holder.peer != peer:
+            # Probe the holder: a peer whose connection is gone cannot be reached.
+            if self._send(self.backend, holder.peer, p.encode_heartbeat(p.Heartbeat(self.boot_id))):
+                self.drops.warn(f"refused READY: worker id {msg.worker_id!r} belongs to a live peer")
+                self._send(self.backend, peer, p.encode_error(p.Error(
+                    b"", p.E_ID_IN_USE, f"worker id {msg.worker_id!r} is in use by a live worker")))
+                return
+            self._evict(holder, "replaced by a new registration")
+        if known is not None:
+            self._evict(known, "registered again")
+        worker = WorkerInfo(msg.worker_id, peer, msg.services, msg.capacity)
+        self.registry.add(worker)
+        log.info("worker %s ready for %s (capacity %s)", worker.worker_id,
+                 ", ".join(worker.services), worker.capacity or "unlimited")
+        for service in worker.services:
+            self._pump(service)
+
+    def _evict(self, worker: WorkerInfo, reason: str) -> None:
+        """Forget a worker; retry its requests that have sent nothing yet."""
+        if worker.state == EVICTED:
+            return
+        self.registry.remove(worker)
+        self.totals["evictions"] += 1
+        log.warning("worker %s evicted: %s (%d in flight)", worker.worker_id, reason, worker.inflight)
+        for req in list(worker.requests.values()):
+            worker.requests.pop(req.token)
+            worker.inflight -= 1
+            worker.failed += 1
+            req.worker = None
+            if req.chunks == 0 and req.policy != DIRECT and req.retries < self.settings.max_retries:
+                req.retries += 1
+                self.totals["retries"] += 1
+                self._dispatch(req)
+            else:
+                self._fail(req, p.E_WORKER_LOST, f"worker {worker.worker_id!r} was lost mid-request")
+
+    # --- timers --------------------------------------------------------------
+
+    def _on_timers(self, now: float) -> None:
+        current_tick = int(now / DEADLINE_TICK)
+        while self._checked_tick < current_tick:
+            self._checked_tick += 1
+            for token in self.deadlines.pop(self._checked_tick, ()):
+                req = self.requests.get(token)
+                if req is not None:
+                    self.totals["timeouts"] += 1
+                    self._fail(req, p.E_TIMEOUT, "request deadline expired")
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.settings.heartbeat_interval
+            self._heartbeat(now)
+        self._expire_queued(now)
+
+    def _heartbeat(self, now: float) -> None:
+        limit = self.settings.heartbeat_interval * self.settings.heartbeat_misses
+        beat = p.encode_heartbeat(p.Heartbeat(self.boot_id))
+        for worker in list(self.registry.by_id.values()):
+            if now - worker.last_seen > limit:
+                self._evict(worker, f"no heartbeat for {now - worker.last_seen:.1f} s")
+            elif not self._send(self.backend, worker.peer, beat):
+                self._evict(worker, "cannot be reached")
+
+    def _expire_queued(self, now: float) -> None:
+        limit = self.settings.queue_timeout
+        for queue in self.queues.values():
+            while queue and now - queue[0].queued_at >= limit:
+                req = queue[0]
+                self._fail(req, p.E_QUEUE_FULL,
+                           f"no worker of {req.service!r} had room within {limit:g} s")
+
+    # --- stats ---------------------------------------------------------------
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        workers = [w.stats(now) for w in self.registry.by_id.values()]
+        workers += [w.stats(now) for w in self.registry.departed.values()]
+        queued_now = {service: len(q) for service, q in self.queues.items() if q}
+        return {
+            "broker": {
+                **self.totals,
+                "inflight": len(self.requests),
+                "queue_depth": sum(queued_now.values()),
+                "queue_depth_by_service": queued_now,
+                "queue_wait_s_total": round(self.queue_wait_total, 6),
+                "uptime_s": round(now - self.started, 3),
+                "boot_id": self.boot_id.hex(),
+            },
+            "workers": sorted(workers, key=lambda w: w["id"]),
+        }

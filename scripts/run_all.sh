@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up .venv (if needed) and serve the whole stack on localhost:8000 with config.yaml.
+# Extra arguments go to `zroute serve`, e.g. --port 9000 or --Backend.greeting=Hi.
+set -euo pipefail
+source "$(dirname "$0")/setup_venv.sh"
+exec zroute serve -f config.yaml "$@"

@@ -1,0 +1,20 @@
+# Sourced by run_all.sh and test.sh: create .venv if missing and install the project.
+# Usage: source scripts/setup_venv.sh [EXTRAS]   e.g. "test"
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "creating $VENV" >&2
+  python3 -m venv "$VENV"
+fi
+SPEC="$ROOT"
+[ -n "${1:-}" ] && SPEC="$ROOT[$1]"
+# Reinstall only when pyproject.toml changed since the last install.
+STAMP="$VENV/.zroute-installed-${1:-base}"
+if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+  echo "installing zroute into $VENV" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$SPEC" >&2
+  touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+cd "$ROOT"

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Set up .venv (if needed) and run the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+source "$(dirname "$0")/setup_venv.sh" test
+exec python -m pytest "$@"

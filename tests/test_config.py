@@ -1,0 +1,270 @@
+"""Tests for zroute.config: defaults < YAML file < --Section.key=value overrides."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from zroute.config import Config, ConfigError, load_config, split_overrides
+
+DEFAULTS = {
+    "Backend": {
+        "greeting": "Hello",
+        "sleep_time": 1.0,
+        "drain_timeout": 30.0,
+        "ServiceArgs": {"workers": 1, "capacity": 0},
+    },
+    "Frontend": {
+        "routing_mode": "round_robin",
+        "host": "127.0.0.1",
+        "port": 8000,
+        "max_body": 1048576,
+        "request_timeout": 60.0,
+        "ServiceArgs": {"workers": 1},
+    },
+    "Broker": {
+        "frontend": "tcp://127.0.0.1:5555",
+        "backend": "tcp://127.0.0.1:5556",
+        "heartbeat_interval": 1.0,
+        "heartbeat_misses": 3,
+        "max_retries": 2,
+        "request_timeout": 60.0,
+        "max_queue": 1000,
+        "queue_timeout": 10.0,
+        "max_message_size": 8388608,
+    },
+}
+
+SEED = """\
+Backend:
+  greeting: "Goodnight"
+  sleep_time: 1
+  ServiceArgs:
+    workers: 2
+Frontend:
+  routing_mode: "round_robin"
+  ServiceArgs:
+    workers: 1
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def error_text(path: str | None = None, overrides: tuple[str, ...] = ()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+# --- values -----------------------------------------------------------------
+
+def test_defaults() -> None:
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.as_dict() == DEFAULTS
+    assert cfg.backend.greeting == "Hello"
+    assert cfg.backend.service_args.workers == 1
+    assert cfg.backend.service_args.capacity == 0
+    assert cfg.frontend.port == 8000
+    assert cfg.frontend.service_args.workers == 1
+    assert cfg.broker.frontend == "tcp://127.0.0.1:5555"
+    assert cfg.broker.max_message_size == 8388608
+
+
+def test_seed_file(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, SEED))
+    assert cfg.backend.greeting == "Goodnight"
+    assert cfg.backend.sleep_time == 1.0
+    assert type(cfg.backend.sleep_time) is float
+    assert cfg.backend.service_args.workers == 2
+    assert cfg.backend.service_args.capacity == 0
+    assert cfg.frontend.routing_mode == "round_robin"
+    assert cfg.frontend.service_args.workers == 1
+    assert cfg.broker.as_dict() == DEFAULTS["Broker"]
+
+
+def test_file_overrides_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "Frontend:\n  port: 9000\n  host: 0.0.0.0\nBroker:\n  max_queue: 5\n")
+    cfg = load_config(path)
+    assert cfg.frontend.port == 9000
+    assert cfg.frontend.host == "0.0.0.0"
+    assert cfg.broker.max_queue == 5
+    assert cfg.frontend.max_body == 1048576
+    assert cfg.backend.as_dict() == DEFAULTS["Backend"]
+
+
+def test_cli_override_beats_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "Backend:\n  greeting: FromFile\n  sleep_time: 2.5\n")
+    cfg = load_config(path, ["Backend.greeting=FromCli"])
+    assert cfg.backend.greeting == "FromCli"
+    assert cfg.backend.sleep_time == 2.5
+
+
+def test_override_without_file() -> None:
+    cfg = load_config(None, ["Frontend.port=9001", "Broker.queue_timeout=0.5", "Frontend.port=9002"])
+    assert cfg.frontend.port == 9002
+    assert cfg.broker.queue_timeout == 0.5
+
+
+def test_nested_override(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, SEED), ["Backend.ServiceArgs.workers=3"])
+    assert cfg.backend.service_args.workers == 3
+    assert cfg.backend.service_args.capacity == 0
+    assert cfg.frontend.service_args.workers == 1
+    assert cfg.backend.greeting == "Goodnight"
+
+
+def test_int_accepted_for_float(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "Broker:\n  request_timeout: 5\n"), ["Backend.sleep_time=0"])
+    assert cfg.broker.request_timeout == 5.0
+    assert type(cfg.broker.request_timeout) is float
+    assert cfg.backend.sleep_time == 0.0
+    assert type(cfg.backend.sleep_time) is float
+
+
+def test_override_of_str_key_keeps_raw_string() -> None:
+    cfg = load_config(None, ["Backend.greeting=123", "Frontend.host=", "Broker.frontend=tcp://*:1=2"])
+    assert cfg.backend.greeting == "123"
+    assert cfg.frontend.host == ""
+    assert cfg.broker.frontend == "tcp://*:1=2"
+
+
+def test_empty_file_and_null_sections(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")).as_dict() == DEFAULTS
+    cfg = load_config(write(tmp_path, "Backend:\nFrontend:\n  ServiceArgs:\n"))
+    assert cfg.as_dict() == DEFAULTS
+
+
+def test_config_is_frozen() -> None:
+    cfg = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.backend.greeting = "changed"  # type: ignore[misc]
+
+
+def test_as_dict_uses_yaml_spelling() -> None:
+    cfg = load_config(None, ["Frontend.ServiceArgs.workers=4"])
+    assert cfg.as_dict()["Frontend"]["ServiceArgs"] == {"workers": 4}
+    assert list(cfg.as_dict()) == ["Backend", "Frontend", "Broker"]
+
+
+# --- errors -----------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("Foo:\n  x: 1\n",
+         "unknown section 'Foo' (valid sections: Backend, Frontend, Broker)"),
+        ("Backend:\n  greting: Hi\n",
+         "unknown key 'Backend.greting' (valid keys: greeting, sleep_time, drain_timeout, ServiceArgs)"),
+        ("Backend:\n  ServiceArgs:\n    worker: 2\n",
+         "unknown key 'Backend.ServiceArgs.worker' (valid keys: workers, capacity)"),
+        ("Frontend:\n  port: abc\n",
+         "Frontend.port: 'abc' is invalid: must be an integer from 1 to 65535"),
+        ("Frontend:\n  port: 70000\n",
+         "Frontend.port: 70000 is invalid: must be an integer from 1 to 65535"),
+        ("Frontend:\n  port: 0\n",
+         "Frontend.port: 0 is invalid: must be an integer from 1 to 65535"),
+        ("Backend:\n  sleep_time: -1\n",
+         "Backend.sleep_time: -1 is invalid: must be a number >= 0"),
+        ("Broker:\n  heartbeat_interval: 0\n",
+         "Broker.heartbeat_interval: 0 is invalid: must be a number > 0"),
+        ("Broker:\n  max_retries: 1.5\n",
+         "Broker.max_retries: 1.5 is invalid: must be an integer >= 0"),
+        ("Backend:\n  ServiceArgs:\n    workers: true\n",
+         "Backend.ServiceArgs.workers: True is invalid: must be an integer >= 1"),
+        ("Backend:\n  greeting: 123\n",
+         "Backend.greeting: 123 is invalid: must be a string"),
+        ("Backend: 5\n",
+         "Backend: 5 is invalid: must be a mapping with keys greeting, sleep_time, drain_timeout, ServiceArgs"),
+    ],
+)
+def test_file_value_errors(tmp_path: Path, yaml_text: str, message: str) -> None:
+    assert error_text(write(tmp_path, yaml_text)) == message
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("Foo.x=1", "unknown section 'Foo' (valid sections: Backend, Frontend, Broker)"),
+        ("Backend.greting=Hi",
+         "unknown key 'Backend.greting' (valid keys: greeting, sleep_time, drain_timeout, ServiceArgs)"),
+        ("Backend.ServiceArgs.worker=3",
+         "unknown key 'Backend.ServiceArgs.worker' (valid keys: workers, capacity)"),
+        ("Frontend.port=abc", "Frontend.port: 'abc' is invalid: must be an integer from 1 to 65535"),
+        ("Frontend.port=65536", "Frontend.port: 65536 is invalid: must be an integer from 1 to 65535"),
+        ("Backend.sleep_time=-1", "Backend.sleep_time: -1 is invalid: must be a number >= 0"),
+        ("Broker.max_message_size=1023",
+         "Broker.max_message_size: 1023 is invalid: must be an integer >= 1024"),
+        ("Backend.greeting.x=1",
+         "unknown key 'Backend.greeting.x' (Backend.greeting is a value, not a section)"),
+        ("Backend.ServiceArgs=3",
+         "Backend.ServiceArgs is a section, not a key: use --Backend.ServiceArgs.KEY=value "
+         "with KEY one of workers, capacity"),
+        ("Backend.greeting", "override 'Backend.greeting' has no value: the form is --Section.key=value"),
+    ],
+)
+def test_override_errors(override: str, message: str) -> None:
+    assert error_text(None, (override,)) == message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "nope.yaml")
+    assert error_text(path) == f"config file {path!r} not found"
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path, "Backend:\n  greeting: [unclosed\n")
+    message = error_text(path)
+    assert message.startswith(f"config file {path!r} is not valid YAML: ")
+    assert "line 3, column 1" in message
+    assert "\n" not in message
+
+
+def test_top_level_list(tmp_path: Path) -> None:
+    path = write(tmp_path, "- Backend\n- Frontend\n")
+    assert error_text(path) == (
+        f"config file {path!r}: top level must be a mapping of sections "
+        "(Backend, Frontend, Broker), not a list"
+    )
+
+
+def test_error_messages_are_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "Backend:\n  greeting: 'multi\n\n  line'\n  sleep_time: \"a\\nb\"\n")
+    assert error_text(path) == "Backend.sleep_time: 'a\\nb' is invalid: must be a number >= 0"
+
+
+# --- split_overrides --------------------------------------------------------
+
+def test_split_overrides_mixed_argv() -> None:
+    argv = [
+        "-f", "config.yaml",
+        "--Backend.greeting=Hi",
+        "--verbose",
+        "--log-level=debug",
+        "--Backend.ServiceArgs.workers=3",
+        "--lower.case=1",
+        "positional",
+        "--Frontend.host=a=b",
+    ]
+    rest, overrides = split_overrides(argv)
+    assert rest == ["-f", "config.yaml", "--verbose", "--log-level=debug", "--lower.case=1", "positional"]
+    assert overrides == ["Backend.greeting=Hi", "Backend.ServiceArgs.workers=3", "Frontend.host=a=b"]
+    cfg = load_config(None, overrides)
+    assert (cfg.backend.greeting, cfg.backend.service_args.workers, cfg.frontend.host) == ("Hi", 3, "a=b")
+
+
+def test_split_overrides_stops_at_double_dash() -> None:
+    rest, overrides = split_overrides(["--Broker.max_queue=1", "--", "--Broker.max_queue=2"])
+    assert rest == ["--", "--Broker.max_queue=2"]
+    assert overrides == ["Broker.max_queue=1"]
+
+
+def test_split_overrides_requires_equals() -> None:
+    with pytest.raises(ConfigError) as info:
+        split_overrides(["run", "--Backend.greeting", "Hi"])
+    assert str(info.value) == "override '--Backend.greeting' has no value: the form is --Section.key=value"

@@ -1,0 +1,82 @@
+"""`zroute worker` (also `python -m worker`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import os
+import signal
+import socket
+from typing import Any, Sequence
+
+from worker.runtime import Handler, Worker
+from zroute.command import add_common_options, load, run_command
+from zroute.config import Config, ConfigError
+
+DEFAULT_HANDLER = "worker.greeting:make_handler"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Run a worker that serves requests from the broker."
+    parser.add_argument("--broker", metavar="ADDR",
+                        help="the broker's worker-facing endpoint (default: Broker.backend)")
+    parser.add_argument("--id", dest="worker_id", metavar="ID",
+                        help="worker id (default: hostname-pid)")
+    parser.add_argument("--handler", default=DEFAULT_HANDLER, metavar="MODULE:CALLABLE",
+                        help="an async generator function, or a factory that takes the "
+                             f"configuration and returns one (default: {DEFAULT_HANDLER})")
+    parser.add_argument("--service", dest="services", action="append", metavar="NAME",
+                        help="a service to serve with the handler; repeatable (default: generate)")
+    parser.add_argument("--capacity", type=int, metavar="N",
+                        help="most requests at once, 0 for unlimited "
+                             "(default: Backend.ServiceArgs.capacity)")
+    add_common_options(parser)
+    parser.set_defaults(run=run, process_name="worker")
+
+
+def load_handler(spec: str, config: Config) -> Handler:
+    """Import `module:callable`; call it with the config unless it is the handler itself."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"--handler {spec!r} is invalid: use the form module:callable")
+    try:
+        target: Any = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"--handler {spec!r} cannot be loaded: {e}") from None
+    if inspect.isasyncgenfunction(target):
+        return target
+    handler = target(config)
+    if not callable(handler):
+        raise ConfigError(f"--handler {spec!r} returned {handler!r}, not a handler")
+    return handler
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    config = load(args, overrides, {"Backend.ServiceArgs.capacity": args.capacity})
+    handler = load_handler(args.handler, config)
+    worker = Worker(
+        args.broker or config.broker.backend,
+        args.worker_id or f"{socket.gethostname()}-{os.getpid()}",
+        {service: handler for service in args.services or ["generate"]},
+        capacity=config.backend.service_args.capacity,
+        heartbeat_interval=config.broker.heartbeat_interval,
+        heartbeat_misses=config.broker.heartbeat_misses,
+        drain_timeout=config.backend.drain_timeout,
+    )
+    asyncio.run(_serve(worker))
+    return 0
+
+
+async def _serve(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, worker.stop)
+    await worker.run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker")
+    configure(parser)
+    return run_command(parser, argv)

@@ -1,0 +1,35 @@
+"""The default handler: the greeting backend of the simple pipeline.
+
+For each comma-separated word of `text` it waits `sleep_time` seconds and
+yields "{greeting} {word}!\\n". asyncio.sleep, not time.sleep, so one worker
+serves many requests at once and a cancelled request stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+from worker.runtime import BadRequest, Handler
+
+
+def words(text: str) -> list[str]:
+    """The words of a comma-separated text, stripped, empty ones skipped."""
+    return [word.strip() for word in text.split(",") if word.strip()]
+
+
+def make_handler(config: Any) -> Handler:
+    """Build the handler from the `Backend` section of a configuration."""
+    greeting = config.backend.greeting
+    sleep_time = config.backend.sleep_time
+
+    async def generate(request: Any) -> AsyncIterator[str]:
+        text = request.get("text") if isinstance(request, dict) else None
+        if not isinstance(text, str):
+            raise BadRequest('the body must be a JSON object with a string "text"')
+        for word in words(text):
+            if sleep_time:
+                await asyncio.sleep(sleep_time)
+            yield f"{greeting} {word}!\n"
+
+    return generate

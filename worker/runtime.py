@@ -1,0 +1,224 @@
+"""The worker runtime: serve async-generator handlers for the broker.
+
+Each request runs in its own task, so one worker serves many at once. Chunks
+that are ready in the same turn of the event loop travel in one message, and
+a request's last chunks travel with its END.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any, AsyncIterator, Callable
+
+import orjson
+import zmq
+
+from broker import protocol as p
+from broker.channel import Channel, dealer
+
+log = logging.getLogger("zroute.worker")
+
+Handler = Callable[[Any], AsyncIterator["bytes | str"]]
+
+RECONNECT_MIN_S = 0.1
+RECONNECT_MAX_S = 3.0
+
+
+class BadRequest(Exception):
+    """Raised by a handler for input it cannot serve; the client gets bad_request."""
+
+
+class Outbox:
+    """Replies waiting for the end of the current event-loop turn."""
+
+    def __init__(self, send: Callable[[list[bytes]], None]) -> None:
+        self.send = send
+        self.chunks: dict[bytes, list[bytes]] = {}
+        self.endings: dict[bytes, p.Error | None] = {}  # rid -> None for END, or the ERROR
+        self._scheduled = False
+
+    def chunk(self, rid: bytes, data: bytes) -> None:
+        pending = self.chunks.get(rid)
+        if pending is None:
+            self.chunks[rid] = [data]
+            self._schedule()
+        else:
+            pending.append(data)
+
+    def end(self, rid: bytes, error: p.Error | None = None) -> None:
+        self.endings[rid] = error
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        chunks, endings = self.chunks, self.endings
+        self.chunks, self.endings = {}, {}
+        for rid, data in chunks.items():
+            if rid in endings and endings[rid] is None:
+                del endings[rid]
+                self.send(p.encode_reply_from_worker(p.End(rid, data)))
+            else:
+                self.send(p.encode_reply_from_worker(p.Chunk(rid, data)))
+        for rid, error in endings.items():
+            self.send(p.encode_error(error) if error else p.encode_reply_from_worker(p.End(rid)))
+
+
+class Worker:
+    """Registers with the broker, serves requests, heartbeats, reconnects, drains."""
+
+    def __init__(self, broker: str, worker_id: str, handlers: dict[str, Handler], *,
+                 capacity: int = 0, heartbeat_interval: float = 1.0, heartbeat_misses: int = 3,
+                 drain_timeout: float = 30.0, context: zmq.Context | None = None) -> None:
+        if not handlers:
+            raise ValueError("a worker needs at least one service")
+        self.broker = broker
+        self.worker_id = worker_id
+        self.handlers = handlers
+        self.capacity = capacity
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_misses = heartbeat_misses
+        self.drain_timeout = drain_timeout
+        self.context = context or zmq.Context.instance()
+        self.tasks: dict[bytes, asyncio.Task] = {}
+        self.served = 0
+        self._channel: Channel | None = None
+        self._outbox = Outbox(self._send)
+        self._last_heard = 0.0
+        self._backoff = RECONNECT_MIN_S
+        self._stopping: asyncio.Event | None = None
+
+    # --- life cycle -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until stop(); then drain and disconnect."""
+        self._stopping = asyncio.Event()
+        self._connect()
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.heartbeat_interval)
+            except asyncio.TimeoutError:
+                self._heartbeat()
+        await self._drain()
+
+    def stop(self) -> None:
+        """Begin a graceful drain; run() returns when it is done."""
+        if self._stopping is not None:
+            self._stopping.set()
+
+    def _connect(self) -> None:
+        self._channel = Channel(dealer(self.context, self.broker), self._on_message)
+        self._last_heard = time.monotonic()
+        self._register()
+
+    def _register(self) -> None:
+        services = sorted(self.handlers)
+        self._send(p.encode_ready(p.Ready(self.worker_id, services, self.capacity)))
+        log.info("worker %s registering with %s for %s", self.worker_id, self.broker,
+                 ", ".join(services))
+
+    def _heartbeat(self) -> None:
+        silence = time.monotonic() - self._last_heard
+        if silence <= self.heartbeat_interval * self.heartbeat_misses:
+            self._send(p.encode_heartbeat())
+            return
+        log.warning("worker %s: broker silent for %.1f s; reconnecting", self.worker_id, silence)
+        self._abandon_requests()
+        self._channel.close(0)
+        self._connect()
+        # Wait a jittered, growing while before judging the new connection.
+        self._last_heard += self._backoff * random.uniform(0.5, 1.5)
+        self._backoff = min(RECONNECT_MAX_S, self._backoff * 2)
+
+    async def _drain(self) -> None:
+        log.info("worker %s draining %d request(s)", self.worker_id, len(self.tasks))
+        self._send(p.encode_drain())
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()), timeout=self.drain_timeout)
+        for rid, task in list(self.tasks.items()):
+            task.cancel()
+            self._outbox.end(rid, p.Error(rid, p.E_WORKER_LOST, "worker stopped before finishing"))
+        self._outbox.flush()
+        self._send(p.encode_disconnect())
+        self._channel.close()
+        log.info("worker %s stopped after %d request(s)", self.worker_id, self.served)
+
+    def _abandon_requests(self) -> None:
+        """Cancel work the broker has forgotten (it restarted or is gone)."""
+        for task in self.tasks.values():
+            task.cancel()
+
+    # --- messages ------------------------------------------------------------
+
+    def _send(self, frames: list[bytes]) -> None:
+        self._channel.send(frames)
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        self._last_heard = time.monotonic()
+        try:
+            msg = p.decode_to_worker(frames)
+        except p.ProtocolError as e:
+            log.warning("worker %s dropped a malformed message: %s", self.worker_id, e)
+            return
+        kind = type(msg)
+        if kind is p.Request:
+            self._start(msg)
+        elif kind is p.Cancel:
+            task = self.tasks.get(msg.rid)
+            if task is not None:
+                task.cancel()
+        elif kind is p.Heartbeat:
+            self._backoff = RECONNECT_MIN_S
+        elif kind is p.Disconnect:
+            # The broker does not know us (it restarted): register again.
+            self._abandon_requests()
+            self._register()
+        elif kind is p.Error:
+            log.error("worker %s: broker refused it: %s", self.worker_id, msg.message)
+
+    def _start(self, msg: p.Request) -> None:
+        if msg.rid in self.tasks:
+            return
+        handler = self.handlers.get(msg.service)
+        if handler is None:
+            self._outbox.end(msg.rid, p.Error(msg.rid, p.E_BAD_REQUEST,
+                                              f"worker serves no {msg.service!r}"))
+            return
+        self.tasks[msg.rid] = asyncio.get_running_loop().create_task(
+            self._serve(msg.rid, handler, msg.body))
+
+    async def _serve(self, rid: bytes, handler: Handler, body: bytes) -> None:
+        started = time.monotonic()
+        chunks = 0
+        outcome = "ok"
+        try:
+            try:
+                request = orjson.loads(body)
+            except orjson.JSONDecodeError as e:
+                raise BadRequest(f"body is not JSON: {e}") from None
+            async for item in handler(request):
+                self._outbox.chunk(rid, item.encode() if isinstance(item, str) else item)
+                chunks += 1
+            self._outbox.end(rid)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            self._outbox.chunks.pop(rid, None)  # the broker has forgotten the request
+        except BadRequest as e:
+            outcome = "bad request"
+            self._outbox.end(rid, p.Error(rid, p.E_BAD_REQUEST, str(e)))
+        except Exception as e:
+            outcome = "error"
+            log.exception("worker %s: handler failed on request %s", self.worker_id, rid.hex())
+            self._outbox.end(rid, p.Error(rid, p.E_HANDLER, f"{type(e).__name__}: {e}"))
+        finally:
+            del self.tasks[rid]
+            self.served += 1
+            log.info("worker=%s request=%s chunks=%d duration=%.3fs %s", self.worker_id,
+                     rid.hex(), chunks, time.monotonic() - started, outcome)

@@ -1,0 +1,49 @@
+"""What every zroute command shares: config and logging options, and error handling."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Mapping, Sequence
+
+from zroute.config import Config, ConfigError, load_config, split_overrides
+from zroute.logs import LOG_FORMATS, setup_logging
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-f", "--config", metavar="FILE",
+                        help="YAML configuration file (default: built-in defaults)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="text lines, or one JSON object per line")
+    parser.epilog = ((parser.epilog or "") + " Any configuration key can be set with "
+                     "--Section.key=value, e.g. --Backend.greeting=Hi.").strip()
+
+
+def load(args: argparse.Namespace, overrides: Sequence[str],
+         flags: Mapping[str, object | None] | None = None) -> Config:
+    """The configuration, with command-line flags (`{"Broker.frontend": value}`) on top."""
+    from_flags = [f"{key}={value}" for key, value in (flags or {}).items() if value is not None]
+    return load_config(args.config, [*overrides, *from_flags])
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse, set up logging, run `args.run(args, overrides)`.
+
+    A configuration error is one line on stderr and exit code 2.
+    """
+    try:
+        rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        parser.error(str(e))
+    args = parser.parse_args(rest)
+    setup_logging(args.process_name, args.log_level, args.log_format)
+    try:
+        return args.run(args, overrides)
+    except ConfigError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,71 @@
+"""`zroute stats`: the broker's stats as a table, as JSON, or live."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import orjson
+
+from broker.client import BlockingClient, BrokerError
+from zroute.command import add_common_options, load
+
+CLEAR_SCREEN = "\033[H\033[2J"
+COLUMNS = ("WORKER", "STATE", "INFLIGHT/CAP", "COMPLETED", "FAILED", "P50", "P99", "SEEN")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Show the broker's stats: one row per worker, then the totals."
+    parser.add_argument("--broker", metavar="ADDR",
+                        help="the broker's client-facing endpoint (default: Broker.frontend)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the raw stats as JSON")
+    output.add_argument("--watch", action="store_true", help="refresh the table every second")
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                        help="how long to wait for the broker (default: 5)")
+    add_common_options(parser)
+    parser.set_defaults(run=run, process_name="stats")
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    address = args.broker or load(args, overrides).broker.frontend
+    with BlockingClient(address) as client:
+        try:
+            if not args.watch:
+                stats = client.stats(args.timeout)
+                print(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode()
+                      if args.json else render(stats))
+                return 0
+            while True:
+                print(CLEAR_SCREEN + render(client.stats(args.timeout)), flush=True)
+                time.sleep(1)
+        except BrokerError as e:
+            print(f"zroute stats: error: {e.message}", file=sys.stderr)
+            return 1
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}ms"
+
+
+def render(stats: dict) -> str:
+    """A fixed-width table of the workers, then the broker's totals."""
+    rows = [COLUMNS]
+    for w in stats["workers"]:
+        capacity = w["capacity"] or "unl"
+        rows.append((w["id"], w["state"], f"{w['inflight']}/{capacity}", str(w["completed"]),
+                     str(w["failed"]), _seconds(w["latency_p50_s"]),
+                     _seconds(w["latency_p99_s"]), f"{w['last_seen_s']:.1f}s"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in rows]
+    if len(rows) == 1:
+        lines.append("(no workers)")
+    b = stats["broker"]
+    lines.append("")
+    lines.append(f"broker: up {b['uptime_s']:.0f}s  requests {b['requests']}  "
+                 f"inflight {b['inflight']}  queued {b['queue_depth']}  "
+                 f"completed {b['completed']}  failed {b['failed']}  chunks {b['chunks']}  "
+                 f"retries {b['retries']}  timeouts {b['timeouts']}  evictions {b['evictions']}")
+    return "\n".join(lines)
