@@ -25,6 +25,7 @@ log = logging.getLogger("zroute.broker")
 
 DRAIN_BATCH = 500  # messages taken from one socket before looking at the other
 SOCKET_HWM = 100_000  # messages queued per peer before sends to it fail
+DISCONNECTED = "disconnected"  # the eviction reason of a worker that said goodbye
 POLL_MS = 50  # the loop wakes at least this often for timers and stop()
 DEADLINE_TICK = 0.05  # deadlines are kept in buckets of this many seconds
 
@@ -338,7 +339,7 @@ class Broker:
         elif kind is p.Error:
             self._relay_error(worker, msg)
         elif kind is p.Disconnect:
-            self._evict(worker, "disconnected")
+            self._evict(worker, DISCONNECTED)
         elif kind is p.Drain:
             worker.state = DRAINING
             log.info("worker %s is draining with %d in flight", worker.worker_id, worker.inflight)
@@ -391,7 +392,9 @@ class Broker:
             return
         self.registry.remove(worker)
         self.totals["evictions"] += 1
-        log.warning("worker %s evicted: %s (%d in flight)", worker.worker_id, reason, worker.inflight)
+        level = logging.INFO if reason == DISCONNECTED else logging.WARNING
+        log.log(level, "worker %s evicted: %s (%d in flight)", worker.worker_id, reason,
+                worker.inflight)
         for req in list(worker.requests.values()):
             worker.requests.pop(req.token)
             worker.inflight -= 1

@@ -6,8 +6,9 @@ import argparse
 from typing import Sequence
 
 import broker.cli
+import gateway.cli
 import worker.cli
-from zroute import stats_cli
+from zroute import serve, stats_cli
 from zroute.command import run_command
 
 
@@ -16,8 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zroute", description="A streaming load balancer on ZeroMQ.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module, summary in (
+        ("serve", serve, "run the whole stack: broker, workers and gateway"),
         ("broker", broker.cli, "run the broker"),
         ("worker", worker.cli, "run a worker"),
+        ("gateway", gateway.cli, "run the HTTP gateway"),
         ("stats", stats_cli, "show the broker's stats"),
     ):
         module.configure(commands.add_parser(name, help=summary))

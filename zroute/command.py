@@ -18,6 +18,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
                         help="text lines, or one JSON object per line")
+    parser.add_argument("--log-name", metavar="NAME",
+                        help="the name that prefixes this process's log lines")
     parser.epilog = ((parser.epilog or "") + " Any configuration key can be set with "
                      "--Section.key=value, e.g. --Backend.greeting=Hi.").strip()
 
@@ -39,7 +41,8 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     except ConfigError as e:
         parser.error(str(e))
     args = parser.parse_args(rest)
-    setup_logging(args.process_name, args.log_level, args.log_format)
+    setup_logging(args.log_name or getattr(args, "worker_id", None) or args.process_name,
+                  args.log_level, args.log_format)
     try:
         return args.run(args, overrides)
     except ConfigError as e:

@@ -1,0 +1,225 @@
+"""The HTTP gateway: POST /generate streams a worker's reply; /health and /stats.
+
+Each gateway process holds one broker Client (one DEALER socket) shared by all
+its HTTP requests. A reply's first chunk decides the status: errors before it
+become 4xx/5xx with a JSON body; an error after it ends the chunked response
+without its terminating chunk, so that the client sees a broken transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+
+from broker import protocol as p
+from broker.client import BrokerError, Client, Stream
+from broker.policies import DIRECT, ROUTING_MODES
+
+log = logging.getLogger("zroute.gateway")
+
+SERVICE = "generate"
+RETRY_AFTER_S = "1"
+
+# Broker error codes, as HTTP statuses.
+STATUS_OF_ERROR = {
+    p.E_BAD_REQUEST: 400,
+    p.E_UNKNOWN_POLICY: 400,
+    p.E_NO_SUCH_WORKER: 404,
+    p.E_HANDLER: 502,
+    p.E_WORKER_LOST: 502,
+    p.E_NO_WORKERS: 503,
+    p.E_QUEUE_FULL: 503,
+    p.E_BROKER_UNREACHABLE: 503,
+    p.E_TIMEOUT: 504,
+}
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    broker: str
+    routing_mode: str = "round_robin"
+    max_body: int = 1 << 20
+    request_timeout: float = 60.0
+
+
+class HttpError(Exception):
+    """An error answered with a JSON body `{"error": ...}`."""
+
+    def __init__(self, status: int, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+def json_response(body: dict, status: int = 200) -> web.Response:
+    headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
+    return web.Response(body=orjson.dumps(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def error_response(error: HttpError) -> web.Response:
+    body = {"error": error.message}
+    if error.code:
+        body["code"] = error.code
+    return json_response(body, error.status)
+
+
+def check_routing_mode(mode: str) -> None:
+    if mode not in ROUTING_MODES or mode == DIRECT:
+        valid = ", ".join(m for m in ROUTING_MODES if m != DIRECT)
+        raise ValueError(f"unknown routing mode {mode!r} (valid: {valid})")
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings) -> None:
+        check_routing_mode(settings.routing_mode)
+        self.settings = settings
+        self.client = Client(settings.broker, timeout=settings.request_timeout)
+        self.counters = dict.fromkeys(
+            ("requests", "streamed", "client_errors", "server_errors", "incomplete",
+             "disconnects"), 0)
+        self.inflight = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.max_body)
+        app.router.add_post("/generate", self.generate)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/stats", self.stats)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, _: web.Application) -> None:
+        self.client.connect()
+
+    async def _stop(self, _: web.Application) -> None:
+        await self.client.close()
+
+    # --- /generate -----------------------------------------------------------
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        self.counters["requests"] += 1
+        started = time.monotonic()
+        try:
+            body = await self._read_body(request)
+            policy, worker = self._routing(request)
+            stream = self.client.request(SERVICE, body, policy=policy, worker=worker)
+        except HttpError as e:
+            self.counters["client_errors" if e.status < 500 else "server_errors"] += 1
+            return error_response(e)
+        self.inflight += 1
+        try:
+            return await self._stream(request, stream, policy, started)
+        finally:
+            self.inflight -= 1
+            stream.cancel()  # no-op once the reply is complete
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise HttpError(413, f"body is larger than {self.settings.max_body} bytes") from None
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise HttpError(400, f"body is not valid JSON: {e}") from None
+        text = parsed.get("text") if isinstance(parsed, dict) else None
+        if not isinstance(text, str):
+            raise HttpError(400, 'body must be a JSON object with a string field "text"')
+        if not any(word.strip() for word in text.split(",")):
+            raise HttpError(400, '"text" has no words: give comma-separated words, e.g. "a,b"')
+        return body
+
+    def _routing(self, request: web.Request) -> tuple[str, str]:
+        worker = request.query.get("worker", "")
+        policy = request.query.get("routing") or (DIRECT if worker else self.settings.routing_mode)
+        if policy not in ROUTING_MODES:
+            raise HttpError(400, f"unknown routing mode {policy!r} "
+                                 f"(valid: {', '.join(ROUTING_MODES)})")
+        if policy == DIRECT and not worker:
+            raise HttpError(400, "routing=direct needs ?worker=<worker id>")
+        if worker and policy != DIRECT:
+            raise HttpError(400, f"?worker= routes directly; it cannot be combined with "
+                                 f"routing={policy}")
+        if not self.client.broker_alive:
+            raise HttpError(503, "the broker is unreachable", p.E_BROKER_UNREACHABLE)
+        return policy, worker
+
+    async def _stream(self, request: web.Request, stream: Stream, policy: str,
+                      started: float) -> web.StreamResponse:
+        try:
+            await stream.first()
+        except BrokerError as e:
+            status = STATUS_OF_ERROR.get(e.code, 502)
+            self.counters["client_errors" if status < 500 else "server_errors"] += 1
+            self._log(stream, policy, status, started, None, 0)
+            return error_response(HttpError(status, e.message, e.code))
+        first_chunk = time.monotonic()
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/plain; charset=utf-8",
+            "X-Worker-Id": stream.worker_id or "",
+        })
+        response.enable_chunked_encoding()
+        chunks = 0
+        try:
+            await response.prepare(request)
+            async for chunk in stream:
+                await response.write(chunk)
+                chunks += 1
+        except BrokerError as e:
+            self.counters["incomplete"] += 1
+            await response.write(f"\nerror: {e.code}: {e.message}\n".encode())
+            # Close without the terminating chunk: the transfer reads as incomplete.
+            request.transport.close()
+            self._log(stream, policy, 200, started, first_chunk, chunks, e.code)
+            return response
+        except (asyncio.CancelledError, ConnectionResetError):
+            # The HTTP client went away; the caller's cancel() stops the worker's work.
+            self.counters["disconnects"] += 1
+            self._log(stream, policy, 200, started, first_chunk, chunks, "client disconnected")
+            raise
+        await response.write_eof()
+        self.counters["streamed"] += 1
+        self._log(stream, policy, 200, started, first_chunk, chunks)
+        return response
+
+    def _log(self, stream: Stream, policy: str, status: int, started: float,
+             first_chunk: float | None, chunks: int, error: str = "") -> None:
+        now = time.monotonic()
+        ttfc = f"{first_chunk - started:.4f}s" if first_chunk else "-"
+        log.info("request=%s policy=%s worker=%s status=%d ttfc=%s duration=%.4fs chunks=%d%s",
+                 stream.rid.decode(), policy, stream.worker_id or "-", status, ttfc,
+                 now - started, chunks, f" error={error!r}" if error else "")
+
+    # --- /health and /stats ------------------------------------------------
+
+    async def _broker_stats(self) -> dict:
+        try:
+            return await self.client.stats(timeout=2.0)
+        except BrokerError as e:
+            raise HttpError(503, e.message, e.code) from None
+
+    async def health(self, _: web.Request) -> web.Response:
+        try:
+            stats = await self._broker_stats()
+        except HttpError as e:
+            return json_response({"status": "unavailable", "workers": 0, "error": e.message}, 503)
+        workers = sum(1 for w in stats["workers"] if w["state"] == "ready")
+        if workers:
+            return json_response({"status": "ok", "workers": workers})
+        return json_response({"status": "unavailable", "workers": 0,
+                              "error": "no worker is registered"}, 503)
+
+    async def stats(self, _: web.Request) -> web.Response:
+        try:
+            stats = await self._broker_stats()
+        except HttpError as e:
+            return error_response(e)
+        stats["gateway"] = {**self.counters, "inflight": self.inflight}
+        return json_response(stats)

@@ -1,0 +1,55 @@
+"""`zroute gateway`: the HTTP frontend."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from gateway.app import Gateway, GatewaySettings, check_routing_mode
+from zroute.command import add_common_options, load
+from zroute.config import ConfigError
+
+log = logging.getLogger("zroute.gateway")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Run the HTTP gateway: POST /generate, GET /health, /stats."
+    parser.add_argument("--broker", metavar="ADDR",
+                        help="the broker's client-facing endpoint (default: Broker.frontend)")
+    parser.add_argument("--host", help="address to listen on (default: Frontend.host)")
+    parser.add_argument("--port", type=int, help="HTTP port (default: Frontend.port, 8000)")
+    add_common_options(parser)
+    parser.set_defaults(run=run, process_name="gateway")
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    config = load(args, overrides, {"Broker.frontend": args.broker, "Frontend.host": args.host,
+                                    "Frontend.port": args.port})
+    frontend = config.frontend
+    try:
+        check_routing_mode(frontend.routing_mode)
+    except ValueError as e:
+        raise ConfigError(f"Frontend.routing_mode: {e}") from None
+    gateway = Gateway(GatewaySettings(config.broker.frontend, frontend.routing_mode,
+                                      frontend.max_body, frontend.request_timeout))
+    asyncio.run(serve(gateway, frontend.host, frontend.port))
+    return 0
+
+
+async def serve(gateway: Gateway, host: str, port: int) -> None:
+    """Serve until SIGINT or SIGTERM, then finish the requests in flight."""
+    runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    # reuse_port lets several gateway processes share one port.
+    await web.TCPSite(runner, host, port, reuse_port=True).start()
+    log.info("gateway listening on http://%s:%d, broker %s", host, port, gateway.settings.broker)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await runner.cleanup()

@@ -1,0 +1,5 @@
+import sys
+
+from zroute.cli import main
+
+sys.exit(main())
