@@ -28,6 +28,7 @@ DEFAULT_TIMEOUT = 60.0
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_MISSES = 3
 DEADLINE_GRACE = 1.0  # the broker ends a request at its deadline; the client waits this much more
+MAX_BUFFERED_BYTES = 16 << 20  # a stream whose reader falls this far behind is cancelled
 
 Body = bytes | str | Any
 
@@ -55,7 +56,7 @@ class Stream:
     `worker_id` names the worker once its first reply has arrived.
     """
 
-    __slots__ = ("_client", "rid", "worker_id", "deadline", "_chunks", "_waiter",
+    __slots__ = ("_client", "rid", "worker_id", "deadline", "_chunks", "_buffered", "_waiter",
                  "_error", "_done", "__weakref__")
 
     def __init__(self, client: Client, rid: bytes, deadline: float) -> None:
@@ -64,6 +65,7 @@ class Stream:
         self.deadline = deadline
         self.worker_id: str | None = None
         self._chunks: deque[bytes] = deque()
+        self._buffered = 0  # bytes in _chunks
         self._waiter: asyncio.Future | None = None
         self._error: BaseException | None = None
         self._done = False
@@ -78,7 +80,9 @@ class Stream:
     async def __anext__(self) -> bytes:
         while True:
             if self._chunks:
-                return self._chunks.popleft()
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                return chunk
             if self._done:
                 if self._error is not None:
                     raise self._error
@@ -131,8 +135,13 @@ class Stream:
     def _feed(self, chunks: list[bytes], worker_id: str, last: bool) -> None:
         self.worker_id = worker_id
         self._chunks.extend(chunks)
+        for chunk in chunks:
+            self._buffered += len(chunk)
         if last:
             self._finish(None)
+        elif self._buffered > MAX_BUFFERED_BYTES:
+            self._client._cancel(self)
+            self._finish(BrokerError(p.E_SLOW_READER, "the reader fell too far behind the stream"))
         else:
             self._wake()
 

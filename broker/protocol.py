@@ -53,6 +53,7 @@ E_TIMEOUT = "timeout"
 E_QUEUE_FULL = "queue_full"
 E_ID_IN_USE = "worker_id_in_use"
 E_BROKER_UNREACHABLE = "broker_unreachable"
+E_SLOW_READER = "slow_reader"  # raised by the client library, never sent
 
 MAX_ID_LENGTH = 255  # worker ids, service and policy names
 MAX_CLIENT_RID = 255  # request ids chosen by clients

@@ -80,6 +80,7 @@ class Broker:
              "timeouts", "evictions", "queued", "rejected_frames"), 0)
         self.queue_wait_total = 0.0
         self.drops = LogLimiter(log)
+        self.asked_to_register: dict[bytes, float] = {}
         self._stopping = False
         self._next_heartbeat = 0.0
         self.frontend = self._router(settings.frontend)
@@ -329,9 +330,7 @@ class Broker:
             self._register(peer, worker, msg)
             return
         if worker is None:
-            # A peer we do not know, most likely registered with a broker before a
-            # restart: tell it to register again.
-            self._send(self.backend, peer, p.encode_disconnect())
+            self._ask_to_register(peer)
             return
         worker.last_seen = time.monotonic()
         if kind is p.Chunk or kind is p.End:
@@ -343,6 +342,17 @@ class Broker:
         elif kind is p.Drain:
             worker.state = DRAINING
             log.info("worker %s is draining with %d in flight", worker.worker_id, worker.inflight)
+
+    def _ask_to_register(self, peer: bytes) -> None:
+        """Tell a peer we do not know (it registered with a broker before a restart)
+        to register again: once, not for each of the stale messages it had queued."""
+        now = time.monotonic()
+        if now - self.asked_to_register.get(peer, -math.inf) < self.settings.heartbeat_interval:
+            return
+        if len(self.asked_to_register) > 10_000:
+            self.asked_to_register.clear()
+        self.asked_to_register[peer] = now
+        self._send(self.backend, peer, p.encode_disconnect())
 
     def _relay(self, worker: WorkerInfo, msg: p.Chunk | p.End) -> None:
         req = worker.requests.get(msg.rid)
@@ -378,7 +388,11 @@ class Broker:
                 return
             self._evict(holder, "replaced by a new registration")
         if known is not None:
-            self._evict(known, "registered again")
+            if (known.worker_id, known.services, known.capacity) == (
+                    msg.worker_id, msg.services, msg.capacity):
+                known.last_seen = time.monotonic()
+                return  # a repeated READY changes nothing
+            self._evict(known, "registered again with new settings")
         worker = WorkerInfo(msg.worker_id, peer, msg.services, msg.capacity)
         self.registry.add(worker)
         log.info("worker %s ready for %s (capacity %s)", worker.worker_id,
