@@ -58,6 +58,7 @@ E_SLOW_READER = "slow_reader"  # raised by the client library, never sent
 MAX_ID_LENGTH = 255  # worker ids, service and policy names
 MAX_CLIENT_RID = 255  # request ids chosen by clients
 MAX_RID = 1024  # request ids on the worker leg, where the broker extends them
+MAX_TIMEOUT_MS = 2**63 - 1  # a request's timeout fits a signed 64-bit integer
 
 
 class ProtocolError(ValueError):
@@ -279,6 +280,8 @@ def decode_from_client(frames: list[bytes]) -> Request | Cancel | StatsRequest |
             raise ProtocolError("timeout is not an integer") from None
         if timeout_ms < 0:
             raise ProtocolError("timeout is negative")
+        if timeout_ms > MAX_TIMEOUT_MS:
+            raise ProtocolError(f"timeout is above {MAX_TIMEOUT_MS} ms")
         return Request(_rid(frames[2], MAX_CLIENT_RID), _text(frames[3], "service"), frames[7],
                        _text(frames[4], "policy", allow_empty=True),
                        _text(frames[5], "target", allow_empty=True), timeout_ms)

@@ -233,9 +233,6 @@ class Broker:
             candidates = self.registry.available(req.service)
             if candidates:
                 return self.policies[req.policy].choose(req.service, candidates)
-            if not self.registry.serving(req.service):
-                self._fail(req, p.E_NO_WORKERS, f"no workers for service {req.service!r}")
-                return None
         self._enqueue(req)
         return None
 
@@ -248,10 +245,10 @@ class Broker:
             self._evict(worker, "cannot be reached")
 
     def _enqueue(self, req: Request) -> None:
+        """Wait for a worker with room, or for a first worker (while workers start)."""
         queue = self.queues.setdefault(req.service, deque())
         if len(queue) >= self.settings.max_queue:
-            self._fail(req, p.E_QUEUE_FULL,
-                       f"all workers of {req.service!r} are busy and the queue is full")
+            self._fail_unavailable(req, "the queue is full")
             return
         self.totals["queued"] += 1
         req.queued_at = time.monotonic()
@@ -450,9 +447,13 @@ class Broker:
         limit = self.settings.queue_timeout
         for queue in self.queues.values():
             while queue and now - queue[0].queued_at >= limit:
-                req = queue[0]
-                self._fail(req, p.E_QUEUE_FULL,
-                           f"no worker of {req.service!r} had room within {limit:g} s")
+                self._fail_unavailable(queue[0], f"waited {limit:g} s")
+
+    def _fail_unavailable(self, req: Request, detail: str) -> None:
+        if req.policy != DIRECT and not self.registry.serving(req.service):
+            self._fail(req, p.E_NO_WORKERS, f"no worker serves {req.service!r} ({detail})")
+        else:
+            self._fail(req, p.E_QUEUE_FULL, f"every worker of {req.service!r} is busy ({detail})")
 
     # --- stats ---------------------------------------------------------------
 

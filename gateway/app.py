@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker import protocol as p
 from broker.client import BrokerError, Client, Stream
 from broker.policies import DIRECT, ROUTING_MODES
+from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("zroute.gateway")
 
@@ -81,16 +83,14 @@ class Gateway:
         check_routing_mode(settings.routing_mode)
         self.settings = settings
         self.client = Client(settings.broker, timeout=settings.request_timeout)
-        self.counters = dict.fromkeys(
-            ("requests", "streamed", "client_errors", "server_errors", "incomplete",
-             "disconnects"), 0)
-        self.inflight = 0
+        self.metrics = GatewayMetrics()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.settings.max_body)
         app.router.add_post("/generate", self.generate)
         app.router.add_get("/health", self.health)
         app.router.add_get("/stats", self.stats)
+        app.router.add_get("/metrics", self.prometheus)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -104,20 +104,20 @@ class Gateway:
     # --- /generate -----------------------------------------------------------
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        self.counters["requests"] += 1
         started = time.monotonic()
         try:
             body = await self._read_body(request)
             policy, worker = self._routing(request)
-            stream = self.client.request(SERVICE, body, policy=policy, worker=worker)
         except HttpError as e:
-            self.counters["client_errors" if e.status < 500 else "server_errors"] += 1
+            policy = request.query.get("routing") or self.settings.routing_mode
+            self._done("-", policy, "", e.status, started, None, 0, e.message)
             return error_response(e)
-        self.inflight += 1
+        stream = self.client.request(SERVICE, body, policy=policy, worker=worker)
+        self.metrics.inflight.inc()
         try:
             return await self._stream(request, stream, policy, started)
         finally:
-            self.inflight -= 1
+            self.metrics.inflight.dec()
             stream.cancel()  # no-op once the reply is complete
 
     async def _read_body(self, request: web.Request) -> bytes:
@@ -157,8 +157,7 @@ class Gateway:
             await stream.first()
         except BrokerError as e:
             status = STATUS_OF_ERROR.get(e.code, 502)
-            self.counters["client_errors" if status < 500 else "server_errors"] += 1
-            self._log(stream, policy, status, started, None, 0)
+            self._done(stream.rid.decode(), policy, "", status, started, None, 0, e.code)
             return error_response(HttpError(status, e.message, e.code))
         first_chunk = time.monotonic()
         response = web.StreamResponse(headers={
@@ -173,29 +172,35 @@ class Gateway:
                 await response.write(chunk)
                 chunks += 1
         except BrokerError as e:
-            self.counters["incomplete"] += 1
+            self.metrics.incomplete.inc()
             await response.write(f"\nerror: {e.code}: {e.message}\n".encode())
             # Close without the terminating chunk: the transfer reads as incomplete.
             request.transport.close()
-            self._log(stream, policy, 200, started, first_chunk, chunks, e.code)
+            self._done(stream.rid.decode(), policy, stream.worker_id, 200, started, first_chunk,
+                       chunks, e.code)
             return response
         except (asyncio.CancelledError, ConnectionResetError):
             # The HTTP client went away; the caller's cancel() stops the worker's work.
-            self.counters["disconnects"] += 1
-            self._log(stream, policy, 200, started, first_chunk, chunks, "client disconnected")
+            self.metrics.disconnects.inc()
+            self._done(stream.rid.decode(), policy, stream.worker_id, 200, started, first_chunk,
+                       chunks, "client disconnected")
             raise
         await response.write_eof()
-        self.counters["streamed"] += 1
-        self._log(stream, policy, 200, started, first_chunk, chunks)
+        self._done(stream.rid.decode(), policy, stream.worker_id, 200, started, first_chunk,
+                   chunks)
         return response
 
-    def _log(self, stream: Stream, policy: str, status: int, started: float,
-             first_chunk: float | None, chunks: int, error: str = "") -> None:
-        now = time.monotonic()
-        ttfc = f"{first_chunk - started:.4f}s" if first_chunk else "-"
+    def _done(self, rid: str, policy: str, worker: str | None, status: int, started: float,
+              first_chunk: float | None, chunks: int, error: str = "") -> None:
+        """Count the request in the metrics and write its log line."""
+        duration = time.monotonic() - started
+        ttfc = None if first_chunk is None else first_chunk - started
+        worker = worker or ""
+        self.metrics.observe(status, policy, worker, duration, ttfc)
         log.info("request=%s policy=%s worker=%s status=%d ttfc=%s duration=%.4fs chunks=%d%s",
-                 stream.rid.decode(), policy, stream.worker_id or "-", status, ttfc,
-                 now - started, chunks, f" error={error!r}" if error else "")
+                 rid, policy, worker or "-", status,
+                 "-" if ttfc is None else f"{ttfc:.4f}s", duration, chunks,
+                 f" error={error!r}" if error else "")
 
     # --- /health and /stats ------------------------------------------------
 
@@ -221,5 +226,13 @@ class Gateway:
             stats = await self._broker_stats()
         except HttpError as e:
             return error_response(e)
-        stats["gateway"] = {**self.counters, "inflight": self.inflight}
+        stats["gateway"] = self.metrics.summary()
         return json_response(stats)
+
+    async def prometheus(self, _: web.Request) -> web.Response:
+        try:
+            broker_stats = await self._broker_stats()
+        except HttpError:
+            broker_stats = None  # the gateway's own metrics are still worth a scrape
+        return web.Response(body=self.metrics.render(broker_stats),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})

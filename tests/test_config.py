@@ -31,7 +31,7 @@ DEFAULTS = {
         "max_retries": 2,
         "request_timeout": 60.0,
         "max_queue": 1000,
-        "queue_timeout": 10.0,
+        "queue_timeout": 5.0,
         "max_message_size": 8388608,
     },
 }

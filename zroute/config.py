@@ -74,7 +74,7 @@ SCHEMA: dict[str, Any] = {
         "max_retries": Setting(int, 2, ge=0),
         "request_timeout": Setting(float, 60.0, gt=0),
         "max_queue": Setting(int, 1000, ge=0),
-        "queue_timeout": Setting(float, 10.0, ge=0),
+        "queue_timeout": Setting(float, 5.0, ge=0),
         "max_message_size": Setting(int, 8388608, ge=1024),
     },
 }
