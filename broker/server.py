@@ -24,7 +24,7 @@ from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
 log = logging.getLogger("zroute.broker")
 
 DRAIN_BATCH = 500  # messages taken from one socket before looking at the other
-SOCKET_HWM = 100_000  # messages queued per peer before sends to it fail
+SOCKET_HWM = 10_000  # messages queued per peer; past that a send fails and its request ends
 DISCONNECTED = "disconnected"  # the eviction reason of a worker that said goodbye
 POLL_MS = 50  # the loop wakes at least this often for timers and stop()
 DEADLINE_TICK = 0.05  # deadlines are kept in buckets of this many seconds

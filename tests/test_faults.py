@@ -233,3 +233,44 @@ def test_oversized_frame_drops_the_peer_not_the_broker(stack):
             list_error = e
         assert list_error is not None  # the broker dropped the connection: no reply came
         assert b"".join(normal.request("generate", {"text": "ok"})) == b"Hello ok!\n"
+
+
+@pytest.mark.timeout(30)
+def test_a_reader_that_falls_behind_is_cut_off_not_buffered(stack):
+    stack.broker()
+    worker = stack.worker("w1", "--handler", "tests.fault_handlers:flood")
+    stack.wait_workers("w1")
+
+    async def scenario():
+        async with Client(stack.frontend) as client:
+            stream = client.round_robin("generate", {})
+            await stream.first()
+            deadline = time.monotonic() + 10
+            while not stream.done:  # not reading: the chunks pile up in the stream
+                assert time.monotonic() < deadline, "the stream was never cut off"
+                await asyncio.sleep(0.02)
+            return await collect(stream)
+
+    chunks, error = asyncio.run(scenario())
+    assert error is not None and error.code == "slow_reader"
+    assert 16 <= len(chunks) < 40  # what was buffered is still delivered, then the error
+    wait_until(lambda: "cancelled" in worker.output(), 5, "the worker to see the CANCEL")
+    wait_until(lambda: inflight_is_zero(stack), 5, "in-flight to return to 0")
+
+
+@pytest.mark.timeout(30)
+def test_a_vanished_client_has_its_requests_cancelled(stack):
+    stack.broker()
+    worker = stack.worker("w1", "--handler", "tests.fault_handlers:ticks")
+    stack.wait_workers("w1")
+    context = zmq.Context()
+    client = context.socket(zmq.DEALER)
+    client.linger = 0
+    client.connect(stack.frontend)
+    client.send_multipart(p.encode_request_to_broker(p.Request(b"r1", "generate", b"{}")))
+    assert client.poll(5000)
+    assert isinstance(p.decode_to_client(client.recv_multipart()), p.Chunk)
+    client.close()
+    context.term()
+    wait_until(lambda: "cancelled" in worker.output(), 5, "the worker to see the CANCEL")
+    wait_until(lambda: inflight_is_zero(stack), 5, "in-flight to return to 0")
