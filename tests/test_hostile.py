@@ -1,0 +1,91 @@
+"""Hypothesis-generated frame sequences against a live broker: it never crashes and still serves."""
+
+from __future__ import annotations
+
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker import protocol as p
+from broker.client import BlockingClient
+from tests.support import Stack, wait_until
+
+COMMANDS = [p.READY, p.HEARTBEAT, p.DISCONNECT, p.REQUEST, p.CHUNK, p.END, p.ERROR, p.CANCEL,
+            p.STATS, p.DRAIN, b"\x00", b"\xff"]
+
+# Frames that look like the protocol often enough to get past the first checks.
+frame = st.one_of(
+    st.binary(max_size=40),
+    st.just(p.VERSION),
+    st.sampled_from(COMMANDS),
+    st.sampled_from([b"generate", b"round_robin", b"direct", b"w1", b"0", b"-5", b"99999999"]),
+    st.sampled_from([b"{}", b'{"services": ["generate"], "capacity": 1}', b"[]", b"null"]),
+)
+message = st.lists(frame, min_size=1, max_size=9)
+plausible = st.tuples(st.just(p.VERSION), st.sampled_from(COMMANDS),
+                      st.lists(frame, max_size=7)).map(lambda t: [t[0], t[1], *t[2]])
+traffic = st.lists(st.tuples(st.booleans(), st.one_of(message, plausible)), min_size=1,
+                   max_size=12)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    stack = Stack(tmp_path_factory.mktemp("hostile"))
+    broker = stack.broker()
+    stack.worker("w1")
+    stack.wait_workers("w1")
+    context = zmq.Context()
+    yield stack, broker, context
+    context.destroy(linger=0)
+    stack.close()
+
+
+def dealer(context: zmq.Context, address: str) -> zmq.Socket:
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(address)
+    return sock
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(traffic)
+def test_random_frames_never_crash_the_broker(live, sequence):
+    stack, broker, context = live
+    client_side = dealer(context, stack.frontend)
+    worker_side = dealer(context, stack.backend)
+    try:
+        for to_workers_socket, frames in sequence:
+            (worker_side if to_workers_socket else client_side).send_multipart(frames)
+        # A STATS round trip on the same client socket proves the broker read all of it.
+        client_side.send_multipart(p.encode_stats_request(p.StatsRequest(b"probe")))
+        wait_until(lambda: _answered(client_side, b"probe"), 5, "the broker to answer")
+    finally:
+        client_side.close()
+        worker_side.close()
+    assert broker.popen.poll() is None
+
+
+def _answered(sock: zmq.Socket, rid: bytes) -> bool:
+    while sock.poll(50):
+        try:
+            reply = p.decode_to_client(sock.recv_multipart())
+        except p.ProtocolError:
+            continue
+        if isinstance(reply, p.StatsReply) and reply.rid == rid:
+            return True
+    return False
+
+
+@pytest.mark.timeout(60)
+def test_broker_still_serves_after_the_random_frames(live):
+    stack, broker, _ = live
+    # Fake workers registered by random READYs are gone with their sockets: wait for
+    # their eviction, so that round robin has only the real worker left.
+    wait_until(lambda: stack.ready_workers() == ["w1"], 10, "fake workers to be evicted")
+    with BlockingClient(stack.frontend, timeout=10) as client:
+        for _ in range(3):
+            assert b"".join(client.request("generate", {"text": "a,b"})) == b"Hello a!\nHello b!\n"
+    assert broker.popen.poll() is None
+    assert stack.stats()["broker"]["rejected_frames"] > 0
