@@ -1,0 +1,13 @@
+"""Worker handlers for the gateway tests (`--handler tests.gateway_handlers:NAME`)."""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+FAILURE = "the test handler failed on purpose"
+
+
+async def fail_mid_stream(request: Any) -> AsyncIterator[str]:
+    """Yield one line, then fail: the HTTP response has begun when the error comes."""
+    yield "Hello world!\n"
+    raise RuntimeError(FAILURE)

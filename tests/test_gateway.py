@@ -1,0 +1,462 @@
+"""The HTTP gateway, end to end: real `zroute broker`, `zroute worker` and `zroute gateway`
+processes on free ports, a real aiohttp client, and curl where it is installed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from collections import Counter
+from types import SimpleNamespace
+
+import aiohttp
+import pytest
+
+from tests.gateway_handlers import FAILURE
+from tests.http_support import (CURL, SEED_OUTPUT, SEED_TEXT, async_test, curl, get_json,
+                                handler_worker, http, start_curl, start_gateway, wait_healthy,
+                                worker_stats)
+from tests.support import ZROUTE, Stack, free_port, wait_until
+
+pytestmark = pytest.mark.timeout(30)
+
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+SEED_BODY = b'{"text": "world,universe,galaxy"}'
+
+
+def no_traceback(proc) -> None:
+    output = proc.output()
+    assert "Traceback" not in output, output
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: bytes = SEED_BODY,
+               **params: str) -> tuple[int, dict, bytes]:
+    async with session.post(f"{url}/generate", data=body, params=params,
+                            headers={"Content-Type": JSON}) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+async def read_lines_until_broken(resp: aiohttp.ClientResponse, lines: list[bytes]) -> None:
+    """Read lines into `lines`; an incomplete transfer raises ClientPayloadError at the end."""
+    while True:
+        line = await resp.content.readline()
+        if not line:
+            return
+        lines.append(line)
+
+
+@pytest.fixture
+def one_worker(stack):
+    """Broker, worker-1 (sleep_time 0) and a gateway; healthy."""
+    stack.broker()
+    stack.worker("worker-1")
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 1)
+    return gateway
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """For tests that only send rejected or read-only requests: one stack for all of them.
+
+    A gateway with the default body limit, and one with --Frontend.max_body=100.
+    """
+    stack = Stack(tmp_path_factory.mktemp("shared"))
+    try:
+        stack.broker()
+        stack.worker("worker-1")
+        gateway = start_gateway(stack)
+        small = start_gateway(stack, "--Frontend.max_body=100", name="gateway-small")
+        wait_healthy(gateway, 1)
+        wait_healthy(small, 1)
+        yield SimpleNamespace(stack=stack, gateway=gateway, small=small)
+    finally:
+        stack.close()
+
+
+# --- the happy path -------------------------------------------------------------------
+
+
+@async_test
+async def test_generate_streams_the_greetings_chunked_with_the_worker_id(stack, one_worker):
+    url = one_worker.url
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/generate", json={"text": SEED_TEXT}) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == TEXT
+            assert resp.headers["Transfer-Encoding"] == "chunked"
+            assert "Content-Length" not in resp.headers
+            assert resp.headers["X-Worker-Id"] == "worker-1"
+            assert await resp.text() == SEED_OUTPUT
+    requests = 1
+    if CURL:
+        result = curl(f"{url}/generate", body=SEED_BODY)
+        assert (result.returncode, result.status) == (0, 200), result.stderr
+        assert result.headers["content-type"] == TEXT
+        assert result.headers["transfer-encoding"] == "chunked"
+        assert result.headers["x-worker-id"] == "worker-1"
+        assert result.body.decode() == SEED_OUTPUT
+        # --raw shows the chunked framing: a complete transfer ends with the zero-size chunk.
+        raw = curl(f"{url}/generate", "--raw", body=SEED_BODY)
+        assert raw.returncode == 0 and raw.body.endswith(b"\r\n0\r\n\r\n"), raw
+        requests += 2
+
+    stats = get_json(f"{url}/stats")
+    assert set(stats) == {"broker", "workers", "gateway"}
+    assert stats["gateway"] == {"requests": requests, "requests_by_status": {"200": requests},
+                                "inflight": 0, "disconnects": 0, "incomplete": 0}
+    assert (stats["broker"]["completed"], stats["broker"]["inflight"]) == (requests, 0)
+    assert [(w["id"], w["state"], w["completed"]) for w in stats["workers"]] == [
+        ("worker-1", "ready", requests)]
+    no_traceback(one_worker.proc)
+
+
+@pytest.mark.timeout(20)
+@async_test
+async def test_lines_reach_the_client_as_the_worker_yields_them(stack):
+    stack.broker()
+    stack.worker("worker-1", sleep_time=0.3)
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 1)
+    expected = SEED_OUTPUT.encode().splitlines(keepends=True)
+
+    async def with_aiohttp() -> list[tuple[float, bytes]]:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{gateway.url}/generate", json={"text": SEED_TEXT}) as resp:
+                assert resp.status == 200
+                arrivals = []
+                while line := await resp.content.readline():
+                    arrivals.append((time.monotonic(), line))
+                return arrivals
+
+    async def with_curl() -> list[tuple[float, bytes]]:
+        process = await start_curl(f"{gateway.url}/generate", SEED_BODY)
+        arrivals = []
+        while line := await process.stdout.readline():
+            arrivals.append((time.monotonic(), line))
+        assert await process.wait() == 0, await process.stderr.read()
+        return arrivals
+
+    clients = [with_aiohttp()] + ([with_curl()] if CURL else [])
+    for arrivals in await asyncio.gather(*clients):
+        assert [line for _, line in arrivals] == expected
+        # 3 words 0.3 s apart: the first line is not held back until the reply is complete.
+        assert arrivals[-1][0] - arrivals[0][0] >= 0.4, arrivals
+
+
+# --- routing ----------------------------------------------------------------------------
+
+
+@async_test
+async def test_round_robin_direct_and_random_routing_through_http(stack):
+    stack.broker()
+    stack.worker("worker-1")
+    stack.worker("worker-2")
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 2)
+
+    def completed() -> dict[str, int]:
+        return {wid: w["completed"] for wid, w in worker_stats(get_json(f"{gateway.url}/stats")).items()}
+
+    async with aiohttp.ClientSession() as session:
+        served = Counter()
+        for _ in range(20):
+            status, headers, body = await post(session, gateway.url)
+            assert (status, body.decode()) == (200, SEED_OUTPUT)
+            served[headers["X-Worker-Id"]] += 1
+        assert served == {"worker-1": 10, "worker-2": 10}
+        assert completed() == {"worker-1": 10, "worker-2": 10}
+
+        for _ in range(5):
+            status, headers, body = await post(session, gateway.url, worker="worker-2")
+            assert (status, headers["X-Worker-Id"], body.decode()) == (200, "worker-2", SEED_OUTPUT)
+        if CURL:
+            result = curl(f"{gateway.url}/generate?worker=worker-2", body=SEED_BODY)
+            assert (result.returncode, result.status, result.headers["x-worker-id"],
+                    result.body.decode()) == (0, 200, "worker-2", SEED_OUTPUT)
+        direct = 6 if CURL else 5
+        assert completed() == {"worker-1": 10, "worker-2": 10 + direct}
+
+        served = Counter()
+        for _ in range(10):
+            status, headers, body = await post(session, gateway.url, routing="random")
+            assert (status, body.decode()) == (200, SEED_OUTPUT)
+            served[headers["X-Worker-Id"]] += 1
+        assert set(served) <= {"worker-1", "worker-2"}
+        assert completed() == {"worker-1": 10 + served["worker-1"],
+                               "worker-2": 10 + direct + served["worker-2"]}
+    no_traceback(gateway.proc)
+
+
+# --- rejected requests --------------------------------------------------------------------
+
+BAD_BODY = 'body must be a JSON object with a string field "text"'
+OVER_DEFAULT_LIMIT = b'{"text": "' + b"a" * (1 << 20) + b'"}'
+
+REJECTED = {
+    # case: (gateway, query, body, status, exact JSON body or a prefix of its error text)
+    "body-not-json": ("gateway", "", b"hello", 400, "body is not valid JSON: "),
+    "body-not-an-object": ("gateway", "", b'["a,b"]', 400, {"error": BAD_BODY}),
+    "text-missing": ("gateway", "", b'{"words": "a,b"}', 400, {"error": BAD_BODY}),
+    "text-not-a-string": ("gateway", "", b'{"text": ["a", "b"]}', 400, {"error": BAD_BODY}),
+    "text-null": ("gateway", "", b'{"text": null}', 400, {"error": BAD_BODY}),
+    "text-without-words": ("gateway", "", b'{"text": " , ,"}', 400, {
+        "error": '"text" has no words: give comma-separated words, e.g. "a,b"'}),
+    "body-over-default-limit": ("gateway", "", OVER_DEFAULT_LIMIT, 413, {
+        "error": "body is larger than 1048576 bytes"}),
+    "body-over-max_body-100": ("small", "", b'{"text": "world"}'.ljust(101), 413, {
+        "error": "body is larger than 100 bytes"}),
+    "unknown-worker": ("gateway", "?worker=nobody", SEED_BODY, 404, {
+        "error": "no such worker: 'nobody' serves no 'generate' requests",
+        "code": "no_such_worker"}),
+    "unknown-routing-mode": ("gateway", "?routing=nope", SEED_BODY, 400, {
+        "error": "unknown routing mode 'nope' "
+                 "(valid: round_robin, random, least_loaded, power_of_two, direct)"}),
+    "direct-without-worker": ("gateway", "?routing=direct", SEED_BODY, 400, {
+        "error": "routing=direct needs ?worker=<worker id>"}),
+    "worker-with-other-routing": ("gateway", "?worker=worker-1&routing=random", SEED_BODY, 400, {
+        "error": "?worker= routes directly; it cannot be combined with routing=random"}),
+}
+
+
+def check_error(status: int, content_type: str, body: bytes, expected_status: int,
+                expected: dict | str) -> None:
+    assert (status, content_type) == (expected_status, JSON), body
+    parsed = json.loads(body)
+    if isinstance(expected, str):
+        assert list(parsed) == ["error"] and parsed["error"].startswith(expected), parsed
+    else:
+        assert parsed == expected
+
+
+@pytest.mark.parametrize("case", list(REJECTED))
+@async_test
+async def test_rejected_request_gets_its_status_and_a_json_error(shared, case):
+    which, query, body, status, expected = REJECTED[case]
+    url = getattr(shared, which).url
+    before = get_json(f"{url}/stats")["broker"]["requests"]
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/generate{query}", data=body,
+                                headers={"Content-Type": JSON}) as resp:
+            check_error(resp.status, resp.headers["Content-Type"], await resp.read(), status,
+                        expected)
+            assert "Retry-After" not in resp.headers
+    if CURL:
+        result = curl(f"{url}/generate{query}", body=body)
+        assert result.returncode == 0, result.stderr
+        check_error(result.status, result.headers["content-type"], result.body, status, expected)
+    # Only a request for a worker by name reaches the broker; the others stop at the gateway.
+    reached = (2 if CURL else 1) if status == 404 else 0
+    assert get_json(f"{url}/stats")["broker"]["requests"] == before + reached
+    no_traceback(getattr(shared, which).proc)
+
+
+@async_test
+async def test_a_body_of_exactly_max_body_bytes_is_served(shared):
+    body = b'{"text": "world"}'.ljust(100)
+    async with aiohttp.ClientSession() as session:
+        status, headers, reply = await post(session, shared.small.url, body)
+    assert (status, headers["X-Worker-Id"], reply) == (200, "worker-1", b"Hello world!\n")
+
+
+# --- unavailable: no worker, no broker ------------------------------------------------------
+
+
+@async_test
+async def test_health_and_generate_answer_503_until_a_worker_registers(stack):
+    stack.broker("--Broker.queue_timeout=0.2")  # the wait for a first worker, kept short
+    gateway = start_gateway(stack)
+    # (Until the broker has started, the error is that it does not answer.)
+    health = wait_until(lambda: (r := http("GET", f"{gateway.url}/health")) and r.json().get(
+        "error") == "no worker is registered" and r, 10, "/health to see the broker")
+    assert (health.status, health.headers["content-type"], health.json()) == (
+        503, JSON, {"status": "unavailable", "workers": 0, "error": "no worker is registered"})
+    assert health.headers["retry-after"] == "1"
+
+    no_workers = {"error": "no worker serves 'generate' (waited 0.2 s)", "code": "no_workers"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{gateway.url}/generate", json={"text": SEED_TEXT}) as resp:
+            check_error(resp.status, resp.headers["Content-Type"], await resp.read(), 503,
+                        no_workers)
+            assert resp.headers["Retry-After"] == "1"
+    if CURL:
+        result = curl(f"{gateway.url}/generate", body=SEED_BODY)
+        check_error(result.status, result.headers["content-type"], result.body, 503, no_workers)
+        assert result.headers["retry-after"] == "1"
+
+    stack.worker("worker-1")
+    wait_healthy(gateway, 1)
+    health = http("GET", f"{gateway.url}/health")
+    assert (health.status, health.headers["content-type"]) == (200, JSON)
+    assert health.json() == {"status": "ok", "workers": 1}
+    stack.worker("worker-2")
+    wait_healthy(gateway, 2)
+    reply = http("POST", f"{gateway.url}/generate", SEED_BODY)
+    assert (reply.status, reply.body.decode()) == (200, SEED_OUTPUT)
+
+
+@pytest.mark.timeout(20)
+@async_test
+async def test_unreachable_broker_gives_503_with_retry_after(stack):
+    broker = f"tcp://127.0.0.1:{free_port()}"  # no broker there
+    gateway = start_gateway(stack, broker=broker)
+    unreachable = {"error": "the broker is unreachable", "code": "broker_unreachable"}
+
+    async def health() -> None:
+        async with session.get(f"{gateway.url}/health") as resp:
+            assert (resp.status, resp.headers["Retry-After"]) == (503, "1")
+            assert await resp.json() == {"status": "unavailable", "workers": 0,
+                                         "error": f"no stats from {broker} within 2 s"}
+
+    async def first_request() -> None:
+        # Sent within the heartbeat window (3 s), while the broker may still answer: it
+        # waits out that window, then fails.
+        async with session.post(f"{gateway.url}/generate", json={"text": SEED_TEXT}) as resp:
+            assert (resp.status, resp.headers["Content-Type"]) == (503, JSON)
+            # (On a slow machine the window may be over already: then it is refused at once.)
+            assert await resp.json() in [unreachable, {
+                "error": f"no answer from the broker at {broker}", "code": "broker_unreachable"}]
+            assert resp.headers["Retry-After"] == "1"
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(first_request(), health())
+        started = time.monotonic()
+        async with session.post(f"{gateway.url}/generate", json={"text": SEED_TEXT}) as resp:
+            check_error(resp.status, resp.headers["Content-Type"], await resp.read(), 503,
+                        unreachable)
+            assert resp.headers["Retry-After"] == "1"
+        assert time.monotonic() - started < 1.0  # known dead: answered at once
+    if CURL:
+        result = curl(f"{gateway.url}/generate", body=SEED_BODY)
+        check_error(result.status, result.headers["content-type"], result.body, 503, unreachable)
+        assert result.headers["retry-after"] == "1"
+    no_traceback(gateway.proc)
+
+
+# --- failures after the response began --------------------------------------------------------
+
+
+@async_test
+async def test_a_handler_failing_mid_stream_gives_a_visibly_incomplete_response(stack):
+    stack.broker()
+    handler_worker(stack, "worker-1", "fail_mid_stream")
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 1)
+    expected = f"Hello world!\n\nerror: handler_error: RuntimeError: {FAILURE}\n"
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{gateway.url}/generate", json={"text": "a,b"}) as resp:
+            assert (resp.status, resp.headers["X-Worker-Id"]) == (200, "worker-1")
+            lines: list[bytes] = []
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await read_lines_until_broken(resp, lines)
+    assert b"".join(lines).decode() == expected
+    requests = 1
+    if CURL:
+        result = curl(f"{gateway.url}/generate", body=b'{"text": "a,b"}')
+        assert (result.returncode, result.status) == (18, 200), result  # 18: partial file
+        assert result.body.decode() == expected
+        requests += 1
+
+    stats = get_json(f"{gateway.url}/stats")
+    assert stats["gateway"]["incomplete"] == requests
+    assert stats["gateway"]["requests_by_status"] == {"200": requests}
+    assert worker_stats(stats)["worker-1"]["failed"] == requests
+    no_traceback(gateway.proc)
+
+
+@async_test
+async def test_a_worker_killed_mid_stream_gives_a_visibly_incomplete_response(stack):
+    stack.broker()
+    worker = stack.worker("worker-1", sleep_time=0.5)
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 1)
+    body = b'{"text": "a,b,c,d"}'
+    greetings = ["Hello a!\n", "Hello b!\n", "Hello c!\n", "Hello d!\n"]
+    lost = "\nerror: worker_lost: worker 'worker-1' was lost mid-request\n"
+
+    async with aiohttp.ClientSession() as session:
+        # Both clients' requests are in flight at once; each reads one line, then the kill.
+        curl_process = await start_curl(f"{gateway.url}/generate", body) if CURL else None
+        async with session.post(f"{gateway.url}/generate", data=body,
+                                headers={"Content-Type": JSON}) as resp:
+            assert (resp.status, resp.headers["X-Worker-Id"]) == (200, "worker-1")
+            lines = [await resp.content.readline()]
+            curl_lines = [await curl_process.stdout.readline()] if curl_process else []
+            worker.signal(signal.SIGKILL)  # no drain, no goodbye
+            killed = time.monotonic()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await read_lines_until_broken(resp, lines)
+    lines_text = b"".join(lines).decode()
+    # The worker died after one to three lines (usually one); the end names the loss.
+    assert lines_text in ["".join(greetings[:n]) + lost for n in (1, 2, 3)], lines_text
+    if curl_process:
+        curl_lines.append(await curl_process.stdout.read())
+        assert await curl_process.wait() == 18
+        curl_text = b"".join(curl_lines).decode()
+        assert curl_text in ["".join(greetings[:n]) + lost for n in (1, 2, 3)], curl_text
+
+    stats = wait_until(lambda: (s := gateway.stats()) and s["workers"][0]["state"] == "evicted"
+                       and s, 5, "worker-1 to be evicted")
+    assert time.monotonic() - killed < 5
+    assert stats["broker"]["evictions"] == 1
+    assert stats["broker"]["inflight"] == 0
+    assert stats["gateway"]["incomplete"] == (2 if CURL else 1)
+    no_traceback(gateway.proc)
+
+
+@async_test
+async def test_a_client_disconnecting_mid_stream_cancels_the_workers_request(stack):
+    stack.broker()
+    worker = stack.worker("worker-1", sleep_time=0.5)
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 1)
+    body = b'{"text": "a,b,c,d,e,f,g,h,i,j"}'  # 5 s of work if nobody cancels it
+
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(f"{gateway.url}/generate", data=body,
+                                  headers={"Content-Type": JSON})
+        assert resp.status == 200
+        assert await resp.content.readline() == b"Hello a!\n"
+        resp.close()  # drops the connection
+    clients = 1
+    if CURL:
+        process = await start_curl(f"{gateway.url}/generate", body)
+        assert await process.stdout.readline() == b"Hello a!\n"
+        process.kill()
+        await process.wait()
+        clients += 1
+
+    def settled():
+        stats = gateway.stats()
+        return stats if stats and (
+            stats["broker"]["cancelled"], stats["broker"]["inflight"],
+            stats["workers"][0]["inflight"], stats["gateway"]["inflight"],
+            stats["gateway"]["disconnects"]) == (clients, 0, 0, 0, clients) else None
+
+    stats = wait_until(settled, 3, "the cancellations to reach the broker and the worker")
+    assert stats["broker"]["completed"] == 0
+    assert worker_stats(stats)["worker-1"]["completed"] == 0
+    wait_until(lambda: worker.output().count(" cancelled\n") == clients, 3,
+               "the worker to log its cancelled requests")
+    no_traceback(gateway.proc)
+    no_traceback(worker)
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(20)
+def test_gateway_with_an_unknown_routing_mode_exits_at_once_with_one_line():
+    started = time.monotonic()
+    result = subprocess.run([ZROUTE, "gateway", "--port", str(free_port()),
+                             "--broker", f"tcp://127.0.0.1:{free_port()}",
+                             "--Frontend.routing_mode=bogus"],
+                            capture_output=True, text=True, timeout=15)
+    assert time.monotonic() - started < 10
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == ("zroute: error: Frontend.routing_mode: unknown routing mode 'bogus' "
+                             "(valid: round_robin, random, least_loaded, power_of_two)\n")

@@ -1,0 +1,208 @@
+"""`zroute serve`, end to end: the supervisor starts the broker, the workers and the
+gateways as real child processes; requests go through HTTP (aiohttp, and curl if installed)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import subprocess
+import time
+
+import aiohttp
+import pytest
+
+from tests.http_support import (CURL, ROOT, SEED_OUTPUT, SEED_TEXT, alive, async_test, children,
+                                cmdline, curl, get_json, http, start_time,
+                                worker_stats)
+from tests.support import ZROUTE, Proc, Stack, free_port, wait_until
+
+pytestmark = pytest.mark.timeout(45)
+
+CONFIG = str(ROOT / "config.yaml")
+
+
+class Serve:
+    """A `zroute serve` process on free ports (HTTP, and the broker's two sockets)."""
+
+    def __init__(self, stack: Stack, *args: str) -> None:
+        self.stack = stack
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: Proc = stack.start(
+            "serve", "serve", "--port", str(self.port), f"--Broker.frontend={stack.frontend}",
+            f"--Broker.backend={stack.backend}", *args)
+
+    def wait_ready(self, timeout: float = 30.0) -> str:
+        """Wait for the announcement (printed once /health is ok); return the output."""
+        def announced() -> str | None:
+            output = self.proc.output()
+            assert self.proc.popen.poll() is None, f"serve exited early:\n{output}"
+            return output if "\nTry:\n" in output else None
+        output = wait_until(announced, timeout, "zroute serve to announce itself")
+        assert get_json(f"{self.url}/health")["status"] == "ok"
+        return output
+
+    def children(self) -> dict[str, tuple[int, str | None]]:
+        """Child name (its --log-name) -> (pid, start time)."""
+        found = {}
+        for pid in children(self.proc.pid):
+            line = cmdline(pid)
+            if "--log-name" in line:
+                found[line[line.index("--log-name") + 1]] = (pid, start_time(pid))
+        return found
+
+    def wait_children(self, *names: str) -> dict[str, tuple[int, str | None]]:
+        return wait_until(lambda: (found := self.children()) and sorted(found) == sorted(names)
+                          and found, 10, f"the children {names}")
+
+    def stop(self, signum: int) -> int:
+        self.proc.signal(signum)
+        return self.proc.popen.wait(20)
+
+
+def assert_all_gone(kids: dict[str, tuple[int, str | None]]) -> None:
+    running = {name: pid for name, (pid, started) in kids.items() if alive(pid, started)}
+    assert running == {}, f"children left running: {running}"
+
+
+@pytest.mark.timeout(40)
+@async_test
+async def test_serve_without_a_config_file_streams_the_seed_output_and_stops_on_sigterm(stack):
+    serve = Serve(stack)  # the built-in defaults: greeting Hello, sleep_time 1, one worker
+    output = serve.wait_ready()
+    hint = (f"  curl -X POST {serve.url}/generate -H 'Content-Type: application/json' "
+            """-d '{"text": "world,universe,galaxy"}'""")
+    assert hint in output.splitlines(), output
+    kids = serve.wait_children("broker", "worker-1", "gateway-1")
+
+    async def with_aiohttp() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{serve.url}/generate", json={"text": SEED_TEXT}) as resp:
+                assert (resp.status, resp.headers["X-Worker-Id"]) == (200, "worker-1")
+                assert await resp.text() == SEED_OUTPUT
+
+    async def with_the_hint() -> None:  # the announced command, run as printed
+        command = shlex.split(hint)
+        process = await asyncio.create_subprocess_exec(
+            CURL, "-sS", *command[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout, stderr = await process.communicate()
+        assert (process.returncode, stdout.decode()) == (0, SEED_OUTPUT), stderr
+
+    # sleep_time is 1 s: run both clients at once.
+    await asyncio.gather(with_aiohttp(), *([with_the_hint()] if CURL else []))
+
+    assert serve.stop(signal.SIGTERM) == 0
+    assert_all_gone(kids)
+    output = serve.proc.output()
+    assert "[serve] stopping: gateways, then workers, then the broker" in output
+    assert "Traceback" not in output, output
+
+
+@async_test
+async def test_serve_with_the_config_file_runs_two_workers_and_stops_on_sigint(stack):
+    serve = Serve(stack, "-f", CONFIG, "--Backend.sleep_time=0.1")
+    output = serve.wait_ready()
+    assert f"zroute is serving on {serve.url} (2 worker(s), greeting 'Goodnight', " \
+           "routing round_robin)" in output
+    kids = serve.wait_children("broker", "worker-1", "worker-2", "gateway-1")
+    expected = "Goodnight sun!\nGoodnight moon!\nGoodnight stars!\n"
+    body = b'{"text": "sun,moon,stars"}'
+
+    served = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(f"{serve.url}/generate", data=body,
+                                    headers={"Content-Type": "application/json"}) as resp:
+                assert (resp.status, await resp.text()) == (200, expected)
+                served.append(resp.headers["X-Worker-Id"])
+    assert sorted(served) == ["worker-1", "worker-2"]  # round robin
+    if CURL:
+        result = curl(f"{serve.url}/generate", body=body)
+        assert (result.returncode, result.status, result.body.decode()) == (0, 200, expected)
+
+    stats = get_json(f"{serve.url}/stats")
+    workers = worker_stats(stats)
+    assert sorted(workers) == ["worker-1", "worker-2"]
+    assert {w["state"] for w in workers.values()} == {"ready"}
+    assert sum(w["completed"] for w in workers.values()) == (3 if CURL else 2)
+
+    assert serve.stop(signal.SIGINT) == 0
+    assert_all_gone(kids)
+    assert "Traceback" not in serve.proc.output()
+
+
+@async_test
+async def test_serve_restarts_a_worker_killed_with_sigkill(stack):
+    serve = Serve(stack, "--Backend.sleep_time=0")
+    serve.wait_ready()
+    kids = serve.wait_children("broker", "worker-1", "gateway-1")
+    old = kids["worker-1"]
+    old_pid = old[0]
+    os.kill(old_pid, signal.SIGKILL)
+
+    def restarted() -> tuple[int, str | None] | None:
+        new = serve.children().get("worker-1")
+        return new if new and new[0] != old_pid else None
+
+    new_pid, _ = wait_until(restarted, 10, "serve to start worker-1 again")
+    assert "[serve] worker-1 exited with code -9; restarting in 0.5 s" in serve.proc.output()
+
+    # The new process registers as worker-1 (the broker forgets the dead one) and serves.
+    def served_by_worker_1() -> bool:
+        reply = http("POST", f"{serve.url}/generate?worker=worker-1", b'{"text": "again"}')
+        return reply is not None and reply.status == 200 and reply.body == b"Hello again!\n" \
+            and reply.headers["x-worker-id"] == "worker-1"
+
+    wait_until(served_by_worker_1, 15, "the restarted worker-1 to serve")
+    stats = get_json(f"{serve.url}/stats")
+    assert worker_stats(stats)["worker-1"]["state"] == "ready"
+    assert worker_stats(stats)["worker-1"]["completed"] == 1  # counted for the new registration
+    output = serve.proc.output()
+    assert output.count("[broker] INFO worker worker-1 ready for generate") == 2, output
+    assert serve.children()["worker-1"][0] == new_pid
+
+    kids = serve.children()
+    assert serve.stop(signal.SIGTERM) == 0
+    assert_all_gone(kids)
+    assert not alive(*old)
+
+
+@async_test
+async def test_serve_runs_two_gateways_on_one_port(stack):
+    serve = Serve(stack, "--Backend.sleep_time=0", "--Frontend.ServiceArgs.workers=2")
+    serve.wait_ready()
+    kids = serve.wait_children("broker", "worker-1", "gateway-1", "gateway-2")
+
+    def answered_by(name: str) -> int:
+        return serve.proc.output().count(f"[{name}] INFO request=")
+
+    # Each new connection lands on one of the two listening processes; send until both served.
+    deadline = time.monotonic() + 15
+    requests = 0
+    connector = aiohttp.TCPConnector(force_close=True)  # a new connection per request
+    async with aiohttp.ClientSession(connector=connector) as session:
+        while not (answered_by("gateway-1") and answered_by("gateway-2")):
+            assert time.monotonic() < deadline, "one gateway served every request"
+            async with session.post(f"{serve.url}/generate", json={"text": SEED_TEXT}) as resp:
+                assert (resp.status, await resp.text()) == (200, SEED_OUTPUT)
+            requests += 1
+    wait_until(lambda: answered_by("gateway-1") + answered_by("gateway-2") == requests, 5,
+               "every request to be logged")
+    assert len({pid for pid, _ in kids.values()}) == 4
+
+    assert serve.stop(signal.SIGTERM) == 0
+    assert_all_gone(kids)
+
+
+@pytest.mark.timeout(20)
+def test_serve_with_a_bad_value_exits_2_with_one_line_naming_the_key():
+    result = subprocess.run(
+        [ZROUTE, "serve", "--port", str(free_port()),
+         f"--Broker.frontend=tcp://127.0.0.1:{free_port()}",
+         f"--Broker.backend=tcp://127.0.0.1:{free_port()}", "--Backend.sleep_time=-1"],
+        capture_output=True, text=True, timeout=15)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == ("zroute: error: Backend.sleep_time: -1 is invalid: "
+                             "must be a number >= 0\n")
