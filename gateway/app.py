@@ -205,6 +205,8 @@ class Gateway:
     # --- /health and /stats ------------------------------------------------
 
     async def _broker_stats(self) -> dict:
+        if not self.client.broker_alive:
+            raise HttpError(503, "the broker is unreachable", p.E_BROKER_UNREACHABLE)
         try:
             return await self.client.stats(timeout=2.0)
         except BrokerError as e:

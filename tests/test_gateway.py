@@ -458,5 +458,5 @@ def test_gateway_with_an_unknown_routing_mode_exits_at_once_with_one_line():
                             capture_output=True, text=True, timeout=15)
     assert time.monotonic() - started < 10
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == ("zroute: error: Frontend.routing_mode: unknown routing mode 'bogus' "
+    assert result.stderr == ("zroute gateway: error: Frontend.routing_mode: unknown routing mode 'bogus' "
                              "(valid: round_robin, random, least_loaded, power_of_two)\n")

@@ -204,5 +204,5 @@ def test_serve_with_a_bad_value_exits_2_with_one_line_naming_the_key():
          f"--Broker.backend=tcp://127.0.0.1:{free_port()}", "--Backend.sleep_time=-1"],
         capture_output=True, text=True, timeout=15)
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == ("zroute: error: Backend.sleep_time: -1 is invalid: "
+    assert result.stderr == ("zroute serve: error: Backend.sleep_time: -1 is invalid: "
                              "must be a number >= 0\n")

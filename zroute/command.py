@@ -20,6 +20,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="text lines, or one JSON object per line")
     parser.add_argument("--log-name", metavar="NAME",
                         help="the name that prefixes this process's log lines")
+    parser.set_defaults(prog=parser.prog)  # errors name the subcommand: "zroute serve: ..."
     parser.epilog = ((parser.epilog or "") + " Any configuration key can be set with "
                      "--Section.key=value, e.g. --Backend.greeting=Hi.").strip()
 
@@ -46,7 +47,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     try:
         return args.run(args, overrides)
     except ConfigError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
