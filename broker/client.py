@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+import weakref
 from collections import deque
 from typing import Any, Iterator
 
@@ -127,7 +128,8 @@ class Stream:
     def __del__(self) -> None:
         if not self._done:
             try:
-                self._client._cancel(self)
+                # Later, not here: a finalizer may run in the middle of a send on the socket.
+                self._client.loop.call_soon(self._client._cancel_dropped, self.rid)
             except Exception:
                 pass  # the client or its loop is gone already
 
@@ -167,7 +169,9 @@ class Client:
         self.timeout = timeout
         self.heartbeat_interval = heartbeat_interval
         self.context = context or zmq.Context.instance()
-        self.streams: dict[bytes, Stream] = {}
+        # Weak, so that a stream its reader dropped (a `break` out of `async for`
+        # included) is finalized, and its request cancelled.
+        self.streams: weakref.WeakValueDictionary[bytes, Stream] = weakref.WeakValueDictionary()
         self._stats_waiters: dict[bytes, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self._channel: Channel | None = None
@@ -249,6 +253,12 @@ class Client:
     def _cancel(self, stream: Stream) -> None:
         if self.streams.pop(stream.rid, None) is not None and self._channel is not None:
             self._channel.send(p.encode_cancel(p.Cancel(stream.rid)))
+
+    def _cancel_dropped(self, rid: bytes) -> None:
+        """CANCEL the request of a stream that was dropped before its end."""
+        self.streams.pop(rid, None)
+        if self._channel is not None:
+            self._channel.send(p.encode_cancel(p.Cancel(rid)))
 
     def _forget(self, stream: Stream) -> None:
         self.streams.pop(stream.rid, None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import signal
 import socket
@@ -9,12 +11,28 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from broker.client import BlockingClient, BrokerError
 
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
+REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for child processes: the repository root on PYTHONPATH,
+    so that `--handler tests.handlers:NAME` imports."""
+    env = dict(os.environ)
+    paths = [str(REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def run_zroute(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
+    """Run a `zroute` command to its end; its stdout and stderr are captured as text."""
+    return subprocess.run([ZROUTE, *args], capture_output=True, text=True, timeout=timeout,
+                          env=child_env())
 
 
 def free_port() -> int:
@@ -35,6 +53,21 @@ def wait_until(condition: Callable[[], T], timeout: float = 10.0, what: str = "c
         time.sleep(0.02)
 
 
+async def async_wait_until(condition: Callable[[], Any], timeout: float = 10.0,
+                           what: str = "condition") -> Any:
+    """wait_until for a running event loop: `condition` may be a coroutine function."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
 class Proc:
     """A child process whose output goes to a log file."""
 
@@ -43,7 +76,7 @@ class Proc:
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")
         self.popen = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+                                      start_new_session=True, env=child_env())
 
     @property
     def pid(self) -> int:
@@ -64,8 +97,13 @@ class Proc:
         return self.popen.returncode
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # stop() closes it
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
 
 
 class Stack:
@@ -103,6 +141,14 @@ class Stack:
             return []
         return sorted(w["id"] for w in workers if w["state"] == "ready")
 
+    def wait_stats(self, condition: Callable[[dict], Any], timeout: float = 10.0,
+                   what: str = "stats condition") -> dict:
+        """Poll the broker's stats until `condition(stats)` is true; return those stats."""
+        def check() -> dict | None:
+            stats = self.stats()
+            return stats if condition(stats) else None
+        return wait_until(check, timeout, what)
+
     def wait_workers(self, *ids: str, timeout: float = 10.0) -> None:
         wait_until(lambda: set(ids) <= set(self.ready_workers()), timeout,
                    f"workers {ids} to register")
@@ -110,6 +156,9 @@ class Stack:
     def close(self) -> None:
         if self._stats_client is not None:
             self._stats_client.close()
+        for proc in reversed(self.procs):  # all at once: stopping them one by one is slow
+            if proc.alive:
+                proc.signal(signal.SIGTERM)
         for proc in reversed(self.procs):
             proc.stop()
             print(f"----- {proc.name} (exit {proc.popen.returncode})\n{proc.output()[-3000:]}")

@@ -47,6 +47,8 @@ def load_handler(spec: str, config: Config) -> Handler:
         raise ConfigError(f"--handler {spec!r} cannot be loaded: {e}") from None
     if inspect.isasyncgenfunction(target):
         return target
+    if not callable(target):
+        raise ConfigError(f"--handler {spec!r} is not callable: it is {type(target).__name__}")
     handler = target(config)
     if not callable(handler):
         raise ConfigError(f"--handler {spec!r} returned {handler!r}, not a handler")
