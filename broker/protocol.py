@@ -274,12 +274,9 @@ def decode_from_client(frames: list[bytes]) -> Request | Cancel | StatsRequest |
     command = _header(frames)
     if command == REQUEST:
         _expect(frames, 8)
-        try:
-            timeout_ms = int(frames[6])
-        except ValueError:
-            raise ProtocolError("timeout is not an integer") from None
-        if timeout_ms < 0:
-            raise ProtocolError("timeout is negative")
+        if not frames[6].isdigit() or len(frames[6]) > 19:
+            raise ProtocolError("timeout must be 1 to 19 ASCII digits")
+        timeout_ms = int(frames[6])
         if timeout_ms > MAX_TIMEOUT_MS:
             raise ProtocolError(f"timeout is above {MAX_TIMEOUT_MS} ms")
         return Request(_rid(frames[2], MAX_CLIENT_RID), _text(frames[3], "service"), frames[7],

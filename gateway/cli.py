@@ -7,10 +7,12 @@ import asyncio
 import logging
 import signal
 
+from typing import Sequence
+
 from aiohttp import web
 
 from gateway.app import Gateway, GatewaySettings, check_routing_mode
-from zroute.command import add_common_options, load
+from zroute.command import add_common_options, load, run_command
 from zroute.config import ConfigError
 
 log = logging.getLogger("zroute.gateway")
@@ -53,3 +55,9 @@ async def serve(gateway: Gateway, host: str, port: int) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway")
+    configure(parser)
+    return run_command(parser, argv)

@@ -49,7 +49,11 @@ def load_handler(spec: str, config: Config) -> Handler:
         return target
     if not callable(target):
         raise ConfigError(f"--handler {spec!r} is not callable: it is {type(target).__name__}")
-    handler = target(config)
+    try:
+        handler = target(config)
+    except Exception as e:
+        raise ConfigError(f"--handler {spec!r} failed to build a handler: "
+                          f"{type(e).__name__}: {e}") from None
     if not callable(handler):
         raise ConfigError(f"--handler {spec!r} returned {handler!r}, not a handler")
     return handler

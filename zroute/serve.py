@@ -119,7 +119,8 @@ class Supervisor:
 def child_args(command: str, name: str, args: argparse.Namespace, overrides: list[str],
                *extra: str) -> list[str]:
     """The command line of a child: the same config file, overrides and log options."""
-    line = [sys.executable, "-m", "zroute", command, "--log-name", name,
+    # `python -m broker` (or worker, gateway) loads only what that process needs.
+    line = [sys.executable, "-m", command, "--log-name", name,
             "--log-level", args.log_level, "--log-format", args.log_format, *extra]
     if args.config:
         line += ["-f", args.config]
