@@ -6,19 +6,16 @@ Builds on tests.support (Stack, Proc, free_port, wait_until); nothing here is mo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
-import os
 import re
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable
 
 from tests.support import Proc, Stack, free_port, wait_until
 
@@ -38,43 +35,11 @@ def async_test(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
     return run
 
 
-# --- environment -----------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def environ(**values: str) -> Iterator[None]:
-    """Set environment variables for the processes started inside the block."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def with_repo_on_path() -> dict[str, str]:
-    """PYTHONPATH with the repo root first, so `--handler tests.gateway_handlers:x` imports."""
-    rest = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": str(ROOT) + (os.pathsep + rest if rest else "")}
-
-
-def start_with_env(stack: Stack, env: dict[str, str], name: str, *args: str) -> Proc:
-    """stack.start(name, *args) with extra environment variables for the child."""
-    with environ(**env):
-        return stack.start(name, *args)
-
-
 def handler_worker(stack: Stack, worker_id: str, handler: str, *args: str,
                    sleep_time: float = 0) -> Proc:
     """A worker serving a handler of tests/gateway_handlers.py."""
-    return start_with_env(stack, with_repo_on_path(), worker_id, "worker",
-                          "--broker", stack.backend, "--id", worker_id,
-                          "--handler", f"tests.gateway_handlers:{handler}",
-                          f"--Backend.sleep_time={sleep_time}", *args)
+    return stack.worker(worker_id, "--handler", f"tests.gateway_handlers:{handler}", *args,
+                        sleep_time=sleep_time)
 
 
 # --- plain HTTP (for polling from synchronous code) --------------------------------
