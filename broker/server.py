@@ -464,11 +464,12 @@ class Broker:
         workers = [w.stats(now) for w in self.registry.by_id.values()]
         workers += [w.stats(now) for w in self.registry.departed.values()]
         queued_now = {service: len(q) for service, q in self.queues.items() if q}
+        queue_depth = sum(queued_now.values())
         return {
             "broker": {
                 **self.totals,
-                "inflight": len(self.requests),
-                "queue_depth": sum(queued_now.values()),
+                "inflight": len(self.requests) - queue_depth,  # on a worker now
+                "queue_depth": queue_depth,
                 "queue_depth_by_service": queued_now,
                 "queue_wait_s_total": round(self.queue_wait_total, 6),
                 "uptime_s": round(now - self.started, 3),

@@ -35,6 +35,15 @@ def run_zroute(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess
                           env=child_env())
 
 
+def workers_by_id(stats: dict) -> dict[str, dict]:
+    return {w["id"]: w for w in stats["workers"]}
+
+
+def all_idle(stats: dict) -> bool:
+    """Nothing in flight on the broker or any worker."""
+    return stats["broker"]["inflight"] == 0 and all(w["inflight"] == 0 for w in stats["workers"])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,8 @@ import zmq
 from broker import protocol as p
 from broker.client import BlockingClient, BrokerError, Client
 from tests.handlers import CANCELLED_LINE, STARTED_LINE
-from tests.support import Stack, async_wait_until, free_port, run_zroute
+from tests.support import (Stack, all_idle, async_wait_until, free_port, run_zroute,
+                           workers_by_id)
 
 SEED_BODY = {"text": "world,universe,galaxy"}
 SEED_CHUNKS = [b"Hello world!\n", b"Hello universe!\n", b"Hello galaxy!\n"]
@@ -26,14 +27,6 @@ def start(stack: Stack, *worker_ids: str, sleep_time: float = 0) -> None:
     for worker_id in worker_ids:
         stack.worker(worker_id, sleep_time=sleep_time)
     stack.wait_workers(*worker_ids, timeout=20)
-
-
-def workers_by_id(stats: dict) -> dict[str, dict]:
-    return {w["id"]: w for w in stats["workers"]}
-
-
-def all_idle(stats: dict) -> bool:
-    return stats["broker"]["inflight"] == 0 and all(w["inflight"] == 0 for w in stats["workers"])
 
 
 async def collect(stream) -> list[bytes]:

@@ -11,7 +11,7 @@ import zmq
 
 from broker import protocol as p
 from broker.client import BlockingClient, BrokerError, Client
-from tests.support import wait_until
+from tests.support import all_idle, wait_until
 
 FOUR_WORDS = {"text": "a,b,c,d"}
 FOUR_LINES = [b"Hello a!\n", b"Hello b!\n", b"Hello c!\n", b"Hello d!\n"]
@@ -22,12 +22,6 @@ def worker_state(stack, worker_id: str) -> str | None:
         if w["id"] == worker_id:
             return w["state"]
     return None
-
-
-def inflight_is_zero(stack) -> bool:
-    stats = stack.stats()
-    return stats["broker"]["inflight"] == 0 and all(
-        w["inflight"] == 0 for w in stats["workers"])
 
 
 async def collect(stream) -> tuple[list[bytes], BaseException | None]:
@@ -69,7 +63,7 @@ def test_kill_one_of_three_workers_with_100_requests_in_flight(stack):
     stats = stack.stats()
     assert stats["broker"]["retries"] > 0
     assert worker_state(stack, "w2") == "evicted"
-    wait_until(lambda: inflight_is_zero(stack), 5, "in-flight to return to 0")
+    wait_until(lambda: all_idle(stack.stats()), 5, "in-flight to return to 0")
 
 
 @pytest.mark.timeout(40)
@@ -147,7 +141,7 @@ def test_deadline_cancels_the_worker(stack):
     assert 0.5 <= elapsed < 1.5
     wait_until(lambda: "cancelled" in worker.output(), 5, "the worker to see the CANCEL")
     assert stack.stats()["broker"]["timeouts"] == 1
-    wait_until(lambda: inflight_is_zero(stack), 5, "in-flight to return to 0")
+    wait_until(lambda: all_idle(stack.stats()), 5, "in-flight to return to 0")
 
 
 @pytest.mark.timeout(40)
@@ -255,7 +249,7 @@ def test_a_reader_that_falls_behind_is_cut_off_not_buffered(stack):
     assert error is not None and error.code == "slow_reader"
     assert 16 <= len(chunks) < 40  # what was buffered is still delivered, then the error
     wait_until(lambda: "cancelled" in worker.output(), 5, "the worker to see the CANCEL")
-    wait_until(lambda: inflight_is_zero(stack), 5, "in-flight to return to 0")
+    wait_until(lambda: all_idle(stack.stats()), 5, "in-flight to return to 0")
 
 
 @pytest.mark.timeout(30)
@@ -273,4 +267,4 @@ def test_a_vanished_client_has_its_requests_cancelled(stack):
     client.close()
     context.term()
     wait_until(lambda: "cancelled" in worker.output(), 5, "the worker to see the CANCEL")
-    wait_until(lambda: inflight_is_zero(stack), 5, "in-flight to return to 0")
+    wait_until(lambda: all_idle(stack.stats()), 5, "in-flight to return to 0")

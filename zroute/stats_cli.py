@@ -65,7 +65,7 @@ def render(stats: dict) -> str:
     b = stats["broker"]
     lines.append("")
     lines.append(f"broker: up {b['uptime_s']:.0f}s  requests {b['requests']}  "
-                 f"inflight {b['inflight']}  queued {b['queue_depth']}  "
+                 f"inflight {b['inflight']}  waiting {b['queue_depth']}  "
                  f"completed {b['completed']}  failed {b['failed']}  chunks {b['chunks']}  "
                  f"retries {b['retries']}  timeouts {b['timeouts']}  evictions {b['evictions']}")
     return "\n".join(lines)
