@@ -13,7 +13,12 @@ SPEC="$ROOT"
 STAMP="$VENV/.zroute-installed-${1:-base}"
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   echo "installing zroute into $VENV" >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$SPEC" >&2
+  LOG="$VENV/install.log"
+  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$SPEC" >"$LOG" 2>&1; then
+    cat "$LOG" >&2
+    echo "installation failed; the log above is in $LOG" >&2
+    exit 1
+  fi
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
