@@ -14,6 +14,8 @@ from typing import Callable
 
 import zmq
 
+from broker.zmqio import recv_frames, send_frames
+
 DRAIN_BATCH = 500  # messages handled before other tasks get a turn
 BACKLOG_RETRY_S = 0.005  # wait before retrying sends the socket refused (HWM)
 SOCKET_HWM = 100_000
@@ -56,7 +58,7 @@ class Channel:
             self.backlog.append(frames)
             return
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self.sock, frames)
         except zmq.Again:
             self.backlog.append(frames)
             self.loop.call_later(BACKLOG_RETRY_S, self._flush_backlog)
@@ -65,7 +67,7 @@ class Channel:
     def _flush_backlog(self) -> None:
         while self.backlog and not self._closed:
             try:
-                self.sock.send_multipart(self.backlog[0], zmq.NOBLOCK)
+                send_frames(self.sock, self.backlog[0])
             except zmq.Again:
                 self.loop.call_later(BACKLOG_RETRY_S, self._flush_backlog)
                 break
@@ -84,7 +86,7 @@ class Channel:
         sock = self.sock
         for _ in range(DRAIN_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             self.on_message(frames)

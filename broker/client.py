@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-import weakref
 from collections import deque
 from typing import Any, Iterator
 
@@ -51,60 +50,108 @@ def encode_body(body: Body) -> bytes:
     return orjson.dumps(body)
 
 
+class Reply:
+    """The client's side of one request in flight: chunks received, and how it ended.
+
+    The client holds Replies; the caller holds the Stream that reads one. So
+    a Stream its reader drops (a `break` out of `async for`) is finalized,
+    and its finalizer cancels the request.
+    """
+
+    __slots__ = ("client", "rid", "deadline", "worker_id", "chunks", "buffered", "waiter",
+                 "error", "done")
+
+    def __init__(self, client: Client, rid: bytes, deadline: float) -> None:
+        self.client = client
+        self.rid = rid
+        self.deadline = deadline
+        self.worker_id: str | None = None
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0  # bytes in chunks
+        self.waiter: asyncio.Future | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+    def feed(self, chunks: list[bytes], worker_id: str, last: bool) -> None:
+        self.worker_id = worker_id
+        self.chunks.extend(chunks)
+        for chunk in chunks:
+            self.buffered += len(chunk)
+        if last:
+            self.finish(None)
+        elif self.buffered > MAX_BUFFERED_BYTES:
+            self.client._cancel(self)
+            self.finish(BrokerError(p.E_SLOW_READER, "the reader fell too far behind the stream"))
+        else:
+            self.wake()
+
+    def finish(self, error: BaseException | None) -> None:
+        self.done = True
+        self.error = error
+        self.client._forget(self)
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until something arrives or the reply ends."""
+        self.waiter = self.client.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+
 class Stream:
     """The reply to one request: an async iterator of chunks (bytes).
 
     `worker_id` names the worker once its first reply has arrived.
     """
 
-    __slots__ = ("_client", "rid", "worker_id", "deadline", "_chunks", "_buffered", "_waiter",
-                 "_error", "_done", "__weakref__")
+    __slots__ = ("_reply",)
 
-    def __init__(self, client: Client, rid: bytes, deadline: float) -> None:
-        self._client = client
-        self.rid = rid
-        self.deadline = deadline
-        self.worker_id: str | None = None
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0  # bytes in _chunks
-        self._waiter: asyncio.Future | None = None
-        self._error: BaseException | None = None
-        self._done = False
+    def __init__(self, reply: Reply) -> None:
+        self._reply = reply
+
+    @property
+    def rid(self) -> bytes:
+        return self._reply.rid
+
+    @property
+    def worker_id(self) -> str | None:
+        return self._reply.worker_id
 
     @property
     def done(self) -> bool:
-        return self._done
+        return self._reply.done
 
     def __aiter__(self) -> Stream:
         return self
 
     async def __anext__(self) -> bytes:
+        reply = self._reply
         while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
+            if reply.chunks:
+                chunk = reply.chunks.popleft()
+                reply.buffered -= len(chunk)
                 return chunk
-            if self._done:
-                if self._error is not None:
-                    raise self._error
+            if reply.done:
+                if reply.error is not None:
+                    raise reply.error
                 raise StopAsyncIteration
-            self._waiter = self._client.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await reply.wait()
 
     async def first(self) -> bytes | None:
         """Wait for the first chunk (or the end) without consuming it."""
-        while not self._chunks and not self._done:
-            self._waiter = self._client.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        if not self._chunks and self._error is not None:
-            raise self._error
-        return self._chunks[0] if self._chunks else None
+        reply = self._reply
+        while not reply.chunks and not reply.done:
+            await reply.wait()
+        if not reply.chunks and reply.error is not None:
+            raise reply.error
+        return reply.chunks[0] if reply.chunks else None
 
     async def read(self) -> bytes:
         """The whole reply, joined."""
@@ -115,9 +162,10 @@ class Stream:
 
     def cancel(self) -> None:
         """Stop the request: the broker and the worker are told, the stream ends."""
-        if not self._done:
-            self._client._cancel(self)
-            self._finish(None)
+        reply = self._reply
+        if not reply.done:
+            reply.client._cancel(reply)
+            reply.finish(None)
 
     async def __aenter__(self) -> Stream:
         return self
@@ -126,37 +174,13 @@ class Stream:
         self.cancel()
 
     def __del__(self) -> None:
-        if not self._done:
+        reply = self._reply
+        if not reply.done:
             try:
                 # Later, not here: a finalizer may run in the middle of a send on the socket.
-                self._client.loop.call_soon(self._client._cancel_dropped, self.rid)
+                reply.client.loop.call_soon(reply.client._cancel_dropped, reply)
             except Exception:
                 pass  # the client or its loop is gone already
-
-    # fed by the client
-    def _feed(self, chunks: list[bytes], worker_id: str, last: bool) -> None:
-        self.worker_id = worker_id
-        self._chunks.extend(chunks)
-        for chunk in chunks:
-            self._buffered += len(chunk)
-        if last:
-            self._finish(None)
-        elif self._buffered > MAX_BUFFERED_BYTES:
-            self._client._cancel(self)
-            self._finish(BrokerError(p.E_SLOW_READER, "the reader fell too far behind the stream"))
-        else:
-            self._wake()
-
-    def _finish(self, error: BaseException | None) -> None:
-        self._done = True
-        self._error = error
-        self._client._forget(self)
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
 
 class Client:
@@ -169,9 +193,7 @@ class Client:
         self.timeout = timeout
         self.heartbeat_interval = heartbeat_interval
         self.context = context or zmq.Context.instance()
-        # Weak, so that a stream its reader dropped (a `break` out of `async for`
-        # included) is finalized, and its request cancelled.
-        self.streams: weakref.WeakValueDictionary[bytes, Stream] = weakref.WeakValueDictionary()
+        self.replies: dict[bytes, Reply] = {}
         self._stats_waiters: dict[bytes, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self._channel: Channel | None = None
@@ -196,8 +218,9 @@ class Client:
         self._watchdog = self.loop.create_task(self._watch())
 
     async def close(self) -> None:
-        for stream in list(self.streams.values()):
-            stream.cancel()
+        for reply in list(self.replies.values()):
+            self._cancel(reply)
+            reply.finish(None)
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._channel is not None:
@@ -220,11 +243,11 @@ class Client:
         """
         timeout = self.timeout if timeout is None else timeout
         rid = b"%x" % next(self._ids)
-        stream = Stream(self, rid, time.monotonic() + timeout + DEADLINE_GRACE)
-        self.streams[rid] = stream
+        reply = Reply(self, rid, time.monotonic() + timeout + DEADLINE_GRACE)
+        self.replies[rid] = reply
         message = p.Request(rid, service, encode_body(body), policy, worker, int(timeout * 1000))
         self._channel.send(p.encode_request_to_broker(message))
-        return stream
+        return Stream(reply)
 
     def round_robin(self, service: str, body: Body, **options: Any) -> Stream:
         return self.request(service, body, policy="round_robin", **options)
@@ -250,18 +273,18 @@ class Client:
 
     # --- plumbing ---------------------------------------------------------------
 
-    def _cancel(self, stream: Stream) -> None:
-        if self.streams.pop(stream.rid, None) is not None and self._channel is not None:
-            self._channel.send(p.encode_cancel(p.Cancel(stream.rid)))
+    def _cancel(self, reply: Reply) -> None:
+        if self.replies.pop(reply.rid, None) is not None and self._channel is not None:
+            self._channel.send(p.encode_cancel(p.Cancel(reply.rid)))
 
-    def _cancel_dropped(self, rid: bytes) -> None:
-        """CANCEL the request of a stream that was dropped before its end."""
-        self.streams.pop(rid, None)
-        if self._channel is not None:
-            self._channel.send(p.encode_cancel(p.Cancel(rid)))
+    def _cancel_dropped(self, reply: Reply) -> None:
+        """End the request of a stream that was dropped before its end."""
+        if not reply.done:
+            self._cancel(reply)
+            reply.finish(None)
 
-    def _forget(self, stream: Stream) -> None:
-        self.streams.pop(stream.rid, None)
+    def _forget(self, reply: Reply) -> None:
+        self.replies.pop(reply.rid, None)
 
     def _on_message(self, frames: list[bytes]) -> None:
         self._last_heard = time.monotonic()
@@ -271,13 +294,13 @@ class Client:
             return  # not from a zroute broker; nothing to route it to
         kind = type(msg)
         if kind is p.Chunk or kind is p.End:
-            stream = self.streams.get(msg.rid)
-            if stream is not None:
-                stream._feed(msg.chunks, msg.worker_id, kind is p.End)
+            reply = self.replies.get(msg.rid)
+            if reply is not None:
+                reply.feed(msg.chunks, msg.worker_id, kind is p.End)
         elif kind is p.Error:
-            stream = self.streams.get(msg.rid)
-            if stream is not None:
-                stream._finish(BrokerError(msg.code, msg.message))
+            reply = self.replies.get(msg.rid)
+            if reply is not None:
+                reply.finish(BrokerError(msg.code, msg.message))
         elif kind is p.StatsReply:
             waiter = self._stats_waiters.get(msg.rid)
             if waiter is not None and not waiter.done():
@@ -291,8 +314,8 @@ class Client:
         self._boot_id = boot_id
 
     def _fail_all(self, code: str, message: str) -> None:
-        for stream in list(self.streams.values()):
-            stream._finish(BrokerError(code, message))
+        for reply in list(self.replies.values()):
+            reply.finish(BrokerError(code, message))
 
     async def _watch(self) -> None:
         """Heartbeat the broker; end requests past their deadline or on a dead broker."""
@@ -302,9 +325,9 @@ class Client:
             if not self.broker_alive:
                 self._fail_all(p.E_BROKER_UNREACHABLE, f"no answer from the broker at {self.address}")
             now = time.monotonic()
-            for stream in [s for s in self.streams.values() if now > s.deadline]:
-                self._cancel(stream)
-                stream._finish(BrokerError(p.E_TIMEOUT, "request deadline expired"))
+            for reply in [r for r in self.replies.values() if now > r.deadline]:
+                self._cancel(reply)
+                reply.finish(BrokerError(p.E_TIMEOUT, "request deadline expired"))
 
 
 class BlockingClient:

@@ -20,6 +20,7 @@ from broker import protocol as p
 from broker.policies import DEFAULT_POLICY, DIRECT, POLICIES, ROUTING_MODES
 from broker.ratelimit import LogLimiter
 from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
+from broker.zmqio import recv_frames, send_to
 
 log = logging.getLogger("zroute.broker")
 
@@ -119,10 +120,9 @@ class Broker:
         self._stopping = True
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], None]) -> None:
-        recv = sock.recv_multipart
         for _ in range(DRAIN_BATCH):
             try:
-                frames = recv(zmq.NOBLOCK)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             handle(frames[0], frames[1:])
@@ -130,7 +130,7 @@ class Broker:
     def _send(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> bool:
         """Send without blocking; False if the peer is gone or its queue is full."""
         try:
-            sock.send_multipart([peer, *frames], zmq.NOBLOCK)
+            send_to(sock, peer, frames)
             return True
         except zmq.Again:
             return False

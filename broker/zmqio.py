@@ -1,0 +1,43 @@
+"""Multipart send and receive without pyzmq's per-frame overhead.
+
+pyzmq's send_multipart and recv_multipart combine enum flags for every frame
+(`SNDMORE | flags`, `getsockopt(RCVMORE)`), and Python's enum arithmetic costs
+more than the send itself: measured here, 23 us to send a 5-frame message
+against 1.4 us for the plain loop below, and 14 us against 6.5 us to receive
+one. These call the socket's compiled methods with integer flags.
+
+Both never block: send raises zmq.Again when the peer's queue is full (libzmq
+checks the high-water mark on a message's first frame only, so a message is
+never cut in half), and recv raises zmq.Again when nothing is waiting.
+"""
+
+from __future__ import annotations
+
+import zmq
+from zmq.backend import Socket as _CompiledSocket
+
+_MORE = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
+_LAST = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+_send = _CompiledSocket.send
+_recv = _CompiledSocket.recv
+_get = _CompiledSocket.get
+
+
+def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
+    for frame in frames[:-1]:
+        _send(sock, frame, _MORE)
+    _send(sock, frames[-1], _LAST)
+
+
+def send_to(sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> None:
+    """Send on a ROUTER: the peer's routing identity, then the message."""
+    _send(sock, peer, _MORE)
+    send_frames(sock, frames)
+
+
+def recv_frames(sock: zmq.Socket) -> list[bytes]:
+    frames = [_recv(sock, _LAST)]
+    while _get(sock, _RCVMORE):
+        frames.append(_recv(sock, _LAST))
+    return frames
