@@ -153,6 +153,28 @@ class Stream:
             raise reply.error
         return reply.chunks[0] if reply.chunks else None
 
+    @property
+    def complete(self) -> bool:
+        """True once the reply has ended with its END (not with an error)."""
+        return self._reply.done and self._reply.error is None
+
+    async def batch(self) -> list[bytes]:
+        """Every chunk that has arrived, waiting for one if none has; [] at the end.
+
+        Chunks that arrive together can then be written together.
+        """
+        reply = self._reply
+        while not reply.chunks:
+            if reply.done:
+                if reply.error is not None:
+                    raise reply.error
+                return []
+            await reply.wait()
+        chunks = list(reply.chunks)
+        reply.chunks.clear()
+        reply.buffered = 0
+        return chunks
+
     async def read(self) -> bytes:
         """The whole reply, joined."""
         return b"".join([chunk async for chunk in self])

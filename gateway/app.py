@@ -167,10 +167,16 @@ class Gateway:
         response.enable_chunked_encoding()
         chunks = 0
         try:
-            await response.prepare(request)
-            async for chunk in stream:
-                await response.write(chunk)
-                chunks += 1
+            await response.prepare(request)  # the headers wait for the first write
+            while True:
+                batch = await stream.batch()
+                chunks += len(batch)
+                if stream.complete:
+                    # The last chunks, the terminating chunk (and, for a reply that
+                    # came at once, the headers) leave in one write.
+                    await response.write_eof(b"".join(batch))
+                    break
+                await response.write(b"".join(batch))
         except BrokerError as e:
             self.metrics.incomplete.inc()
             await response.write(f"\nerror: {e.code}: {e.message}\n".encode())
@@ -185,7 +191,6 @@ class Gateway:
             self._done(stream.rid.decode(), policy, stream.worker_id, 200, started, first_chunk,
                        chunks, "client disconnected")
             raise
-        await response.write_eof()
         self._done(stream.rid.decode(), policy, stream.worker_id, 200, started, first_chunk,
                    chunks)
         return response
