@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""HTTP benchmark: zroute against nginx round robin over aiohttp servers, side by side.
+
+    .venv/bin/python scripts/bench_http.py [--duration 5] [--rounds 3] [--connections 32 256]
+
+Three targets, each fed the seed request {"text": "world,universe,galaxy"} by wrk:
+  zroute     wrk -> gateway -> broker -> 2 workers (sleep_time 0)
+  nginx      wrk -> nginx (1 worker process, round robin, keepalive upstreams,
+             proxy_buffering off) -> 2 minimal aiohttp servers streaming the same lines
+  aiohttp    wrk -> one such aiohttp server alone (a reference, no balancer)
+The targets take turns (zroute, nginx, aiohttp, zroute, ...) so that drift on the
+machine hits all of them. For each it prints requests/s, p50 and p99 latency, and the
+zroute/nginx ratios, with the CPU time each process spent per request. Then it measures
+time to first byte with sleep_time 0.1 through zroute and through nginx.
+
+It installs wrk and nginx-light from Debian's packages when they are missing, and skips
+what it cannot install. Every process it starts listens on loopback and is stopped at
+the end. All processes log at warning level: access logs are off on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ZROUTE = str(Path(sys.executable).with_name("zroute"))
+BODY = '{"text": "world,universe,galaxy"}'
+EXPECTED = b"Hello world!\nHello universe!\nHello galaxy!\n"
+WRK_SCRIPT = f"""wrk.method = "POST"
+wrk.body = '{BODY}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+NGINX_CONF = """worker_processes 1;
+error_log {dir}/error.log warn;
+pid {dir}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream backends {{
+        server 127.0.0.1:{b1};
+        server 127.0.0.1:{b2};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_tools() -> dict[str, bool]:
+    """wrk and nginx from Debian's packages, installed if missing."""
+    wanted = {"wrk": "wrk", "nginx": "nginx-light"}
+    missing = [pkg for tool, pkg in wanted.items() if not shutil.which(tool)]
+    if missing and shutil.which("apt-get"):
+        print(f"installing {' '.join(missing)} ...", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], capture_output=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    return {tool: shutil.which(tool) is not None for tool in wanted}
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    pids: dict[str, int] = field(default_factory=dict)  # role -> pid, for CPU accounting
+
+
+class Processes:
+    """Every child process, stopped together."""
+
+    def __init__(self) -> None:
+        self.children: list[subprocess.Popen] = []
+
+    def start(self, *args: str) -> subprocess.Popen:
+        child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.children.append(child)
+        return child
+
+    def stop(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            request = urllib.request.Request(url, data=BODY.encode(), method="POST")
+            with urllib.request.urlopen(request, timeout=2) as response:
+                if response.read() == EXPECTED:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"bench_http: {url} did not answer within {timeout} s")
+
+
+def start_zroute(procs: Processes, sleep_time: float, gateways: int) -> Target:
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    port = free_port()
+    quiet = ("--log-level", "warning")
+    pids = {"broker": procs.start(ZROUTE, "broker", "--frontend", frontend, "--backend",
+                                  backend, *quiet).pid}
+    for i in (1, 2):
+        pids[f"worker-{i}"] = procs.start(
+            ZROUTE, "worker", "--broker", backend, "--id", f"worker-{i}",
+            f"--Backend.sleep_time={sleep_time}", *quiet).pid
+    for i in range(1, gateways + 1):
+        pids[f"gateway-{i}"] = procs.start(ZROUTE, "gateway", "--broker", frontend, "--port",
+                                           str(port), *quiet).pid
+    target = Target("zroute", f"http://127.0.0.1:{port}/generate", pids)
+    wait_http(target.url)
+    return target
+
+
+def start_plain(procs: Processes, sleep_time: float) -> tuple[int, int]:
+    port = free_port()
+    pid = procs.start(sys.executable, str(HERE / "plain_http_server.py"), str(port),
+                      str(sleep_time)).pid
+    wait_http(f"http://127.0.0.1:{port}/generate")
+    return port, pid
+
+
+def start_nginx(procs: Processes, workdir: Path, sleep_time: float) -> Target:
+    (b1, pid1), (b2, pid2) = start_plain(procs, sleep_time), start_plain(procs, sleep_time)
+    port = free_port()
+    conf = workdir / f"nginx-{port}.conf"
+    conf.write_text(NGINX_CONF.format(dir=workdir, b1=b1, b2=b2, port=port))
+    nginx = procs.start("nginx", "-c", str(conf), "-g", "daemon off;")
+    target = Target("nginx", f"http://127.0.0.1:{port}/generate",
+                    {"nginx": nginx.pid, "backend-1": pid1, "backend-2": pid2})
+    wait_http(target.url)
+    return target
+
+
+def cpu_ticks(pid: int) -> int:
+    """User and system time of a process, its threads and its children (nginx's
+    worker is a child of its master), in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return int(fields[11]) + int(fields[12]) + sum(cpu_ticks(int(c)) for c in children)
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    cpu_us: dict[str, float]  # role -> CPU microseconds per request
+
+
+def to_ms(value: str) -> float:
+    number, unit = re.match(r"([\d.]+)(us|ms|s)", value).groups()
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(target: Target, connections: int, duration: float, script: Path) -> Result:
+    before = {role: cpu_ticks(pid) for role, pid in target.pids.items()}
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency",
+                          "-s", str(script), target.url],
+                         capture_output=True, text=True).stdout
+    after = {role: cpu_ticks(pid) for role, pid in target.pids.items()}
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = sum(int(n) for n in re.findall(r"(?:Non-2xx or 3xx responses|connect|read|write"
+                                            r"|timeout) (\d+)", out))
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    return Result(
+        rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        p50_ms=to_ms(re.search(r"50%\s+(\S+)", out).group(1)),
+        p99_ms=to_ms(re.search(r"99%\s+(\S+)", out).group(1)),
+        errors=errors,
+        cpu_us={role: (after[role] - before[role]) * tick_us / max(requests, 1)
+                for role in target.pids},
+    )
+
+
+async def time_to_first_byte(url: str, requests: int, concurrency: int) -> list[float]:
+    import aiohttp
+
+    samples: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        async def one() -> None:
+            started = time.perf_counter()
+            async with session.post(url, data=BODY) as response:
+                await response.content.readany()
+                samples.append(time.perf_counter() - started)
+                await response.read()
+
+        for _ in range(requests // concurrency):
+            await asyncio.gather(*(one() for _ in range(concurrency)))
+    return samples
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def throughput(args: argparse.Namespace, targets: list[Target], script: Path) -> None:
+    for connections in args.connections:
+        results: dict[str, list[Result]] = {t.name: [] for t in targets}
+        for round_no in range(1, args.rounds + 1):
+            for target in targets:  # taking turns: drift hits every target alike
+                result = run_wrk(target, connections, args.duration, script)
+                results[target.name].append(result)
+                print(f"  c={connections} round {round_no} {target.name:<8} "
+                      f"{result.rps:8.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
+                      f"p99 {result.p99_ms:6.2f} ms  errors {result.errors}", flush=True)
+        print(f"\nwrk -t1 -c{connections}, {args.rounds} rounds of {args.duration:g} s, medians:")
+        print(f"  {'target':<8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}   CPU us per request")
+        summary = {}
+        for name, runs in results.items():
+            summary[name] = (median([r.rps for r in runs]), median([r.p50_ms for r in runs]),
+                             median([r.p99_ms for r in runs]))
+            cpu = "  ".join(f"{role} {median([r.cpu_us[role] for r in runs]):.0f}"
+                            for role in runs[0].cpu_us)
+            print(f"  {name:<8} {summary[name][0]:8.0f} {summary[name][1]:8.2f} "
+                  f"{summary[name][2]:8.2f}   {cpu}")
+        if "nginx" in summary:
+            zr, ng = summary["zroute"], summary["nginx"]
+            print(f"  zroute/nginx: req/s {zr[0] / ng[0]:.2f}x (target >= 1.0), "
+                  f"p99 {zr[2] / ng[2]:.2f}x (target <= 1.5)\n")
+
+
+def ttfb(args: argparse.Namespace, procs: Processes, workdir: Path, have_nginx: bool) -> None:
+    """Time to first byte with a 0.1 s delay before each line. The server alone, with
+    the same delay and the same timer overshoot, is the worker's own time; what a
+    balancer adds is its p50 minus that one's."""
+    delay = 0.1
+    port, pid = start_plain(procs, delay)
+    targets = [Target("aiohttp", f"http://127.0.0.1:{port}/generate", {"server": pid}),
+               start_zroute(procs, delay, 1)]
+    if have_nginx:
+        targets.append(start_nginx(procs, workdir, delay))
+    print(f"time to first byte, sleep_time {delay} s, {args.ttfb_requests} requests, "
+          f"{args.ttfb_concurrency} at a time, p50:")
+    alone = None
+    for target in targets:
+        samples = asyncio.run(time_to_first_byte(target.url, args.ttfb_requests,
+                                                 args.ttfb_concurrency))
+        p50 = median(samples) * 1000
+        alone = alone or p50
+        added = "" if target.name == "aiohttp" else f"  adds {p50 - alone:.2f} ms"
+        target_note = "  (target <= 1 ms)" if target.name == "zroute" else ""
+        print(f"  {target.name:<8} {p50:7.2f} ms{added}{target_note}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=5, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="turns per target")
+    parser.add_argument("--connections", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--gateways", type=int, default=1, help="zroute gateway processes")
+    parser.add_argument("--ttfb-requests", type=int, default=200)
+    parser.add_argument("--ttfb-concurrency", type=int, default=4)
+    args = parser.parse_args()
+
+    tools = ensure_tools()
+    if not tools["wrk"]:
+        print("bench_http: wrk is not installed and could not be; nothing to measure")
+        return 1
+    if not tools["nginx"]:
+        print("bench_http: nginx is not installed and could not be; skipping the baseline")
+    print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    procs = Processes()
+    with tempfile.TemporaryDirectory(prefix="zroute-bench-") as tmp:
+        workdir = Path(tmp)
+        script = workdir / "post.lua"
+        script.write_text(WRK_SCRIPT)
+        try:
+            targets = [start_zroute(procs, 0.0, args.gateways)]
+            if tools["nginx"]:
+                targets.append(start_nginx(procs, workdir, 0.0))
+            port, pid = start_plain(procs, 0.0)
+            targets.append(Target("aiohttp", f"http://127.0.0.1:{port}/generate",
+                                  {"server": pid}))
+            throughput(args, targets, script)
+            ttfb(args, procs, workdir, tools["nginx"])
+        finally:
+            procs.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
