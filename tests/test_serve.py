@@ -206,3 +206,28 @@ def test_serve_with_a_bad_value_exits_2_with_one_line_naming_the_key():
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == ("zroute serve: error: Backend.sleep_time: -1 is invalid: "
                              "must be a number >= 0\n")
+
+
+@pytest.mark.timeout(40)
+@async_test
+async def test_serve_shutdown_finishes_the_requests_in_flight(stack):
+    serve = Serve(stack, "--Backend.sleep_time=0.4", "--Backend.ServiceArgs.workers=2")
+    serve.wait_ready()
+    kids = serve.wait_children("broker", "worker-1", "worker-2", "gateway-1")
+    words = "a,b,c,d"
+    expected = "".join(f"Hello {w}!\n" for w in words.split(","))
+    async with aiohttp.ClientSession() as session:
+        async def one() -> str:
+            async with session.post(f"{serve.url}/generate", json={"text": words}) as response:
+                first = await response.content.readline()
+                started.set()
+                return first.decode() + (await response.text())
+
+        started = asyncio.Event()
+        requests = [asyncio.create_task(one()) for _ in range(6)]
+        await started.wait()
+        serve.proc.signal(signal.SIGTERM)  # while all six are streaming
+        replies = await asyncio.wait_for(asyncio.gather(*requests), 20)
+    assert replies == [expected] * 6  # nothing was cut
+    assert serve.proc.popen.wait(20) == 0
+    assert_all_gone(kids)
