@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gateway.app import check_routing_mode
 from zroute.command import add_common_options, load
@@ -56,7 +56,6 @@ class Child:
     started: float = 0.0
     backoff: float = RESTART_MIN_S
     restart_at: float | None = None
-    restarts: int = 0
 
     def start(self) -> None:
         # Own process group: a terminal's Ctrl-C reaches `serve` only, which stops
@@ -73,11 +72,10 @@ class Child:
 @dataclass
 class Supervisor:
     groups: list[list[Child]]  # started in this order, stopped in reverse
-    stopping: bool = False
-    children: list[Child] = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.children = [child for group in self.groups for child in group]
+    @property
+    def children(self) -> list[Child]:
+        return [child for group in self.groups for child in group]
 
     def start(self) -> None:
         for child in self.children:
@@ -98,7 +96,6 @@ class Supervisor:
                       f"{child.backoff:.1f} s", file=sys.stderr, flush=True)
                 child.backoff = min(RESTART_MAX_S, child.backoff * 2)
             elif now >= child.restart_at:
-                child.restarts += 1
                 child.start()
 
     def stop(self) -> None:
