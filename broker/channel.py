@@ -14,7 +14,7 @@ from typing import Callable
 
 import zmq
 
-from broker.zmqio import recv_frames, send_frames
+from broker.zmqio import readable, recv_frames, send_frames
 
 DRAIN_BATCH = 500  # messages handled before other tasks get a turn
 BACKLOG_RETRY_S = 0.005  # wait before retrying sends the socket refused (HWM)
@@ -85,11 +85,9 @@ class Channel:
             return
         sock = self.sock
         for _ in range(DRAIN_BATCH):
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
+            if not readable(sock):
                 return
-            self.on_message(frames)
+            self.on_message(recv_frames(sock))
             if self._closed:
                 return
         self._schedule_check()  # more may wait; let other tasks run first

@@ -20,7 +20,7 @@ from broker import protocol as p
 from broker.policies import DEFAULT_POLICY, DIRECT, POLICIES, ROUTING_MODES
 from broker.ratelimit import LogLimiter
 from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
-from broker.zmqio import recv_frames, send_to
+from broker.zmqio import readable, recv_frames, send_to
 
 log = logging.getLogger("zroute.broker")
 
@@ -121,10 +121,9 @@ class Broker:
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], None]) -> None:
         for _ in range(DRAIN_BATCH):
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
+            if not readable(sock):
                 return
+            frames = recv_frames(sock)
             handle(frames[0], frames[1:])
 
     def _send(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> bool:

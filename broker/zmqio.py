@@ -8,7 +8,8 @@ one. These call the socket's compiled methods with integer flags.
 
 Both never block: send raises zmq.Again when the peer's queue is full (libzmq
 checks the high-water mark on a message's first frame only, so a message is
-never cut in half), and recv raises zmq.Again when nothing is waiting.
+never cut in half), and recv raises zmq.Again when nothing is waiting: ask
+readable() first, since raising Again costs several microseconds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from zmq.backend import Socket as _CompiledSocket
 _MORE = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 _send = _CompiledSocket.send
 _recv = _CompiledSocket.recv
 _get = _CompiledSocket.get
@@ -34,6 +37,12 @@ def send_to(sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> None:
     """Send on a ROUTER: the peer's routing identity, then the message."""
     _send(sock, peer, _MORE)
     send_frames(sock, frames)
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """Whether a message waits. Cheaper than a recv that raises zmq.Again, and like
+    it, it resets the edge-triggered file descriptor of the socket."""
+    return bool(_get(sock, _EVENTS) & _POLLIN)
 
 
 def recv_frames(sock: zmq.Socket) -> list[bytes]:
