@@ -190,8 +190,11 @@ class Result:
 
 
 def to_ms(value: str) -> float:
-    number, unit = re.match(r"([\d.]+)(us|ms|s)", value).groups()
-    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value)
+    if match is None:
+        raise SystemExit(f"bench_http: cannot read wrk's latency {value!r}")
+    number, unit = match.groups()
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
 
 
 def run_wrk(target: Target, connections: int, duration: float, script: Path) -> Result:
@@ -206,8 +209,8 @@ def run_wrk(target: Target, connections: int, duration: float, script: Path) -> 
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
     return Result(
         rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        p50_ms=to_ms(re.search(r"50%\s+(\S+)", out).group(1)),
-        p99_ms=to_ms(re.search(r"99%\s+(\S+)", out).group(1)),
+        p50_ms=to_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
+        p99_ms=to_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),
         errors=errors,
         cpu_us={role: (after[role] - before[role]) * tick_us / max(requests, 1)
                 for role in target.pids},

@@ -110,10 +110,6 @@ def wait_healthy(gateway: Gateway, workers: int, timeout: float = 15.0) -> None:
                timeout, f"/health to report {workers} ready worker(s)")
 
 
-def worker_stats(stats: dict) -> dict[str, dict]:
-    return {w["id"]: w for w in stats["workers"]}
-
-
 # --- curl ----------------------------------------------------------------------------
 
 

@@ -16,9 +16,8 @@ import pytest
 
 from tests.gateway_handlers import FAILURE
 from tests.http_support import (CURL, SEED_OUTPUT, SEED_TEXT, async_test, curl, get_json,
-                                handler_worker, http, start_curl, start_gateway, wait_healthy,
-                                worker_stats)
-from tests.support import ZROUTE, Stack, free_port, wait_until
+                                handler_worker, http, start_curl, start_gateway, wait_healthy)
+from tests.support import ZROUTE, Stack, free_port, wait_until, workers_by_id
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -159,7 +158,8 @@ async def test_round_robin_direct_and_random_routing_through_http(stack):
     wait_healthy(gateway, 2)
 
     def completed() -> dict[str, int]:
-        return {wid: w["completed"] for wid, w in worker_stats(get_json(f"{gateway.url}/stats")).items()}
+        stats = get_json(f"{gateway.url}/stats")
+        return {wid: w["completed"] for wid, w in workers_by_id(stats).items()}
 
     async with aiohttp.ClientSession() as session:
         served = Counter()
@@ -364,7 +364,7 @@ async def test_a_handler_failing_mid_stream_gives_a_visibly_incomplete_response(
     stats = get_json(f"{gateway.url}/stats")
     assert stats["gateway"]["incomplete"] == requests
     assert stats["gateway"]["requests_by_status"] == {"200": requests}
-    assert worker_stats(stats)["worker-1"]["failed"] == requests
+    assert workers_by_id(stats)["worker-1"]["failed"] == requests
     no_traceback(gateway.proc)
 
 
@@ -439,7 +439,7 @@ async def test_a_client_disconnecting_mid_stream_cancels_the_workers_request(sta
 
     stats = wait_until(settled, 3, "the cancellations to reach the broker and the worker")
     assert stats["broker"]["completed"] == 0
-    assert worker_stats(stats)["worker-1"]["completed"] == 0
+    assert workers_by_id(stats)["worker-1"]["completed"] == 0
     wait_until(lambda: worker.output().count(" cancelled\n") == clients, 3,
                "the worker to log its cancelled requests")
     no_traceback(gateway.proc)
@@ -460,3 +460,19 @@ def test_gateway_with_an_unknown_routing_mode_exits_at_once_with_one_line():
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == ("zroute gateway: error: Frontend.routing_mode: unknown routing mode 'bogus' "
                              "(valid: round_robin, random, least_loaded, power_of_two)\n")
+
+
+@pytest.mark.timeout(30)
+def test_a_deadline_before_the_first_line_answers_504_and_stops_the_worker(stack):
+    stack.broker()
+    worker = stack.worker("w1", sleep_time=5)
+    stack.wait_workers("w1")
+    gateway = start_gateway(stack, "--Frontend.request_timeout=0.5")
+    started = time.monotonic()
+    reply = http("POST", f"{gateway.url}/generate", b'{"text": "slow"}', timeout=10)
+    elapsed = time.monotonic() - started
+    assert reply is not None and reply.status == 504
+    assert reply.headers["content-type"].startswith("application/json")
+    assert reply.json() == {"error": "request deadline expired", "code": "timeout"}
+    assert 0.5 <= elapsed < 2.5
+    wait_until(lambda: "cancelled" in worker.output(), 5, "the worker to be told to stop")

@@ -14,9 +14,8 @@ import aiohttp
 import pytest
 
 from tests.http_support import (CURL, ROOT, SEED_OUTPUT, SEED_TEXT, alive, async_test, children,
-                                cmdline, curl, get_json, http, start_time,
-                                worker_stats)
-from tests.support import ZROUTE, Proc, Stack, free_port, wait_until
+                                cmdline, curl, get_json, http, start_time)
+from tests.support import ZROUTE, Proc, Stack, free_port, wait_until, workers_by_id
 
 pytestmark = pytest.mark.timeout(45)
 
@@ -123,7 +122,7 @@ async def test_serve_with_the_config_file_runs_two_workers_and_stops_on_sigint(s
         assert (result.returncode, result.status, result.body.decode()) == (0, 200, expected)
 
     stats = get_json(f"{serve.url}/stats")
-    workers = worker_stats(stats)
+    workers = workers_by_id(stats)
     assert sorted(workers) == ["worker-1", "worker-2"]
     assert {w["state"] for w in workers.values()} == {"ready"}
     assert sum(w["completed"] for w in workers.values()) == (3 if CURL else 2)
@@ -157,8 +156,8 @@ async def test_serve_restarts_a_worker_killed_with_sigkill(stack):
 
     wait_until(served_by_worker_1, 15, "the restarted worker-1 to serve")
     stats = get_json(f"{serve.url}/stats")
-    assert worker_stats(stats)["worker-1"]["state"] == "ready"
-    assert worker_stats(stats)["worker-1"]["completed"] == 1  # counted for the new registration
+    assert workers_by_id(stats)["worker-1"]["state"] == "ready"
+    assert workers_by_id(stats)["worker-1"]["completed"] == 1  # counted for the new registration
     output = serve.proc.output()
     assert output.count("[broker] INFO worker worker-1 ready for generate") == 2, output
     assert serve.children()["worker-1"][0] == new_pid
