@@ -14,6 +14,7 @@ from typing import Callable
 
 import zmq
 
+from broker.protocol import MAX_BATCH, ProtocolError, encode_batch, unbatch
 from broker.zmqio import readable, recv_frames, send_frames
 
 DRAIN_BATCH = 500  # messages handled before other tasks get a turn
@@ -37,15 +38,19 @@ def dealer(context: zmq.Context, address: str, routing_id: bytes | None = None) 
 class Channel:
     """Receives into a callback; sends without blocking and without losing a message.
 
-    A send the socket refuses (its queue is at the high-water mark) waits in a
-    backlog, in order, and is retried shortly.
+    The messages sent in one turn of the event loop leave together at its end:
+    one message, or one BATCH, so that the cost of committing a message and
+    waking libzmq's I/O thread is shared. A send the socket refuses (its queue
+    is at the high-water mark) waits in a backlog, in order, and is retried.
     """
 
     def __init__(self, sock: zmq.Socket, on_message: Callable[[list[bytes]], None]) -> None:
         self.sock = sock
         self.on_message = on_message
         self.loop = asyncio.get_running_loop()
+        self.outgoing: list[list[bytes]] = []
         self.backlog: deque[list[bytes]] = deque()
+        self._flush_scheduled = False
         self._check_scheduled = False
         self._closed = False
         self.loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
@@ -54,15 +59,19 @@ class Channel:
     def send(self, frames: list[bytes]) -> None:
         if self._closed:
             return
-        if self.backlog:
-            self.backlog.append(frames)
-            return
-        try:
-            send_frames(self.sock, frames)
-        except zmq.Again:
-            self.backlog.append(frames)
-            self.loop.call_later(BACKLOG_RETRY_S, self._flush_backlog)
-        self._schedule_check()
+        self.outgoing.append(frames)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send what this turn of the loop produced."""
+        self._flush_scheduled = False
+        messages, self.outgoing = self.outgoing, []
+        for start in range(0, len(messages), MAX_BATCH):
+            group = messages[start:start + MAX_BATCH]
+            self.backlog.append(group[0] if len(group) == 1 else encode_batch(group))
+        self._flush_backlog()
 
     def _flush_backlog(self) -> None:
         while self.backlog and not self._closed:
@@ -87,14 +96,21 @@ class Channel:
         for _ in range(DRAIN_BATCH):
             if not readable(sock):
                 return
-            self.on_message(recv_frames(sock))
-            if self._closed:
-                return
+            frames = recv_frames(sock)
+            try:
+                messages = unbatch(frames)
+            except ProtocolError:
+                messages = [frames]  # the receiver's decoder rejects it, and says why
+            for message in messages:
+                self.on_message(message)
+                if self._closed:
+                    return
         self._schedule_check()  # more may wait; let other tasks run first
 
     def close(self, linger_ms: int = 200) -> None:
         if self._closed:
             return
+        self.flush()
         self._closed = True
         self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
         self.sock.close(linger_ms)

@@ -28,6 +28,7 @@ ERROR = b"\x07"
 CANCEL = b"\x08"
 STATS = b"\x09"
 DRAIN = b"\x0a"
+BATCH = b"\x0b"
 
 COMMAND_NAMES = {
     READY: "READY",
@@ -40,6 +41,7 @@ COMMAND_NAMES = {
     CANCEL: "CANCEL",
     STATS: "STATS",
     DRAIN: "DRAIN",
+    BATCH: "BATCH",
 }
 
 # Stable error codes carried by ERROR frames.
@@ -58,6 +60,7 @@ E_SLOW_READER = "slow_reader"  # raised by the client library, never sent
 MAX_ID_LENGTH = 255  # worker ids, service and policy names
 MAX_CLIENT_RID = 255  # request ids chosen by clients
 MAX_RID = 1024  # request ids on the worker leg, where the broker extends them
+MAX_BATCH = 256  # messages in one BATCH
 MAX_TIMEOUT_MS = 2**63 - 1  # a request's timeout fits a signed 64-bit integer
 
 
@@ -233,6 +236,35 @@ def _json_object(frame: bytes, what: str) -> dict:
     if not isinstance(value, dict):
         raise ProtocolError(f"{what} is not a JSON object")
     return value
+
+
+def encode_batch(messages: list[list[bytes]]) -> list[bytes]:
+    """Several messages for one peer as one: each is prefixed by its frame count."""
+    frames = [VERSION, BATCH]
+    for message in messages:
+        frames.append(b"%d" % len(message))
+        frames.extend(message)
+    return frames
+
+
+def unbatch(frames: list[bytes]) -> list[list[bytes]]:
+    """The messages a BATCH carries, or [frames] for any other message."""
+    if len(frames) < 2 or frames[1] != BATCH or frames[0] != VERSION:
+        return [frames]
+    messages = []
+    i = 2
+    while i < len(frames):
+        count = frames[i]
+        if not count.isdigit() or len(count) > 2 or not 2 <= int(count) <= len(frames) - i - 1:
+            raise ProtocolError(f"BATCH frame count {count[:8]!r} is invalid")
+        message = frames[i + 1:i + 1 + int(count)]
+        if message[1] == BATCH:
+            raise ProtocolError("BATCH inside a BATCH")
+        messages.append(message)
+        i += 1 + int(count)
+    if not 0 < len(messages) <= MAX_BATCH:
+        raise ProtocolError(f"BATCH must carry 1 to {MAX_BATCH} messages")
+    return messages
 
 
 def _header(frames: list[bytes]) -> bytes:

@@ -123,8 +123,15 @@ class Broker:
         for _ in range(DRAIN_BATCH):
             if not readable(sock):
                 return
-            frames = recv_frames(sock)
-            handle(frames[0], frames[1:])
+            peer, *frames = recv_frames(sock)
+            try:
+                messages = p.unbatch(frames)
+            except p.ProtocolError as e:
+                self.totals["rejected_frames"] += 1
+                self.drops.warn(f"dropped a malformed BATCH: {e}")
+                continue
+            for message in messages:
+                handle(peer, message)
 
     def _send(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> bool:
         """Send without blocking; False if the peer is gone or its queue is full."""

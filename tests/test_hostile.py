@@ -12,7 +12,7 @@ from broker.client import BlockingClient
 from tests.support import Stack, wait_until
 
 COMMANDS = [p.READY, p.HEARTBEAT, p.DISCONNECT, p.REQUEST, p.CHUNK, p.END, p.ERROR, p.CANCEL,
-            p.STATS, p.DRAIN, b"\x00", b"\xff"]
+            p.STATS, p.DRAIN, p.BATCH, b"\x00", b"\xff"]
 
 # Frames that look like the protocol often enough to get past the first checks.
 frame = st.one_of(

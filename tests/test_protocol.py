@@ -435,3 +435,31 @@ def test_random_frames_raise_only_protocol_error(direction, frames):
     except ProtocolError:
         return
     assert isinstance(message, MESSAGE_TYPES)
+
+
+# --- BATCH ---------------------------------------------------------------------
+
+
+def test_batch_round_trip_keeps_every_message_in_order():
+    messages = [p.encode_heartbeat(), p.encode_cancel(p.Cancel(b"r1")),
+                p.encode_request_to_broker(p.Request(b"r2", "generate", b"{}", "random"))]
+    assert p.unbatch(p.encode_batch(messages)) == messages
+
+
+def test_unbatch_passes_any_other_message_through():
+    message = p.encode_cancel(p.Cancel(b"r1"))
+    assert p.unbatch(message) == [message]
+
+
+@pytest.mark.parametrize("frames", [
+    [V, p.BATCH],                                   # carries nothing
+    [V, p.BATCH, b"5", V, p.HEARTBEAT],             # count past the end
+    [V, p.BATCH, b"1", V],                          # a message of one frame
+    [V, p.BATCH, b"x", V, p.HEARTBEAT],             # count not a number
+    [V, p.BATCH, b"-2", V, p.HEARTBEAT],
+    [V, p.BATCH, b"2", V, p.BATCH],                 # nested
+    [V, p.BATCH, *[b"2", V, p.HEARTBEAT] * (p.MAX_BATCH + 1)],  # too many
+], ids=["empty", "short", "one-frame", "not-a-number", "negative", "nested", "too-many"])
+def test_malformed_batches_raise_protocol_error(frames):
+    with pytest.raises(ProtocolError):
+        p.unbatch(frames)
