@@ -127,11 +127,15 @@ class Broker:
             try:
                 messages = p.unbatch(frames)
             except p.ProtocolError as e:
-                self.totals["rejected_frames"] += 1
-                self.drops.warn(f"dropped a malformed BATCH: {e}")
+                self._dropped(f"dropped a malformed BATCH: {e}")
                 continue
             for message in messages:
                 handle(peer, message)
+
+    def _dropped(self, reason: str) -> None:
+        """Count a message that did not parse, and log it (rate-limited)."""
+        self.totals["rejected_frames"] += 1
+        self.drops.warn(reason)
 
     def _send(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> bool:
         """Send without blocking; False if the peer is gone or its queue is full."""
@@ -172,8 +176,7 @@ class Broker:
 
     def _reject_client_frames(self, peer: bytes, frames: list[bytes], error: p.ProtocolError) -> None:
         """Answer a malformed request with ERROR if it names a request id; else drop it."""
-        self.totals["rejected_frames"] += 1
-        self.drops.warn(f"dropped a malformed message from a client: {error}")
+        self._dropped(f"dropped a malformed message from a client: {error}")
         if len(frames) >= 3 and frames[0] == p.VERSION and 0 < len(frames[2]) <= p.MAX_CLIENT_RID:
             self._send(self.frontend, peer,
                        p.encode_error(p.Error(frames[2], p.E_BAD_REQUEST, str(error))))
@@ -324,8 +327,7 @@ class Broker:
         try:
             msg = p.decode_from_worker(frames)
         except p.ProtocolError as e:
-            self.totals["rejected_frames"] += 1
-            self.drops.warn(f"dropped a malformed message from a worker: {e}")
+            self._dropped(f"dropped a malformed message from a worker: {e}")
             return
         worker = self.registry.by_peer.get(peer)
         kind = type(msg)

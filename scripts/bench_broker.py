@@ -538,6 +538,7 @@ def direct_server_main(endpoint: str) -> None:
 async def _direct_server(endpoint: str) -> None:
     from broker.channel import SOCKET_HWM, Channel
     from broker.server import request_token
+    from broker.zmqio import send_to
     from worker.greeting import make_handler
     from worker.runtime import Worker
 
@@ -566,17 +567,22 @@ async def _direct_server(endpoint: str) -> None:
                 return  # READY, HEARTBEAT, DRAIN...: nobody to tell
             token = frames[2]
             peer, rid = token[1:1 + token[0]], token[1 + token[0]:]
+            # Straight to the ROUTER: the channel's batching would put the peer frame
+            # inside the batch.
             if frames[1] in (p.CHUNK, p.END):
-                self.channel.send([peer, p.VERSION, frames[1], rid, b"direct", *frames[3:]])
+                send_to(sock, peer, [p.VERSION, frames[1], rid, b"direct", *frames[3:]])
             else:
-                self.channel.send([peer, p.VERSION, frames[1], rid, *frames[3:]])
+                send_to(sock, peer, [p.VERSION, frames[1], rid, *frames[3:]])
 
         def on_frames(self, frames: list[bytes]) -> None:
             peer = frames[0]
             try:
-                msg = p.decode_from_client(frames[1:])
+                for message in p.unbatch(frames[1:]):
+                    self.on_message(peer, p.decode_from_client(message))
             except p.ProtocolError:
                 return
+
+        def on_message(self, peer: bytes, msg: p.Message) -> None:
             if type(msg) is p.Request:
                 worker._start(p.Request(request_token(peer, msg.rid), msg.service, msg.body))
             elif type(msg) is p.Cancel:
@@ -584,7 +590,7 @@ async def _direct_server(endpoint: str) -> None:
                 if task is not None:
                     task.cancel()
             elif type(msg) is p.Heartbeat:
-                self.channel.send([peer, *p.encode_heartbeat(p.Heartbeat(boot_id))])
+                send_to(sock, peer, p.encode_heartbeat(p.Heartbeat(boot_id)))
 
     worker._channel = Adapter()
     await asyncio.Event().wait()  # until SIGTERM
