@@ -568,11 +568,13 @@ async def _direct_server(endpoint: str) -> None:
             token = frames[2]
             peer, rid = token[1:1 + token[0]], token[1 + token[0]:]
             # Straight to the ROUTER: the channel's batching would put the peer frame
-            # inside the batch.
+            # inside the batch. A send can consume the signal of an arriving message,
+            # so the channel looks at the socket again afterwards.
             if frames[1] in (p.CHUNK, p.END):
                 send_to(sock, peer, [p.VERSION, frames[1], rid, b"direct", *frames[3:]])
             else:
                 send_to(sock, peer, [p.VERSION, frames[1], rid, *frames[3:]])
+            self.channel._schedule_check()
 
         def on_frames(self, frames: list[bytes]) -> None:
             peer = frames[0]
@@ -591,6 +593,7 @@ async def _direct_server(endpoint: str) -> None:
                     task.cancel()
             elif type(msg) is p.Heartbeat:
                 send_to(sock, peer, p.encode_heartbeat(p.Heartbeat(boot_id)))
+                self.channel._schedule_check()
 
     worker._channel = Adapter()
     await asyncio.Event().wait()  # until SIGTERM
