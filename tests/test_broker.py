@@ -578,3 +578,20 @@ def test_worker_with_a_bad_handler_spec_exits_with_one_line(spec, problem):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"zroute worker: error: --handler {spec!r} ")
     assert problem in lines[0]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("args", [
+    ["broker", "--frontend", "garbage"],
+    ["worker", "--broker", "nope://x"],
+    ["gateway", "--broker", "bad"],
+    ["stats", "--broker", "bad"],
+], ids=["broker", "worker", "gateway", "stats"])
+def test_a_bad_endpoint_is_a_one_line_error(args):
+    if args[0] == "gateway":
+        args = [*args, "--port", str(free_port())]
+    result = run_zroute(*args)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"zroute {args[0]}: error: ")
+    assert "addr=" in lines[0]

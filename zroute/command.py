@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Mapping, Sequence
 
+import zmq
+
 from zroute.config import Config, ConfigError, load_config, split_overrides
 from zroute.logs import LOG_FORMATS, setup_logging
 
@@ -49,5 +51,8 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     except ConfigError as e:
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 2
+    except zmq.ZMQError as e:  # an endpoint that cannot be bound or connected
+        print(f"{args.prog}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
