@@ -26,6 +26,7 @@ log = logging.getLogger("zroute.gateway")
 
 SERVICE = "generate"
 RETRY_AFTER_S = "1"
+CLIENT_CLOSED = 499  # the status logged for a client gone before its first line
 
 # Broker error codes, as HTTP statuses.
 STATUS_OF_ERROR = {
@@ -109,8 +110,11 @@ class Gateway:
             body = await self._read_body(request)
             policy, worker = self._routing(request)
         except HttpError as e:
+            # Only known policies become metric labels: a label per bad value would grow
+            # the metrics without bound.
             policy = request.query.get("routing") or self.settings.routing_mode
-            self._done("-", policy, "", e.status, started, None, 0, e.message)
+            self._done("-", policy if policy in ROUTING_MODES else "invalid", "", e.status,
+                       started, None, 0, e.message)
             return error_response(e)
         stream = self.client.request(SERVICE, body, policy=policy, worker=worker)
         self.metrics.inflight.inc()
@@ -159,6 +163,12 @@ class Gateway:
             status = STATUS_OF_ERROR.get(e.code, 502)
             self._done(stream.rid.decode(), policy, "", status, started, None, 0, e.code)
             return error_response(HttpError(status, e.message, e.code))
+        except asyncio.CancelledError:
+            # Gone before the first line: 499, as nginx logs it ("client closed request").
+            self.metrics.disconnects.inc()
+            self._done(stream.rid.decode(), policy, "", CLIENT_CLOSED, started, None, 0,
+                       "client disconnected")
+            raise
         first_chunk = time.monotonic()
         response = web.StreamResponse(headers={
             "Content-Type": "text/plain; charset=utf-8",
