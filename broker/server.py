@@ -268,7 +268,10 @@ class Broker:
             return
         self.queue_wait_total += time.monotonic() - req.queued_at
         req.queued_at = None
-        self.queues[req.service].remove(req)
+        queue = self.queues[req.service]
+        queue.remove(req)
+        if not queue:
+            del self.queues[req.service]  # services named by clients must not pile up
 
     def _pump(self, service: str) -> None:
         """Dispatch queued requests of a service while its workers have room."""
@@ -455,7 +458,7 @@ class Broker:
 
     def _expire_queued(self, now: float) -> None:
         limit = self.settings.queue_timeout
-        for queue in self.queues.values():
+        for queue in list(self.queues.values()):
             while queue and now - queue[0].queued_at >= limit:
                 self._fail_unavailable(queue[0], f"waited {limit:g} s")
 
