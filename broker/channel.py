@@ -51,6 +51,7 @@ class Channel:
         self.outgoing: list[list[bytes]] = []
         self.backlog: deque[list[bytes]] = deque()
         self._flush_scheduled = False
+        self._retry_scheduled = False
         self._check_scheduled = False
         self._closed = False
         self.loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
@@ -74,11 +75,14 @@ class Channel:
         self._flush_backlog()
 
     def _flush_backlog(self) -> None:
+        self._retry_scheduled = False
         while self.backlog and not self._closed:
             try:
                 send_frames(self.sock, self.backlog[0])
             except zmq.Again:
-                self.loop.call_later(BACKLOG_RETRY_S, self._flush_backlog)
+                if not self._retry_scheduled:
+                    self._retry_scheduled = True
+                    self.loop.call_later(BACKLOG_RETRY_S, self._flush_backlog)
                 break
             self.backlog.popleft()
         self._schedule_check()

@@ -255,7 +255,7 @@ def unbatch(frames: list[bytes]) -> list[list[bytes]]:
     i = 2
     while i < len(frames):
         count = frames[i]
-        if not count.isdigit() or len(count) > 2 or not 2 <= int(count) <= len(frames) - i - 1:
+        if not count.isdigit() or len(count) > 6 or not 2 <= int(count) <= len(frames) - i - 1:
             raise ProtocolError(f"BATCH frame count {count[:8]!r} is invalid")
         message = frames[i + 1:i + 1 + int(count)]
         if message[1] == BATCH:

@@ -52,17 +52,19 @@ class WorkerInfo:
             "completed": self.completed,
             "failed": self.failed,
             "last_seen_s": round(now - self.last_seen, 3),
-            "latency_p50_s": percentile(self.latencies, 0.50),
-            "latency_p99_s": percentile(self.latencies, 0.99),
+            **latency_percentiles(self.latencies),
         }
 
 
-def percentile(samples: Iterable[float], fraction: float) -> float | None:
+def latency_percentiles(samples: Iterable[float]) -> dict[str, float | None]:
     ordered = sorted(samples)
-    if not ordered:
-        return None
-    index = min(len(ordered) - 1, int(fraction * len(ordered)))
-    return round(ordered[index], 6)
+
+    def at(fraction: float) -> float | None:
+        if not ordered:
+            return None
+        return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 6)
+
+    return {"latency_p50_s": at(0.50), "latency_p99_s": at(0.99)}
 
 
 class Registry:

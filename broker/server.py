@@ -255,13 +255,12 @@ class Broker:
 
     def _enqueue(self, req: Request) -> None:
         """Wait for a worker with room, or for a first worker (while workers start)."""
-        queue = self.queues.setdefault(req.service, deque())
-        if len(queue) >= self.settings.max_queue:
+        if len(self.queues.get(req.service, ())) >= self.settings.max_queue:
             self._fail_unavailable(req, "the queue is full")
             return
         self.totals["queued"] += 1
         req.queued_at = time.monotonic()
-        queue.append(req)
+        self.queues.setdefault(req.service, deque()).append(req)
 
     def _dequeue(self, req: Request) -> None:
         if req.queued_at is None:
@@ -276,7 +275,7 @@ class Broker:
     def _pump(self, service: str) -> None:
         """Dispatch queued requests of a service while its workers have room."""
         queue = self.queues.get(service)
-        while queue and self.registry.available(service):
+        while queue and not self._stopping and self.registry.available(service):
             waiting = len(queue)
             for req in list(queue):
                 worker = self._queued_pick(req)
@@ -307,6 +306,8 @@ class Broker:
         bucket = self.deadlines.get(req.deadline_tick)
         if bucket is not None:
             bucket.discard(req.token)
+            if not bucket:
+                del self.deadlines[req.deadline_tick]
         self._dequeue(req)
         self.totals["completed" if ok else "failed"] += 1
         worker = req.worker
@@ -463,7 +464,12 @@ class Broker:
                 self._fail_unavailable(queue[0], f"waited {limit:g} s")
 
     def _fail_unavailable(self, req: Request, detail: str) -> None:
-        if req.policy != DIRECT and not self.registry.serving(req.service):
+        if req.policy == DIRECT:
+            target = self.registry.by_id.get(req.target)
+            if target is None or target.state != READY:
+                self._fail(req, p.E_NO_SUCH_WORKER, f"worker {req.target!r} is gone")
+                return
+        elif not self.registry.serving(req.service):
             self._fail(req, p.E_NO_WORKERS, f"no worker serves {req.service!r} ({detail})")
         else:
             self._fail(req, p.E_QUEUE_FULL, f"every worker of {req.service!r} is busy ({detail})")

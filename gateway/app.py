@@ -189,9 +189,13 @@ class Gateway:
                 await response.write(b"".join(batch))
         except BrokerError as e:
             self.metrics.incomplete.inc()
-            await response.write(f"\nerror: {e.code}: {e.message}\n".encode())
+            try:
+                await response.write(f"\nerror: {e.code}: {e.message}\n".encode())
+            except ConnectionResetError:
+                pass  # the client is gone too; there is nobody left to tell
             # Close without the terminating chunk: the transfer reads as incomplete.
-            request.transport.close()
+            if request.transport is not None:
+                request.transport.close()
             self._done(stream.rid.decode(), policy, stream.worker_id, 200, started, first_chunk,
                        chunks, e.code)
             return response

@@ -17,3 +17,8 @@ async def ticks(request):
     for i in range(100):
         await asyncio.sleep(0.1)
         yield f"tick {i}\n"
+
+
+async def yields_a_number(request):
+    """A broken handler: chunks must be str or bytes."""
+    yield 42

@@ -268,3 +268,29 @@ def test_a_vanished_client_has_its_requests_cancelled(stack):
     context.term()
     wait_until(lambda: "cancelled" in worker.output(), 5, "the worker to see the CANCEL")
     wait_until(lambda: all_idle(stack.stats()), 5, "in-flight to return to 0")
+
+
+@pytest.mark.timeout(30)
+def test_a_handler_yielding_neither_str_nor_bytes_fails_its_request_only(stack):
+    stack.broker()
+    stack.worker("w1", "--handler", "tests.fault_handlers:yields_a_number")
+    stack.wait_workers("w1")
+    with BlockingClient(stack.frontend, timeout=10) as client:
+        for _ in range(2):  # and the worker goes on serving
+            with pytest.raises(BrokerError) as failed:
+                list(client.request("generate", {}))
+            assert failed.value.code == "handler_error"
+            assert "yielded int" in failed.value.message
+    assert worker_state(stack, "w1") == "ready"
+
+
+@pytest.mark.timeout(30)
+def test_a_second_worker_with_a_live_workers_id_exits_with_one_line(stack):
+    stack.broker()
+    stack.worker("w1")
+    stack.wait_workers("w1")
+    twin = stack.worker("w1")
+    assert twin.popen.wait(10) == 2
+    errors = [line for line in twin.output().splitlines() if "error: --id" in line]
+    assert errors == ["zroute worker: error: --id: worker id 'w1' is in use by a live worker"]
+    assert stack.ready_workers() == ["w1"]

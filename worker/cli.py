@@ -72,6 +72,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         drain_timeout=config.backend.drain_timeout,
     )
     asyncio.run(_serve(worker))
+    if worker.refused:
+        raise ConfigError(f"--id: {worker.refused}")
     return 0
 
 

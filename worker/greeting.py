@@ -15,7 +15,8 @@ from worker.runtime import BadRequest, Handler
 
 def words(text: str) -> list[str]:
     """The words of a comma-separated text, stripped, empty ones skipped."""
-    return [word.strip() for word in text.split(",") if word.strip()]
+    stripped = (word.strip() for word in text.split(","))
+    return [word for word in stripped if word]
 
 
 def make_handler(config: Any) -> Handler:

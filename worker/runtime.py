@@ -94,6 +94,7 @@ class Worker:
         self._last_heard = 0.0
         self._backoff = RECONNECT_MIN_S
         self._stopping: asyncio.Event | None = None
+        self.refused: str | None = None  # why the broker refused this worker, if it did
 
     # --- life cycle -----------------------------------------------------------
 
@@ -138,10 +139,15 @@ class Worker:
         self._backoff = min(RECONNECT_MAX_S, self._backoff * 2)
 
     async def _drain(self) -> None:
+        """Finish the requests in hand (and any the broker sent before it saw DRAIN),
+        heartbeating meanwhile, for at most drain_timeout seconds."""
         log.info("worker %s draining %d request(s)", self.worker_id, len(self.tasks))
         self._send(p.encode_drain())
-        if self.tasks:
-            await asyncio.wait(list(self.tasks.values()), timeout=self.drain_timeout)
+        deadline = time.monotonic() + self.drain_timeout
+        while self.tasks and time.monotonic() < deadline:
+            wait = min(self.heartbeat_interval, deadline - time.monotonic())
+            await asyncio.wait(list(self.tasks.values()), timeout=wait)
+            self._send(p.encode_heartbeat())
         for rid, task in list(self.tasks.items()):
             task.cancel()
             self._outbox.end(rid, p.Error(rid, p.E_WORKER_LOST, "worker stopped before finishing"))
@@ -177,11 +183,15 @@ class Worker:
         elif kind is p.Heartbeat:
             self._backoff = RECONNECT_MIN_S
         elif kind is p.Disconnect:
-            # The broker does not know us (it restarted): register again.
+            # The broker does not know us (it restarted): register again, unless leaving.
             self._abandon_requests()
-            self._register()
+            if not self._stopping.is_set():
+                self._register()
         elif kind is p.Error:
-            log.error("worker %s: broker refused it: %s", self.worker_id, msg.message)
+            log.error("worker %s: the broker refused it: %s", self.worker_id, msg.message)
+            if msg.code == p.E_ID_IN_USE:
+                self.refused = msg.message
+                self.stop()
 
     def _start(self, msg: p.Request) -> None:
         if msg.rid in self.tasks:
@@ -204,7 +214,12 @@ class Worker:
             except orjson.JSONDecodeError as e:
                 raise BadRequest(f"body is not JSON: {e}") from None
             async for item in handler(request):
-                self._outbox.chunk(rid, item.encode() if isinstance(item, str) else item)
+                if isinstance(item, str):
+                    item = item.encode()
+                elif not isinstance(item, bytes):
+                    raise TypeError(f"the handler yielded {type(item).__name__}, "
+                                    "not str or bytes")
+                self._outbox.chunk(rid, item)
                 chunks += 1
             self._outbox.end(rid)
         except asyncio.CancelledError:

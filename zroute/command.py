@@ -51,7 +51,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     except ConfigError as e:
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 2
-    except zmq.ZMQError as e:  # an endpoint that cannot be bound or connected
+    except (zmq.ZMQError, OSError) as e:  # an address that cannot be bound or connected
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
