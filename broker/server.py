@@ -273,25 +273,23 @@ class Broker:
             del self.queues[req.service]  # services named by clients must not pile up
 
     def _pump(self, service: str) -> None:
-        """Dispatch queued requests of a service while its workers have room."""
-        queue = self.queues.get(service)
-        while queue and not self._stopping and self.registry.available(service):
-            waiting = len(queue)
-            for req in list(queue):
-                worker = self._queued_pick(req)
-                if worker is not None:
-                    self._dequeue(req)
-                    self._assign(req, worker)
-                    break
-            if len(queue) == waiting:
-                return  # only direct requests for busy workers are left
+        """Dispatch queued requests of a service, oldest first, while workers have room.
 
-    def _queued_pick(self, req: Request) -> WorkerInfo | None:
-        if req.policy == DIRECT:
-            worker = self.registry.by_id.get(req.target)
-            return worker if worker is not None and worker.has_room else None
-        candidates = self.registry.available(req.service)
-        return self.policies[req.policy].choose(req.service, candidates) if candidates else None
+        A direct request waits for its own worker; the requests behind it go ahead.
+        """
+        queue = self.queues.get(service)
+        while queue and not self._stopping:
+            candidates = self.registry.available(service)
+            if not candidates:
+                return
+            req = next((r for r in queue if r.policy != DIRECT or
+                        any(w.worker_id == r.target for w in candidates)), None)
+            if req is None:
+                return  # only direct requests for busy workers are left
+            worker = (self.registry.by_id[req.target] if req.policy == DIRECT
+                      else self.policies[req.policy].choose(service, candidates))
+            self._dequeue(req)
+            self._assign(req, worker)
 
     # --- request endings ---------------------------------------------------
 

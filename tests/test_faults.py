@@ -294,3 +294,28 @@ def test_a_second_worker_with_a_live_workers_id_exits_with_one_line(stack):
     errors = [line for line in twin.output().splitlines() if "error: --id" in line]
     assert errors == ["zroute worker: error: --id: worker id 'w1' is in use by a live worker"]
     assert stack.ready_workers() == ["w1"]
+
+
+@pytest.mark.timeout(30)
+def test_a_queued_direct_request_waits_for_its_worker_without_blocking_others(stack):
+    stack.broker()
+    stack.worker("w1", "--capacity", "1", sleep_time=0.5)
+    stack.worker("w2", "--capacity", "1", sleep_time=0.05)
+    stack.wait_workers("w1", "w2")
+
+    async def scenario():
+        async with Client(stack.frontend) as client:
+            busy = client.direct("generate", {"text": "a,b"}, "w1")
+            await busy.first()  # w1 is full now
+            waiting = client.direct("generate", {"text": "later"}, "w1")
+            other = client.round_robin("generate", {"text": "now"})
+            assert await other.read() == b"Hello now!\n"
+            assert other.worker_id == "w2"
+            assert not busy.done  # the request behind the direct one did not wait for w1
+            assert not waiting.done
+            assert await waiting.read() == b"Hello later!\n"
+            assert waiting.worker_id == "w1"
+            await busy.read()
+
+    asyncio.run(scenario())
+    assert stack.stats()["broker"]["queued"] == 1
