@@ -361,6 +361,7 @@ class BlockingClient:
         self.timeout = timeout
         self.sock = dealer(context or zmq.Context.instance(), address)
         self._ids = itertools.count(1)
+        self._inbox: deque[list[bytes]] = deque()  # messages received, not yet read
 
     def __enter__(self) -> BlockingClient:
         return self
@@ -402,13 +403,18 @@ class BlockingClient:
         """The next message for `rid`; others (late replies, heartbeats) are skipped."""
         deadline = time.monotonic() + timeout
         while True:
+            while self._inbox:  # the rest of a BATCH
+                try:
+                    msg = p.decode_to_client(self._inbox.popleft())
+                except p.ProtocolError:
+                    continue
+                if getattr(msg, "rid", None) == rid:
+                    return msg
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self.sock.poll(remaining * 1000):
                 raise BrokerError(p.E_BROKER_UNREACHABLE,
                                   f"no answer from the broker at {self.address} within {timeout:g} s")
             try:
-                msg = p.decode_to_client(self.sock.recv_multipart())
+                self._inbox.extend(p.unbatch(self.sock.recv_multipart()))
             except p.ProtocolError:
                 continue
-            if getattr(msg, "rid", None) == rid:
-                return msg

@@ -86,6 +86,9 @@ class Broker:
         self._next_heartbeat = 0.0
         self.frontend = self._router(settings.frontend)
         self.backend = self._router(settings.backend)
+        # What this pass of the loop will send: socket -> peer -> messages, in order.
+        self.outgoing: dict[zmq.Socket, dict[bytes, list[list[bytes]]]] = {
+            self.frontend: {}, self.backend: {}}
 
     # --- sockets and loop ------------------------------------------------
 
@@ -113,6 +116,7 @@ class Broker:
                 else:
                     self._drain(sock, self._on_worker)
             self._on_timers(time.monotonic())
+            self._flush()
         self._shutdown()
 
     def stop(self) -> None:
@@ -131,6 +135,46 @@ class Broker:
                 continue
             for message in messages:
                 handle(peer, message)
+
+    def _post(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> None:
+        """Queue a message; _flush sends it at the end of this pass of the loop."""
+        queue = self.outgoing[sock].get(peer)
+        if queue is None:
+            self.outgoing[sock][peer] = [frames]
+        else:
+            queue.append(frames)
+
+    def _flush(self) -> None:
+        """Send what this pass produced: per peer, one message or BATCHes of them, so
+        that committing a message and waking libzmq's I/O thread is paid per batch."""
+        while any(self.outgoing.values()):
+            pending = [(sock, dict(by_peer)) for sock, by_peer in self.outgoing.items()]
+            for by_peer in self.outgoing.values():
+                by_peer.clear()
+            for sock, by_peer in pending:
+                for peer, messages in by_peer.items():
+                    self._send_all(sock, peer, messages)
+
+    def _send_all(self, sock: zmq.Socket, peer: bytes, messages: list[list[bytes]]) -> None:
+        for start in range(0, len(messages), p.MAX_BATCH):
+            group = messages[start:start + p.MAX_BATCH]
+            if not self._send(sock, peer, group[0] if len(group) == 1 else p.encode_batch(group)):
+                self._undeliverable(sock, peer, messages[start:])
+                return
+
+    def _undeliverable(self, sock: zmq.Socket, peer: bytes, messages: list[list[bytes]]) -> None:
+        """A peer is gone or its queue is full: evict the worker, or cancel what the
+        client was being sent."""
+        if sock is self.backend:
+            worker = self.registry.by_peer.get(peer)
+            if worker is not None:
+                self._evict(worker, "cannot be reached")
+            return
+        self.drops.warn("a client is gone or not reading; cancelling its requests")
+        for frames in messages:
+            req = self.requests.get(request_token(peer, frames[2])) if len(frames) > 2 else None
+            if req is not None:
+                self._finish(req, ok=False, cancel_worker=True)
 
     def _dropped(self, reason: str) -> None:
         """Count a message that did not parse, and log it (rate-limited)."""
@@ -152,6 +196,7 @@ class Broker:
     def _shutdown(self) -> None:
         for req in list(self.requests.values()):
             self._fail(req, p.E_WORKER_LOST, "broker is shutting down")
+        self._flush()
         self.frontend.close()
         self.backend.close()
         log.info("broker stopped")
@@ -170,15 +215,15 @@ class Broker:
         elif kind is p.Cancel:
             self._cancel(request_token(peer, msg.rid))
         elif kind is p.StatsRequest:
-            self._send(self.frontend, peer, p.encode_stats_reply(p.StatsReply(msg.rid, self.stats())))
+            self._post(self.frontend, peer, p.encode_stats_reply(p.StatsReply(msg.rid, self.stats())))
         else:
-            self._send(self.frontend, peer, p.encode_heartbeat(p.Heartbeat(self.boot_id)))
+            self._post(self.frontend, peer, p.encode_heartbeat(p.Heartbeat(self.boot_id)))
 
     def _reject_client_frames(self, peer: bytes, frames: list[bytes], error: p.ProtocolError) -> None:
         """Answer a malformed request with ERROR if it names a request id; else drop it."""
         self._dropped(f"dropped a malformed message from a client: {error}")
         if len(frames) >= 3 and frames[0] == p.VERSION and 0 < len(frames[2]) <= p.MAX_CLIENT_RID:
-            self._send(self.frontend, peer,
+            self._post(self.frontend, peer,
                        p.encode_error(p.Error(frames[2], p.E_BAD_REQUEST, str(error))))
 
     def _accept(self, client: bytes, m: p.Request) -> None:
@@ -210,7 +255,7 @@ class Broker:
 
     def _reply_error(self, client: bytes, rid: bytes, code: str, message: str) -> None:
         self.totals["errors"] += 1
-        self._send(self.frontend, client, p.encode_error(p.Error(rid, code, message)))
+        self._post(self.frontend, client, p.encode_error(p.Error(rid, code, message)))
 
     def _cancel(self, token: bytes) -> None:
         req = self.requests.get(token)
@@ -249,9 +294,8 @@ class Broker:
         req.worker = worker
         worker.inflight += 1
         worker.requests[req.token] = req
-        frames = p.encode_request_to_worker(p.Request(req.token, req.service, req.body))
-        if not self._send(self.backend, worker.peer, frames):
-            self._evict(worker, "cannot be reached")
+        self._post(self.backend, worker.peer,
+                   p.encode_request_to_worker(p.Request(req.token, req.service, req.body)))
 
     def _enqueue(self, req: Request) -> None:
         """Wait for a worker with room, or for a first worker (while workers start)."""
@@ -319,7 +363,7 @@ class Broker:
         else:
             worker.failed += 1
         if cancel_worker and worker.state != EVICTED:
-            self._send(self.backend, worker.peer, p.encode_cancel(p.Cancel(req.token)))
+            self._post(self.backend, worker.peer, p.encode_cancel(p.Cancel(req.token)))
         for service in worker.services:
             self._pump(service)
 
@@ -359,7 +403,7 @@ class Broker:
         if len(self.asked_to_register) > 10_000:
             self.asked_to_register.clear()
         self.asked_to_register[peer] = now
-        self._send(self.backend, peer, p.encode_disconnect())
+        self._post(self.backend, peer, p.encode_disconnect())
 
     def _relay(self, worker: WorkerInfo, msg: p.Chunk | p.End) -> None:
         req = worker.requests.get(msg.rid)
@@ -370,10 +414,8 @@ class Broker:
         self.totals["chunks"] += len(msg.chunks)
         msg.rid = req.rid
         msg.worker_id = worker.worker_id
-        if not self._send(self.frontend, req.client, p.encode_reply_to_client(msg)):
-            self.drops.warn("a client is gone or not reading; cancelling its request")
-            self._finish(req, ok=False, cancel_worker=True)
-        elif type(msg) is p.End:
+        self._post(self.frontend, req.client, p.encode_reply_to_client(msg))
+        if type(msg) is p.End:
             self._finish(req, ok=True)
 
     def _relay_error(self, worker: WorkerInfo, msg: p.Error) -> None:
@@ -390,7 +432,7 @@ class Broker:
             # Probe the holder: a peer whose connection is gone cannot be reached.
             if self._send(self.backend, holder.peer, p.encode_heartbeat(p.Heartbeat(self.boot_id))):
                 self.drops.warn(f"refused READY: worker id {msg.worker_id!r} belongs to a live peer")
-                self._send(self.backend, peer, p.encode_error(p.Error(
+                self._post(self.backend, peer, p.encode_error(p.Error(
                     b"", p.E_ID_IN_USE, f"worker id {msg.worker_id!r} is in use by a live worker")))
                 return
             self._evict(holder, "replaced by a new registration")
@@ -452,8 +494,8 @@ class Broker:
         for worker in list(self.registry.by_id.values()):
             if now - worker.last_seen > limit:
                 self._evict(worker, f"no heartbeat for {now - worker.last_seen:.1f} s")
-            elif not self._send(self.backend, worker.peer, beat):
-                self._evict(worker, "cannot be reached")
+            else:
+                self._post(self.backend, worker.peer, beat)
 
     def _expire_queued(self, now: float) -> None:
         limit = self.settings.queue_timeout

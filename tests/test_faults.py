@@ -205,7 +205,7 @@ def test_ready_with_an_id_of_a_live_worker_is_refused(stack):
     try:
         impostor.send_multipart(p.encode_ready(p.Ready("w1", ["generate"], 0)))
         assert impostor.poll(5000)
-        reply = p.decode_to_worker(impostor.recv_multipart())
+        [reply] = [p.decode_to_worker(m) for m in p.unbatch(impostor.recv_multipart())]
         assert isinstance(reply, p.Error) and reply.code == "worker_id_in_use"
         with BlockingClient(stack.frontend, timeout=10) as client:
             assert b"".join(client.request("generate", {"text": "still"})) == b"Hello still!\n"
@@ -263,7 +263,8 @@ def test_a_vanished_client_has_its_requests_cancelled(stack):
     client.connect(stack.frontend)
     client.send_multipart(p.encode_request_to_broker(p.Request(b"r1", "generate", b"{}")))
     assert client.poll(5000)
-    assert isinstance(p.decode_to_client(client.recv_multipart()), p.Chunk)
+    first = p.unbatch(client.recv_multipart())[0]
+    assert isinstance(p.decode_to_client(first), p.Chunk)
     client.close()
     context.term()
     wait_until(lambda: "cancelled" in worker.output(), 5, "the worker to see the CANCEL")

@@ -69,12 +69,13 @@ def test_random_frames_never_crash_the_broker(live, sequence):
 
 def _answered(sock: zmq.Socket, rid: bytes) -> bool:
     while sock.poll(50):
-        try:
-            reply = p.decode_to_client(sock.recv_multipart())
-        except p.ProtocolError:
-            continue
-        if isinstance(reply, p.StatsReply) and reply.rid == rid:
-            return True
+        for message in p.unbatch(sock.recv_multipart()):
+            try:
+                reply = p.decode_to_client(message)
+            except p.ProtocolError:
+                continue
+            if isinstance(reply, p.StatsReply) and reply.rid == rid:
+                return True
     return False
 
 
