@@ -21,6 +21,7 @@ from broker import protocol as p
 from broker.client import BrokerError, Client, Stream
 from broker.policies import DIRECT, ROUTING_MODES
 from gateway.metrics import GatewayMetrics
+from zroute.config import ConfigError
 
 log = logging.getLogger("zroute.gateway")
 
@@ -74,9 +75,11 @@ def error_response(error: HttpError) -> web.Response:
 
 
 def check_routing_mode(mode: str) -> None:
+    """A gateway's default mode is a policy: `direct` needs a worker per request."""
     if mode not in ROUTING_MODES or mode == DIRECT:
         valid = ", ".join(m for m in ROUTING_MODES if m != DIRECT)
-        raise ValueError(f"unknown routing mode {mode!r} (valid: {valid})")
+        raise ConfigError(f"Frontend.routing_mode: unknown routing mode {mode!r} "
+                          f"(valid: {valid})")
 
 
 class Gateway:

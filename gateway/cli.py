@@ -11,9 +11,8 @@ from typing import Sequence
 
 from aiohttp import web
 
-from gateway.app import Gateway, GatewaySettings, check_routing_mode
+from gateway.app import Gateway, GatewaySettings
 from zroute.command import add_common_options, load, run_command
-from zroute.config import ConfigError
 
 log = logging.getLogger("zroute.gateway")
 
@@ -32,10 +31,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     config = load(args, overrides, {"Broker.frontend": args.broker, "Frontend.host": args.host,
                                     "Frontend.port": args.port})
     frontend = config.frontend
-    try:
-        check_routing_mode(frontend.routing_mode)
-    except ValueError as e:
-        raise ConfigError(f"Frontend.routing_mode: {e}") from None
     gateway = Gateway(GatewaySettings(config.broker.frontend, frontend.routing_mode,
                                       frontend.max_body, frontend.request_timeout))
     asyncio.run(serve(gateway, frontend.host, frontend.port))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from gateway.app import check_routing_mode
 from zroute.command import add_common_options, load
-from zroute.config import Config, ConfigError
+from zroute.config import Config
 
 READY_TIMEOUT_S = 30.0
 RESTART_MIN_S = 0.5
@@ -145,13 +145,10 @@ def health(url: str) -> dict | None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    config = load(args, overrides, {"Frontend.port": args.port})
-    try:
-        check_routing_mode(config.frontend.routing_mode)
-    except ValueError as e:
-        raise ConfigError(f"Frontend.routing_mode: {e}") from None
-    if args.port is not None:
+    if args.port is not None:  # the children get it as an override, like the rest
         overrides = [*overrides, f"Frontend.port={args.port}"]
+    config = load(args, overrides)
+    check_routing_mode(config.frontend.routing_mode)
     supervisor = build_supervisor(config, args, overrides)
     stop_requested = []
     for signum in (signal.SIGINT, signal.SIGTERM):
