@@ -12,6 +12,7 @@ from typing import Sequence
 from aiohttp import web
 
 from gateway.app import Gateway, GatewaySettings
+from zroute import aio
 from zroute.command import add_common_options, load, run_command
 
 log = logging.getLogger("zroute.gateway")
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     frontend = config.frontend
     gateway = Gateway(GatewaySettings(config.broker.frontend, frontend.routing_mode,
                                       frontend.max_body, frontend.request_timeout))
-    asyncio.run(serve(gateway, frontend.host, frontend.port))
+    aio.run(serve(gateway, frontend.host, frontend.port))
     return 0
 
 

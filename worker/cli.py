@@ -12,6 +12,7 @@ import socket
 from typing import Any, Sequence
 
 from worker.runtime import Handler, Worker
+from zroute import aio
 from zroute.command import add_common_options, load, run_command
 from zroute.config import Config, ConfigError
 
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         heartbeat_misses=config.broker.heartbeat_misses,
         drain_timeout=config.backend.drain_timeout,
     )
-    asyncio.run(_serve(worker))
+    aio.run(_serve(worker))
     if worker.refused:
         raise ConfigError(f"--id: {worker.refused}")
     return 0
