@@ -74,6 +74,13 @@ def error_response(error: HttpError) -> web.Response:
     return json_response(body, error.status)
 
 
+class ReplyResponse(web.StreamResponse):
+    """A chunked response whose headers leave with its first chunk, in one write,
+    as web.Response's do, rather than in a write of their own at prepare()."""
+
+    _send_headers_immediately = False
+
+
 def check_routing_mode(mode: str) -> None:
     """A gateway's default mode is a policy: `direct` needs a worker per request."""
     if mode not in ROUTING_MODES or mode == DIRECT:
@@ -173,14 +180,14 @@ class Gateway:
                        "client disconnected")
             raise
         first_chunk = time.monotonic()
-        response = web.StreamResponse(headers={
+        response = ReplyResponse(headers={
             "Content-Type": "text/plain; charset=utf-8",
             "X-Worker-Id": stream.worker_id or "",
         })
         response.enable_chunked_encoding()
         chunks = 0
         try:
-            await response.prepare(request)  # the headers wait for the first write
+            await response.prepare(request)
             while True:
                 batch = await stream.batch()
                 chunks += len(batch)
