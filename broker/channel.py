@@ -14,7 +14,7 @@ from typing import Callable
 
 import zmq
 
-from broker.protocol import MAX_BATCH, ProtocolError, encode_batch, unbatch
+from broker.protocol import ProtocolError, packed, unbatch
 from broker.zmqio import readable, recv_frames, send_frames
 
 DRAIN_BATCH = 500  # messages handled before other tasks get a turn
@@ -69,9 +69,7 @@ class Channel:
         """Send what this turn of the loop produced."""
         self._flush_scheduled = False
         messages, self.outgoing = self.outgoing, []
-        for start in range(0, len(messages), MAX_BATCH):
-            group = messages[start:start + MAX_BATCH]
-            self.backlog.append(group[0] if len(group) == 1 else encode_batch(group))
+        self.backlog.extend(frames for _, frames in packed(messages))
         self._flush_backlog()
 
     def _flush_backlog(self) -> None:

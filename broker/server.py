@@ -156,11 +156,12 @@ class Broker:
                     self._send_all(sock, peer, messages)
 
     def _send_all(self, sock: zmq.Socket, peer: bytes, messages: list[list[bytes]]) -> None:
-        for start in range(0, len(messages), p.MAX_BATCH):
-            group = messages[start:start + p.MAX_BATCH]
-            if not self._send(sock, peer, group[0] if len(group) == 1 else p.encode_batch(group)):
-                self._undeliverable(sock, peer, messages[start:])
+        sent = 0
+        for count, frames in p.packed(messages):
+            if not self._send(sock, peer, frames):
+                self._undeliverable(sock, peer, messages[sent:])
                 return
+            sent += count
 
     def _undeliverable(self, sock: zmq.Socket, peer: bytes, messages: list[list[bytes]]) -> None:
         """A peer is gone or its queue is full: evict the worker, or cancel what the

@@ -216,13 +216,13 @@ def test_ready_with_an_id_of_a_live_worker_is_refused(stack):
 
 @pytest.mark.timeout(30)
 def test_oversized_frame_drops_the_peer_not_the_broker(stack):
-    stack.broker("--Broker.max_message_size=2048")
+    stack.broker("--Broker.max_message_size=65536")
     stack.worker("w1")
     stack.wait_workers("w1")
     with BlockingClient(stack.frontend, timeout=10) as big, BlockingClient(stack.frontend, timeout=10) as normal:
         list_error = None
         try:
-            list(big.request("generate", {"text": "x" * 10_000}, timeout=1))
+            list(big.request("generate", {"text": "x" * 100_000}, timeout=1))
         except BrokerError as e:
             list_error = e
         assert list_error is not None  # the broker dropped the connection: no reply came

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -451,15 +453,70 @@ def test_unbatch_passes_any_other_message_through():
     assert p.unbatch(message) == [message]
 
 
+def _packed_message(*frames: bytes) -> bytes:
+    return struct.pack(">H", len(frames)) + b"".join(struct.pack(">I", len(f)) + f
+                                                     for f in frames)
+
+
+HEARTBEAT = _packed_message(V, p.HEARTBEAT)
+
+
 @pytest.mark.parametrize("frames", [
-    [V, p.BATCH],                                   # carries nothing
-    [V, p.BATCH, b"5", V, p.HEARTBEAT],             # count past the end
-    [V, p.BATCH, b"1", V],                          # a message of one frame
-    [V, p.BATCH, b"x", V, p.HEARTBEAT],             # count not a number
-    [V, p.BATCH, b"-2", V, p.HEARTBEAT],
-    [V, p.BATCH, b"2", V, p.BATCH],                 # nested
-    [V, p.BATCH, *[b"2", V, p.HEARTBEAT] * (p.MAX_BATCH + 1)],  # too many
-], ids=["empty", "short", "one-frame", "not-a-number", "negative", "nested", "too-many"])
+    [V, p.BATCH],                                             # no payload
+    [V, p.BATCH, b""],                                        # carries nothing
+    [V, p.BATCH, HEARTBEAT, HEARTBEAT],                       # a frame too many
+    [V, p.BATCH, HEARTBEAT[:-1]],                             # a frame cut short
+    [V, p.BATCH, HEARTBEAT + b"\x00"],                        # a count cut short
+    [V, p.BATCH, HEARTBEAT[:4]],                              # a length cut short
+    [V, p.BATCH, _packed_message(V)],                         # a message of one frame
+    [V, p.BATCH, _packed_message(V, p.BATCH, b"")],           # nested
+    [V, p.BATCH, HEARTBEAT * (p.MAX_BATCH + 1)],              # too many
+], ids=["no-payload", "empty", "extra-frame", "cut-frame", "cut-count", "cut-length",
+        "one-frame", "nested", "too-many"])
 def test_malformed_batches_raise_protocol_error(frames):
     with pytest.raises(ProtocolError):
         p.unbatch(frames)
+
+
+def test_batch_wire_format_is_counted_frames_in_one_frame():
+    batch = p.encode_batch([p.encode_heartbeat(), p.encode_cancel(p.Cancel(b"r1"))])
+    assert batch == [V, p.BATCH, HEARTBEAT + _packed_message(V, p.CANCEL, b"r1")]
+
+
+def _carried(messages):
+    """Each ZeroMQ message packed() makes, as (count, the messages it carries)."""
+    return [(count, p.unbatch(frames)) for count, frames in p.packed(messages)]
+
+
+def test_packed_sends_a_lone_short_message_as_itself():
+    message = p.encode_cancel(p.Cancel(b"r1"))
+    assert list(p.packed([message])) == [(1, message)]
+
+
+def test_packed_packs_a_lone_long_message():
+    message = p.encode_request_to_broker(p.Request(b"r1", "generate", b"{}"))
+    assert len(message) > p.LONE_MESSAGE_FRAMES
+    assert list(p.packed([message])) == [(1, p.encode_batch([message]))]
+
+
+def test_packed_keeps_order_and_splits_at_max_batch():
+    messages = [p.encode_cancel(p.Cancel(b"r%d" % i)) for i in range(p.MAX_BATCH + 3)]
+    carried = _carried(messages)
+    assert [count for count, _ in carried] == [p.MAX_BATCH, 3]
+    assert [m for _, group in carried for m in group] == messages
+
+
+def test_packed_keeps_each_batch_within_max_batch_bytes():
+    body = b"x" * (p.MAX_BATCH_BYTES // 3)
+    messages = [p.encode_request_to_worker(p.Request(b"r%d" % i, "generate", body))
+                for i in range(7)]
+    carried = list(p.packed(messages))
+    assert all(len(frames[2]) <= p.MAX_BATCH_BYTES for _, frames in carried)
+    assert [count for count, _ in carried] == [2, 2, 2, 1]
+    assert [m for _, frames in carried for m in p.unbatch(frames)] == messages
+
+
+def test_packed_sends_a_message_too_large_to_pack_as_itself():
+    small = p.encode_cancel(p.Cancel(b"r1"))
+    large = p.encode_request_to_broker(p.Request(b"r2", "generate", b"x" * p.MAX_BATCH_BYTES))
+    assert list(p.packed([small, large, small])) == [(1, small), (1, large), (1, small)]

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import yaml
 
+from broker.protocol import MAX_BATCH_BYTES
+
 
 class ConfigError(Exception):
     """Bad config file, key or value; str() is one line naming the culprit."""
@@ -75,7 +77,8 @@ SCHEMA: dict[str, Any] = {
         "request_timeout": Setting(float, 60.0, gt=0),
         "max_queue": Setting(int, 1000, ge=0),
         "queue_timeout": Setting(float, 5.0, ge=0),
-        "max_message_size": Setting(int, 8388608, ge=1024),
+        # Peers pack messages into frames of up to MAX_BATCH_BYTES.
+        "max_message_size": Setting(int, 8388608, ge=MAX_BATCH_BYTES),
     },
 }
 
