@@ -40,7 +40,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
 async def serve(gateway: Gateway, host: str, port: int) -> None:
     """Serve until SIGINT or SIGTERM, then finish the requests in flight."""
-    runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
+    await gateway.start()
+    runner = web.ServerRunner(gateway.server())
     await runner.setup()
     # reuse_port lets several gateway processes share one port.
     await web.TCPSite(runner, host, port, reuse_port=True).start()
@@ -51,6 +52,7 @@ async def serve(gateway: Gateway, host: str, port: int) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     await runner.cleanup()
+    await gateway.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -254,6 +254,30 @@ async def test_rejected_request_gets_its_status_and_a_json_error(shared, case):
     no_traceback(getattr(shared, which).proc)
 
 
+WRONG_ROUTES = {
+    # case: (method, path, status, error, Allow header)
+    "unknown-path": ("GET", "/nope", 404,
+                     "no such path '/nope'; the paths are /generate, /health, /stats, /metrics",
+                     None),
+    "get-generate": ("GET", "/generate", 405, "/generate takes POST, not GET", "POST"),
+    "post-health": ("POST", "/health", 405, "/health takes GET, not POST", "GET, HEAD"),
+    "delete-stats": ("DELETE", "/stats", 405, "/stats takes GET, not DELETE", "GET, HEAD"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_ROUTES))
+def test_wrong_path_or_method_gets_a_json_error(shared, case):
+    method, path, status, error, allow = WRONG_ROUTES[case]
+    reply = http(method, f"{shared.gateway.url}{path}", b"{}" if method == "POST" else None)
+    check_error(reply.status, reply.headers["content-type"], reply.body, status, {"error": error})
+    assert reply.headers.get("allow") == allow
+
+
+def test_head_on_health_answers_its_status_without_a_body(shared):
+    reply = http("HEAD", f"{shared.gateway.url}/health")
+    assert (reply.status, reply.headers["content-type"], reply.body) == (200, JSON, b"")
+
+
 @async_test
 async def test_a_body_of_exactly_max_body_bytes_is_served(shared):
     body = b'{"text": "world"}'.ljust(100)
