@@ -231,12 +231,14 @@ class Gateway:
             self._done(stream.rid.decode(), policy, stream.worker_id, 200, started, first_chunk,
                        chunks, e.code)
             return response
-        except (asyncio.CancelledError, ConnectionResetError):
+        except (asyncio.CancelledError, ConnectionResetError) as e:
             # The HTTP client went away; the caller's cancel() stops the worker's work.
             self.metrics.disconnects.inc()
             self._done(stream.rid.decode(), policy, stream.worker_id, 200, started, first_chunk,
                        chunks, "client disconnected")
-            raise
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return response  # raised, a reset would be logged by aiohttp as a 500
         self._done(stream.rid.decode(), policy, stream.worker_id, 200, started, first_chunk,
                    chunks)
         return response
