@@ -145,15 +145,15 @@ class Gateway:
             # Only known policies become metric labels: a label per bad value would grow
             # the metrics without bound.
             policy = request.query.get("routing") or self.settings.routing_mode
-            self._done("-", policy if policy in ROUTING_MODES else "invalid", "", e.status,
+            self._done(b"-", policy if policy in ROUTING_MODES else "invalid", "", e.status,
                        started, None, 0, e.message)
             return error_response(e)
         stream = self.client.request(SERVICE, body, policy=policy, worker=worker)
-        self.metrics.inflight.inc()
+        self.metrics.inflight += 1
         try:
             return await self._stream(request, stream, policy, started)
         finally:
-            self.metrics.inflight.dec()
+            self.metrics.inflight -= 1
             stream.cancel()  # no-op once the reply is complete
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
@@ -193,12 +193,12 @@ class Gateway:
             await stream.first()
         except BrokerError as e:
             status = STATUS_OF_ERROR.get(e.code, 502)
-            self._done(stream.rid.decode(), policy, "", status, started, None, 0, e.code)
+            self._done(stream.rid, policy, "", status, started, None, 0, e.code)
             return error_response(HttpError(status, e.message, e.code))
         except asyncio.CancelledError:
             # Gone before the first line: 499, as nginx logs it ("client closed request").
-            self.metrics.disconnects.inc()
-            self._done(stream.rid.decode(), policy, "", CLIENT_CLOSED, started, None, 0,
+            self.metrics.disconnects += 1
+            self._done(stream.rid, policy, "", CLIENT_CLOSED, started, None, 0,
                        "client disconnected")
             raise
         first_chunk = time.monotonic()
@@ -220,7 +220,7 @@ class Gateway:
                     break
                 await response.write(b"".join(batch))
         except BrokerError as e:
-            self.metrics.incomplete.inc()
+            self.metrics.incomplete += 1
             try:
                 await response.write(f"\nerror: {e.code}: {e.message}\n".encode())
             except ConnectionResetError:
@@ -228,32 +228,33 @@ class Gateway:
             # Close without the terminating chunk: the transfer reads as incomplete.
             if request.transport is not None:
                 request.transport.close()
-            self._done(stream.rid.decode(), policy, stream.worker_id, 200, started, first_chunk,
+            self._done(stream.rid, policy, stream.worker_id, 200, started, first_chunk,
                        chunks, e.code)
             return response
         except (asyncio.CancelledError, ConnectionResetError) as e:
             # The HTTP client went away; the caller's cancel() stops the worker's work.
-            self.metrics.disconnects.inc()
-            self._done(stream.rid.decode(), policy, stream.worker_id, 200, started, first_chunk,
+            self.metrics.disconnects += 1
+            self._done(stream.rid, policy, stream.worker_id, 200, started, first_chunk,
                        chunks, "client disconnected")
             if isinstance(e, asyncio.CancelledError):
                 raise
             return response  # raised, a reset would be logged by aiohttp as a 500
-        self._done(stream.rid.decode(), policy, stream.worker_id, 200, started, first_chunk,
+        self._done(stream.rid, policy, stream.worker_id, 200, started, first_chunk,
                    chunks)
         return response
 
-    def _done(self, rid: str, policy: str, worker: str | None, status: int, started: float,
+    def _done(self, rid: bytes, policy: str, worker: str | None, status: int, started: float,
               first_chunk: float | None, chunks: int, error: str = "") -> None:
         """Count the request in the metrics and write its log line."""
         duration = time.monotonic() - started
         ttfc = None if first_chunk is None else first_chunk - started
         worker = worker or ""
         self.metrics.observe(status, policy, worker, duration, ttfc)
-        log.info("request=%s policy=%s worker=%s status=%d ttfc=%s duration=%.4fs chunks=%d%s",
-                 rid, policy, worker or "-", status,
-                 "-" if ttfc is None else f"{ttfc:.4f}s", duration, chunks,
-                 f" error={error!r}" if error else "")
+        if log.isEnabledFor(logging.INFO):  # the arguments cost more than a skipped call
+            log.info("request=%s policy=%s worker=%s status=%d ttfc=%s duration=%.4fs "
+                     "chunks=%d%s", rid.decode(), policy, worker or "-", status,
+                     "-" if ttfc is None else f"{ttfc:.4f}s", duration, chunks,
+                     f" error={error!r}" if error else "")
 
     # --- /health and /stats ------------------------------------------------
 
