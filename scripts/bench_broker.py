@@ -576,6 +576,9 @@ async def _direct_server(endpoint: str) -> None:
                 send_to(sock, peer, [p.VERSION, frames[1], rid, *frames[3:]])
             self.channel._schedule_check()
 
+        def flush(self) -> None:
+            """Nothing waits: send() sent each message as it came."""
+
         def on_frames(self, frames: list[bytes]) -> None:
             peer = frames[0]
             try:
