@@ -2,16 +2,21 @@
 """HTTP benchmark: zroute against nginx round robin over aiohttp servers, side by side.
 
     .venv/bin/python scripts/bench_http.py [--duration 5] [--rounds 3] [--connections 32 256]
+                                           [--gateways 1 2] [--profile SECONDS]
 
-Three targets, each fed the seed request {"text": "world,universe,galaxy"} by wrk:
+The targets, each fed the seed request {"text": "world,universe,galaxy"} by wrk:
   zroute     wrk -> gateway -> broker -> 2 workers (sleep_time 0)
+  zroute-2gw the same with two gateway processes sharing the port
+             (Frontend.ServiceArgs.workers: 2), one per CPU here
   nginx      wrk -> nginx (1 worker process, round robin, keepalive upstreams,
              proxy_buffering off) -> 2 minimal aiohttp servers streaming the same lines
   aiohttp    wrk -> one such aiohttp server alone (a reference, no balancer)
 The targets take turns (zroute, nginx, aiohttp, zroute, ...) so that drift on the
 machine hits all of them. For each it prints requests/s, p50 and p99 latency, and the
 zroute/nginx ratios, with the CPU time each process spent per request. Then it measures
-time to first byte with sleep_time 0.1 through zroute and through nginx.
+time to first byte with sleep_time 0.1 through zroute and through nginx. With
+--profile it then runs py-spy (installed from PyPI if missing) on each process of the
+first zroute target under load, and prints how busy each is and where its time goes.
 
 It installs wrk and nginx-light from Debian's packages when they are missing, and skips
 what it cannot install. Every process it starts listens on loopback and is stopped at
@@ -147,7 +152,8 @@ def start_zroute(procs: Processes, sleep_time: float, gateways: int) -> Target:
     for i in range(1, gateways + 1):
         pids[f"gateway-{i}"] = procs.start(ZROUTE, "gateway", "--broker", frontend, "--port",
                                            str(port), *quiet).pid
-    target = Target("zroute", f"http://127.0.0.1:{port}/generate", pids)
+    name = "zroute" if gateways == 1 else f"zroute-{gateways}gw"
+    target = Target(name, f"http://127.0.0.1:{port}/generate", pids)
     wait_http(target.url)
     return target
 
@@ -245,23 +251,26 @@ def throughput(args: argparse.Namespace, targets: list[Target], script: Path) ->
             for target in targets:  # taking turns: drift hits every target alike
                 result = run_wrk(target, connections, args.duration, script)
                 results[target.name].append(result)
-                print(f"  c={connections} round {round_no} {target.name:<8} "
+                print(f"  c={connections} round {round_no} {target.name:<11} "
                       f"{result.rps:8.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
                       f"p99 {result.p99_ms:6.2f} ms  errors {result.errors}", flush=True)
         print(f"\nwrk -t1 -c{connections}, {args.rounds} rounds of {args.duration:g} s, medians:")
-        print(f"  {'target':<8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}   CPU us per request")
+        print(f"  {'target':<11} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}   CPU us per request")
         summary = {}
         for name, runs in results.items():
             summary[name] = (median([r.rps for r in runs]), median([r.p50_ms for r in runs]),
                              median([r.p99_ms for r in runs]))
             cpu = "  ".join(f"{role} {median([r.cpu_us[role] for r in runs]):.0f}"
                             for role in runs[0].cpu_us)
-            print(f"  {name:<8} {summary[name][0]:8.0f} {summary[name][1]:8.2f} "
+            print(f"  {name:<11} {summary[name][0]:8.0f} {summary[name][1]:8.2f} "
                   f"{summary[name][2]:8.2f}   {cpu}")
         if "nginx" in summary:
-            zr, ng = summary["zroute"], summary["nginx"]
-            print(f"  zroute/nginx: req/s {zr[0] / ng[0]:.2f}x (target >= 1.0), "
-                  f"p99 {zr[2] / ng[2]:.2f}x (target <= 1.5)\n")
+            ng = summary["nginx"]
+            for name in (n for n in summary if n.startswith("zroute")):
+                zr = summary[name]
+                print(f"  {name}/nginx: req/s {zr[0] / ng[0]:.2f}x (target >= 1.0), "
+                      f"p99 {zr[2] / ng[2]:.2f}x (target <= 1.5)")
+        print()
 
 
 def ttfb(args: argparse.Namespace, procs: Processes, workdir: Path, have_nginx: bool) -> None:
@@ -287,12 +296,83 @@ def ttfb(args: argparse.Namespace, procs: Processes, workdir: Path, have_nginx: 
         print(f"  {target.name:<8} {p50:7.2f} ms{added}{target_note}")
 
 
+PROFILE_RATE = 200  # py-spy samples per second; it records only samples of a busy thread
+
+
+def profile(target: Target, connections: int, seconds: float, script: Path,
+            workdir: Path) -> None:
+    """py-spy on every process of `target` while wrk loads it: where each one's
+    samples fall, by function (own time, then time including callees)."""
+    py_spy = ensure_py_spy()
+    if py_spy is None:
+        print("bench_http: py-spy is not installed and could not be; no profile")
+        return
+    wrk = subprocess.Popen(["wrk", "-t1", f"-c{connections}", f"-d{seconds + 2:g}s", "-s",
+                            str(script), target.url], stdout=subprocess.DEVNULL)
+    outputs = {role: workdir / f"{role}-{connections}.txt" for role in target.pids}
+    spies = [subprocess.Popen([py_spy, "record", "--nonblocking", "-r", str(PROFILE_RATE),
+                               "-f", "raw",
+                               "-d", f"{seconds:g}", "-p", str(pid), "-o", str(outputs[role])],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for role, pid in target.pids.items()]
+    for spy in spies:
+        spy.wait()
+    wrk.wait()
+    print(f"\nprofile of {target.name} at {connections} connections, {seconds:g} s "
+          "(share of each process's samples):")
+    for role, path in outputs.items():
+        own, total, samples = profile_shares(path)
+        busy = 100 * samples / (PROFILE_RATE * seconds)
+        print(f"  {role}: {samples} samples, busy {busy:.0f}% of the time")
+        for (name, share), (name2, share2) in zip(own, total):
+            print(f"    own {share:5.1f}% {name:<44} with callees {share2:5.1f}% {name2}")
+
+
+def profile_shares(path: Path, top: int = 8) -> tuple[list, list, int]:
+    """py-spy's raw output (one 'frame;frame;... count' line per stack) as the top
+    functions by own samples and by samples including their callees."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        samples += int(count)
+        own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+        for frame in set(frames[1:]):  # the module frame is in every stack
+            total[frame] = total.get(frame, 0) + int(count)
+
+    def shares(counts: dict[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(counts.items(), key=lambda item: -item[1])[:top]
+        return [(name[:44], 100 * n / max(samples, 1)) for name, n in ranked]
+
+    # Frames in (nearly) every stack are the way down to the event loop: no news.
+    most = max(total.values(), default=0)
+    total = {name: n for name, n in total.items() if n < 0.9 * most}
+    return shares(own), shares(total), samples
+
+
+def ensure_py_spy() -> str | None:
+    """py-spy from PyPI into this Python's environment, if missing."""
+    path = Path(sys.executable).with_name("py-spy")
+    if not path.exists():
+        print("installing py-spy ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"],
+                       capture_output=True)
+    return str(path) if path.exists() else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=5, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="turns per target")
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 256])
-    parser.add_argument("--gateways", type=int, default=1, help="zroute gateway processes")
+    parser.add_argument("--gateways", type=int, nargs="+", default=[1, 2],
+                        help="zroute gateway processes: one zroute target per number")
+    parser.add_argument("--profile", type=float, metavar="SECONDS", default=0,
+                        help="then run py-spy on each zroute process under load for this long "
+                             "and print where each spends its time")
     parser.add_argument("--ttfb-requests", type=int, default=200)
     parser.add_argument("--ttfb-concurrency", type=int, default=4)
     args = parser.parse_args()
@@ -310,7 +390,7 @@ def main() -> int:
         script = workdir / "post.lua"
         script.write_text(WRK_SCRIPT)
         try:
-            targets = [start_zroute(procs, 0.0, args.gateways)]
+            targets = [start_zroute(procs, 0.0, n) for n in args.gateways]
             if tools["nginx"]:
                 targets.append(start_nginx(procs, workdir, 0.0))
             port, pid = start_plain(procs, 0.0)
@@ -318,6 +398,9 @@ def main() -> int:
                                   {"server": pid}))
             throughput(args, targets, script)
             ttfb(args, procs, workdir, tools["nginx"])
+            if args.profile:
+                for connections in args.connections:
+                    profile(targets[0], connections, args.profile, script, workdir)
         finally:
             procs.stop()
     return 0
