@@ -17,6 +17,8 @@ zroute/nginx ratios, with the CPU time each process spent per request. Then it m
 time to first byte with sleep_time 0.1 through zroute and through nginx. With
 --profile it then runs py-spy (installed from PyPI if missing) on each process of the
 first zroute target under load, and prints how busy each is and where its time goes.
+--compare-tree runs the zroute targets of other checkouts too (before and after a
+change, in one run).
 
 It installs wrk and nginx-light from Debian's packages when they are missing, and skips
 what it cannot install. Every process it starts listens on loopback and is stopped at
@@ -109,8 +111,9 @@ class Processes:
     def __init__(self) -> None:
         self.children: list[subprocess.Popen] = []
 
-    def start(self, *args: str) -> subprocess.Popen:
-        child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env=env)
         self.children.append(child)
         return child
 
@@ -139,20 +142,25 @@ def wait_http(url: str, timeout: float = 30) -> None:
     raise SystemExit(f"bench_http: {url} did not answer within {timeout} s")
 
 
-def start_zroute(procs: Processes, sleep_time: float, gateways: int) -> Target:
+def start_zroute(procs: Processes, sleep_time: float, gateways: int,
+                 tree: Path | None = None) -> Target:
+    """A zroute stack; with `tree`, one that runs the code of that checkout."""
     frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     port = free_port()
-    quiet = ("--log-level", "warning")
-    pids = {"broker": procs.start(ZROUTE, "broker", "--frontend", frontend, "--backend",
-                                  backend, *quiet).pid}
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+
+    def start(*args: str) -> int:
+        return procs.start(ZROUTE, *args, "--log-level", "warning", env=env).pid
+
+    pids = {"broker": start("broker", "--frontend", frontend, "--backend", backend)}
     for i in (1, 2):
-        pids[f"worker-{i}"] = procs.start(
-            ZROUTE, "worker", "--broker", backend, "--id", f"worker-{i}",
-            f"--Backend.sleep_time={sleep_time}", *quiet).pid
+        pids[f"worker-{i}"] = start("worker", "--broker", backend, "--id", f"worker-{i}",
+                                    f"--Backend.sleep_time={sleep_time}")
     for i in range(1, gateways + 1):
-        pids[f"gateway-{i}"] = procs.start(ZROUTE, "gateway", "--broker", frontend, "--port",
-                                           str(port), *quiet).pid
+        pids[f"gateway-{i}"] = start("gateway", "--broker", frontend, "--port", str(port))
     name = "zroute" if gateways == 1 else f"zroute-{gateways}gw"
+    if tree is not None:
+        name += "@" + tree.name
     target = Target(name, f"http://127.0.0.1:{port}/generate", pids)
     wait_http(target.url)
     return target
@@ -251,18 +259,18 @@ def throughput(args: argparse.Namespace, targets: list[Target], script: Path) ->
             for target in targets:  # taking turns: drift hits every target alike
                 result = run_wrk(target, connections, args.duration, script)
                 results[target.name].append(result)
-                print(f"  c={connections} round {round_no} {target.name:<11} "
+                print(f"  c={connections} round {round_no} {target.name:<18} "
                       f"{result.rps:8.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
                       f"p99 {result.p99_ms:6.2f} ms  errors {result.errors}", flush=True)
         print(f"\nwrk -t1 -c{connections}, {args.rounds} rounds of {args.duration:g} s, medians:")
-        print(f"  {'target':<11} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}   CPU us per request")
+        print(f"  {'target':<18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}   CPU us per request")
         summary = {}
         for name, runs in results.items():
             summary[name] = (median([r.rps for r in runs]), median([r.p50_ms for r in runs]),
                              median([r.p99_ms for r in runs]))
             cpu = "  ".join(f"{role} {median([r.cpu_us[role] for r in runs]):.0f}"
                             for role in runs[0].cpu_us)
-            print(f"  {name:<11} {summary[name][0]:8.0f} {summary[name][1]:8.2f} "
+            print(f"  {name:<18} {summary[name][0]:8.0f} {summary[name][1]:8.2f} "
                   f"{summary[name][2]:8.2f}   {cpu}")
         if "nginx" in summary:
             ng = summary["nginx"]
@@ -370,6 +378,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--gateways", type=int, nargs="+", default=[1, 2],
                         help="zroute gateway processes: one zroute target per number")
+    parser.add_argument("--compare-tree", type=Path, nargs="+", default=[], metavar="DIR",
+                        help="also run the zroute targets from these checkouts (another "
+                             "commit's worktree, say), taking turns with the others")
     parser.add_argument("--profile", type=float, metavar="SECONDS", default=0,
                         help="then run py-spy on each zroute process under load for this long "
                              "and print where each spends its time")
@@ -391,6 +402,8 @@ def main() -> int:
         script.write_text(WRK_SCRIPT)
         try:
             targets = [start_zroute(procs, 0.0, n) for n in args.gateways]
+            targets += [start_zroute(procs, 0.0, n, tree) for tree in args.compare_tree
+                        for n in args.gateways]
             if tools["nginx"]:
                 targets.append(start_nginx(procs, workdir, 0.0))
             port, pid = start_plain(procs, 0.0)
