@@ -16,7 +16,7 @@ from typing import Iterator, Union
 
 import orjson
 
-VERSION = b"ZR1"
+VERSION = b"ZR2"
 
 # Commands. One byte each; the same byte means the same thing in every direction.
 READY = b"\x01"
