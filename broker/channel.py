@@ -38,10 +38,11 @@ def dealer(context: zmq.Context, address: str, routing_id: bytes | None = None) 
 class Channel:
     """Receives into a callback; sends without blocking and without losing a message.
 
-    The messages sent in one turn of the event loop leave together at its end:
-    one message, or one BATCH, so that the cost of committing a message and
-    waking libzmq's I/O thread is shared. A send the socket refuses (its queue
-    is at the high-water mark) waits in a backlog, in order, and is retried.
+    The messages sent in one turn of the event loop leave together at its end
+    (or when flush() is called), packed into as few ZeroMQ messages as BATCH allows,
+    so that the cost of committing a message and waking libzmq's I/O thread is
+    shared. A send the socket refuses (its queue is at the high-water mark) waits in
+    a backlog, in order, and is retried.
     """
 
     def __init__(self, sock: zmq.Socket, on_message: Callable[[list[bytes]], None]) -> None:
@@ -68,19 +69,24 @@ class Channel:
     def flush(self) -> None:
         """Send what this turn of the loop produced."""
         self._flush_scheduled = False
+        if not self.outgoing and not self.backlog:
+            return  # sent already by an earlier flush() in this turn
         messages, self.outgoing = self.outgoing, []
         self.backlog.extend(frames for _, frames in packed(messages))
         self._flush_backlog()
 
-    def _flush_backlog(self) -> None:
+    def _retry(self) -> None:
         self._retry_scheduled = False
+        self._flush_backlog()
+
+    def _flush_backlog(self) -> None:
         while self.backlog and not self._closed:
             try:
                 send_frames(self.sock, self.backlog[0])
             except zmq.Again:
-                if not self._retry_scheduled:
+                if not self._retry_scheduled:  # one timer, however many flushes wait
                     self._retry_scheduled = True
-                    self.loop.call_later(BACKLOG_RETRY_S, self._flush_backlog)
+                    self.loop.call_later(BACKLOG_RETRY_S, self._retry)
                 break
             self.backlog.popleft()
         self._schedule_check()

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker import protocol as p
@@ -110,12 +114,13 @@ class Gateway:
         return web.Server(self.handle, request_factory=self._make_request,
                           handler_cancellation=True, access_log=None)
 
-    def _make_request(self, message, payload, protocol, writer, task) -> web.BaseRequest:
-        return web.BaseRequest(message, payload, protocol, writer, task, self.loop,
+    def _make_request(self, message: RawRequestMessage, payload: StreamReader,
+                      protocol: RequestHandler, writer: AbstractStreamWriter,
+                      task: asyncio.Task) -> web.BaseRequest:
+        return web.BaseRequest(message, payload, protocol, writer, task, task.get_loop(),
                                client_max_size=self.settings.max_body)
 
     async def start(self) -> None:
-        self.loop = asyncio.get_running_loop()
         self.client.connect()
 
     async def stop(self) -> None:
@@ -132,6 +137,12 @@ class Gateway:
                                                      f"not {request.method}"))
             response.headers["Allow"] = "GET, HEAD" if method == "GET" else method
             return response
+        expect = request.headers.get("Expect")
+        if expect is not None:  # answered by aiohttp's router, not by its low-level server
+            if expect.lower() != "100-continue":
+                return error_response(HttpError(417, f"Expect: {expect} is not supported "
+                                                     "(only 100-continue is)"))
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return await handler(request)
 
     # --- /generate -----------------------------------------------------------

@@ -43,16 +43,19 @@ async def serve(gateway: Gateway, host: str, port: int) -> None:
     await gateway.start()
     runner = web.ServerRunner(gateway.server())
     await runner.setup()
-    # reuse_port lets several gateway processes share one port.
-    await web.TCPSite(runner, host, port, reuse_port=True).start()
-    log.info("gateway listening on http://%s:%d, broker %s", host, port, gateway.settings.broker)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await runner.cleanup()
-    await gateway.stop()
+    try:
+        # reuse_port lets several gateway processes share one port.
+        await web.TCPSite(runner, host, port, reuse_port=True).start()
+        log.info("gateway listening on http://%s:%d, broker %s", host, port,
+                 gateway.settings.broker)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await gateway.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -273,6 +273,19 @@ def test_wrong_path_or_method_gets_a_json_error(shared, case):
     assert reply.headers.get("allow") == allow
 
 
+@async_test
+async def test_expect_100_continue_is_answered_and_other_expectations_get_417(shared):
+    async with aiohttp.ClientSession() as session:
+        # The client sends the body only after the gateway's 100 Continue.
+        async with session.post(f"{shared.gateway.url}/generate", data=SEED_BODY,
+                                expect100=True) as resp:
+            assert (resp.status, await resp.read()) == (200, SEED_OUTPUT.encode())
+        async with session.post(f"{shared.gateway.url}/generate", data=SEED_BODY,
+                                headers={"Expect": "magic"}) as resp:
+            check_error(resp.status, resp.headers["Content-Type"], await resp.read(), 417,
+                        {"error": "Expect: magic is not supported (only 100-continue is)"})
+
+
 def test_head_on_health_answers_its_status_without_a_body(shared):
     reply = http("HEAD", f"{shared.gateway.url}/health")
     assert (reply.status, reply.headers["content-type"], reply.body) == (200, JSON, b"")
