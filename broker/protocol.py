@@ -290,6 +290,8 @@ def unbatch(frames: list[bytes]) -> list[list[bytes]]:
         return [frames]
     if len(frames) != 3:
         raise ProtocolError(f"BATCH needs 3 frames, got {len(frames)}")
+    if len(frames[2]) > MAX_BATCH_BYTES:  # bounds the work a hostile batch can cause
+        raise ProtocolError(f"BATCH is larger than {MAX_BATCH_BYTES} bytes")
     try:
         messages = _unpack(frames[2])
     except struct.error:

@@ -471,8 +471,9 @@ HEARTBEAT = _packed_message(V, p.HEARTBEAT)
     [V, p.BATCH, _packed_message(V)],                         # a message of one frame
     [V, p.BATCH, _packed_message(V, p.BATCH, b"")],           # nested
     [V, p.BATCH, HEARTBEAT * (p.MAX_BATCH + 1)],              # too many
+    [V, p.BATCH, _packed_message(V, p.HEARTBEAT, b"x" * p.MAX_BATCH_BYTES)],  # too large
 ], ids=["no-payload", "empty", "extra-frame", "cut-frame", "cut-count", "cut-length",
-        "one-frame", "nested", "too-many"])
+        "one-frame", "nested", "too-many", "too-large"])
 def test_malformed_batches_raise_protocol_error(frames):
     with pytest.raises(ProtocolError):
         p.unbatch(frames)
