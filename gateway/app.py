@@ -142,7 +142,8 @@ class Gateway:
             if expect.lower() != "100-continue":
                 return error_response(HttpError(417, f"Expect: {expect} is not supported "
                                                      "(only 100-continue is)"))
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if request.version >= (1, 1):  # HTTP/1.0 has no interim responses
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return await handler(request)
 
     # --- /generate -----------------------------------------------------------
@@ -217,7 +218,9 @@ class Gateway:
             "Content-Type": "text/plain; charset=utf-8",
             "X-Worker-Id": stream.worker_id or "",
         })
-        response.enable_chunked_encoding()
+        if request.version >= (1, 1):
+            response.enable_chunked_encoding()
+        # else HTTP/1.0, which has no chunks: the body ends when the connection closes.
         chunks = 0
         try:
             await response.prepare(request)

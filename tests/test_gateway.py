@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import time
 from collections import Counter
@@ -284,6 +285,23 @@ async def test_expect_100_continue_is_answered_and_other_expectations_get_417(sh
                                 headers={"Expect": "magic"}) as resp:
             check_error(resp.status, resp.headers["Content-Type"], await resp.read(), 417,
                         {"error": "Expect: magic is not supported (only 100-continue is)"})
+
+
+@pytest.mark.parametrize("expect", ["", "Expect: 100-continue\r\n"], ids=["plain", "expect"])
+def test_an_http_1_0_client_gets_the_body_unchunked_until_the_connection_closes(shared,
+                                                                                  expect):
+    body = SEED_BODY
+    request = (f"POST /generate HTTP/1.0\r\nHost: test\r\n{expect}"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", shared.gateway.port), timeout=5) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):  # b"" once the gateway closes the connection
+            reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == b"HTTP/1.0 200 OK"
+    assert b"transfer-encoding" not in head.lower()
+    assert payload == SEED_OUTPUT.encode()
 
 
 def test_head_on_health_answers_its_status_without_a_body(shared):
