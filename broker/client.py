@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import orjson
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from broker import protocol as p
 from broker.channel import Channel, dealer
@@ -28,6 +29,7 @@ DEFAULT_TIMEOUT = 60.0
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_MISSES = 3
 DEADLINE_GRACE = 1.0  # the broker ends a request at its deadline; the client waits this much more
+CONNECTION_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 MAX_BUFFERED_BYTES = 16 << 20  # a stream whose reader falls this far behind is cancelled
 
 Body = bytes | str | Any
@@ -219,6 +221,7 @@ class Client:
         self._stats_waiters: dict[bytes, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self._channel: Channel | None = None
+        self._monitor: Channel | None = None
         self._watchdog: asyncio.Task | None = None
         self._last_heard = 0.0
         self._boot_id: bytes | None = None
@@ -234,7 +237,12 @@ class Client:
     def connect(self) -> None:
         """Open the socket; call it inside the running event loop."""
         self.loop = asyncio.get_running_loop()
-        self._channel = Channel(dealer(self.context, self.address), self._on_message)
+        sock = dealer(self.context, self.address)
+        self._channel = Channel(sock, self._on_message)
+        # The connection's events: a broker that dies closes it, and its requests can
+        # fail at once rather than after the heartbeats it misses.
+        self._monitor = Channel(sock.get_monitor_socket(CONNECTION_EVENTS),
+                                self._on_connection_event)
         self._last_heard = time.monotonic()
         self._channel.send(p.encode_heartbeat())
         self._watchdog = self.loop.create_task(self._watch())
@@ -245,6 +253,9 @@ class Client:
             reply.finish(None)
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._monitor is not None:
+            self._channel.sock.disable_monitor()
+            self._monitor.close(linger_ms=0)
         if self._channel is not None:
             self._channel.close()
 
@@ -329,6 +340,15 @@ class Client:
                 waiter.set_result(msg.stats)
         else:
             self._on_heartbeat(msg.boot_id)
+
+    def _on_connection_event(self, frames: list[bytes]) -> None:
+        event = parse_monitor_message(frames)["event"]
+        if event == zmq.EVENT_DISCONNECTED:
+            self._last_heard = float("-inf")  # not alive until the broker speaks again
+            self._fail_all(p.E_BROKER_UNREACHABLE,
+                           f"the connection to the broker at {self.address} closed")
+        elif event == zmq.EVENT_CONNECTED:
+            self._channel.send(p.encode_heartbeat())  # its answer says it is alive
 
     def _on_heartbeat(self, boot_id: bytes) -> None:
         if self._boot_id is not None and boot_id != self._boot_id:
