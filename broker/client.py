@@ -82,10 +82,16 @@ class Reply:
         if last:
             self.finish(None)
         elif self.buffered > MAX_BUFFERED_BYTES:
-            self.client._cancel(self)
-            self.finish(BrokerError(p.E_SLOW_READER, "the reader fell too far behind the stream"))
+            self.cancel(BrokerError(p.E_SLOW_READER, "the reader fell too far behind the stream"))
         else:
             self.wake()
+
+    def cancel(self, error: BaseException | None = None) -> None:
+        """Stop the request, if it is still going: the broker and the worker are told,
+        and the reply ends (with `error`, if one is given)."""
+        if not self.done:
+            self.client._cancel(self)
+            self.finish(error)
 
     def finish(self, error: BaseException | None) -> None:
         self.done = True
@@ -186,10 +192,7 @@ class Stream:
 
     def cancel(self) -> None:
         """Stop the request: the broker and the worker are told, the stream ends."""
-        reply = self._reply
-        if not reply.done:
-            reply.client._cancel(reply)
-            reply.finish(None)
+        self._reply.cancel()
 
     async def __aenter__(self) -> Stream:
         return self
@@ -202,7 +205,7 @@ class Stream:
         if not reply.done:
             try:
                 # Later, not here: a finalizer may run in the middle of a send on the socket.
-                reply.client.loop.call_soon(reply.client._cancel_dropped, reply)
+                reply.client.loop.call_soon(reply.cancel)
             except Exception:
                 pass  # the client or its loop is gone already
 
@@ -249,8 +252,7 @@ class Client:
 
     async def close(self) -> None:
         for reply in list(self.replies.values()):
-            self._cancel(reply)
-            reply.finish(None)
+            reply.cancel()
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._monitor is not None:
@@ -310,12 +312,6 @@ class Client:
         if self.replies.pop(reply.rid, None) is not None and self._channel is not None:
             self._channel.send(p.encode_cancel(p.Cancel(reply.rid)))
 
-    def _cancel_dropped(self, reply: Reply) -> None:
-        """End the request of a stream that was dropped before its end."""
-        if not reply.done:
-            self._cancel(reply)
-            reply.finish(None)
-
     def _forget(self, reply: Reply) -> None:
         self.replies.pop(reply.rid, None)
 
@@ -368,8 +364,7 @@ class Client:
                 self._fail_all(p.E_BROKER_UNREACHABLE, f"no answer from the broker at {self.address}")
             now = time.monotonic()
             for reply in [r for r in self.replies.values() if now > r.deadline]:
-                self._cancel(reply)
-                reply.finish(BrokerError(p.E_TIMEOUT, "request deadline expired"))
+                reply.cancel(BrokerError(p.E_TIMEOUT, "request deadline expired"))
 
 
 class BlockingClient:

@@ -147,11 +147,9 @@ class Broker:
     def _flush(self) -> None:
         """Send what this pass produced: per peer, one message or BATCHes of them, so
         that committing a message and waking libzmq's I/O thread is paid per batch."""
-        while any(self.outgoing.values()):
-            pending = [(sock, dict(by_peer)) for sock, by_peer in self.outgoing.items()]
-            for by_peer in self.outgoing.values():
-                by_peer.clear()
-            for sock, by_peer in pending:
+        while any(self.outgoing.values()):  # a failed send may queue more (CANCELs)
+            pending, self.outgoing = self.outgoing, {self.frontend: {}, self.backend: {}}
+            for sock, by_peer in pending.items():
                 for peer, messages in by_peer.items():
                     self._send_all(sock, peer, messages)
 
