@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import inspect
 import os
 import signal
 import socket
 from typing import Any, Sequence
 
+from broker.loader import load_object
 from worker.runtime import Handler, Worker
 from zroute import aio
 from zroute.command import add_common_options, load, run_command
@@ -22,7 +22,8 @@ DEFAULT_HANDLER = "worker.greeting:make_handler"
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = "Run a worker that serves requests from the broker."
     parser.add_argument("--broker", metavar="ADDR",
-                        help="the broker's worker-facing endpoint (default: Broker.backend)")
+                        help="the broker's worker-facing endpoint; sets Broker.backend "
+                             "(default: tcp://127.0.0.1:5556)")
     parser.add_argument("--id", dest="worker_id", metavar="ID",
                         help="worker id (default: hostname-pid)")
     parser.add_argument("--handler", default=DEFAULT_HANDLER, metavar="MODULE:CALLABLE",
@@ -38,14 +39,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def load_handler(spec: str, config: Config) -> Handler:
-    """Import `module:callable`; call it with the config unless it is the handler itself."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ConfigError(f"--handler {spec!r} is invalid: use the form module:callable")
-    try:
-        target: Any = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"--handler {spec!r} cannot be loaded: {e}") from None
+    """Load `module:callable`; call it with the config unless it is the handler itself."""
+    target: Any = load_object(spec, "--handler")
     if inspect.isasyncgenfunction(target):
         return target
     if not callable(target):
@@ -61,10 +56,11 @@ def load_handler(spec: str, config: Config) -> Handler:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    config = load(args, overrides, {"Backend.ServiceArgs.capacity": args.capacity})
+    config = load(args, overrides, {"Backend.ServiceArgs.capacity": args.capacity,
+                                    "Broker.backend": args.broker})
     handler = load_handler(args.handler, config)
     worker = Worker(
-        args.broker or config.broker.backend,
+        config.broker.backend,
         args.worker_id or f"{socket.gethostname()}-{os.getpid()}",
         {service: handler for service in args.services or ["generate"]},
         capacity=config.backend.service_args.capacity,
