@@ -18,7 +18,7 @@ from typing import Any
 
 
 class LoadError(Exception):
-    """A spec that cannot be loaded; str() is one line naming the spec and why."""
+    """A spec that cannot be loaded or used; str() is one line naming the spec and why."""
 
 
 def load_object(spec: str, what: str) -> Any:

@@ -12,12 +12,12 @@ import os
 import math
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import zmq
 
 from broker import protocol as p
-from broker.policies import DEFAULT_POLICY, DIRECT, POLICIES, ROUTING_MODES
+from broker.policies import DEFAULT_POLICY, DIRECT, Policy, load_policies, unknown_policy
 from broker.ratelimit import LogLimiter
 from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
 from broker.zmqio import readable, recv_frames, send_to
@@ -62,13 +62,16 @@ class Broker:
     """Routes requests from clients to workers and streams the replies back.
 
     `settings` is the `Broker` section of the configuration (zroute.config).
+    `policies` are those that requests may name (default: the built-in ones);
+    "direct" is always valid besides them.
     """
 
-    def __init__(self, settings: Any, context: zmq.Context | None = None) -> None:
+    def __init__(self, settings: Any, context: zmq.Context | None = None,
+                 policies: Mapping[str, Policy] | None = None) -> None:
         self.settings = settings
         self.context = context or zmq.Context.instance()
         self.registry = Registry()
-        self.policies = {name: cls() for name, cls in POLICIES.items()}
+        self.policies = dict(policies) if policies is not None else load_policies()
         self.requests: dict[bytes, Request] = {}
         self.queues: dict[str, deque[Request]] = {}
         # Deadlines in buckets, so that a finished request is forgotten at once.
@@ -243,11 +246,9 @@ class Broker:
         self.deadlines.setdefault(tick, set()).add(token)
         self._dispatch(req)
 
-    @staticmethod
-    def _check_routing(policy: str, target: str) -> tuple[str, str] | None:
-        if policy not in ROUTING_MODES:
-            valid = ", ".join(ROUTING_MODES)
-            return p.E_UNKNOWN_POLICY, f"unknown routing policy {policy!r} (valid: {valid})"
+    def _check_routing(self, policy: str, target: str) -> tuple[str, str] | None:
+        if policy not in self.policies and policy != DIRECT:
+            return p.E_UNKNOWN_POLICY, unknown_policy(policy, [*self.policies, DIRECT])
         if policy == DIRECT and not target:
             return p.E_BAD_REQUEST, "direct routing needs a target worker id"
         return None
@@ -285,8 +286,23 @@ class Broker:
         else:
             candidates = self.registry.available(req.service)
             if candidates:
-                return self.policies[req.policy].choose(req.service, candidates)
+                return self._choose(req, candidates)
         self._enqueue(req)
+        return None
+
+    def _choose(self, req: Request, candidates: Sequence[WorkerInfo]) -> WorkerInfo | None:
+        """The policy's choice; a policy that fails (a user's may) fails the request only."""
+        try:
+            chosen = self.policies[req.policy].choose(req.service, candidates)
+        except Exception as e:
+            problem = f"raised {type(e).__name__}: {' '.join(str(e).split())}"
+        else:
+            if any(chosen is worker for worker in candidates):
+                return chosen
+            problem = f"returned a {type(chosen).__name__}, not one of the workers it was given"
+        message = f"routing policy {req.policy!r} {problem}"
+        self.drops.warn(message)
+        self._fail(req, p.E_POLICY, message)
         return None
 
     def _assign(self, req: Request, worker: WorkerInfo) -> None:
@@ -329,8 +345,12 @@ class Broker:
                         any(w.worker_id == r.target for w in candidates)), None)
             if req is None:
                 return  # only direct requests for busy workers are left
-            worker = (self.registry.by_id[req.target] if req.policy == DIRECT
-                      else self.policies[req.policy].choose(service, candidates))
+            if req.policy == DIRECT:
+                worker = self.registry.by_id[req.target]
+            else:
+                worker = self._choose(req, candidates)
+                if worker is None:
+                    continue  # the policy failed, and so did the request: it left the queue
             self._dequeue(req)
             self._assign(req, worker)
 
