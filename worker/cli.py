@@ -10,6 +10,7 @@ import signal
 import socket
 from typing import Any, Sequence
 
+from broker import protocol as p
 from broker.loader import load_object
 from worker.runtime import Handler, Worker
 from zroute import aio
@@ -70,7 +71,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     aio.run(_serve(worker))
     if worker.refused:
-        raise ConfigError(f"--id: {worker.refused}")
+        flag = "--id" if worker.refused.code == p.E_ID_IN_USE else "--broker"
+        raise ConfigError(f"{flag}: {worker.refused.message}")
     return 0
 
 

@@ -25,6 +25,8 @@ Handler = Callable[[Any], AsyncIterator["bytes | str"]]
 
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 3.0
+# The broker refuses the worker itself: its id is taken, or it connected to the client socket.
+REFUSALS = (p.E_ID_IN_USE, p.E_WRONG_ENDPOINT)
 
 
 class BadRequest(Exception):
@@ -99,7 +101,7 @@ class Worker:
         self._last_heard = 0.0
         self._backoff = RECONNECT_MIN_S
         self._stopping: asyncio.Event | None = None
-        self.refused: str | None = None  # why the broker refused this worker, if it did
+        self.refused: p.Error | None = None  # why the broker refused this worker, if it did
 
     # --- life cycle -----------------------------------------------------------
 
@@ -197,8 +199,8 @@ class Worker:
                 self._register()
         elif kind is p.Error:
             log.error("worker %s: the broker refused it: %s", self.worker_id, msg.message)
-            if msg.code == p.E_ID_IN_USE:
-                self.refused = msg.message
+            if msg.code in REFUSALS:
+                self.refused = msg
                 self.stop()
 
     def _start(self, msg: p.Request) -> None:
