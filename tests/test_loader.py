@@ -129,3 +129,19 @@ def test_zroute_worker_with_a_handler_that_does_not_load_exits_with_one_line(tmp
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == ("zroute worker: error: --handler 'mymodule:shuot' cannot be "
                              "loaded: 'mymodule' has no attribute 'shuot'\n")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("source, problem", [
+    ("def shout(request):\n    yield 'a'\n", "is a generator function (def with yield)"),
+    ("async def shout(request):\n    return 'a'\n", "is an async function without yield"),
+    ("def shout(config):\n    def handler(request):\n        yield 'a'\n    return handler\n",
+     "returned a generator function (def with yield)"),
+], ids=["generator", "coroutine", "factory-of-generator"])
+def test_a_handler_that_is_not_an_async_generator_is_named_before_any_request(
+        tmp_path, source, problem):
+    (tmp_path / "mymodule.py").write_text(source)
+    result = run_zroute("worker", "--handler", "mymodule:shout", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (f"zroute worker: error: --handler 'mymodule:shout' {problem}: "
+                             "a handler is an async generator function (async def, with yield)\n")

@@ -46,6 +46,9 @@ def load_handler(spec: str, config: Config) -> Handler:
         return target
     if not callable(target):
         raise ConfigError(f"--handler {spec!r} is not callable: it is {type(target).__name__}")
+    problem = _almost_a_handler(target)
+    if problem:
+        raise ConfigError(f"--handler {spec!r} is {problem}")
     try:
         handler = target(config)
     except Exception as e:
@@ -53,7 +56,22 @@ def load_handler(spec: str, config: Config) -> Handler:
                           f"{type(e).__name__}: {e}") from None
     if not callable(handler):
         raise ConfigError(f"--handler {spec!r} returned {handler!r}, not a handler")
+    problem = _almost_a_handler(handler)
+    if problem:
+        raise ConfigError(f"--handler {spec!r} returned {problem}")
     return handler
+
+
+def _almost_a_handler(function: Any) -> str | None:
+    """What a function that looks like a handler but is not one is: neither it nor a
+    factory can be called like this, so say it before the first request fails."""
+    if inspect.isgeneratorfunction(function):
+        kind = "a generator function (def with yield)"
+    elif inspect.iscoroutinefunction(function):
+        kind = "an async function without yield"
+    else:
+        return None
+    return f"{kind}: a handler is an async generator function (async def, with yield)"
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
