@@ -319,7 +319,7 @@ def test_frontend_and_backend_must_differ(frontend: str) -> None:
     assert error_text(None, (f"Broker.frontend={frontend}",)) == (
         f"Broker.frontend ({frontend}) and Broker.backend (tcp://127.0.0.1:5556) are the same "
         "endpoint: clients connect to Broker.frontend and workers to Broker.backend, "
-        "so each needs its own")
+        "so each needs its own (by default tcp://127.0.0.1:5555 and tcp://127.0.0.1:5556)")
 
 
 @pytest.mark.parametrize("endpoint", ["tcp://*:6000", "tcp://[::1]:6000", "ipc:///tmp/zr.sock",

@@ -118,3 +118,17 @@ def test_zroute_stats_pointed_at_the_worker_endpoint_says_so(stack: Stack):
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == ("zroute stats: error: "
                              f"{worker_endpoint_message(stack.frontend, stack.backend)}\n")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("command, flag", [("worker", "--broker"), ("gateway", "--broker")])
+def test_a_default_endpoint_given_to_the_other_side_is_a_config_error(command, flag):
+    # The worker's --broker sets Broker.backend; the gateway's sets Broker.frontend.
+    endpoint = "tcp://127.0.0.1:5555" if command == "worker" else "tcp://127.0.0.1:5556"
+    result = run_zroute(command, flag, endpoint, "--Frontend.port=1")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"zroute {command}: error: Broker.frontend ({endpoint}) and Broker.backend ({endpoint}) "
+        "are the same endpoint: clients connect to Broker.frontend and workers to "
+        "Broker.backend, so each needs its own "
+        "(by default tcp://127.0.0.1:5555 and tcp://127.0.0.1:5556)\n")

@@ -283,9 +283,11 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
 def _check_endpoints_differ(frontend: str, backend: str) -> None:
     """Clients and workers speak different protocols: each needs its own socket."""
     if frontend == backend or _same_tcp_port(frontend, backend):
+        broker = SCHEMA["Broker"]
         raise ConfigError(f"Broker.frontend ({frontend}) and Broker.backend ({backend}) are the "
                           "same endpoint: clients connect to Broker.frontend and workers to "
-                          "Broker.backend, so each needs its own")
+                          "Broker.backend, so each needs its own (by default "
+                          f"{broker['frontend'].default} and {broker['backend'].default})")
 
 
 def _same_tcp_port(first: str, second: str) -> bool:
