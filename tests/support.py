@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -34,6 +35,13 @@ def run_zroute(*args: str, timeout: float = 20.0,
     """Run a `zroute` command to its end; its stdout and stderr are captured as text."""
     return subprocess.run([ZROUTE, *args], capture_output=True, text=True, timeout=timeout,
                           env=child_env(), cwd=cwd)
+
+
+def readme_example(heading: str) -> str:
+    """The first Python block of the README's section `heading` (e.g. "### Handlers")."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index(f"\n{heading}\n"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def workers_by_id(stats: dict) -> dict[str, dict]:

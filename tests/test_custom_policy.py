@@ -3,24 +3,15 @@ that real processes start from, named as module:Class."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from broker.client import BlockingClient, BrokerError
-from tests.http_support import CURL, ROOT, curl, http, start_gateway, wait_healthy
-from tests.support import Stack, free_port, run_zroute
+from tests.http_support import CURL, curl, http, start_gateway, wait_healthy
+from tests.support import Stack, free_port, readme_example, run_zroute
 from tests.test_serve import Serve
 
 POLICY = "mymodule:FewestCompleted"
 BODY = b'{"text": "a,b"}'
-
-
-def readme_policy_module() -> str:
-    """The README's example policy: the first Python block of "A custom policy"."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("#### A custom policy"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 @pytest.fixture
@@ -28,7 +19,7 @@ def project(tmp_path):
     """A user's directory with the README's mymodule.py in it."""
     directory = tmp_path / "project"
     directory.mkdir()
-    (directory / "mymodule.py").write_text(readme_policy_module())
+    (directory / "mymodule.py").write_text(readme_example("#### A custom policy"))
     return directory
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from broker.client import BlockingClient
 from broker.loader import LoadError, load_object
-from tests.support import Stack, run_zroute
+from tests.support import Stack, readme_example, run_zroute
 
 _names = itertools.count()
 
@@ -102,11 +102,7 @@ def test_a_missing_file_is_named(project, tmp_path):
 
 # --- the zroute command, as a user runs it ---------------------------------------------
 
-SHOUT = '''\
-async def shout(request):
-    for word in request["text"].split(","):
-        yield word.upper() + "\\n"
-'''
+SHOUT = readme_example("### Handlers")  # mymodule.py, as the README shows it
 
 
 @pytest.mark.timeout(30)
