@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -12,6 +13,7 @@ from broker.server import WRONG_ENDPOINT_ANSWERS
 from tests.broker_memory import MemoryBroker
 from tests.http_support import async_test, get_json, http, start_gateway
 from tests.support import Stack, run_zroute, wait_until
+from worker.runtime import Worker
 
 
 @pytest.fixture
@@ -132,3 +134,16 @@ def test_a_default_endpoint_given_to_the_other_side_is_a_config_error(command, f
         "are the same endpoint: clients connect to Broker.frontend and workers to "
         "Broker.backend, so each needs its own "
         "(by default tcp://127.0.0.1:5555 and tcp://127.0.0.1:5556)\n")
+
+
+def test_a_worker_that_hears_something_else_than_zroute_says_so_once(caplog):
+    # What a worker connected to the gateway's HTTP port receives: its 400 answers, again
+    # and again.
+    worker = Worker("tcp://127.0.0.1:8000", "w1", {"generate": lambda request: None})
+    with caplog.at_level(logging.WARNING, "zroute.worker"):
+        for _ in range(100):
+            worker._on_message([b"HTTP/1.1 400 Bad Request\r\n", b"Content-Length: 11"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "worker w1 dropped a message that is not zroute's protocol (unsupported protocol "
+        "version b'HTTP/1.1 400 Bad'): is tcp://127.0.0.1:8000 the broker's worker endpoint, "
+        "Broker.backend?"]

@@ -18,6 +18,7 @@ import zmq
 
 from broker import protocol as p
 from broker.channel import Channel, dealer
+from broker.ratelimit import LogLimiter
 
 log = logging.getLogger("zroute.worker")
 
@@ -102,6 +103,7 @@ class Worker:
         self._backoff = RECONNECT_MIN_S
         self._stopping: asyncio.Event | None = None
         self.refused: p.Error | None = None  # why the broker refused this worker, if it did
+        self._drops = LogLimiter(log)
 
     # --- life cycle -----------------------------------------------------------
 
@@ -181,7 +183,11 @@ class Worker:
         try:
             msg = p.decode_to_worker(frames)
         except p.ProtocolError as e:
-            log.warning("worker %s dropped a malformed message: %s", self.worker_id, e)
+            # A peer that is not a broker (say, the gateway's HTTP port) sends a stream of
+            # these: say once in a while what it may be, not once per message.
+            self._drops.warn(f"worker {self.worker_id} dropped a message that is not zroute's "
+                             f"protocol ({e}): is {self.broker} the broker's worker endpoint, "
+                             "Broker.backend?")
             return
         kind = type(msg)
         if kind is p.Request:
