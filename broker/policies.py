@@ -95,11 +95,11 @@ def load_policy(spec: str, what: str) -> Policy:
                         f"{type(e).__name__}: {detail}") from None
 
 
-def load_policies(named: Mapping[str, str] = {}) -> dict[str, Policy]:
+def load_policies(named: Mapping[str, str] | None = None) -> dict[str, Policy]:
     """One instance of each built-in policy and of each class in `named`
     (spec -> where it is named), by the name that requests give."""
     policies: dict[str, Policy] = {name: cls() for name, cls in POLICIES.items()}
-    for spec, what in named.items():
+    for spec, what in (named or {}).items():
         policies[spec] = load_policy(spec, what)
     return policies
 
