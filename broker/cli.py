@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
-from typing import Sequence
+from typing import Any, Sequence
 
+from broker.loader import LoadError
+from broker.policies import DIRECT, Policy, is_policy_class, load_policies, unknown_policy
 from broker.server import Broker
 from zroute.command import add_common_options, load, run_command
 
@@ -16,18 +19,39 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="client-facing ZeroMQ endpoint (default: tcp://127.0.0.1:5555)")
     parser.add_argument("--backend", metavar="ADDR",
                         help="worker-facing ZeroMQ endpoint (default: tcp://127.0.0.1:5556)")
+    parser.add_argument("--policy", dest="policies", action="append", metavar="MODULE:CLASS",
+                        help="a routing policy class that requests may name, besides the "
+                             "built-in ones; repeatable (sets Broker.policies)")
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="broker")
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    config = load(args, overrides, {"Broker.frontend": args.frontend,
-                                    "Broker.backend": args.backend})
-    broker = Broker(config.broker)
+    config = load(args, overrides, {
+        "Broker.frontend": args.frontend, "Broker.backend": args.backend,
+        "Broker.policies": json.dumps(args.policies) if args.policies else None})
+    broker = Broker(config.broker, policies=configured_policies(config))
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: broker.stop())
     broker.run()
     return 0
+
+
+def configured_policies(config: Any) -> dict[str, Policy]:
+    """The built-in policies, the classes of Broker.policies, and that of
+    Frontend.routing_mode if it names one: the gateways' default must be valid here."""
+    named = dict.fromkeys(config.broker.policies, "Broker.policies")
+    default = config.frontend.routing_mode
+    if is_policy_class(default):
+        named.setdefault(default, "Frontend.routing_mode")
+    policies = load_policies(named)
+    if default == DIRECT:
+        raise LoadError(f"Frontend.routing_mode: {DIRECT!r} needs a worker per request "
+                          f"(?worker=), so it cannot be the default; use one of "
+                          f"{', '.join(policies)}")
+    if default not in policies:
+        raise LoadError(f"Frontend.routing_mode: {unknown_policy(default, policies)}")
+    return policies
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -330,6 +330,9 @@ class Client:
             reply = self.replies.get(msg.rid)
             if reply is not None:
                 reply.finish(BrokerError(msg.code, msg.message))
+            waiter = self._stats_waiters.get(msg.rid)  # wrong_endpoint answers STATS too
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(BrokerError(msg.code, msg.message))
         elif kind is p.StatsReply:
             waiter = self._stats_waiters.get(msg.rid)
             if waiter is not None and not waiter.done():
@@ -412,7 +415,10 @@ class BlockingClient:
     def stats(self, timeout: float = 5.0) -> dict:
         rid = b"s%x" % next(self._ids)
         self.sock.send_multipart(p.encode_stats_request(p.StatsRequest(rid)))
-        return self._receive(rid, timeout).stats
+        reply = self._receive(rid, timeout)
+        if isinstance(reply, p.Error):  # e.g. wrong_endpoint
+            raise BrokerError(reply.code, reply.message)
+        return reply.stats
 
     def _receive(self, rid: bytes, timeout: float) -> p.Message:
         """The next message for `rid`; others (late replies, heartbeats) are skipped."""

@@ -1,14 +1,17 @@
 """Routing policies. A policy picks one worker from those with room.
 
-Adding a policy is one small class with a `choose` method and one entry in
-POLICIES.
+A policy is one small class with a `choose` method. The built-in ones are in
+POLICIES; a user's are named as module:Class (Broker.policies) and loaded by
+the broker when it starts, never because a request names them.
 """
 
 from __future__ import annotations
 
+import inspect
 import random as _random
-from typing import Protocol, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
+from broker.loader import LoadError, load_object
 from broker.registry import WorkerInfo
 
 
@@ -65,5 +68,41 @@ POLICIES: dict[str, type[Policy]] = {
     "power_of_two": PowerOfTwo,
 }
 
-ROUTING_MODES = (*POLICIES, DIRECT)
 DEFAULT_POLICY = "round_robin"
+
+
+def is_policy_class(name: str) -> bool:
+    """Whether a policy name is a class to load (module:Class), not a built-in name."""
+    return ":" in name
+
+
+def load_policy(spec: str, what: str) -> Policy:
+    """An instance of the class named by `spec` (module:Class or path/to/file.py:Class).
+
+    `what` names where the spec came from (e.g. "Broker.policies"), for the error.
+    """
+    target = load_object(spec, what)
+    if not inspect.isclass(target):
+        raise LoadError(f"{what} {spec!r} is a {type(target).__name__} object, not a class: "
+                        "name the policy class itself")
+    if not callable(getattr(target, "choose", None)):
+        raise LoadError(f"{what} {spec!r} has no method choose(service, candidates)")
+    try:
+        return target()
+    except Exception as e:
+        detail = " ".join(str(e).split())
+        raise LoadError(f"{what} {spec!r} cannot be created without arguments: "
+                        f"{type(e).__name__}: {detail}") from None
+
+
+def load_policies(named: Mapping[str, str] | None = None) -> dict[str, Policy]:
+    """One instance of each built-in policy and of each class in `named`
+    (spec -> where it is named), by the name that requests give."""
+    policies: dict[str, Policy] = {name: cls() for name, cls in POLICIES.items()}
+    for spec, what in (named or {}).items():
+        policies[spec] = load_policy(spec, what)
+    return policies
+
+
+def unknown_policy(name: str, valid: Iterable[str]) -> str:
+    return f"unknown routing policy {name!r} (valid: {', '.join(valid)})"

@@ -56,6 +56,8 @@ E_TIMEOUT = "timeout"
 E_QUEUE_FULL = "queue_full"
 E_ID_IN_USE = "worker_id_in_use"
 E_BROKER_UNREACHABLE = "broker_unreachable"
+E_POLICY = "policy_error"  # a routing policy raised or chose no candidate
+E_WRONG_ENDPOINT = "wrong_endpoint"  # a worker on the client socket, or a client on the worker one
 E_SLOW_READER = "slow_reader"  # raised by the client library, never sent
 
 MAX_ID_LENGTH = 255  # worker ids, service and policy names

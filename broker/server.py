@@ -12,13 +12,13 @@ import os
 import math
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import zmq
 
 from broker import protocol as p
-from broker.policies import DEFAULT_POLICY, DIRECT, POLICIES, ROUTING_MODES
-from broker.ratelimit import LogLimiter
+from broker.policies import DEFAULT_POLICY, DIRECT, Policy, load_policies, unknown_policy
+from broker.ratelimit import LogLimiter, PeerLimiter
 from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
 from broker.zmqio import readable, recv_frames, send_to
 
@@ -29,6 +29,7 @@ SOCKET_HWM = 10_000  # messages queued per peer; past that a send fails and its 
 DISCONNECTED = "disconnected"  # the eviction reason of a worker that said goodbye
 POLL_MS = 50  # the loop wakes at least this often for timers and stop()
 DEADLINE_TICK = 0.05  # deadlines are kept in buckets of this many seconds
+WRONG_ENDPOINT_ANSWERS = 10  # per peer per second, to a peer that speaks to the wrong socket
 
 
 class Request:
@@ -62,13 +63,16 @@ class Broker:
     """Routes requests from clients to workers and streams the replies back.
 
     `settings` is the `Broker` section of the configuration (zroute.config).
+    `policies` are those that requests may name (default: the built-in ones);
+    "direct" is always valid besides them.
     """
 
-    def __init__(self, settings: Any, context: zmq.Context | None = None) -> None:
+    def __init__(self, settings: Any, context: zmq.Context | None = None,
+                 policies: Mapping[str, Policy] | None = None) -> None:
         self.settings = settings
         self.context = context or zmq.Context.instance()
         self.registry = Registry()
-        self.policies = {name: cls() for name, cls in POLICIES.items()}
+        self.policies = dict(policies) if policies is not None else load_policies()
         self.requests: dict[bytes, Request] = {}
         self.queues: dict[str, deque[Request]] = {}
         # Deadlines in buckets, so that a finished request is forgotten at once.
@@ -81,7 +85,8 @@ class Broker:
              "timeouts", "evictions", "queued", "rejected_frames"), 0)
         self.queue_wait_total = 0.0
         self.drops = LogLimiter(log)
-        self.asked_to_register: dict[bytes, float] = {}
+        self.asked_to_register = PeerLimiter(settings.heartbeat_interval)
+        self.told_wrong_endpoint = PeerLimiter(1.0, WRONG_ENDPOINT_ANSWERS)
         self._stopping = False
         self._next_heartbeat = 0.0
         self.frontend = self._router(settings.frontend)
@@ -206,7 +211,8 @@ class Broker:
         try:
             msg = p.decode_from_client(frames)
         except p.ProtocolError as e:
-            self._reject_client_frames(peer, frames, e)
+            if not self._tell_worker_wrong_endpoint(peer, frames):
+                self._reject_client_frames(peer, frames, e)
             return
         kind = type(msg)
         if kind is p.Request:
@@ -243,11 +249,9 @@ class Broker:
         self.deadlines.setdefault(tick, set()).add(token)
         self._dispatch(req)
 
-    @staticmethod
-    def _check_routing(policy: str, target: str) -> tuple[str, str] | None:
-        if policy not in ROUTING_MODES:
-            valid = ", ".join(ROUTING_MODES)
-            return p.E_UNKNOWN_POLICY, f"unknown routing policy {policy!r} (valid: {valid})"
+    def _check_routing(self, policy: str, target: str) -> tuple[str, str] | None:
+        if policy not in self.policies and policy != DIRECT:
+            return p.E_UNKNOWN_POLICY, unknown_policy(policy, [*self.policies, DIRECT])
         if policy == DIRECT and not target:
             return p.E_BAD_REQUEST, "direct routing needs a target worker id"
         return None
@@ -285,8 +289,23 @@ class Broker:
         else:
             candidates = self.registry.available(req.service)
             if candidates:
-                return self.policies[req.policy].choose(req.service, candidates)
+                return self._choose(req, candidates)
         self._enqueue(req)
+        return None
+
+    def _choose(self, req: Request, candidates: Sequence[WorkerInfo]) -> WorkerInfo | None:
+        """The policy's choice; a policy that fails (a user's may) fails the request only."""
+        try:
+            chosen = self.policies[req.policy].choose(req.service, candidates)
+        except Exception as e:
+            problem = f"raised {type(e).__name__}: {' '.join(str(e).split())}"
+        else:
+            if any(chosen is worker for worker in candidates):
+                return chosen
+            problem = f"returned a {type(chosen).__name__}, not one of the workers it was given"
+        message = f"routing policy {req.policy!r} {problem}"
+        self.drops.warn(message)
+        self._fail(req, p.E_POLICY, message)
         return None
 
     def _assign(self, req: Request, worker: WorkerInfo) -> None:
@@ -329,8 +348,12 @@ class Broker:
                         any(w.worker_id == r.target for w in candidates)), None)
             if req is None:
                 return  # only direct requests for busy workers are left
-            worker = (self.registry.by_id[req.target] if req.policy == DIRECT
-                      else self.policies[req.policy].choose(service, candidates))
+            if req.policy == DIRECT:
+                worker = self.registry.by_id[req.target]
+            else:
+                worker = self._choose(req, candidates)
+                if worker is None:
+                    continue  # the policy failed, and so did the request: it left the queue
             self._dequeue(req)
             self._assign(req, worker)
 
@@ -372,7 +395,8 @@ class Broker:
         try:
             msg = p.decode_from_worker(frames)
         except p.ProtocolError as e:
-            self._dropped(f"dropped a malformed message from a worker: {e}")
+            if not self._tell_client_wrong_endpoint(peer, frames):
+                self._dropped(f"dropped a malformed message from a worker: {e}")
             return
         worker = self.registry.by_peer.get(peer)
         kind = type(msg)
@@ -396,13 +420,42 @@ class Broker:
     def _ask_to_register(self, peer: bytes) -> None:
         """Tell a peer we do not know (it registered with a broker before a restart)
         to register again: once, not for each of the stale messages it had queued."""
-        now = time.monotonic()
-        if now - self.asked_to_register.get(peer, -math.inf) < self.settings.heartbeat_interval:
-            return
-        if len(self.asked_to_register) > 10_000:
-            self.asked_to_register.clear()
-        self.asked_to_register[peer] = now
-        self._post(self.backend, peer, p.encode_disconnect())
+        if self.asked_to_register.allow(peer):
+            self._post(self.backend, peer, p.encode_disconnect())
+
+    # --- peers on the wrong socket --------------------------------------------
+
+    def _tell_worker_wrong_endpoint(self, peer: bytes, frames: list[bytes]) -> bool:
+        """A worker's READY on the client socket: refuse the worker, saying where to go."""
+        try:
+            is_ready = type(p.decode_from_worker(frames)) is p.Ready
+        except p.ProtocolError:
+            return False
+        if is_ready:
+            self._tell_wrong_endpoint(self.frontend, peer, b"", (
+                f"{self.settings.frontend} is the broker's client endpoint (Broker.frontend); "
+                f"workers connect to Broker.backend ({self.settings.backend})"))
+        return is_ready
+
+    def _tell_client_wrong_endpoint(self, peer: bytes, frames: list[bytes]) -> bool:
+        """A client's REQUEST or STATS on the worker socket: fail it, saying where to go.
+        (A client's HEARTBEAT looks like a worker's: it gets the DISCONNECT a worker
+        unknown to the broker gets.)"""
+        try:
+            msg = p.decode_from_client(frames)
+        except p.ProtocolError:
+            return False
+        if type(msg) is not p.Request and type(msg) is not p.StatsRequest:
+            return False
+        self._tell_wrong_endpoint(self.backend, peer, msg.rid, (
+            f"{self.settings.backend} is the broker's worker endpoint (Broker.backend); "
+            f"clients connect to Broker.frontend ({self.settings.frontend})"))
+        return True
+
+    def _tell_wrong_endpoint(self, sock: zmq.Socket, peer: bytes, rid: bytes, message: str) -> None:
+        self._dropped(f"a peer speaks to the wrong socket: {message}")
+        if self.told_wrong_endpoint.allow(peer):
+            self._post(sock, peer, p.encode_error(p.Error(rid, p.E_WRONG_ENDPOINT, message)))
 
     def _relay(self, worker: WorkerInfo, msg: p.Chunk | p.End) -> None:
         req = worker.requests.get(msg.rid)

@@ -23,9 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker import protocol as p
 from broker.client import BrokerError, Client, Stream
-from broker.policies import DIRECT, ROUTING_MODES
+from broker.policies import DIRECT
 from gateway.metrics import GatewayMetrics
-from zroute.config import ConfigError
 
 log = logging.getLogger("zroute.gateway")
 
@@ -85,17 +84,10 @@ class ReplyResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-def check_routing_mode(mode: str) -> None:
-    """A gateway's default mode is a policy: `direct` needs a worker per request."""
-    if mode not in ROUTING_MODES or mode == DIRECT:
-        valid = ", ".join(m for m in ROUTING_MODES if m != DIRECT)
-        raise ConfigError(f"Frontend.routing_mode: unknown routing mode {mode!r} "
-                          f"(valid: {valid})")
-
-
 class Gateway:
+    """Which policies are valid is the broker's to say: it answers unknown_policy."""
+
     def __init__(self, settings: GatewaySettings) -> None:
-        check_routing_mode(settings.routing_mode)
         self.settings = settings
         self.client = Client(settings.broker, timeout=settings.request_timeout)
         self.metrics = GatewayMetrics()
@@ -154,11 +146,9 @@ class Gateway:
             body = await self._read_body(request)
             policy, worker = self._routing(request)
         except HttpError as e:
-            # Only known policies become metric labels: a label per bad value would grow
-            # the metrics without bound.
-            policy = request.query.get("routing") or self.settings.routing_mode
-            self._done(b"-", policy if policy in ROUTING_MODES else "invalid", "", e.status,
-                       started, None, 0, e.message)
+            # Not routed, so no policy label: a label per bad value would grow the metrics
+            # without bound.
+            self._done(b"-", "-", "", e.status, started, None, 0, e.message)
             return error_response(e)
         stream = self.client.request(SERVICE, body, policy=policy, worker=worker)
         self.metrics.inflight += 1
@@ -187,9 +177,6 @@ class Gateway:
     def _routing(self, request: web.BaseRequest) -> tuple[str, str]:
         worker = request.query.get("worker", "")
         policy = request.query.get("routing") or (DIRECT if worker else self.settings.routing_mode)
-        if policy not in ROUTING_MODES:
-            raise HttpError(400, f"unknown routing mode {policy!r} "
-                                 f"(valid: {', '.join(ROUTING_MODES)})")
         if policy == DIRECT and not worker:
             raise HttpError(400, "routing=direct needs ?worker=<worker id>")
         if worker and policy != DIRECT:
@@ -205,6 +192,8 @@ class Gateway:
             await stream.first()
         except BrokerError as e:
             status = STATUS_OF_ERROR.get(e.code, 502)
+            if e.code == p.E_UNKNOWN_POLICY:
+                policy = "invalid"  # a label per bad value would grow the metrics without bound
             self._done(stream.rid, policy, "", status, started, None, 0, e.code)
             return error_response(HttpError(status, e.message, e.code))
         except asyncio.CancelledError:

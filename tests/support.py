@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,10 +30,18 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_zroute(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
+def run_zroute(*args: str, timeout: float = 20.0,
+               cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run a `zroute` command to its end; its stdout and stderr are captured as text."""
     return subprocess.run([ZROUTE, *args], capture_output=True, text=True, timeout=timeout,
-                          env=child_env())
+                          env=child_env(), cwd=cwd)
+
+
+def readme_example(heading: str) -> str:
+    """The first Python block of the README's section `heading` (e.g. "### Handlers")."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index(f"\n{heading}\n"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def workers_by_id(stats: dict) -> dict[str, dict]:
@@ -80,12 +89,12 @@ async def async_wait_until(condition: Callable[[], Any], timeout: float = 10.0,
 class Proc:
     """A child process whose output goes to a log file."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
+    def __init__(self, name: str, args: list[str], log_dir: Path, cwd: Path | None = None) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")
         self.popen = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
-                                      start_new_session=True, env=child_env())
+                                      start_new_session=True, env=child_env(), cwd=cwd)
 
     @property
     def pid(self) -> int:
@@ -123,10 +132,11 @@ class Stack:
         self.frontend = f"tcp://127.0.0.1:{free_port()}"
         self.backend = f"tcp://127.0.0.1:{free_port()}"
         self.procs: list[Proc] = []
+        self.cwd: Path | None = None  # where processes start: a user's project directory
         self._stats_client: BlockingClient | None = None
 
     def start(self, name: str, *args: str) -> Proc:
-        proc = Proc(name, [ZROUTE, *args], self.log_dir)
+        proc = Proc(name, [ZROUTE, *args], self.log_dir, self.cwd)
         self.procs.append(proc)
         return proc
 

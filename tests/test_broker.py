@@ -560,10 +560,10 @@ def test_stats_command_against_a_dead_address():
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("spec, problem", [
-    ("worker.greeting", "is invalid: use the form module:callable"),
-    (":make_handler", "is invalid: use the form module:callable"),
-    ("no_such_module_zr:handler", "cannot be loaded: No module named 'no_such_module_zr'"),
-    ("worker.greeting:no_such_name", "cannot be loaded: module 'worker.greeting' has no "
+    ("worker.greeting", "is invalid: use the form module:attr"),
+    (":make_handler", "is invalid: use the form module:attr"),
+    ("no_such_module_zr:handler", "cannot be loaded: no module named 'no_such_module_zr'"),
+    ("worker.greeting:no_such_name", "cannot be loaded: 'worker.greeting' has no "
                                      "attribute 'no_such_name'"),
     ("worker.greeting:__doc__", "is not callable"),
     ("tests.handlers:not_a_factory", "returned 42, not a handler"),
@@ -582,17 +582,16 @@ def test_worker_with_a_bad_handler_spec_exits_with_one_line(spec, problem):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("args", [
-    ["broker", "--frontend", "garbage"],
-    ["worker", "--broker", "nope://x"],
-    ["gateway", "--broker", "bad"],
-    ["stats", "--broker", "bad"],
+@pytest.mark.parametrize("args, problem", [
+    (["broker", "--frontend", "garbage"], "Broker.frontend: 'garbage' is not a ZeroMQ endpoint"),
+    (["worker", "--broker", "nope://x"], "Broker.backend: 'nope://x' has the scheme 'nope'"),
+    (["gateway", "--broker", "bad"], "Broker.frontend: 'bad' is not a ZeroMQ endpoint"),
+    (["stats", "--broker", "bad"], "Broker.frontend: 'bad' is not a ZeroMQ endpoint"),
 ], ids=["broker", "worker", "gateway", "stats"])
-def test_a_bad_endpoint_is_a_one_line_error(args):
+def test_a_bad_endpoint_is_a_one_line_error_that_names_its_key(args, problem):
     if args[0] == "gateway":
         args = [*args, "--port", str(free_port())]
     result = run_zroute(*args)
-    assert result.returncode == 1
+    assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"zroute {args[0]}: error: ")
-    assert "addr=" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"zroute {args[0]}: error: {problem}")

@@ -33,6 +33,7 @@ DEFAULTS = {
         "max_queue": 1000,
         "queue_timeout": 5.0,
         "max_message_size": 8388608,
+        "policies": (),
     },
 }
 
@@ -128,10 +129,10 @@ def test_int_accepted_for_float(tmp_path: Path) -> None:
 
 
 def test_override_of_str_key_keeps_raw_string() -> None:
-    cfg = load_config(None, ["Backend.greeting=123", "Frontend.host=", "Broker.frontend=tcp://*:1=2"])
+    cfg = load_config(None, ["Backend.greeting=123", "Frontend.host=", "Broker.frontend=ipc:///tmp/a=b"])
     assert cfg.backend.greeting == "123"
     assert cfg.frontend.host == ""
-    assert cfg.broker.frontend == "tcp://*:1=2"
+    assert cfg.broker.frontend == "ipc:///tmp/a=b"
 
 
 def test_empty_file_and_null_sections(tmp_path: Path) -> None:
@@ -268,3 +269,73 @@ def test_split_overrides_requires_equals() -> None:
     with pytest.raises(ConfigError) as info:
         split_overrides(["run", "--Backend.greeting", "Hi"])
     assert str(info.value) == "override '--Backend.greeting' has no value: the form is --Section.key=value"
+
+
+# --- endpoints and policies -------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("Broker.frontend=localhost:5555",
+         "Broker.frontend: 'localhost:5555' is not a ZeroMQ endpoint: use tcp://HOST:PORT "
+         "(e.g. tcp://localhost:5555) or ipc:///path"),
+        ("Broker.backend=5556",
+         "Broker.backend: '5556' is not a ZeroMQ endpoint: use tcp://HOST:PORT "
+         "(e.g. tcp://127.0.0.1:5555) or ipc:///path"),
+        ("Broker.frontend=http://localhost:5555",
+         "Broker.frontend: 'http://localhost:5555' has the scheme 'http': ZeroMQ endpoints "
+         "here are tcp://HOST:PORT, ipc:///path or inproc://name"),
+        ("Broker.frontend=tcp://localhost",
+         "Broker.frontend: 'tcp://localhost' has no port: use tcp://HOST:PORT, "
+         "e.g. tcp://localhost:5555"),
+        ("Broker.frontend=tcp://:5555",
+         "Broker.frontend: 'tcp://:5555' has no host: use tcp://HOST:PORT, "
+         "e.g. tcp://127.0.0.1:5555"),
+        ("Broker.backend=tcp://127.0.0.1:70000",
+         "Broker.backend: 'tcp://127.0.0.1:70000' has the port '70000': "
+         "a port is a number from 1 to 65535"),
+        ("Broker.backend=tcp://127.0.0.1:0",
+         "Broker.backend: 'tcp://127.0.0.1:0' has the port '0': a port is a number from 1 to 65535"),
+        ("Broker.backend=ipc://", "Broker.backend: 'ipc://' names no address after ipc://"),
+        ("Broker.policies=fewest",
+         "Broker.policies: 'fewest' is not a policy class: name one as module:Class or "
+         "path/to/file.py:Class (the built-in policies need no entry)"),
+        ("Broker.policies=[a:B, 3]",
+         "Broker.policies: ['a:B', 3] is invalid: must be a list of strings"),
+    ],
+)
+def test_endpoint_and_policy_errors_say_what_would_be_right(override: str, message: str) -> None:
+    assert error_text(None, (override,)) == message
+
+
+def test_endpoint_errors_come_from_the_file_too(tmp_path: Path) -> None:
+    path = write(tmp_path, "Broker:\n  frontend: localhost:5555\n")
+    assert error_text(path).startswith("Broker.frontend: 'localhost:5555' is not a ZeroMQ endpoint")
+
+
+@pytest.mark.parametrize("frontend", ["tcp://127.0.0.1:5556", "tcp://localhost:5556",
+                                      "tcp://*:5556"])
+def test_frontend_and_backend_must_differ(frontend: str) -> None:
+    assert error_text(None, (f"Broker.frontend={frontend}",)) == (
+        f"Broker.frontend ({frontend}) and Broker.backend (tcp://127.0.0.1:5556) are the same "
+        "endpoint: clients connect to Broker.frontend and workers to Broker.backend, "
+        "so each needs its own (by default tcp://127.0.0.1:5555 and tcp://127.0.0.1:5556)")
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://*:6000", "tcp://[::1]:6000", "ipc:///tmp/zr.sock",
+                                      "inproc://broker", "tcp://example.com:6000"])
+def test_valid_endpoints(endpoint: str) -> None:
+    assert load_config(None, [f"Broker.frontend={endpoint}"]).broker.frontend == endpoint
+
+
+def test_same_port_on_two_hosts_is_allowed() -> None:
+    cfg = load_config(None, ["Broker.frontend=tcp://10.0.0.1:6000",
+                             "Broker.backend=tcp://10.0.0.2:6000"])
+    assert cfg.broker.backend == "tcp://10.0.0.2:6000"
+
+
+def test_policies_are_a_list_and_one_name_is_a_list_of_one(tmp_path: Path) -> None:
+    path = write(tmp_path, "Broker:\n  policies: [mymodule:FewestCompleted, lib/p.py:P]\n")
+    assert load_config(path).broker.policies == ("mymodule:FewestCompleted", "lib/p.py:P")
+    cfg = load_config(None, ["Broker.policies=mymodule:FewestCompleted"])
+    assert cfg.broker.policies == ("mymodule:FewestCompleted",)

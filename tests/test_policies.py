@@ -1,9 +1,17 @@
-"""Routing policies as plain objects: each picks from the workers it is given."""
+"""Routing policies as plain objects: each picks from the workers it is given; and the
+broker's rules for the policies a user names (module:Class), in memory."""
+
+import logging
+import sys
 
 import pytest
 
-from broker.policies import POLICIES, LeastLoaded, PowerOfTwo, Random, RoundRobin
+from broker import protocol as p
+from broker.loader import LoadError
+from broker.policies import (POLICIES, LeastLoaded, PowerOfTwo, Random, RoundRobin,
+                             load_policies, load_policy)
 from broker.registry import WorkerInfo
+from tests.broker_memory import MemoryBroker
 
 
 def workers(*loads: tuple[int, int]) -> list[WorkerInfo]:
@@ -42,18 +50,124 @@ def test_random_uses_every_worker():
     assert {policy.choose("a", pool).worker_id for _ in range(200)} == {"w0", "w1"}
 
 
-def test_a_custom_policy_is_one_class_and_one_entry(monkeypatch):
-    class FewestCompleted:  # the README's example
-        def choose(self, service, candidates):
-            return min(candidates, key=lambda w: w.completed)
-
-    monkeypatch.setitem(POLICIES, "fewest_completed", FewestCompleted)
-    pool = workers((0, 0), (0, 0))
-    pool[0].completed = 7
-    assert POLICIES["fewest_completed"]().choose("a", pool).worker_id == "w1"
-
-
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_every_policy_picks_one_of_its_candidates(name):
     pool = workers((1, 3), (0, 3), (2, 3))
     assert POLICIES[name]().choose("a", pool) in pool
+
+
+# --- policies a user names ------------------------------------------------------------
+
+
+class FewestCompleted:  # the README's example
+    """Send work to the worker that has done the least so far."""
+
+    def choose(self, service, candidates):
+        return min(candidates, key=lambda w: w.completed)
+
+
+class Broken:
+    def choose(self, service, candidates):
+        raise ZeroDivisionError("division by zero")
+
+
+class Stranger:
+    def choose(self, service, candidates):
+        return WorkerInfo("w9", b"w9", ["generate"], 0)  # a worker it was not given
+
+
+class NeedsArguments:
+    def __init__(self, weight):
+        self.weight = weight
+
+    def choose(self, service, candidates):
+        return candidates[0]
+
+
+NOT_A_CLASS = FewestCompleted()
+FEWEST = f"{__name__}:FewestCompleted"
+
+
+@pytest.fixture
+def memory():
+    brokers = []
+
+    def make(*specs: str) -> MemoryBroker:
+        broker = MemoryBroker(load_policies(dict.fromkeys(specs, "Broker.policies")))
+        brokers.append(broker)
+        return broker
+
+    yield make
+    for broker in brokers:
+        broker.close()
+
+
+def test_a_custom_policy_named_by_module_and_class_routes_requests(memory):
+    broker = memory(FEWEST)
+    w1, w2 = broker.register("w1"), broker.register("w2")
+    broker.broker.registry.by_id["w1"].completed = 5
+    broker.request(b"c", b"r1", policy=FEWEST)
+    assert broker.to_client(b"c") == []
+    assert [type(m) for m in broker.to_worker(w2)] == [p.Request]
+    assert broker.to_worker(w1) == []
+
+
+def test_unknown_policy_lists_the_loaded_ones_and_never_imports(memory, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "side_effect.py").write_text("open('imported', 'w').close()\nclass P:\n"
+                                             "    def choose(self, s, c):\n        return c[0]\n")
+    broker = memory(FEWEST)
+    broker.register("w1")
+    broker.request(b"c", b"r1", policy="side_effect:P")
+    [error] = broker.to_client(b"c")
+    assert (error.code, error.message) == (p.E_UNKNOWN_POLICY, (
+        "unknown routing policy 'side_effect:P' (valid: round_robin, random, least_loaded, "
+        f"power_of_two, {FEWEST}, direct)"))
+    assert not (tmp_path / "imported").exists() and "side_effect" not in sys.modules
+
+
+@pytest.mark.parametrize("policy, problem", [
+    (f"{__name__}:Broken", "raised ZeroDivisionError: division by zero"),
+    (f"{__name__}:Stranger", "returned a WorkerInfo, not one of the workers it was given"),
+])
+def test_a_policy_that_fails_fails_its_request_only(memory, caplog, policy, problem):
+    broker = memory(policy)
+    w1 = broker.register("w1")
+    with caplog.at_level(logging.WARNING, "zroute.broker"):
+        for rid in (b"r1", b"r2"):
+            broker.request(b"c", rid, policy=policy)
+    message = f"routing policy {policy!r} {problem}"
+    assert broker.to_client(b"c") == [p.Error(b"r1", p.E_POLICY, message),
+                                      p.Error(b"r2", p.E_POLICY, message)]
+    assert [r.message for r in caplog.records] == [message]  # rate-limited
+    broker.request(b"c", b"r3")  # the broker goes on
+    assert [m.rid[-2:] for m in broker.to_worker(w1)] == [b"r3"]
+    assert broker.broker.requests.keys() == {b"\x01cr3"}
+
+
+def test_a_queued_request_whose_policy_fails_leaves_the_queue(memory):
+    broker = memory(f"{__name__}:Broken")
+    w1 = broker.register("w1", capacity=1)
+    broker.request(b"c", b"busy")
+    broker.request(b"c", b"broken", policy=f"{__name__}:Broken")  # queued: no room
+    broker.request(b"c", b"next")  # queued behind it
+    [busy] = broker.to_worker(w1)
+    broker.from_worker(w1, p.encode_reply_from_worker(p.End(busy.rid)))
+    replies = broker.to_client(b"c")
+    assert [(type(m), m.rid) for m in replies] == [(p.End, b"busy"), (p.Error, b"broken")]
+    assert replies[1].code == p.E_POLICY
+    assert [m.rid[-4:] for m in broker.to_worker(w1)] == [b"next"]
+    assert broker.broker.queues == {}
+
+
+@pytest.mark.parametrize("attribute, problem", [
+    ("NOT_A_CLASS", "is a FewestCompleted object, not a class: name the policy class itself"),
+    ("WorkerInfo", "has no method choose(service, candidates)"),
+    ("NeedsArguments", "cannot be created without arguments: TypeError: "),
+    ("Missing", f"cannot be loaded: '{__name__}' has no attribute 'Missing'"),
+])
+def test_a_policy_class_is_checked_when_it_loads(attribute, problem):
+    spec = f"{__name__}:{attribute}"
+    with pytest.raises(LoadError) as info:
+        load_policy(spec, "Broker.policies")
+    assert str(info.value).startswith(f"Broker.policies {spec!r} {problem}")

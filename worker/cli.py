@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import inspect
 import os
 import signal
 import socket
 from typing import Any, Sequence
 
+from broker import protocol as p
+from broker.loader import load_object
 from worker.runtime import Handler, Worker
 from zroute import aio
 from zroute.command import add_common_options, load, run_command
@@ -22,7 +23,8 @@ DEFAULT_HANDLER = "worker.greeting:make_handler"
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = "Run a worker that serves requests from the broker."
     parser.add_argument("--broker", metavar="ADDR",
-                        help="the broker's worker-facing endpoint (default: Broker.backend)")
+                        help="the broker's worker-facing endpoint; sets Broker.backend "
+                             "(default: tcp://127.0.0.1:5556)")
     parser.add_argument("--id", dest="worker_id", metavar="ID",
                         help="worker id (default: hostname-pid)")
     parser.add_argument("--handler", default=DEFAULT_HANDLER, metavar="MODULE:CALLABLE",
@@ -38,18 +40,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def load_handler(spec: str, config: Config) -> Handler:
-    """Import `module:callable`; call it with the config unless it is the handler itself."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ConfigError(f"--handler {spec!r} is invalid: use the form module:callable")
-    try:
-        target: Any = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"--handler {spec!r} cannot be loaded: {e}") from None
+    """Load `module:callable`; call it with the config unless it is the handler itself."""
+    target: Any = load_object(spec, "--handler")
     if inspect.isasyncgenfunction(target):
         return target
     if not callable(target):
         raise ConfigError(f"--handler {spec!r} is not callable: it is {type(target).__name__}")
+    problem = _almost_a_handler(target)
+    if problem:
+        raise ConfigError(f"--handler {spec!r} is {problem}")
     try:
         handler = target(config)
     except Exception as e:
@@ -57,14 +56,30 @@ def load_handler(spec: str, config: Config) -> Handler:
                           f"{type(e).__name__}: {e}") from None
     if not callable(handler):
         raise ConfigError(f"--handler {spec!r} returned {handler!r}, not a handler")
+    problem = _almost_a_handler(handler)
+    if problem:
+        raise ConfigError(f"--handler {spec!r} returned {problem}")
     return handler
 
 
+def _almost_a_handler(function: Any) -> str | None:
+    """What a function that looks like a handler but is not one is: neither it nor a
+    factory can be called like this, so say it before the first request fails."""
+    if inspect.isgeneratorfunction(function):
+        kind = "a generator function (def with yield)"
+    elif inspect.iscoroutinefunction(function):
+        kind = "an async function without yield"
+    else:
+        return None
+    return f"{kind}: a handler is an async generator function (async def, with yield)"
+
+
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    config = load(args, overrides, {"Backend.ServiceArgs.capacity": args.capacity})
+    config = load(args, overrides, {"Backend.ServiceArgs.capacity": args.capacity,
+                                    "Broker.backend": args.broker})
     handler = load_handler(args.handler, config)
     worker = Worker(
-        args.broker or config.broker.backend,
+        config.broker.backend,
         args.worker_id or f"{socket.gethostname()}-{os.getpid()}",
         {service: handler for service in args.services or ["generate"]},
         capacity=config.backend.service_args.capacity,
@@ -74,7 +89,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     aio.run(_serve(worker))
     if worker.refused:
-        raise ConfigError(f"--id: {worker.refused}")
+        flag = "--id" if worker.refused.code == p.E_ID_IN_USE else "--broker"
+        raise ConfigError(f"{flag}: {worker.refused.message}")
     return 0
 
 

@@ -18,6 +18,7 @@ import zmq
 
 from broker import protocol as p
 from broker.channel import Channel, dealer
+from broker.ratelimit import LogLimiter
 
 log = logging.getLogger("zroute.worker")
 
@@ -25,6 +26,8 @@ Handler = Callable[[Any], AsyncIterator["bytes | str"]]
 
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 3.0
+# The broker refuses the worker itself: its id is taken, or it connected to the client socket.
+REFUSALS = (p.E_ID_IN_USE, p.E_WRONG_ENDPOINT)
 
 
 class BadRequest(Exception):
@@ -99,7 +102,8 @@ class Worker:
         self._last_heard = 0.0
         self._backoff = RECONNECT_MIN_S
         self._stopping: asyncio.Event | None = None
-        self.refused: str | None = None  # why the broker refused this worker, if it did
+        self.refused: p.Error | None = None  # why the broker refused this worker, if it did
+        self._drops = LogLimiter(log)
 
     # --- life cycle -----------------------------------------------------------
 
@@ -179,7 +183,11 @@ class Worker:
         try:
             msg = p.decode_to_worker(frames)
         except p.ProtocolError as e:
-            log.warning("worker %s dropped a malformed message: %s", self.worker_id, e)
+            # A peer that is not a broker (say, the gateway's HTTP port) sends a stream of
+            # these: say once in a while what it may be, not once per message.
+            self._drops.warn(f"worker {self.worker_id} dropped a message that is not zroute's "
+                             f"protocol ({e}): is {self.broker} the broker's worker endpoint, "
+                             "Broker.backend?")
             return
         kind = type(msg)
         if kind is p.Request:
@@ -197,8 +205,8 @@ class Worker:
                 self._register()
         elif kind is p.Error:
             log.error("worker %s: the broker refused it: %s", self.worker_id, msg.message)
-            if msg.code == p.E_ID_IN_USE:
-                self.refused = msg.message
+            if msg.code in REFUSALS:
+                self.refused = msg
                 self.stop()
 
     def _start(self, msg: p.Request) -> None:

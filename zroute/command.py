@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 
 import zmq
 
+from broker.loader import LoadError
 from zroute.config import Config, ConfigError, load_config, split_overrides
 from zroute.logs import LOG_FORMATS, setup_logging
 
@@ -37,7 +38,8 @@ def load(args: argparse.Namespace, overrides: Sequence[str],
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse, set up logging, run `args.run(args, overrides)`.
 
-    A configuration error is one line on stderr and exit code 2.
+    A configuration error (or a module:attr that does not load) is one line on stderr
+    and exit code 2.
     """
     try:
         rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
@@ -48,7 +50,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
                   args.log_level, args.log_format)
     try:
         return args.run(args, overrides)
-    except ConfigError as e:
+    except (ConfigError, LoadError) as e:
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 2
     except (zmq.ZMQError, OSError) as e:  # an address that cannot be bound or connected

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import yaml
 
@@ -21,16 +21,23 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Setting:
-    """One schema leaf: value type, default and allowed range (ge/gt/le bounds)."""
+    """One schema leaf: value type, default and allowed range (ge/gt/le bounds).
+
+    A `tuple` setting is a list of strings in YAML (a lone string is a list of one).
+    `check`, if given, returns what is wrong with a value of the right type, or None.
+    """
 
     type: type
     default: Any
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
+    check: Callable[[Any], str | None] | None = None
 
     def accepts(self, value: Any) -> bool:
         """True if ``value`` has the right type and lies in range."""
+        if self.type is tuple:
+            return isinstance(value, list) and all(isinstance(item, str) for item in value)
         allowed = (int, float) if self.type is float else (self.type,)
         if isinstance(value, bool) or not isinstance(value, allowed):
             return False
@@ -39,7 +46,8 @@ class Setting:
 
     def describe(self) -> str:
         """What a valid value looks like, e.g. 'must be an integer from 1 to 65535'."""
-        kind = {str: "a string", int: "an integer", float: "a number"}[self.type]
+        kind = {str: "a string", int: "an integer", float: "a number",
+                tuple: "a list of strings"}[self.type]
         if self.ge is not None and self.le is not None:
             return f"must be {kind} from {self.ge} to {self.le}"
         if self.ge is not None:
@@ -47,6 +55,43 @@ class Setting:
         if self.gt is not None:
             return f"must be {kind} > {self.gt}"
         return f"must be {kind}"
+
+
+ENDPOINT_SCHEMES = ("tcp", "ipc", "inproc")
+
+
+def endpoint_problem(value: str) -> str | None:
+    """What is wrong with a ZeroMQ endpoint, and what would be right; None if nothing."""
+    scheme, has_scheme, address = value.partition("://")
+    if not has_scheme:
+        example = f"tcp://{value}" if re.fullmatch(r"[\w.\-*]+:\d+", value) else "tcp://127.0.0.1:5555"
+        return (f"{value!r} is not a ZeroMQ endpoint: use tcp://HOST:PORT "
+                f"(e.g. {example}) or ipc:///path")
+    if scheme not in ENDPOINT_SCHEMES:
+        return (f"{value!r} has the scheme {scheme!r}: ZeroMQ endpoints here are "
+                "tcp://HOST:PORT, ipc:///path or inproc://name")
+    if not address:
+        return f"{value!r} names no address after {scheme}://"
+    if scheme != "tcp":
+        return None
+    host, has_port, port = address.rpartition(":")
+    if not has_port or not port:
+        return f"{value!r} has no port: use tcp://HOST:PORT, e.g. tcp://{address}:5555"
+    if not host:
+        return f"{value!r} has no host: use tcp://HOST:PORT, e.g. tcp://127.0.0.1{address}"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"{value!r} has the port {port!r}: a port is a number from 1 to 65535"
+    return None
+
+
+def policy_spec_problem(specs: tuple[str, ...]) -> str | None:
+    """Broker.policies names classes: a bare name would be a built-in policy, always valid."""
+    for spec in specs:
+        module, _, attribute = spec.rpartition(":")
+        if not module or not attribute:
+            return (f"{spec!r} is not a policy class: name one as module:Class or "
+                    "path/to/file.py:Class (the built-in policies need no entry)")
+    return None
 
 
 # Section -> key -> Setting, or -> nested mapping of the same shape. Add a key with one line.
@@ -69,8 +114,8 @@ SCHEMA: dict[str, Any] = {
         "ServiceArgs": {"workers": Setting(int, 1, ge=1)},
     },
     "Broker": {
-        "frontend": Setting(str, "tcp://127.0.0.1:5555"),
-        "backend": Setting(str, "tcp://127.0.0.1:5556"),
+        "frontend": Setting(str, "tcp://127.0.0.1:5555", check=endpoint_problem),
+        "backend": Setting(str, "tcp://127.0.0.1:5556", check=endpoint_problem),
         "heartbeat_interval": Setting(float, 1.0, gt=0),
         "heartbeat_misses": Setting(int, 3, ge=1),
         "max_retries": Setting(int, 2, ge=0),
@@ -79,6 +124,8 @@ SCHEMA: dict[str, Any] = {
         "queue_timeout": Setting(float, 5.0, ge=0),
         # Peers pack messages into frames of up to MAX_BATCH_BYTES.
         "max_message_size": Setting(int, 8388608, ge=MAX_BATCH_BYTES),
+        # Policy classes (module:Class) a request may name besides the built-in ones.
+        "policies": Setting(tuple, (), check=policy_spec_problem),
     },
 }
 
@@ -136,9 +183,18 @@ def _lookup(schema: Mapping[str, Any], key: Any, prefix: str) -> Any:
 
 
 def _check_value(dotted: str, value: Any, setting: Setting) -> Any:
+    if setting.type is tuple and isinstance(value, str):
+        value = [value]
     if not setting.accepts(value):
         raise ConfigError(f"{dotted}: {value!r} is invalid: {setting.describe()}")
-    return float(value) if setting.type is float else value
+    if setting.type is float:
+        value = float(value)
+    elif setting.type is tuple:
+        value = tuple(value)
+    problem = setting.check and setting.check(value)
+    if problem:
+        raise ConfigError(f"{dotted}: {problem}")
+    return value
 
 
 def _check_tree(schema: Mapping[str, Any], data: Any, prefix: str = "") -> dict[str, Any]:
@@ -219,7 +275,29 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
     values = _check_tree(SCHEMA, _read_file(path) if path is not None else None)
     for override in overrides:
         _apply_override(values, override)
-    return _instantiate(_ConfigClass, values)
+    config = _instantiate(_ConfigClass, values)
+    _check_endpoints_differ(config.broker.frontend, config.broker.backend)
+    return config
+
+
+def _check_endpoints_differ(frontend: str, backend: str) -> None:
+    """Clients and workers speak different protocols: each needs its own socket."""
+    if frontend == backend or _same_tcp_port(frontend, backend):
+        broker = SCHEMA["Broker"]
+        raise ConfigError(f"Broker.frontend ({frontend}) and Broker.backend ({backend}) are the "
+                          "same endpoint: clients connect to Broker.frontend and workers to "
+                          "Broker.backend, so each needs its own (by default "
+                          f"{broker['frontend'].default} and {broker['backend'].default})")
+
+
+def _same_tcp_port(first: str, second: str) -> bool:
+    """Both tcp, on one port of one host (or of every host, "*")."""
+    if not (first.startswith("tcp://") and second.startswith("tcp://")):
+        return False
+    (host1, _, port1), (host2, _, port2) = (
+        endpoint[len("tcp://"):].replace("localhost", "127.0.0.1").rpartition(":")
+        for endpoint in (first, second))
+    return port1 == port2 and (host1 == host2 or "*" in (host1, host2))
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

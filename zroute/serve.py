@@ -20,7 +20,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from gateway.app import check_routing_mode
 from zroute.command import add_common_options, load
 from zroute.config import Config
 
@@ -147,8 +146,7 @@ def health(url: str) -> dict | None:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.port is not None:  # the children get it as an override, like the rest
         overrides = [*overrides, f"Frontend.port={args.port}"]
-    config = load(args, overrides)
-    check_routing_mode(config.frontend.routing_mode)
+    config = load(args, overrides)  # the broker checks Frontend.routing_mode: it knows the policies
     supervisor = build_supervisor(config, args, overrides)
     stop_requested = []
     for signum in (signal.SIGINT, signal.SIGTERM):

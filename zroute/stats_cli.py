@@ -29,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    address = args.broker or load(args, overrides).broker.frontend
+    address = load(args, overrides, {"Broker.frontend": args.broker}).broker.frontend
     with BlockingClient(address) as client:
         try:
             if not args.watch:

@@ -1,0 +1,60 @@
+"""A Broker driven in memory, for fast tests of its rules.
+
+Messages go in through the broker's handlers, as its loop would pass them, and what it
+would send is read from its outbox. Its sockets are real (inproc) but never used.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Mapping
+
+import zmq
+
+from broker import protocol as p
+from broker.policies import Policy
+from broker.server import Broker
+from zroute.config import load_config
+
+_endpoints = itertools.count()
+
+
+class MemoryBroker:
+    def __init__(self, policies: Mapping[str, Policy] | None = None, *overrides: str) -> None:
+        n = next(_endpoints)
+        config = load_config(None, [f"Broker.frontend=inproc://memory-front-{n}",
+                                    f"Broker.backend=inproc://memory-back-{n}", *overrides])
+        self.context = zmq.Context()
+        self.broker = Broker(config.broker, self.context, policies)
+
+    def close(self) -> None:
+        self.broker.frontend.close(0)
+        self.broker.backend.close(0)
+        self.context.term()
+
+    # --- in ---------------------------------------------------------------------
+
+    def from_client(self, client: bytes, frames: list[bytes]) -> None:
+        self.broker._on_client(client, frames)
+
+    def from_worker(self, worker: bytes, frames: list[bytes]) -> None:
+        self.broker._on_worker(worker, frames)
+
+    def register(self, worker_id: str, capacity: int = 0) -> bytes:
+        """A worker registers for "generate"; returns its peer identity."""
+        peer = worker_id.encode()
+        self.from_worker(peer, p.encode_ready(p.Ready(worker_id, ["generate"], capacity)))
+        return peer
+
+    def request(self, client: bytes, rid: bytes, policy: str = "", target: str = "") -> None:
+        self.from_client(client, p.encode_request_to_broker(
+            p.Request(rid, "generate", b"{}", policy, target, 0)))
+
+    # --- out --------------------------------------------------------------------
+
+    def to_client(self, client: bytes) -> list[p.Message]:
+        """What the broker would send to a client (taken from its outbox)."""
+        return [p.decode_to_client(m) for m in self.broker.outgoing[self.broker.frontend].pop(client, [])]
+
+    def to_worker(self, worker: bytes) -> list[p.Message]:
+        return [p.decode_to_worker(m) for m in self.broker.outgoing[self.broker.backend].pop(worker, [])]
