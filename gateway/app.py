@@ -146,9 +146,10 @@ class Gateway:
             body = await self._read_body(request)
             policy, worker = self._routing(request)
         except HttpError as e:
-            # Not routed, so no policy label: a label per bad value would grow the metrics
-            # without bound.
-            self._done(b"-", "-", "", e.status, started, None, 0, e.message)
+            # A name the broker has not judged is no label: a label per bad value would
+            # grow the metrics without bound. The default was judged when the broker started.
+            policy = "-" if "routing" in request.query else self.settings.routing_mode
+            self._done(b"-", policy, "", e.status, started, None, 0, e.message)
             return error_response(e)
         stream = self.client.request(SERVICE, body, policy=policy, worker=worker)
         self.metrics.inflight += 1
