@@ -139,6 +139,12 @@ class Stream:
     def __aiter__(self) -> Stream:
         return self
 
+    def __await__(self) -> Iterator[None]:
+        """`stream = await client.round_robin(...)` gives the stream itself: the form
+        of clients whose request() is a coroutine."""
+        return self
+        yield  # a generator function, as __await__ must be; it never suspends
+
     async def __anext__(self) -> bytes:
         reply = self._reply
         while True:

@@ -214,12 +214,19 @@ def test_greeting_strips_words_and_skips_empty_ones(shared):
     assert run(main()) == [b"Hello a!\n", b"Hello b!\n"]
 
 
+NOT_A_TEXT = 'body must be a JSON object with a string field "text"'
+NO_WORDS = '"text" has no words: give comma-separated words, e.g. "a,b"'
+
+
 @SHARED_TIMEOUT
 @pytest.mark.parametrize("body, message", [
-    (b"not json", "body is not JSON"),
-    ({"words": "a"}, 'the body must be a JSON object with a string "text"'),
-    ({"text": 5}, 'the body must be a JSON object with a string "text"'),
-], ids=["not-json", "no-text", "text-not-string"])
+    (b"\xff\xfe", "body is neither JSON nor UTF-8 text"),
+    ({"words": "a"}, NOT_A_TEXT),
+    ({"text": 5}, NOT_A_TEXT),
+    (["a", "b"], NOT_A_TEXT),
+    ({"text": " , ,"}, NO_WORDS),
+    (" , ", NO_WORDS),
+], ids=["not-utf8", "no-text", "text-not-string", "a-list", "no-words", "plain-no-words"])
 def test_greeting_bad_body_is_bad_request(shared, body, message):
     async def main():
         async with Client(shared.frontend) as client:
@@ -230,6 +237,25 @@ def test_greeting_bad_body_is_bad_request(shared, body, message):
     error = run(main())
     assert error.code == p.E_BAD_REQUEST
     assert error.message.startswith(message)
+
+
+@SHARED_TIMEOUT
+def test_the_seeds_calling_forms_work_awaited_streams_and_plain_string_bodies(shared):
+    """What a user of the seed (NVIDIA Dynamo's simple pipeline) tries first."""
+    async def main():
+        async with Client(shared.frontend) as client:
+            stream = await client.round_robin("generate", "world,universe,galaxy")
+            awaited = [chunk async for chunk in stream]
+            iterated = [chunk async for chunk in client.random("generate", " a, ,b ")]
+            direct = await (await client.direct("generate", "x", "w2")).read()
+            requested = await client.request("generate", b'"y"')  # a JSON string
+            return awaited, iterated, direct, await requested.read(), requested.worker_id
+
+    awaited, iterated, direct, requested, worker_id = run(main())
+    assert awaited == SEED_CHUNKS
+    assert iterated == [b"Hello a!\n", b"Hello b!\n"]
+    assert direct == b"Hello x!\n"
+    assert (worker_id, requested) in [("w1", b"Hello y!\n"), ("w2", b"Hello y!\n")]
 
 
 @SHARED_TIMEOUT

@@ -58,6 +58,15 @@ def one_worker(stack):
     return gateway
 
 
+def serving_handler(stack: Stack, handler: str):
+    """Broker, worker-1 serving a handler of tests/gateway_handlers.py, and a gateway."""
+    stack.broker()
+    handler_worker(stack, "worker-1", handler)
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 1)
+    return gateway
+
+
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """For tests that only send rejected or read-only requests: one stack for all of them.
@@ -197,15 +206,22 @@ async def test_round_robin_direct_and_random_routing_through_http(stack):
 BAD_BODY = 'body must be a JSON object with a string field "text"'
 OVER_DEFAULT_LIMIT = b'{"text": "' + b"a" * (1 << 20) + b'"}'
 
+BAD_TEXT = {"error": BAD_BODY, "code": "bad_request"}
+NO_WORDS = {"error": '"text" has no words: give comma-separated words, e.g. "a,b"',
+            "code": "bad_request"}
+# The cases the gateway passes on: the greeting handler, or the broker, refuses them.
+REACH_THE_BROKER = {"body-not-an-object", "text-missing", "text-not-a-string", "text-null",
+                    "text-without-words", "plain-string-without-words", "unknown-worker"}
+
 REJECTED = {
     # case: (gateway, query, body, status, exact JSON body or a prefix of its error text)
     "body-not-json": ("gateway", "", b"hello", 400, "body is not valid JSON: "),
-    "body-not-an-object": ("gateway", "", b'["a,b"]', 400, {"error": BAD_BODY}),
-    "text-missing": ("gateway", "", b'{"words": "a,b"}', 400, {"error": BAD_BODY}),
-    "text-not-a-string": ("gateway", "", b'{"text": ["a", "b"]}', 400, {"error": BAD_BODY}),
-    "text-null": ("gateway", "", b'{"text": null}', 400, {"error": BAD_BODY}),
-    "text-without-words": ("gateway", "", b'{"text": " , ,"}', 400, {
-        "error": '"text" has no words: give comma-separated words, e.g. "a,b"'}),
+    "body-not-an-object": ("gateway", "", b'["a,b"]', 400, BAD_TEXT),
+    "text-missing": ("gateway", "", b'{"words": "a,b"}', 400, BAD_TEXT),
+    "text-not-a-string": ("gateway", "", b'{"text": ["a", "b"]}', 400, BAD_TEXT),
+    "text-null": ("gateway", "", b'{"text": null}', 400, BAD_TEXT),
+    "text-without-words": ("gateway", "", b'{"text": " , ,"}', 400, NO_WORDS),
+    "plain-string-without-words": ("gateway", "", b'" , "', 400, NO_WORDS),
     "body-over-default-limit": ("gateway", "", OVER_DEFAULT_LIMIT, 413, {
         "error": "body is larger than 1048576 bytes"}),
     "body-over-max_body-100": ("small", "", b'{"text": "world"}'.ljust(101), 413, {
@@ -228,7 +244,7 @@ def check_error(status: int, content_type: str, body: bytes, expected_status: in
     assert (status, content_type) == (expected_status, JSON), body
     parsed = json.loads(body)
     if isinstance(expected, str):
-        assert list(parsed) == ["error"] and parsed["error"].startswith(expected), parsed
+        assert list(parsed) == ["error", "code"] and parsed["error"].startswith(expected), parsed
     else:
         assert parsed == expected
 
@@ -249,8 +265,7 @@ async def test_rejected_request_gets_its_status_and_a_json_error(shared, case):
         result = curl(f"{url}/generate{query}", body=body)
         assert result.returncode == 0, result.stderr
         check_error(result.status, result.headers["content-type"], result.body, status, expected)
-    # Only a request for a worker by name reaches the broker; the others stop at the gateway.
-    reached = (2 if CURL else 1) if status == 404 else 0
+    reached = (2 if CURL else 1) if case in REACH_THE_BROKER else 0
     assert get_json(f"{url}/stats")["broker"]["requests"] == before + reached
     no_traceback(getattr(shared, which).proc)
 
@@ -307,6 +322,23 @@ def test_an_http_1_0_client_gets_the_body_unchunked_until_the_connection_closes(
 def test_head_on_health_answers_its_status_without_a_body(shared):
     reply = http("HEAD", f"{shared.gateway.url}/health")
     assert (reply.status, reply.headers["content-type"], reply.body) == (200, JSON, b"")
+
+
+@async_test
+async def test_a_plain_json_string_is_the_greetings_text(shared):
+    async with aiohttp.ClientSession() as session:
+        status, _, reply = await post(session, shared.gateway.url, b'" a, ,b "')
+    assert (status, reply) == (200, b"Hello a!\nHello b!\n")
+
+
+@async_test
+async def test_a_custom_handler_receives_any_json_body(stack):
+    gateway = serving_handler(stack, "echo")
+    async with aiohttp.ClientSession() as session:
+        for body in (b'[1, "a"]', b'{"prompt": "hi"}', b'"a,b"', b"42", b"null"):
+            status, _, reply = await post(session, gateway.url, body)
+            assert (status, json.loads(reply)) == (200, json.loads(body))
+    no_traceback(gateway.proc)
 
 
 @async_test
@@ -396,10 +428,7 @@ async def test_unreachable_broker_gives_503_with_retry_after(stack):
 
 @async_test
 async def test_a_handler_failing_mid_stream_gives_a_visibly_incomplete_response(stack):
-    stack.broker()
-    handler_worker(stack, "worker-1", "fail_mid_stream")
-    gateway = start_gateway(stack)
-    wait_healthy(gateway, 1)
+    gateway = serving_handler(stack, "fail_mid_stream")
     expected = f"Hello world!\n\nerror: handler_error: RuntimeError: {FAILURE}\n"
 
     async with aiohttp.ClientSession() as session:
