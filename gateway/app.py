@@ -55,10 +55,17 @@ class GatewaySettings:
     request_timeout: float = 60.0
 
 
-class HttpError(Exception):
-    """An error answered with a JSON body `{"error": ...}`."""
+# The gateway's own error codes; the others are the broker's (broker/protocol.py).
+E_NOT_FOUND = "not_found"
+E_METHOD_NOT_ALLOWED = "method_not_allowed"
+E_BODY_TOO_LARGE = "body_too_large"
+E_EXPECTATION_FAILED = "expectation_failed"
 
-    def __init__(self, status: int, message: str, code: str = "") -> None:
+
+class HttpError(Exception):
+    """An error answered with a JSON body `{"error": message, "code": code}`."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -72,10 +79,13 @@ def json_response(body: dict, status: int = 200) -> web.Response:
 
 
 def error_response(error: HttpError) -> web.Response:
-    body = {"error": error.message}
-    if error.code:
-        body["code"] = error.code
-    return json_response(body, error.status)
+    return json_response({"error": error.message, "code": error.code}, error.status)
+
+
+def unavailable(message: str, code: str) -> web.Response:
+    """/health's 503: its status, and an error like any other."""
+    return json_response({"status": "unavailable", "workers": 0, "error": message,
+                          "code": code}, 503)
 
 
 class ReplyResponse(web.StreamResponse):
@@ -130,18 +140,21 @@ class Gateway:
         route = self.routes.get(request.path)
         if route is None:
             return error_response(HttpError(404, f"no such path {request.path!r}; "
-                                                 "the paths are " + ", ".join(self.routes)))
+                                                 "the paths are " + ", ".join(self.routes),
+                                            E_NOT_FOUND))
         method, handler = route
         if request.method != method and not (method == "GET" and request.method == "HEAD"):
             response = error_response(HttpError(405, f"{request.path} takes {method}, "
-                                                     f"not {request.method}"))
+                                                     f"not {request.method}",
+                                                E_METHOD_NOT_ALLOWED))
             response.headers["Allow"] = "GET, HEAD" if method == "GET" else method
             return response
         expect = request.headers.get("Expect")
         if expect is not None:  # answered by aiohttp's router, not by its low-level server
             if expect.lower() != "100-continue":
                 return error_response(HttpError(417, f"Expect: {expect} is not supported "
-                                                     "(only 100-continue is)"))
+                                                     "(only 100-continue is)",
+                                                E_EXPECTATION_FAILED))
             if request.version >= (1, 1):  # HTTP/1.0 has no interim responses
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return await handler(request)
@@ -172,7 +185,8 @@ class Gateway:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise HttpError(413, f"body is larger than {self.settings.max_body} bytes") from None
+            raise HttpError(413, f"body is larger than {self.settings.max_body} bytes",
+                            E_BODY_TOO_LARGE) from None
         # Only JSON passes; what it must hold is the handler's to say (the greeting's
         # BadRequest is a 400 too), so that a custom handler receives any JSON body.
         try:
@@ -186,12 +200,12 @@ class Gateway:
         policy = request.query.get("routing") or (DIRECT if worker else self.settings.routing_mode)
         if policy not in ROUTING_MODES:
             raise HttpError(400, f"unknown routing mode {policy!r} "
-                                 f"(valid: {', '.join(ROUTING_MODES)})")
+                                 f"(valid: {', '.join(ROUTING_MODES)})", p.E_UNKNOWN_POLICY)
         if policy == DIRECT and not worker:
-            raise HttpError(400, "routing=direct needs ?worker=<worker id>")
+            raise HttpError(400, "routing=direct needs ?worker=<worker id>", p.E_BAD_REQUEST)
         if worker and policy != DIRECT:
             raise HttpError(400, f"?worker= routes directly; it cannot be combined with "
-                                 f"routing={policy}")
+                                 f"routing={policy}", p.E_BAD_REQUEST)
         if not self.client.broker_alive:
             raise HttpError(503, "the broker is unreachable", p.E_BROKER_UNREACHABLE)
         return policy, worker
@@ -281,12 +295,11 @@ class Gateway:
         try:
             stats = await self._broker_stats()
         except HttpError as e:
-            return json_response({"status": "unavailable", "workers": 0, "error": e.message}, 503)
+            return unavailable(e.message, e.code)
         workers = sum(1 for w in stats["workers"] if w["state"] == "ready")
         if workers:
             return json_response({"status": "ok", "workers": workers})
-        return json_response({"status": "unavailable", "workers": 0,
-                              "error": "no worker is registered"}, 503)
+        return unavailable("no worker is registered", p.E_NO_WORKERS)
 
     async def stats(self, _: web.BaseRequest) -> web.Response:
         try:

@@ -15,6 +15,12 @@ async def fail_mid_stream(request: Any) -> AsyncIterator[str]:
     raise RuntimeError(FAILURE)
 
 
+async def fail_at_once(request: Any) -> AsyncIterator[str]:
+    """Fail before the first line: the gateway can still answer with a status."""
+    raise RuntimeError(FAILURE)
+    yield  # an async generator, as handlers are
+
+
 async def echo(request: Any) -> AsyncIterator[bytes]:
     """Yield the request back as JSON."""
     yield orjson.dumps(request)

@@ -223,19 +223,21 @@ REJECTED = {
     "text-without-words": ("gateway", "", b'{"text": " , ,"}', 400, NO_WORDS),
     "plain-string-without-words": ("gateway", "", b'" , "', 400, NO_WORDS),
     "body-over-default-limit": ("gateway", "", OVER_DEFAULT_LIMIT, 413, {
-        "error": "body is larger than 1048576 bytes"}),
+        "error": "body is larger than 1048576 bytes", "code": "body_too_large"}),
     "body-over-max_body-100": ("small", "", b'{"text": "world"}'.ljust(101), 413, {
-        "error": "body is larger than 100 bytes"}),
+        "error": "body is larger than 100 bytes", "code": "body_too_large"}),
     "unknown-worker": ("gateway", "?worker=nobody", SEED_BODY, 404, {
         "error": "no such worker: 'nobody' serves no 'generate' requests",
         "code": "no_such_worker"}),
     "unknown-routing-mode": ("gateway", "?routing=nope", SEED_BODY, 400, {
         "error": "unknown routing mode 'nope' "
-                 "(valid: round_robin, random, least_loaded, power_of_two, direct)"}),
+                 "(valid: round_robin, random, least_loaded, power_of_two, direct)",
+        "code": "unknown_policy"}),
     "direct-without-worker": ("gateway", "?routing=direct", SEED_BODY, 400, {
-        "error": "routing=direct needs ?worker=<worker id>"}),
+        "error": "routing=direct needs ?worker=<worker id>", "code": "bad_request"}),
     "worker-with-other-routing": ("gateway", "?worker=worker-1&routing=random", SEED_BODY, 400, {
-        "error": "?worker= routes directly; it cannot be combined with routing=random"}),
+        "error": "?worker= routes directly; it cannot be combined with routing=random",
+        "code": "bad_request"}),
 }
 
 
@@ -271,21 +273,25 @@ async def test_rejected_request_gets_its_status_and_a_json_error(shared, case):
 
 
 WRONG_ROUTES = {
-    # case: (method, path, status, error, Allow header)
+    # case: (method, path, status, error, code, Allow header)
     "unknown-path": ("GET", "/nope", 404,
                      "no such path '/nope'; the paths are /generate, /health, /stats, /metrics",
-                     None),
-    "get-generate": ("GET", "/generate", 405, "/generate takes POST, not GET", "POST"),
-    "post-health": ("POST", "/health", 405, "/health takes GET, not POST", "GET, HEAD"),
-    "delete-stats": ("DELETE", "/stats", 405, "/stats takes GET, not DELETE", "GET, HEAD"),
+                     "not_found", None),
+    "get-generate": ("GET", "/generate", 405, "/generate takes POST, not GET",
+                     "method_not_allowed", "POST"),
+    "post-health": ("POST", "/health", 405, "/health takes GET, not POST",
+                    "method_not_allowed", "GET, HEAD"),
+    "delete-stats": ("DELETE", "/stats", 405, "/stats takes GET, not DELETE",
+                     "method_not_allowed", "GET, HEAD"),
 }
 
 
 @pytest.mark.parametrize("case", list(WRONG_ROUTES))
 def test_wrong_path_or_method_gets_a_json_error(shared, case):
-    method, path, status, error, allow = WRONG_ROUTES[case]
+    method, path, status, error, code, allow = WRONG_ROUTES[case]
     reply = http(method, f"{shared.gateway.url}{path}", b"{}" if method == "POST" else None)
-    check_error(reply.status, reply.headers["content-type"], reply.body, status, {"error": error})
+    check_error(reply.status, reply.headers["content-type"], reply.body, status,
+                {"error": error, "code": code})
     assert reply.headers.get("allow") == allow
 
 
@@ -299,7 +305,8 @@ async def test_expect_100_continue_is_answered_and_other_expectations_get_417(sh
         async with session.post(f"{shared.gateway.url}/generate", data=SEED_BODY,
                                 headers={"Expect": "magic"}) as resp:
             check_error(resp.status, resp.headers["Content-Type"], await resp.read(), 417,
-                        {"error": "Expect: magic is not supported (only 100-continue is)"})
+                        {"error": "Expect: magic is not supported (only 100-continue is)",
+                         "code": "expectation_failed"})
 
 
 @pytest.mark.parametrize("expect", ["", "Expect: 100-continue\r\n"], ids=["plain", "expect"])
@@ -360,7 +367,8 @@ async def test_health_and_generate_answer_503_until_a_worker_registers(stack):
     health = wait_until(lambda: (r := http("GET", f"{gateway.url}/health")) and r.json().get(
         "error") == "no worker is registered" and r, 10, "/health to see the broker")
     assert (health.status, health.headers["content-type"], health.json()) == (
-        503, JSON, {"status": "unavailable", "workers": 0, "error": "no worker is registered"})
+        503, JSON, {"status": "unavailable", "workers": 0, "error": "no worker is registered",
+                    "code": "no_workers"})
     assert health.headers["retry-after"] == "1"
 
     no_workers = {"error": "no worker serves 'generate' (waited 0.2 s)", "code": "no_workers"}
@@ -396,7 +404,8 @@ async def test_unreachable_broker_gives_503_with_retry_after(stack):
         async with session.get(f"{gateway.url}/health") as resp:
             assert (resp.status, resp.headers["Retry-After"]) == (503, "1")
             assert await resp.json() == {"status": "unavailable", "workers": 0,
-                                         "error": f"no stats from {broker} within 2 s"}
+                                         "error": f"no stats from {broker} within 2 s",
+                                         "code": "broker_unreachable"}
 
     async def first_request() -> None:
         # Sent within the heartbeat window (3 s), while the broker may still answer: it
@@ -424,6 +433,14 @@ async def test_unreachable_broker_gives_503_with_retry_after(stack):
 
 
 # --- failures after the response began --------------------------------------------------------
+
+
+def test_a_handler_failing_before_its_first_line_answers_502_handler_error(stack):
+    gateway = serving_handler(stack, "fail_at_once")
+    reply = http("POST", f"{gateway.url}/generate", SEED_BODY)
+    check_error(reply.status, reply.headers["content-type"], reply.body, 502,
+                {"error": f"RuntimeError: {FAILURE}", "code": "handler_error"})
+    no_traceback(gateway.proc)
 
 
 @async_test
