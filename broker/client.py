@@ -26,6 +26,8 @@ from broker.channel import Channel, dealer
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 DEFAULT_TIMEOUT = 60.0
+DEFAULT_TIMEOUT_SETTING = "the client's timeout"
+REQUEST_TIMEOUT_SETTING = "the request's timeout"  # timeout= given to request()
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_MISSES = 3
 DEADLINE_GRACE = 1.0  # the broker ends a request at its deadline; the client waits this much more
@@ -44,6 +46,11 @@ class BrokerError(Exception):
         self.message = message
 
 
+def timeout_message(setting: str, seconds: float) -> str:
+    """What a request ended by its deadline says: the setting that ended it, and its value."""
+    return f"no reply within {setting} ({seconds:g} s)"
+
+
 def encode_body(body: Body) -> bytes:
     if isinstance(body, bytes):
         return body
@@ -60,13 +67,15 @@ class Reply:
     and its finalizer cancels the request.
     """
 
-    __slots__ = ("client", "rid", "deadline", "worker_id", "chunks", "buffered", "waiter",
-                 "error", "done")
+    __slots__ = ("client", "rid", "timeout", "timeout_setting", "deadline", "worker_id",
+                 "chunks", "buffered", "waiter", "error", "done")
 
-    def __init__(self, client: Client, rid: bytes, deadline: float) -> None:
+    def __init__(self, client: Client, rid: bytes, timeout: float, timeout_setting: str) -> None:
         self.client = client
         self.rid = rid
-        self.deadline = deadline
+        self.timeout = timeout
+        self.timeout_setting = timeout_setting  # named when the deadline ends the request
+        self.deadline = time.monotonic() + timeout + DEADLINE_GRACE
         self.worker_id: str | None = None
         self.chunks: deque[bytes] = deque()
         self.buffered = 0  # bytes in chunks
@@ -85,6 +94,9 @@ class Reply:
             self.cancel(BrokerError(p.E_SLOW_READER, "the reader fell too far behind the stream"))
         else:
             self.wake()
+
+    def timed_out(self) -> BrokerError:
+        return BrokerError(p.E_TIMEOUT, timeout_message(self.timeout_setting, self.timeout))
 
     def cancel(self, error: BaseException | None = None) -> None:
         """Stop the request, if it is still going: the broker and the worker are told,
@@ -217,13 +229,19 @@ class Stream:
 
 
 class Client:
-    """An asyncio client of the broker's client-facing socket."""
+    """An asyncio client of the broker's client-facing socket.
+
+    `timeout` is the default deadline of a request, and `timeout_setting` what a
+    request it ends calls it (the gateway's is "Frontend.request_timeout").
+    """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
+                 timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
                  context: zmq.Context | None = None) -> None:
         self.address = address
         self.timeout = timeout
+        self.timeout_setting = timeout_setting
         self.heartbeat_interval = heartbeat_interval
         self.context = context or zmq.Context.instance()
         self.replies: dict[bytes, Reply] = {}
@@ -282,9 +300,12 @@ class Client:
         the "direct" policy. `timeout` (seconds) ends the request if it is not
         done by then.
         """
-        timeout = self.timeout if timeout is None else timeout
+        if timeout is None:
+            timeout, setting = self.timeout, self.timeout_setting
+        else:
+            setting = REQUEST_TIMEOUT_SETTING
         rid = b"%x" % next(self._ids)
-        reply = Reply(self, rid, time.monotonic() + timeout + DEADLINE_GRACE)
+        reply = Reply(self, rid, timeout, setting)
         self.replies[rid] = reply
         message = p.Request(rid, service, encode_body(body), policy, worker, int(timeout * 1000))
         self._channel.send(p.encode_request_to_broker(message))
@@ -335,7 +356,9 @@ class Client:
         elif kind is p.Error:
             reply = self.replies.get(msg.rid)
             if reply is not None:
-                reply.finish(BrokerError(msg.code, msg.message))
+                # The broker's deadline is this client's: say which setting it was.
+                reply.finish(reply.timed_out() if msg.code == p.E_TIMEOUT
+                             else BrokerError(msg.code, msg.message))
         elif kind is p.StatsReply:
             waiter = self._stats_waiters.get(msg.rid)
             if waiter is not None and not waiter.done():
@@ -370,7 +393,7 @@ class Client:
                 self._fail_all(p.E_BROKER_UNREACHABLE, f"no answer from the broker at {self.address}")
             now = time.monotonic()
             for reply in [r for r in self.replies.values() if now > r.deadline]:
-                reply.cancel(BrokerError(p.E_TIMEOUT, "request deadline expired"))
+                reply.cancel(reply.timed_out())
 
 
 class BlockingClient:

@@ -107,7 +107,8 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         check_routing_mode(settings.routing_mode)
         self.settings = settings
-        self.client = Client(settings.broker, timeout=settings.request_timeout)
+        self.client = Client(settings.broker, timeout=settings.request_timeout,
+                             timeout_setting="Frontend.request_timeout")
         self.metrics = GatewayMetrics()
 
         # path -> (method, handler). A dict lookup: aiohttp's router costs about 10% of

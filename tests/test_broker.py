@@ -259,6 +259,21 @@ def test_the_seeds_calling_forms_work_awaited_streams_and_plain_string_bodies(sh
 
 
 @SHARED_TIMEOUT
+def test_a_request_ended_by_its_deadline_names_the_timeout_and_its_value(shared):
+    async def main():
+        errors = []
+        async with Client(shared.frontend, timeout=0.4) as client:
+            for options in ({}, {"timeout": 0.3}):
+                with pytest.raises(BrokerError) as caught:
+                    await client.request("slow", {"text": "a,b,c,d"}, **options).read()
+                errors.append((caught.value.code, caught.value.message))
+        return errors
+
+    assert run(main()) == [("timeout", "no reply within the client's timeout (0.4 s)"),
+                           ("timeout", "no reply within the request's timeout (0.3 s)")]
+
+
+@SHARED_TIMEOUT
 def test_greeting_from_config_file_and_command_line_override(shared):
     async def main():
         async with Client(shared.frontend) as client:

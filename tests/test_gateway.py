@@ -574,6 +574,7 @@ def test_a_deadline_before_the_first_line_answers_504_and_stops_the_worker(stack
     elapsed = time.monotonic() - started
     assert reply is not None and reply.status == 504
     assert reply.headers["content-type"].startswith("application/json")
-    assert reply.json() == {"error": "request deadline expired", "code": "timeout"}
+    assert reply.json() == {"error": "no reply within Frontend.request_timeout (0.5 s)",
+                            "code": "timeout"}
     assert 0.5 <= elapsed < 2.5
     wait_until(lambda: "cancelled" in worker.output(), 5, "the worker to be told to stop")
