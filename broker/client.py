@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import orjson
 import zmq
@@ -46,9 +46,32 @@ class BrokerError(Exception):
         self.message = message
 
 
-def timeout_message(setting: str, seconds: float) -> str:
-    """What a request ended by its deadline says: the setting that ended it, and its value."""
-    return f"no reply within {setting} ({seconds:g} s)"
+def timeout_error(setting: str, seconds: float) -> BrokerError:
+    """A request ended by its deadline: the setting that ended it, and its value."""
+    return BrokerError(p.E_TIMEOUT, f"no reply within {setting} ({seconds:g} s)")
+
+
+def reply_error(msg: p.Error, timeout_setting: str, timeout: float) -> BrokerError:
+    """A broker's ERROR for a request, as raised. The broker's deadline is the one the
+    client gave it, so a timeout names the client's setting."""
+    if msg.code == p.E_TIMEOUT:
+        return timeout_error(timeout_setting, timeout)
+    return BrokerError(msg.code, msg.message)
+
+
+# The one liveness rule of both clients: heartbeat every interval while requests wait,
+# and give up on a broker silent for HEARTBEAT_MISSES intervals, or whose connection closed.
+
+def broker_silent(last_heard: float, heartbeat_interval: float) -> bool:
+    return time.monotonic() - last_heard > heartbeat_interval * HEARTBEAT_MISSES
+
+
+def silent_broker_error(address: str) -> BrokerError:
+    return BrokerError(p.E_BROKER_UNREACHABLE, f"no answer from the broker at {address}")
+
+
+def closed_connection_error(address: str) -> BrokerError:
+    return BrokerError(p.E_BROKER_UNREACHABLE, f"the connection to the broker at {address} closed")
 
 
 def encode_body(body: Body) -> bytes:
@@ -96,7 +119,7 @@ class Reply:
             self.wake()
 
     def timed_out(self) -> BrokerError:
-        return BrokerError(p.E_TIMEOUT, timeout_message(self.timeout_setting, self.timeout))
+        return timeout_error(self.timeout_setting, self.timeout)
 
     def cancel(self, error: BaseException | None = None) -> None:
         """Stop the request, if it is still going: the broker and the worker are told,
@@ -288,7 +311,7 @@ class Client:
     @property
     def broker_alive(self) -> bool:
         """False once the broker has been silent for several heartbeats."""
-        return time.monotonic() - self._last_heard <= self.heartbeat_interval * HEARTBEAT_MISSES
+        return not broker_silent(self._last_heard, self.heartbeat_interval)
 
     # --- requests -------------------------------------------------------------
 
@@ -356,9 +379,7 @@ class Client:
         elif kind is p.Error:
             reply = self.replies.get(msg.rid)
             if reply is not None:
-                # The broker's deadline is this client's: say which setting it was.
-                reply.finish(reply.timed_out() if msg.code == p.E_TIMEOUT
-                             else BrokerError(msg.code, msg.message))
+                reply.finish(reply_error(msg, reply.timeout_setting, reply.timeout))
         elif kind is p.StatsReply:
             waiter = self._stats_waiters.get(msg.rid)
             if waiter is not None and not waiter.done():
@@ -370,19 +391,19 @@ class Client:
         event = parse_monitor_message(frames)["event"]
         if event == zmq.EVENT_DISCONNECTED:
             self._last_heard = float("-inf")  # not alive until the broker speaks again
-            self._fail_all(p.E_BROKER_UNREACHABLE,
-                           f"the connection to the broker at {self.address} closed")
+            self._fail_all(closed_connection_error(self.address))
         elif event == zmq.EVENT_CONNECTED:
             self._channel.send(p.encode_heartbeat())  # its answer says it is alive
 
     def _on_heartbeat(self, boot_id: bytes) -> None:
         if self._boot_id is not None and boot_id != self._boot_id:
-            self._fail_all(p.E_BROKER_UNREACHABLE, "the broker restarted during the request")
+            self._fail_all(BrokerError(p.E_BROKER_UNREACHABLE,
+                                       "the broker restarted during the request"))
         self._boot_id = boot_id
 
-    def _fail_all(self, code: str, message: str) -> None:
+    def _fail_all(self, error: BrokerError) -> None:
         for reply in list(self.replies.values()):
-            reply.finish(BrokerError(code, message))
+            reply.finish(error)
 
     async def _watch(self) -> None:
         """Heartbeat the broker; end requests past their deadline or on a dead broker."""
@@ -390,22 +411,35 @@ class Client:
             await asyncio.sleep(self.heartbeat_interval)
             self._channel.send(p.encode_heartbeat())
             if not self.broker_alive:
-                self._fail_all(p.E_BROKER_UNREACHABLE, f"no answer from the broker at {self.address}")
+                self._fail_all(silent_broker_error(self.address))
             now = time.monotonic()
             for reply in [r for r in self.replies.values() if now > r.deadline]:
                 reply.cancel(reply.timed_out())
 
 
 class BlockingClient:
-    """A synchronous client for scripts and the REPL: one request at a time."""
+    """A synchronous client for scripts and the REPL: one request at a time.
+
+    While it waits it heartbeats the broker, and gives up on it as the asyncio Client
+    does: after HEARTBEAT_MISSES heartbeats of silence, or when the connection closes.
+    """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
+                 timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL,
                  context: zmq.Context | None = None) -> None:
         self.address = address
         self.timeout = timeout
+        self.timeout_setting = timeout_setting
+        self.heartbeat_interval = heartbeat_interval
         self.sock = dealer(context or zmq.Context.instance(), address)
+        self._monitor = self.sock.get_monitor_socket(CONNECTION_EVENTS)
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._ids = itertools.count(1)
         self._inbox: deque[list[bytes]] = deque()  # messages received, not yet read
+        self._last_heard = 0.0
 
     def __enter__(self) -> BlockingClient:
         return self
@@ -414,22 +448,29 @@ class BlockingClient:
         self.close()
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self._monitor.close(0)
         self.sock.close(0)
 
     def request(self, service: str, body: Body, *, policy: str = "", worker: str = "",
                 timeout: float | None = None) -> Iterator[bytes]:
         """Yield the reply's chunks as they arrive."""
-        timeout = self.timeout if timeout is None else timeout
+        if timeout is None:
+            timeout, setting = self.timeout, self.timeout_setting
+        else:
+            setting = REQUEST_TIMEOUT_SETTING
         rid = b"%x" % next(self._ids)
         message = p.Request(rid, service, encode_body(body), policy, worker, int(timeout * 1000))
+        self._start_waiting()
         self.sock.send_multipart(p.encode_request_to_broker(message))
+        deadline = time.monotonic() + timeout + DEADLINE_GRACE
         finished = False
         try:
             while True:
-                reply = self._receive(rid, timeout + DEADLINE_GRACE)
+                reply = self._receive(rid, deadline, lambda: timeout_error(setting, timeout))
                 if isinstance(reply, p.Error):
                     finished = True
-                    raise BrokerError(reply.code, reply.message)
+                    raise reply_error(reply, setting, timeout)
                 yield from reply.chunks
                 if isinstance(reply, p.End):
                     finished = True
@@ -440,25 +481,59 @@ class BlockingClient:
 
     def stats(self, timeout: float = 5.0) -> dict:
         rid = b"s%x" % next(self._ids)
+        self._start_waiting()
         self.sock.send_multipart(p.encode_stats_request(p.StatsRequest(rid)))
-        return self._receive(rid, timeout).stats
+        return self._receive(rid, time.monotonic() + timeout, lambda: BrokerError(
+            p.E_BROKER_UNREACHABLE,
+            f"no answer from the broker at {self.address} within {timeout:g} s")).stats
 
-    def _receive(self, rid: bytes, timeout: float) -> p.Message:
-        """The next message for `rid`; others (late replies, heartbeats) are skipped."""
-        deadline = time.monotonic() + timeout
+    def _start_waiting(self) -> None:
+        """Forget connection events from before this request: only a connection that
+        closes while it waits ends it."""
+        while self._monitor.poll(0):
+            self._monitor.recv_multipart()
+        self._last_heard = time.monotonic()
+
+    def _receive(self, rid: bytes, deadline: float,
+                 expired: Callable[[], BrokerError]) -> p.Message:
+        """The next message for `rid`; others (late replies, heartbeats) are skipped.
+        Heartbeats the broker meanwhile; raises expired() at the deadline."""
+        next_beat = 0.0
         while True:
-            while self._inbox:  # the rest of a BATCH
+            msg = self._read_inbox(rid)
+            if msg is not None:
+                return msg
+            now = time.monotonic()
+            if now >= deadline:
+                raise expired()
+            if broker_silent(self._last_heard, self.heartbeat_interval):
+                raise silent_broker_error(self.address)
+            if now >= next_beat:
+                self.sock.send_multipart(p.encode_heartbeat())
+                next_beat = now + self.heartbeat_interval
+            ready = dict(self._poller.poll((min(deadline, next_beat) - now) * 1000))
+            if self._monitor in ready:
+                self._on_connection_event()
+            if self.sock in ready:
+                self._last_heard = time.monotonic()
                 try:
-                    msg = p.decode_to_client(self._inbox.popleft())
+                    self._inbox.extend(p.unbatch(self.sock.recv_multipart()))
                 except p.ProtocolError:
                     continue
-                if getattr(msg, "rid", None) == rid:
-                    return msg
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.sock.poll(remaining * 1000):
-                raise BrokerError(p.E_BROKER_UNREACHABLE,
-                                  f"no answer from the broker at {self.address} within {timeout:g} s")
+
+    def _read_inbox(self, rid: bytes) -> p.Message | None:
+        while self._inbox:  # the rest of a BATCH
             try:
-                self._inbox.extend(p.unbatch(self.sock.recv_multipart()))
+                msg = p.decode_to_client(self._inbox.popleft())
             except p.ProtocolError:
                 continue
+            if getattr(msg, "rid", None) == rid:
+                return msg
+        return None
+
+    def _on_connection_event(self) -> None:
+        event = parse_monitor_message(self._monitor.recv_multipart())["event"]
+        if event == zmq.EVENT_DISCONNECTED:
+            raise closed_connection_error(self.address)
+        if event == zmq.EVENT_CONNECTED:
+            self.sock.send_multipart(p.encode_heartbeat())  # its answer says it is alive

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import time
 
 import orjson
@@ -554,6 +555,54 @@ def test_blocking_client_request_and_stats(shared):
     completed_before = {w["id"]: w["completed"] for w in before["workers"]}
     assert completed["w2"] - completed_before["w2"] >= 1
     assert completed["w1"] + completed["w2"] - completed_before["w1"] - completed_before["w2"] == 2
+
+
+@pytest.mark.timeout(20)
+def test_blocking_client_reports_an_unreachable_broker_after_three_heartbeats():
+    address = f"tcp://127.0.0.1:{free_port()}"  # nobody there
+    with BlockingClient(address) as client:  # timeout 60 s, heartbeat 1 s
+        began = time.monotonic()
+        with pytest.raises(BrokerError) as caught:
+            list(client.request("generate", SEED_BODY))
+        elapsed = time.monotonic() - began
+    assert (caught.value.code, caught.value.message) == (
+        p.E_BROKER_UNREACHABLE, f"no answer from the broker at {address}")
+    assert 3.0 <= elapsed < 4.5, f"took {elapsed:.2f} s"  # as the asyncio Client
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("signum, message", [
+    (signal.SIGSTOP, "no answer from the broker at {address}"),  # hangs, connection open
+    (signal.SIGKILL, "the connection to the broker at {address} closed"),
+], ids=["hung", "killed"])
+def test_blocking_client_gives_up_on_a_broker_lost_mid_request(stack, signum, message):
+    broker = stack.broker()
+    stack.worker("w1", sleep_time=0.3)
+    stack.wait_workers("w1")
+    with BlockingClient(stack.frontend, heartbeat_interval=0.2) as client:
+        chunks = client.request("generate", {"text": "a,b,c,d,e,f,g,h,i,j"})
+        assert next(chunks) == b"Hello a!\n"
+        broker.signal(signum)
+        lost = time.monotonic()
+        try:
+            with pytest.raises(BrokerError) as caught:
+                list(chunks)
+        finally:
+            broker.signal(signal.SIGCONT)
+        elapsed = time.monotonic() - lost
+    assert (caught.value.code, caught.value.message) == (
+        p.E_BROKER_UNREACHABLE, message.format(address=stack.frontend))
+    assert elapsed < 2.0, f"took {elapsed:.2f} s"  # 3 heartbeats of 0.2 s, not the 60 s timeout
+
+
+@SHARED_TIMEOUT
+def test_blocking_client_timeout_names_the_setting(shared):
+    with BlockingClient(shared.frontend, timeout=0.4) as client:
+        for options, expected in (({}, "no reply within the client's timeout (0.4 s)"),
+                                  ({"timeout": 0.3}, "no reply within the request's timeout (0.3 s)")):
+            with pytest.raises(BrokerError) as caught:
+                list(client.request("slow", {"text": "a,b,c,d"}, **options))
+            assert (caught.value.code, caught.value.message) == (p.E_TIMEOUT, expected)
 
 
 @pytest.mark.timeout(30)
