@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import os
+import socket
 import time
 from collections import deque
 from typing import Any, Callable, Iterator
@@ -23,6 +26,9 @@ from zmq.utils.monitor import parse_monitor_message
 
 from broker import protocol as p
 from broker.channel import Channel, dealer
+from broker.ratelimit import LogLimiter
+
+log = logging.getLogger("zroute.client")
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 DEFAULT_TIMEOUT = 60.0
@@ -72,6 +78,11 @@ def silent_broker_error(address: str) -> BrokerError:
 
 def closed_connection_error(address: str) -> BrokerError:
     return BrokerError(p.E_BROKER_UNREACHABLE, f"the connection to the broker at {address} closed")
+
+
+def default_name() -> str:
+    """A client's name where none is given: unique among the processes of a cluster."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def encode_body(body: Body) -> bytes:
@@ -256,15 +267,23 @@ class Client:
 
     `timeout` is the default deadline of a request, and `timeout_setting` what a
     request it ends calls it (the gateway's is "Frontend.request_timeout").
+
+    A client given `report` sends what it returns (a JSON object of cumulative
+    counters, at most protocol.MAX_REPORT_BYTES) to the broker with each heartbeat,
+    under `name`; the broker's stats carry every reporter's latest, in "gateways".
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
                  timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 report: Callable[[], dict] | None = None, name: str = "",
                  context: zmq.Context | None = None) -> None:
         self.address = address
         self.timeout = timeout
         self.timeout_setting = timeout_setting
+        self.report = report
+        self.name = name or default_name()
+        self._report_too_large = LogLimiter(log, interval=60.0)
         self.heartbeat_interval = heartbeat_interval
         self.context = context or zmq.Context.instance()
         self.replies: dict[bytes, Reply] = {}
@@ -294,7 +313,7 @@ class Client:
         self._monitor = Channel(sock.get_monitor_socket(CONNECTION_EVENTS),
                                 self._on_connection_event)
         self._last_heard = time.monotonic()
-        self._channel.send(p.encode_heartbeat())
+        self._beat()
         self._watchdog = self.loop.create_task(self._watch())
 
     async def close(self) -> None:
@@ -387,13 +406,25 @@ class Client:
         else:
             self._on_heartbeat(msg.boot_id)
 
+    def _beat(self) -> None:
+        """A heartbeat, and the counters' report if this client makes one."""
+        self._channel.send(p.encode_heartbeat())
+        if self.report is None:
+            return
+        frames = p.encode_report(p.Report(self.name, self.report()))
+        if len(frames[-1]) > p.MAX_REPORT_BYTES:
+            self._report_too_large.warn(f"not reporting counters of {len(frames[-1])} bytes "
+                                        f"(the broker takes at most {p.MAX_REPORT_BYTES})")
+            return
+        self._channel.send(frames)
+
     def _on_connection_event(self, frames: list[bytes]) -> None:
         event = parse_monitor_message(frames)["event"]
         if event == zmq.EVENT_DISCONNECTED:
             self._last_heard = float("-inf")  # not alive until the broker speaks again
             self._fail_all(closed_connection_error(self.address))
         elif event == zmq.EVENT_CONNECTED:
-            self._channel.send(p.encode_heartbeat())  # its answer says it is alive
+            self._beat()  # its answer says it is alive
 
     def _on_heartbeat(self, boot_id: bytes) -> None:
         if self._boot_id is not None and boot_id != self._boot_id:
@@ -409,7 +440,7 @@ class Client:
         """Heartbeat the broker; end requests past their deadline or on a dead broker."""
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            self._channel.send(p.encode_heartbeat())
+            self._beat()
             if not self.broker_alive:
                 self._fail_all(silent_broker_error(self.address))
             now = time.monotonic()

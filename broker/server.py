@@ -20,6 +20,7 @@ from broker import protocol as p
 from broker.policies import DEFAULT_POLICY, DIRECT, POLICIES, ROUTING_MODES
 from broker.ratelimit import LogLimiter
 from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
+from broker.reports import MAX_REPORTERS, Reports
 from broker.zmqio import readable, recv_frames, send_to
 
 log = logging.getLogger("zroute.broker")
@@ -70,6 +71,7 @@ class Broker:
         self.registry = Registry()
         self.policies = {name: cls() for name, cls in POLICIES.items()}
         self.requests: dict[bytes, Request] = {}
+        self.reports = Reports(settings.heartbeat_interval * settings.heartbeat_misses)
         self.queues: dict[str, deque[Request]] = {}
         # Deadlines in buckets, so that a finished request is forgotten at once.
         self.deadlines: dict[int, set[bytes]] = {}
@@ -215,6 +217,8 @@ class Broker:
             self._cancel(request_token(peer, msg.rid))
         elif kind is p.StatsRequest:
             self._post(self.frontend, peer, p.encode_stats_reply(p.StatsReply(msg.rid, self.stats())))
+        elif kind is p.Report:
+            self._store_report(msg)
         else:
             self._post(self.frontend, peer, p.encode_heartbeat(p.Heartbeat(self.boot_id)))
 
@@ -515,6 +519,11 @@ class Broker:
 
     # --- stats ---------------------------------------------------------------
 
+    def _store_report(self, msg: p.Report) -> None:
+        if not self.reports.store(msg.name, msg.counters, time.monotonic()):
+            self.drops.warn(f"ignored the report of {msg.name!r}: {MAX_REPORTERS} reporters "
+                            "are heard from already")
+
     def stats(self) -> dict:
         now = time.monotonic()
         workers = [w.stats(now) for w in self.registry.by_id.values()]
@@ -532,4 +541,5 @@ class Broker:
                 "boot_id": self.boot_id.hex(),
             },
             "workers": sorted(workers, key=lambda w: w["id"]),
+            "gateways": self.reports.current(now),
         }

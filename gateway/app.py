@@ -24,7 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from broker import protocol as p
 from broker.client import BrokerError, Client, Stream
 from broker.policies import DIRECT, ROUTING_MODES
-from gateway.metrics import GatewayMetrics
+from broker.ratelimit import LogLimiter
+from gateway.metrics import Exporter, GatewayMetrics, total
 from zroute.config import ConfigError
 
 log = logging.getLogger("zroute.gateway")
@@ -53,6 +54,8 @@ class GatewaySettings:
     routing_mode: str = "round_robin"
     max_body: int = 1 << 20
     request_timeout: float = 60.0
+    name: str = ""  # in /stats and /metrics; empty: hostname-pid
+    heartbeat_interval: float = 1.0  # Broker.heartbeat_interval: also how often it reports
 
 
 # The gateway's own error codes; the others are the broker's (broker/protocol.py).
@@ -107,9 +110,13 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         check_routing_mode(settings.routing_mode)
         self.settings = settings
-        self.client = Client(settings.broker, timeout=settings.request_timeout,
-                             timeout_setting="Frontend.request_timeout")
         self.metrics = GatewayMetrics()
+        self.client = Client(settings.broker, timeout=settings.request_timeout,
+                             timeout_setting="Frontend.request_timeout",
+                             heartbeat_interval=settings.heartbeat_interval,
+                             report=self.metrics.snapshot, name=settings.name)
+        self.exporter = Exporter()
+        self.bad_reports = LogLimiter(log)
 
         # path -> (method, handler). A dict lookup: aiohttp's router costs about 10% of
         # the gateway's CPU per request.
@@ -307,7 +314,9 @@ class Gateway:
             stats = await self._broker_stats()
         except HttpError as e:
             return error_response(e)
-        stats["gateway"] = self.metrics.summary()
+        summaries = {name: metrics.summary() for name, metrics in self._gateways(stats).items()}
+        stats["gateways"] = summaries
+        stats["gateway"] = total(list(summaries.values()))
         return json_response(stats)
 
     async def prometheus(self, _: web.BaseRequest) -> web.Response:
@@ -315,5 +324,19 @@ class Gateway:
             broker_stats = await self._broker_stats()
         except HttpError:
             broker_stats = None  # the gateway's own metrics are still worth a scrape
-        return web.Response(body=self.metrics.render(broker_stats),
+        return web.Response(body=self.exporter.render(broker_stats, self._gateways(broker_stats)),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _gateways(self, broker_stats: dict | None) -> dict[str, GatewayMetrics]:
+        """Every gateway's counts as last reported to the broker, so that every gateway
+        process answers the same. This one's own live counts stand in for its report
+        until the broker has one (it started, or restarted, a moment ago)."""
+        gateways = {}
+        reports = broker_stats.get("gateways", {}) if broker_stats else {}
+        for name, snapshot in reports.items():
+            try:
+                gateways[name] = GatewayMetrics.from_snapshot(snapshot)
+            except ValueError as e:  # reporters are clients, and clients are not trusted
+                self.bad_reports.warn(f"ignored the report of {name!r}: {e}")
+        gateways.setdefault(self.client.name, self.metrics)
+        return dict(sorted(gateways.items()))

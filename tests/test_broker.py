@@ -528,6 +528,59 @@ def test_garbage_on_both_sockets_leaves_the_broker_serving(stack):
             sock.close(0)
 
 
+# --- reports: the gateways' counters in the broker's stats ---------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_the_broker_keeps_each_reporters_latest_counters_and_forgets_the_silent(stack):
+    stack.broker("--Broker.heartbeat_interval=0.1")  # a reporter is forgotten after 0.3 s
+    counters = {"requests": 0}
+
+    def report() -> dict:
+        counters["requests"] += 1
+        return dict(counters)
+
+    async def main():
+        async with Client(stack.frontend, heartbeat_interval=0.1, report=report,
+                          name="gateway-7") as client:
+            seen = [(await client.stats())["gateways"]]  # the first report came before it
+            # Every heartbeat brings the latest counters.
+            later = await async_wait_until(
+                lambda: stats_if(client, lambda s: s["gateways"]["gateway-7"]["requests"] > 3))
+            seen.append(later["gateways"])
+        async with Client(stack.frontend) as observer:  # reports nothing
+            gone = await async_wait_until(lambda: stats_if(observer, lambda s: not s["gateways"]))
+        return seen, gone
+
+    (first, later), gone = run(main())
+    assert list(first) == ["gateway-7"] and first["gateway-7"]["requests"] >= 1
+    assert later["gateway-7"]["requests"] > first["gateway-7"]["requests"]
+    assert gone["gateways"] == {}
+
+
+async def stats_if(client: Client, condition) -> dict | None:
+    stats = await client.stats()
+    return stats if condition(stats) else None
+
+
+@pytest.mark.timeout(30)
+def test_a_report_over_the_size_limit_is_refused_and_nobody_else_notices(stack):
+    start(stack, "w1")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(stack.frontend)
+    try:
+        huge = {"x": "a" * p.MAX_REPORT_BYTES}
+        sock.send_multipart([p.VERSION, p.REPORT, b"hostile", orjson.dumps(huge)])
+        sock.send_multipart(p.encode_report(p.Report("fine", {"requests": 1})))
+        stats = stack.wait_stats(lambda s: s["gateways"], what="the fine report")
+        assert stats["gateways"] == {"fine": {"requests": 1}}
+        assert stats["broker"]["rejected_frames"] == 1
+        with BlockingClient(stack.frontend, timeout=10) as client:
+            assert list(client.request("generate", SEED_BODY)) == SEED_CHUNKS
+    finally:
+        sock.close(0)
+
+
 # --- BlockingClient and `zroute stats` ----------------------------------------------------
 
 

@@ -48,6 +48,14 @@ async def read_lines_until_broken(resp: aiohttp.ClientResponse, lines: list[byte
         lines.append(line)
 
 
+def reported(gateway, requests: int) -> dict:
+    """The gateway's /stats once they count `requests` requests: /stats shows the counters
+    that each gateway reports to the broker every heartbeat (1 s)."""
+    return wait_until(lambda: (stats := gateway.stats()) and
+                      stats["gateway"]["requests"] == requests and stats, 5,
+                      f"/stats to count {requests} request(s)")
+
+
 @pytest.fixture
 def one_worker(stack):
     """Broker, worker-1 (sleep_time 0) and a gateway; healthy."""
@@ -113,10 +121,11 @@ async def test_generate_streams_the_greetings_chunked_with_the_worker_id(stack, 
         assert raw.returncode == 0 and raw.body.endswith(b"\r\n0\r\n\r\n"), raw
         requests += 2
 
-    stats = get_json(f"{url}/stats")
-    assert set(stats) == {"broker", "workers", "gateway"}
+    stats = reported(one_worker, requests)
+    assert set(stats) == {"broker", "workers", "gateway", "gateways"}
     assert stats["gateway"] == {"requests": requests, "requests_by_status": {"200": requests},
                                 "inflight": 0, "disconnects": 0, "incomplete": 0}
+    assert list(stats["gateways"].values()) == [stats["gateway"]]  # the only gateway
     assert (stats["broker"]["completed"], stats["broker"]["inflight"]) == (requests, 0)
     assert [(w["id"], w["state"], w["completed"]) for w in stats["workers"]] == [
         ("worker-1", "ready", requests)]
@@ -462,7 +471,7 @@ async def test_a_handler_failing_mid_stream_gives_a_visibly_incomplete_response(
         assert result.body.decode() == expected
         requests += 1
 
-    stats = get_json(f"{gateway.url}/stats")
+    stats = reported(gateway, requests)
     assert stats["gateway"]["incomplete"] == requests
     assert stats["gateway"]["requests_by_status"] == {"200": requests}
     assert workers_by_id(stats)["worker-1"]["failed"] == requests
@@ -505,7 +514,7 @@ async def test_a_worker_killed_mid_stream_gives_a_visibly_incomplete_response(st
     assert time.monotonic() - killed < 5
     assert stats["broker"]["evictions"] == 1
     assert stats["broker"]["inflight"] == 0
-    assert stats["gateway"]["incomplete"] == (2 if CURL else 1)
+    assert reported(gateway, 2 if CURL else 1)["gateway"]["incomplete"] == (2 if CURL else 1)
     no_traceback(gateway.proc)
 
 
@@ -538,7 +547,8 @@ async def test_a_client_disconnecting_mid_stream_cancels_the_workers_request(sta
             stats["workers"][0]["inflight"], stats["gateway"]["inflight"],
             stats["gateway"]["disconnects"]) == (clients, 0, 0, 0, clients) else None
 
-    stats = wait_until(settled, 3, "the cancellations to reach the broker and the worker")
+    # (The gateway's counters are those it reported to the broker, once a heartbeat.)
+    stats = wait_until(settled, 5, "the cancellations to reach the broker and the worker")
     assert stats["broker"]["completed"] == 0
     assert workers_by_id(stats)["worker-1"]["completed"] == 0
     wait_until(lambda: worker.output().count(" cancelled\n") == clients, 3,
