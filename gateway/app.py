@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import orjson
 from aiohttp import web
@@ -63,6 +64,7 @@ E_NOT_FOUND = "not_found"
 E_METHOD_NOT_ALLOWED = "method_not_allowed"
 E_BODY_TOO_LARGE = "body_too_large"
 E_EXPECTATION_FAILED = "expectation_failed"
+E_INTERNAL = "internal_error"
 
 
 class HttpError(Exception):
@@ -89,6 +91,27 @@ def unavailable(message: str, code: str) -> web.Response:
     """/health's 503: its status, and an error like any other."""
     return json_response({"status": "unavailable", "workers": 0, "error": message,
                           "code": code}, 503)
+
+
+class JsonErrorsHandler(RequestHandler):
+    """aiohttp's connection handler, whose own error responses (to a request that does
+    not parse as HTTP, or a handler that raised) are JSON with a code, like the others."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs it; raises if too late
+        code = p.E_BAD_REQUEST if status < 500 else E_INTERNAL
+        response = error_response(HttpError(status, message or HTTPStatus(status).phrase, code))
+        response.force_close()
+        return response
+
+
+class GatewayServer(web.Server):
+    """aiohttp's low-level server, with JsonErrorsHandler for its connections."""
+
+    def __call__(self) -> RequestHandler:
+        return JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
 
 
 class ReplyResponse(web.StreamResponse):
@@ -129,8 +152,8 @@ class Gateway:
 
     def server(self) -> web.Server:
         """aiohttp's low-level server, with this gateway as its only handler."""
-        return web.Server(self.handle, request_factory=self._make_request,
-                          handler_cancellation=True, access_log=None)
+        return GatewayServer(self.handle, request_factory=self._make_request,
+                             handler_cancellation=True, access_log=None)
 
     def _make_request(self, message: RawRequestMessage, payload: StreamReader,
                       protocol: RequestHandler, writer: AbstractStreamWriter,

@@ -17,7 +17,8 @@ import pytest
 
 from tests.gateway_handlers import FAILURE
 from tests.http_support import (CURL, SEED_OUTPUT, SEED_TEXT, async_test, curl, get_json,
-                                handler_worker, http, start_curl, start_gateway, wait_healthy)
+                                handler_worker, http, parse_curl, start_curl, start_gateway,
+                                wait_healthy)
 from tests.support import ZROUTE, Stack, free_port, wait_until, workers_by_id
 
 pytestmark = pytest.mark.timeout(30)
@@ -333,6 +334,28 @@ def test_an_http_1_0_client_gets_the_body_unchunked_until_the_connection_closes(
     assert head.split(b"\r\n")[0] == b"HTTP/1.0 200 OK"
     assert b"transfer-encoding" not in head.lower()
     assert payload == SEED_OUTPUT.encode()
+
+
+MALFORMED_HTTP = {
+    "not-http": (b"GARBAGE\r\n\r\n", "Invalid method encountered"),
+    "header-too-large": (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 +
+                         b"\r\n\r\n", "Got more than 8190 bytes when reading"),
+    "bad-content-length": (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: abc"
+                           b"\r\n\r\n", "Invalid character in Content-Length"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_HTTP))
+def test_a_request_that_is_not_valid_http_gets_a_json_400_too(shared, case):
+    request, error = MALFORMED_HTTP[case]
+    with socket.create_connection(("127.0.0.1", shared.gateway.port), timeout=5) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):  # the gateway closes the connection after it
+            reply += chunk
+    result = parse_curl(0, reply)
+    check_error(result.status, result.headers["content-type"], result.body, 400, error)
+    assert json.loads(result.body)["code"] == "bad_request"
 
 
 def test_head_on_health_answers_its_status_without_a_body(shared):
