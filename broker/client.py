@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import socket
 import time
@@ -68,8 +69,13 @@ def reply_error(msg: p.Error, timeout_setting: str, timeout: float) -> BrokerErr
 # The one liveness rule of both clients: heartbeat every interval while requests wait,
 # and give up on a broker silent for HEARTBEAT_MISSES intervals, or whose connection closed.
 
+def broker_given_up_at(last_heard: float, heartbeat_interval: float) -> float:
+    """When a broker last heard from at `last_heard` counts as gone."""
+    return last_heard + heartbeat_interval * HEARTBEAT_MISSES
+
+
 def broker_silent(last_heard: float, heartbeat_interval: float) -> bool:
-    return time.monotonic() - last_heard > heartbeat_interval * HEARTBEAT_MISSES
+    return time.monotonic() >= broker_given_up_at(last_heard, heartbeat_interval)
 
 
 def silent_broker_error(address: str) -> BrokerError:
@@ -537,12 +543,14 @@ class BlockingClient:
             now = time.monotonic()
             if now >= deadline:
                 raise expired()
-            if broker_silent(self._last_heard, self.heartbeat_interval):
+            given_up_at = broker_given_up_at(self._last_heard, self.heartbeat_interval)
+            if now >= given_up_at:
                 raise silent_broker_error(self.address)
             if now >= next_beat:
                 self.sock.send_multipart(p.encode_heartbeat())
                 next_beat = now + self.heartbeat_interval
-            ready = dict(self._poller.poll((min(deadline, next_beat) - now) * 1000))
+            wake_at = min(deadline, next_beat, given_up_at)
+            ready = dict(self._poller.poll(math.ceil((wake_at - now) * 1000)))
             if self._monitor in ready:
                 self._on_connection_event()
             if self.sock in ready:
