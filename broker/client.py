@@ -19,7 +19,7 @@ import os
 import socket
 import time
 from collections import deque
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import orjson
 import zmq
@@ -42,6 +42,7 @@ CONNECTION_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 MAX_BUFFERED_BYTES = 16 << 20  # a stream whose reader falls this far behind is cancelled
 
 Body = bytes | str | Any
+Result = TypeVar("Result")  # what request() returns: a Stream, or an iterator of chunks
 
 
 class BrokerError(Exception):
@@ -84,6 +85,11 @@ def silent_broker_error(address: str) -> BrokerError:
 
 def closed_connection_error(address: str) -> BrokerError:
     return BrokerError(p.E_BROKER_UNREACHABLE, f"the connection to the broker at {address} closed")
+
+
+def no_stats_error(address: str, timeout: float) -> BrokerError:
+    return BrokerError(p.E_BROKER_UNREACHABLE,
+                       f"no answer from the broker at {address} within {timeout:g} s")
 
 
 def default_name() -> str:
@@ -268,7 +274,24 @@ class Stream:
                 pass  # the client or its loop is gone already
 
 
-class Client:
+class PolicyShortcuts(Generic[Result]):
+    """`round_robin`, `random` and `direct`: request() with that policy, for both clients."""
+
+    def request(self, service: str, body: Body, *, policy: str = "", worker: str = "",
+                timeout: float | None = None) -> Result:
+        raise NotImplementedError
+
+    def round_robin(self, service: str, body: Body, **options: Any) -> Result:
+        return self.request(service, body, policy="round_robin", **options)
+
+    def random(self, service: str, body: Body, **options: Any) -> Result:
+        return self.request(service, body, policy="random", **options)
+
+    def direct(self, service: str, body: Body, worker_id: str, **options: Any) -> Result:
+        return self.request(service, body, policy="direct", worker=worker_id, **options)
+
+
+class Client(PolicyShortcuts[Stream]):
     """An asyncio client of the broker's client-facing socket.
 
     `timeout` is the default deadline of a request, and `timeout_setting` what a
@@ -359,15 +382,6 @@ class Client:
         self._channel.send(p.encode_request_to_broker(message))
         return Stream(reply)
 
-    def round_robin(self, service: str, body: Body, **options: Any) -> Stream:
-        return self.request(service, body, policy="round_robin", **options)
-
-    def random(self, service: str, body: Body, **options: Any) -> Stream:
-        return self.request(service, body, policy="random", **options)
-
-    def direct(self, service: str, body: Body, worker_id: str, **options: Any) -> Stream:
-        return self.request(service, body, policy="direct", worker=worker_id, **options)
-
     async def stats(self, timeout: float = 5.0) -> dict:
         rid = b"s%x" % next(self._ids)
         waiter = self.loop.create_future()
@@ -376,8 +390,7 @@ class Client:
         try:
             return await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
-            raise BrokerError(p.E_BROKER_UNREACHABLE,
-                              f"no stats from {self.address} within {timeout:g} s") from None
+            raise no_stats_error(self.address, timeout) from None
         finally:
             self._stats_waiters.pop(rid, None)
 
@@ -454,7 +467,7 @@ class Client:
                 reply.cancel(reply.timed_out())
 
 
-class BlockingClient:
+class BlockingClient(PolicyShortcuts[Iterator[bytes]]):
     """A synchronous client for scripts and the REPL: one request at a time.
 
     While it waits it heartbeats the broker, and gives up on it as the asyncio Client
@@ -520,9 +533,8 @@ class BlockingClient:
         rid = b"s%x" % next(self._ids)
         self._start_waiting()
         self.sock.send_multipart(p.encode_stats_request(p.StatsRequest(rid)))
-        return self._receive(rid, time.monotonic() + timeout, lambda: BrokerError(
-            p.E_BROKER_UNREACHABLE,
-            f"no answer from the broker at {self.address} within {timeout:g} s")).stats
+        return self._receive(rid, time.monotonic() + timeout,
+                             lambda: no_stats_error(self.address, timeout)).stats
 
     def _start_waiting(self) -> None:
         """Forget connection events from before this request: only a connection that

@@ -216,8 +216,8 @@ class Gateway:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise HttpError(413, f"body is larger than {self.settings.max_body} bytes",
-                            E_BODY_TOO_LARGE) from None
+            raise HttpError(413, f"body is larger than Frontend.max_body "
+                                 f"({self.settings.max_body} bytes)", E_BODY_TOO_LARGE) from None
         # Only JSON passes; what it must hold is the handler's to say (the greeting's
         # BadRequest is a 400 too), so that a custom handler receives any JSON body.
         try:

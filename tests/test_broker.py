@@ -610,6 +610,14 @@ def test_blocking_client_request_and_stats(shared):
     assert completed["w1"] + completed["w2"] - completed_before["w1"] - completed_before["w2"] == 2
 
 
+@SHARED_TIMEOUT
+def test_blocking_client_has_the_policy_shortcuts_and_takes_a_plain_string(shared):
+    with BlockingClient(shared.frontend, timeout=10) as client:
+        assert list(client.round_robin("generate", "world,universe,galaxy")) == SEED_CHUNKS
+        assert list(client.random("generate", {"text": "x"})) == [b"Hello x!\n"]
+        assert list(client.direct("generate", "y", "w2")) == [b"Hello y!\n"]
+
+
 @pytest.mark.timeout(20)
 def test_blocking_client_reports_an_unreachable_broker_after_three_heartbeats():
     address = f"tcp://127.0.0.1:{free_port()}"  # nobody there
@@ -651,8 +659,9 @@ def test_blocking_client_gives_up_on_a_broker_lost_mid_request(stack, signum, me
 @SHARED_TIMEOUT
 def test_blocking_client_timeout_names_the_setting(shared):
     with BlockingClient(shared.frontend, timeout=0.4) as client:
-        for options, expected in (({}, "no reply within the client's timeout (0.4 s)"),
-                                  ({"timeout": 0.3}, "no reply within the request's timeout (0.3 s)")):
+        for options, expected in (
+                ({}, "no reply within the client's timeout (0.4 s)"),
+                ({"timeout": 0.3}, "no reply within the request's timeout (0.3 s)")):
             with pytest.raises(BrokerError) as caught:
                 list(client.request("slow", {"text": "a,b,c,d"}, **options))
             assert (caught.value.code, caught.value.message) == (p.E_TIMEOUT, expected)

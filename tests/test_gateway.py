@@ -233,9 +233,10 @@ REJECTED = {
     "text-without-words": ("gateway", "", b'{"text": " , ,"}', 400, NO_WORDS),
     "plain-string-without-words": ("gateway", "", b'" , "', 400, NO_WORDS),
     "body-over-default-limit": ("gateway", "", OVER_DEFAULT_LIMIT, 413, {
-        "error": "body is larger than 1048576 bytes", "code": "body_too_large"}),
+        "error": "body is larger than Frontend.max_body (1048576 bytes)",
+        "code": "body_too_large"}),
     "body-over-max_body-100": ("small", "", b'{"text": "world"}'.ljust(101), 413, {
-        "error": "body is larger than 100 bytes", "code": "body_too_large"}),
+        "error": "body is larger than Frontend.max_body (100 bytes)", "code": "body_too_large"}),
     "unknown-worker": ("gateway", "?worker=nobody", SEED_BODY, 404, {
         "error": "no such worker: 'nobody' serves no 'generate' requests",
         "code": "no_such_worker"}),
@@ -436,7 +437,8 @@ async def test_unreachable_broker_gives_503_with_retry_after(stack):
         async with session.get(f"{gateway.url}/health") as resp:
             assert (resp.status, resp.headers["Retry-After"]) == (503, "1")
             assert await resp.json() == {"status": "unavailable", "workers": 0,
-                                         "error": f"no stats from {broker} within 2 s",
+                                         "error": f"no answer from the broker at {broker} "
+                                                  "within 2 s",
                                          "code": "broker_unreachable"}
 
     async def first_request() -> None:
