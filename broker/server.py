@@ -303,7 +303,8 @@ class Broker:
     def _enqueue(self, req: Request) -> None:
         """Wait for a worker with room, or for a first worker (while workers start)."""
         if len(self.queues.get(req.service, ())) >= self.settings.max_queue:
-            self._fail_unavailable(req, "the queue is full")
+            self._fail_unavailable(req, f"the queue is full: Broker.max_queue is "
+                                        f"{self.settings.max_queue}")
             return
         self.totals["queued"] += 1
         req.queued_at = time.monotonic()
@@ -504,7 +505,7 @@ class Broker:
         limit = self.settings.queue_timeout
         for queue in list(self.queues.values()):
             while queue and now - queue[0].queued_at >= limit:
-                self._fail_unavailable(queue[0], f"waited {limit:g} s")
+                self._fail_unavailable(queue[0], f"waited Broker.queue_timeout: {limit:g} s")
 
     def _fail_unavailable(self, req: Request, detail: str) -> None:
         if req.policy == DIRECT:

@@ -404,7 +404,8 @@ async def test_health_and_generate_answer_503_until_a_worker_registers(stack):
                     "code": "no_workers"})
     assert health.headers["retry-after"] == "1"
 
-    no_workers = {"error": "no worker serves 'generate' (waited 0.2 s)", "code": "no_workers"}
+    no_workers = {"error": "no worker serves 'generate' (waited Broker.queue_timeout: 0.2 s)",
+                  "code": "no_workers"}
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{gateway.url}/generate", json={"text": SEED_TEXT}) as resp:
             check_error(resp.status, resp.headers["Content-Type"], await resp.read(), 503,

@@ -30,8 +30,8 @@ HOLD = "tests.routing_handlers:hold"
 CLEAR_SCREEN = "\033[H\033[2J"
 # A queue of 3 whose requests wait at most 0.5 s.
 SMALL_QUEUE = ("--Broker.max_queue=3", "--Broker.queue_timeout=0.5")
-QUEUE_FULL = "every worker of 'generate' is busy (the queue is full)"
-QUEUE_EXPIRED = "every worker of 'generate' is busy (waited 0.5 s)"
+QUEUE_FULL = "every worker of 'generate' is busy (the queue is full: Broker.max_queue is 3)"
+QUEUE_EXPIRED = "every worker of 'generate' is busy (waited Broker.queue_timeout: 0.5 s)"
 # An expired request ends at most this long after its queue timeout (the broker's loop
 # wakes every 50 ms), and a rejected one at most this long after it was sent.
 MARGIN = 0.3
@@ -251,7 +251,8 @@ def test_with_no_worker_at_all_a_queued_request_ends_with_no_workers(stack):
             return await error_of(client.round_robin(SERVICE, {"text": "anyone"}), began)
 
     code, message, elapsed = run(main())
-    assert (code, message) == (p.E_NO_WORKERS, "no worker serves 'generate' (waited 0.5 s)")
+    assert (code, message) == (p.E_NO_WORKERS,
+                               "no worker serves 'generate' (waited Broker.queue_timeout: 0.5 s)")
     assert 0.5 <= elapsed < 0.5 + MARGIN, f"ended after {elapsed:.3f} s"
     broker = stack.stats()["broker"]
     assert (broker["requests"], broker["queued"], broker["failed"], broker["queue_depth"]) == \
