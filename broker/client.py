@@ -19,7 +19,7 @@ import os
 import socket
 import time
 from collections import deque
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generator, Generic, Iterator, TypeVar
 
 import orjson
 import zmq
@@ -197,7 +197,7 @@ class Stream:
     def __aiter__(self) -> Stream:
         return self
 
-    def __await__(self) -> Iterator[None]:
+    def __await__(self) -> Generator[None, None, Stream]:
         """`stream = await client.round_robin(...)` gives the stream itself: the form
         of clients whose request() is a coroutine."""
         return self
