@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import math
+import os
+import socket
 import time
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Callable, Generator, Generic, Iterator, TypeVar
 
 import orjson
 import zmq
@@ -23,9 +27,14 @@ from zmq.utils.monitor import parse_monitor_message
 
 from broker import protocol as p
 from broker.channel import Channel, dealer
+from broker.ratelimit import LogLimiter
+
+log = logging.getLogger("zroute.client")
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 DEFAULT_TIMEOUT = 60.0
+DEFAULT_TIMEOUT_SETTING = "the client's timeout"
+REQUEST_TIMEOUT_SETTING = "the request's timeout"  # timeout= given to request()
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_MISSES = 3
 DEADLINE_GRACE = 1.0  # the broker ends a request at its deadline; the client waits this much more
@@ -33,6 +42,7 @@ CONNECTION_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 MAX_BUFFERED_BYTES = 16 << 20  # a stream whose reader falls this far behind is cancelled
 
 Body = bytes | str | Any
+Result = TypeVar("Result")  # what request() returns: a Stream, or an iterator of chunks
 
 
 class BrokerError(Exception):
@@ -42,6 +52,49 @@ class BrokerError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+def timeout_error(setting: str, seconds: float) -> BrokerError:
+    """A request ended by its deadline: the setting that ended it, and its value."""
+    return BrokerError(p.E_TIMEOUT, f"no reply within {setting} ({seconds:g} s)")
+
+
+def reply_error(msg: p.Error, timeout_setting: str, timeout: float) -> BrokerError:
+    """A broker's ERROR for a request, as raised. The broker's deadline is the one the
+    client gave it, so a timeout names the client's setting."""
+    if msg.code == p.E_TIMEOUT:
+        return timeout_error(timeout_setting, timeout)
+    return BrokerError(msg.code, msg.message)
+
+
+# The one liveness rule of both clients: heartbeat every interval while requests wait,
+# and give up on a broker silent for HEARTBEAT_MISSES intervals, or whose connection closed.
+
+def broker_given_up_at(last_heard: float, heartbeat_interval: float) -> float:
+    """When a broker last heard from at `last_heard` counts as gone."""
+    return last_heard + heartbeat_interval * HEARTBEAT_MISSES
+
+
+def broker_silent(last_heard: float, heartbeat_interval: float) -> bool:
+    return time.monotonic() >= broker_given_up_at(last_heard, heartbeat_interval)
+
+
+def silent_broker_error(address: str) -> BrokerError:
+    return BrokerError(p.E_BROKER_UNREACHABLE, f"no answer from the broker at {address}")
+
+
+def closed_connection_error(address: str) -> BrokerError:
+    return BrokerError(p.E_BROKER_UNREACHABLE, f"the connection to the broker at {address} closed")
+
+
+def no_stats_error(address: str, timeout: float) -> BrokerError:
+    return BrokerError(p.E_BROKER_UNREACHABLE,
+                       f"no answer from the broker at {address} within {timeout:g} s")
+
+
+def default_name() -> str:
+    """A client's name where none is given: unique among the processes of a cluster."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def encode_body(body: Body) -> bytes:
@@ -60,13 +113,15 @@ class Reply:
     and its finalizer cancels the request.
     """
 
-    __slots__ = ("client", "rid", "deadline", "worker_id", "chunks", "buffered", "waiter",
-                 "error", "done")
+    __slots__ = ("client", "rid", "timeout", "timeout_setting", "deadline", "worker_id",
+                 "chunks", "buffered", "waiter", "error", "done")
 
-    def __init__(self, client: Client, rid: bytes, deadline: float) -> None:
+    def __init__(self, client: Client, rid: bytes, timeout: float, timeout_setting: str) -> None:
         self.client = client
         self.rid = rid
-        self.deadline = deadline
+        self.timeout = timeout
+        self.timeout_setting = timeout_setting  # named when the deadline ends the request
+        self.deadline = time.monotonic() + timeout + DEADLINE_GRACE
         self.worker_id: str | None = None
         self.chunks: deque[bytes] = deque()
         self.buffered = 0  # bytes in chunks
@@ -85,6 +140,9 @@ class Reply:
             self.cancel(BrokerError(p.E_SLOW_READER, "the reader fell too far behind the stream"))
         else:
             self.wake()
+
+    def timed_out(self) -> BrokerError:
+        return timeout_error(self.timeout_setting, self.timeout)
 
     def cancel(self, error: BaseException | None = None) -> None:
         """Stop the request, if it is still going: the broker and the worker are told,
@@ -138,6 +196,12 @@ class Stream:
 
     def __aiter__(self) -> Stream:
         return self
+
+    def __await__(self) -> Generator[None, None, Stream]:
+        """`stream = await client.round_robin(...)` gives the stream itself: the form
+        of clients whose request() is a coroutine."""
+        return self
+        yield  # a generator function, as __await__ must be; it never suspends
 
     async def __anext__(self) -> bytes:
         reply = self._reply
@@ -210,14 +274,45 @@ class Stream:
                 pass  # the client or its loop is gone already
 
 
-class Client:
-    """An asyncio client of the broker's client-facing socket."""
+class PolicyShortcuts(Generic[Result]):
+    """`round_robin`, `random` and `direct`: request() with that policy, for both clients."""
+
+    def request(self, service: str, body: Body, *, policy: str = "", worker: str = "",
+                timeout: float | None = None) -> Result:
+        raise NotImplementedError
+
+    def round_robin(self, service: str, body: Body, **options: Any) -> Result:
+        return self.request(service, body, policy="round_robin", **options)
+
+    def random(self, service: str, body: Body, **options: Any) -> Result:
+        return self.request(service, body, policy="random", **options)
+
+    def direct(self, service: str, body: Body, worker_id: str, **options: Any) -> Result:
+        return self.request(service, body, policy="direct", worker=worker_id, **options)
+
+
+class Client(PolicyShortcuts[Stream]):
+    """An asyncio client of the broker's client-facing socket.
+
+    `timeout` is the default deadline of a request, and `timeout_setting` what a
+    request it ends calls it (the gateway's is "Frontend.request_timeout").
+
+    A client given `report` sends what it returns (a JSON object of cumulative
+    counters, at most protocol.MAX_REPORT_BYTES) to the broker with each heartbeat,
+    under `name`; the broker's stats carry every reporter's latest, in "gateways".
+    """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
+                 timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 report: Callable[[], dict] | None = None, name: str = "",
                  context: zmq.Context | None = None) -> None:
         self.address = address
         self.timeout = timeout
+        self.timeout_setting = timeout_setting
+        self.report = report
+        self.name = name or default_name()
+        self._report_too_large = LogLimiter(log, interval=60.0)
         self.heartbeat_interval = heartbeat_interval
         self.context = context or zmq.Context.instance()
         self.replies: dict[bytes, Reply] = {}
@@ -247,7 +342,7 @@ class Client:
         self._monitor = Channel(sock.get_monitor_socket(CONNECTION_EVENTS),
                                 self._on_connection_event)
         self._last_heard = time.monotonic()
-        self._channel.send(p.encode_heartbeat())
+        self._beat()
         self._watchdog = self.loop.create_task(self._watch())
 
     async def close(self) -> None:
@@ -264,7 +359,7 @@ class Client:
     @property
     def broker_alive(self) -> bool:
         """False once the broker has been silent for several heartbeats."""
-        return time.monotonic() - self._last_heard <= self.heartbeat_interval * HEARTBEAT_MISSES
+        return not broker_silent(self._last_heard, self.heartbeat_interval)
 
     # --- requests -------------------------------------------------------------
 
@@ -276,22 +371,16 @@ class Client:
         the "direct" policy. `timeout` (seconds) ends the request if it is not
         done by then.
         """
-        timeout = self.timeout if timeout is None else timeout
+        if timeout is None:
+            timeout, setting = self.timeout, self.timeout_setting
+        else:
+            setting = REQUEST_TIMEOUT_SETTING
         rid = b"%x" % next(self._ids)
-        reply = Reply(self, rid, time.monotonic() + timeout + DEADLINE_GRACE)
+        reply = Reply(self, rid, timeout, setting)
         self.replies[rid] = reply
         message = p.Request(rid, service, encode_body(body), policy, worker, int(timeout * 1000))
         self._channel.send(p.encode_request_to_broker(message))
         return Stream(reply)
-
-    def round_robin(self, service: str, body: Body, **options: Any) -> Stream:
-        return self.request(service, body, policy="round_robin", **options)
-
-    def random(self, service: str, body: Body, **options: Any) -> Stream:
-        return self.request(service, body, policy="random", **options)
-
-    def direct(self, service: str, body: Body, worker_id: str, **options: Any) -> Stream:
-        return self.request(service, body, policy="direct", worker=worker_id, **options)
 
     async def stats(self, timeout: float = 5.0) -> dict:
         rid = b"s%x" % next(self._ids)
@@ -301,8 +390,7 @@ class Client:
         try:
             return await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
-            raise BrokerError(p.E_BROKER_UNREACHABLE,
-                              f"no stats from {self.address} within {timeout:g} s") from None
+            raise no_stats_error(self.address, timeout) from None
         finally:
             self._stats_waiters.pop(rid, None)
 
@@ -329,7 +417,7 @@ class Client:
         elif kind is p.Error:
             reply = self.replies.get(msg.rid)
             if reply is not None:
-                reply.finish(BrokerError(msg.code, msg.message))
+                reply.finish(reply_error(msg, reply.timeout_setting, reply.timeout))
             waiter = self._stats_waiters.get(msg.rid)  # wrong_endpoint answers STATS too
             if waiter is not None and not waiter.done():
                 waiter.set_exception(BrokerError(msg.code, msg.message))
@@ -340,46 +428,71 @@ class Client:
         else:
             self._on_heartbeat(msg.boot_id)
 
+    def _beat(self) -> None:
+        """A heartbeat, and the counters' report if this client makes one."""
+        self._channel.send(p.encode_heartbeat())
+        if self.report is None:
+            return
+        frames = p.encode_report(p.Report(self.name, self.report()))
+        if len(frames[-1]) > p.MAX_REPORT_BYTES:
+            self._report_too_large.warn(f"not reporting counters of {len(frames[-1])} bytes "
+                                        f"(the broker takes at most {p.MAX_REPORT_BYTES})")
+            return
+        self._channel.send(frames)
+
     def _on_connection_event(self, frames: list[bytes]) -> None:
         event = parse_monitor_message(frames)["event"]
         if event == zmq.EVENT_DISCONNECTED:
             self._last_heard = float("-inf")  # not alive until the broker speaks again
-            self._fail_all(p.E_BROKER_UNREACHABLE,
-                           f"the connection to the broker at {self.address} closed")
+            self._fail_all(closed_connection_error(self.address))
         elif event == zmq.EVENT_CONNECTED:
-            self._channel.send(p.encode_heartbeat())  # its answer says it is alive
+            self._beat()  # its answer says it is alive
 
     def _on_heartbeat(self, boot_id: bytes) -> None:
         if self._boot_id is not None and boot_id != self._boot_id:
-            self._fail_all(p.E_BROKER_UNREACHABLE, "the broker restarted during the request")
+            self._fail_all(BrokerError(p.E_BROKER_UNREACHABLE,
+                                       "the broker restarted during the request"))
         self._boot_id = boot_id
 
-    def _fail_all(self, code: str, message: str) -> None:
+    def _fail_all(self, error: BrokerError) -> None:
         for reply in list(self.replies.values()):
-            reply.finish(BrokerError(code, message))
+            reply.finish(error)
 
     async def _watch(self) -> None:
         """Heartbeat the broker; end requests past their deadline or on a dead broker."""
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            self._channel.send(p.encode_heartbeat())
+            self._beat()
             if not self.broker_alive:
-                self._fail_all(p.E_BROKER_UNREACHABLE, f"no answer from the broker at {self.address}")
+                self._fail_all(silent_broker_error(self.address))
             now = time.monotonic()
             for reply in [r for r in self.replies.values() if now > r.deadline]:
-                reply.cancel(BrokerError(p.E_TIMEOUT, "request deadline expired"))
+                reply.cancel(reply.timed_out())
 
 
-class BlockingClient:
-    """A synchronous client for scripts and the REPL: one request at a time."""
+class BlockingClient(PolicyShortcuts[Iterator[bytes]]):
+    """A synchronous client for scripts and the REPL: one request at a time.
+
+    While it waits it heartbeats the broker, and gives up on it as the asyncio Client
+    does: after HEARTBEAT_MISSES heartbeats of silence, or when the connection closes.
+    """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
+                 timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL,
                  context: zmq.Context | None = None) -> None:
         self.address = address
         self.timeout = timeout
+        self.timeout_setting = timeout_setting
+        self.heartbeat_interval = heartbeat_interval
         self.sock = dealer(context or zmq.Context.instance(), address)
+        self._monitor = self.sock.get_monitor_socket(CONNECTION_EVENTS)
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._ids = itertools.count(1)
         self._inbox: deque[list[bytes]] = deque()  # messages received, not yet read
+        self._last_heard = 0.0
 
     def __enter__(self) -> BlockingClient:
         return self
@@ -388,22 +501,29 @@ class BlockingClient:
         self.close()
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self._monitor.close(0)
         self.sock.close(0)
 
     def request(self, service: str, body: Body, *, policy: str = "", worker: str = "",
                 timeout: float | None = None) -> Iterator[bytes]:
         """Yield the reply's chunks as they arrive."""
-        timeout = self.timeout if timeout is None else timeout
+        if timeout is None:
+            timeout, setting = self.timeout, self.timeout_setting
+        else:
+            setting = REQUEST_TIMEOUT_SETTING
         rid = b"%x" % next(self._ids)
         message = p.Request(rid, service, encode_body(body), policy, worker, int(timeout * 1000))
+        self._start_waiting()
         self.sock.send_multipart(p.encode_request_to_broker(message))
+        deadline = time.monotonic() + timeout + DEADLINE_GRACE
         finished = False
         try:
             while True:
-                reply = self._receive(rid, timeout + DEADLINE_GRACE)
+                reply = self._receive(rid, deadline, lambda: timeout_error(setting, timeout))
                 if isinstance(reply, p.Error):
                     finished = True
-                    raise BrokerError(reply.code, reply.message)
+                    raise reply_error(reply, setting, timeout)
                 yield from reply.chunks
                 if isinstance(reply, p.End):
                     finished = True
@@ -414,28 +534,63 @@ class BlockingClient:
 
     def stats(self, timeout: float = 5.0) -> dict:
         rid = b"s%x" % next(self._ids)
+        self._start_waiting()
         self.sock.send_multipart(p.encode_stats_request(p.StatsRequest(rid)))
-        reply = self._receive(rid, timeout)
+        reply = self._receive(rid, time.monotonic() + timeout,
+                              lambda: no_stats_error(self.address, timeout))
         if isinstance(reply, p.Error):  # e.g. wrong_endpoint
             raise BrokerError(reply.code, reply.message)
         return reply.stats
 
-    def _receive(self, rid: bytes, timeout: float) -> p.Message:
-        """The next message for `rid`; others (late replies, heartbeats) are skipped."""
-        deadline = time.monotonic() + timeout
+    def _start_waiting(self) -> None:
+        """Forget connection events from before this request: only a connection that
+        closes while it waits ends it."""
+        while self._monitor.poll(0):
+            self._monitor.recv_multipart()
+        self._last_heard = time.monotonic()
+
+    def _receive(self, rid: bytes, deadline: float,
+                 expired: Callable[[], BrokerError]) -> p.Message:
+        """The next message for `rid`; others (late replies, heartbeats) are skipped.
+        Heartbeats the broker meanwhile; raises expired() at the deadline."""
+        next_beat = 0.0
         while True:
-            while self._inbox:  # the rest of a BATCH
+            msg = self._read_inbox(rid)
+            if msg is not None:
+                return msg
+            now = time.monotonic()
+            if now >= deadline:
+                raise expired()
+            given_up_at = broker_given_up_at(self._last_heard, self.heartbeat_interval)
+            if now >= given_up_at:
+                raise silent_broker_error(self.address)
+            if now >= next_beat:
+                self.sock.send_multipart(p.encode_heartbeat())
+                next_beat = now + self.heartbeat_interval
+            wake_at = min(deadline, next_beat, given_up_at)
+            ready = dict(self._poller.poll(math.ceil((wake_at - now) * 1000)))
+            if self._monitor in ready:
+                self._on_connection_event()
+            if self.sock in ready:
+                self._last_heard = time.monotonic()
                 try:
-                    msg = p.decode_to_client(self._inbox.popleft())
+                    self._inbox.extend(p.unbatch(self.sock.recv_multipart()))
                 except p.ProtocolError:
                     continue
-                if getattr(msg, "rid", None) == rid:
-                    return msg
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.sock.poll(remaining * 1000):
-                raise BrokerError(p.E_BROKER_UNREACHABLE,
-                                  f"no answer from the broker at {self.address} within {timeout:g} s")
+
+    def _read_inbox(self, rid: bytes) -> p.Message | None:
+        while self._inbox:  # the rest of a BATCH
             try:
-                self._inbox.extend(p.unbatch(self.sock.recv_multipart()))
+                msg = p.decode_to_client(self._inbox.popleft())
             except p.ProtocolError:
                 continue
+            if getattr(msg, "rid", None) == rid:
+                return msg
+        return None
+
+    def _on_connection_event(self) -> None:
+        event = parse_monitor_message(self._monitor.recv_multipart())["event"]
+        if event == zmq.EVENT_DISCONNECTED:
+            raise closed_connection_error(self.address)
+        if event == zmq.EVENT_CONNECTED:
+            self.sock.send_multipart(p.encode_heartbeat())  # its answer says it is alive

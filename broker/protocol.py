@@ -30,6 +30,7 @@ CANCEL = b"\x08"
 STATS = b"\x09"
 DRAIN = b"\x0a"
 BATCH = b"\x0b"
+REPORT = b"\x0c"
 
 COMMAND_NAMES = {
     READY: "READY",
@@ -43,6 +44,7 @@ COMMAND_NAMES = {
     STATS: "STATS",
     DRAIN: "DRAIN",
     BATCH: "BATCH",
+    REPORT: "REPORT",
 }
 
 # Stable error codes carried by ERROR frames.
@@ -65,6 +67,7 @@ MAX_CLIENT_RID = 255  # request ids chosen by clients
 MAX_RID = 1024  # request ids on the worker leg, where the broker extends them
 MAX_BATCH = 256  # messages in one BATCH
 MAX_TIMEOUT_MS = 2**63 - 1  # a request's timeout fits a signed 64-bit integer
+MAX_REPORT_BYTES = 1 << 16  # a REPORT's counters; a larger one is refused
 
 
 class ProtocolError(ValueError):
@@ -128,6 +131,14 @@ class StatsReply:
 
 
 @dataclass(slots=True)
+class Report:
+    """client -> broker: the client's cumulative counters, which STATS replies carry."""
+
+    name: str
+    counters: dict
+
+
+@dataclass(slots=True)
 class Ready:
     worker_id: str
     services: list[str]
@@ -156,7 +167,7 @@ class Drain:
 
 
 Message = Union[
-    Request, Chunk, End, Error, Cancel, StatsRequest, StatsReply,
+    Request, Chunk, End, Error, Cancel, StatsRequest, StatsReply, Report,
     Ready, Heartbeat, Disconnect, Drain,
 ]
 
@@ -196,6 +207,10 @@ def encode_stats_request(m: StatsRequest) -> list[bytes]:
 
 def encode_stats_reply(m: StatsReply) -> list[bytes]:
     return [VERSION, STATS, m.rid, orjson.dumps(m.stats)]
+
+
+def encode_report(m: Report) -> list[bytes]:
+    return [VERSION, REPORT, m.name.encode(), orjson.dumps(m.counters)]
 
 
 def encode_ready(m: Ready) -> list[bytes]:
@@ -360,7 +375,7 @@ def _heartbeat(frames: list[bytes], *, from_broker: bool) -> Heartbeat:
     return Heartbeat(frames[2] if from_broker else b"")
 
 
-def decode_from_client(frames: list[bytes]) -> Request | Cancel | StatsRequest | Heartbeat:
+def decode_from_client(frames: list[bytes]) -> Request | Cancel | StatsRequest | Report | Heartbeat:
     """Decode what a client sends to the broker."""
     command = _header(frames)
     if command == REQUEST:
@@ -381,7 +396,17 @@ def decode_from_client(frames: list[bytes]) -> Request | Cancel | StatsRequest |
         return StatsRequest(_rid(frames[2], MAX_CLIENT_RID))
     if command == HEARTBEAT:
         return _heartbeat(frames, from_broker=False)
+    if command == REPORT:
+        return _report(frames)
     raise ProtocolError(f"command {command[:4]!r} is not valid from a client")
+
+
+def _report(frames: list[bytes]) -> Report:
+    _expect(frames, 4)
+    name = _text(frames[2], "reporter name")
+    if len(frames[3]) > MAX_REPORT_BYTES:  # checked before parsing: it bounds the work
+        raise ProtocolError(f"REPORT counters are larger than {MAX_REPORT_BYTES} bytes")
+    return Report(name, _json_object(frames[3], "REPORT counters"))
 
 
 def decode_to_client(frames: list[bytes]) -> Chunk | End | Error | StatsReply | Heartbeat:

@@ -20,6 +20,7 @@ from broker import protocol as p
 from broker.policies import DEFAULT_POLICY, DIRECT, Policy, load_policies, unknown_policy
 from broker.ratelimit import LogLimiter, PeerLimiter
 from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
+from broker.reports import MAX_REPORTERS, Reports
 from broker.zmqio import readable, recv_frames, send_to
 
 log = logging.getLogger("zroute.broker")
@@ -74,6 +75,7 @@ class Broker:
         self.registry = Registry()
         self.policies = dict(policies) if policies is not None else load_policies()
         self.requests: dict[bytes, Request] = {}
+        self.reports = Reports(settings.heartbeat_interval * settings.heartbeat_misses)
         self.queues: dict[str, deque[Request]] = {}
         # Deadlines in buckets, so that a finished request is forgotten at once.
         self.deadlines: dict[int, set[bytes]] = {}
@@ -221,6 +223,8 @@ class Broker:
             self._cancel(request_token(peer, msg.rid))
         elif kind is p.StatsRequest:
             self._post(self.frontend, peer, p.encode_stats_reply(p.StatsReply(msg.rid, self.stats())))
+        elif kind is p.Report:
+            self._store_report(msg)
         else:
             self._post(self.frontend, peer, p.encode_heartbeat(p.Heartbeat(self.boot_id)))
 
@@ -318,7 +322,8 @@ class Broker:
     def _enqueue(self, req: Request) -> None:
         """Wait for a worker with room, or for a first worker (while workers start)."""
         if len(self.queues.get(req.service, ())) >= self.settings.max_queue:
-            self._fail_unavailable(req, "the queue is full")
+            self._fail_unavailable(req, f"the queue is full: Broker.max_queue is "
+                                        f"{self.settings.max_queue}")
             return
         self.totals["queued"] += 1
         req.queued_at = time.monotonic()
@@ -553,7 +558,7 @@ class Broker:
         limit = self.settings.queue_timeout
         for queue in list(self.queues.values()):
             while queue and now - queue[0].queued_at >= limit:
-                self._fail_unavailable(queue[0], f"waited {limit:g} s")
+                self._fail_unavailable(queue[0], f"waited Broker.queue_timeout: {limit:g} s")
 
     def _fail_unavailable(self, req: Request, detail: str) -> None:
         if req.policy == DIRECT:
@@ -567,6 +572,11 @@ class Broker:
             self._fail(req, p.E_QUEUE_FULL, f"every worker of {req.service!r} is busy ({detail})")
 
     # --- stats ---------------------------------------------------------------
+
+    def _store_report(self, msg: p.Report) -> None:
+        if not self.reports.store(msg.name, msg.counters, time.monotonic()):
+            self.drops.warn(f"ignored the report of {msg.name!r}: {MAX_REPORTERS} reporters "
+                            "are heard from already")
 
     def stats(self) -> dict:
         now = time.monotonic()
@@ -585,4 +595,5 @@ class Broker:
                 "boot_id": self.boot_id.hex(),
             },
             "workers": sorted(workers, key=lambda w: w["id"]),
+            "gateways": self.reports.current(now),
         }

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import orjson
 from aiohttp import web
@@ -24,7 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from broker import protocol as p
 from broker.client import BrokerError, Client, Stream
 from broker.policies import DIRECT
-from gateway.metrics import GatewayMetrics
+from broker.ratelimit import LogLimiter
+from gateway.metrics import Exporter, GatewayMetrics, total
 
 log = logging.getLogger("zroute.gateway")
 
@@ -52,12 +54,22 @@ class GatewaySettings:
     routing_mode: str = "round_robin"
     max_body: int = 1 << 20
     request_timeout: float = 60.0
+    name: str = ""  # in /stats and /metrics; empty: hostname-pid
+    heartbeat_interval: float = 1.0  # Broker.heartbeat_interval: also how often it reports
+
+
+# The gateway's own error codes; the others are the broker's (broker/protocol.py).
+E_NOT_FOUND = "not_found"
+E_METHOD_NOT_ALLOWED = "method_not_allowed"
+E_BODY_TOO_LARGE = "body_too_large"
+E_EXPECTATION_FAILED = "expectation_failed"
+E_INTERNAL = "internal_error"
 
 
 class HttpError(Exception):
-    """An error answered with a JSON body `{"error": ...}`."""
+    """An error answered with a JSON body `{"error": message, "code": code}`."""
 
-    def __init__(self, status: int, message: str, code: str = "") -> None:
+    def __init__(self, status: int, message: str, code: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -71,10 +83,34 @@ def json_response(body: dict, status: int = 200) -> web.Response:
 
 
 def error_response(error: HttpError) -> web.Response:
-    body = {"error": error.message}
-    if error.code:
-        body["code"] = error.code
-    return json_response(body, error.status)
+    return json_response({"error": error.message, "code": error.code}, error.status)
+
+
+def unavailable(message: str, code: str) -> web.Response:
+    """/health's 503: its status, and an error like any other."""
+    return json_response({"status": "unavailable", "workers": 0, "error": message,
+                          "code": code}, 503)
+
+
+class JsonErrorsHandler(RequestHandler):
+    """aiohttp's connection handler, whose own error responses (to a request that does
+    not parse as HTTP, or a handler that raised) are JSON with a code, like the others."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs it; raises if too late
+        code = p.E_BAD_REQUEST if status < 500 else E_INTERNAL
+        response = error_response(HttpError(status, message or HTTPStatus(status).phrase, code))
+        response.force_close()
+        return response
+
+
+class GatewayServer(web.Server):
+    """aiohttp's low-level server, with JsonErrorsHandler for its connections."""
+
+    def __call__(self) -> RequestHandler:
+        return JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
 
 
 class ReplyResponse(web.StreamResponse):
@@ -89,8 +125,13 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.client = Client(settings.broker, timeout=settings.request_timeout)
         self.metrics = GatewayMetrics()
+        self.client = Client(settings.broker, timeout=settings.request_timeout,
+                             timeout_setting="Frontend.request_timeout",
+                             heartbeat_interval=settings.heartbeat_interval,
+                             report=self.metrics.snapshot, name=settings.name)
+        self.exporter = Exporter()
+        self.bad_reports = LogLimiter(log)
 
         # path -> (method, handler). A dict lookup: aiohttp's router costs about 10% of
         # the gateway's CPU per request.
@@ -103,8 +144,8 @@ class Gateway:
 
     def server(self) -> web.Server:
         """aiohttp's low-level server, with this gateway as its only handler."""
-        return web.Server(self.handle, request_factory=self._make_request,
-                          handler_cancellation=True, access_log=None)
+        return GatewayServer(self.handle, request_factory=self._make_request,
+                             handler_cancellation=True, access_log=None)
 
     def _make_request(self, message: RawRequestMessage, payload: StreamReader,
                       protocol: RequestHandler, writer: AbstractStreamWriter,
@@ -122,18 +163,21 @@ class Gateway:
         route = self.routes.get(request.path)
         if route is None:
             return error_response(HttpError(404, f"no such path {request.path!r}; "
-                                                 "the paths are " + ", ".join(self.routes)))
+                                                 "the paths are " + ", ".join(self.routes),
+                                            E_NOT_FOUND))
         method, handler = route
         if request.method != method and not (method == "GET" and request.method == "HEAD"):
             response = error_response(HttpError(405, f"{request.path} takes {method}, "
-                                                     f"not {request.method}"))
+                                                     f"not {request.method}",
+                                                E_METHOD_NOT_ALLOWED))
             response.headers["Allow"] = "GET, HEAD" if method == "GET" else method
             return response
         expect = request.headers.get("Expect")
         if expect is not None:  # answered by aiohttp's router, not by its low-level server
             if expect.lower() != "100-continue":
                 return error_response(HttpError(417, f"Expect: {expect} is not supported "
-                                                     "(only 100-continue is)"))
+                                                     "(only 100-continue is)",
+                                                E_EXPECTATION_FAILED))
             if request.version >= (1, 1):  # HTTP/1.0 has no interim responses
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return await handler(request)
@@ -163,26 +207,24 @@ class Gateway:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise HttpError(413, f"body is larger than {self.settings.max_body} bytes") from None
+            raise HttpError(413, f"body is larger than Frontend.max_body "
+                                 f"({self.settings.max_body} bytes)", E_BODY_TOO_LARGE) from None
+        # Only JSON passes; what it must hold is the handler's to say (the greeting's
+        # BadRequest is a 400 too), so that a custom handler receives any JSON body.
         try:
-            parsed = orjson.loads(body)
+            orjson.loads(body)
         except orjson.JSONDecodeError as e:
-            raise HttpError(400, f"body is not valid JSON: {e}") from None
-        text = parsed.get("text") if isinstance(parsed, dict) else None
-        if not isinstance(text, str):
-            raise HttpError(400, 'body must be a JSON object with a string field "text"')
-        if not any(word.strip() for word in text.split(",")):
-            raise HttpError(400, '"text" has no words: give comma-separated words, e.g. "a,b"')
+            raise HttpError(400, f"body is not valid JSON: {e}", p.E_BAD_REQUEST) from None
         return body
 
     def _routing(self, request: web.BaseRequest) -> tuple[str, str]:
         worker = request.query.get("worker", "")
         policy = request.query.get("routing") or (DIRECT if worker else self.settings.routing_mode)
         if policy == DIRECT and not worker:
-            raise HttpError(400, "routing=direct needs ?worker=<worker id>")
+            raise HttpError(400, "routing=direct needs ?worker=<worker id>", p.E_BAD_REQUEST)
         if worker and policy != DIRECT:
             raise HttpError(400, f"?worker= routes directly; it cannot be combined with "
-                                 f"routing={policy}")
+                                 f"routing={policy}", p.E_BAD_REQUEST)
         if not self.client.broker_alive:
             raise HttpError(503, "the broker is unreachable", p.E_BROKER_UNREACHABLE)
         return policy, worker
@@ -274,19 +316,20 @@ class Gateway:
         try:
             stats = await self._broker_stats()
         except HttpError as e:
-            return json_response({"status": "unavailable", "workers": 0, "error": e.message}, 503)
+            return unavailable(e.message, e.code)
         workers = sum(1 for w in stats["workers"] if w["state"] == "ready")
         if workers:
             return json_response({"status": "ok", "workers": workers})
-        return json_response({"status": "unavailable", "workers": 0,
-                              "error": "no worker is registered"}, 503)
+        return unavailable("no worker is registered", p.E_NO_WORKERS)
 
     async def stats(self, _: web.BaseRequest) -> web.Response:
         try:
             stats = await self._broker_stats()
         except HttpError as e:
             return error_response(e)
-        stats["gateway"] = self.metrics.summary()
+        summaries = {name: metrics.summary() for name, metrics in self._gateways(stats).items()}
+        stats["gateways"] = summaries
+        stats["gateway"] = total(list(summaries.values()))
         return json_response(stats)
 
     async def prometheus(self, _: web.BaseRequest) -> web.Response:
@@ -294,5 +337,19 @@ class Gateway:
             broker_stats = await self._broker_stats()
         except HttpError:
             broker_stats = None  # the gateway's own metrics are still worth a scrape
-        return web.Response(body=self.metrics.render(broker_stats),
+        return web.Response(body=self.exporter.render(broker_stats, self._gateways(broker_stats)),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _gateways(self, broker_stats: dict | None) -> dict[str, GatewayMetrics]:
+        """Every gateway's counts as last reported to the broker, so that every gateway
+        process answers the same. This one's own live counts stand in for its report
+        until the broker has one (it started, or restarted, a moment ago)."""
+        gateways = {}
+        reports = broker_stats.get("gateways", {}) if broker_stats else {}
+        for name, snapshot in reports.items():
+            try:
+                gateways[name] = GatewayMetrics.from_snapshot(snapshot)
+            except ValueError as e:  # reporters are clients, and clients are not trusted
+                self.bad_reports.warn(f"ignored the report of {name!r}: {e}")
+        gateways.setdefault(self.client.name, self.metrics)
+        return dict(sorted(gateways.items()))

@@ -33,7 +33,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
                                     "Frontend.port": args.port})
     frontend = config.frontend
     gateway = Gateway(GatewaySettings(config.broker.frontend, frontend.routing_mode,
-                                      frontend.max_body, frontend.request_timeout))
+                                      frontend.max_body, frontend.request_timeout,
+                                      args.log_name or "", config.broker.heartbeat_interval))
     aio.run(serve(gateway, frontend.host, frontend.port))
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import time
 
 import orjson
@@ -214,12 +215,19 @@ def test_greeting_strips_words_and_skips_empty_ones(shared):
     assert run(main()) == [b"Hello a!\n", b"Hello b!\n"]
 
 
+NOT_A_TEXT = 'body must be a JSON object with a string field "text"'
+NO_WORDS = '"text" has no words: give comma-separated words, e.g. "a,b"'
+
+
 @SHARED_TIMEOUT
 @pytest.mark.parametrize("body, message", [
-    (b"not json", "body is not JSON"),
-    ({"words": "a"}, 'the body must be a JSON object with a string "text"'),
-    ({"text": 5}, 'the body must be a JSON object with a string "text"'),
-], ids=["not-json", "no-text", "text-not-string"])
+    (b"\xff\xfe", "body is neither JSON nor UTF-8 text"),
+    ({"words": "a"}, NOT_A_TEXT),
+    ({"text": 5}, NOT_A_TEXT),
+    (["a", "b"], NOT_A_TEXT),
+    ({"text": " , ,"}, NO_WORDS),
+    (" , ", NO_WORDS),
+], ids=["not-utf8", "no-text", "text-not-string", "a-list", "no-words", "plain-no-words"])
 def test_greeting_bad_body_is_bad_request(shared, body, message):
     async def main():
         async with Client(shared.frontend) as client:
@@ -230,6 +238,40 @@ def test_greeting_bad_body_is_bad_request(shared, body, message):
     error = run(main())
     assert error.code == p.E_BAD_REQUEST
     assert error.message.startswith(message)
+
+
+@SHARED_TIMEOUT
+def test_the_seeds_calling_forms_work_awaited_streams_and_plain_string_bodies(shared):
+    """What a user of the seed (NVIDIA Dynamo's simple pipeline) tries first."""
+    async def main():
+        async with Client(shared.frontend) as client:
+            stream = await client.round_robin("generate", "world,universe,galaxy")
+            awaited = [chunk async for chunk in stream]
+            iterated = [chunk async for chunk in client.random("generate", " a, ,b ")]
+            direct = await (await client.direct("generate", "x", "w2")).read()
+            requested = await client.request("generate", b'"y"')  # a JSON string
+            return awaited, iterated, direct, await requested.read(), requested.worker_id
+
+    awaited, iterated, direct, requested, worker_id = run(main())
+    assert awaited == SEED_CHUNKS
+    assert iterated == [b"Hello a!\n", b"Hello b!\n"]
+    assert direct == b"Hello x!\n"
+    assert (worker_id, requested) in [("w1", b"Hello y!\n"), ("w2", b"Hello y!\n")]
+
+
+@SHARED_TIMEOUT
+def test_a_request_ended_by_its_deadline_names_the_timeout_and_its_value(shared):
+    async def main():
+        errors = []
+        async with Client(shared.frontend, timeout=0.4) as client:
+            for options in ({}, {"timeout": 0.3}):
+                with pytest.raises(BrokerError) as caught:
+                    await client.request("slow", {"text": "a,b,c,d"}, **options).read()
+                errors.append((caught.value.code, caught.value.message))
+        return errors
+
+    assert run(main()) == [("timeout", "no reply within the client's timeout (0.4 s)"),
+                           ("timeout", "no reply within the request's timeout (0.3 s)")]
 
 
 @SHARED_TIMEOUT
@@ -486,6 +528,59 @@ def test_garbage_on_both_sockets_leaves_the_broker_serving(stack):
             sock.close(0)
 
 
+# --- reports: the gateways' counters in the broker's stats ---------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_the_broker_keeps_each_reporters_latest_counters_and_forgets_the_silent(stack):
+    stack.broker("--Broker.heartbeat_interval=0.1")  # a reporter is forgotten after 0.3 s
+    counters = {"requests": 0}
+
+    def report() -> dict:
+        counters["requests"] += 1
+        return dict(counters)
+
+    async def main():
+        async with Client(stack.frontend, heartbeat_interval=0.1, report=report,
+                          name="gateway-7") as client:
+            seen = [(await client.stats())["gateways"]]  # the first report came before it
+            # Every heartbeat brings the latest counters.
+            later = await async_wait_until(
+                lambda: stats_if(client, lambda s: s["gateways"]["gateway-7"]["requests"] > 3))
+            seen.append(later["gateways"])
+        async with Client(stack.frontend) as observer:  # reports nothing
+            gone = await async_wait_until(lambda: stats_if(observer, lambda s: not s["gateways"]))
+        return seen, gone
+
+    (first, later), gone = run(main())
+    assert list(first) == ["gateway-7"] and first["gateway-7"]["requests"] >= 1
+    assert later["gateway-7"]["requests"] > first["gateway-7"]["requests"]
+    assert gone["gateways"] == {}
+
+
+async def stats_if(client: Client, condition) -> dict | None:
+    stats = await client.stats()
+    return stats if condition(stats) else None
+
+
+@pytest.mark.timeout(30)
+def test_a_report_over_the_size_limit_is_refused_and_nobody_else_notices(stack):
+    start(stack, "w1")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(stack.frontend)
+    try:
+        huge = {"x": "a" * p.MAX_REPORT_BYTES}
+        sock.send_multipart([p.VERSION, p.REPORT, b"hostile", orjson.dumps(huge)])
+        sock.send_multipart(p.encode_report(p.Report("fine", {"requests": 1})))
+        stats = stack.wait_stats(lambda s: s["gateways"], what="the fine report")
+        assert stats["gateways"] == {"fine": {"requests": 1}}
+        assert stats["broker"]["rejected_frames"] == 1
+        with BlockingClient(stack.frontend, timeout=10) as client:
+            assert list(client.request("generate", SEED_BODY)) == SEED_CHUNKS
+    finally:
+        sock.close(0)
+
+
 # --- BlockingClient and `zroute stats` ----------------------------------------------------
 
 
@@ -513,6 +608,63 @@ def test_blocking_client_request_and_stats(shared):
     completed_before = {w["id"]: w["completed"] for w in before["workers"]}
     assert completed["w2"] - completed_before["w2"] >= 1
     assert completed["w1"] + completed["w2"] - completed_before["w1"] - completed_before["w2"] == 2
+
+
+@SHARED_TIMEOUT
+def test_blocking_client_has_the_policy_shortcuts_and_takes_a_plain_string(shared):
+    with BlockingClient(shared.frontend, timeout=10) as client:
+        assert list(client.round_robin("generate", "world,universe,galaxy")) == SEED_CHUNKS
+        assert list(client.random("generate", {"text": "x"})) == [b"Hello x!\n"]
+        assert list(client.direct("generate", "y", "w2")) == [b"Hello y!\n"]
+
+
+@pytest.mark.timeout(20)
+def test_blocking_client_reports_an_unreachable_broker_after_three_heartbeats():
+    address = f"tcp://127.0.0.1:{free_port()}"  # nobody there
+    with BlockingClient(address) as client:  # timeout 60 s, heartbeat 1 s
+        began = time.monotonic()
+        with pytest.raises(BrokerError) as caught:
+            list(client.request("generate", SEED_BODY))
+        elapsed = time.monotonic() - began
+    assert (caught.value.code, caught.value.message) == (
+        p.E_BROKER_UNREACHABLE, f"no answer from the broker at {address}")
+    assert 3.0 <= elapsed < 4.5, f"took {elapsed:.2f} s"  # as the asyncio Client
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("signum, message", [
+    (signal.SIGSTOP, "no answer from the broker at {address}"),  # hangs, connection open
+    (signal.SIGKILL, "the connection to the broker at {address} closed"),
+], ids=["hung", "killed"])
+def test_blocking_client_gives_up_on_a_broker_lost_mid_request(stack, signum, message):
+    broker = stack.broker()
+    stack.worker("w1", sleep_time=0.3)
+    stack.wait_workers("w1")
+    with BlockingClient(stack.frontend, heartbeat_interval=0.2) as client:
+        chunks = client.request("generate", {"text": "a,b,c,d,e,f,g,h,i,j"})
+        assert next(chunks) == b"Hello a!\n"
+        broker.signal(signum)
+        lost = time.monotonic()
+        try:
+            with pytest.raises(BrokerError) as caught:
+                list(chunks)
+        finally:
+            broker.signal(signal.SIGCONT)
+        elapsed = time.monotonic() - lost
+    assert (caught.value.code, caught.value.message) == (
+        p.E_BROKER_UNREACHABLE, message.format(address=stack.frontend))
+    assert elapsed < 2.0, f"took {elapsed:.2f} s"  # 3 heartbeats of 0.2 s, not the 60 s timeout
+
+
+@SHARED_TIMEOUT
+def test_blocking_client_timeout_names_the_setting(shared):
+    with BlockingClient(shared.frontend, timeout=0.4) as client:
+        for options, expected in (
+                ({}, "no reply within the client's timeout (0.4 s)"),
+                ({"timeout": 0.3}, "no reply within the request's timeout (0.3 s)")):
+            with pytest.raises(BrokerError) as caught:
+                list(client.request("slow", {"text": "a,b,c,d"}, **options))
+            assert (caught.value.code, caught.value.message) == (p.E_TIMEOUT, expected)
 
 
 @pytest.mark.timeout(30)

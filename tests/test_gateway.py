@@ -16,8 +16,9 @@ import pytest
 
 from tests.gateway_handlers import FAILURE
 from tests.http_support import (CURL, SEED_OUTPUT, SEED_TEXT, async_test, curl, get_json,
-                                handler_worker, http, start_curl, start_gateway, wait_healthy)
-from tests.support import Stack, free_port, wait_until, workers_by_id
+                                handler_worker, http, parse_curl, start_curl, start_gateway,
+                                wait_healthy)
+from tests.support import ZROUTE, Stack, free_port, wait_until, workers_by_id
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -47,11 +48,28 @@ async def read_lines_until_broken(resp: aiohttp.ClientResponse, lines: list[byte
         lines.append(line)
 
 
+def reported(gateway, requests: int) -> dict:
+    """The gateway's /stats once they count `requests` requests: /stats shows the counters
+    that each gateway reports to the broker every heartbeat (1 s)."""
+    return wait_until(lambda: (stats := gateway.stats()) and
+                      stats["gateway"]["requests"] == requests and stats, 5,
+                      f"/stats to count {requests} request(s)")
+
+
 @pytest.fixture
 def one_worker(stack):
     """Broker, worker-1 (sleep_time 0) and a gateway; healthy."""
     stack.broker()
     stack.worker("worker-1")
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 1)
+    return gateway
+
+
+def serving_handler(stack: Stack, handler: str):
+    """Broker, worker-1 serving a handler of tests/gateway_handlers.py, and a gateway."""
+    stack.broker()
+    handler_worker(stack, "worker-1", handler)
     gateway = start_gateway(stack)
     wait_healthy(gateway, 1)
     return gateway
@@ -103,10 +121,11 @@ async def test_generate_streams_the_greetings_chunked_with_the_worker_id(stack, 
         assert raw.returncode == 0 and raw.body.endswith(b"\r\n0\r\n\r\n"), raw
         requests += 2
 
-    stats = get_json(f"{url}/stats")
-    assert set(stats) == {"broker", "workers", "gateway"}
+    stats = reported(one_worker, requests)
+    assert set(stats) == {"broker", "workers", "gateway", "gateways"}
     assert stats["gateway"] == {"requests": requests, "requests_by_status": {"200": requests},
                                 "inflight": 0, "disconnects": 0, "incomplete": 0}
+    assert list(stats["gateways"].values()) == [stats["gateway"]]  # the only gateway
     assert (stats["broker"]["completed"], stats["broker"]["inflight"]) == (requests, 0)
     assert [(w["id"], w["state"], w["completed"]) for w in stats["workers"]] == [
         ("worker-1", "ready", requests)]
@@ -196,19 +215,28 @@ async def test_round_robin_direct_and_random_routing_through_http(stack):
 BAD_BODY = 'body must be a JSON object with a string field "text"'
 OVER_DEFAULT_LIMIT = b'{"text": "' + b"a" * (1 << 20) + b'"}'
 
+BAD_TEXT = {"error": BAD_BODY, "code": "bad_request"}
+NO_WORDS = {"error": '"text" has no words: give comma-separated words, e.g. "a,b"',
+            "code": "bad_request"}
+# The cases the gateway passes on: the greeting handler, or the broker, refuses them.
+REACH_THE_BROKER = {"body-not-an-object", "text-missing", "text-not-a-string", "text-null",
+                    "text-without-words", "plain-string-without-words", "unknown-worker",
+                    "unknown-routing-mode"}
+
 REJECTED = {
     # case: (gateway, query, body, status, exact JSON body or a prefix of its error text)
     "body-not-json": ("gateway", "", b"hello", 400, "body is not valid JSON: "),
-    "body-not-an-object": ("gateway", "", b'["a,b"]', 400, {"error": BAD_BODY}),
-    "text-missing": ("gateway", "", b'{"words": "a,b"}', 400, {"error": BAD_BODY}),
-    "text-not-a-string": ("gateway", "", b'{"text": ["a", "b"]}', 400, {"error": BAD_BODY}),
-    "text-null": ("gateway", "", b'{"text": null}', 400, {"error": BAD_BODY}),
-    "text-without-words": ("gateway", "", b'{"text": " , ,"}', 400, {
-        "error": '"text" has no words: give comma-separated words, e.g. "a,b"'}),
+    "body-not-an-object": ("gateway", "", b'["a,b"]', 400, BAD_TEXT),
+    "text-missing": ("gateway", "", b'{"words": "a,b"}', 400, BAD_TEXT),
+    "text-not-a-string": ("gateway", "", b'{"text": ["a", "b"]}', 400, BAD_TEXT),
+    "text-null": ("gateway", "", b'{"text": null}', 400, BAD_TEXT),
+    "text-without-words": ("gateway", "", b'{"text": " , ,"}', 400, NO_WORDS),
+    "plain-string-without-words": ("gateway", "", b'" , "', 400, NO_WORDS),
     "body-over-default-limit": ("gateway", "", OVER_DEFAULT_LIMIT, 413, {
-        "error": "body is larger than 1048576 bytes"}),
+        "error": "body is larger than Frontend.max_body (1048576 bytes)",
+        "code": "body_too_large"}),
     "body-over-max_body-100": ("small", "", b'{"text": "world"}'.ljust(101), 413, {
-        "error": "body is larger than 100 bytes"}),
+        "error": "body is larger than Frontend.max_body (100 bytes)", "code": "body_too_large"}),
     "unknown-worker": ("gateway", "?worker=nobody", SEED_BODY, 404, {
         "error": "no such worker: 'nobody' serves no 'generate' requests",
         "code": "no_such_worker"}),
@@ -217,9 +245,10 @@ REJECTED = {
                  "(valid: round_robin, random, least_loaded, power_of_two, direct)",
         "code": "unknown_policy"}),
     "direct-without-worker": ("gateway", "?routing=direct", SEED_BODY, 400, {
-        "error": "routing=direct needs ?worker=<worker id>"}),
+        "error": "routing=direct needs ?worker=<worker id>", "code": "bad_request"}),
     "worker-with-other-routing": ("gateway", "?worker=worker-1&routing=random", SEED_BODY, 400, {
-        "error": "?worker= routes directly; it cannot be combined with routing=random"}),
+        "error": "?worker= routes directly; it cannot be combined with routing=random",
+        "code": "bad_request"}),
 }
 
 
@@ -228,7 +257,7 @@ def check_error(status: int, content_type: str, body: bytes, expected_status: in
     assert (status, content_type) == (expected_status, JSON), body
     parsed = json.loads(body)
     if isinstance(expected, str):
-        assert list(parsed) == ["error"] and parsed["error"].startswith(expected), parsed
+        assert list(parsed) == ["error", "code"] and parsed["error"].startswith(expected), parsed
     else:
         assert parsed == expected
 
@@ -249,30 +278,31 @@ async def test_rejected_request_gets_its_status_and_a_json_error(shared, case):
         result = curl(f"{url}/generate{query}", body=body)
         assert result.returncode == 0, result.stderr
         check_error(result.status, result.headers["content-type"], result.body, status, expected)
-    # Only a request that names a worker or a policy reaches the broker (which knows which
-    # are valid); the others stop at the gateway.
-    named = status == 404 or case == "unknown-routing-mode"
-    reached = (2 if CURL else 1) if named else 0
+    reached = (2 if CURL else 1) if case in REACH_THE_BROKER else 0
     assert get_json(f"{url}/stats")["broker"]["requests"] == before + reached
     no_traceback(getattr(shared, which).proc)
 
 
 WRONG_ROUTES = {
-    # case: (method, path, status, error, Allow header)
+    # case: (method, path, status, error, code, Allow header)
     "unknown-path": ("GET", "/nope", 404,
                      "no such path '/nope'; the paths are /generate, /health, /stats, /metrics",
-                     None),
-    "get-generate": ("GET", "/generate", 405, "/generate takes POST, not GET", "POST"),
-    "post-health": ("POST", "/health", 405, "/health takes GET, not POST", "GET, HEAD"),
-    "delete-stats": ("DELETE", "/stats", 405, "/stats takes GET, not DELETE", "GET, HEAD"),
+                     "not_found", None),
+    "get-generate": ("GET", "/generate", 405, "/generate takes POST, not GET",
+                     "method_not_allowed", "POST"),
+    "post-health": ("POST", "/health", 405, "/health takes GET, not POST",
+                    "method_not_allowed", "GET, HEAD"),
+    "delete-stats": ("DELETE", "/stats", 405, "/stats takes GET, not DELETE",
+                     "method_not_allowed", "GET, HEAD"),
 }
 
 
 @pytest.mark.parametrize("case", list(WRONG_ROUTES))
 def test_wrong_path_or_method_gets_a_json_error(shared, case):
-    method, path, status, error, allow = WRONG_ROUTES[case]
+    method, path, status, error, code, allow = WRONG_ROUTES[case]
     reply = http(method, f"{shared.gateway.url}{path}", b"{}" if method == "POST" else None)
-    check_error(reply.status, reply.headers["content-type"], reply.body, status, {"error": error})
+    check_error(reply.status, reply.headers["content-type"], reply.body, status,
+                {"error": error, "code": code})
     assert reply.headers.get("allow") == allow
 
 
@@ -286,7 +316,8 @@ async def test_expect_100_continue_is_answered_and_other_expectations_get_417(sh
         async with session.post(f"{shared.gateway.url}/generate", data=SEED_BODY,
                                 headers={"Expect": "magic"}) as resp:
             check_error(resp.status, resp.headers["Content-Type"], await resp.read(), 417,
-                        {"error": "Expect: magic is not supported (only 100-continue is)"})
+                        {"error": "Expect: magic is not supported (only 100-continue is)",
+                         "code": "expectation_failed"})
 
 
 @pytest.mark.parametrize("expect", ["", "Expect: 100-continue\r\n"], ids=["plain", "expect"])
@@ -306,9 +337,48 @@ def test_an_http_1_0_client_gets_the_body_unchunked_until_the_connection_closes(
     assert payload == SEED_OUTPUT.encode()
 
 
+MALFORMED_HTTP = {
+    "not-http": (b"GARBAGE\r\n\r\n", "Invalid method encountered"),
+    "header-too-large": (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 +
+                         b"\r\n\r\n", "Got more than 8190 bytes when reading"),
+    "bad-content-length": (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: abc"
+                           b"\r\n\r\n", "Invalid character in Content-Length"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_HTTP))
+def test_a_request_that_is_not_valid_http_gets_a_json_400_too(shared, case):
+    request, error = MALFORMED_HTTP[case]
+    with socket.create_connection(("127.0.0.1", shared.gateway.port), timeout=5) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):  # the gateway closes the connection after it
+            reply += chunk
+    result = parse_curl(0, reply)
+    check_error(result.status, result.headers["content-type"], result.body, 400, error)
+    assert json.loads(result.body)["code"] == "bad_request"
+
+
 def test_head_on_health_answers_its_status_without_a_body(shared):
     reply = http("HEAD", f"{shared.gateway.url}/health")
     assert (reply.status, reply.headers["content-type"], reply.body) == (200, JSON, b"")
+
+
+@async_test
+async def test_a_plain_json_string_is_the_greetings_text(shared):
+    async with aiohttp.ClientSession() as session:
+        status, _, reply = await post(session, shared.gateway.url, b'" a, ,b "')
+    assert (status, reply) == (200, b"Hello a!\nHello b!\n")
+
+
+@async_test
+async def test_a_custom_handler_receives_any_json_body(stack):
+    gateway = serving_handler(stack, "echo")
+    async with aiohttp.ClientSession() as session:
+        for body in (b'[1, "a"]', b'{"prompt": "hi"}', b'"a,b"', b"42", b"null"):
+            status, _, reply = await post(session, gateway.url, body)
+            assert (status, json.loads(reply)) == (200, json.loads(body))
+    no_traceback(gateway.proc)
 
 
 @async_test
@@ -330,10 +400,12 @@ async def test_health_and_generate_answer_503_until_a_worker_registers(stack):
     health = wait_until(lambda: (r := http("GET", f"{gateway.url}/health")) and r.json().get(
         "error") == "no worker is registered" and r, 10, "/health to see the broker")
     assert (health.status, health.headers["content-type"], health.json()) == (
-        503, JSON, {"status": "unavailable", "workers": 0, "error": "no worker is registered"})
+        503, JSON, {"status": "unavailable", "workers": 0, "error": "no worker is registered",
+                    "code": "no_workers"})
     assert health.headers["retry-after"] == "1"
 
-    no_workers = {"error": "no worker serves 'generate' (waited 0.2 s)", "code": "no_workers"}
+    no_workers = {"error": "no worker serves 'generate' (waited Broker.queue_timeout: 0.2 s)",
+                  "code": "no_workers"}
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{gateway.url}/generate", json={"text": SEED_TEXT}) as resp:
             check_error(resp.status, resp.headers["Content-Type"], await resp.read(), 503,
@@ -366,7 +438,9 @@ async def test_unreachable_broker_gives_503_with_retry_after(stack):
         async with session.get(f"{gateway.url}/health") as resp:
             assert (resp.status, resp.headers["Retry-After"]) == (503, "1")
             assert await resp.json() == {"status": "unavailable", "workers": 0,
-                                         "error": f"no stats from {broker} within 2 s"}
+                                         "error": f"no answer from the broker at {broker} "
+                                                  "within 2 s",
+                                         "code": "broker_unreachable"}
 
     async def first_request() -> None:
         # Sent within the heartbeat window (3 s), while the broker may still answer: it
@@ -396,12 +470,17 @@ async def test_unreachable_broker_gives_503_with_retry_after(stack):
 # --- failures after the response began --------------------------------------------------------
 
 
+def test_a_handler_failing_before_its_first_line_answers_502_handler_error(stack):
+    gateway = serving_handler(stack, "fail_at_once")
+    reply = http("POST", f"{gateway.url}/generate", SEED_BODY)
+    check_error(reply.status, reply.headers["content-type"], reply.body, 502,
+                {"error": f"RuntimeError: {FAILURE}", "code": "handler_error"})
+    no_traceback(gateway.proc)
+
+
 @async_test
 async def test_a_handler_failing_mid_stream_gives_a_visibly_incomplete_response(stack):
-    stack.broker()
-    handler_worker(stack, "worker-1", "fail_mid_stream")
-    gateway = start_gateway(stack)
-    wait_healthy(gateway, 1)
+    gateway = serving_handler(stack, "fail_mid_stream")
     expected = f"Hello world!\n\nerror: handler_error: RuntimeError: {FAILURE}\n"
 
     async with aiohttp.ClientSession() as session:
@@ -418,7 +497,7 @@ async def test_a_handler_failing_mid_stream_gives_a_visibly_incomplete_response(
         assert result.body.decode() == expected
         requests += 1
 
-    stats = get_json(f"{gateway.url}/stats")
+    stats = reported(gateway, requests)
     assert stats["gateway"]["incomplete"] == requests
     assert stats["gateway"]["requests_by_status"] == {"200": requests}
     assert workers_by_id(stats)["worker-1"]["failed"] == requests
@@ -461,7 +540,7 @@ async def test_a_worker_killed_mid_stream_gives_a_visibly_incomplete_response(st
     assert time.monotonic() - killed < 5
     assert stats["broker"]["evictions"] == 1
     assert stats["broker"]["inflight"] == 0
-    assert stats["gateway"]["incomplete"] == (2 if CURL else 1)
+    assert reported(gateway, 2 if CURL else 1)["gateway"]["incomplete"] == (2 if CURL else 1)
     no_traceback(gateway.proc)
 
 
@@ -494,7 +573,8 @@ async def test_a_client_disconnecting_mid_stream_cancels_the_workers_request(sta
             stats["workers"][0]["inflight"], stats["gateway"]["inflight"],
             stats["gateway"]["disconnects"]) == (clients, 0, 0, 0, clients) else None
 
-    stats = wait_until(settled, 3, "the cancellations to reach the broker and the worker")
+    # (The gateway's counters are those it reported to the broker, once a heartbeat.)
+    stats = wait_until(settled, 5, "the cancellations to reach the broker and the worker")
     assert stats["broker"]["completed"] == 0
     assert workers_by_id(stats)["worker-1"]["completed"] == 0
     wait_until(lambda: worker.output().count(" cancelled\n") == clients, 3,
@@ -517,6 +597,7 @@ def test_a_deadline_before_the_first_line_answers_504_and_stops_the_worker(stack
     elapsed = time.monotonic() - started
     assert reply is not None and reply.status == 504
     assert reply.headers["content-type"].startswith("application/json")
-    assert reply.json() == {"error": "request deadline expired", "code": "timeout"}
+    assert reply.json() == {"error": "no reply within Frontend.request_timeout (0.5 s)",
+                            "code": "timeout"}
     assert 0.5 <= elapsed < 2.5
     wait_until(lambda: "cancelled" in worker.output(), 5, "the worker to be told to stop")

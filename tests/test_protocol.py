@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from broker import protocol as p
 from broker.protocol import (
-    Cancel, Chunk, Disconnect, Drain, End, Error, Heartbeat, ProtocolError, Ready, Request,
-    StatsReply, StatsRequest, VERSION,
+    Cancel, Chunk, Disconnect, Drain, End, Error, Heartbeat, ProtocolError, Ready, Report,
+    Request, StatsReply, StatsRequest, VERSION,
 )
 
 RID = b"\x00rid-\xff"  # request ids are opaque bytes
@@ -55,6 +55,21 @@ def test_cancel_client_to_broker():
 def test_stats_request_client_to_broker():
     message = StatsRequest(b"s1")
     assert roundtrip(p.encode_stats_request, p.decode_from_client, message) == message
+
+
+@pytest.mark.parametrize("message", [
+    Report("gateway-1", {"requests": [["200", "round_robin", "worker-1", 5]], "inflight": 0}),
+    Report(LONG_TEXT, {}),
+], ids=["counters", "longest-name-empty"])
+def test_report_client_to_broker(message):
+    assert roundtrip(p.encode_report, p.decode_from_client, message) == message
+
+
+def test_report_of_exactly_max_report_bytes_is_accepted():
+    counters = orjson.dumps({"x": "a" * (p.MAX_REPORT_BYTES - 8)})
+    assert len(counters) == p.MAX_REPORT_BYTES
+    frames = [VERSION, p.REPORT, b"g", counters]
+    assert p.decode_from_client(frames) == Report("g", orjson.loads(counters))
 
 
 def test_heartbeat_client_to_broker():
@@ -266,9 +281,19 @@ FROM_CLIENT = COMMON + [
     ("stats-empty-rid", [V, p.STATS, b""]),
     ("stats-overlong-rid", [V, p.STATS, b"r" * (p.MAX_CLIENT_RID + 1)]),
     ("heartbeat-extra-frame", [V, p.HEARTBEAT, BOOT]),
+    ("report-missing-counters", [V, p.REPORT, b"g"]),
+    ("report-extra-frame", [V, p.REPORT, b"g", b"{}", b"{}"]),
+    ("report-empty-name", [V, p.REPORT, b"", b"{}"]),
+    ("report-overlong-name", [V, p.REPORT, b"g" * (p.MAX_ID_LENGTH + 1), b"{}"]),
+    ("report-non-utf8-name", [V, p.REPORT, b"\xff", b"{}"]),
+    ("report-not-json", [V, p.REPORT, b"g", b"{"]),
+    ("report-not-an-object", [V, p.REPORT, b"g", b"[1]"]),
+    ("report-over-max-bytes", [V, p.REPORT, b"g",
+                               orjson.dumps({"x": "a" * (p.MAX_REPORT_BYTES - 7)})]),
 ]
 
 TO_CLIENT = COMMON + [
+    ("report-not-to-client", [V, p.REPORT, b"g", b"{}"]),
     ("request-not-to-client", req()),
     ("ready-not-to-client", ready()),
     ("cancel-not-to-client", [V, p.CANCEL, b"r"]),
@@ -341,6 +366,7 @@ FROM_WORKER = COMMON + [
     ("heartbeat-extra-frame", [V, p.HEARTBEAT, BOOT]),
     ("disconnect-extra-frame", [V, p.DISCONNECT, b""]),
     ("drain-extra-frame", [V, p.DRAIN, b"x"]),
+    ("report-not-from-worker", [V, p.REPORT, b"g", b"{}"]),
 ]
 
 TO_WORKER = COMMON + [
@@ -349,6 +375,7 @@ TO_WORKER = COMMON + [
     ("end-not-to-worker", [V, p.END, b"r"]),
     ("stats-not-to-worker", [V, p.STATS, b"r"]),
     ("drain-not-to-worker", [V, p.DRAIN]),
+    ("report-not-to-worker", [V, p.REPORT, b"g", b"{}"]),
     ("client-request-not-to-worker", req()),
     ("request-missing-body", [V, p.REQUEST, b"r", b"s"]),
     ("request-extra-frame", [V, p.REQUEST, b"r", b"s", b"b", b"x"]),
@@ -423,7 +450,7 @@ frame_lists = st.one_of(
     st.builds(lambda command, rest: [VERSION, command, *rest],
               st.sampled_from(COMMANDS), st.lists(frame, max_size=8)),
 )
-MESSAGE_TYPES = (Request, Chunk, End, Error, Cancel, StatsRequest, StatsReply, Ready,
+MESSAGE_TYPES = (Request, Chunk, End, Error, Cancel, StatsRequest, StatsReply, Report, Ready,
                  Heartbeat, Disconnect, Drain)
 
 

@@ -1,0 +1,129 @@
+"""The gateways' reports, in memory: what the broker keeps of them, and how a gateway
+reads them back into /stats and /metrics."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker.reports import MAX_REPORTERS, Reports
+from gateway.metrics import Exporter, GatewayMetrics, total
+
+pytestmark = pytest.mark.timeout(10)
+
+
+# --- the broker's side -------------------------------------------------------------
+
+
+def test_reports_keep_the_latest_counters_of_each_name_sorted():
+    reports = Reports(expiry=3.0)
+    assert reports.store("gateway-2", {"n": 1}, now=0.0)
+    assert reports.store("gateway-1", {"n": 5}, now=0.5)
+    assert reports.store("gateway-2", {"n": 2}, now=1.0)  # a restarted gateway-2 too
+    assert reports.current(now=1.0) == {"gateway-1": {"n": 5}, "gateway-2": {"n": 2}}
+    assert list(reports.current(now=1.0)) == ["gateway-1", "gateway-2"]
+
+
+def test_a_reporter_silent_for_longer_than_the_expiry_is_forgotten():
+    reports = Reports(expiry=3.0)
+    reports.store("gone", {}, now=0.0)
+    reports.store("alive", {}, now=2.0)
+    assert list(reports.current(now=3.0)) == ["alive", "gone"]
+    assert list(reports.current(now=3.5)) == ["alive"]
+
+
+def test_reporters_are_bounded_and_a_silent_one_makes_room():
+    reports = Reports(expiry=3.0)
+    for i in range(MAX_REPORTERS):
+        assert reports.store(f"g{i}", {}, now=float(i % 2))
+    assert not reports.store("one-too-many", {}, now=2.0)
+    assert reports.store("g1", {"again": True}, now=2.0)  # a known name still reports
+    assert len(reports.current(now=2.0)) == MAX_REPORTERS
+    assert reports.store("newcomer", {}, now=3.5)  # those last heard at 0 are forgotten
+    assert len(reports.current(now=3.5)) == MAX_REPORTERS // 2 + 1
+
+
+# --- the gateway's side -------------------------------------------------------------
+
+
+def sample_metrics() -> GatewayMetrics:
+    metrics = GatewayMetrics()
+    metrics.observe(200, "round_robin", "worker-1", 0.5, 0.01)
+    metrics.observe(200, "round_robin", "worker-1", 0.2, 0.02)
+    metrics.observe(503, "random", "", 0.001, None)
+    metrics.inflight, metrics.disconnects, metrics.incomplete = 2, 1, 1
+    return metrics
+
+
+def test_a_snapshot_survives_the_wire_and_reads_back_the_same():
+    metrics = sample_metrics()
+    on_the_wire = orjson.loads(orjson.dumps(metrics.snapshot()))
+    back = GatewayMetrics.from_snapshot(on_the_wire)
+    assert back.snapshot() == metrics.snapshot()
+    assert back.summary() == {"requests": 3, "requests_by_status": {"200": 2, "503": 1},
+                              "inflight": 2, "disconnects": 1, "incomplete": 1}
+
+
+def test_a_snapshot_is_small():
+    metrics = GatewayMetrics()
+    for worker in range(100):  # a hundred workers, each served with three statuses
+        for status in (200, 502, 504):
+            metrics.observe(status, "round_robin", f"worker-{worker}", 0.1, 0.01)
+    assert len(orjson.dumps(metrics.snapshot())) < 16 << 10
+
+
+def broken(change) -> dict:
+    snapshot = orjson.loads(orjson.dumps(sample_metrics().snapshot()))
+    change(snapshot)
+    return snapshot
+
+
+@pytest.mark.parametrize("snapshot", [
+    [], "x", {},
+    broken(lambda s: s.pop("inflight")),
+    broken(lambda s: s.update(inflight=-1)),
+    broken(lambda s: s.update(inflight=True)),
+    broken(lambda s: s.update(disconnects=1.5)),
+    broken(lambda s: s.update(requests={"200": 1})),
+    broken(lambda s: s["requests"].append(["200", "random", 7, 1])),
+    broken(lambda s: s["requests"].append(["200", "random", "w"])),
+    broken(lambda s: s["requests"].append(["200", "random", "w", "1"])),
+    broken(lambda s: s["duration"]["counts"].append(1)),
+    broken(lambda s: s["duration"]["counts"].__setitem__(0, -1)),
+    broken(lambda s: s["first_chunk"].update(sum="0")),
+    broken(lambda s: s.update(first_chunk=[])),
+], ids=["list", "text", "empty", "no-inflight", "negative", "bool", "float", "requests-dict",
+        "label-not-text", "entry-short", "count-text", "counts-long", "count-negative",
+        "sum-text", "histogram-list"])
+def test_a_snapshot_that_is_not_one_is_a_value_error(snapshot):
+    with pytest.raises(ValueError):
+        GatewayMetrics.from_snapshot(snapshot)
+
+
+def test_total_sums_the_gateways_summaries():
+    one, two = sample_metrics(), GatewayMetrics()
+    two.observe(200, "random", "worker-2", 0.1, 0.01)
+    assert total([one.summary(), two.summary()]) == {
+        "requests": 4, "requests_by_status": {"200": 3, "503": 1}, "inflight": 2,
+        "disconnects": 1, "incomplete": 1}
+    assert total([]) == {"requests": 0, "requests_by_status": {}, "inflight": 0,
+                         "disconnects": 0, "incomplete": 0}
+
+
+def test_metrics_label_every_gateway_series_with_its_gateway():
+    two = GatewayMetrics()
+    two.observe(200, "random", "worker-2", 0.1, 0.01)
+    page = Exporter().render(None, {"gateway-1": sample_metrics(), "gateway-2": two}).decode()
+    samples = [sample for family in text_string_to_metric_families(page)
+               for sample in family.samples]
+    requests = {(s.labels["gateway"], s.labels["status"], s.labels["worker"]): s.value
+                for s in samples if s.name == "zroute_http_requests_total"}
+    assert requests == {("gateway-1", "200", "worker-1"): 2, ("gateway-1", "503", ""): 1,
+                        ("gateway-2", "200", "worker-2"): 1}
+    counts = {s.labels["gateway"]: s.value for s in samples
+              if s.name == "zroute_http_request_duration_seconds_count"}
+    assert counts == {"gateway-1": 3, "gateway-2": 1}
+    inflight = {s.labels["gateway"]: s.value for s in samples
+                if s.name == "zroute_http_inflight_requests"}
+    assert inflight == {"gateway-1": 2, "gateway-2": 0}
