@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import signal
 
@@ -14,6 +15,7 @@ from aiohttp import web
 from gateway.app import Gateway, GatewaySettings
 from zroute import aio
 from zroute.command import add_common_options, load, run_command
+from zroute.ports import PortInUse, in_use_message
 
 log = logging.getLogger("zroute.gateway")
 
@@ -24,6 +26,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the broker's client-facing endpoint (default: Broker.frontend)")
     parser.add_argument("--host", help="address to listen on (default: Frontend.host)")
     parser.add_argument("--port", type=int, help="HTTP port (default: Frontend.port, 8000)")
+    # For `zroute serve` only: its gateways share one port. Any other gateway has the
+    # port to itself, so that two stacks never answer on one port.
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="gateway")
 
@@ -34,18 +39,22 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     frontend = config.frontend
     gateway = Gateway(GatewaySettings(config.broker.frontend, frontend.routing_mode,
                                       frontend.max_body, frontend.request_timeout))
-    aio.run(serve(gateway, frontend.host, frontend.port))
+    aio.run(serve(gateway, frontend.host, frontend.port, args.reuse_port))
     return 0
 
 
-async def serve(gateway: Gateway, host: str, port: int) -> None:
+async def serve(gateway: Gateway, host: str, port: int, reuse_port: bool = False) -> None:
     """Serve until SIGINT or SIGTERM, then finish the requests in flight."""
     await gateway.start()
     runner = web.ServerRunner(gateway.server())
     await runner.setup()
     try:
-        # reuse_port lets several gateway processes share one port.
-        await web.TCPSite(runner, host, port, reuse_port=True).start()
+        try:
+            await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise PortInUse(in_use_message(port)) from None
+            raise
         log.info("gateway listening on http://%s:%d, broker %s", host, port,
                  gateway.settings.broker)
         stop = asyncio.Event()

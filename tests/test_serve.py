@@ -7,6 +7,7 @@ import asyncio
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import time
 
@@ -15,7 +16,8 @@ import pytest
 
 from tests.http_support import (CURL, ROOT, SEED_OUTPUT, SEED_TEXT, alive, async_test, children,
                                 cmdline, curl, get_json, http, start_time)
-from tests.support import ZROUTE, Proc, Stack, free_port, wait_until, workers_by_id
+from tests.support import (ZROUTE, Proc, Stack, free_port, run_zroute, wait_until,
+                           workers_by_id)
 
 pytestmark = pytest.mark.timeout(45)
 
@@ -229,4 +231,90 @@ async def test_serve_shutdown_finishes_the_requests_in_flight(stack):
         replies = await asyncio.wait_for(asyncio.gather(*requests), 20)
     assert replies == [expected] * 6  # nothing was cut
     assert serve.proc.popen.wait(20) == 0
+    assert_all_gone(kids)
+
+
+# --- ports: two stacks never share one ----------------------------------------------
+
+
+def listening_socket(port: int) -> socket.socket:
+    """A plain listener on 127.0.0.1:`port`, as any other program would hold it; it even
+    allows SO_REUSEPORT, as a gateway does."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", port))
+    holder.listen()
+    return holder
+
+
+def port_of(endpoint: str) -> int:
+    return int(endpoint.rpartition(":")[2])
+
+
+@pytest.mark.parametrize("shared", ["http", "frontend", "backend"])
+def test_a_second_serve_on_a_port_of_the_first_exits_with_one_line_naming_it(stack, shared):
+    first = Serve(stack, "--Backend.sleep_time=0")
+    first.wait_ready()
+    kids = first.wait_children("broker", "worker-1", "gateway-1")
+    ports = {"http": first.port, "frontend": port_of(stack.frontend),
+             "backend": port_of(stack.backend)}
+    mine = {name: free_port() for name in ports}
+    mine[shared] = ports[shared]
+    second = run_zroute("serve", "--port", str(mine["http"]),
+                        f"--Broker.frontend=tcp://127.0.0.1:{mine['frontend']}",
+                        f"--Broker.backend=tcp://127.0.0.1:{mine['backend']}")
+    assert (second.returncode, second.stdout) == (1, "")
+    assert second.stderr == (
+        f"zroute serve: error: port {ports[shared]} is in use by pid {first.proc.pid} "
+        f"(zroute serve --port {first.port} --Broker.frontend={stack.frontend} "
+        f"--Broker.backend={stack.backend} --Backend.sleep_time=0)\n")
+    # The first stack goes on alone: nothing restarted, it still serves.
+    assert first.children() == kids
+    assert http("POST", f"{first.url}/generate", b'{"text": "a"}').body == b"Hello a!\n"
+    assert "exited" not in first.proc.output()
+
+
+def test_a_standalone_gateway_does_not_share_the_port_of_serve(stack):
+    serve = Serve(stack, "--Backend.sleep_time=0")
+    serve.wait_ready()
+    gateway = run_zroute("gateway", "--broker", stack.frontend, "--port", str(serve.port))
+    assert gateway.returncode == 1
+    assert gateway.stderr.startswith(
+        f"zroute gateway: error: port {serve.port} is in use by pid {serve.proc.pid} "
+        "(zroute serve --port ")
+    assert len(gateway.stderr.splitlines()) == 1, gateway.stderr
+
+
+def test_serve_does_not_start_on_a_port_another_program_listens_on(stack):
+    port = free_port()
+    with listening_socket(port):
+        result = run_zroute("serve", "--port", str(port), f"--Broker.frontend={stack.frontend}",
+                            f"--Broker.backend={stack.backend}")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith(f"zroute serve: error: port {port} is in use by pid "
+                                    f"{os.getpid()} (")  # this test's process
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_a_broker_that_cannot_listen_when_restarted_stops_serve_with_one_line(stack):
+    serve = Serve(stack, "--Backend.sleep_time=0")
+    serve.wait_ready()
+    kids = serve.wait_children("broker", "worker-1", "gateway-1")
+    os.kill(kids["broker"][0], signal.SIGKILL)
+
+    def take_the_port() -> socket.socket | None:
+        try:
+            return listening_socket(port_of(stack.frontend))
+        except OSError:
+            return None  # the dead broker's connections still close
+
+    # Another program takes the broker's port before serve restarts it (0.5 s).
+    with wait_until(take_the_port, 5, "the broker's port to be free"):
+        code = serve.proc.popen.wait(20)  # not restarted forever
+    output = serve.proc.output()
+    assert code == 1, output
+    assert (f"[serve] broker cannot listen: port {port_of(stack.frontend)} is in use by pid "
+            f"{os.getpid()} (") in output
+    assert output.count("[serve] broker exited with code -9; restarting") == 1, output
     assert_all_gone(kids)

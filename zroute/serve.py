@@ -5,6 +5,9 @@ It starts the broker, `Backend.ServiceArgs.workers` workers and
 /health is green, restarts any child that dies (with back-off), and on
 Ctrl-C or SIGTERM stops them in order: gateways, then workers (which drain),
 then the broker.
+
+Before it starts anything it checks that the ports it needs are free, so that a
+second stack on the same machine stops with one line rather than sharing them.
 """
 
 from __future__ import annotations
@@ -23,11 +26,15 @@ from dataclasses import dataclass
 from gateway.app import check_routing_mode
 from zroute.command import add_common_options, load
 from zroute.config import Config
+from zroute.ports import check_free, mark_stopping, tcp_address
 
 READY_TIMEOUT_S = 30.0
 RESTART_MIN_S = 0.5
 RESTART_MAX_S = 10.0
 STABLE_AFTER_S = 30.0  # a child that ran this long restarts with the shortest back-off
+# A child that exits with an error this soon after its start failed on its settings or
+# its address, and would fail the same way again: serve stops rather than restart it.
+START_FAILURE_S = 5.0
 STOP_TIMEOUT_S = 10.0
 PR_SET_PDEATHSIG = 1
 
@@ -48,10 +55,14 @@ def _die_with_parent() -> None:
         pass  # not Linux: a clean shutdown still stops every child
 
 
+Address = tuple[str, int]  # (host, port)
+
+
 @dataclass
 class Child:
     name: str
     args: list[str]
+    ports: list[Address]  # the ports it listens on
     process: subprocess.Popen | None = None
     started: float = 0.0
     backoff: float = RESTART_MIN_S
@@ -68,6 +79,18 @@ class Child:
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
+    def failed_at_start(self, code: int) -> bool:
+        return code > 0 and time.monotonic() - self.started < START_FAILURE_S
+
+    def why_it_failed(self, code: int) -> str:
+        """One line: a port it could not listen on, and who holds it, if that is why."""
+        for host, port in self.ports:
+            try:
+                check_free(host, port)
+            except OSError as e:
+                return f"{self.name} cannot listen: {e}"
+        return f"{self.name} exited with code {code} at start-up (its error is above)"
+
 
 @dataclass
 class Supervisor:
@@ -81,13 +104,23 @@ class Supervisor:
         for child in self.children:
             child.start()
 
-    def watch_once(self) -> None:
-        """Restart children that exited, each after its own growing back-off."""
+    def check_ports(self) -> None:
+        """Raise PortInUse, naming the holder, if a port a child needs is taken."""
+        for child in self.children:
+            for host, port in child.ports:
+                check_free(host, port)
+
+    def watch_once(self) -> str | None:
+        """Restart children that exited, each after its own growing back-off.
+
+        Returns why serve cannot go on (a child failed at start-up), or None."""
         now = time.monotonic()
         for child in self.children:
             code = child.exited()
             if code is None:
                 continue
+            if child.failed_at_start(code):
+                return child.why_it_failed(code)
             if child.restart_at is None:
                 if now - child.started >= STABLE_AFTER_S:
                     child.backoff = RESTART_MIN_S
@@ -97,6 +130,7 @@ class Supervisor:
                 child.backoff = min(RESTART_MAX_S, child.backoff * 2)
             elif now >= child.restart_at:
                 child.start()
+        return None
 
     def stop(self) -> None:
         """Stop the groups in reverse order; SIGKILL what does not stop in time."""
@@ -125,14 +159,18 @@ def child_args(command: str, name: str, args: argparse.Namespace, overrides: lis
 
 
 def build_supervisor(config: Config, args: argparse.Namespace, overrides: list[str]) -> Supervisor:
-    port = str(config.frontend.port)
-    broker = [Child("broker", child_args("broker", "broker", args, overrides))]
+    frontend = config.frontend
+    endpoints = (config.broker.frontend, config.broker.backend)
+    broker = [Child("broker", child_args("broker", "broker", args, overrides),
+                    [a for a in map(tcp_address, endpoints) if a is not None])]
     workers = [Child(f"worker-{i}", child_args("worker", f"worker-{i}", args, overrides,
-                                              "--id", f"worker-{i}"))
+                                              "--id", f"worker-{i}"), [])
                for i in range(1, config.backend.service_args.workers + 1)]
+    # The gateways of this stack share the port; no other process may.
     gateways = [Child(f"gateway-{i}", child_args("gateway", f"gateway-{i}", args, overrides,
-                                                "--port", port))
-                for i in range(1, config.frontend.service_args.workers + 1)]
+                                                "--reuse-port"),
+                      [(frontend.host, frontend.port)])
+                for i in range(1, frontend.service_args.workers + 1)]
     return Supervisor([broker, workers, gateways])
 
 
@@ -150,6 +188,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     config = load(args, overrides)
     check_routing_mode(config.frontend.routing_mode)
     supervisor = build_supervisor(config, args, overrides)
+    supervisor.check_ports()
     stop_requested = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, _: stop_requested.append(signum))
@@ -160,10 +199,14 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             return 1 if not stop_requested else 0
         _announce(base, config)
         while not stop_requested:
-            supervisor.watch_once()
+            failure = supervisor.watch_once()
+            if failure:
+                print(f"[serve] {failure}; stopping", file=sys.stderr, flush=True)
+                return 1
             time.sleep(0.2)
         return 0
     finally:
+        mark_stopping()
         print("[serve] stopping: gateways, then workers, then the broker", file=sys.stderr,
               flush=True)
         supervisor.stop()
@@ -178,8 +221,8 @@ def _wait_ready(supervisor: Supervisor, url: str, stop_requested: list) -> bool:
         for child in supervisor.children:
             code = child.exited()
             if code is not None:
-                print(f"[serve] {child.name} exited with code {code} during start-up",
-                      file=sys.stderr, flush=True)
+                print(f"[serve] {child.why_it_failed(code)}; stopping", file=sys.stderr,
+                      flush=True)
                 return False
         if time.monotonic() > deadline:
             print(f"[serve] {url} was not healthy within {READY_TIMEOUT_S:.0f} s",
