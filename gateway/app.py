@@ -32,6 +32,7 @@ log = logging.getLogger("zroute.gateway")
 SERVICE = "generate"
 RETRY_AFTER_S = "1"
 CLIENT_CLOSED = 499  # the status logged for a client gone before its first line
+E_GATEWAY_STOPPING = "gateway_stopping"  # a request cut at the end of the gateway's drain
 
 # Broker error codes, as HTTP statuses.
 STATUS_OF_ERROR = {
@@ -43,6 +44,7 @@ STATUS_OF_ERROR = {
     p.E_NO_WORKERS: 503,
     p.E_QUEUE_FULL: 503,
     p.E_BROKER_UNREACHABLE: 503,
+    E_GATEWAY_STOPPING: 503,
     p.E_TIMEOUT: 504,
 }
 
@@ -125,6 +127,13 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.client.close()
+
+    def cut_streams(self) -> None:
+        """End every request still in flight: the gateway is stopping. Each ends as a
+        failed worker's would, so a cut stream never looks like a complete one."""
+        for reply in list(self.client.replies.values()):
+            reply.cancel(BrokerError(E_GATEWAY_STOPPING,
+                                     "the gateway stopped before the reply finished"))
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         route = self.routes.get(request.path)

@@ -19,6 +19,9 @@ from zroute.ports import PortInUse, in_use_message
 
 log = logging.getLogger("zroute.gateway")
 
+# After the drain, cut streams still take this long to write their last line.
+CUT_GRACE_S = 5.0
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = "Run the HTTP gateway: POST /generate, GET /health, /stats."
@@ -39,15 +42,20 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     frontend = config.frontend
     gateway = Gateway(GatewaySettings(config.broker.frontend, frontend.routing_mode,
                                       frontend.max_body, frontend.request_timeout))
-    aio.run(serve(gateway, frontend.host, frontend.port, args.reuse_port))
+    aio.run(serve(gateway, frontend.host, frontend.port, frontend.drain_timeout,
+                  args.reuse_port))
     return 0
 
 
-async def serve(gateway: Gateway, host: str, port: int, reuse_port: bool = False) -> None:
-    """Serve until SIGINT or SIGTERM, then finish the requests in flight."""
+async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
+                reuse_port: bool = False) -> None:
+    """Serve until SIGINT or SIGTERM; then stop accepting, let the requests in flight
+    finish for up to `drain_timeout` seconds, and cut the rest with an error line."""
     await gateway.start()
-    runner = web.ServerRunner(gateway.server())
+    runner = web.ServerRunner(gateway.server(), shutdown_timeout=drain_timeout + CUT_GRACE_S)
     await runner.setup()
+    loop = asyncio.get_running_loop()
+    cut = None
     try:
         try:
             await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
@@ -58,12 +66,16 @@ async def serve(gateway: Gateway, host: str, port: int, reuse_port: bool = False
         log.info("gateway listening on http://%s:%d, broker %s", host, port,
                  gateway.settings.broker)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
+        log.info("gateway stopping: %d request(s) in flight; waiting up to %g s",
+                 gateway.metrics.inflight, drain_timeout)
+        cut = loop.call_later(drain_timeout, gateway.cut_streams)
     finally:
-        await runner.cleanup()
+        await runner.cleanup()  # stops accepting, then waits for the requests in flight
+        if cut is not None:
+            cut.cancel()
         await gateway.stop()
 
 

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from tests.http_support import (CURL, ROOT, SEED_OUTPUT, SEED_TEXT, alive, async_test, children,
-                                cmdline, curl, get_json, http, start_time)
+                                cmdline, curl, get_json, http, start_curl, start_time)
 from tests.support import (ZROUTE, Proc, Stack, free_port, run_zroute, wait_until,
                            workers_by_id)
 
@@ -318,3 +318,85 @@ def test_a_broker_that_cannot_listen_when_restarted_stops_serve_with_one_line(st
             f"{os.getpid()} (") in output
     assert output.count("[serve] broker exited with code -9; restarting") == 1, output
     assert_all_gone(kids)
+
+
+# --- stopping: say what drains, end every cut stream visibly --------------------------
+
+LONG_TEXT = ",".join(f"w{i}" for i in range(200))
+
+
+async def streaming(serve: Serve) -> asyncio.subprocess.Process:
+    """A curl streaming a long reply from `serve`, once its first line has arrived."""
+    process = await start_curl(f"{serve.url}/generate", b'{"text": "%s"}' % LONG_TEXT.encode())
+    assert await asyncio.wait_for(process.stdout.readline(), 10) == b"Hello w0!\n"
+    return process
+
+
+def wait_stopping(serve: Serve) -> str:
+    return wait_until(lambda: (out := serve.proc.output()) and "[serve] stopping" in out and out,
+                      10, "serve to say that it stops")
+
+
+@pytest.mark.skipif(not CURL, reason="curl is not installed")
+@async_test
+async def test_ctrl_c_says_what_drains_and_ends_a_cut_stream_with_an_error_line(stack):
+    serve = Serve(stack, "--Backend.sleep_time=0.2", "--Frontend.drain_timeout=1")
+    serve.wait_ready()
+    kids = serve.wait_children("broker", "worker-1", "gateway-1")
+    curl_process = await streaming(serve)
+    serve.proc.signal(signal.SIGINT)
+    assert ("[serve] stopping: gateways, then workers, then the broker; 1 request(s) in "
+            "flight; waiting up to 1 s (Ctrl-C again to stop at once)") in wait_stopping(serve)
+    rest, stderr = await asyncio.wait_for(curl_process.communicate(), 15)
+    # The stream went on for the drain timeout, then ended with the usual last line,
+    # without the terminating chunk: curl calls the transfer incomplete.
+    lines = rest.decode().splitlines()
+    assert lines[0] == "Hello w1!" and len(lines) < 199, lines
+    assert lines[-1] == ("error: gateway_stopping: the gateway stopped before the reply "
+                         "finished"), lines
+    assert curl_process.returncode == 18, stderr
+    assert serve.proc.popen.wait(20) == 0
+    assert_all_gone(kids)
+    assert "Traceback" not in serve.proc.output()
+
+
+@pytest.mark.skipif(not CURL, reason="curl is not installed")
+@async_test
+async def test_a_second_ctrl_c_stops_everything_at_once(stack):
+    serve = Serve(stack, "--Backend.sleep_time=0.2")  # the default drain: 30 s
+    serve.wait_ready()
+    kids = serve.wait_children("broker", "worker-1", "gateway-1")
+    curl_process = await streaming(serve)
+    serve.proc.signal(signal.SIGINT)
+    wait_stopping(serve)
+    serve.proc.signal(signal.SIGINT)
+    assert serve.proc.popen.wait(5) == 1
+    assert_all_gone(kids)
+    await asyncio.wait_for(curl_process.communicate(), 5)
+    assert curl_process.returncode != 0  # cut, and it shows
+    assert "[serve] stopped at once: requests in flight were cut" in serve.proc.output()
+
+
+@pytest.mark.skipif(not CURL, reason="curl is not installed")
+@async_test
+async def test_serve_started_while_the_old_stack_drains_says_it_is_still_stopping(stack):
+    old = Serve(stack, "--Backend.sleep_time=0.2")
+    old.wait_ready()
+    curl_process = await streaming(old)
+    old.proc.signal(signal.SIGINT)
+    wait_stopping(old)
+    new = run_zroute("serve", "--port", str(old.port), f"--Broker.frontend={stack.frontend}",
+                     f"--Broker.backend={stack.backend}", "--Backend.sleep_time=0.2")
+    assert new.returncode == 1
+    # The HTTP port, if the old gateway still listens, else the old broker's.
+    port = int(new.stderr.split()[4])
+    assert port in (old.port, port_of(stack.frontend)), new.stderr
+    assert new.stderr == (
+        f"zroute serve: error: port {port} is in use by pid {old.proc.pid} "
+        f"(zroute serve --port {old.port} --Broker.frontend={stack.frontend} "
+        f"--Broker.backend={stack.backend} --Backend.sleep_time=0.2), which is still "
+        "stopping: wait until it exits, or press Ctrl-C again where it runs to stop it "
+        "at once\n")
+    old.proc.signal(signal.SIGINT)
+    old.proc.popen.wait(10)
+    await asyncio.wait_for(curl_process.communicate(), 5)

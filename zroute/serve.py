@@ -3,8 +3,8 @@
 It starts the broker, `Backend.ServiceArgs.workers` workers and
 `Frontend.ServiceArgs.workers` gateways as child processes, waits until
 /health is green, restarts any child that dies (with back-off), and on
-Ctrl-C or SIGTERM stops them in order: gateways, then workers (which drain),
-then the broker.
+Ctrl-C or SIGTERM stops them in order: gateways, then workers (both drain),
+then the broker; a second Ctrl-C stops them all at once.
 
 Before it starts anything it checks that the ports it needs are free, so that a
 second stack on the same machine stops with one line rather than sharing them.
@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import Callable
 
 from gateway.app import check_routing_mode
 from zroute.command import add_common_options, load
@@ -35,7 +36,8 @@ STABLE_AFTER_S = 30.0  # a child that ran this long restarts with the shortest b
 # A child that exits with an error this soon after its start failed on its settings or
 # its address, and would fail the same way again: serve stops rather than restart it.
 START_FAILURE_S = 5.0
-STOP_TIMEOUT_S = 10.0
+STOP_MARGIN_S = 10.0  # a child has its drain timeout and this much more to exit
+POLL_S = 0.05
 PR_SET_PDEATHSIG = 1
 
 
@@ -63,6 +65,7 @@ class Child:
     name: str
     args: list[str]
     ports: list[Address]  # the ports it listens on
+    stop_timeout: float  # how long it has to exit after SIGTERM, before SIGKILL
     process: subprocess.Popen | None = None
     started: float = 0.0
     backoff: float = RESTART_MIN_S
@@ -78,6 +81,12 @@ class Child:
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()
+
+    def kill(self) -> None:
+        """SIGKILL, if it still runs, and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def failed_at_start(self, code: int) -> bool:
         return code > 0 and time.monotonic() - self.started < START_FAILURE_S
@@ -132,19 +141,28 @@ class Supervisor:
                 child.start()
         return None
 
-    def stop(self) -> None:
-        """Stop the groups in reverse order; SIGKILL what does not stop in time."""
+    def stop(self, hurry: Callable[[], bool]) -> bool:
+        """Stop the groups in reverse order; SIGKILL what does not stop in time, and
+        everything once `hurry()` is true. Returns False if it had to hurry."""
         for group in reversed(self.groups):
-            running = [c.process for c in group if c.process and c.process.poll() is None]
-            for process in running:
-                process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            for process in running:
-                try:
-                    process.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            running = [c for c in group if c.exited() is None and c.process is not None]
+            for child in running:
+                child.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + max((c.stop_timeout for c in group), default=0)
+            while any(c.exited() is None for c in running):
+                if hurry():
+                    self.kill()
+                    return False
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(POLL_S)
+            for child in running:
+                child.kill()
+        return True
+
+    def kill(self) -> None:
+        for child in self.children:
+            child.kill()
 
 
 def child_args(command: str, name: str, args: argparse.Namespace, overrides: list[str],
@@ -162,19 +180,20 @@ def build_supervisor(config: Config, args: argparse.Namespace, overrides: list[s
     frontend = config.frontend
     endpoints = (config.broker.frontend, config.broker.backend)
     broker = [Child("broker", child_args("broker", "broker", args, overrides),
-                    [a for a in map(tcp_address, endpoints) if a is not None])]
+                    [a for a in map(tcp_address, endpoints) if a is not None], STOP_MARGIN_S)]
     workers = [Child(f"worker-{i}", child_args("worker", f"worker-{i}", args, overrides,
-                                              "--id", f"worker-{i}"), [])
+                                              "--id", f"worker-{i}"), [],
+                     config.backend.drain_timeout + STOP_MARGIN_S)
                for i in range(1, config.backend.service_args.workers + 1)]
     # The gateways of this stack share the port; no other process may.
     gateways = [Child(f"gateway-{i}", child_args("gateway", f"gateway-{i}", args, overrides,
                                                 "--reuse-port"),
-                      [(frontend.host, frontend.port)])
+                      [(frontend.host, frontend.port)], frontend.drain_timeout + STOP_MARGIN_S)
                 for i in range(1, frontend.service_args.workers + 1)]
     return Supervisor([broker, workers, gateways])
 
 
-def health(url: str) -> dict | None:
+def get_json(url: str) -> dict | None:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
             return json.load(response)
@@ -195,27 +214,49 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     supervisor.start()
     base = f"http://{config.frontend.host}:{config.frontend.port}"
     try:
-        if not _wait_ready(supervisor, f"{base}/health", stop_requested):
-            return 1 if not stop_requested else 0
-        _announce(base, config)
-        while not stop_requested:
-            failure = supervisor.watch_once()
-            if failure:
-                print(f"[serve] {failure}; stopping", file=sys.stderr, flush=True)
-                return 1
-            time.sleep(0.2)
-        return 0
-    finally:
-        mark_stopping()
-        print("[serve] stopping: gateways, then workers, then the broker", file=sys.stderr,
+        code = _supervise(supervisor, base, config, stop_requested)
+    except BaseException:
+        supervisor.kill()
+        raise
+    mark_stopping()
+    signals_so_far = len(stop_requested)
+    print(f"[serve] stopping: gateways, then workers, then the broker; "
+          f"{_in_flight(base)}; waiting up to {config.frontend.drain_timeout:g} s "
+          "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+    if not supervisor.stop(hurry=lambda: len(stop_requested) > signals_so_far):
+        print("[serve] stopped at once: requests in flight were cut", file=sys.stderr,
               flush=True)
-        supervisor.stop()
+        return 1
+    return code
+
+
+def _supervise(supervisor: Supervisor, base: str, config: Config, stop_requested: list) -> int:
+    """Until a signal (0) or a failure (1): wait for /health, announce, restart children."""
+    if not _wait_ready(supervisor, f"{base}/health", stop_requested):
+        return 0 if stop_requested else 1
+    _announce(base, config)
+    while not stop_requested:
+        failure = supervisor.watch_once()
+        if failure:
+            print(f"[serve] {failure}; stopping", file=sys.stderr, flush=True)
+            return 1
+        time.sleep(0.2)
+    return 0
+
+
+def _in_flight(base: str) -> str:
+    """'3 request(s) in flight', counted by the broker (queued ones too)."""
+    stats = get_json(f"{base}/stats")
+    if not stats or "broker" not in stats:
+        return "requests in flight unknown (the broker does not answer)"
+    broker = stats["broker"]
+    return f"{broker['inflight'] + broker['queue_depth']} request(s) in flight"
 
 
 def _wait_ready(supervisor: Supervisor, url: str, stop_requested: list) -> bool:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not stop_requested:
-        status = health(url)
+        status = get_json(url)
         if status and status.get("status") == "ok":
             return True
         for child in supervisor.children:
