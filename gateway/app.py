@@ -26,6 +26,7 @@ from broker.client import BrokerError, Client, Stream
 from broker.policies import DIRECT, ROUTING_MODES
 from gateway.metrics import GatewayMetrics
 from zroute.config import ConfigError
+from zroute.logs import fields
 
 log = logging.getLogger("zroute.gateway")
 
@@ -274,10 +275,9 @@ class Gateway:
         worker = worker or ""
         self.metrics.observe(status, policy, worker, duration, ttfc)
         if log.isEnabledFor(logging.INFO):  # the arguments cost more than a skipped call
-            log.info("request=%s policy=%s worker=%s status=%d ttfc=%s duration=%.4fs "
-                     "chunks=%d%s", rid.decode(), policy, worker or "-", status,
-                     "-" if ttfc is None else f"{ttfc:.4f}s", duration, chunks,
-                     f" error={error!r}" if error else "")
+            log.info("", extra=fields(request=rid.decode(), policy=policy, worker=worker or None,
+                                      status=status, ttfc=ttfc, duration=duration,
+                                      chunks=chunks, **({"error": error} if error else {})))
 
     # --- /health and /stats ------------------------------------------------
 

@@ -4,6 +4,7 @@ gateways as real child processes; requests go through HTTP (aiohttp, and curl if
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import signal
@@ -97,7 +98,7 @@ async def test_serve_without_a_config_file_streams_the_seed_output_and_stops_on_
     assert serve.stop(signal.SIGTERM) == 0
     assert_all_gone(kids)
     output = serve.proc.output()
-    assert "[serve] stopping: gateways, then workers, then the broker" in output
+    assert "[serve] INFO stopping: gateways, then workers, then the broker" in output
     assert "Traceback" not in output, output
 
 
@@ -148,7 +149,8 @@ async def test_serve_restarts_a_worker_killed_with_sigkill(stack):
         return new if new and new[0] != old_pid else None
 
     new_pid, _ = wait_until(restarted, 10, "serve to start worker-1 again")
-    assert "[serve] worker-1 exited with code -9; restarting in 0.5 s" in serve.proc.output()
+    assert ("[serve] WARNING worker-1 exited with code -9; restarting in 0.5 s"
+            in serve.proc.output())
 
     # The new process registers as worker-1 (the broker forgets the dead one) and serves.
     def served_by_worker_1() -> bool:
@@ -314,9 +316,9 @@ def test_a_broker_that_cannot_listen_when_restarted_stops_serve_with_one_line(st
         code = serve.proc.popen.wait(20)  # not restarted forever
     output = serve.proc.output()
     assert code == 1, output
-    assert (f"[serve] broker cannot listen: port {port_of(stack.frontend)} is in use by pid "
+    assert (f"[serve] ERROR broker cannot listen: port {port_of(stack.frontend)} is in use by pid "
             f"{os.getpid()} (") in output
-    assert output.count("[serve] broker exited with code -9; restarting") == 1, output
+    assert output.count("[serve] WARNING broker exited with code -9; restarting") == 1, output
     assert_all_gone(kids)
 
 
@@ -333,7 +335,7 @@ async def streaming(serve: Serve) -> asyncio.subprocess.Process:
 
 
 def wait_stopping(serve: Serve) -> str:
-    return wait_until(lambda: (out := serve.proc.output()) and "[serve] stopping" in out and out,
+    return wait_until(lambda: (out := serve.proc.output()) and "[serve] INFO stopping" in out and out,
                       10, "serve to say that it stops")
 
 
@@ -345,7 +347,7 @@ async def test_ctrl_c_says_what_drains_and_ends_a_cut_stream_with_an_error_line(
     kids = serve.wait_children("broker", "worker-1", "gateway-1")
     curl_process = await streaming(serve)
     serve.proc.signal(signal.SIGINT)
-    assert ("[serve] stopping: gateways, then workers, then the broker; 1 request(s) in "
+    assert ("[serve] INFO stopping: gateways, then workers, then the broker; 1 request(s) in "
             "flight; waiting up to 1 s (Ctrl-C again to stop at once)") in wait_stopping(serve)
     rest, stderr = await asyncio.wait_for(curl_process.communicate(), 15)
     # The stream went on for the drain timeout, then ended with the usual last line,
@@ -374,7 +376,7 @@ async def test_a_second_ctrl_c_stops_everything_at_once(stack):
     assert_all_gone(kids)
     await asyncio.wait_for(curl_process.communicate(), 5)
     assert curl_process.returncode != 0  # cut, and it shows
-    assert "[serve] stopped at once: requests in flight were cut" in serve.proc.output()
+    assert "[serve] WARNING stopped at once: requests in flight were cut" in serve.proc.output()
 
 
 @pytest.mark.skipif(not CURL, reason="curl is not installed")
@@ -400,3 +402,35 @@ async def test_serve_started_while_the_old_stack_drains_says_it_is_still_stoppin
     old.proc.signal(signal.SIGINT)
     old.proc.popen.wait(10)
     await asyncio.wait_for(curl_process.communicate(), 5)
+
+
+# --- options and logs ----------------------------------------------------------------
+
+
+ANNOUNCEMENT = ("", "zroute is serving on ", "Try:", "  curl ")  # on stdout, for people
+
+
+def test_serve_logs_json_lines_with_the_per_request_fields(stack):
+    serve = Serve(stack, "--log-format", "json", "--Backend.sleep_time=0")
+    serve.wait_ready()
+    assert http("POST", f"{serve.url}/generate", b'{"text": "a,b"}').status == 200
+    assert serve.stop(signal.SIGTERM) == 0
+    lines = [line for line in serve.proc.output().splitlines()
+             if not any(line.startswith(start) if start else line == start
+                        for start in ANNOUNCEMENT)]
+    entries = [json.loads(line) for line in lines]  # every other line is one JSON object
+    by_process: dict[str, list[dict]] = {}
+    for entry in entries:
+        by_process.setdefault(entry["process"], []).append(entry)
+    assert any(e["message"].startswith("stopping: gateways, then workers, then the broker")
+               for e in by_process["serve"]), by_process["serve"]
+
+    [request] = [e for e in by_process["gateway-1"] if "status" in e]
+    assert {k: request[k] for k in ("policy", "worker", "status", "chunks")} == {
+        "policy": "round_robin", "worker": "worker-1", "status": 200, "chunks": 2}
+    assert isinstance(request["duration"], float) and isinstance(request["ttfc"], float)
+    assert request["message"].startswith(f"request={request['request']} policy=round_robin ")
+
+    [served] = [e for e in by_process["worker-1"] if "chunks" in e]
+    assert (served["worker"], served["chunks"]) == ("worker-1", 2)
+    assert served["message"].endswith(" ok")

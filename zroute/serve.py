@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from gateway.app import check_routing_mode
 from zroute.command import add_common_options, load
 from zroute.config import Config
 from zroute.ports import check_free, mark_stopping, tcp_address
+
+log = logging.getLogger("zroute.serve")
 
 READY_TIMEOUT_S = 30.0
 RESTART_MIN_S = 0.5
@@ -134,8 +137,8 @@ class Supervisor:
                 if now - child.started >= STABLE_AFTER_S:
                     child.backoff = RESTART_MIN_S
                 child.restart_at = now + child.backoff
-                print(f"[serve] {child.name} exited with code {code}; restarting in "
-                      f"{child.backoff:.1f} s", file=sys.stderr, flush=True)
+                log.warning("%s exited with code %d; restarting in %.1f s", child.name, code,
+                            child.backoff)
                 child.backoff = min(RESTART_MAX_S, child.backoff * 2)
             elif now >= child.restart_at:
                 child.start()
@@ -220,12 +223,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         raise
     mark_stopping()
     signals_so_far = len(stop_requested)
-    print(f"[serve] stopping: gateways, then workers, then the broker; "
-          f"{_in_flight(base)}; waiting up to {config.frontend.drain_timeout:g} s "
-          "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+    log.info("stopping: gateways, then workers, then the broker; %s; waiting up to %g s "
+             "(Ctrl-C again to stop at once)", _in_flight(base), config.frontend.drain_timeout)
     if not supervisor.stop(hurry=lambda: len(stop_requested) > signals_so_far):
-        print("[serve] stopped at once: requests in flight were cut", file=sys.stderr,
-              flush=True)
+        log.warning("stopped at once: requests in flight were cut")
         return 1
     return code
 
@@ -238,7 +239,7 @@ def _supervise(supervisor: Supervisor, base: str, config: Config, stop_requested
     while not stop_requested:
         failure = supervisor.watch_once()
         if failure:
-            print(f"[serve] {failure}; stopping", file=sys.stderr, flush=True)
+            log.error("%s; stopping", failure)
             return 1
         time.sleep(0.2)
     return 0
@@ -262,12 +263,10 @@ def _wait_ready(supervisor: Supervisor, url: str, stop_requested: list) -> bool:
         for child in supervisor.children:
             code = child.exited()
             if code is not None:
-                print(f"[serve] {child.why_it_failed(code)}; stopping", file=sys.stderr,
-                      flush=True)
+                log.error("%s; stopping", child.why_it_failed(code))
                 return False
         if time.monotonic() > deadline:
-            print(f"[serve] {url} was not healthy within {READY_TIMEOUT_S:.0f} s",
-                  file=sys.stderr, flush=True)
+            log.error("%s was not healthy within %.0f s", url, READY_TIMEOUT_S)
             return False
         time.sleep(0.1)
     return False
