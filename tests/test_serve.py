@@ -407,6 +407,18 @@ async def test_serve_started_while_the_old_stack_drains_says_it_is_still_stoppin
 # --- options and logs ----------------------------------------------------------------
 
 
+def test_serve_listens_on_the_host_given_by_host(stack):
+    port = free_port()
+    serve = stack.start("serve", "serve", "--host", "127.0.0.2", "--port", str(port),
+                        f"--Broker.frontend={stack.frontend}", f"--Broker.backend={stack.backend}",
+                        "--Backend.sleep_time=0")
+    wait_until(lambda: f"zroute is serving on http://127.0.0.2:{port} " in serve.output(), 30,
+               "serve to announce itself on 127.0.0.2")
+    reply = http("POST", f"http://127.0.0.2:{port}/generate", b'{"text": "a"}')
+    assert (reply.status, reply.body) == (200, b"Hello a!\n")
+    assert http("GET", f"http://127.0.0.1:{port}/health") is None  # not there
+
+
 ANNOUNCEMENT = ("", "zroute is serving on ", "Try:", "  curl ")  # on stdout, for people
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from gateway.app import check_routing_mode
-from zroute.command import add_common_options, load
+from zroute.command import add_common_options, flag_overrides, load
 from zroute.config import Config
 from zroute.ports import check_free, mark_stopping, tcp_address
 
@@ -47,6 +47,8 @@ PR_SET_PDEATHSIG = 1
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Run the broker, the workers and the HTTP gateway together, "
                           "and keep them running.")
+    parser.add_argument("--host", help="address to listen on (default: Frontend.host, "
+                                       "127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default: Frontend.port, 8000)")
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="serve")
@@ -205,8 +207,9 @@ def get_json(url: str) -> dict | None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    if args.port is not None:  # the children get it as an override, like the rest
-        overrides = [*overrides, f"Frontend.port={args.port}"]
+    # The children get --host and --port as overrides, like the rest.
+    overrides = [*overrides, *flag_overrides({"Frontend.host": args.host,
+                                              "Frontend.port": args.port})]
     config = load(args, overrides)
     check_routing_mode(config.frontend.routing_mode)
     supervisor = build_supervisor(config, args, overrides)
