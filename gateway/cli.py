@@ -50,7 +50,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
                 reuse_port: bool = False) -> None:
     """Serve until SIGINT or SIGTERM; then stop accepting, let the requests in flight
-    finish for up to `drain_timeout` seconds, and cut the rest with an error line."""
+    finish for up to `drain_timeout` seconds (a second signal: none), and cut the rest
+    with an error line."""
     await gateway.start()
     runner = web.ServerRunner(gateway.server(), shutdown_timeout=drain_timeout + CUT_GRACE_S)
     await runner.setup()
@@ -62,15 +63,21 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise PortInUse(in_use_message(port)) from None
-            raise
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
         log.info("gateway listening on http://%s:%d, broker %s", host, port,
                  gateway.settings.broker)
         stop = asyncio.Event()
+
+        def on_signal() -> None:
+            if stop.is_set():  # the second one: no more waiting
+                gateway.cut_streams()
+            stop.set()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal)
         await stop.wait()
-        log.info("gateway stopping: %d request(s) in flight; waiting up to %g s",
-                 gateway.metrics.inflight, drain_timeout)
+        log.info("gateway stopping: %d request(s) in flight; waiting up to %g s "
+                 "(Ctrl-C again to cut them now)", gateway.metrics.inflight, drain_timeout)
         cut = loop.call_later(drain_timeout, gateway.cut_streams)
     finally:
         await runner.cleanup()  # stops accepting, then waits for the requests in flight

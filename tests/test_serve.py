@@ -374,8 +374,10 @@ async def test_a_second_ctrl_c_stops_everything_at_once(stack):
     serve.proc.signal(signal.SIGINT)
     assert serve.proc.popen.wait(5) == 1
     assert_all_gone(kids)
-    await asyncio.wait_for(curl_process.communicate(), 5)
-    assert curl_process.returncode != 0  # cut, and it shows
+    rest, _ = await asyncio.wait_for(curl_process.communicate(), 5)
+    # Cut, and it shows: a last error line, and an incomplete transfer.
+    assert rest.decode().splitlines()[-1].startswith("error: "), rest
+    assert curl_process.returncode == 18
     assert "[serve] WARNING stopped at once: requests in flight were cut" in serve.proc.output()
 
 
@@ -417,6 +419,15 @@ def test_serve_listens_on_the_host_given_by_host(stack):
     reply = http("POST", f"http://127.0.0.2:{port}/generate", b'{"text": "a"}')
     assert (reply.status, reply.body) == (200, b"Hello a!\n")
     assert http("GET", f"http://127.0.0.1:{port}/health") is None  # not there
+
+
+def test_serve_with_a_host_it_cannot_listen_on_exits_with_one_line(stack):
+    port = free_port()
+    result = run_zroute("serve", "--host", "192.0.2.1", "--port", str(port),  # TEST-NET-1
+                        f"--Broker.frontend={stack.frontend}", f"--Broker.backend={stack.backend}")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (f"zroute serve: error: cannot listen on 192.0.2.1:{port}: "
+                             "Cannot assign requested address\n")
 
 
 ANNOUNCEMENT = ("", "zroute is serving on ", "Try:", "  curl ")  # on stdout, for people

@@ -40,6 +40,7 @@ STABLE_AFTER_S = 30.0  # a child that ran this long restarts with the shortest b
 # its address, and would fail the same way again: serve stops rather than restart it.
 START_FAILURE_S = 5.0
 STOP_MARGIN_S = 10.0  # a child has its drain timeout and this much more to exit
+HURRY_S = 1.0  # in a hurry, a child has this long after a second SIGTERM before SIGKILL
 POLL_S = 0.05
 PR_SET_PDEATHSIG = 1
 
@@ -156,7 +157,7 @@ class Supervisor:
             deadline = time.monotonic() + max((c.stop_timeout for c in group), default=0)
             while any(c.exited() is None for c in running):
                 if hurry():
-                    self.kill()
+                    self.stop_at_once()
                     return False
                 if time.monotonic() > deadline:
                     break
@@ -165,8 +166,16 @@ class Supervisor:
                 child.kill()
         return True
 
-    def kill(self) -> None:
-        for child in self.children:
+    def stop_at_once(self) -> None:
+        """Stop every child at once. A second SIGTERM first: gateways then cut their
+        streams with an error line, rather than just dropping the connections."""
+        running = [c for c in self.children if c.exited() is None and c.process is not None]
+        for child in running:
+            child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + HURRY_S
+        while any(c.exited() is None for c in running) and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        for child in running:
             child.kill()
 
 
@@ -222,12 +231,17 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     try:
         code = _supervise(supervisor, base, config, stop_requested)
     except BaseException:
-        supervisor.kill()
+        supervisor.stop_at_once()
         raise
     mark_stopping()
     signals_so_far = len(stop_requested)
-    log.info("stopping: gateways, then workers, then the broker; %s; waiting up to %g s "
-             "(Ctrl-C again to stop at once)", _in_flight(base), config.frontend.drain_timeout)
+    in_flight = _in_flight(base)
+    if in_flight:
+        log.info("stopping: gateways, then workers, then the broker; %d request(s) in flight; "
+                 "waiting up to %g s (Ctrl-C again to stop at once)", in_flight,
+                 config.frontend.drain_timeout)
+    else:
+        log.info("stopping: gateways, then workers, then the broker")
     if not supervisor.stop(hurry=lambda: len(stop_requested) > signals_so_far):
         log.warning("stopped at once: requests in flight were cut")
         return 1
@@ -248,13 +262,13 @@ def _supervise(supervisor: Supervisor, base: str, config: Config, stop_requested
     return 0
 
 
-def _in_flight(base: str) -> str:
-    """'3 request(s) in flight', counted by the broker (queued ones too)."""
+def _in_flight(base: str) -> int:
+    """The requests in flight, queued ones too, as the broker counts them; 0 if no
+    broker answers (the gateways then fail their requests at once)."""
     stats = get_json(f"{base}/stats")
     if not stats or "broker" not in stats:
-        return "requests in flight unknown (the broker does not answer)"
-    broker = stats["broker"]
-    return f"{broker['inflight'] + broker['queue_depth']} request(s) in flight"
+        return 0
+    return stats["broker"]["inflight"] + stats["broker"]["queue_depth"]
 
 
 def _wait_ready(supervisor: Supervisor, url: str, stop_requested: list) -> bool:
