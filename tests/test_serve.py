@@ -409,16 +409,24 @@ async def test_serve_started_while_the_old_stack_drains_says_it_is_still_stoppin
 # --- options and logs ----------------------------------------------------------------
 
 
-def test_serve_listens_on_the_host_given_by_host(stack):
+@pytest.mark.parametrize("host, url_host, elsewhere", [
+    ("127.0.0.2", "127.0.0.2", "127.0.0.1"),
+    ("::1", "[::1]", "127.0.0.1"),
+    ("0.0.0.0", "127.0.0.1", None),  # announced as a URL that works from this machine
+])
+def test_serve_listens_on_the_host_given_by_host(stack, host, url_host, elsewhere):
     port = free_port()
-    serve = stack.start("serve", "serve", "--host", "127.0.0.2", "--port", str(port),
+    serve = stack.start("serve", "serve", "--host", host, "--port", str(port),
                         f"--Broker.frontend={stack.frontend}", f"--Broker.backend={stack.backend}",
                         "--Backend.sleep_time=0")
-    wait_until(lambda: f"zroute is serving on http://127.0.0.2:{port} " in serve.output(), 30,
-               "serve to announce itself on 127.0.0.2")
-    reply = http("POST", f"http://127.0.0.2:{port}/generate", b'{"text": "a"}')
+    url = f"http://{url_host}:{port}"
+    wait_until(lambda: f"zroute is serving on {url} " in serve.output(), 30,
+               f"serve to announce itself on {url}")
+    reply = http("POST", f"{url}/generate", b'{"text": "a"}')
     assert (reply.status, reply.body) == (200, b"Hello a!\n")
-    assert http("GET", f"http://127.0.0.1:{port}/health") is None  # not there
+    if elsewhere:
+        assert http("GET", f"http://{elsewhere}:{port}/health") is None  # not there
+    assert serve.stop() == 0
 
 
 def test_serve_with_a_host_it_cannot_listen_on_exits_with_one_line(stack):

@@ -151,32 +151,32 @@ class Supervisor:
         """Stop the groups in reverse order; SIGKILL what does not stop in time, and
         everything once `hurry()` is true. Returns False if it had to hurry."""
         for group in reversed(self.groups):
-            running = [c for c in group if c.exited() is None and c.process is not None]
-            for child in running:
-                child.process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + max((c.stop_timeout for c in group), default=0)
-            while any(c.exited() is None for c in running):
-                if hurry():
-                    self.stop_at_once()
-                    return False
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(POLL_S)
-            for child in running:
-                child.kill()
+            if not _terminate(group, max(c.stop_timeout for c in group), hurry):
+                self.stop_at_once()
+                return False
         return True
 
     def stop_at_once(self) -> None:
         """Stop every child at once. A second SIGTERM first: gateways then cut their
         streams with an error line, rather than just dropping the connections."""
-        running = [c for c in self.children if c.exited() is None and c.process is not None]
-        for child in running:
-            child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + HURRY_S
-        while any(c.exited() is None for c in running) and time.monotonic() < deadline:
-            time.sleep(POLL_S)
-        for child in running:
-            child.kill()
+        _terminate(self.children, HURRY_S)
+
+
+def _terminate(children: list[Child], timeout: float,
+               hurry: Callable[[], bool] = lambda: False) -> bool:
+    """SIGTERM the children that run, and SIGKILL those still running after `timeout`.
+    Returns False, leaving them running, as soon as `hurry()` is true."""
+    running = [c for c in children if c.process is not None and c.exited() is None]
+    for child in running:
+        child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(c.exited() is None for c in running) and time.monotonic() < deadline:
+        if hurry():
+            return False
+        time.sleep(POLL_S)
+    for child in running:
+        child.kill()
+    return True
 
 
 def child_args(command: str, name: str, args: argparse.Namespace, overrides: list[str],
@@ -207,6 +207,15 @@ def build_supervisor(config: Config, args: argparse.Namespace, overrides: list[s
     return Supervisor([broker, workers, gateways])
 
 
+def local_url(host: str, port: int) -> str:
+    """A URL that reaches, from this machine, a server listening on host:port."""
+    if host in ("", "0.0.0.0"):  # every interface: loopback is one of them
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def get_json(url: str) -> dict | None:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
@@ -227,7 +236,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, _: stop_requested.append(signum))
     supervisor.start()
-    base = f"http://{config.frontend.host}:{config.frontend.port}"
+    base = local_url(config.frontend.host, config.frontend.port)
     try:
         code = _supervise(supervisor, base, config, stop_requested)
     except BaseException:
