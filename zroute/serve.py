@@ -243,7 +243,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         supervisor.stop_at_once()
         raise
     mark_stopping()
-    signals_so_far = len(stop_requested)
+    # A second Ctrl-C that came while serve still slept in its loop counts too.
+    signals_so_far = min(len(stop_requested), 1)
     in_flight = _in_flight(base)
     if in_flight:
         log.info("stopping: gateways, then workers, then the broker; %d request(s) in flight; "
