@@ -335,8 +335,11 @@ async def streaming(serve: Serve) -> asyncio.subprocess.Process:
 
 
 def wait_stopping(serve: Serve) -> str:
-    return wait_until(lambda: (out := serve.proc.output()) and "[serve] INFO stopping" in out and out,
-                      10, "serve to say that it stops")
+    """Wait until serve says that it stops; return its output."""
+    def said() -> str | None:
+        output = serve.proc.output()
+        return output if "[serve] INFO stopping" in output else None
+    return wait_until(said, 10, "serve to say that it stops")
 
 
 @pytest.mark.skipif(not CURL, reason="curl is not installed")
