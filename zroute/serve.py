@@ -120,8 +120,9 @@ class Supervisor:
             child.start()
 
     def check_ports(self) -> None:
-        """Raise PortInUse, naming the holder, if a port a child needs is taken."""
-        for child in self.children:
+        """Raise PortInUse, naming the holder, if a port a child needs is taken.
+        The gateways' first: the HTTP port is the one the user chose."""
+        for child in reversed(self.children):
             for host, port in child.ports:
                 check_free(host, port)
 
