@@ -27,12 +27,14 @@ from broker.client import BrokerError, Client, Stream
 from broker.policies import DIRECT
 from broker.ratelimit import LogLimiter
 from gateway.metrics import Exporter, GatewayMetrics, total
+from zroute.logs import fields
 
 log = logging.getLogger("zroute.gateway")
 
 SERVICE = "generate"
 RETRY_AFTER_S = "1"
 CLIENT_CLOSED = 499  # the status logged for a client gone before its first line
+E_GATEWAY_STOPPING = "gateway_stopping"  # a request cut at the end of the gateway's drain
 
 # Broker error codes, as HTTP statuses.
 STATUS_OF_ERROR = {
@@ -44,6 +46,7 @@ STATUS_OF_ERROR = {
     p.E_NO_WORKERS: 503,
     p.E_QUEUE_FULL: 503,
     p.E_BROKER_UNREACHABLE: 503,
+    E_GATEWAY_STOPPING: 503,
     p.E_TIMEOUT: 504,
 }
 
@@ -158,6 +161,13 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.client.close()
+
+    def cut_streams(self) -> None:
+        """End every request still in flight: the gateway is stopping. Each ends as a
+        failed worker's would, so a cut stream never looks like a complete one."""
+        for reply in list(self.client.replies.values()):
+            reply.cancel(BrokerError(E_GATEWAY_STOPPING,
+                                     "the gateway stopped before the reply finished"))
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         route = self.routes.get(request.path)
@@ -297,10 +307,9 @@ class Gateway:
         worker = worker or ""
         self.metrics.observe(status, policy, worker, duration, ttfc)
         if log.isEnabledFor(logging.INFO):  # the arguments cost more than a skipped call
-            log.info("request=%s policy=%s worker=%s status=%d ttfc=%s duration=%.4fs "
-                     "chunks=%d%s", rid.decode(), policy, worker or "-", status,
-                     "-" if ttfc is None else f"{ttfc:.4f}s", duration, chunks,
-                     f" error={error!r}" if error else "")
+            log.info("", extra=fields(request=rid.decode(), policy=policy, worker=worker or None,
+                                      status=status, ttfc=ttfc, duration=duration,
+                                      chunks=chunks, **({"error": error} if error else {})))
 
     # --- /health and /stats ------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import signal
 
@@ -14,8 +15,12 @@ from aiohttp import web
 from gateway.app import Gateway, GatewaySettings
 from zroute import aio
 from zroute.command import add_common_options, load, run_command
+from zroute.ports import PortInUse, in_use_message
 
 log = logging.getLogger("zroute.gateway")
+
+# After the drain, cut streams still take this long to write their last line.
+CUT_GRACE_S = 5.0
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +29,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the broker's client-facing endpoint (default: Broker.frontend)")
     parser.add_argument("--host", help="address to listen on (default: Frontend.host)")
     parser.add_argument("--port", type=int, help="HTTP port (default: Frontend.port, 8000)")
+    # For `zroute serve` only: its gateways share one port. Any other gateway has the
+    # port to itself, so that two stacks never answer on one port.
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="gateway")
 
@@ -35,27 +43,47 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     gateway = Gateway(GatewaySettings(config.broker.frontend, frontend.routing_mode,
                                       frontend.max_body, frontend.request_timeout,
                                       args.log_name or "", config.broker.heartbeat_interval))
-    aio.run(serve(gateway, frontend.host, frontend.port))
+    aio.run(serve(gateway, frontend.host, frontend.port, frontend.drain_timeout,
+                  args.reuse_port))
     return 0
 
 
-async def serve(gateway: Gateway, host: str, port: int) -> None:
-    """Serve until SIGINT or SIGTERM, then finish the requests in flight."""
+async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
+                reuse_port: bool = False) -> None:
+    """Serve until SIGINT or SIGTERM; then stop accepting, let the requests in flight
+    finish for up to `drain_timeout` seconds (a second signal: none), and cut the rest
+    with an error line."""
     await gateway.start()
-    runner = web.ServerRunner(gateway.server())
+    runner = web.ServerRunner(gateway.server(), shutdown_timeout=drain_timeout + CUT_GRACE_S)
     await runner.setup()
+    loop = asyncio.get_running_loop()
+    cut = None
     try:
-        # reuse_port lets several gateway processes share one port.
-        await web.TCPSite(runner, host, port, reuse_port=True).start()
+        try:
+            await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise PortInUse(in_use_message(port)) from None
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
         log.info("gateway listening on http://%s:%d, broker %s", host, port,
                  gateway.settings.broker)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():  # the second one: no more waiting
+                gateway.cut_streams()
+            stop.set()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal)
         await stop.wait()
+        log.info("gateway stopping: %d request(s) in flight; waiting up to %g s "
+                 "(Ctrl-C again to cut them now)", gateway.metrics.inflight, drain_timeout)
+        cut = loop.call_later(drain_timeout, gateway.cut_streams)
     finally:
-        await runner.cleanup()
+        await runner.cleanup()  # stops accepting, then waits for the requests in flight
+        if cut is not None:
+            cut.cancel()
         await gateway.stop()
 
 

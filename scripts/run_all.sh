@@ -3,4 +3,5 @@
 # Extra arguments go to `zroute serve`, e.g. --port 9000 or --Backend.greeting=Hi.
 set -euo pipefail
 source "$(dirname "$0")/setup_venv.sh"
+setup_venv
 exec zroute serve -f config.yaml "$@"

@@ -1,25 +1,30 @@
-# Sourced by run_all.sh and test.sh: create .venv if missing and install the project.
-# Usage: source scripts/setup_venv.sh [EXTRAS]   e.g. "test"
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.venv"
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "creating $VENV" >&2
-  python3 -m venv "$VENV"
-fi
-SPEC="$ROOT"
-[ -n "${1:-}" ] && SPEC="$ROOT[$1]"
-# Reinstall only when pyproject.toml changed since the last install.
-STAMP="$VENV/.zroute-installed-${1:-base}"
-if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
-  echo "installing zroute into $VENV" >&2
-  LOG="$VENV/install.log"
-  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$SPEC" >"$LOG" 2>&1; then
-    cat "$LOG" >&2
-    echo "installation failed; the log above is in $LOG" >&2
-    exit 1
+# Sourced by run_all.sh and test.sh; defines setup_venv, which creates .venv if missing,
+# installs the project, puts .venv/bin on PATH and changes to the repository's root.
+# Usage: source scripts/setup_venv.sh; setup_venv [EXTRAS]   e.g. "test"
+# A function, so that it sees its own arguments: a sourced file without arguments
+# would see the caller's ("--port 9000") as its own.
+setup_venv() {
+  local root venv spec stamp log
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  venv="$root/.venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "creating $venv" >&2
+    python3 -m venv "$venv"
   fi
-  touch "$STAMP"
-fi
-export PATH="$VENV/bin:$PATH"
-cd "$ROOT"
+  spec="$root"
+  [ -n "${1:-}" ] && spec="$root[$1]"
+  # Reinstall only when pyproject.toml changed since the last install.
+  stamp="$venv/.zroute-installed-${1:-base}"
+  if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+    echo "installing zroute into $venv" >&2
+    log="$venv/install.log"
+    if ! "$venv/bin/python" -m pip install --disable-pip-version-check -e "$spec" >"$log" 2>&1; then
+      cat "$log" >&2
+      echo "installation failed; the log above is in $log" >&2
+      exit 1
+    fi
+    touch "$stamp"
+  fi
+  export PATH="$venv/bin:$PATH"
+  cd "$root"
+}

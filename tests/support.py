@@ -89,12 +89,13 @@ async def async_wait_until(condition: Callable[[], Any], timeout: float = 10.0,
 class Proc:
     """A child process whose output goes to a log file."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path, cwd: Path | None = None) -> None:
+    def __init__(self, name: str, args: list[str], log_dir: Path, cwd: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")
         self.popen = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
-                                      start_new_session=True, env=child_env(), cwd=cwd)
+                                      start_new_session=True, env=env or child_env(), cwd=cwd)
 
     @property
     def pid(self) -> int:

@@ -21,6 +21,7 @@ DEFAULTS = {
         "port": 8000,
         "max_body": 1048576,
         "request_timeout": 60.0,
+        "drain_timeout": 30.0,
         "ServiceArgs": {"workers": 1},
     },
     "Broker": {

@@ -4,9 +4,11 @@ gateways as real child processes; requests go through HTTP (aiohttp, and curl if
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import time
 
@@ -14,8 +16,9 @@ import aiohttp
 import pytest
 
 from tests.http_support import (CURL, ROOT, SEED_OUTPUT, SEED_TEXT, alive, async_test, children,
-                                cmdline, curl, get_json, http, start_time)
-from tests.support import ZROUTE, Proc, Stack, free_port, wait_until, workers_by_id
+                                cmdline, curl, get_json, http, start_curl, start_time)
+from tests.support import (ZROUTE, Proc, Stack, free_port, run_zroute, wait_until,
+                           workers_by_id)
 
 pytestmark = pytest.mark.timeout(45)
 
@@ -95,7 +98,7 @@ async def test_serve_without_a_config_file_streams_the_seed_output_and_stops_on_
     assert serve.stop(signal.SIGTERM) == 0
     assert_all_gone(kids)
     output = serve.proc.output()
-    assert "[serve] stopping: gateways, then workers, then the broker" in output
+    assert "[serve] INFO stopping: gateways, then workers, then the broker" in output
     assert "Traceback" not in output, output
 
 
@@ -146,7 +149,8 @@ async def test_serve_restarts_a_worker_killed_with_sigkill(stack):
         return new if new and new[0] != old_pid else None
 
     new_pid, _ = wait_until(restarted, 10, "serve to start worker-1 again")
-    assert "[serve] worker-1 exited with code -9; restarting in 0.5 s" in serve.proc.output()
+    assert ("[serve] WARNING worker-1 exited with code -9; restarting in 0.5 s"
+            in serve.proc.output())
 
     # The new process registers as worker-1 (the broker forgets the dead one) and serves.
     def served_by_worker_1() -> bool:
@@ -230,3 +234,237 @@ async def test_serve_shutdown_finishes_the_requests_in_flight(stack):
     assert replies == [expected] * 6  # nothing was cut
     assert serve.proc.popen.wait(20) == 0
     assert_all_gone(kids)
+
+
+# --- ports: two stacks never share one ----------------------------------------------
+
+
+def listening_socket(port: int) -> socket.socket:
+    """A plain listener on 127.0.0.1:`port`, as any other program would hold it; it even
+    allows SO_REUSEPORT, as a gateway does."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", port))
+    holder.listen()
+    return holder
+
+
+def port_of(endpoint: str) -> int:
+    return int(endpoint.rpartition(":")[2])
+
+
+@pytest.mark.parametrize("shared", ["http", "frontend", "backend"])
+def test_a_second_serve_on_a_port_of_the_first_exits_with_one_line_naming_it(stack, shared):
+    first = Serve(stack, "--Backend.sleep_time=0")
+    first.wait_ready()
+    kids = first.wait_children("broker", "worker-1", "gateway-1")
+    ports = {"http": first.port, "frontend": port_of(stack.frontend),
+             "backend": port_of(stack.backend)}
+    mine = {name: free_port() for name in ports}
+    mine[shared] = ports[shared]
+    second = run_zroute("serve", "--port", str(mine["http"]),
+                        f"--Broker.frontend=tcp://127.0.0.1:{mine['frontend']}",
+                        f"--Broker.backend=tcp://127.0.0.1:{mine['backend']}")
+    assert (second.returncode, second.stdout) == (1, "")
+    assert second.stderr == (
+        f"zroute serve: error: port {ports[shared]} is in use by pid {first.proc.pid} "
+        f"(zroute serve --port {first.port} --Broker.frontend={stack.frontend} "
+        f"--Broker.backend={stack.backend} --Backend.sleep_time=0)\n")
+    # The first stack goes on alone: nothing restarted, it still serves.
+    assert first.children() == kids
+    assert http("POST", f"{first.url}/generate", b'{"text": "a"}').body == b"Hello a!\n"
+    assert "exited" not in first.proc.output()
+
+
+def test_a_standalone_gateway_does_not_share_the_port_of_serve(stack):
+    serve = Serve(stack, "--Backend.sleep_time=0")
+    serve.wait_ready()
+    gateway = run_zroute("gateway", "--broker", stack.frontend, "--port", str(serve.port))
+    assert gateway.returncode == 1
+    assert gateway.stderr.startswith(
+        f"zroute gateway: error: port {serve.port} is in use by pid {serve.proc.pid} "
+        "(zroute serve --port ")
+    assert len(gateway.stderr.splitlines()) == 1, gateway.stderr
+
+
+def test_serve_does_not_start_on_a_port_another_program_listens_on(stack):
+    port = free_port()
+    with listening_socket(port):
+        result = run_zroute("serve", "--port", str(port), f"--Broker.frontend={stack.frontend}",
+                            f"--Broker.backend={stack.backend}")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith(f"zroute serve: error: port {port} is in use by pid "
+                                    f"{os.getpid()} (")  # this test's process
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_a_broker_that_cannot_listen_when_restarted_stops_serve_with_one_line(stack):
+    serve = Serve(stack, "--Backend.sleep_time=0")
+    serve.wait_ready()
+    kids = serve.wait_children("broker", "worker-1", "gateway-1")
+    os.kill(kids["broker"][0], signal.SIGKILL)
+
+    def take_the_port() -> socket.socket | None:
+        try:
+            return listening_socket(port_of(stack.frontend))
+        except OSError:
+            return None  # the dead broker's connections still close
+
+    # Another program takes the broker's port before serve restarts it (0.5 s).
+    with wait_until(take_the_port, 5, "the broker's port to be free"):
+        code = serve.proc.popen.wait(20)  # not restarted forever
+    output = serve.proc.output()
+    assert code == 1, output
+    assert (f"[serve] ERROR broker cannot listen: port {port_of(stack.frontend)} is in use by pid "
+            f"{os.getpid()} (") in output
+    assert output.count("[serve] WARNING broker exited with code -9; restarting") == 1, output
+    assert_all_gone(kids)
+
+
+# --- stopping: say what drains, end every cut stream visibly --------------------------
+
+LONG_TEXT = ",".join(f"w{i}" for i in range(200))
+
+
+async def streaming(serve: Serve) -> asyncio.subprocess.Process:
+    """A curl streaming a long reply from `serve`, once its first line has arrived."""
+    process = await start_curl(f"{serve.url}/generate", b'{"text": "%s"}' % LONG_TEXT.encode())
+    assert await asyncio.wait_for(process.stdout.readline(), 10) == b"Hello w0!\n"
+    return process
+
+
+def wait_stopping(serve: Serve) -> str:
+    """Wait until serve says that it stops; return its output."""
+    def said() -> str | None:
+        output = serve.proc.output()
+        return output if "[serve] INFO stopping" in output else None
+    return wait_until(said, 10, "serve to say that it stops")
+
+
+@pytest.mark.skipif(not CURL, reason="curl is not installed")
+@async_test
+async def test_ctrl_c_says_what_drains_and_ends_a_cut_stream_with_an_error_line(stack):
+    serve = Serve(stack, "--Backend.sleep_time=0.2", "--Frontend.drain_timeout=1")
+    serve.wait_ready()
+    kids = serve.wait_children("broker", "worker-1", "gateway-1")
+    curl_process = await streaming(serve)
+    serve.proc.signal(signal.SIGINT)
+    assert ("[serve] INFO stopping: gateways, then workers, then the broker; 1 request(s) in "
+            "flight; waiting up to 1 s (Ctrl-C again to stop at once)") in wait_stopping(serve)
+    rest, stderr = await asyncio.wait_for(curl_process.communicate(), 15)
+    # The stream went on for the drain timeout, then ended with the usual last line,
+    # without the terminating chunk: curl calls the transfer incomplete.
+    lines = rest.decode().splitlines()
+    assert lines[0] == "Hello w1!" and len(lines) < 199, lines
+    assert lines[-1] == ("error: gateway_stopping: the gateway stopped before the reply "
+                         "finished"), lines
+    assert curl_process.returncode == 18, stderr
+    assert serve.proc.popen.wait(20) == 0
+    assert_all_gone(kids)
+    assert "Traceback" not in serve.proc.output()
+
+
+@pytest.mark.skipif(not CURL, reason="curl is not installed")
+@async_test
+async def test_a_second_ctrl_c_stops_everything_at_once(stack):
+    serve = Serve(stack, "--Backend.sleep_time=0.2")  # the default drain: 30 s
+    serve.wait_ready()
+    kids = serve.wait_children("broker", "worker-1", "gateway-1")
+    curl_process = await streaming(serve)
+    serve.proc.signal(signal.SIGINT)
+    wait_stopping(serve)
+    serve.proc.signal(signal.SIGINT)
+    assert serve.proc.popen.wait(5) == 1
+    assert_all_gone(kids)
+    rest, _ = await asyncio.wait_for(curl_process.communicate(), 5)
+    # Cut, and it shows: a last error line, and an incomplete transfer.
+    assert rest.decode().splitlines()[-1].startswith("error: "), rest
+    assert curl_process.returncode == 18
+    assert "[serve] WARNING stopped at once: requests in flight were cut" in serve.proc.output()
+
+
+@pytest.mark.skipif(not CURL, reason="curl is not installed")
+@async_test
+async def test_serve_started_while_the_old_stack_drains_says_it_is_still_stopping(stack):
+    old = Serve(stack, "--Backend.sleep_time=0.2")
+    old.wait_ready()
+    curl_process = await streaming(old)
+    old.proc.signal(signal.SIGINT)
+    wait_stopping(old)
+    new = run_zroute("serve", "--port", str(old.port), f"--Broker.frontend={stack.frontend}",
+                     f"--Broker.backend={stack.backend}", "--Backend.sleep_time=0.2")
+    assert new.returncode == 1
+    # The HTTP port, if the old gateway still listens, else the old broker's.
+    port = int(new.stderr.split()[4])
+    assert port in (old.port, port_of(stack.frontend)), new.stderr
+    assert new.stderr == (
+        f"zroute serve: error: port {port} is in use by pid {old.proc.pid} "
+        f"(zroute serve --port {old.port} --Broker.frontend={stack.frontend} "
+        f"--Broker.backend={stack.backend} --Backend.sleep_time=0.2), which is still "
+        "stopping: wait until it exits, or press Ctrl-C again where it runs to stop it "
+        "at once\n")
+    old.proc.signal(signal.SIGINT)
+    old.proc.popen.wait(10)
+    await asyncio.wait_for(curl_process.communicate(), 5)
+
+
+# --- options and logs ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host, url_host, elsewhere", [
+    ("127.0.0.2", "127.0.0.2", "127.0.0.1"),
+    ("::1", "[::1]", "127.0.0.1"),
+    ("0.0.0.0", "127.0.0.1", None),  # announced as a URL that works from this machine
+])
+def test_serve_listens_on_the_host_given_by_host(stack, host, url_host, elsewhere):
+    port = free_port()
+    serve = stack.start("serve", "serve", "--host", host, "--port", str(port),
+                        f"--Broker.frontend={stack.frontend}", f"--Broker.backend={stack.backend}",
+                        "--Backend.sleep_time=0")
+    url = f"http://{url_host}:{port}"
+    wait_until(lambda: f"zroute is serving on {url} " in serve.output(), 30,
+               f"serve to announce itself on {url}")
+    reply = http("POST", f"{url}/generate", b'{"text": "a"}')
+    assert (reply.status, reply.body) == (200, b"Hello a!\n")
+    if elsewhere:
+        assert http("GET", f"http://{elsewhere}:{port}/health") is None  # not there
+    assert serve.stop() == 0
+
+
+def test_serve_with_a_host_it_cannot_listen_on_exits_with_one_line(stack):
+    port = free_port()
+    result = run_zroute("serve", "--host", "192.0.2.1", "--port", str(port),  # TEST-NET-1
+                        f"--Broker.frontend={stack.frontend}", f"--Broker.backend={stack.backend}")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (f"zroute serve: error: cannot listen on 192.0.2.1:{port}: "
+                             "Cannot assign requested address\n")
+
+
+ANNOUNCEMENT = ("", "zroute is serving on ", "Try:", "  curl ")  # on stdout, for people
+
+
+def test_serve_logs_json_lines_with_the_per_request_fields(stack):
+    serve = Serve(stack, "--log-format", "json", "--Backend.sleep_time=0")
+    serve.wait_ready()
+    assert http("POST", f"{serve.url}/generate", b'{"text": "a,b"}').status == 200
+    assert serve.stop(signal.SIGTERM) == 0
+    lines = [line for line in serve.proc.output().splitlines()
+             if not any(line.startswith(start) if start else line == start
+                        for start in ANNOUNCEMENT)]
+    entries = [json.loads(line) for line in lines]  # every other line is one JSON object
+    by_process: dict[str, list[dict]] = {}
+    for entry in entries:
+        by_process.setdefault(entry["process"], []).append(entry)
+    assert any(e["message"].startswith("stopping: gateways, then workers, then the broker")
+               for e in by_process["serve"]), by_process["serve"]
+
+    [request] = [e for e in by_process["gateway-1"] if "status" in e]
+    assert {k: request[k] for k in ("policy", "worker", "status", "chunks")} == {
+        "policy": "round_robin", "worker": "worker-1", "status": 200, "chunks": 2}
+    assert isinstance(request["duration"], float) and isinstance(request["ttfc"], float)
+    assert request["message"].startswith(f"request={request['request']} policy=round_robin ")
+
+    [served] = [e for e in by_process["worker-1"] if "chunks" in e]
+    assert (served["worker"], served["chunks"]) == ("worker-1", 2)
+    assert served["message"].endswith(" ok")

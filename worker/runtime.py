@@ -19,6 +19,7 @@ import zmq
 from broker import protocol as p
 from broker.channel import Channel, dealer
 from broker.ratelimit import LogLimiter
+from zroute.logs import fields
 
 log = logging.getLogger("zroute.worker")
 
@@ -260,5 +261,5 @@ class Worker:
         finally:
             del self.tasks[rid]
             self.served += 1
-            log.info("worker=%s request=%s chunks=%d duration=%.3fs %s", self.worker_id,
-                     rid.hex(), chunks, time.monotonic() - started, outcome)
+            log.info(outcome, extra=fields(worker=self.worker_id, request=rid.hex(),
+                                           chunks=chunks, duration=time.monotonic() - started))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from importlib.metadata import version
 from typing import Sequence
 
 import broker.cli
@@ -15,6 +16,7 @@ from zroute.command import run_command
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zroute", description="A streaming load balancer on ZeroMQ.")
+    parser.add_argument("--version", action="version", version=f"zroute {version('zroute')}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module, summary in (
         ("serve", serve, "run the whole stack: broker, workers and gateway"),

@@ -28,11 +28,15 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                      "--Section.key=value, e.g. --Backend.greeting=Hi.").strip()
 
 
+def flag_overrides(flags: Mapping[str, object | None]) -> list[str]:
+    """Command-line flags (`{"Broker.frontend": value}`) as overrides; None is no flag."""
+    return [f"{key}={value}" for key, value in flags.items() if value is not None]
+
+
 def load(args: argparse.Namespace, overrides: Sequence[str],
          flags: Mapping[str, object | None] | None = None) -> Config:
     """The configuration, with command-line flags (`{"Broker.frontend": value}`) on top."""
-    from_flags = [f"{key}={value}" for key, value in (flags or {}).items() if value is not None]
-    return load_config(args.config, [*overrides, *from_flags])
+    return load_config(args.config, [*overrides, *flag_overrides(flags or {})])
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

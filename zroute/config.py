@@ -111,6 +111,7 @@ SCHEMA: dict[str, Any] = {
         "port": Setting(int, 8000, ge=1, le=65535),
         "max_body": Setting(int, 1048576, ge=1),
         "request_timeout": Setting(float, 60.0, gt=0),
+        "drain_timeout": Setting(float, 30.0, ge=0),  # SIGTERM: finish streams, then cut them
         "ServiceArgs": {"workers": Setting(int, 1, ge=1)},
     },
     "Broker": {

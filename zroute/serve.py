@@ -3,8 +3,11 @@
 It starts the broker, `Backend.ServiceArgs.workers` workers and
 `Frontend.ServiceArgs.workers` gateways as child processes, waits until
 /health is green, restarts any child that dies (with back-off), and on
-Ctrl-C or SIGTERM stops them in order: gateways, then workers (which drain),
-then the broker.
+Ctrl-C or SIGTERM stops them in order: gateways, then workers (both drain),
+then the broker; a second Ctrl-C stops them all at once.
+
+Before it starts anything it checks that the ports it needs are free, so that a
+second stack on the same machine stops with one line rather than sharing them.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -19,21 +23,32 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import Callable
 
-from zroute.command import add_common_options, load
+from zroute.command import add_common_options, flag_overrides, load
 from zroute.config import Config
+from zroute.ports import check_free, mark_stopping, tcp_address
+
+log = logging.getLogger("zroute.serve")
 
 READY_TIMEOUT_S = 30.0
 RESTART_MIN_S = 0.5
 RESTART_MAX_S = 10.0
 STABLE_AFTER_S = 30.0  # a child that ran this long restarts with the shortest back-off
-STOP_TIMEOUT_S = 10.0
+# A child that exits with an error this soon after its start failed on its settings or
+# its address, and would fail the same way again: serve stops rather than restart it.
+START_FAILURE_S = 5.0
+STOP_MARGIN_S = 10.0  # a child has its drain timeout and this much more to exit
+HURRY_S = 1.0  # in a hurry, a child has this long after a second SIGTERM before SIGKILL
+POLL_S = 0.05
 PR_SET_PDEATHSIG = 1
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Run the broker, the workers and the HTTP gateway together, "
                           "and keep them running.")
+    parser.add_argument("--host", help="address to listen on (default: Frontend.host, "
+                                       "127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default: Frontend.port, 8000)")
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="serve")
@@ -47,10 +62,15 @@ def _die_with_parent() -> None:
         pass  # not Linux: a clean shutdown still stops every child
 
 
+Address = tuple[str, int]  # (host, port)
+
+
 @dataclass
 class Child:
     name: str
     args: list[str]
+    ports: list[Address]  # the ports it listens on
+    stop_timeout: float  # how long it has to exit after SIGTERM, before SIGKILL
     process: subprocess.Popen | None = None
     started: float = 0.0
     backoff: float = RESTART_MIN_S
@@ -67,6 +87,24 @@ class Child:
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
+    def kill(self) -> None:
+        """SIGKILL, if it still runs, and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def failed_at_start(self, code: int) -> bool:
+        return code > 0 and time.monotonic() - self.started < START_FAILURE_S
+
+    def why_it_failed(self, code: int) -> str:
+        """One line: a port it could not listen on, and who holds it, if that is why."""
+        for host, port in self.ports:
+            try:
+                check_free(host, port)
+            except OSError as e:
+                return f"{self.name} cannot listen: {e}"
+        return f"{self.name} exited with code {code} at start-up (its error is above)"
+
 
 @dataclass
 class Supervisor:
@@ -80,36 +118,65 @@ class Supervisor:
         for child in self.children:
             child.start()
 
-    def watch_once(self) -> None:
-        """Restart children that exited, each after its own growing back-off."""
+    def check_ports(self) -> None:
+        """Raise PortInUse, naming the holder, if a port a child needs is taken.
+        The gateways' first: the HTTP port is the one the user chose."""
+        for child in reversed(self.children):
+            for host, port in child.ports:
+                check_free(host, port)
+
+    def watch_once(self) -> str | None:
+        """Restart children that exited, each after its own growing back-off.
+
+        Returns why serve cannot go on (a child failed at start-up), or None."""
         now = time.monotonic()
         for child in self.children:
             code = child.exited()
             if code is None:
                 continue
+            if child.failed_at_start(code):
+                return child.why_it_failed(code)
             if child.restart_at is None:
                 if now - child.started >= STABLE_AFTER_S:
                     child.backoff = RESTART_MIN_S
                 child.restart_at = now + child.backoff
-                print(f"[serve] {child.name} exited with code {code}; restarting in "
-                      f"{child.backoff:.1f} s", file=sys.stderr, flush=True)
+                log.warning("%s exited with code %d; restarting in %.1f s", child.name, code,
+                            child.backoff)
                 child.backoff = min(RESTART_MAX_S, child.backoff * 2)
             elif now >= child.restart_at:
                 child.start()
+        return None
 
-    def stop(self) -> None:
-        """Stop the groups in reverse order; SIGKILL what does not stop in time."""
+    def stop(self, hurry: Callable[[], bool]) -> bool:
+        """Stop the groups in reverse order; SIGKILL what does not stop in time, and
+        everything once `hurry()` is true. Returns False if it had to hurry."""
         for group in reversed(self.groups):
-            running = [c.process for c in group if c.process and c.process.poll() is None]
-            for process in running:
-                process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            for process in running:
-                try:
-                    process.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            if not _terminate(group, max(c.stop_timeout for c in group), hurry):
+                self.stop_at_once()
+                return False
+        return True
+
+    def stop_at_once(self) -> None:
+        """Stop every child at once. A second SIGTERM first: gateways then cut their
+        streams with an error line, rather than just dropping the connections."""
+        _terminate(self.children, HURRY_S)
+
+
+def _terminate(children: list[Child], timeout: float,
+               hurry: Callable[[], bool] = lambda: False) -> bool:
+    """SIGTERM the children that run, and SIGKILL those still running after `timeout`.
+    Returns False, leaving them running, as soon as `hurry()` is true."""
+    running = [c for c in children if c.process is not None and c.exited() is None]
+    for child in running:
+        child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(c.exited() is None for c in running) and time.monotonic() < deadline:
+        if hurry():
+            return False
+        time.sleep(POLL_S)
+    for child in running:
+        child.kill()
+    return True
 
 
 def child_args(command: str, name: str, args: argparse.Namespace, overrides: list[str],
@@ -124,18 +191,32 @@ def child_args(command: str, name: str, args: argparse.Namespace, overrides: lis
 
 
 def build_supervisor(config: Config, args: argparse.Namespace, overrides: list[str]) -> Supervisor:
-    port = str(config.frontend.port)
-    broker = [Child("broker", child_args("broker", "broker", args, overrides))]
+    frontend = config.frontend
+    endpoints = (config.broker.frontend, config.broker.backend)
+    broker = [Child("broker", child_args("broker", "broker", args, overrides),
+                    [a for a in map(tcp_address, endpoints) if a is not None], STOP_MARGIN_S)]
     workers = [Child(f"worker-{i}", child_args("worker", f"worker-{i}", args, overrides,
-                                              "--id", f"worker-{i}"))
+                                              "--id", f"worker-{i}"), [],
+                     config.backend.drain_timeout + STOP_MARGIN_S)
                for i in range(1, config.backend.service_args.workers + 1)]
+    # The gateways of this stack share the port; no other process may.
     gateways = [Child(f"gateway-{i}", child_args("gateway", f"gateway-{i}", args, overrides,
-                                                "--port", port))
-                for i in range(1, config.frontend.service_args.workers + 1)]
+                                                "--reuse-port"),
+                      [(frontend.host, frontend.port)], frontend.drain_timeout + STOP_MARGIN_S)
+                for i in range(1, frontend.service_args.workers + 1)]
     return Supervisor([broker, workers, gateways])
 
 
-def health(url: str) -> dict | None:
+def local_url(host: str, port: int) -> str:
+    """A URL that reaches, from this machine, a server listening on host:port."""
+    if host in ("", "0.0.0.0"):  # every interface: loopback is one of them
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def get_json(url: str) -> dict | None:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
             return json.load(response)
@@ -144,44 +225,74 @@ def health(url: str) -> dict | None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    if args.port is not None:  # the children get it as an override, like the rest
-        overrides = [*overrides, f"Frontend.port={args.port}"]
+    # The children get --host and --port as overrides, like the rest.
+    overrides = [*overrides, *flag_overrides({"Frontend.host": args.host,
+                                              "Frontend.port": args.port})]
     config = load(args, overrides)  # the broker checks Frontend.routing_mode: it knows the policies
     supervisor = build_supervisor(config, args, overrides)
+    supervisor.check_ports()
     stop_requested = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, _: stop_requested.append(signum))
     supervisor.start()
-    base = f"http://{config.frontend.host}:{config.frontend.port}"
+    base = local_url(config.frontend.host, config.frontend.port)
     try:
-        if not _wait_ready(supervisor, f"{base}/health", stop_requested):
-            return 1 if not stop_requested else 0
-        _announce(base, config)
-        while not stop_requested:
-            supervisor.watch_once()
-            time.sleep(0.2)
+        code = _supervise(supervisor, base, config, stop_requested)
+    except BaseException:
+        supervisor.stop_at_once()
+        raise
+    mark_stopping()
+    # A second Ctrl-C that came while serve still slept in its loop counts too.
+    signals_so_far = min(len(stop_requested), 1)
+    in_flight = _in_flight(base)
+    if in_flight:
+        log.info("stopping: gateways, then workers, then the broker; %d request(s) in flight; "
+                 "waiting up to %g s (Ctrl-C again to stop at once)", in_flight,
+                 config.frontend.drain_timeout)
+    else:
+        log.info("stopping: gateways, then workers, then the broker")
+    if not supervisor.stop(hurry=lambda: len(stop_requested) > signals_so_far):
+        log.warning("stopped at once: requests in flight were cut")
+        return 1
+    return code
+
+
+def _supervise(supervisor: Supervisor, base: str, config: Config, stop_requested: list) -> int:
+    """Until a signal (0) or a failure (1): wait for /health, announce, restart children."""
+    if not _wait_ready(supervisor, f"{base}/health", stop_requested):
+        return 0 if stop_requested else 1
+    _announce(base, config)
+    while not stop_requested:
+        failure = supervisor.watch_once()
+        if failure:
+            log.error("%s; stopping", failure)
+            return 1
+        time.sleep(0.2)
+    return 0
+
+
+def _in_flight(base: str) -> int:
+    """The requests in flight, queued ones too, as the broker counts them; 0 if no
+    broker answers (the gateways then fail their requests at once)."""
+    stats = get_json(f"{base}/stats")
+    if not stats or "broker" not in stats:
         return 0
-    finally:
-        print("[serve] stopping: gateways, then workers, then the broker", file=sys.stderr,
-              flush=True)
-        supervisor.stop()
+    return stats["broker"]["inflight"] + stats["broker"]["queue_depth"]
 
 
 def _wait_ready(supervisor: Supervisor, url: str, stop_requested: list) -> bool:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not stop_requested:
-        status = health(url)
+        status = get_json(url)
         if status and status.get("status") == "ok":
             return True
         for child in supervisor.children:
             code = child.exited()
             if code is not None:
-                print(f"[serve] {child.name} exited with code {code} during start-up",
-                      file=sys.stderr, flush=True)
+                log.error("%s; stopping", child.why_it_failed(code))
                 return False
         if time.monotonic() > deadline:
-            print(f"[serve] {url} was not healthy within {READY_TIMEOUT_S:.0f} s",
-                  file=sys.stderr, flush=True)
+            log.error("%s was not healthy within %.0f s", url, READY_TIMEOUT_S)
             return False
         time.sleep(0.1)
     return False

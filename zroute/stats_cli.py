@@ -12,6 +12,7 @@ from broker.client import BlockingClient, BrokerError
 from zroute.command import add_common_options, load
 
 CLEAR_SCREEN = "\033[H\033[2J"
+REFRESH_S = 1.0
 COLUMNS = ("WORKER", "STATE", "INFLIGHT/CAP", "COMPLETED", "FAILED", "P50", "P99", "SEEN")
 
 
@@ -21,9 +22,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the broker's client-facing endpoint (default: Broker.frontend)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the raw stats as JSON")
-    output.add_argument("--watch", action="store_true", help="refresh the table every second")
+    output.add_argument("--watch", action="store_true",
+                        help="refresh the table every second, until Ctrl-C; a broker that "
+                             "does not answer is shown as such, and waited for")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
-                        help="how long to wait for the broker (default: 5)")
+                        help="how long to wait for the broker (default: 5; with --watch, "
+                             "at most a second)")
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="stats")
 
@@ -31,18 +35,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     address = load(args, overrides, {"Broker.frontend": args.broker}).broker.frontend
     with BlockingClient(address) as client:
+        if args.watch:
+            return watch(client, min(args.timeout, REFRESH_S))
         try:
-            if not args.watch:
-                stats = client.stats(args.timeout)
-                print(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode()
-                      if args.json else render(stats))
-                return 0
-            while True:
-                print(CLEAR_SCREEN + render(client.stats(args.timeout)), flush=True)
-                time.sleep(1)
+            stats = client.stats(args.timeout)
         except BrokerError as e:
             print(f"zroute stats: error: {e.message}", file=sys.stderr)
             return 1
+        print(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode()
+              if args.json else render(stats))
+        return 0
+
+
+def watch(client: BlockingClient, timeout: float) -> int:
+    """Redraw the table every second until Ctrl-C; through a broker that is down, too."""
+    try:
+        while True:
+            began = time.monotonic()
+            try:
+                screen = render(client.stats(timeout))
+            except BrokerError:
+                screen = f"broker unreachable at {client.address} (retrying)"
+            print(CLEAR_SCREEN + screen, flush=True)
+            time.sleep(max(0.0, REFRESH_S - (time.monotonic() - began)))
+    except KeyboardInterrupt:
+        return 0
 
 
 def _seconds(value: float | None) -> str:
