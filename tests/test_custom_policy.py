@@ -97,8 +97,10 @@ def test_zroute_serve_as_the_readme_shows_it(stack: Stack, project, option, quer
      "Frontend.routing_mode 'nomodule:Policy' cannot be loaded: no module named 'nomodule' "
      "in the current directory ({cwd}) or the installed packages"),
 ], ids=["unknown", "direct", "missing-class", "missing-module"])
-def test_a_broker_whose_policies_do_not_load_exits_with_one_line(project, option, error):
-    result = run_zroute("broker", "--frontend", f"tcp://127.0.0.1:{free_port()}",
-                        "--backend", f"tcp://127.0.0.1:{free_port()}", option, cwd=project)
+@pytest.mark.parametrize("command", ["broker", "serve"])
+def test_policies_that_do_not_load_stop_the_broker_and_serve_with_one_line(project, option,
+                                                                           error, command):
+    result = run_zroute(command, f"--Broker.frontend=tcp://127.0.0.1:{free_port()}",
+                        f"--Broker.backend=tcp://127.0.0.1:{free_port()}", option, cwd=project)
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == f"zroute broker: error: {error.format(cwd=project)}\n"
+    assert result.stderr == f"zroute {command}: error: {error.format(cwd=project)}\n"

@@ -25,6 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable
 
+from broker.cli import configured_policies
 from zroute.command import add_common_options, flag_overrides, load
 from zroute.config import Config
 from zroute.ports import check_free, mark_stopping, tcp_address
@@ -228,7 +229,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # The children get --host and --port as overrides, like the rest.
     overrides = [*overrides, *flag_overrides({"Frontend.host": args.host,
                                               "Frontend.port": args.port})]
-    config = load(args, overrides)  # the broker checks Frontend.routing_mode: it knows the policies
+    config = load(args, overrides)
+    # The broker's own check of its policies, before anything starts: a bad
+    # Frontend.routing_mode is then one line from serve.
+    configured_policies(config)
     supervisor = build_supervisor(config, args, overrides)
     supervisor.check_ports()
     stop_requested = []
