@@ -11,6 +11,7 @@ from broker.loader import LoadError
 from broker.policies import DIRECT, Policy, is_policy_class, load_policies, unknown_policy
 from broker.server import Broker
 from zroute.command import add_common_options, load, run_command
+from zroute.ports import check_free, tcp_address
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     config = load(args, overrides, {
         "Broker.frontend": args.frontend, "Broker.backend": args.backend,
         "Broker.policies": json.dumps(args.policies) if args.policies else None})
+    for endpoint in (config.broker.frontend, config.broker.backend):
+        address = tcp_address(endpoint)
+        if address is not None:
+            check_free(*address)  # a taken port is then named with what holds it
     broker = Broker(config.broker, policies=configured_policies(config))
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: broker.stop())

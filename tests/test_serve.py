@@ -277,15 +277,20 @@ def test_a_second_serve_on_a_port_of_the_first_exits_with_one_line_naming_it(sta
     assert "exited" not in first.proc.output()
 
 
-def test_a_standalone_gateway_does_not_share_the_port_of_serve(stack):
+def test_standalone_components_on_a_port_of_serve_exit_with_one_line_naming_it(stack):
     serve = Serve(stack, "--Backend.sleep_time=0")
     serve.wait_ready()
     gateway = run_zroute("gateway", "--broker", stack.frontend, "--port", str(serve.port))
-    assert gateway.returncode == 1
-    assert gateway.stderr.startswith(
-        f"zroute gateway: error: port {serve.port} is in use by pid {serve.proc.pid} "
-        "(zroute serve --port ")
-    assert len(gateway.stderr.splitlines()) == 1, gateway.stderr
+    other = f"tcp://127.0.0.1:{free_port()}"
+    broker = run_zroute("broker", "--frontend", stack.frontend, "--backend", other)
+    frontend_port = stack.frontend.rpartition(":")[2]
+    for command, result, port in (("gateway", gateway, serve.port),
+                                  ("broker", broker, frontend_port)):
+        assert result.returncode == 1
+        assert result.stderr.startswith(
+            f"zroute {command}: error: port {port} is in use by pid {serve.proc.pid} "
+            "(zroute serve --port "), result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 def test_serve_does_not_start_on_a_port_another_program_listens_on(stack):
