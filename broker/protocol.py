@@ -58,12 +58,14 @@ E_ID_IN_USE = "worker_id_in_use"
 E_BROKER_UNREACHABLE = "broker_unreachable"
 E_POLICY = "policy_error"  # a routing policy raised or chose no candidate
 E_WRONG_ENDPOINT = "wrong_endpoint"  # a worker on the client socket, or a client on the worker one
+E_LIMIT = "limit_exceeded"  # a peer's message, registration or share is over a limit
 E_SLOW_READER = "slow_reader"  # raised by the client library, never sent
 
 MAX_ID_LENGTH = 255  # worker ids, service and policy names
 MAX_CLIENT_RID = 255  # request ids chosen by clients
 MAX_RID = 1024  # request ids on the worker leg, where the broker extends them
 MAX_BATCH = 256  # messages in one BATCH
+MAX_FRAMES = 1024  # frames in one message, header included; a longer one is rejected
 MAX_TIMEOUT_MS = 2**63 - 1  # a request's timeout fits a signed 64-bit integer
 
 
@@ -310,8 +312,9 @@ def _unpack(payload: bytes) -> list[list[bytes]]:
     while position < end and len(messages) <= MAX_BATCH:
         (count,) = _FRAME_COUNT.unpack_from(payload, position)
         position += 2
-        if count < 2:
-            raise ProtocolError(f"a message in a BATCH has {count} frame(s)")
+        if not 2 <= count <= MAX_FRAMES:
+            raise ProtocolError(f"a message in a BATCH has {count} frame(s), "
+                                f"not 2 to {MAX_FRAMES}")
         message = []
         for _ in range(count):
             (length,) = _FRAME_LENGTH.unpack_from(payload, position)

@@ -20,11 +20,15 @@ from broker import protocol as p
 from broker.policies import DEFAULT_POLICY, DIRECT, Policy, load_policies, unknown_policy
 from broker.ratelimit import LogLimiter, PeerLimiter
 from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
-from broker.zmqio import readable, recv_frames, send_to
+from broker.zmqio import TooManyFrames, readable, recv_frames, send_to
 
 log = logging.getLogger("zroute.broker")
 
-DRAIN_BATCH = 500  # messages taken from one socket before looking at the other
+# What one pass takes from a socket before it looks at the other, at timers and at what
+# it has to send: so many messages (a BATCH counts those it carries), frames or bytes.
+DRAIN_MESSAGES = 2000
+DRAIN_FRAMES = 20_000
+DRAIN_BYTES = 8 << 20
 SOCKET_HWM = 10_000  # messages queued per peer; past that a send fails and its request ends
 DISCONNECTED = "disconnected"  # the eviction reason of a worker that said goodbye
 POLL_MS = 50  # the loop wakes at least this often for timers and stop()
@@ -82,7 +86,7 @@ class Broker:
         self.started = time.monotonic()
         self.totals = dict.fromkeys(
             ("requests", "completed", "failed", "cancelled", "chunks", "errors", "retries",
-             "timeouts", "evictions", "queued", "rejected_frames"), 0)
+             "timeouts", "evictions", "queued", "rejected_frames", "oversized_messages"), 0)
         self.queue_wait_total = 0.0
         self.drops = LogLimiter(log)
         self.asked_to_register = PeerLimiter(settings.heartbeat_interval)
@@ -129,17 +133,39 @@ class Broker:
         self._stopping = True
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], None]) -> None:
-        for _ in range(DRAIN_BATCH):
-            if not readable(sock):
-                return
-            peer, *frames = recv_frames(sock)
+        messages_left, frames_left, bytes_left = DRAIN_MESSAGES, DRAIN_FRAMES, DRAIN_BYTES
+        while messages_left > 0 and frames_left > 0 and bytes_left > 0 and readable(sock):
+            try:
+                peer, *frames = recv_frames(sock, p.MAX_FRAMES + 1)  # + the routing id
+            except TooManyFrames as e:
+                self._reject_oversized(sock, e.frames[0], e.frames[1:])
+                frames_left -= p.MAX_FRAMES
+                continue
+            frames_left -= len(frames)
+            bytes_left -= sum(map(len, frames))
             try:
                 messages = p.unbatch(frames)
             except p.ProtocolError as e:
                 self._dropped(f"dropped a malformed BATCH: {e}")
                 continue
+            messages_left -= len(messages)
             for message in messages:
                 handle(peer, message)
+
+    def _reject_oversized(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> None:
+        """A message of more than MAX_FRAMES frames: fail the request it names, if any."""
+        self.totals["oversized_messages"] += 1
+        problem = f"a message of more than {p.MAX_FRAMES} frames"
+        self.drops.warn(f"rejected {problem}")
+        rid = frames[2] if len(frames) > 2 and frames[0] == p.VERSION else b""
+        if sock is self.frontend:
+            if 0 < len(rid) <= p.MAX_CLIENT_RID:
+                self._reply_error(peer, rid, p.E_LIMIT, f"the broker takes no {problem}")
+            return
+        worker = self.registry.by_peer.get(peer)
+        req = worker.requests.get(rid) if worker is not None else None
+        if req is not None:
+            self._fail(req, p.E_LIMIT, f"worker {worker.worker_id!r} replied with {problem}")
 
     def _post(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> None:
         """Queue a message; _flush sends it at the end of this pass of the loop."""

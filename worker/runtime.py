@@ -28,6 +28,11 @@ RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 3.0
 # The broker refuses the worker itself: its id is taken, or it connected to the client socket.
 REFUSALS = (p.E_ID_IN_USE, p.E_WRONG_ENDPOINT)
+# A request's chunks leave as one message once they reach either budget, well within
+# the protocol's MAX_FRAMES, so that no message costs the broker long to relay.
+REPLY_FRAMES = 256
+REPLY_BYTES = p.MAX_BATCH_BYTES
+YIELD_EVERY = 256  # chunks a request yields before letting the loop run others
 
 
 class BadRequest(Exception):
@@ -44,16 +49,28 @@ class Outbox:
         self.send = send
         self.push = push
         self.chunks: dict[bytes, list[bytes]] = {}
+        self.sizes: dict[bytes, int] = {}  # rid -> bytes in its pending chunks
         self.endings: dict[bytes, p.Error | None] = {}  # rid -> None for END, or the ERROR
         self._scheduled = False
 
     def chunk(self, rid: bytes, data: bytes) -> None:
         pending = self.chunks.get(rid)
         if pending is None:
-            self.chunks[rid] = [data]
+            self.chunks[rid] = pending = []
+            self.sizes[rid] = 0
             self._schedule()
+        pending.append(data)
+        size = self.sizes[rid] + len(data)
+        if len(pending) >= REPLY_FRAMES or size >= REPLY_BYTES:
+            self.forget(rid)
+            self.send(p.encode_reply_from_worker(p.Chunk(rid, pending)))
         else:
-            pending.append(data)
+            self.sizes[rid] = size
+
+    def forget(self, rid: bytes) -> None:
+        """Drop a request's pending chunks."""
+        del self.chunks[rid]
+        del self.sizes[rid]
 
     def end(self, rid: bytes, error: p.Error | None = None) -> None:
         self.endings[rid] = error
@@ -67,7 +84,7 @@ class Outbox:
     def flush(self) -> None:
         self._scheduled = False
         chunks, endings = self.chunks, self.endings
-        self.chunks, self.endings = {}, {}
+        self.chunks, self.sizes, self.endings = {}, {}, {}
         for rid, data in chunks.items():
             if rid in endings and endings[rid] is None:
                 del endings[rid]
@@ -237,10 +254,13 @@ class Worker:
                                     "not str or bytes")
                 self._outbox.chunk(rid, item)
                 chunks += 1
+                if chunks % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # a handler that never awaits must not starve others
             self._outbox.end(rid)
         except asyncio.CancelledError:
             outcome = "cancelled"
-            self._outbox.chunks.pop(rid, None)  # the broker has forgotten the request
+            if rid in self._outbox.chunks:
+                self._outbox.forget(rid)  # the broker has forgotten the request
         except BadRequest as e:
             outcome = "bad request"
             self._outbox.end(rid, p.Error(rid, p.E_BAD_REQUEST, str(e)))

@@ -1,0 +1,112 @@
+"""Limits on what one peer may cost the broker or a worker, checked in memory."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import zmq
+
+from broker import protocol as p
+from broker import server
+from tests.broker_memory import MemoryBroker
+from worker.runtime import REPLY_FRAMES, Outbox
+
+
+@pytest.fixture
+def memory():
+    broker = MemoryBroker()
+    yield broker
+    broker.close()
+
+
+def connected(memory: MemoryBroker, sock: zmq.Socket, routing_id: bytes) -> zmq.Socket:
+    """A DEALER on one of the broker's (inproc) sockets, with a known routing id."""
+    dealer = memory.context.socket(zmq.DEALER)
+    dealer.linger = 0
+    dealer.routing_id = routing_id
+    dealer.connect(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    return dealer
+
+
+def drain_all(memory: MemoryBroker, sock: zmq.Socket) -> None:
+    broker = memory.broker
+    handle = broker._on_client if sock is broker.frontend else broker._on_worker
+    while sock.poll(100):
+        broker._drain(sock, handle)
+
+
+@pytest.mark.timeout(10)
+def test_a_client_message_of_too_many_frames_is_refused_with_limit_exceeded(memory):
+    broker = memory.broker
+    client = connected(memory, broker.frontend, b"c1")
+    request = p.encode_request_to_broker(p.Request(b"r1", "generate", b"{}"))
+    client.send_multipart(request + [b"x"] * p.MAX_FRAMES)
+    drain_all(memory, broker.frontend)
+    [reply] = memory.to_client(b"c1")
+    assert (reply.rid, reply.code) == (b"r1", p.E_LIMIT)
+    assert broker.totals["oversized_messages"] == 1
+
+
+@pytest.mark.timeout(10)
+def test_a_worker_reply_of_too_many_frames_fails_its_request_only(memory):
+    broker = memory.broker
+    worker = connected(memory, broker.backend, b"w1")
+    worker.send_multipart(p.encode_ready(p.Ready("w1", ["generate"])))
+    drain_all(memory, broker.backend)
+    memory.request(b"c1", b"big")
+    memory.request(b"c1", b"small")
+    big, small = (m.rid for m in memory.to_worker(b"w1") if type(m) is p.Request)
+    worker.send_multipart(p.encode_reply_from_worker(p.Chunk(big, [b"x"] * p.MAX_FRAMES)))
+    worker.send_multipart(p.encode_reply_from_worker(p.End(small, [b"fine"])))
+    drain_all(memory, broker.backend)
+    replies = {m.rid: m for m in memory.to_client(b"c1")}
+    assert replies[b"big"].code == p.E_LIMIT
+    assert replies[b"small"].chunks == [b"fine"]
+    assert p.Cancel(big) in memory.to_worker(b"w1")
+    assert broker.totals["oversized_messages"] == 1
+
+
+@pytest.mark.timeout(10)
+def test_one_pass_takes_a_bounded_number_of_messages(memory):
+    broker = memory.broker
+    client = connected(memory, broker.frontend, b"c1")
+    heartbeat = p.encode_heartbeat()
+    for _ in range(server.DRAIN_MESSAGES // 100 + 2):  # batches of 100 messages each
+        client.send_multipart(p.encode_batch([heartbeat] * 100))
+    client.send_multipart(p.encode_stats_request(p.StatsRequest(b"last")))
+    assert broker.frontend.poll(1000)
+    broker._drain(broker.frontend, broker._on_client)
+    answered = memory.to_client(b"c1")
+    assert len(answered) == server.DRAIN_MESSAGES
+    drain_all(memory, broker.frontend)
+    assert type(memory.to_client(b"c1")[-1]) is p.StatsReply
+
+
+def test_a_batch_may_not_carry_a_message_of_too_many_frames():
+    message = [p.VERSION, p.CHUNK, b"rid"] + [b""] * p.MAX_FRAMES
+    with pytest.raises(p.ProtocolError, match="frame"):
+        p.unbatch(p.encode_batch([message]))
+
+
+def outbox_messages(chunks: list[bytes]) -> list[list[bytes]]:
+    """What an Outbox sends for one request's chunks and END, yielded in one turn."""
+    sent: list[list[bytes]] = []
+
+    async def produce() -> None:
+        outbox = Outbox(sent.append, lambda: None)
+        for chunk in chunks:
+            outbox.chunk(b"r", chunk)
+        outbox.end(b"r")
+        await asyncio.sleep(0)  # the outbox flushes at the end of the turn
+
+    asyncio.run(produce())
+    return sent
+
+
+def test_the_outbox_sends_a_long_reply_in_bounded_messages():
+    sent = outbox_messages([b"word\n"] * (REPLY_FRAMES * 3 + 1))
+    assert [len(m) - 3 for m in sent] == [REPLY_FRAMES] * 3 + [1]
+    assert [m[1] for m in sent] == [p.CHUNK] * 3 + [p.END]
+    half = b"x" * (p.MAX_BATCH_BYTES // 2 + 1)
+    assert [len(m) - 3 for m in outbox_messages([half] * 4)] == [2, 2, 0]
