@@ -65,6 +65,7 @@ MAX_ID_LENGTH = 255  # worker ids, service and policy names
 MAX_CLIENT_RID = 255  # request ids chosen by clients
 MAX_RID = 1024  # request ids on the worker leg, where the broker extends them
 MAX_BATCH = 256  # messages in one BATCH
+MAX_READY_BYTES = 1 << 16  # a READY's JSON; Broker.max_services_per_worker bounds it more
 MAX_FRAMES = 1024  # frames in one message, header included; a longer one is rejected
 MAX_TIMEOUT_MS = 2**63 - 1  # a request's timeout fits a signed 64-bit integer
 
@@ -429,6 +430,8 @@ def decode_from_worker(frames: list[bytes]) -> Message:
 def _ready(frames: list[bytes]) -> Ready:
     _expect(frames, 4)
     worker_id = _text(frames[2], "worker id")
+    if len(frames[3]) > MAX_READY_BYTES:
+        raise ProtocolError(f"READY info is longer than {MAX_READY_BYTES} bytes")
     info = _json_object(frames[3], "READY info")
     services = info.get("services")
     if (not isinstance(services, list) or not services

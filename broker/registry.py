@@ -11,7 +11,6 @@ DRAINING = "draining"
 EVICTED = "evicted"
 
 LATENCY_WINDOW = 1000  # recent request durations kept per worker for percentiles
-DEPARTED_KEPT = 100  # evicted workers still shown in stats
 
 
 class WorkerInfo:
@@ -68,13 +67,15 @@ def latency_percentiles(samples: Iterable[float]) -> dict[str, float | None]:
 
 
 class Registry:
-    """Live workers by id, by routing identity and by service."""
+    """Live workers by id, by routing identity and by service; and the stats of the
+    last `max_departed` workers to leave, as they were when they left."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_departed: int = 100) -> None:
         self.by_id: dict[str, WorkerInfo] = {}
         self.by_peer: dict[bytes, WorkerInfo] = {}
         self.by_service: dict[str, list[WorkerInfo]] = {}  # sorted by id
-        self.departed: OrderedDict[str, WorkerInfo] = OrderedDict()
+        self.departed: OrderedDict[str, dict] = OrderedDict()
+        self.max_departed = max_departed
 
     def add(self, worker: WorkerInfo) -> None:
         self.departed.pop(worker.worker_id, None)
@@ -95,8 +96,9 @@ class Registry:
                 members.remove(worker)
             if not members:
                 self.by_service.pop(service, None)
-        self.departed[worker.worker_id] = worker
-        while len(self.departed) > DEPARTED_KEPT:
+        # Its stats only: not its requests, latency samples or the rest of its state.
+        self.departed[worker.worker_id] = worker.stats(time.monotonic())
+        while len(self.departed) > self.max_departed:
             self.departed.popitem(last=False)
 
     def serving(self, service: str) -> list[WorkerInfo]:

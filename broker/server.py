@@ -7,9 +7,10 @@ a peer whose queue is full, or that has gone, fails its own requests only.
 
 from __future__ import annotations
 
+import heapq
 import logging
-import os
 import math
+import os
 import time
 from collections import deque
 from typing import Any, Callable, Mapping, Sequence
@@ -33,7 +34,7 @@ SOCKET_HWM = 10_000  # messages queued per peer; past that a send fails and its 
 DISCONNECTED = "disconnected"  # the eviction reason of a worker that said goodbye
 POLL_MS = 50  # the loop wakes at least this often for timers and stop()
 DEADLINE_TICK = 0.05  # deadlines are kept in buckets of this many seconds
-WRONG_ENDPOINT_ANSWERS = 10  # per peer per second, to a peer that speaks to the wrong socket
+WRONG_ENDPOINT_ANSWERS = 10  # per peer per second, to a peer on the wrong socket or a bad READY
 
 
 class Request:
@@ -75,7 +76,7 @@ class Broker:
                  policies: Mapping[str, Policy] | None = None) -> None:
         self.settings = settings
         self.context = context or zmq.Context.instance()
-        self.registry = Registry()
+        self.registry = Registry(settings.max_departed_workers)
         self.policies = dict(policies) if policies is not None else load_policies()
         self.requests: dict[bytes, Request] = {}
         self.queues: dict[str, deque[Request]] = {}
@@ -91,6 +92,7 @@ class Broker:
         self.drops = LogLimiter(log)
         self.asked_to_register = PeerLimiter(settings.heartbeat_interval)
         self.told_wrong_endpoint = PeerLimiter(1.0, WRONG_ENDPOINT_ANSWERS)
+        self.told_bad_ready = PeerLimiter(1.0, WRONG_ENDPOINT_ANSWERS)
         self._stopping = False
         self._next_heartbeat = 0.0
         self.frontend = self._router(settings.frontend)
@@ -423,6 +425,8 @@ class Broker:
         except p.ProtocolError as e:
             if not self._tell_client_wrong_endpoint(peer, frames):
                 self._dropped(f"dropped a malformed message from a worker: {e}")
+                if frames[1:2] == [p.READY] and self.told_bad_ready.allow(peer):
+                    self._refuse(peer, p.E_BAD_REQUEST, f"READY refused: {e}")
             return
         worker = self.registry.by_peer.get(peer)
         kind = type(msg)
@@ -505,13 +509,17 @@ class Broker:
         self._finish(req, ok=False)
 
     def _register(self, peer: bytes, known: WorkerInfo | None, msg: p.Ready) -> None:
+        most = self.settings.max_services_per_worker
+        if len(msg.services) > most:
+            self._refuse(peer, p.E_LIMIT, f"READY declares {len(msg.services)} services; the "
+                                          f"broker takes at most {most} (Broker.max_services_per_worker)")
+            return
         holder = self.registry.by_id.get(msg.worker_id)
         if holder is not None and holder.peer != peer:
             # Probe the holder: a peer whose connection is gone cannot be reached.
             if self._send(self.backend, holder.peer, p.encode_heartbeat(p.Heartbeat(self.boot_id))):
-                self.drops.warn(f"refused READY: worker id {msg.worker_id!r} belongs to a live peer")
-                self._post(self.backend, peer, p.encode_error(p.Error(
-                    b"", p.E_ID_IN_USE, f"worker id {msg.worker_id!r} is in use by a live worker")))
+                self._refuse(peer, p.E_ID_IN_USE,
+                             f"worker id {msg.worker_id!r} is in use by a live worker")
                 return
             self._evict(holder, "replaced by a new registration")
         if known is not None:
@@ -520,12 +528,21 @@ class Broker:
                 known.last_seen = time.monotonic()
                 return  # a repeated READY changes nothing
             self._evict(known, "registered again with new settings")
+        if len(self.registry.by_id) >= self.settings.max_workers:
+            self._refuse(peer, p.E_LIMIT, f"the broker has its most live workers, "
+                                          f"{self.settings.max_workers} (Broker.max_workers)")
+            return
         worker = WorkerInfo(msg.worker_id, peer, msg.services, msg.capacity)
         self.registry.add(worker)
         log.info("worker %s ready for %s (capacity %s)", worker.worker_id,
                  ", ".join(worker.services), worker.capacity or "unlimited")
         for service in worker.services:
             self._pump(service)
+
+    def _refuse(self, peer: bytes, code: str, message: str) -> None:
+        """Refuse a worker's READY: an ERROR with an empty request id."""
+        self.drops.warn(f"refused READY: {message}")
+        self._post(self.backend, peer, p.encode_error(p.Error(b"", code, message)))
 
     def _evict(self, worker: WorkerInfo, reason: str) -> None:
         """Forget a worker; retry its requests that have sent nothing yet."""
@@ -596,8 +613,9 @@ class Broker:
 
     def stats(self) -> dict:
         now = time.monotonic()
-        workers = [w.stats(now) for w in self.registry.by_id.values()]
-        workers += [w.stats(now) for w in self.registry.departed.values()]
+        live, departed = self.registry.by_id, self.registry.departed
+        shown = heapq.nsmallest(self.settings.stats_max_workers, [*live, *departed])
+        workers = [live[i].stats(now) if i in live else departed[i] for i in shown]
         queued_now = {service: len(q) for service, q in self.queues.items() if q}
         queue_depth = sum(queued_now.values())
         return {
@@ -609,6 +627,10 @@ class Broker:
                 "queue_wait_s_total": round(self.queue_wait_total, 6),
                 "uptime_s": round(now - self.started, 3),
                 "boot_id": self.boot_id.hex(),
+                "workers_ready": sum(w.state == READY for w in live.values()),
+                "workers_live": len(live),
+                "workers_departed": len(departed),
             },
-            "workers": sorted(workers, key=lambda w: w["id"]),
+            "workers": workers,  # the first Broker.stats_max_workers by id
+            "truncated": len(shown) < len(live) + len(departed),
         }

@@ -275,7 +275,7 @@ class Gateway:
             stats = await self._broker_stats()
         except HttpError as e:
             return json_response({"status": "unavailable", "workers": 0, "error": e.message}, 503)
-        workers = sum(1 for w in stats["workers"] if w["state"] == "ready")
+        workers = stats["broker"]["workers_ready"]  # the list of workers may be truncated
         if workers:
             return json_response({"status": "ok", "workers": workers})
         return json_response({"status": "unavailable", "workers": 0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 import zmq
 
@@ -110,3 +111,72 @@ def test_the_outbox_sends_a_long_reply_in_bounded_messages():
     assert [m[1] for m in sent] == [p.CHUNK] * 3 + [p.END]
     half = b"x" * (p.MAX_BATCH_BYTES // 2 + 1)
     assert [len(m) - 3 for m in outbox_messages([half] * 4)] == [2, 2, 0]
+
+
+def ready(memory: MemoryBroker, worker_id: str, services: list[str]) -> list[p.Message]:
+    """A READY from a peer named after the worker; what the broker answers it."""
+    peer = worker_id.encode()
+    memory.from_worker(peer, p.encode_ready(p.Ready(worker_id, services)))
+    return memory.to_worker(peer)
+
+
+def test_a_ready_with_too_many_services_is_refused():
+    memory = MemoryBroker(None, "Broker.max_services_per_worker=3")
+    try:
+        [refusal] = ready(memory, "w1", ["a", "b", "c", "d"])
+        assert (refusal.rid, refusal.code) == (b"", p.E_LIMIT)
+        assert "Broker.max_services_per_worker" in refusal.message
+        assert not memory.broker.registry.by_id and not memory.broker.registry.by_service
+        assert ready(memory, "w1", ["a", "b", "c"]) == []
+    finally:
+        memory.close()
+
+
+def test_a_ready_past_the_most_live_workers_is_refused():
+    memory = MemoryBroker(None, "Broker.max_workers=2")
+    try:
+        assert ready(memory, "w1", ["generate"]) == ready(memory, "w2", ["generate"]) == []
+        [refusal] = ready(memory, "w3", ["generate"])
+        assert (refusal.code, "Broker.max_workers" in refusal.message) == (p.E_LIMIT, True)
+        memory.from_worker(b"w1", p.encode_disconnect())
+        assert ready(memory, "w3", ["generate"]) == []
+    finally:
+        memory.close()
+
+
+def test_a_ready_larger_than_its_limit_is_refused_as_a_bad_request(memory):
+    info = orjson.dumps({"services": ["s" * 200] * 400})
+    memory.from_worker(b"w1", [p.VERSION, p.READY, b"w1", info])
+    [refusal] = memory.to_worker(b"w1")
+    assert (refusal.rid, refusal.code) == (b"", p.E_BAD_REQUEST)
+    assert "READY info is longer than 65536 bytes" in refusal.message
+
+
+def test_departed_workers_keep_their_stats_only_and_their_services_are_freed():
+    memory = MemoryBroker(None, "Broker.max_departed_workers=5")
+    registry = memory.broker.registry
+    try:
+        for n in range(20):
+            ready(memory, f"w{n}", [f"service-{n}-{i}" for i in range(10)])
+            memory.from_worker(f"w{n}".encode(), p.encode_disconnect())
+        assert not registry.by_id and not registry.by_peer and not registry.by_service
+        assert list(registry.departed) == [f"w{n}" for n in range(15, 20)]
+        assert all(type(kept) is dict for kept in registry.departed.values())
+    finally:
+        memory.close()
+
+
+def test_a_stats_reply_lists_the_first_workers_by_id_and_counts_them_all():
+    memory = MemoryBroker(None, "Broker.stats_max_workers=3", "Broker.max_departed_workers=1")
+    try:
+        for worker_id in ("w5", "w1", "w4", "w3", "w2"):
+            ready(memory, worker_id, ["generate"])
+        memory.from_worker(b"w2", p.encode_disconnect())
+        stats = memory.broker.stats()
+        assert [w["id"] for w in stats["workers"]] == ["w1", "w2", "w3"]
+        assert stats["workers"][1]["state"] == "evicted"
+        assert stats["truncated"] is True
+        broker = stats["broker"]
+        assert (broker["workers_ready"], broker["workers_live"], broker["workers_departed"]) == (4, 4, 1)
+    finally:
+        memory.close()

@@ -89,8 +89,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     aio.run(_serve(worker))
     if worker.refused:
-        flag = "--id" if worker.refused.code == p.E_ID_IN_USE else "--broker"
-        raise ConfigError(f"{flag}: {worker.refused.message}")
+        flag = {p.E_ID_IN_USE: "--id: ", p.E_WRONG_ENDPOINT: "--broker: "}.get(worker.refused.code, "")
+        raise ConfigError(f"{flag}{worker.refused.message}")
     return 0
 
 

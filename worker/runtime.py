@@ -26,8 +26,6 @@ Handler = Callable[[Any], AsyncIterator["bytes | str"]]
 
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 3.0
-# The broker refuses the worker itself: its id is taken, or it connected to the client socket.
-REFUSALS = (p.E_ID_IN_USE, p.E_WRONG_ENDPOINT)
 # A request's chunks leave as one message once they reach either budget, well within
 # the protocol's MAX_FRAMES, so that no message costs the broker long to relay.
 REPLY_FRAMES = 256
@@ -222,7 +220,7 @@ class Worker:
                 self._register()
         elif kind is p.Error:
             log.error("worker %s: the broker refused it: %s", self.worker_id, msg.message)
-            if msg.code in REFUSALS:
+            if not msg.rid:  # about the worker itself: its id is taken, it is over a limit...
                 self.refused = msg
                 self.stop()
 

@@ -124,6 +124,10 @@ SCHEMA: dict[str, Any] = {
         "queue_timeout": Setting(float, 5.0, ge=0),
         # Peers pack messages into frames of up to MAX_BATCH_BYTES.
         "max_message_size": Setting(int, 8388608, ge=MAX_BATCH_BYTES),
+        "max_workers": Setting(int, 1000, ge=1),  # live workers; a READY past it is refused
+        "max_services_per_worker": Setting(int, 64, ge=1),  # names one READY may declare
+        "max_departed_workers": Setting(int, 100, ge=0),  # evicted workers kept in stats
+        "stats_max_workers": Setting(int, 100, ge=1),  # workers listed in one stats reply
         # Policy classes (module:Class) a request may name besides the built-in ones.
         "policies": Setting(tuple, (), check=policy_spec_problem),
     },
