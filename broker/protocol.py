@@ -229,9 +229,18 @@ def _text(frame: bytes, what: str, *, allow_empty: bool = False) -> str:
     if len(frame) > MAX_ID_LENGTH:
         raise ProtocolError(f"{what} longer than {MAX_ID_LENGTH} bytes")
     try:
-        return frame.decode()
+        text = frame.decode()
     except UnicodeDecodeError:
         raise ProtocolError(f"{what} is not UTF-8") from None
+    return _printable(text, what)
+
+
+def _printable(name: str, what: str) -> str:
+    """A name a peer chose goes into log lines, HTTP headers and metric labels:
+    a control character (CR, LF, ESC...) or any other unprintable one is refused."""
+    if not name.isprintable():
+        raise ProtocolError(f"{what} has a control or unprintable character")
+    return name
 
 
 def _json_object(frame: bytes, what: str) -> dict:
@@ -437,6 +446,8 @@ def _ready(frames: list[bytes]) -> Ready:
     if (not isinstance(services, list) or not services
             or not all(isinstance(s, str) and 0 < len(s) <= MAX_ID_LENGTH for s in services)):
         raise ProtocolError("READY services must be a non-empty list of names")
+    for service in services:
+        _printable(service, "READY service name")
     capacity = info.get("capacity", 0)
     if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
         raise ProtocolError("READY capacity must be an integer >= 0")

@@ -148,7 +148,7 @@ class Broker:
             try:
                 messages = p.unbatch(frames)
             except p.ProtocolError as e:
-                self._dropped(f"dropped a malformed BATCH: {e}")
+                self._dropped("malformed", peer, f"dropped a malformed BATCH: {e}")
                 continue
             messages_left -= len(messages)
             for message in messages:
@@ -158,7 +158,7 @@ class Broker:
         """A message of more than MAX_FRAMES frames: fail the request it names, if any."""
         self.totals["oversized_messages"] += 1
         problem = f"a message of more than {p.MAX_FRAMES} frames"
-        self.drops.warn(f"rejected {problem}")
+        self.drops.warn("oversized", f"rejected {problem}", peer)
         rid = frames[2] if len(frames) > 2 and frames[0] == p.VERSION else b""
         if sock is self.frontend:
             if 0 < len(rid) <= p.MAX_CLIENT_RID:
@@ -202,16 +202,16 @@ class Broker:
             if worker is not None:
                 self._evict(worker, "cannot be reached")
             return
-        self.drops.warn("a client is gone or not reading; cancelling its requests")
+        self.drops.warn("unreachable", "a client is gone or not reading; cancelling its requests", peer)
         for frames in messages:
             req = self.requests.get(request_token(peer, frames[2])) if len(frames) > 2 else None
             if req is not None:
                 self._finish(req, ok=False, cancel_worker=True)
 
-    def _dropped(self, reason: str) -> None:
+    def _dropped(self, kind: str, peer: bytes, reason: str) -> None:
         """Count a message that did not parse, and log it (rate-limited)."""
         self.totals["rejected_frames"] += 1
-        self.drops.warn(reason)
+        self.drops.warn(kind, reason, peer)
 
     def _send(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> bool:
         """Send without blocking; False if the peer is gone or its queue is full."""
@@ -246,7 +246,7 @@ class Broker:
         if kind is p.Request:
             self._accept(peer, msg)
         elif kind is p.Cancel:
-            self._cancel(request_token(peer, msg.rid))
+            self._cancel(peer, msg.rid)
         elif kind is p.StatsRequest:
             self._post(self.frontend, peer, p.encode_stats_reply(p.StatsReply(msg.rid, self.stats())))
         else:
@@ -254,7 +254,7 @@ class Broker:
 
     def _reject_client_frames(self, peer: bytes, frames: list[bytes], error: p.ProtocolError) -> None:
         """Answer a malformed request with ERROR if it names a request id; else drop it."""
-        self._dropped(f"dropped a malformed message from a client: {error}")
+        self._dropped("malformed", peer, f"dropped a malformed message from a client: {error}")
         if len(frames) >= 3 and frames[0] == p.VERSION and 0 < len(frames[2]) <= p.MAX_CLIENT_RID:
             self._post(self.frontend, peer,
                        p.encode_error(p.Error(frames[2], p.E_BAD_REQUEST, str(error))))
@@ -288,10 +288,10 @@ class Broker:
         self.totals["errors"] += 1
         self._post(self.frontend, client, p.encode_error(p.Error(rid, code, message)))
 
-    def _cancel(self, token: bytes) -> None:
-        req = self.requests.get(token)
+    def _cancel(self, client: bytes, rid: bytes) -> None:
+        req = self.requests.get(request_token(client, rid))
         if req is None:
-            self.drops.info("CANCEL for a request the broker does not hold")
+            self.drops.info("stray cancel", "CANCEL for a request the broker does not hold", client)
             return
         self.totals["cancelled"] += 1
         self._finish(req, ok=False, cancel_worker=True)
@@ -332,7 +332,7 @@ class Broker:
                 return chosen
             problem = f"returned a {type(chosen).__name__}, not one of the workers it was given"
         message = f"routing policy {req.policy!r} {problem}"
-        self.drops.warn(message)
+        self.drops.warn("policy error", message)
         self._fail(req, p.E_POLICY, message)
         return None
 
@@ -424,7 +424,7 @@ class Broker:
             msg = p.decode_from_worker(frames)
         except p.ProtocolError as e:
             if not self._tell_client_wrong_endpoint(peer, frames):
-                self._dropped(f"dropped a malformed message from a worker: {e}")
+                self._dropped("malformed", peer, f"dropped a malformed message from a worker: {e}")
                 if frames[1:2] == [p.READY] and self.told_bad_ready.allow(peer):
                     self._refuse(peer, p.E_BAD_REQUEST, f"READY refused: {e}")
             return
@@ -483,14 +483,15 @@ class Broker:
         return True
 
     def _tell_wrong_endpoint(self, sock: zmq.Socket, peer: bytes, rid: bytes, message: str) -> None:
-        self._dropped(f"a peer speaks to the wrong socket: {message}")
+        self._dropped("wrong endpoint", peer, f"a peer speaks to the wrong socket: {message}")
         if self.told_wrong_endpoint.allow(peer):
             self._post(sock, peer, p.encode_error(p.Error(rid, p.E_WRONG_ENDPOINT, message)))
 
     def _relay(self, worker: WorkerInfo, msg: p.Chunk | p.End) -> None:
         req = worker.requests.get(msg.rid)
         if req is None:
-            self.drops.info(f"dropped a reply from {worker.worker_id} for a request it does not hold")
+            self.drops.info("stray reply", f"dropped a reply from {worker.worker_id} for a "
+                                           "request it does not hold", worker.peer)
             return
         req.chunks += len(msg.chunks)
         self.totals["chunks"] += len(msg.chunks)
@@ -503,7 +504,8 @@ class Broker:
     def _relay_error(self, worker: WorkerInfo, msg: p.Error) -> None:
         req = worker.requests.get(msg.rid)
         if req is None:
-            self.drops.info(f"dropped an error from {worker.worker_id} for a request it does not hold")
+            self.drops.info("stray reply", f"dropped an error from {worker.worker_id} for a "
+                                           "request it does not hold", worker.peer)
             return
         self._reply_error(req.client, req.rid, msg.code, msg.message)
         self._finish(req, ok=False)
@@ -541,7 +543,7 @@ class Broker:
 
     def _refuse(self, peer: bytes, code: str, message: str) -> None:
         """Refuse a worker's READY: an ERROR with an empty request id."""
-        self.drops.warn(f"refused READY: {message}")
+        self.drops.warn("refused", f"refused READY: {message}", peer)
         self._post(self.backend, peer, p.encode_error(p.Error(b"", code, message)))
 
     def _evict(self, worker: WorkerInfo, reason: str) -> None:
