@@ -96,7 +96,10 @@ class Registry:
                 members.remove(worker)
             if not members:
                 self.by_service.pop(service, None)
-        # Its stats only: not its requests, latency samples or the rest of its state.
+
+    def remember(self, worker: WorkerInfo) -> None:
+        """Keep a removed worker's stats, once its requests have gone elsewhere: its
+        stats only, not its requests, latency samples or the rest of its state."""
         self.departed[worker.worker_id] = worker.stats(time.monotonic())
         while len(self.departed) > self.max_departed:
             self.departed.popitem(last=False)

@@ -425,7 +425,7 @@ class Broker:
         except p.ProtocolError as e:
             if not self._tell_client_wrong_endpoint(peer, frames):
                 self._dropped("malformed", peer, f"dropped a malformed message from a worker: {e}")
-                if frames[1:2] == [p.READY] and self.told_bad_ready.allow(peer):
+                if frames[:2] == [p.VERSION, p.READY] and self.told_bad_ready.allow(peer):
                     self._refuse(peer, p.E_BAD_REQUEST, f"READY refused: {e}")
             return
         worker = self.registry.by_peer.get(peer)
@@ -568,6 +568,7 @@ class Broker:
                 self._dispatch(req)
             else:
                 self._fail(req, p.E_WORKER_LOST, f"worker {worker.worker_id!r} was lost mid-request")
+        self.registry.remember(worker)
 
     # --- timers --------------------------------------------------------------
 
@@ -632,7 +633,7 @@ class Broker:
                 "workers_ready": sum(w.state == READY for w in live.values()),
                 "workers_live": len(live),
                 "workers_departed": len(departed),
+                "workers_truncated": len(shown) < len(live) + len(departed),
             },
             "workers": workers,  # the first Broker.stats_max_workers by id
-            "truncated": len(shown) < len(live) + len(departed),
         }

@@ -175,8 +175,8 @@ def test_a_stats_reply_lists_the_first_workers_by_id_and_counts_them_all():
         stats = memory.broker.stats()
         assert [w["id"] for w in stats["workers"]] == ["w1", "w2", "w3"]
         assert stats["workers"][1]["state"] == "evicted"
-        assert stats["truncated"] is True
         broker = stats["broker"]
+        assert broker["workers_truncated"] is True
         assert (broker["workers_ready"], broker["workers_live"], broker["workers_departed"]) == (4, 4, 1)
     finally:
         memory.close()
