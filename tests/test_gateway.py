@@ -399,7 +399,7 @@ async def test_unreachable_broker_gives_503_with_retry_after(stack):
 @async_test
 async def test_a_handler_failing_mid_stream_gives_a_visibly_incomplete_response(stack):
     stack.broker()
-    handler_worker(stack, "worker-1", "fail_mid_stream")
+    handler_worker(stack, "worker-1", "fail_mid_stream", "--Backend.expose_errors=true")
     gateway = start_gateway(stack)
     wait_healthy(gateway, 1)
     expected = f"Hello world!\n\nerror: handler_error: RuntimeError: {FAILURE}\n"

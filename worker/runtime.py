@@ -99,7 +99,8 @@ class Worker:
 
     def __init__(self, broker: str, worker_id: str, handlers: dict[str, Handler], *,
                  capacity: int = 0, heartbeat_interval: float = 1.0, heartbeat_misses: int = 3,
-                 drain_timeout: float = 30.0, context: zmq.Context | None = None) -> None:
+                 drain_timeout: float = 30.0, expose_errors: bool = False,
+                 context: zmq.Context | None = None) -> None:
         if not handlers:
             raise ValueError("a worker needs at least one service")
         self.broker = broker
@@ -109,6 +110,7 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
         self.drain_timeout = drain_timeout
+        self.expose_errors = expose_errors
         self.context = context or zmq.Context.instance()
         self.tasks: dict[bytes, asyncio.Task] = {}
         self.served = 0
@@ -224,6 +226,15 @@ class Worker:
                 self.refused = msg
                 self.stop()
 
+    def _handler_error(self, rid: bytes, error: Exception) -> str:
+        """What a client is told of a handler's exception. Its text may hold paths, host
+        names or secrets: unless expose_errors, only the request id, which the worker's
+        log line (with the traceback) names too."""
+        if self.expose_errors:
+            return f"{type(error).__name__}: {error}"
+        return (f"the handler failed on request {rid.hex()}; "
+                f"worker {self.worker_id}'s log has the details")
+
     def _start(self, msg: p.Request) -> None:
         if msg.rid in self.tasks:
             return
@@ -265,7 +276,7 @@ class Worker:
         except Exception as e:
             outcome = "error"
             log.exception("worker %s: handler failed on request %s", self.worker_id, rid.hex())
-            self._outbox.end(rid, p.Error(rid, p.E_HANDLER, f"{type(e).__name__}: {e}"))
+            self._outbox.end(rid, p.Error(rid, p.E_HANDLER, self._handler_error(rid, e)))
         finally:
             del self.tasks[rid]
             self.served += 1

@@ -38,6 +38,8 @@ class Setting:
         """True if ``value`` has the right type and lies in range."""
         if self.type is tuple:
             return isinstance(value, list) and all(isinstance(item, str) for item in value)
+        if self.type is bool:
+            return isinstance(value, bool)
         allowed = (int, float) if self.type is float else (self.type,)
         if isinstance(value, bool) or not isinstance(value, allowed):
             return False
@@ -47,7 +49,7 @@ class Setting:
     def describe(self) -> str:
         """What a valid value looks like, e.g. 'must be an integer from 1 to 65535'."""
         kind = {str: "a string", int: "an integer", float: "a number",
-                tuple: "a list of strings"}[self.type]
+                tuple: "a list of strings", bool: "true or false"}[self.type]
         if self.ge is not None and self.le is not None:
             return f"must be {kind} from {self.ge} to {self.le}"
         if self.ge is not None:
@@ -100,6 +102,8 @@ SCHEMA: dict[str, Any] = {
         "greeting": Setting(str, "Hello"),
         "sleep_time": Setting(float, 1.0, ge=0),
         "drain_timeout": Setting(float, 30.0, ge=0),  # SIGTERM: finish in-flight work for this long
+        # Send a handler's exception text to clients; else they get a request id to look up.
+        "expose_errors": Setting(bool, False),
         "ServiceArgs": {
             "workers": Setting(int, 1, ge=1),
             "capacity": Setting(int, 0, ge=0),  # 0 means unlimited
