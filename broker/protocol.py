@@ -62,6 +62,7 @@ E_LIMIT = "limit_exceeded"  # a peer's message, registration or share is over a 
 E_SLOW_READER = "slow_reader"  # raised by the client library, never sent
 
 MAX_ID_LENGTH = 255  # worker ids, service and policy names
+MAX_TOKEN = 64  # the secret in a worker's READY
 MAX_CLIENT_RID = 255  # request ids chosen by clients
 MAX_RID = 1024  # request ids on the worker leg, where the broker extends them
 MAX_BATCH = 256  # messages in one BATCH
@@ -135,6 +136,7 @@ class Ready:
     worker_id: str
     services: list[str]
     capacity: int = 0  # 0 means unlimited
+    token: str = ""  # a secret the worker process chose, to reclaim its id (docs/PROTOCOL.md)
 
 
 @dataclass(slots=True)
@@ -202,7 +204,7 @@ def encode_stats_reply(m: StatsReply) -> list[bytes]:
 
 
 def encode_ready(m: Ready) -> list[bytes]:
-    info = {"services": m.services, "capacity": m.capacity}
+    info = {"services": m.services, "capacity": m.capacity, "token": m.token}
     return [VERSION, READY, m.worker_id.encode(), orjson.dumps(info)]
 
 
@@ -451,7 +453,10 @@ def _ready(frames: list[bytes]) -> Ready:
     capacity = info.get("capacity", 0)
     if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
         raise ProtocolError("READY capacity must be an integer >= 0")
-    return Ready(worker_id, services, capacity)
+    token = info.get("token", "")
+    if not isinstance(token, str) or len(token) > MAX_TOKEN:
+        raise ProtocolError(f"READY token must be a string of at most {MAX_TOKEN} characters")
+    return Ready(worker_id, services, capacity, token)
 
 
 def decode_to_worker(frames: list[bytes]) -> Request | Cancel | Heartbeat | Disconnect | Error:

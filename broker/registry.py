@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 READY = "ready"
 DRAINING = "draining"
@@ -16,14 +16,17 @@ LATENCY_WINDOW = 1000  # recent request durations kept per worker for percentile
 class WorkerInfo:
     """One registered worker, keyed by its id and by its ZeroMQ routing identity."""
 
-    __slots__ = ("worker_id", "peer", "services", "capacity", "state", "inflight",
-                 "completed", "failed", "last_seen", "requests", "latencies")
+    __slots__ = ("worker_id", "peer", "services", "capacity", "token", "displaced", "state",
+                 "inflight", "completed", "failed", "last_seen", "requests", "latencies")
 
-    def __init__(self, worker_id: str, peer: bytes, services: list[str], capacity: int) -> None:
+    def __init__(self, worker_id: str, peer: bytes, services: list[str], capacity: int,
+                 token: str = "", displaced: str = "") -> None:
         self.worker_id = worker_id
         self.peer = peer
         self.services = services
         self.capacity = capacity  # 0 means unlimited
+        self.token = token  # the worker process's secret: its new connections take the id back
+        self.displaced = displaced  # the token of the worker it took the id from while away
         self.state = READY
         self.inflight = 0
         self.completed = 0
@@ -66,6 +69,14 @@ def latency_percentiles(samples: Iterable[float]) -> dict[str, float | None]:
     return {"latency_p50_s": at(0.50), "latency_p99_s": at(0.99)}
 
 
+class Departed(NamedTuple):
+    """What is kept of a worker that left: its stats, and who may take its id back."""
+
+    stats: dict
+    token: str
+    displaced: str
+
+
 class Registry:
     """Live workers by id, by routing identity and by service; and the stats of the
     last `max_departed` workers to leave, as they were when they left."""
@@ -74,7 +85,7 @@ class Registry:
         self.by_id: dict[str, WorkerInfo] = {}
         self.by_peer: dict[bytes, WorkerInfo] = {}
         self.by_service: dict[str, list[WorkerInfo]] = {}  # sorted by id
-        self.departed: OrderedDict[str, dict] = OrderedDict()
+        self.departed: OrderedDict[str, Departed] = OrderedDict()
         self.max_departed = max_departed
 
     def add(self, worker: WorkerInfo) -> None:
@@ -100,7 +111,8 @@ class Registry:
     def remember(self, worker: WorkerInfo) -> None:
         """Keep a removed worker's stats, once its requests have gone elsewhere: its
         stats only, not its requests, latency samples or the rest of its state."""
-        self.departed[worker.worker_id] = worker.stats(time.monotonic())
+        self.departed[worker.worker_id] = Departed(
+            worker.stats(time.monotonic()), worker.token, worker.displaced)
         while len(self.departed) > self.max_departed:
             self.departed.popitem(last=False)
 

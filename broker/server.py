@@ -87,7 +87,7 @@ class Broker:
         self.started = time.monotonic()
         self.totals = dict.fromkeys(
             ("requests", "completed", "failed", "cancelled", "chunks", "errors", "retries",
-             "timeouts", "evictions", "queued", "rejected_frames", "oversized_messages"), 0)
+             "timeouts", "evictions", "queued", "rejected_frames", "oversized_messages", "id_changes"), 0)
         self.queue_wait_total = 0.0
         self.drops = LogLimiter(log)
         self.asked_to_register = PeerLimiter(settings.heartbeat_interval)
@@ -518,15 +518,14 @@ class Broker:
             return
         holder = self.registry.by_id.get(msg.worker_id)
         if holder is not None and holder.peer != peer:
-            # Probe the holder: a peer whose connection is gone cannot be reached.
-            if self._send(self.backend, holder.peer, p.encode_heartbeat(p.Heartbeat(self.boot_id))):
+            if not self._may_take_id(holder, msg.token):
                 self._refuse(peer, p.E_ID_IN_USE,
                              f"worker id {msg.worker_id!r} is in use by a live worker")
                 return
             self._evict(holder, "replaced by a new registration")
         if known is not None:
-            if (known.worker_id, known.services, known.capacity) == (
-                    msg.worker_id, msg.services, msg.capacity):
+            if (known.worker_id, known.services, known.capacity, known.token) == (
+                    msg.worker_id, msg.services, msg.capacity, msg.token):
                 known.last_seen = time.monotonic()
                 return  # a repeated READY changes nothing
             self._evict(known, "registered again with new settings")
@@ -534,12 +533,33 @@ class Broker:
             self._refuse(peer, p.E_LIMIT, f"the broker has its most live workers, "
                                           f"{self.settings.max_workers} (Broker.max_workers)")
             return
-        worker = WorkerInfo(msg.worker_id, peer, msg.services, msg.capacity)
+        worker = WorkerInfo(msg.worker_id, peer, msg.services, msg.capacity, msg.token,
+                            self._displaced_by(msg))
         self.registry.add(worker)
         log.info("worker %s ready for %s (capacity %s)", worker.worker_id,
                  ", ".join(worker.services), worker.capacity or "unlimited")
         for service in worker.services:
             self._pump(service)
+
+    def _may_take_id(self, holder: WorkerInfo, token: str) -> bool:
+        """Whether a READY may take a registered worker's id: the same worker process
+        on a new connection may, and so may the worker that the holder took the id from
+        while it was away; anyone else only if the holder's connection is gone."""
+        if token and token in (holder.token, holder.displaced):
+            return True
+        # Probe the holder: a peer whose connection is gone cannot be reached.
+        return not self._send(self.backend, holder.peer, p.encode_heartbeat(p.Heartbeat(self.boot_id)))
+
+    def _displaced_by(self, msg: p.Ready) -> str:
+        """The token of the worker process whose id `msg` takes, if another had it last
+        (that one may take it back), logged and counted; else empty."""
+        previous = self.registry.departed.get(msg.worker_id)
+        if previous is None or previous.token == msg.token:
+            return ""  # a new id, or the same process on a new connection
+        self.totals["id_changes"] += 1
+        log.warning("worker id %s changed hands: another worker process registered under it",
+                    msg.worker_id)
+        return "" if msg.token and msg.token == previous.displaced else previous.token
 
     def _refuse(self, peer: bytes, code: str, message: str) -> None:
         """Refuse a worker's READY: an ERROR with an empty request id."""
@@ -618,7 +638,7 @@ class Broker:
         now = time.monotonic()
         live, departed = self.registry.by_id, self.registry.departed
         shown = heapq.nsmallest(self.settings.stats_max_workers, [*live, *departed])
-        workers = [live[i].stats(now) if i in live else departed[i] for i in shown]
+        workers = [live[i].stats(now) if i in live else departed[i].stats for i in shown]
         queued_now = {service: len(q) for service, q in self.queues.items() if q}
         queue_depth = sum(queued_now.values())
         return {

@@ -6,7 +6,6 @@ import asyncio
 
 import orjson
 import pytest
-import zmq
 
 from broker import protocol as p
 from broker import server
@@ -21,29 +20,13 @@ def memory():
     broker.close()
 
 
-def connected(memory: MemoryBroker, sock: zmq.Socket, routing_id: bytes) -> zmq.Socket:
-    """A DEALER on one of the broker's (inproc) sockets, with a known routing id."""
-    dealer = memory.context.socket(zmq.DEALER)
-    dealer.linger = 0
-    dealer.routing_id = routing_id
-    dealer.connect(sock.getsockopt_string(zmq.LAST_ENDPOINT))
-    return dealer
-
-
-def drain_all(memory: MemoryBroker, sock: zmq.Socket) -> None:
-    broker = memory.broker
-    handle = broker._on_client if sock is broker.frontend else broker._on_worker
-    while sock.poll(100):
-        broker._drain(sock, handle)
-
-
 @pytest.mark.timeout(10)
 def test_a_client_message_of_too_many_frames_is_refused_with_limit_exceeded(memory):
     broker = memory.broker
-    client = connected(memory, broker.frontend, b"c1")
+    client = memory.connect(broker.frontend, b"c1")
     request = p.encode_request_to_broker(p.Request(b"r1", "generate", b"{}"))
     client.send_multipart(request + [b"x"] * p.MAX_FRAMES)
-    drain_all(memory, broker.frontend)
+    memory.drain(broker.frontend)
     [reply] = memory.to_client(b"c1")
     assert (reply.rid, reply.code) == (b"r1", p.E_LIMIT)
     assert broker.totals["oversized_messages"] == 1
@@ -52,15 +35,15 @@ def test_a_client_message_of_too_many_frames_is_refused_with_limit_exceeded(memo
 @pytest.mark.timeout(10)
 def test_a_worker_reply_of_too_many_frames_fails_its_request_only(memory):
     broker = memory.broker
-    worker = connected(memory, broker.backend, b"w1")
+    worker = memory.connect(broker.backend, b"w1")
     worker.send_multipart(p.encode_ready(p.Ready("w1", ["generate"])))
-    drain_all(memory, broker.backend)
+    memory.drain(broker.backend)
     memory.request(b"c1", b"big")
     memory.request(b"c1", b"small")
     big, small = (m.rid for m in memory.to_worker(b"w1") if type(m) is p.Request)
     worker.send_multipart(p.encode_reply_from_worker(p.Chunk(big, [b"x"] * p.MAX_FRAMES)))
     worker.send_multipart(p.encode_reply_from_worker(p.End(small, [b"fine"])))
-    drain_all(memory, broker.backend)
+    memory.drain(broker.backend)
     replies = {m.rid: m for m in memory.to_client(b"c1")}
     assert replies[b"big"].code == p.E_LIMIT
     assert replies[b"small"].chunks == [b"fine"]
@@ -71,7 +54,7 @@ def test_a_worker_reply_of_too_many_frames_fails_its_request_only(memory):
 @pytest.mark.timeout(10)
 def test_one_pass_takes_a_bounded_number_of_messages(memory):
     broker = memory.broker
-    client = connected(memory, broker.frontend, b"c1")
+    client = memory.connect(broker.frontend, b"c1")
     heartbeat = p.encode_heartbeat()
     for _ in range(server.DRAIN_MESSAGES // 100 + 2):  # batches of 100 messages each
         client.send_multipart(p.encode_batch([heartbeat] * 100))
@@ -80,7 +63,7 @@ def test_one_pass_takes_a_bounded_number_of_messages(memory):
     broker._drain(broker.frontend, broker._on_client)
     answered = memory.to_client(b"c1")
     assert len(answered) == server.DRAIN_MESSAGES
-    drain_all(memory, broker.frontend)
+    memory.drain(broker.frontend)
     assert type(memory.to_client(b"c1")[-1]) is p.StatsReply
 
 
@@ -161,7 +144,7 @@ def test_departed_workers_keep_their_stats_only_and_their_services_are_freed():
             memory.from_worker(f"w{n}".encode(), p.encode_disconnect())
         assert not registry.by_id and not registry.by_peer and not registry.by_service
         assert list(registry.departed) == [f"w{n}" for n in range(15, 20)]
-        assert all(type(kept) is dict for kept in registry.departed.values())
+        assert all(type(kept.stats) is dict for kept in registry.departed.values())
     finally:
         memory.close()
 

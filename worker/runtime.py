@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -111,6 +112,7 @@ class Worker:
         self.heartbeat_misses = heartbeat_misses
         self.drain_timeout = drain_timeout
         self.expose_errors = expose_errors
+        self.token = secrets.token_hex(16)  # proves to the broker that a new connection is ours
         self.context = context or zmq.Context.instance()
         self.tasks: dict[bytes, asyncio.Task] = {}
         self.served = 0
@@ -147,7 +149,7 @@ class Worker:
 
     def _register(self) -> None:
         services = sorted(self.handlers)
-        self._send(p.encode_ready(p.Ready(self.worker_id, services, self.capacity)))
+        self._send(p.encode_ready(p.Ready(self.worker_id, services, self.capacity, self.token)))
         log.info("worker %s registering with %s for %s", self.worker_id, self.broker,
                  ", ".join(services))
 

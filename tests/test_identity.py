@@ -1,0 +1,74 @@
+"""Who may register under a worker id: the broker's rules, in memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker import protocol as p
+from tests.broker_memory import MemoryBroker
+
+
+@pytest.fixture
+def memory():
+    broker = MemoryBroker()
+    yield broker
+    broker.close()
+
+
+def ready(memory: MemoryBroker, peer: bytes, token: str) -> list[p.Message]:
+    """A READY for "w1" from `peer`; what the broker answers it."""
+    memory.from_worker(peer, p.encode_ready(p.Ready("w1", ["generate"], 0, token)))
+    return memory.to_worker(peer)
+
+
+def holder(memory: MemoryBroker) -> bytes:
+    return memory.broker.registry.by_id["w1"].peer
+
+
+def test_a_worker_process_on_a_new_connection_takes_its_id_from_its_old_one(memory):
+    old = memory.connect(memory.broker.backend, b"old")  # still connected: it answers probes
+    assert ready(memory, b"old", "token-a") == []
+    assert ready(memory, b"new", "token-a") == []
+    assert holder(memory) == b"new"
+    assert memory.broker.totals["id_changes"] == 0
+    old.close()
+
+
+def test_another_process_is_refused_while_the_holder_is_connected(memory):
+    live = memory.connect(memory.broker.backend, b"live")
+    ready(memory, b"live", "token-a")
+    [refusal] = ready(memory, b"other", "token-b")
+    assert (refusal.rid, refusal.code) == (b"", p.E_ID_IN_USE)
+    assert holder(memory) == b"live"
+    live.close()
+
+
+def test_an_id_taken_while_its_worker_was_away_goes_back_to_that_worker(memory):
+    broker = memory.broker
+    ready(memory, b"real", "token-real")
+    memory.from_worker(b"real", p.encode_disconnect())  # its connection dropped, say
+    impostor = memory.connect(broker.backend, b"impostor")
+    assert ready(memory, b"impostor", "token-impostor") == []
+    assert broker.totals["id_changes"] == 1  # counted, and logged
+
+    # The real worker's process comes back on a new connection: the id is its own again,
+    # and the direct requests for it go there, though the impostor is still connected.
+    real = memory.connect(broker.backend, b"real-again")
+    assert ready(memory, b"real-again", "token-real") == []
+    assert holder(memory) == b"real-again"
+    assert broker.totals["id_changes"] == 2
+    memory.request(b"c1", b"r1", policy="direct", target="w1")
+    assert [type(m) for m in memory.to_worker(b"real-again")] == [p.Request]
+
+    # The impostor has no claim on it: refused while the real worker is connected.
+    [refusal] = ready(memory, b"impostor", "token-impostor")
+    assert refusal.code == p.E_ID_IN_USE
+    impostor.close()
+    real.close()
+
+
+def test_the_token_is_never_shown_in_stats(memory):
+    ready(memory, b"w1", "secret-token")
+    memory.from_worker(b"w1", p.encode_disconnect())
+    ready(memory, b"w2", "other-secret")
+    assert b"secret" not in p.encode_stats_reply(p.StatsReply(b"s", memory.broker.stats()))[3]
