@@ -87,7 +87,7 @@ class Broker:
         self.started = time.monotonic()
         self.totals = dict.fromkeys(
             ("requests", "completed", "failed", "cancelled", "chunks", "errors", "retries",
-             "timeouts", "evictions", "queued", "rejected_frames", "oversized_messages", "id_changes"), 0)
+             "timeouts", "evictions", "queued", "rejected_frames", "oversized_messages", "id_changes", "clients_gone"), 0)
         self.queue_wait_total = 0.0
         self.drops = LogLimiter(log)
         self.asked_to_register = PeerLimiter(settings.heartbeat_interval)
@@ -97,6 +97,9 @@ class Broker:
         self._next_heartbeat = 0.0
         self.frontend = self._router(settings.frontend)
         self.backend = self._router(settings.backend)
+        # Tells when a client's connection closes, so that its replies are not delivered
+        # to the next peer that connects under its routing id.
+        self.client_disconnects = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         # What this pass of the loop will send: socket -> peer -> messages, in order.
         self.outgoing: dict[zmq.Socket, dict[bytes, list[list[bytes]]]] = {
             self.frontend: {}, self.backend: {}}
@@ -118,14 +121,17 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
+        poller.register(self.client_disconnects, zmq.POLLIN)
         log.info("broker serving clients on %s, workers on %s",
                  self.settings.frontend, self.settings.backend)
         while not self._stopping:
             for sock, _ in poller.poll(POLL_MS):
                 if sock is self.frontend:
                     self._drain(sock, self._on_client)
-                else:
+                elif sock is self.backend:
                     self._drain(sock, self._on_worker)
+                else:
+                    self._on_client_disconnects()
             self._on_timers(time.monotonic())
             self._flush()
         self._shutdown()
@@ -229,6 +235,8 @@ class Broker:
         for req in list(self.requests.values()):
             self._fail(req, p.E_WORKER_LOST, "broker is shutting down")
         self._flush()
+        self.frontend.disable_monitor()
+        self.client_disconnects.close()
         self.frontend.close()
         self.backend.close()
         log.info("broker stopped")
@@ -251,6 +259,22 @@ class Broker:
             self._post(self.frontend, peer, p.encode_stats_reply(p.StatsReply(msg.rid, self.stats())))
         else:
             self._post(self.frontend, peer, p.encode_heartbeat(p.Heartbeat(self.boot_id)))
+
+    def _on_client_disconnects(self) -> None:
+        """Some client's connection closed: end the requests of every client the broker
+        can no longer reach, before a peer that takes its routing id can be sent their
+        replies. The events name a file descriptor, not a client: the broker asks the
+        socket, once per client with requests, whether it can send to it."""
+        while self.client_disconnects.poll(0):
+            self.client_disconnects.recv_multipart()
+        beat = p.encode_heartbeat(p.Heartbeat(self.boot_id))
+        reachable: dict[bytes, bool] = {}
+        for req in list(self.requests.values()):
+            if req.client not in reachable:
+                reachable[req.client] = self._send(self.frontend, req.client, beat)
+            if not reachable[req.client]:
+                self._finish(req, ok=False, cancel_worker=True)
+        self.totals["clients_gone"] += sum(not ok for ok in reachable.values())
 
     def _reject_client_frames(self, peer: bytes, frames: list[bytes], error: p.ProtocolError) -> None:
         """Answer a malformed request with ERROR if it names a request id; else drop it."""

@@ -28,6 +28,8 @@ class MemoryBroker:
         self.broker = Broker(config.broker, self.context, policies)
 
     def close(self) -> None:
+        self.broker.frontend.disable_monitor()
+        self.broker.client_disconnects.close(0)
         self.broker.frontend.close(0)
         self.broker.backend.close(0)
         self.context.term()

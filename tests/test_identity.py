@@ -6,6 +6,7 @@ import pytest
 
 from broker import protocol as p
 from tests.broker_memory import MemoryBroker
+from tests.support import free_port, wait_until
 
 
 @pytest.fixture
@@ -72,3 +73,51 @@ def test_the_token_is_never_shown_in_stats(memory):
     memory.from_worker(b"w1", p.encode_disconnect())
     ready(memory, b"w2", "other-secret")
     assert b"secret" not in p.encode_stats_reply(p.StatsReply(b"s", memory.broker.stats()))[3]
+
+
+@pytest.mark.timeout(20)
+def test_replies_for_a_client_that_has_gone_are_not_delivered_to_its_successor():
+    """A peer that connects with the routing id of a client that dropped (automatic ids
+    are sequential) must not receive that client's in-flight replies."""
+    memory = MemoryBroker(None, f"Broker.frontend=tcp://127.0.0.1:{free_port()}")
+    broker = memory.broker
+    try:
+        worker = memory.register("w1")
+        victim = memory.connect(broker.frontend, b"client-7")
+        victim.send_multipart(p.encode_request_to_broker(p.Request(b"r1", "generate", b"{}")))
+        memory.drain(broker.frontend)
+        [request] = memory.to_worker(worker)
+        victim.close()
+        wait_until(lambda: broker.client_disconnects.poll(0), 5, "the disconnect event")
+        broker._on_client_disconnects()
+        assert broker.totals["clients_gone"] == 1
+        assert memory.to_worker(worker) == [p.Cancel(request.rid)]
+
+        successor = memory.connect(broker.frontend, b"client-7")
+        successor.send_multipart(p.encode_heartbeat())
+        memory.drain(broker.frontend)
+        memory.from_worker(worker, p.encode_reply_from_worker(p.End(request.rid, [b"secret"])))
+        assert [type(m) for m in memory.to_client(b"client-7")] == [p.Heartbeat]
+        successor.close()
+    finally:
+        memory.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_client_that_stays_keeps_its_requests_when_another_leaves():
+    memory = MemoryBroker(None, f"Broker.frontend=tcp://127.0.0.1:{free_port()}")
+    broker = memory.broker
+    try:
+        worker = memory.register("w1")
+        staying, leaving = (memory.connect(broker.frontend, name) for name in (b"c1", b"c2"))
+        for sock in (staying, leaving):
+            sock.send_multipart(p.encode_request_to_broker(p.Request(b"r1", "generate", b"{}")))
+        wait_until(lambda: memory.drain(broker.frontend) or len(broker.requests) == 2, 5,
+                   "both requests")
+        leaving.close()
+        wait_until(lambda: broker.client_disconnects.poll(0), 5, "the disconnect event")
+        broker._on_client_disconnects()
+        assert [r.client for r in broker.requests.values()] == [b"c1"]
+        staying.close()
+    finally:
+        memory.close()
