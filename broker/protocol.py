@@ -10,6 +10,8 @@ A frame list that does not parse raises ProtocolError, and only ProtocolError.
 
 from __future__ import annotations
 
+import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Iterator, Union
@@ -69,6 +71,20 @@ MAX_BATCH = 256  # messages in one BATCH
 MAX_READY_BYTES = 1 << 16  # a READY's JSON; Broker.max_services_per_worker bounds it more
 MAX_FRAMES = 1024  # frames in one message, header included; a longer one is rejected
 MAX_TIMEOUT_MS = 2**63 - 1  # a request's timeout fits a signed 64-bit integer
+
+
+_RETRY_AFTER = re.compile(r" \(retry after (\d+) s\)$")
+
+
+def with_retry_after(message: str, seconds: float) -> str:
+    """An ERROR message that tells the client when to try again (whole seconds, >= 1)."""
+    return f"{message} (retry after {max(1, math.ceil(seconds))} s)"
+
+
+def retry_after(message: str) -> int | None:
+    """The seconds an ERROR message says to wait before trying again, if it says."""
+    match = _RETRY_AFTER.search(message)
+    return int(match.group(1)) if match else None
 
 
 class ProtocolError(ValueError):

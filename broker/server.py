@@ -34,6 +34,8 @@ SOCKET_HWM = 10_000  # messages queued per peer; past that a send fails and its 
 DISCONNECTED = "disconnected"  # the eviction reason of a worker that said goodbye
 POLL_MS = 50  # the loop wakes at least this often for timers and stop()
 DEADLINE_TICK = 0.05  # deadlines are kept in buckets of this many seconds
+FRESH_STATS = 5  # STATS a client gets built afresh per Broker.stats_interval
+DRAIN_RATE_INTERVAL = 0.5  # seconds over which a queue's drain rate is measured
 WRONG_ENDPOINT_ANSWERS = 10  # per peer per second, to a peer on the wrong socket or a bad READY
 
 
@@ -59,6 +61,36 @@ class Request:
         self.deadline_tick = deadline_tick
 
 
+class DrainRate:
+    """How fast a service's queue drains, in requests a second: averaged over the last
+    intervals of DRAIN_RATE_INTERVAL in which requests waited; 0 until measured."""
+
+    __slots__ = ("rate", "taken", "since")
+
+    def __init__(self, now: float) -> None:
+        self.rate = 0.0
+        self.taken = 0  # requests that left the queue for a worker since `since`
+        self.since = now
+
+    def update(self, now: float, waiting: bool) -> bool:
+        """Close an interval if one has passed; False if nothing waited or left in it
+        (the rate says nothing of now: forget it)."""
+        elapsed = now - self.since
+        if elapsed < DRAIN_RATE_INTERVAL:
+            return True
+        busy = waiting or self.taken > 0
+        if busy:
+            observed = self.taken / elapsed
+            self.rate = (self.rate + observed) / 2 if self.rate else observed
+        self.taken = 0
+        self.since = now
+        return busy
+
+    def wait(self, waiting: int) -> float:
+        """Seconds until `waiting` requests have left the queue; 0 if not measured yet."""
+        return waiting / self.rate if self.rate else 0.0
+
+
 def request_token(client: bytes, rid: bytes) -> bytes:
     """A broker-wide unique id: the client's routing id (length-prefixed) and its rid."""
     return bytes((len(client),)) + client + rid
@@ -80,6 +112,10 @@ class Broker:
         self.policies = dict(policies) if policies is not None else load_policies()
         self.requests: dict[bytes, Request] = {}
         self.queues: dict[str, deque[Request]] = {}
+        self.drain_rates: dict[str, DrainRate] = {}  # of the services with a queue lately
+        self.queued_by_client: dict[bytes, int] = {}
+        self._stats: dict | None = None  # the last stats built, shared
+        self.fresh_stats = PeerLimiter(settings.stats_interval, FRESH_STATS)
         # Deadlines in buckets, so that a finished request is forgotten at once.
         self.deadlines: dict[int, set[bytes]] = {}
         self._checked_tick = int(time.monotonic() / DEADLINE_TICK)
@@ -256,7 +292,8 @@ class Broker:
         elif kind is p.Cancel:
             self._cancel(peer, msg.rid)
         elif kind is p.StatsRequest:
-            self._post(self.frontend, peer, p.encode_stats_reply(p.StatsReply(msg.rid, self.stats())))
+            stats = self._shared_stats(peer)
+            self._post(self.frontend, peer, p.encode_stats_reply(p.StatsReply(msg.rid, stats)))
         else:
             self._post(self.frontend, peer, p.encode_heartbeat(p.Heartbeat(self.boot_id)))
 
@@ -368,13 +405,26 @@ class Broker:
                    p.encode_request_to_worker(p.Request(req.token, req.service, req.body)))
 
     def _enqueue(self, req: Request) -> None:
-        """Wait for a worker with room, or for a first worker (while workers start)."""
-        if len(self.queues.get(req.service, ())) >= self.settings.max_queue:
-            self._fail_unavailable(req, "the queue is full")
-            return
-        self.totals["queued"] += 1
-        req.queued_at = time.monotonic()
-        self.queues.setdefault(req.service, deque()).append(req)
+        """Wait for a worker with room, or for a first worker (while workers start);
+        unless the queue is full, the client has its share of it, or the queue drains
+        too slowly for the request to leave it before Broker.queue_timeout."""
+        waiting = len(self.queues.get(req.service, ()))
+        rate = self.drain_rates.get(req.service)
+        wait = rate.wait(waiting + 1) if rate is not None else 0.0
+        if waiting >= self.settings.max_queue:
+            self._fail_unavailable(req, "the queue is full", wait)
+        elif self.queued_by_client.get(req.client, 0) >= self.settings.max_queue_per_client:
+            self._fail_unavailable(req, "this client has its share of the queue waiting "
+                                        "(Broker.max_queue_per_client)", wait)
+        elif wait > self.settings.queue_timeout:
+            self._fail_unavailable(req, f"the queue would take {wait:.1f} s", wait)
+        else:
+            self.totals["queued"] += 1
+            req.queued_at = time.monotonic()
+            self.queues.setdefault(req.service, deque()).append(req)
+            self.queued_by_client[req.client] = self.queued_by_client.get(req.client, 0) + 1
+            if rate is None:
+                self.drain_rates[req.service] = DrainRate(req.queued_at)
 
     def _dequeue(self, req: Request) -> None:
         if req.queued_at is None:
@@ -385,6 +435,9 @@ class Broker:
         queue.remove(req)
         if not queue:
             del self.queues[req.service]  # services named by clients must not pile up
+        left = self.queued_by_client.pop(req.client) - 1
+        if left:
+            self.queued_by_client[req.client] = left
 
     def _pump(self, service: str) -> None:
         """Dispatch queued requests of a service, oldest first, while workers have room.
@@ -407,6 +460,7 @@ class Broker:
                 if worker is None:
                     continue  # the policy failed, and so did the request: it left the queue
             self._dequeue(req)
+            self.drain_rates[service].taken += 1
             self._assign(req, worker)
 
     # --- request endings ---------------------------------------------------
@@ -643,9 +697,13 @@ class Broker:
         limit = self.settings.queue_timeout
         for queue in list(self.queues.values()):
             while queue and now - queue[0].queued_at >= limit:
-                self._fail_unavailable(queue[0], f"waited {limit:g} s")
+                self._fail_unavailable(queue[0], f"waited {limit:g} s",
+                                       self.drain_rates[queue[0].service].wait(len(queue)))
+        for service, rate in list(self.drain_rates.items()):
+            if not rate.update(now, service in self.queues):
+                del self.drain_rates[service]  # services named by clients must not pile up
 
-    def _fail_unavailable(self, req: Request, detail: str) -> None:
+    def _fail_unavailable(self, req: Request, detail: str, wait: float = 0.0) -> None:
         if req.policy == DIRECT:
             target = self.registry.by_id.get(req.target)
             if target is None or target.state != READY:
@@ -654,9 +712,18 @@ class Broker:
         elif not self.registry.serving(req.service):
             self._fail(req, p.E_NO_WORKERS, f"no worker serves {req.service!r} ({detail})")
         else:
-            self._fail(req, p.E_QUEUE_FULL, f"every worker of {req.service!r} is busy ({detail})")
+            message = f"every worker of {req.service!r} is busy ({detail})"
+            self._fail(req, p.E_QUEUE_FULL, p.with_retry_after(message, wait) if wait else message)
 
     # --- stats ---------------------------------------------------------------
+
+    def _shared_stats(self, peer: bytes) -> dict:
+        """Stats built now for a client's first FRESH_STATS STATS in a
+        Broker.stats_interval; its next ones there get the last stats built, for anyone:
+        a client that asks in a loop must not slow everyone."""
+        if self.fresh_stats.allow(peer) or self._stats is None:
+            self._stats = self.stats()
+        return self._stats
 
     def stats(self) -> dict:
         now = time.monotonic()

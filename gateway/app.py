@@ -64,8 +64,8 @@ class HttpError(Exception):
         self.code = code
 
 
-def json_response(body: dict, status: int = 200) -> web.Response:
-    headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
+def json_response(body: dict, status: int = 200, retry_after: int | None = None) -> web.Response:
+    headers = {"Retry-After": str(retry_after or RETRY_AFTER_S)} if status == 503 else None
     return web.Response(body=orjson.dumps(body), status=status, headers=headers,
                         content_type="application/json")
 
@@ -74,7 +74,7 @@ def error_response(error: HttpError) -> web.Response:
     body = {"error": error.message}
     if error.code:
         body["code"] = error.code
-    return json_response(body, error.status)
+    return json_response(body, error.status, p.retry_after(error.message))  # the broker's estimate
 
 
 class ReplyResponse(web.StreamResponse):

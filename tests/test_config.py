@@ -33,11 +33,13 @@ DEFAULTS = {
         "request_timeout": 60.0,
         "max_queue": 1000,
         "queue_timeout": 5.0,
+        "max_queue_per_client": 250,
         "max_message_size": 8388608,
         "max_workers": 1000,
         "max_services_per_worker": 64,
         "max_departed_workers": 100,
         "stats_max_workers": 100,
+        "stats_interval": 0.1,
         "policies": (),
     },
 }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 
 import orjson
 import pytest
@@ -161,5 +163,96 @@ def test_a_stats_reply_lists_the_first_workers_by_id_and_counts_them_all():
         broker = stats["broker"]
         assert broker["workers_truncated"] is True
         assert (broker["workers_ready"], broker["workers_live"], broker["workers_departed"]) == (4, 4, 1)
+    finally:
+        memory.close()
+
+
+# --- overload: the queue ------------------------------------------------------------------
+
+
+def queue_of_one_busy_worker(*overrides: str) -> tuple[MemoryBroker, bytes]:
+    """A broker whose one worker (capacity 1) is busy with a request of client c0."""
+    memory = MemoryBroker(None, *overrides)
+    worker = memory.register("w1", capacity=1)
+    memory.request(b"c0", b"busy")
+    return memory, worker
+
+
+def test_a_client_may_fill_only_its_share_of_the_queue():
+    memory, _ = queue_of_one_busy_worker("Broker.max_queue_per_client=2")
+    try:
+        for rid in (b"r1", b"r2", b"r3"):
+            memory.request(b"greedy", rid)
+        [refused] = memory.to_client(b"greedy")
+        assert (refused.rid, refused.code) == (b"r3", p.E_QUEUE_FULL)
+        assert "Broker.max_queue_per_client" in refused.message
+        memory.request(b"modest", b"r1")
+        assert memory.to_client(b"modest") == []  # queued: the others' share is theirs
+        assert memory.broker.queued_by_client == {b"greedy": 2, b"modest": 1}
+    finally:
+        memory.close()
+
+
+def test_a_queue_that_cannot_drain_in_time_refuses_at_once_and_says_when_to_retry():
+    memory, worker = queue_of_one_busy_worker("Broker.queue_timeout=2.5")
+    broker = memory.broker
+    try:
+        memory.request(b"c1", b"r1")  # waits: the drain rate is not known yet
+        started = time.monotonic()
+        rid = memory.to_worker(worker)[-1].rid
+        memory.from_worker(worker, p.encode_reply_from_worker(p.End(rid)))  # r1 leaves
+        # One request left the queue in the last second: it drains at about 1 a second.
+        broker._on_timers(started + 1.0)
+        rate = broker.drain_rates["generate"].rate
+        assert 0.5 < rate <= 1.0
+        for n in range(2, 6):
+            memory.request(b"c1", b"r%d" % n)
+        refusals = [m for m in memory.to_client(b"c1") if type(m) is p.Error]
+        # r2 and r3 can leave within 2.5 s at that rate; r4 and r5 cannot, and are told so now.
+        assert [m.rid for m in refusals] == [b"r4", b"r5"]
+        assert {m.code for m in refusals} == {p.E_QUEUE_FULL}
+        assert p.retry_after(refusals[0].message) == math.ceil(3 / rate)
+        assert "the queue would take" in refusals[0].message
+    finally:
+        memory.close()
+
+
+def test_a_client_asking_for_stats_in_a_loop_gets_shared_ones():
+    memory = MemoryBroker(None, "Broker.stats_interval=60")
+    broker = memory.broker
+    try:
+        def stats_for(client: bytes) -> dict:
+            memory.from_client(client, p.encode_stats_request(p.StatsRequest(b"s")))
+            return memory.to_client(client)[0].stats
+
+        for _ in range(server.FRESH_STATS):
+            first = stats_for(b"looping")
+        memory.request(b"c1", b"r1")  # changes the stats
+        assert stats_for(b"looping") == first  # shared, not built again
+        fresh = stats_for(b"other")  # another client's first STATS in the interval
+        assert fresh["broker"]["requests"] == first["broker"]["requests"] + 1
+        assert stats_for(b"looping") == fresh
+    finally:
+        memory.close()
+
+
+def test_retry_after_travels_at_the_end_of_an_error_message():
+    assert p.retry_after(p.with_retry_after("busy", 2.1)) == 3
+    assert p.retry_after(p.with_retry_after("busy", 0.2)) == 1
+    assert p.retry_after("busy (retry after soon)") is None
+
+
+def test_the_drain_rate_of_a_queue_is_forgotten_once_it_idles():
+    memory, worker = queue_of_one_busy_worker()
+    broker = memory.broker
+    try:
+        memory.request(b"c1", b"r1")
+        rid = memory.to_worker(worker)[-1].rid
+        memory.from_worker(worker, p.encode_reply_from_worker(p.End(rid)))
+        now = time.monotonic()
+        broker._on_timers(now + 1)
+        assert broker.drain_rates["generate"].rate > 0
+        broker._on_timers(now + 2)  # an interval with nothing waiting or taken
+        assert broker.drain_rates == {}
     finally:
         memory.close()

@@ -126,12 +126,14 @@ SCHEMA: dict[str, Any] = {
         "request_timeout": Setting(float, 60.0, gt=0),
         "max_queue": Setting(int, 1000, ge=0),
         "queue_timeout": Setting(float, 5.0, ge=0),
+        "max_queue_per_client": Setting(int, 250, ge=0),  # of all the queues, per client
         # Peers pack messages into frames of up to MAX_BATCH_BYTES.
         "max_message_size": Setting(int, 8388608, ge=MAX_BATCH_BYTES),
         "max_workers": Setting(int, 1000, ge=1),  # live workers; a READY past it is refused
         "max_services_per_worker": Setting(int, 64, ge=1),  # names one READY may declare
         "max_departed_workers": Setting(int, 100, ge=0),  # evicted workers kept in stats
         "stats_max_workers": Setting(int, 100, ge=1),  # workers listed in one stats reply
+        "stats_interval": Setting(float, 0.1, ge=0),  # STATS replies share stats this fresh
         # Policy classes (module:Class) a request may name besides the built-in ones.
         "policies": Setting(tuple, (), check=policy_spec_problem),
     },
