@@ -26,8 +26,11 @@ class MemoryBroker:
                                     f"Broker.backend=inproc://memory-back-{n}", *overrides])
         self.context = zmq.Context()
         self.broker = Broker(config.broker, self.context, policies)
+        self.peers: list[zmq.Socket] = []  # connected by connect(), closed by close()
 
     def close(self) -> None:
+        for peer in self.peers:
+            peer.close(0)
         self.broker.frontend.disable_monitor()
         self.broker.client_disconnects.close(0)
         self.broker.frontend.close(0)
@@ -43,6 +46,7 @@ class MemoryBroker:
         dealer.linger = 0
         dealer.routing_id = routing_id
         dealer.connect(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.peers.append(dealer)
         return dealer
 
     def drain(self, sock: zmq.Socket) -> None:

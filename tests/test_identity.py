@@ -27,34 +27,32 @@ def holder(memory: MemoryBroker) -> bytes:
 
 
 def test_a_worker_process_on_a_new_connection_takes_its_id_from_its_old_one(memory):
-    old = memory.connect(memory.broker.backend, b"old")  # still connected: it answers probes
+    memory.connect(memory.broker.backend, b"old")  # still connected: it answers probes
     assert ready(memory, b"old", "token-a") == []
     assert ready(memory, b"new", "token-a") == []
     assert holder(memory) == b"new"
     assert memory.broker.totals["id_changes"] == 0
-    old.close()
 
 
 def test_another_process_is_refused_while_the_holder_is_connected(memory):
-    live = memory.connect(memory.broker.backend, b"live")
+    memory.connect(memory.broker.backend, b"live")
     ready(memory, b"live", "token-a")
     [refusal] = ready(memory, b"other", "token-b")
     assert (refusal.rid, refusal.code) == (b"", p.E_ID_IN_USE)
     assert holder(memory) == b"live"
-    live.close()
 
 
 def test_an_id_taken_while_its_worker_was_away_goes_back_to_that_worker(memory):
     broker = memory.broker
     ready(memory, b"real", "token-real")
     memory.from_worker(b"real", p.encode_disconnect())  # its connection dropped, say
-    impostor = memory.connect(broker.backend, b"impostor")
+    memory.connect(broker.backend, b"impostor")
     assert ready(memory, b"impostor", "token-impostor") == []
     assert broker.totals["id_changes"] == 1  # counted, and logged
 
     # The real worker's process comes back on a new connection: the id is its own again,
     # and the direct requests for it go there, though the impostor is still connected.
-    real = memory.connect(broker.backend, b"real-again")
+    memory.connect(broker.backend, b"real-again")
     assert ready(memory, b"real-again", "token-real") == []
     assert holder(memory) == b"real-again"
     assert broker.totals["id_changes"] == 2
@@ -64,8 +62,6 @@ def test_an_id_taken_while_its_worker_was_away_goes_back_to_that_worker(memory):
     # The impostor has no claim on it: refused while the real worker is connected.
     [refusal] = ready(memory, b"impostor", "token-impostor")
     assert refusal.code == p.E_ID_IN_USE
-    impostor.close()
-    real.close()
 
 
 def test_the_token_is_never_shown_in_stats(memory):
@@ -85,8 +81,8 @@ def test_replies_for_a_client_that_has_gone_are_not_delivered_to_its_successor()
         worker = memory.register("w1")
         victim = memory.connect(broker.frontend, b"client-7")
         victim.send_multipart(p.encode_request_to_broker(p.Request(b"r1", "generate", b"{}")))
-        memory.drain(broker.frontend)
-        [request] = memory.to_worker(worker)
+        [request] = wait_until(lambda: memory.drain(broker.frontend) or memory.to_worker(worker),
+                               5, "the victim's request to reach the worker")
         victim.close()
         wait_until(lambda: broker.client_disconnects.poll(0), 5, "the disconnect event")
         broker._on_client_disconnects()
@@ -95,10 +91,11 @@ def test_replies_for_a_client_that_has_gone_are_not_delivered_to_its_successor()
 
         successor = memory.connect(broker.frontend, b"client-7")
         successor.send_multipart(p.encode_heartbeat())
-        memory.drain(broker.frontend)
+        answers = wait_until(lambda: memory.drain(broker.frontend) or memory.to_client(b"client-7"),
+                             5, "the broker to hear the successor")
+        assert [type(m) for m in answers] == [p.Heartbeat]
         memory.from_worker(worker, p.encode_reply_from_worker(p.End(request.rid, [b"secret"])))
-        assert [type(m) for m in memory.to_client(b"client-7")] == [p.Heartbeat]
-        successor.close()
+        assert memory.to_client(b"client-7") == []
     finally:
         memory.close()
 
@@ -118,6 +115,5 @@ def test_a_client_that_stays_keeps_its_requests_when_another_leaves():
         wait_until(lambda: broker.client_disconnects.poll(0), 5, "the disconnect event")
         broker._on_client_disconnects()
         assert [r.client for r in broker.requests.values()] == [b"c1"]
-        staying.close()
     finally:
         memory.close()
