@@ -91,6 +91,13 @@ class DrainRate:
         return waiting / self.rate if self.rate else 0.0
 
 
+def count_down(counts: dict[bytes, int], key: bytes) -> None:
+    """One fewer for `key`; at zero the key goes, so that clients that left leave nothing."""
+    left = counts.pop(key) - 1
+    if left:
+        counts[key] = left
+
+
 def request_token(client: bytes, rid: bytes) -> bytes:
     """A broker-wide unique id: the client's routing id (length-prefixed) and its rid."""
     return bytes((len(client),)) + client + rid
@@ -113,6 +120,7 @@ class Broker:
         self.requests: dict[bytes, Request] = {}
         self.queues: dict[str, deque[Request]] = {}
         self.drain_rates: dict[str, DrainRate] = {}  # of the services with a queue lately
+        self.requests_by_client: dict[bytes, int] = {}  # held by the broker, queued or not
         self.queued_by_client: dict[bytes, int] = {}
         self._stats: dict | None = None  # the last stats built, shared
         self.fresh_stats = PeerLimiter(settings.stats_interval, FRESH_STATS)
@@ -331,6 +339,12 @@ class Broker:
         if token in self.requests:
             self._reply_error(client, m.rid, p.E_BAD_REQUEST, "request id is already in flight")
             return
+        inflight = self.requests_by_client.get(client, 0)
+        if inflight >= self.settings.max_requests_per_client:
+            self._reply_error(client, m.rid, p.E_LIMIT, f"this client has {inflight} requests in "
+                              "flight, its most (Broker.max_requests_per_client)")
+            return
+        self.requests_by_client[client] = inflight + 1
         timeout = m.timeout_ms / 1000 if m.timeout_ms else self.settings.request_timeout
         tick = math.ceil((time.monotonic() + timeout) / DEADLINE_TICK)
         req = Request(token, client, m, policy, tick)
@@ -435,9 +449,7 @@ class Broker:
         queue.remove(req)
         if not queue:
             del self.queues[req.service]  # services named by clients must not pile up
-        left = self.queued_by_client.pop(req.client) - 1
-        if left:
-            self.queued_by_client[req.client] = left
+        count_down(self.queued_by_client, req.client)
 
     def _pump(self, service: str) -> None:
         """Dispatch queued requests of a service, oldest first, while workers have room.
@@ -473,6 +485,7 @@ class Broker:
         """Forget a request, and free its worker's slot."""
         if self.requests.pop(req.token, None) is None:
             return
+        count_down(self.requests_by_client, req.client)
         bucket = self.deadlines.get(req.deadline_tick)
         if bucket is not None:
             bucket.discard(req.token)

@@ -34,6 +34,7 @@ DEFAULTS = {
         "max_queue": 1000,
         "queue_timeout": 5.0,
         "max_queue_per_client": 250,
+        "max_requests_per_client": 10000,
         "max_message_size": 8388608,
         "max_workers": 1000,
         "max_services_per_worker": 64,

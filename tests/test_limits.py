@@ -178,17 +178,23 @@ def queue_of_one_busy_worker(*overrides: str) -> tuple[MemoryBroker, bytes]:
     return memory, worker
 
 
+def third_request_refused(memory: MemoryBroker, code: str, key: str) -> None:
+    """A client's third request is refused with `code`, and the message names the config
+    key; another client's request is taken."""
+    for rid in (b"r1", b"r2", b"r3"):
+        memory.request(b"greedy", rid)
+    [refused] = memory.to_client(b"greedy")
+    assert (refused.rid, refused.code) == (b"r3", code)
+    assert key in refused.message
+    memory.request(b"other", b"r1")
+    assert memory.to_client(b"other") == []
+
+
 def test_a_client_may_fill_only_its_share_of_the_queue():
     memory, _ = queue_of_one_busy_worker("Broker.max_queue_per_client=2")
     try:
-        for rid in (b"r1", b"r2", b"r3"):
-            memory.request(b"greedy", rid)
-        [refused] = memory.to_client(b"greedy")
-        assert (refused.rid, refused.code) == (b"r3", p.E_QUEUE_FULL)
-        assert "Broker.max_queue_per_client" in refused.message
-        memory.request(b"modest", b"r1")
-        assert memory.to_client(b"modest") == []  # queued: the others' share is theirs
-        assert memory.broker.queued_by_client == {b"greedy": 2, b"modest": 1}
+        third_request_refused(memory, p.E_QUEUE_FULL, "Broker.max_queue_per_client")
+        assert memory.broker.queued_by_client == {b"greedy": 2, b"other": 1}
     finally:
         memory.close()
 
@@ -254,5 +260,18 @@ def test_the_drain_rate_of_a_queue_is_forgotten_once_it_idles():
         assert broker.drain_rates["generate"].rate > 0
         broker._on_timers(now + 2)  # an interval with nothing waiting or taken
         assert broker.drain_rates == {}
+    finally:
+        memory.close()
+
+
+def test_a_client_may_hold_only_so_many_requests_in_the_broker():
+    memory = MemoryBroker(None, "Broker.max_requests_per_client=2")
+    broker = memory.broker
+    try:
+        worker = memory.register("w1")
+        third_request_refused(memory, p.E_LIMIT, "Broker.max_requests_per_client")
+        for message in memory.to_worker(worker):
+            memory.from_worker(worker, p.encode_reply_from_worker(p.End(message.rid)))
+        assert broker.requests_by_client == {}  # nothing is kept of a client with nothing
     finally:
         memory.close()

@@ -127,6 +127,7 @@ SCHEMA: dict[str, Any] = {
         "max_queue": Setting(int, 1000, ge=0),
         "queue_timeout": Setting(float, 5.0, ge=0),
         "max_queue_per_client": Setting(int, 250, ge=0),  # of all the queues, per client
+        "max_requests_per_client": Setting(int, 10_000, ge=1),  # held by the broker, per client
         # Peers pack messages into frames of up to MAX_BATCH_BYTES.
         "max_message_size": Setting(int, 8388608, ge=MAX_BATCH_BYTES),
         "max_workers": Setting(int, 1000, ge=1),  # live workers; a READY past it is refused
