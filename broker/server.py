@@ -131,7 +131,8 @@ class Broker:
         self.started = time.monotonic()
         self.totals = dict.fromkeys(
             ("requests", "completed", "failed", "cancelled", "chunks", "errors", "retries",
-             "timeouts", "evictions", "queued", "rejected_frames", "oversized_messages", "id_changes", "clients_gone"), 0)
+             "timeouts", "evictions", "queued", "rejected_frames", "oversized_messages",
+             "id_changes", "clients_gone"), 0)
         self.queue_wait_total = 0.0
         self.drops = LogLimiter(log)
         self.asked_to_register = PeerLimiter(settings.heartbeat_interval)
@@ -252,7 +253,8 @@ class Broker:
             if worker is not None:
                 self._evict(worker, "cannot be reached")
             return
-        self.drops.warn("unreachable", "a client is gone or not reading; cancelling its requests", peer)
+        self.drops.warn("unreachable", "a client is gone or not reading; cancelling its requests",
+                        peer)
         for frames in messages:
             req = self.requests.get(request_token(peer, frames[2])) if len(frames) > 2 else None
             if req is not None:
@@ -604,8 +606,9 @@ class Broker:
     def _register(self, peer: bytes, known: WorkerInfo | None, msg: p.Ready) -> None:
         most = self.settings.max_services_per_worker
         if len(msg.services) > most:
-            self._refuse(peer, p.E_LIMIT, f"READY declares {len(msg.services)} services; the "
-                                          f"broker takes at most {most} (Broker.max_services_per_worker)")
+            self._refuse(peer, p.E_LIMIT,
+                         f"READY declares {len(msg.services)} services; the broker takes at "
+                         f"most {most} (Broker.max_services_per_worker)")
             return
         holder = self.registry.by_id.get(msg.worker_id)
         if holder is not None and holder.peer != peer:
@@ -639,7 +642,8 @@ class Broker:
         if token and token in (holder.token, holder.displaced):
             return True
         # Probe the holder: a peer whose connection is gone cannot be reached.
-        return not self._send(self.backend, holder.peer, p.encode_heartbeat(p.Heartbeat(self.boot_id)))
+        probe = p.encode_heartbeat(p.Heartbeat(self.boot_id))
+        return not self._send(self.backend, holder.peer, probe)
 
     def _displaced_by(self, msg: p.Ready) -> str:
         """The token of the worker process whose id `msg` takes, if another had it last

@@ -162,7 +162,8 @@ def test_a_stats_reply_lists_the_first_workers_by_id_and_counts_them_all():
         assert stats["workers"][1]["state"] == "evicted"
         broker = stats["broker"]
         assert broker["workers_truncated"] is True
-        assert (broker["workers_ready"], broker["workers_live"], broker["workers_departed"]) == (4, 4, 1)
+        counts = (broker["workers_ready"], broker["workers_live"], broker["workers_departed"])
+        assert counts == (4, 4, 1)
     finally:
         memory.close()
 

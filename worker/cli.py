@@ -89,8 +89,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     aio.run(_serve(worker))
     if worker.refused:
-        flag = {p.E_ID_IN_USE: "--id: ", p.E_WRONG_ENDPOINT: "--broker: "}.get(worker.refused.code, "")
-        raise ConfigError(f"{flag}{worker.refused.message}")
+        flags = {p.E_ID_IN_USE: "--id: ", p.E_WRONG_ENDPOINT: "--broker: "}
+        raise ConfigError(f"{flags.get(worker.refused.code, '')}{worker.refused.message}")
     return 0
 
 

@@ -204,9 +204,9 @@ class Worker:
         except p.ProtocolError as e:
             # A peer that is not a broker (say, the gateway's HTTP port) sends a stream of
             # these: say once in a while what it may be, not once per message.
-            self._drops.warn("not zroute", f"worker {self.worker_id} dropped a message that is not zroute's "
-                             f"protocol ({e}): is {self.broker} the broker's worker endpoint, "
-                             "Broker.backend?")
+            self._drops.warn("not zroute", f"worker {self.worker_id} dropped a message that is "
+                             f"not zroute's protocol ({e}): is {self.broker} the broker's worker "
+                             "endpoint, Broker.backend?")
             return
         kind = type(msg)
         if kind is p.Request:
