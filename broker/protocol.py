@@ -241,16 +241,30 @@ def encode_drain(_: Drain | None = None) -> list[bytes]:
 # --- decoding --------------------------------------------------------------
 
 
+# Names that passed _text's checks. The same few names (services, policies, worker ids)
+# come with every request and reply: a lookup costs less than decoding and checking one.
+_valid_names: dict[bytes, str] = {}
+MAX_VALID_NAMES = 4096  # past this the memory is reset: a peer's made-up names cost it nothing
+
+
 def _text(frame: bytes, what: str, *, allow_empty: bool = False) -> str:
-    if not frame and not allow_empty:
+    name = _valid_names.get(frame)
+    if name is not None:
+        return name
+    if not frame:
+        if allow_empty:
+            return ""
         raise ProtocolError(f"empty {what}")
     if len(frame) > MAX_ID_LENGTH:
         raise ProtocolError(f"{what} longer than {MAX_ID_LENGTH} bytes")
     try:
-        text = frame.decode()
+        name = _printable(frame.decode(), what)
     except UnicodeDecodeError:
         raise ProtocolError(f"{what} is not UTF-8") from None
-    return _printable(text, what)
+    if len(_valid_names) >= MAX_VALID_NAMES:
+        _valid_names.clear()
+    _valid_names[frame] = name
+    return name
 
 
 def _printable(name: str, what: str) -> str:

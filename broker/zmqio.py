@@ -57,10 +57,12 @@ def recv_frames(sock: zmq.Socket, max_frames: int) -> list[bytes]:
     """One message. Past `max_frames` the rest of it is read and thrown away, which
     costs far less than handling it, and TooManyFrames is raised."""
     frames = [_recv(sock, _LAST)]
+    room = max_frames - 1  # counted down: cheaper than len(frames) for every frame
     while _get(sock, _RCVMORE):
-        if len(frames) == max_frames:
+        if not room:
             _discard_rest(sock)
             raise TooManyFrames(frames)
+        room -= 1
         frames.append(_recv(sock, _LAST))
     return frames
 
