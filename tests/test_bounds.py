@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 
 import orjson
 import pytest
 
-from broker.client import Client
-from tests.support import REPO_ROOT, child_env
+from broker import protocol as p
+from broker.client import BrokerError, Client
+from tests.support import REPO_ROOT, async_wait_until, child_env
 
 LARGE_WORDS = 500_000
 LARGE_REPLIES = 6
@@ -60,3 +62,37 @@ def test_large_fast_replies_leave_other_clients_served(stack):
     assert all(reply == expected for reply in replies)
     assert outcomes["failed"] == [] and outcomes["wrong"] == 0
     assert outcomes["completed"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_under_overload_a_request_that_cannot_be_served_in_time_fails_at_once(stack):
+    """Requests that the queue could not hand to a worker within Broker.queue_timeout, at
+    the rate it drains, get their 503 at once rather than after waiting all of it."""
+    stack.broker("--Broker.queue_timeout=1")
+    stack.worker("w1", "--capacity", "2", sleep_time=0.05)  # drains about 40 a second
+    stack.wait_workers("w1")
+    served = 0
+
+    async def timed(client: Client) -> tuple[BrokerError | None, float]:
+        nonlocal served
+        started = time.monotonic()
+        try:
+            await client.round_robin("generate", {"text": "x"}).read()
+        except BrokerError as e:
+            return e, time.monotonic() - started
+        served += 1
+        return None, time.monotonic() - started
+
+    async def main():
+        async with Client(stack.frontend, timeout=10) as client:
+            first = [asyncio.create_task(timed(client)) for _ in range(100)]
+            # Once 30 are served, the broker has seen the queue drain for over 0.5 s.
+            await async_wait_until(lambda: served >= 30, 10, "30 requests served")
+            second = await asyncio.gather(*(timed(client) for _ in range(20)))
+            await asyncio.gather(*first)
+            return second
+
+    second = asyncio.run(main())
+    assert all(error is not None and error.code == p.E_QUEUE_FULL for error, _ in second)
+    assert all(p.retry_after(error.message) >= 1 for error, _ in second)
+    assert max(elapsed for _, elapsed in second) < 0.5
