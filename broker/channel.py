@@ -14,8 +14,8 @@ from typing import Callable
 
 import zmq
 
-from broker.protocol import ProtocolError, packed, unbatch
-from broker.zmqio import readable, recv_frames, send_frames
+from broker.protocol import MAX_FRAMES, ProtocolError, packed, unbatch
+from broker.zmqio import TooManyFrames, readable, recv_frames, send_frames
 
 DRAIN_BATCH = 500  # messages handled before other tasks get a turn
 BACKLOG_RETRY_S = 0.005  # wait before retrying sends the socket refused (HWM)
@@ -104,7 +104,10 @@ class Channel:
         for _ in range(DRAIN_BATCH):
             if not readable(sock):
                 return
-            frames = recv_frames(sock)
+            try:
+                frames = recv_frames(sock, MAX_FRAMES)
+            except TooManyFrames:
+                continue  # no zroute peer sends one: not worth the time to handle
             try:
                 messages = unbatch(frames)
             except ProtocolError:

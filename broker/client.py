@@ -435,7 +435,7 @@ class Client(PolicyShortcuts[Stream]):
             return
         frames = p.encode_report(p.Report(self.name, self.report()))
         if len(frames[-1]) > p.MAX_REPORT_BYTES:
-            self._report_too_large.warn(f"not reporting counters of {len(frames[-1])} bytes "
+            self._report_too_large.warn("report too large", f"not reporting counters of {len(frames[-1])} bytes "
                                         f"(the broker takes at most {p.MAX_REPORT_BYTES})")
             return
         self._channel.send(frames)

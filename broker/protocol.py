@@ -10,6 +10,8 @@ A frame list that does not parse raises ProtocolError, and only ProtocolError.
 
 from __future__ import annotations
 
+import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Iterator, Union
@@ -60,14 +62,32 @@ E_ID_IN_USE = "worker_id_in_use"
 E_BROKER_UNREACHABLE = "broker_unreachable"
 E_POLICY = "policy_error"  # a routing policy raised or chose no candidate
 E_WRONG_ENDPOINT = "wrong_endpoint"  # a worker on the client socket, or a client on the worker one
+E_LIMIT = "limit_exceeded"  # a peer's message, registration or share is over a limit
 E_SLOW_READER = "slow_reader"  # raised by the client library, never sent
 
 MAX_ID_LENGTH = 255  # worker ids, service and policy names
+MAX_TOKEN = 64  # the secret in a worker's READY
 MAX_CLIENT_RID = 255  # request ids chosen by clients
 MAX_RID = 1024  # request ids on the worker leg, where the broker extends them
 MAX_BATCH = 256  # messages in one BATCH
+MAX_READY_BYTES = 1 << 16  # a READY's JSON; Broker.max_services_per_worker bounds it more
+MAX_FRAMES = 1024  # frames in one message, header included; a longer one is rejected
 MAX_TIMEOUT_MS = 2**63 - 1  # a request's timeout fits a signed 64-bit integer
 MAX_REPORT_BYTES = 1 << 16  # a REPORT's counters; a larger one is refused
+
+
+_RETRY_AFTER = re.compile(r" \(retry after (\d+) s\)$")
+
+
+def with_retry_after(message: str, seconds: float) -> str:
+    """An ERROR message that tells the client when to try again (whole seconds, >= 1)."""
+    return f"{message} (retry after {max(1, math.ceil(seconds))} s)"
+
+
+def retry_after(message: str) -> int | None:
+    """The seconds an ERROR message says to wait before trying again, if it says."""
+    match = _RETRY_AFTER.search(message)
+    return int(match.group(1)) if match else None
 
 
 class ProtocolError(ValueError):
@@ -143,6 +163,7 @@ class Ready:
     worker_id: str
     services: list[str]
     capacity: int = 0  # 0 means unlimited
+    token: str = ""  # a secret the worker process chose, to reclaim its id (docs/PROTOCOL.md)
 
 
 @dataclass(slots=True)
@@ -214,7 +235,7 @@ def encode_report(m: Report) -> list[bytes]:
 
 
 def encode_ready(m: Ready) -> list[bytes]:
-    info = {"services": m.services, "capacity": m.capacity}
+    info = {"services": m.services, "capacity": m.capacity, "token": m.token}
     return [VERSION, READY, m.worker_id.encode(), orjson.dumps(info)]
 
 
@@ -235,15 +256,38 @@ def encode_drain(_: Drain | None = None) -> list[bytes]:
 # --- decoding --------------------------------------------------------------
 
 
+# Names that passed _text's checks. The same few names (services, policies, worker ids)
+# come with every request and reply: a lookup costs less than decoding and checking one.
+_valid_names: dict[bytes, str] = {}
+MAX_VALID_NAMES = 4096  # past this the memory is reset: a peer's made-up names cost it nothing
+
+
 def _text(frame: bytes, what: str, *, allow_empty: bool = False) -> str:
-    if not frame and not allow_empty:
+    name = _valid_names.get(frame)
+    if name is not None:
+        return name
+    if not frame:
+        if allow_empty:
+            return ""
         raise ProtocolError(f"empty {what}")
     if len(frame) > MAX_ID_LENGTH:
         raise ProtocolError(f"{what} longer than {MAX_ID_LENGTH} bytes")
     try:
-        return frame.decode()
+        name = _printable(frame.decode(), what)
     except UnicodeDecodeError:
         raise ProtocolError(f"{what} is not UTF-8") from None
+    if len(_valid_names) >= MAX_VALID_NAMES:
+        _valid_names.clear()
+    _valid_names[frame] = name
+    return name
+
+
+def _printable(name: str, what: str) -> str:
+    """A name a peer chose goes into log lines, HTTP headers and metric labels:
+    a control character (CR, LF, ESC...) or any other unprintable one is refused."""
+    if not name.isprintable():
+        raise ProtocolError(f"{what} has a control or unprintable character")
+    return name
 
 
 def _json_object(frame: bytes, what: str) -> dict:
@@ -325,8 +369,9 @@ def _unpack(payload: bytes) -> list[list[bytes]]:
     while position < end and len(messages) <= MAX_BATCH:
         (count,) = _FRAME_COUNT.unpack_from(payload, position)
         position += 2
-        if count < 2:
-            raise ProtocolError(f"a message in a BATCH has {count} frame(s)")
+        if not 2 <= count <= MAX_FRAMES:
+            raise ProtocolError(f"a message in a BATCH has {count} frame(s), "
+                                f"not 2 to {MAX_FRAMES}")
         message = []
         for _ in range(count):
             (length,) = _FRAME_LENGTH.unpack_from(payload, position)
@@ -451,15 +496,22 @@ def decode_from_worker(frames: list[bytes]) -> Message:
 def _ready(frames: list[bytes]) -> Ready:
     _expect(frames, 4)
     worker_id = _text(frames[2], "worker id")
+    if len(frames[3]) > MAX_READY_BYTES:
+        raise ProtocolError(f"READY info is longer than {MAX_READY_BYTES} bytes")
     info = _json_object(frames[3], "READY info")
     services = info.get("services")
     if (not isinstance(services, list) or not services
             or not all(isinstance(s, str) and 0 < len(s) <= MAX_ID_LENGTH for s in services)):
         raise ProtocolError("READY services must be a non-empty list of names")
+    for service in services:
+        _printable(service, "READY service name")
     capacity = info.get("capacity", 0)
     if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
         raise ProtocolError("READY capacity must be an integer >= 0")
-    return Ready(worker_id, services, capacity)
+    token = info.get("token", "")
+    if not isinstance(token, str) or len(token) > MAX_TOKEN:
+        raise ProtocolError(f"READY token must be a string of at most {MAX_TOKEN} characters")
+    return Ready(worker_id, services, capacity, token)
 
 
 def decode_to_worker(frames: list[bytes]) -> Request | Cancel | Heartbeat | Disconnect | Error:

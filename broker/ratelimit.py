@@ -6,35 +6,43 @@ import logging
 import math
 import time
 
-MAX_KEYS = 1000  # distinct messages remembered before the memory is reset
-
 
 class LogLimiter:
-    """Log a repeated message once, then at most once per interval with a count."""
+    """Log an event at most once per interval for each kind and peer, and at most
+    `per_kind` lines of a kind per interval whatever peers it comes from; the next
+    line of a kind says how many were left out.
 
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+    The key is never the message's text, which may carry a peer's bytes: a peer
+    that varies them would get a line per message."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, per_kind: int = 10) -> None:
         self.logger = logger
         self.interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self.per_kind = per_kind
+        self._window_start = -math.inf
+        self._logged: set[tuple[str, bytes]] = set()  # (kind, peer) logged in this window
+        self._lines: dict[str, int] = {}  # kind -> lines in this window
+        self._suppressed: dict[str, int] = {}  # kind -> events left out since its last line
 
-    def warn(self, message: str) -> None:
-        self._log(logging.WARNING, message)
+    def warn(self, kind: str, message: str, peer: bytes = b"") -> None:
+        self._log(logging.WARNING, kind, message, peer)
 
-    def info(self, message: str) -> None:
-        self._log(logging.INFO, message)
+    def info(self, kind: str, message: str, peer: bytes = b"") -> None:
+        self._log(logging.INFO, kind, message, peer)
 
-    def _log(self, level: int, message: str) -> None:
+    def _log(self, level: int, kind: str, message: str, peer: bytes) -> None:
         now = time.monotonic()
-        last = self._last.get(message)
-        if last is not None and now - last < self.interval:
-            self._suppressed[message] = self._suppressed.get(message, 0) + 1
+        if now - self._window_start >= self.interval:
+            self._window_start = now
+            self._logged.clear()
+            self._lines.clear()
+        lines = self._lines.get(kind, 0)
+        if lines >= self.per_kind or (kind, peer) in self._logged:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
             return
-        if len(self._last) >= MAX_KEYS:
-            self._last.clear()
-            self._suppressed.clear()
-        self._last[message] = now
-        repeats = self._suppressed.pop(message, 0)
+        self._logged.add((kind, peer))
+        self._lines[kind] = lines + 1
+        repeats = self._suppressed.pop(kind, 0)
         suffix = f" (and {repeats} more like it)" if repeats else ""
         self.logger.log(level, "%s%s", message, suffix)
 

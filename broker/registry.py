@@ -4,27 +4,29 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 READY = "ready"
 DRAINING = "draining"
 EVICTED = "evicted"
 
 LATENCY_WINDOW = 1000  # recent request durations kept per worker for percentiles
-DEPARTED_KEPT = 100  # evicted workers still shown in stats
 
 
 class WorkerInfo:
     """One registered worker, keyed by its id and by its ZeroMQ routing identity."""
 
-    __slots__ = ("worker_id", "peer", "services", "capacity", "state", "inflight",
-                 "completed", "failed", "last_seen", "requests", "latencies")
+    __slots__ = ("worker_id", "peer", "services", "capacity", "token", "displaced", "state",
+                 "inflight", "completed", "failed", "last_seen", "requests", "latencies")
 
-    def __init__(self, worker_id: str, peer: bytes, services: list[str], capacity: int) -> None:
+    def __init__(self, worker_id: str, peer: bytes, services: list[str], capacity: int,
+                 token: str = "", displaced: str = "") -> None:
         self.worker_id = worker_id
         self.peer = peer
         self.services = services
         self.capacity = capacity  # 0 means unlimited
+        self.token = token  # the worker process's secret: its new connections take the id back
+        self.displaced = displaced  # the token of the worker it took the id from while away
         self.state = READY
         self.inflight = 0
         self.completed = 0
@@ -67,14 +69,24 @@ def latency_percentiles(samples: Iterable[float]) -> dict[str, float | None]:
     return {"latency_p50_s": at(0.50), "latency_p99_s": at(0.99)}
 
 
-class Registry:
-    """Live workers by id, by routing identity and by service."""
+class Departed(NamedTuple):
+    """What is kept of a worker that left: its stats, and who may take its id back."""
 
-    def __init__(self) -> None:
+    stats: dict
+    token: str
+    displaced: str
+
+
+class Registry:
+    """Live workers by id, by routing identity and by service; and the stats of the
+    last `max_departed` workers to leave, as they were when they left."""
+
+    def __init__(self, max_departed: int = 100) -> None:
         self.by_id: dict[str, WorkerInfo] = {}
         self.by_peer: dict[bytes, WorkerInfo] = {}
         self.by_service: dict[str, list[WorkerInfo]] = {}  # sorted by id
-        self.departed: OrderedDict[str, WorkerInfo] = OrderedDict()
+        self.departed: OrderedDict[str, Departed] = OrderedDict()
+        self.max_departed = max_departed
 
     def add(self, worker: WorkerInfo) -> None:
         self.departed.pop(worker.worker_id, None)
@@ -95,8 +107,13 @@ class Registry:
                 members.remove(worker)
             if not members:
                 self.by_service.pop(service, None)
-        self.departed[worker.worker_id] = worker
-        while len(self.departed) > DEPARTED_KEPT:
+
+    def remember(self, worker: WorkerInfo) -> None:
+        """Keep a removed worker's stats, once its requests have gone elsewhere: its
+        stats only, not its requests, latency samples or the rest of its state."""
+        self.departed[worker.worker_id] = Departed(
+            worker.stats(time.monotonic()), worker.token, worker.displaced)
+        while len(self.departed) > self.max_departed:
             self.departed.popitem(last=False)
 
     def serving(self, service: str) -> list[WorkerInfo]:

@@ -7,9 +7,10 @@ a peer whose queue is full, or that has gone, fails its own requests only.
 
 from __future__ import annotations
 
+import heapq
 import logging
-import os
 import math
+import os
 import time
 from collections import deque
 from typing import Any, Callable, Mapping, Sequence
@@ -21,16 +22,22 @@ from broker.policies import DEFAULT_POLICY, DIRECT, Policy, load_policies, unkno
 from broker.ratelimit import LogLimiter, PeerLimiter
 from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
 from broker.reports import MAX_REPORTERS, Reports
-from broker.zmqio import readable, recv_frames, send_to
+from broker.zmqio import TooManyFrames, readable, recv_frames, send_to
 
 log = logging.getLogger("zroute.broker")
 
-DRAIN_BATCH = 500  # messages taken from one socket before looking at the other
+# What one pass takes from a socket before it looks at the other, at timers and at what
+# it has to send: so many messages (a BATCH counts those it carries), frames or bytes.
+DRAIN_MESSAGES = 2000
+DRAIN_FRAMES = 20_000
+DRAIN_BYTES = 8 << 20
 SOCKET_HWM = 10_000  # messages queued per peer; past that a send fails and its request ends
 DISCONNECTED = "disconnected"  # the eviction reason of a worker that said goodbye
 POLL_MS = 50  # the loop wakes at least this often for timers and stop()
 DEADLINE_TICK = 0.05  # deadlines are kept in buckets of this many seconds
-WRONG_ENDPOINT_ANSWERS = 10  # per peer per second, to a peer that speaks to the wrong socket
+FRESH_STATS = 5  # STATS a client gets built afresh per Broker.stats_interval
+DRAIN_RATE_INTERVAL = 0.5  # seconds over which a queue's drain rate is measured
+WRONG_ENDPOINT_ANSWERS = 10  # per peer per second, to a peer on the wrong socket or a bad READY
 
 
 class Request:
@@ -55,6 +62,43 @@ class Request:
         self.deadline_tick = deadline_tick
 
 
+class DrainRate:
+    """How fast a service's queue drains, in requests a second: averaged over the last
+    intervals of DRAIN_RATE_INTERVAL in which requests waited; 0 until measured."""
+
+    __slots__ = ("rate", "taken", "since")
+
+    def __init__(self, now: float) -> None:
+        self.rate = 0.0
+        self.taken = 0  # requests that left the queue for a worker since `since`
+        self.since = now
+
+    def update(self, now: float, waiting: bool) -> bool:
+        """Close an interval if one has passed; False if nothing waited or left in it
+        (the rate says nothing of now: forget it)."""
+        elapsed = now - self.since
+        if elapsed < DRAIN_RATE_INTERVAL:
+            return True
+        busy = waiting or self.taken > 0
+        if busy:
+            observed = self.taken / elapsed
+            self.rate = (self.rate + observed) / 2 if self.rate else observed
+        self.taken = 0
+        self.since = now
+        return busy
+
+    def wait(self, waiting: int) -> float:
+        """Seconds until `waiting` requests have left the queue; 0 if not measured yet."""
+        return waiting / self.rate if self.rate else 0.0
+
+
+def count_down(counts: dict[bytes, int], key: bytes) -> None:
+    """One fewer for `key`; at zero the key goes, so that clients that left leave nothing."""
+    left = counts.pop(key) - 1
+    if left:
+        counts[key] = left
+
+
 def request_token(client: bytes, rid: bytes) -> bytes:
     """A broker-wide unique id: the client's routing id (length-prefixed) and its rid."""
     return bytes((len(client),)) + client + rid
@@ -72,11 +116,16 @@ class Broker:
                  policies: Mapping[str, Policy] | None = None) -> None:
         self.settings = settings
         self.context = context or zmq.Context.instance()
-        self.registry = Registry()
+        self.registry = Registry(settings.max_departed_workers)
         self.policies = dict(policies) if policies is not None else load_policies()
         self.requests: dict[bytes, Request] = {}
         self.reports = Reports(settings.heartbeat_interval * settings.heartbeat_misses)
         self.queues: dict[str, deque[Request]] = {}
+        self.drain_rates: dict[str, DrainRate] = {}  # of the services with a queue lately
+        self.requests_by_client: dict[bytes, int] = {}  # held by the broker, queued or not
+        self.queued_by_client: dict[bytes, int] = {}
+        self._stats: dict | None = None  # the last stats built, shared
+        self.fresh_stats = PeerLimiter(settings.stats_interval, FRESH_STATS)
         # Deadlines in buckets, so that a finished request is forgotten at once.
         self.deadlines: dict[int, set[bytes]] = {}
         self._checked_tick = int(time.monotonic() / DEADLINE_TICK)
@@ -84,15 +133,20 @@ class Broker:
         self.started = time.monotonic()
         self.totals = dict.fromkeys(
             ("requests", "completed", "failed", "cancelled", "chunks", "errors", "retries",
-             "timeouts", "evictions", "queued", "rejected_frames"), 0)
+             "timeouts", "evictions", "queued", "rejected_frames", "oversized_messages",
+             "id_changes", "clients_gone"), 0)
         self.queue_wait_total = 0.0
         self.drops = LogLimiter(log)
         self.asked_to_register = PeerLimiter(settings.heartbeat_interval)
         self.told_wrong_endpoint = PeerLimiter(1.0, WRONG_ENDPOINT_ANSWERS)
+        self.told_bad_ready = PeerLimiter(1.0, WRONG_ENDPOINT_ANSWERS)
         self._stopping = False
         self._next_heartbeat = 0.0
         self.frontend = self._router(settings.frontend)
         self.backend = self._router(settings.backend)
+        # Tells when a client's connection closes, so that its replies are not delivered
+        # to the next peer that connects under its routing id.
+        self.client_disconnects = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         # What this pass of the loop will send: socket -> peer -> messages, in order.
         self.outgoing: dict[zmq.Socket, dict[bytes, list[list[bytes]]]] = {
             self.frontend: {}, self.backend: {}}
@@ -114,14 +168,17 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
+        poller.register(self.client_disconnects, zmq.POLLIN)
         log.info("broker serving clients on %s, workers on %s",
                  self.settings.frontend, self.settings.backend)
         while not self._stopping:
             for sock, _ in poller.poll(POLL_MS):
                 if sock is self.frontend:
                     self._drain(sock, self._on_client)
-                else:
+                elif sock is self.backend:
                     self._drain(sock, self._on_worker)
+                else:
+                    self._on_client_disconnects()
             self._on_timers(time.monotonic())
             self._flush()
         self._shutdown()
@@ -131,17 +188,39 @@ class Broker:
         self._stopping = True
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], None]) -> None:
-        for _ in range(DRAIN_BATCH):
-            if not readable(sock):
-                return
-            peer, *frames = recv_frames(sock)
+        messages_left, frames_left, bytes_left = DRAIN_MESSAGES, DRAIN_FRAMES, DRAIN_BYTES
+        while messages_left > 0 and frames_left > 0 and bytes_left > 0 and readable(sock):
+            try:
+                peer, *frames = recv_frames(sock, p.MAX_FRAMES + 1)  # + the routing id
+            except TooManyFrames as e:
+                self._reject_oversized(sock, e.frames[0], e.frames[1:])
+                frames_left -= p.MAX_FRAMES
+                continue
+            frames_left -= len(frames)
+            bytes_left -= sum(map(len, frames))
             try:
                 messages = p.unbatch(frames)
             except p.ProtocolError as e:
-                self._dropped(f"dropped a malformed BATCH: {e}")
+                self._dropped("malformed", peer, f"dropped a malformed BATCH: {e}")
                 continue
+            messages_left -= len(messages)
             for message in messages:
                 handle(peer, message)
+
+    def _reject_oversized(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> None:
+        """A message of more than MAX_FRAMES frames: fail the request it names, if any."""
+        self.totals["oversized_messages"] += 1
+        problem = f"a message of more than {p.MAX_FRAMES} frames"
+        self.drops.warn("oversized", f"rejected {problem}", peer)
+        rid = frames[2] if len(frames) > 2 and frames[0] == p.VERSION else b""
+        if sock is self.frontend:
+            if 0 < len(rid) <= p.MAX_CLIENT_RID:
+                self._reply_error(peer, rid, p.E_LIMIT, f"the broker takes no {problem}")
+            return
+        worker = self.registry.by_peer.get(peer)
+        req = worker.requests.get(rid) if worker is not None else None
+        if req is not None:
+            self._fail(req, p.E_LIMIT, f"worker {worker.worker_id!r} replied with {problem}")
 
     def _post(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> None:
         """Queue a message; _flush sends it at the end of this pass of the loop."""
@@ -176,16 +255,17 @@ class Broker:
             if worker is not None:
                 self._evict(worker, "cannot be reached")
             return
-        self.drops.warn("a client is gone or not reading; cancelling its requests")
+        self.drops.warn("unreachable", "a client is gone or not reading; cancelling its requests",
+                        peer)
         for frames in messages:
             req = self.requests.get(request_token(peer, frames[2])) if len(frames) > 2 else None
             if req is not None:
                 self._finish(req, ok=False, cancel_worker=True)
 
-    def _dropped(self, reason: str) -> None:
+    def _dropped(self, kind: str, peer: bytes, reason: str) -> None:
         """Count a message that did not parse, and log it (rate-limited)."""
         self.totals["rejected_frames"] += 1
-        self.drops.warn(reason)
+        self.drops.warn(kind, reason, peer)
 
     def _send(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> bool:
         """Send without blocking; False if the peer is gone or its queue is full."""
@@ -203,6 +283,8 @@ class Broker:
         for req in list(self.requests.values()):
             self._fail(req, p.E_WORKER_LOST, "broker is shutting down")
         self._flush()
+        self.frontend.disable_monitor()
+        self.client_disconnects.close()
         self.frontend.close()
         self.backend.close()
         log.info("broker stopped")
@@ -220,17 +302,34 @@ class Broker:
         if kind is p.Request:
             self._accept(peer, msg)
         elif kind is p.Cancel:
-            self._cancel(request_token(peer, msg.rid))
+            self._cancel(peer, msg.rid)
         elif kind is p.StatsRequest:
-            self._post(self.frontend, peer, p.encode_stats_reply(p.StatsReply(msg.rid, self.stats())))
+            stats = self._shared_stats(peer)
+            self._post(self.frontend, peer, p.encode_stats_reply(p.StatsReply(msg.rid, stats)))
         elif kind is p.Report:
-            self._store_report(msg)
+            self._store_report(peer, msg)
         else:
             self._post(self.frontend, peer, p.encode_heartbeat(p.Heartbeat(self.boot_id)))
 
+    def _on_client_disconnects(self) -> None:
+        """Some client's connection closed: end the requests of every client the broker
+        can no longer reach, before a peer that takes its routing id can be sent their
+        replies. The events name a file descriptor, not a client: the broker asks the
+        socket, once per client with requests, whether it can send to it."""
+        while self.client_disconnects.poll(0):
+            self.client_disconnects.recv_multipart()
+        beat = p.encode_heartbeat(p.Heartbeat(self.boot_id))
+        reachable: dict[bytes, bool] = {}
+        for req in list(self.requests.values()):
+            if req.client not in reachable:
+                reachable[req.client] = self._send(self.frontend, req.client, beat)
+            if not reachable[req.client]:
+                self._finish(req, ok=False, cancel_worker=True)
+        self.totals["clients_gone"] += sum(not ok for ok in reachable.values())
+
     def _reject_client_frames(self, peer: bytes, frames: list[bytes], error: p.ProtocolError) -> None:
         """Answer a malformed request with ERROR if it names a request id; else drop it."""
-        self._dropped(f"dropped a malformed message from a client: {error}")
+        self._dropped("malformed", peer, f"dropped a malformed message from a client: {error}")
         if len(frames) >= 3 and frames[0] == p.VERSION and 0 < len(frames[2]) <= p.MAX_CLIENT_RID:
             self._post(self.frontend, peer,
                        p.encode_error(p.Error(frames[2], p.E_BAD_REQUEST, str(error))))
@@ -246,6 +345,12 @@ class Broker:
         if token in self.requests:
             self._reply_error(client, m.rid, p.E_BAD_REQUEST, "request id is already in flight")
             return
+        inflight = self.requests_by_client.get(client, 0)
+        if inflight >= self.settings.max_requests_per_client:
+            self._reply_error(client, m.rid, p.E_LIMIT, f"this client has {inflight} requests in "
+                              "flight, its most (Broker.max_requests_per_client)")
+            return
+        self.requests_by_client[client] = inflight + 1
         timeout = m.timeout_ms / 1000 if m.timeout_ms else self.settings.request_timeout
         tick = math.ceil((time.monotonic() + timeout) / DEADLINE_TICK)
         req = Request(token, client, m, policy, tick)
@@ -264,10 +369,10 @@ class Broker:
         self.totals["errors"] += 1
         self._post(self.frontend, client, p.encode_error(p.Error(rid, code, message)))
 
-    def _cancel(self, token: bytes) -> None:
-        req = self.requests.get(token)
+    def _cancel(self, client: bytes, rid: bytes) -> None:
+        req = self.requests.get(request_token(client, rid))
         if req is None:
-            self.drops.info("CANCEL for a request the broker does not hold")
+            self.drops.info("stray cancel", "CANCEL for a request the broker does not hold", client)
             return
         self.totals["cancelled"] += 1
         self._finish(req, ok=False, cancel_worker=True)
@@ -308,7 +413,7 @@ class Broker:
                 return chosen
             problem = f"returned a {type(chosen).__name__}, not one of the workers it was given"
         message = f"routing policy {req.policy!r} {problem}"
-        self.drops.warn(message)
+        self.drops.warn("policy error", message)
         self._fail(req, p.E_POLICY, message)
         return None
 
@@ -320,14 +425,27 @@ class Broker:
                    p.encode_request_to_worker(p.Request(req.token, req.service, req.body)))
 
     def _enqueue(self, req: Request) -> None:
-        """Wait for a worker with room, or for a first worker (while workers start)."""
-        if len(self.queues.get(req.service, ())) >= self.settings.max_queue:
+        """Wait for a worker with room, or for a first worker (while workers start);
+        unless the queue is full, the client has its share of it, or the queue drains
+        too slowly for the request to leave it before Broker.queue_timeout."""
+        waiting = len(self.queues.get(req.service, ()))
+        rate = self.drain_rates.get(req.service)
+        wait = rate.wait(waiting + 1) if rate is not None else 0.0
+        if waiting >= self.settings.max_queue:
             self._fail_unavailable(req, f"the queue is full: Broker.max_queue is "
-                                        f"{self.settings.max_queue}")
-            return
-        self.totals["queued"] += 1
-        req.queued_at = time.monotonic()
-        self.queues.setdefault(req.service, deque()).append(req)
+                                        f"{self.settings.max_queue}", wait)
+        elif self.queued_by_client.get(req.client, 0) >= self.settings.max_queue_per_client:
+            self._fail_unavailable(req, "this client has its share of the queue waiting "
+                                        "(Broker.max_queue_per_client)", wait)
+        elif wait > self.settings.queue_timeout:
+            self._fail_unavailable(req, f"the queue would take {wait:.1f} s", wait)
+        else:
+            self.totals["queued"] += 1
+            req.queued_at = time.monotonic()
+            self.queues.setdefault(req.service, deque()).append(req)
+            self.queued_by_client[req.client] = self.queued_by_client.get(req.client, 0) + 1
+            if rate is None:
+                self.drain_rates[req.service] = DrainRate(req.queued_at)
 
     def _dequeue(self, req: Request) -> None:
         if req.queued_at is None:
@@ -338,6 +456,7 @@ class Broker:
         queue.remove(req)
         if not queue:
             del self.queues[req.service]  # services named by clients must not pile up
+        count_down(self.queued_by_client, req.client)
 
     def _pump(self, service: str) -> None:
         """Dispatch queued requests of a service, oldest first, while workers have room.
@@ -360,6 +479,7 @@ class Broker:
                 if worker is None:
                     continue  # the policy failed, and so did the request: it left the queue
             self._dequeue(req)
+            self.drain_rates[service].taken += 1
             self._assign(req, worker)
 
     # --- request endings ---------------------------------------------------
@@ -372,6 +492,7 @@ class Broker:
         """Forget a request, and free its worker's slot."""
         if self.requests.pop(req.token, None) is None:
             return
+        count_down(self.requests_by_client, req.client)
         bucket = self.deadlines.get(req.deadline_tick)
         if bucket is not None:
             bucket.discard(req.token)
@@ -401,7 +522,9 @@ class Broker:
             msg = p.decode_from_worker(frames)
         except p.ProtocolError as e:
             if not self._tell_client_wrong_endpoint(peer, frames):
-                self._dropped(f"dropped a malformed message from a worker: {e}")
+                self._dropped("malformed", peer, f"dropped a malformed message from a worker: {e}")
+                if frames[:2] == [p.VERSION, p.READY] and self.told_bad_ready.allow(peer):
+                    self._refuse(peer, p.E_BAD_REQUEST, f"READY refused: {e}")
             return
         worker = self.registry.by_peer.get(peer)
         kind = type(msg)
@@ -458,14 +581,15 @@ class Broker:
         return True
 
     def _tell_wrong_endpoint(self, sock: zmq.Socket, peer: bytes, rid: bytes, message: str) -> None:
-        self._dropped(f"a peer speaks to the wrong socket: {message}")
+        self._dropped("wrong endpoint", peer, f"a peer speaks to the wrong socket: {message}")
         if self.told_wrong_endpoint.allow(peer):
             self._post(sock, peer, p.encode_error(p.Error(rid, p.E_WRONG_ENDPOINT, message)))
 
     def _relay(self, worker: WorkerInfo, msg: p.Chunk | p.End) -> None:
         req = worker.requests.get(msg.rid)
         if req is None:
-            self.drops.info(f"dropped a reply from {worker.worker_id} for a request it does not hold")
+            self.drops.info("stray reply", f"dropped a reply from {worker.worker_id} for a "
+                                           "request it does not hold", worker.peer)
             return
         req.chunks += len(msg.chunks)
         self.totals["chunks"] += len(msg.chunks)
@@ -478,33 +602,69 @@ class Broker:
     def _relay_error(self, worker: WorkerInfo, msg: p.Error) -> None:
         req = worker.requests.get(msg.rid)
         if req is None:
-            self.drops.info(f"dropped an error from {worker.worker_id} for a request it does not hold")
+            self.drops.info("stray reply", f"dropped an error from {worker.worker_id} for a "
+                                           "request it does not hold", worker.peer)
             return
         self._reply_error(req.client, req.rid, msg.code, msg.message)
         self._finish(req, ok=False)
 
     def _register(self, peer: bytes, known: WorkerInfo | None, msg: p.Ready) -> None:
+        most = self.settings.max_services_per_worker
+        if len(msg.services) > most:
+            self._refuse(peer, p.E_LIMIT,
+                         f"READY declares {len(msg.services)} services; the broker takes at "
+                         f"most {most} (Broker.max_services_per_worker)")
+            return
         holder = self.registry.by_id.get(msg.worker_id)
         if holder is not None and holder.peer != peer:
-            # Probe the holder: a peer whose connection is gone cannot be reached.
-            if self._send(self.backend, holder.peer, p.encode_heartbeat(p.Heartbeat(self.boot_id))):
-                self.drops.warn(f"refused READY: worker id {msg.worker_id!r} belongs to a live peer")
-                self._post(self.backend, peer, p.encode_error(p.Error(
-                    b"", p.E_ID_IN_USE, f"worker id {msg.worker_id!r} is in use by a live worker")))
+            if not self._may_take_id(holder, msg.token):
+                self._refuse(peer, p.E_ID_IN_USE,
+                             f"worker id {msg.worker_id!r} is in use by a live worker")
                 return
             self._evict(holder, "replaced by a new registration")
         if known is not None:
-            if (known.worker_id, known.services, known.capacity) == (
-                    msg.worker_id, msg.services, msg.capacity):
+            if (known.worker_id, known.services, known.capacity, known.token) == (
+                    msg.worker_id, msg.services, msg.capacity, msg.token):
                 known.last_seen = time.monotonic()
                 return  # a repeated READY changes nothing
             self._evict(known, "registered again with new settings")
-        worker = WorkerInfo(msg.worker_id, peer, msg.services, msg.capacity)
+        if len(self.registry.by_id) >= self.settings.max_workers:
+            self._refuse(peer, p.E_LIMIT, f"the broker has its most live workers, "
+                                          f"{self.settings.max_workers} (Broker.max_workers)")
+            return
+        worker = WorkerInfo(msg.worker_id, peer, msg.services, msg.capacity, msg.token,
+                            self._displaced_by(msg))
         self.registry.add(worker)
         log.info("worker %s ready for %s (capacity %s)", worker.worker_id,
                  ", ".join(worker.services), worker.capacity or "unlimited")
         for service in worker.services:
             self._pump(service)
+
+    def _may_take_id(self, holder: WorkerInfo, token: str) -> bool:
+        """Whether a READY may take a registered worker's id: the same worker process
+        on a new connection may, and so may the worker that the holder took the id from
+        while it was away; anyone else only if the holder's connection is gone."""
+        if token and token in (holder.token, holder.displaced):
+            return True
+        # Probe the holder: a peer whose connection is gone cannot be reached.
+        probe = p.encode_heartbeat(p.Heartbeat(self.boot_id))
+        return not self._send(self.backend, holder.peer, probe)
+
+    def _displaced_by(self, msg: p.Ready) -> str:
+        """The token of the worker process whose id `msg` takes, if another had it last
+        (that one may take it back), logged and counted; else empty."""
+        previous = self.registry.departed.get(msg.worker_id)
+        if previous is None or previous.token == msg.token:
+            return ""  # a new id, or the same process on a new connection
+        self.totals["id_changes"] += 1
+        log.warning("worker id %s changed hands: another worker process registered under it",
+                    msg.worker_id)
+        return "" if msg.token and msg.token == previous.displaced else previous.token
+
+    def _refuse(self, peer: bytes, code: str, message: str) -> None:
+        """Refuse a worker's READY: an ERROR with an empty request id."""
+        self.drops.warn("refused", f"refused READY: {message}", peer)
+        self._post(self.backend, peer, p.encode_error(p.Error(b"", code, message)))
 
     def _evict(self, worker: WorkerInfo, reason: str) -> None:
         """Forget a worker; retry its requests that have sent nothing yet."""
@@ -528,6 +688,7 @@ class Broker:
                 self._dispatch(req)
             else:
                 self._fail(req, p.E_WORKER_LOST, f"worker {worker.worker_id!r} was lost mid-request")
+        self.registry.remember(worker)
 
     # --- timers --------------------------------------------------------------
 
@@ -558,9 +719,13 @@ class Broker:
         limit = self.settings.queue_timeout
         for queue in list(self.queues.values()):
             while queue and now - queue[0].queued_at >= limit:
-                self._fail_unavailable(queue[0], f"waited Broker.queue_timeout: {limit:g} s")
+                self._fail_unavailable(queue[0], f"waited Broker.queue_timeout: {limit:g} s",
+                                       self.drain_rates[queue[0].service].wait(len(queue)))
+        for service, rate in list(self.drain_rates.items()):
+            if not rate.update(now, service in self.queues):
+                del self.drain_rates[service]  # services named by clients must not pile up
 
-    def _fail_unavailable(self, req: Request, detail: str) -> None:
+    def _fail_unavailable(self, req: Request, detail: str, wait: float = 0.0) -> None:
         if req.policy == DIRECT:
             target = self.registry.by_id.get(req.target)
             if target is None or target.state != READY:
@@ -569,19 +734,29 @@ class Broker:
         elif not self.registry.serving(req.service):
             self._fail(req, p.E_NO_WORKERS, f"no worker serves {req.service!r} ({detail})")
         else:
-            self._fail(req, p.E_QUEUE_FULL, f"every worker of {req.service!r} is busy ({detail})")
+            message = f"every worker of {req.service!r} is busy ({detail})"
+            self._fail(req, p.E_QUEUE_FULL, p.with_retry_after(message, wait) if wait else message)
 
     # --- stats ---------------------------------------------------------------
 
-    def _store_report(self, msg: p.Report) -> None:
+    def _store_report(self, peer: bytes, msg: p.Report) -> None:
         if not self.reports.store(msg.name, msg.counters, time.monotonic()):
-            self.drops.warn(f"ignored the report of {msg.name!r}: {MAX_REPORTERS} reporters "
-                            "are heard from already")
+            self.drops.warn("report refused", f"ignored the report of {msg.name!r}: "
+                            f"{MAX_REPORTERS} reporters are heard from already", peer)
+
+    def _shared_stats(self, peer: bytes) -> dict:
+        """Stats built now for a client's first FRESH_STATS STATS in a
+        Broker.stats_interval; its next ones there get the last stats built, for anyone:
+        a client that asks in a loop must not slow everyone."""
+        if self.fresh_stats.allow(peer) or self._stats is None:
+            self._stats = self.stats()
+        return self._stats
 
     def stats(self) -> dict:
         now = time.monotonic()
-        workers = [w.stats(now) for w in self.registry.by_id.values()]
-        workers += [w.stats(now) for w in self.registry.departed.values()]
+        live, departed = self.registry.by_id, self.registry.departed
+        shown = heapq.nsmallest(self.settings.stats_max_workers, [*live, *departed])
+        workers = [live[i].stats(now) if i in live else departed[i].stats for i in shown]
         queued_now = {service: len(q) for service, q in self.queues.items() if q}
         queue_depth = sum(queued_now.values())
         return {
@@ -593,7 +768,11 @@ class Broker:
                 "queue_wait_s_total": round(self.queue_wait_total, 6),
                 "uptime_s": round(now - self.started, 3),
                 "boot_id": self.boot_id.hex(),
+                "workers_ready": sum(w.state == READY for w in live.values()),
+                "workers_live": len(live),
+                "workers_departed": len(departed),
+                "workers_truncated": len(shown) < len(live) + len(departed),
             },
-            "workers": sorted(workers, key=lambda w: w["id"]),
+            "workers": workers,  # the first Broker.stats_max_workers by id
             "gateways": self.reports.current(now),
         }

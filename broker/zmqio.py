@@ -45,8 +45,28 @@ def readable(sock: zmq.Socket) -> bool:
     return bool(_get(sock, _EVENTS) & _POLLIN)
 
 
-def recv_frames(sock: zmq.Socket) -> list[bytes]:
+class TooManyFrames(Exception):
+    """A message had more frames than the receiver takes; `frames` are its first ones."""
+
+    def __init__(self, frames: list[bytes]) -> None:
+        super().__init__(f"a message of more than {len(frames)} frames")
+        self.frames = frames
+
+
+def recv_frames(sock: zmq.Socket, max_frames: int) -> list[bytes]:
+    """One message. Past `max_frames` the rest of it is read and thrown away, which
+    costs far less than handling it, and TooManyFrames is raised."""
     frames = [_recv(sock, _LAST)]
+    room = max_frames - 1  # counted down: cheaper than len(frames) for every frame
     while _get(sock, _RCVMORE):
+        if not room:
+            _discard_rest(sock)
+            raise TooManyFrames(frames)
+        room -= 1
         frames.append(_recv(sock, _LAST))
     return frames
+
+
+def _discard_rest(sock: zmq.Socket) -> None:
+    while _get(sock, _RCVMORE):
+        _recv(sock, _LAST)

@@ -81,14 +81,15 @@ class HttpError(Exception):
         self.code = code
 
 
-def json_response(body: dict, status: int = 200) -> web.Response:
-    headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
+def json_response(body: dict, status: int = 200, retry_after: int | None = None) -> web.Response:
+    headers = {"Retry-After": str(retry_after or RETRY_AFTER_S)} if status == 503 else None
     return web.Response(body=orjson.dumps(body), status=status, headers=headers,
                         content_type="application/json")
 
 
 def error_response(error: HttpError) -> web.Response:
-    return json_response({"error": error.message, "code": error.code}, error.status)
+    return json_response({"error": error.message, "code": error.code}, error.status,
+                         p.retry_after(error.message))  # the broker's estimate
 
 
 def unavailable(message: str, code: str) -> web.Response:
@@ -328,7 +329,7 @@ class Gateway:
             stats = await self._broker_stats()
         except HttpError as e:
             return unavailable(e.message, e.code)
-        workers = sum(1 for w in stats["workers"] if w["state"] == "ready")
+        workers = stats["broker"]["workers_ready"]  # the list of workers may be truncated
         if workers:
             return json_response({"status": "ok", "workers": workers})
         return unavailable("no worker is registered", p.E_NO_WORKERS)
@@ -361,6 +362,6 @@ class Gateway:
             try:
                 gateways[name] = GatewayMetrics.from_snapshot(snapshot)
             except ValueError as e:  # reporters are clients, and clients are not trusted
-                self.bad_reports.warn(f"ignored the report of {name!r}: {e}")
+                self.bad_reports.warn("bad report", f"ignored the report of {name!r}: {e}")
         gateways.setdefault(self.client.name, self.metrics)
         return dict(sorted(gateways.items()))

@@ -26,13 +26,34 @@ class MemoryBroker:
                                     f"Broker.backend=inproc://memory-back-{n}", *overrides])
         self.context = zmq.Context()
         self.broker = Broker(config.broker, self.context, policies)
+        self.peers: list[zmq.Socket] = []  # connected by connect(), closed by close()
 
     def close(self) -> None:
+        for peer in self.peers:
+            peer.close(0)
+        self.broker.frontend.disable_monitor()
+        self.broker.client_disconnects.close(0)
         self.broker.frontend.close(0)
         self.broker.backend.close(0)
         self.context.term()
 
     # --- in ---------------------------------------------------------------------
+
+    def connect(self, sock: zmq.Socket, routing_id: bytes) -> zmq.Socket:
+        """A DEALER on the broker's frontend or backend socket, with a known routing id:
+        a peer the broker can reach (one it has never heard of cannot be)."""
+        dealer = self.context.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.routing_id = routing_id
+        dealer.connect(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.peers.append(dealer)
+        return dealer
+
+    def drain(self, sock: zmq.Socket) -> None:
+        """Let the broker take what waits on one of its sockets, as its loop would."""
+        handle = self.broker._on_client if sock is self.broker.frontend else self.broker._on_worker
+        while sock.poll(100):
+            self.broker._drain(sock, handle)
 
     def from_client(self, client: bytes, frames: list[bytes]) -> None:
         self.broker._on_client(client, frames)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import signal
 import time
 
@@ -15,7 +16,7 @@ import zmq
 from broker import protocol as p
 from broker.client import BlockingClient, BrokerError, Client
 from tests.handlers import CANCELLED_LINE, STARTED_LINE
-from tests.support import (Stack, all_idle, async_wait_until, free_port, run_zroute,
+from tests.support import (Stack, all_idle, async_wait_until, free_port, run_zroute, wait_until,
                            workers_by_id)
 
 SEED_BODY = {"text": "world,universe,galaxy"}
@@ -51,6 +52,7 @@ def shared(tmp_path_factory):
     file      "configured": greeting from a YAML file (-f)
     flag      "configured": the same file, and --Backend.greeting=Hi
     flaky1    tests.handlers:flaky on "flaky"
+    flaky2    the same, with Backend.expose_errors
     """
     log_dir = tmp_path_factory.mktemp("shared")
     config = log_dir / "zroute.yaml"
@@ -64,8 +66,10 @@ def shared(tmp_path_factory):
         s.worker("file", "--service", "configured", "-f", str(config))
         s.worker("flag", "--service", "configured", "-f", str(config), "--Backend.greeting=Hi")
         s.worker("flaky1", "--handler", "tests.handlers:flaky", "--service", "flaky")
-        # Seven processes start at once: give a loaded machine time.
-        s.wait_workers("w1", "w2", "slow", "file", "flag", "flaky1", timeout=40)
+        s.worker("flaky2", "--handler", "tests.handlers:flaky", "--service", "flaky",
+                 "--Backend.expose_errors=true")
+        # Eight processes start at once: give a loaded machine time.
+        s.wait_workers("w1", "w2", "slow", "file", "flag", "flaky1", "flaky2", timeout=40)
         yield s
     finally:
         s.close()
@@ -344,13 +348,46 @@ def test_handler_exception_is_handler_error_and_worker_goes_on(shared):
 
     error, chunks, worker_id = run(main())
     assert error.code == p.E_HANDLER
-    assert error.message == "RuntimeError: boom 42"
+    # The exception's text stays in the worker's log, with the request id the client got.
+    request_id = re.fullmatch(r"the handler failed on request ([0-9a-f]+); "
+                              r"worker flaky1's log has the details", error.message).group(1)
     assert (chunks, worker_id) == ([b"fine again\n"], "flaky1")
     after = workers_by_id(shared.stats())["flaky1"]
     assert after["state"] == "ready"
     assert (after["completed"] - before["completed"], after["failed"] - before["failed"]) == (1, 1)
     flaky1 = next(proc for proc in shared.procs if proc.name == "flaky1")
-    assert "worker flaky1: handler failed on request" in flaky1.output()
+    log = flaky1.output()
+    assert f"worker flaky1: handler failed on request {request_id}\nTraceback" in log
+    assert "RuntimeError: boom 42" in log
+
+
+@SHARED_TIMEOUT
+def test_with_expose_errors_the_client_gets_the_exception_text(shared):
+    async def main():
+        async with Client(shared.frontend) as client:
+            with pytest.raises(BrokerError) as caught:
+                await collect(client.direct("flaky", {"fail": "boom 43"}, "flaky2"))
+            return caught.value
+
+    error = run(main())
+    assert (error.code, error.message) == (p.E_HANDLER, "RuntimeError: boom 43")
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_without_an_id_gets_a_random_one_that_names_no_host(stack):
+    stack.broker()
+    stack.start("anonymous", "worker", "--broker", stack.backend)
+    ids = wait_until(stack.ready_workers, 10, "the worker to register")
+    assert re.fullmatch(r"worker-[0-9a-f]{6}", ids[0])
+
+
+@SHARED_TIMEOUT
+def test_bad_request_messages_still_reach_the_client(shared):
+    with BlockingClient(shared.frontend, timeout=10) as client:
+        with pytest.raises(BrokerError) as caught:
+            list(client.request("generate", {"text": 5}, worker="w1", policy="direct"))
+    assert caught.value.code == p.E_BAD_REQUEST
+    assert caught.value.message == 'body must be a JSON object with a string field "text"'
 
 
 def _start_hang_worker(stack: Stack):
@@ -504,10 +541,16 @@ def test_garbage_on_both_sockets_leaves_the_broker_serving(stack):
         assert {r.code for r in replies.values()} == {p.E_BAD_REQUEST}
         assert "timeout" in replies[b"g-huge-timeout"].message
 
-        # The broker asks the stranger to register; maybe once for all its messages.
-        disconnects = []
-        while stranger.poll(5000 if not disconnects else 200):
-            disconnects.extend(p.unbatch(stranger.recv_multipart()))
+        # The broker asks the stranger to register; maybe once for all its messages. It
+        # refuses each READY that does not parse, saying why.
+        answers = []
+        while stranger.poll(5000 if not answers else 200):
+            answers.extend(p.unbatch(stranger.recv_multipart()))
+        refusals = [p.decode_to_worker(m) for m in answers if m[1] == p.ERROR]
+        disconnects = [m for m in answers if m[1] != p.ERROR]
+        bad_readies = [m for m in from_worker_malformed if m[:2] == [V, p.READY]]
+        assert len(refusals) == len(bad_readies)
+        assert {(r.rid, r.code) for r in refusals} == {(b"", p.E_BAD_REQUEST)}
         assert 1 <= len(disconnects) <= len(from_stranger)
         assert disconnects == [[V, p.DISCONNECT]] * len(disconnects)
 
@@ -599,7 +642,7 @@ def test_blocking_client_request_and_stats(shared):
         stats = client.stats()
 
     assert sorted(w["id"] for w in stats["workers"]) == \
-        ["file", "flag", "flaky1", "slow", "w1", "w2"]
+        ["file", "flag", "flaky1", "flaky2", "slow", "w1", "w2"]
     assert all(w["state"] == "ready" for w in stats["workers"])
     delta = {key: stats["broker"][key] - before["broker"][key]
              for key in ("requests", "completed", "failed")}

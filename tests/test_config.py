@@ -13,6 +13,7 @@ DEFAULTS = {
         "greeting": "Hello",
         "sleep_time": 1.0,
         "drain_timeout": 30.0,
+        "expose_errors": False,
         "ServiceArgs": {"workers": 1, "capacity": 0},
     },
     "Frontend": {
@@ -33,7 +34,14 @@ DEFAULTS = {
         "request_timeout": 60.0,
         "max_queue": 1000,
         "queue_timeout": 5.0,
+        "max_queue_per_client": 250,
+        "max_requests_per_client": 10000,
         "max_message_size": 8388608,
+        "max_workers": 1000,
+        "max_services_per_worker": 64,
+        "max_departed_workers": 100,
+        "stats_max_workers": 100,
+        "stats_interval": 0.1,
         "policies": (),
     },
 }
@@ -162,7 +170,7 @@ def test_as_dict_uses_yaml_spelling() -> None:
         ("Foo:\n  x: 1\n",
          "unknown section 'Foo' (valid sections: Backend, Frontend, Broker)"),
         ("Backend:\n  greting: Hi\n",
-         "unknown key 'Backend.greting' (valid keys: greeting, sleep_time, drain_timeout, ServiceArgs)"),
+         "unknown key 'Backend.greting' (valid keys: greeting, sleep_time, drain_timeout, expose_errors, ServiceArgs)"),
         ("Backend:\n  ServiceArgs:\n    worker: 2\n",
          "unknown key 'Backend.ServiceArgs.worker' (valid keys: workers, capacity)"),
         ("Frontend:\n  port: abc\n",
@@ -182,7 +190,7 @@ def test_as_dict_uses_yaml_spelling() -> None:
         ("Backend:\n  greeting: 123\n",
          "Backend.greeting: 123 is invalid: must be a string"),
         ("Backend: 5\n",
-         "Backend: 5 is invalid: must be a mapping with keys greeting, sleep_time, drain_timeout, ServiceArgs"),
+         "Backend: 5 is invalid: must be a mapping with keys greeting, sleep_time, drain_timeout, expose_errors, ServiceArgs"),
     ],
 )
 def test_file_value_errors(tmp_path: Path, yaml_text: str, message: str) -> None:
@@ -194,12 +202,13 @@ def test_file_value_errors(tmp_path: Path, yaml_text: str, message: str) -> None
     [
         ("Foo.x=1", "unknown section 'Foo' (valid sections: Backend, Frontend, Broker)"),
         ("Backend.greting=Hi",
-         "unknown key 'Backend.greting' (valid keys: greeting, sleep_time, drain_timeout, ServiceArgs)"),
+         "unknown key 'Backend.greting' (valid keys: greeting, sleep_time, drain_timeout, expose_errors, ServiceArgs)"),
         ("Backend.ServiceArgs.worker=3",
          "unknown key 'Backend.ServiceArgs.worker' (valid keys: workers, capacity)"),
         ("Frontend.port=abc", "Frontend.port: 'abc' is invalid: must be an integer from 1 to 65535"),
         ("Frontend.port=65536", "Frontend.port: 65536 is invalid: must be an integer from 1 to 65535"),
         ("Backend.sleep_time=-1", "Backend.sleep_time: -1 is invalid: must be a number >= 0"),
+        ("Backend.expose_errors=1", "Backend.expose_errors: 1 is invalid: must be true or false"),
         ("Broker.max_message_size=65535",
          "Broker.max_message_size: 65535 is invalid: must be an integer >= 65536"),
         ("Backend.greeting.x=1",
@@ -212,6 +221,11 @@ def test_file_value_errors(tmp_path: Path, yaml_text: str, message: str) -> None
 )
 def test_override_errors(override: str, message: str) -> None:
     assert error_text(None, (override,)) == message
+
+
+def test_a_boolean_key_takes_true_or_false() -> None:
+    assert load_config(None, ["Backend.expose_errors=true"]).backend.expose_errors is True
+    assert load_config(None, ["Backend.expose_errors=false"]).backend.expose_errors is False
 
 
 def test_missing_file(tmp_path: Path) -> None:

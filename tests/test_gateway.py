@@ -480,7 +480,10 @@ def test_a_handler_failing_before_its_first_line_answers_502_handler_error(stack
 
 @async_test
 async def test_a_handler_failing_mid_stream_gives_a_visibly_incomplete_response(stack):
-    gateway = serving_handler(stack, "fail_mid_stream")
+    stack.broker()
+    handler_worker(stack, "worker-1", "fail_mid_stream", "--Backend.expose_errors=true")
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 1)
     expected = f"Hello world!\n\nerror: handler_error: RuntimeError: {FAILURE}\n"
 
     async with aiohttp.ClientSession() as session:

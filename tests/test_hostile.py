@@ -1,6 +1,9 @@
-"""Hypothesis-generated frame sequences against a live broker: it never crashes and still serves."""
+"""Hostile input: Hypothesis-generated frame sequences against a live broker (it never
+crashes and still serves), names with control characters, and floods of bad messages."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import zmq
@@ -9,6 +12,7 @@ from hypothesis import strategies as st
 
 from broker import protocol as p
 from broker.client import BlockingClient
+from tests.broker_memory import MemoryBroker
 from tests.support import Stack, wait_until
 
 COMMANDS = [p.READY, p.HEARTBEAT, p.DISCONNECT, p.REQUEST, p.CHUNK, p.END, p.ERROR, p.CANCEL,
@@ -90,3 +94,58 @@ def test_broker_still_serves_after_the_random_frames(live):
             assert b"".join(client.request("generate", {"text": "a,b"})) == b"Hello a!\nHello b!\n"
     assert broker.popen.poll() is None
     assert stack.stats()["broker"]["rejected_frames"] > 0
+
+
+# --- names a peer chooses, and what they make the broker log --------------------------
+
+BAD_NAMES = ["gen\r\nerate", "a\nINFO forged line", "esc\x1b[31m", "nul\x00", "sep\u2028x", "del\x7f"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+@pytest.mark.parametrize("field", ["service", "policy", "target"])
+def test_a_request_naming_a_control_character_is_refused_naming_the_field(field, name):
+    memory = MemoryBroker()
+    try:
+        fields = {"service": "generate", "policy": "direct", "target": "w1", field: name}
+        memory.from_client(b"c1", p.encode_request_to_broker(p.Request(
+            b"r1", fields["service"], b"{}", fields["policy"], fields["target"])))
+        [reply] = memory.to_client(b"c1")
+        assert (reply.rid, reply.code) == (b"r1", p.E_BAD_REQUEST)
+        assert f"{field} has a control or unprintable character" in reply.message
+    finally:
+        memory.close()
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_ready_naming_a_control_character_is_refused(name):
+    memory = MemoryBroker()
+    try:
+        for worker_id, services in ((name, ["generate"]), ("w1", ["generate", name])):
+            memory.from_worker(b"peer", p.encode_ready(p.Ready(worker_id, services)))
+            [refusal] = memory.to_worker(b"peer")
+            assert (refusal.rid, refusal.code) == (b"", p.E_BAD_REQUEST)
+            assert "has a control or unprintable character" in refusal.message
+        assert not memory.broker.registry.by_id
+    finally:
+        memory.close()
+
+
+def test_names_with_printable_unicode_and_spaces_are_fine():
+    frames = p.encode_ready(p.Ready("wörker 1", ["générer"]))
+    assert p.decode_from_worker(frames) == p.Ready("wörker 1", ["générer"])
+
+
+def test_many_bad_messages_write_a_bounded_number_of_log_lines(caplog):
+    """The limiter keys on the kind of event and the peer, not on the attacker's bytes."""
+    memory = MemoryBroker()
+    try:
+        with caplog.at_level(logging.INFO, logger="zroute.broker"):
+            for n in range(2000):  # each with different bytes, from one peer and then many
+                peer = b"c1" if n < 1000 else b"c%d" % n
+                memory.from_client(peer, [p.VERSION, p.REQUEST, b"r%d" % n, b"x%d" % n])
+                memory.from_worker(peer, [p.VERSION, b"\x42", b"%d" % n])
+        lines = [r for r in caplog.records if r.name == "zroute.broker"]
+        assert 0 < len(lines) <= 10
+        assert memory.broker.totals["rejected_frames"] == 4000
+    finally:
+        memory.close()

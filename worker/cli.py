@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
-import os
+import secrets
 import signal
-import socket
 from typing import Any, Sequence
 
 from broker import protocol as p
@@ -26,7 +25,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the broker's worker-facing endpoint; sets Broker.backend "
                              "(default: tcp://127.0.0.1:5556)")
     parser.add_argument("--id", dest="worker_id", metavar="ID",
-                        help="worker id (default: hostname-pid)")
+                        help="worker id (default: worker- and 6 random hex digits)")
     parser.add_argument("--handler", default=DEFAULT_HANDLER, metavar="MODULE:CALLABLE",
                         help="an async generator function, or a factory that takes the "
                              f"configuration and returns one (default: {DEFAULT_HANDLER})")
@@ -80,17 +79,18 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     handler = load_handler(args.handler, config)
     worker = Worker(
         config.broker.backend,
-        args.worker_id or f"{socket.gethostname()}-{os.getpid()}",
+        args.worker_id or f"worker-{secrets.token_hex(3)}",  # tells clients nothing of the host
         {service: handler for service in args.services or ["generate"]},
         capacity=config.backend.service_args.capacity,
         heartbeat_interval=config.broker.heartbeat_interval,
         heartbeat_misses=config.broker.heartbeat_misses,
         drain_timeout=config.backend.drain_timeout,
+        expose_errors=config.backend.expose_errors,
     )
     aio.run(_serve(worker))
     if worker.refused:
-        flag = "--id" if worker.refused.code == p.E_ID_IN_USE else "--broker"
-        raise ConfigError(f"{flag}: {worker.refused.message}")
+        flags = {p.E_ID_IN_USE: "--id: ", p.E_WRONG_ENDPOINT: "--broker: "}
+        raise ConfigError(f"{flags.get(worker.refused.code, '')}{worker.refused.message}")
     return 0
 
 

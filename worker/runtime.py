@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -27,8 +28,11 @@ Handler = Callable[[Any], AsyncIterator["bytes | str"]]
 
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 3.0
-# The broker refuses the worker itself: its id is taken, or it connected to the client socket.
-REFUSALS = (p.E_ID_IN_USE, p.E_WRONG_ENDPOINT)
+# A request's chunks leave as one message once they reach either budget, well within
+# the protocol's MAX_FRAMES, so that no message costs the broker long to relay.
+REPLY_FRAMES = 256
+REPLY_BYTES = p.MAX_BATCH_BYTES
+YIELD_EVERY = 256  # chunks a request yields before letting the loop run others
 
 
 class BadRequest(Exception):
@@ -58,16 +62,28 @@ class Outbox:
         self.send = send
         self.push = push
         self.chunks: dict[bytes, list[bytes]] = {}
+        self.sizes: dict[bytes, int] = {}  # rid -> bytes in its pending chunks
         self.endings: dict[bytes, p.Error | None] = {}  # rid -> None for END, or the ERROR
         self._scheduled = False
 
     def chunk(self, rid: bytes, data: bytes) -> None:
         pending = self.chunks.get(rid)
         if pending is None:
-            self.chunks[rid] = [data]
+            self.chunks[rid] = pending = []
+            self.sizes[rid] = 0
             self._schedule()
+        pending.append(data)
+        size = self.sizes[rid] + len(data)
+        if len(pending) >= REPLY_FRAMES or size >= REPLY_BYTES:
+            self.forget(rid)
+            self.send(p.encode_reply_from_worker(p.Chunk(rid, pending)))
         else:
-            pending.append(data)
+            self.sizes[rid] = size
+
+    def forget(self, rid: bytes) -> None:
+        """Drop a request's pending chunks."""
+        del self.chunks[rid]
+        del self.sizes[rid]
 
     def end(self, rid: bytes, error: p.Error | None = None) -> None:
         self.endings[rid] = error
@@ -81,7 +97,7 @@ class Outbox:
     def flush(self) -> None:
         self._scheduled = False
         chunks, endings = self.chunks, self.endings
-        self.chunks, self.endings = {}, {}
+        self.chunks, self.sizes, self.endings = {}, {}, {}
         for rid, data in chunks.items():
             if rid in endings and endings[rid] is None:
                 del endings[rid]
@@ -98,7 +114,8 @@ class Worker:
 
     def __init__(self, broker: str, worker_id: str, handlers: dict[str, Handler], *,
                  capacity: int = 0, heartbeat_interval: float = 1.0, heartbeat_misses: int = 3,
-                 drain_timeout: float = 30.0, context: zmq.Context | None = None) -> None:
+                 drain_timeout: float = 30.0, expose_errors: bool = False,
+                 context: zmq.Context | None = None) -> None:
         if not handlers:
             raise ValueError("a worker needs at least one service")
         self.broker = broker
@@ -108,6 +125,8 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
         self.drain_timeout = drain_timeout
+        self.expose_errors = expose_errors
+        self.token = secrets.token_hex(16)  # proves to the broker that a new connection is ours
         self.context = context or zmq.Context.instance()
         self.tasks: dict[bytes, asyncio.Task] = {}
         self.served = 0
@@ -144,7 +163,7 @@ class Worker:
 
     def _register(self) -> None:
         services = sorted(self.handlers)
-        self._send(p.encode_ready(p.Ready(self.worker_id, services, self.capacity)))
+        self._send(p.encode_ready(p.Ready(self.worker_id, services, self.capacity, self.token)))
         log.info("worker %s registering with %s for %s", self.worker_id, self.broker,
                  ", ".join(services))
 
@@ -199,9 +218,9 @@ class Worker:
         except p.ProtocolError as e:
             # A peer that is not a broker (say, the gateway's HTTP port) sends a stream of
             # these: say once in a while what it may be, not once per message.
-            self._drops.warn(f"worker {self.worker_id} dropped a message that is not zroute's "
-                             f"protocol ({e}): is {self.broker} the broker's worker endpoint, "
-                             "Broker.backend?")
+            self._drops.warn("not zroute", f"worker {self.worker_id} dropped a message that is "
+                             f"not zroute's protocol ({e}): is {self.broker} the broker's worker "
+                             "endpoint, Broker.backend?")
             return
         kind = type(msg)
         if kind is p.Request:
@@ -219,9 +238,18 @@ class Worker:
                 self._register()
         elif kind is p.Error:
             log.error("worker %s: the broker refused it: %s", self.worker_id, msg.message)
-            if msg.code in REFUSALS:
+            if not msg.rid:  # about the worker itself: its id is taken, it is over a limit...
                 self.refused = msg
                 self.stop()
+
+    def _handler_error(self, rid: bytes, error: Exception) -> str:
+        """What a client is told of a handler's exception. Its text may hold paths, host
+        names or secrets: unless expose_errors, only the request id, which the worker's
+        log line (with the traceback) names too."""
+        if self.expose_errors:
+            return f"{type(error).__name__}: {error}"
+        return (f"the handler failed on request {rid.hex()}; "
+                f"worker {self.worker_id}'s log has the details")
 
     def _start(self, msg: p.Request) -> None:
         if msg.rid in self.tasks:
@@ -247,17 +275,20 @@ class Worker:
                                     "not str or bytes")
                 self._outbox.chunk(rid, item)
                 chunks += 1
+                if chunks % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # a handler that never awaits must not starve others
             self._outbox.end(rid)
         except asyncio.CancelledError:
             outcome = "cancelled"
-            self._outbox.chunks.pop(rid, None)  # the broker has forgotten the request
+            if rid in self._outbox.chunks:
+                self._outbox.forget(rid)  # the broker has forgotten the request
         except BadRequest as e:
             outcome = "bad request"
             self._outbox.end(rid, p.Error(rid, p.E_BAD_REQUEST, str(e)))
         except Exception as e:
             outcome = "error"
             log.exception("worker %s: handler failed on request %s", self.worker_id, rid.hex())
-            self._outbox.end(rid, p.Error(rid, p.E_HANDLER, f"{type(e).__name__}: {e}"))
+            self._outbox.end(rid, p.Error(rid, p.E_HANDLER, self._handler_error(rid, e)))
         finally:
             del self.tasks[rid]
             self.served += 1

@@ -38,6 +38,8 @@ class Setting:
         """True if ``value`` has the right type and lies in range."""
         if self.type is tuple:
             return isinstance(value, list) and all(isinstance(item, str) for item in value)
+        if self.type is bool:
+            return isinstance(value, bool)
         allowed = (int, float) if self.type is float else (self.type,)
         if isinstance(value, bool) or not isinstance(value, allowed):
             return False
@@ -47,7 +49,7 @@ class Setting:
     def describe(self) -> str:
         """What a valid value looks like, e.g. 'must be an integer from 1 to 65535'."""
         kind = {str: "a string", int: "an integer", float: "a number",
-                tuple: "a list of strings"}[self.type]
+                tuple: "a list of strings", bool: "true or false"}[self.type]
         if self.ge is not None and self.le is not None:
             return f"must be {kind} from {self.ge} to {self.le}"
         if self.ge is not None:
@@ -100,6 +102,8 @@ SCHEMA: dict[str, Any] = {
         "greeting": Setting(str, "Hello"),
         "sleep_time": Setting(float, 1.0, ge=0),
         "drain_timeout": Setting(float, 30.0, ge=0),  # SIGTERM: finish in-flight work for this long
+        # Send a handler's exception text to clients; else they get a request id to look up.
+        "expose_errors": Setting(bool, False),
         "ServiceArgs": {
             "workers": Setting(int, 1, ge=1),
             "capacity": Setting(int, 0, ge=0),  # 0 means unlimited
@@ -123,8 +127,15 @@ SCHEMA: dict[str, Any] = {
         "request_timeout": Setting(float, 60.0, gt=0),
         "max_queue": Setting(int, 1000, ge=0),
         "queue_timeout": Setting(float, 5.0, ge=0),
+        "max_queue_per_client": Setting(int, 250, ge=0),  # of all the queues, per client
+        "max_requests_per_client": Setting(int, 10_000, ge=1),  # held by the broker, per client
         # Peers pack messages into frames of up to MAX_BATCH_BYTES.
         "max_message_size": Setting(int, 8388608, ge=MAX_BATCH_BYTES),
+        "max_workers": Setting(int, 1000, ge=1),  # live workers; a READY past it is refused
+        "max_services_per_worker": Setting(int, 64, ge=1),  # names one READY may declare
+        "max_departed_workers": Setting(int, 100, ge=0),  # evicted workers kept in stats
+        "stats_max_workers": Setting(int, 100, ge=1),  # workers listed in one stats reply
+        "stats_interval": Setting(float, 0.1, ge=0),  # STATS replies share stats this fresh
         # Policy classes (module:Class) a request may name besides the built-in ones.
         "policies": Setting(tuple, (), check=policy_spec_problem),
     },

@@ -1,0 +1,119 @@
+"""Who may register under a worker id: the broker's rules, in memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker import protocol as p
+from tests.broker_memory import MemoryBroker
+from tests.support import free_port, wait_until
+
+
+@pytest.fixture
+def memory():
+    broker = MemoryBroker()
+    yield broker
+    broker.close()
+
+
+def ready(memory: MemoryBroker, peer: bytes, token: str) -> list[p.Message]:
+    """A READY for "w1" from `peer`; what the broker answers it."""
+    memory.from_worker(peer, p.encode_ready(p.Ready("w1", ["generate"], 0, token)))
+    return memory.to_worker(peer)
+
+
+def holder(memory: MemoryBroker) -> bytes:
+    return memory.broker.registry.by_id["w1"].peer
+
+
+def test_a_worker_process_on_a_new_connection_takes_its_id_from_its_old_one(memory):
+    memory.connect(memory.broker.backend, b"old")  # still connected: it answers probes
+    assert ready(memory, b"old", "token-a") == []
+    assert ready(memory, b"new", "token-a") == []
+    assert holder(memory) == b"new"
+    assert memory.broker.totals["id_changes"] == 0
+
+
+def test_another_process_is_refused_while_the_holder_is_connected(memory):
+    memory.connect(memory.broker.backend, b"live")
+    ready(memory, b"live", "token-a")
+    [refusal] = ready(memory, b"other", "token-b")
+    assert (refusal.rid, refusal.code) == (b"", p.E_ID_IN_USE)
+    assert holder(memory) == b"live"
+
+
+def test_an_id_taken_while_its_worker_was_away_goes_back_to_that_worker(memory):
+    broker = memory.broker
+    ready(memory, b"real", "token-real")
+    memory.from_worker(b"real", p.encode_disconnect())  # its connection dropped, say
+    memory.connect(broker.backend, b"impostor")
+    assert ready(memory, b"impostor", "token-impostor") == []
+    assert broker.totals["id_changes"] == 1  # counted, and logged
+
+    # The real worker's process comes back on a new connection: the id is its own again,
+    # and the direct requests for it go there, though the impostor is still connected.
+    memory.connect(broker.backend, b"real-again")
+    assert ready(memory, b"real-again", "token-real") == []
+    assert holder(memory) == b"real-again"
+    assert broker.totals["id_changes"] == 2
+    memory.request(b"c1", b"r1", policy="direct", target="w1")
+    assert [type(m) for m in memory.to_worker(b"real-again")] == [p.Request]
+
+    # The impostor has no claim on it: refused while the real worker is connected.
+    [refusal] = ready(memory, b"impostor", "token-impostor")
+    assert refusal.code == p.E_ID_IN_USE
+
+
+def test_the_token_is_never_shown_in_stats(memory):
+    ready(memory, b"w1", "secret-token")
+    memory.from_worker(b"w1", p.encode_disconnect())
+    ready(memory, b"w2", "other-secret")
+    assert b"secret" not in p.encode_stats_reply(p.StatsReply(b"s", memory.broker.stats()))[3]
+
+
+@pytest.mark.timeout(20)
+def test_replies_for_a_client_that_has_gone_are_not_delivered_to_its_successor():
+    """A peer that connects with the routing id of a client that dropped (automatic ids
+    are sequential) must not receive that client's in-flight replies."""
+    memory = MemoryBroker(None, f"Broker.frontend=tcp://127.0.0.1:{free_port()}")
+    broker = memory.broker
+    try:
+        worker = memory.register("w1")
+        victim = memory.connect(broker.frontend, b"client-7")
+        victim.send_multipart(p.encode_request_to_broker(p.Request(b"r1", "generate", b"{}")))
+        [request] = wait_until(lambda: memory.drain(broker.frontend) or memory.to_worker(worker),
+                               5, "the victim's request to reach the worker")
+        victim.close()
+        wait_until(lambda: broker.client_disconnects.poll(0), 5, "the disconnect event")
+        broker._on_client_disconnects()
+        assert broker.totals["clients_gone"] == 1
+        assert memory.to_worker(worker) == [p.Cancel(request.rid)]
+
+        successor = memory.connect(broker.frontend, b"client-7")
+        successor.send_multipart(p.encode_heartbeat())
+        answers = wait_until(lambda: memory.drain(broker.frontend) or memory.to_client(b"client-7"),
+                             5, "the broker to hear the successor")
+        assert [type(m) for m in answers] == [p.Heartbeat]
+        memory.from_worker(worker, p.encode_reply_from_worker(p.End(request.rid, [b"secret"])))
+        assert memory.to_client(b"client-7") == []
+    finally:
+        memory.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_client_that_stays_keeps_its_requests_when_another_leaves():
+    memory = MemoryBroker(None, f"Broker.frontend=tcp://127.0.0.1:{free_port()}")
+    broker = memory.broker
+    try:
+        worker = memory.register("w1")
+        staying, leaving = (memory.connect(broker.frontend, name) for name in (b"c1", b"c2"))
+        for sock in (staying, leaving):
+            sock.send_multipart(p.encode_request_to_broker(p.Request(b"r1", "generate", b"{}")))
+        wait_until(lambda: memory.drain(broker.frontend) or len(broker.requests) == 2, 5,
+                   "both requests")
+        leaving.close()
+        wait_until(lambda: broker.client_disconnects.poll(0), 5, "the disconnect event")
+        broker._on_client_disconnects()
+        assert [r.client for r in broker.requests.values()] == [b"c1"]
+    finally:
+        memory.close()
