@@ -35,7 +35,8 @@ SOCKET_HWM = 10_000  # messages queued per peer; past that a send fails and its 
 DISCONNECTED = "disconnected"  # the eviction reason of a worker that said goodbye
 POLL_MS = 50  # the loop wakes at least this often for timers and stop()
 DEADLINE_TICK = 0.05  # deadlines are kept in buckets of this many seconds
-FRESH_STATS = 5  # STATS a client gets built afresh per Broker.stats_interval
+FRESH_STATS = 5  # STATS of a client answered at once per Broker.stats_interval
+MAX_STATS_WAITING = 10_000  # STATS waiting for the next shared build, from all clients
 DRAIN_RATE_INTERVAL = 0.5  # seconds over which a queue's drain rate is measured
 WRONG_ENDPOINT_ANSWERS = 10  # per peer per second, to a peer on the wrong socket or a bad READY
 
@@ -124,8 +125,9 @@ class Broker:
         self.drain_rates: dict[str, DrainRate] = {}  # of the services with a queue lately
         self.requests_by_client: dict[bytes, int] = {}  # held by the broker, queued or not
         self.queued_by_client: dict[bytes, int] = {}
-        self._stats: dict | None = None  # the last stats built, shared
         self.fresh_stats = PeerLimiter(settings.stats_interval, FRESH_STATS)
+        self.stats_waiting: list[tuple[bytes, bytes]] = []  # (client, rid) of deferred STATS
+        self._next_stats_build = 0.0
         # Deadlines in buckets, so that a finished request is forgotten at once.
         self.deadlines: dict[int, set[bytes]] = {}
         self._checked_tick = int(time.monotonic() / DEADLINE_TICK)
@@ -304,8 +306,7 @@ class Broker:
         elif kind is p.Cancel:
             self._cancel(peer, msg.rid)
         elif kind is p.StatsRequest:
-            stats = self._shared_stats(peer)
-            self._post(self.frontend, peer, p.encode_stats_reply(p.StatsReply(msg.rid, stats)))
+            self._answer_stats(peer, msg.rid)
         elif kind is p.Report:
             self._store_report(peer, msg)
         else:
@@ -705,6 +706,7 @@ class Broker:
             self._next_heartbeat = now + self.settings.heartbeat_interval
             self._heartbeat(now)
         self._expire_queued(now)
+        self._answer_waiting_stats(now)
 
     def _heartbeat(self, now: float) -> None:
         limit = self.settings.heartbeat_interval * self.settings.heartbeat_misses
@@ -744,13 +746,27 @@ class Broker:
             self.drops.warn("report refused", f"ignored the report of {msg.name!r}: "
                             f"{MAX_REPORTERS} reporters are heard from already", peer)
 
-    def _shared_stats(self, peer: bytes) -> dict:
-        """Stats built now for a client's first FRESH_STATS STATS in a
-        Broker.stats_interval; its next ones there get the last stats built, for anyone:
-        a client that asks in a loop must not slow everyone."""
-        if self.fresh_stats.allow(peer) or self._stats is None:
-            self._stats = self.stats()
-        return self._stats
+    def _answer_stats(self, client: bytes, rid: bytes) -> None:
+        """A client's first FRESH_STATS STATS in a Broker.stats_interval are answered at
+        once; the next ones wait for the next build, which every waiting STATS shares.
+        Every answer shows the state after its STATS arrived, and a client that asks in a
+        loop cannot make the broker build stats more than once per interval."""
+        if self.fresh_stats.allow(client):
+            self._post(self.frontend, client, p.encode_stats_reply(p.StatsReply(rid, self.stats())))
+        elif len(self.stats_waiting) < MAX_STATS_WAITING:
+            self.stats_waiting.append((client, rid))
+        else:
+            self._reply_error(client, rid, p.E_LIMIT, f"{MAX_STATS_WAITING} STATS are waiting "
+                              "already: ask again later")
+
+    def _answer_waiting_stats(self, now: float) -> None:
+        if not self.stats_waiting or now < self._next_stats_build:
+            return
+        self._next_stats_build = now + self.settings.stats_interval
+        stats = self.stats()
+        waiting, self.stats_waiting = self.stats_waiting, []
+        for client, rid in waiting:
+            self._post(self.frontend, client, p.encode_stats_reply(p.StatsReply(rid, stats)))
 
     def stats(self) -> dict:
         now = time.monotonic()

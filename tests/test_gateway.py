@@ -66,10 +66,10 @@ def one_worker(stack):
     return gateway
 
 
-def serving_handler(stack: Stack, handler: str):
+def serving_handler(stack: Stack, handler: str, *worker_args: str):
     """Broker, worker-1 serving a handler of tests/gateway_handlers.py, and a gateway."""
     stack.broker()
-    handler_worker(stack, "worker-1", handler)
+    handler_worker(stack, "worker-1", handler, *worker_args)
     gateway = start_gateway(stack)
     wait_healthy(gateway, 1)
     return gateway
@@ -471,7 +471,7 @@ async def test_unreachable_broker_gives_503_with_retry_after(stack):
 
 
 def test_a_handler_failing_before_its_first_line_answers_502_handler_error(stack):
-    gateway = serving_handler(stack, "fail_at_once")
+    gateway = serving_handler(stack, "fail_at_once", "--Backend.expose_errors=true")
     reply = http("POST", f"{gateway.url}/generate", SEED_BODY)
     check_error(reply.status, reply.headers["content-type"], reply.body, 502,
                 {"error": f"RuntimeError: {FAILURE}", "code": "handler_error"})
@@ -480,10 +480,7 @@ def test_a_handler_failing_before_its_first_line_answers_502_handler_error(stack
 
 @async_test
 async def test_a_handler_failing_mid_stream_gives_a_visibly_incomplete_response(stack):
-    stack.broker()
-    handler_worker(stack, "worker-1", "fail_mid_stream", "--Backend.expose_errors=true")
-    gateway = start_gateway(stack)
-    wait_healthy(gateway, 1)
+    gateway = serving_handler(stack, "fail_mid_stream", "--Backend.expose_errors=true")
     expected = f"Hello world!\n\nerror: handler_error: RuntimeError: {FAILURE}\n"
 
     async with aiohttp.ClientSession() as session:

@@ -224,21 +224,30 @@ def test_a_queue_that_cannot_drain_in_time_refuses_at_once_and_says_when_to_retr
         memory.close()
 
 
-def test_a_client_asking_for_stats_in_a_loop_gets_shared_ones():
+def test_a_client_asking_for_stats_in_a_loop_waits_for_one_shared_build():
     memory = MemoryBroker(None, "Broker.stats_interval=60")
     broker = memory.broker
     try:
-        def stats_for(client: bytes) -> dict:
+        def ask(client: bytes) -> None:
             memory.from_client(client, p.encode_stats_request(p.StatsRequest(b"s")))
-            return memory.to_client(client)[0].stats
 
         for _ in range(server.FRESH_STATS):
-            first = stats_for(b"looping")
-        memory.request(b"c1", b"r1")  # changes the stats
-        assert stats_for(b"looping") == first  # shared, not built again
-        fresh = stats_for(b"other")  # another client's first STATS in the interval
-        assert fresh["broker"]["requests"] == first["broker"]["requests"] + 1
-        assert stats_for(b"looping") == fresh
+            ask(b"looping")
+        assert len(memory.to_client(b"looping")) == server.FRESH_STATS  # answered at once
+        ask(b"looping")
+        ask(b"looping")
+        memory.request(b"c1", b"r1")  # changes the stats after those STATS arrived
+        ask(b"other")  # another client's first STATS in the interval: at once
+        other = memory.to_client(b"other")[0].stats
+        assert memory.to_client(b"looping") == []  # waiting for the next build
+        now = time.monotonic()
+        broker._on_timers(now)
+        shared = [m.stats for m in memory.to_client(b"looping")]
+        assert len(shared) == 2 and shared[0] == shared[1]  # one build for both
+        assert shared[0]["broker"]["requests"] == other["broker"]["requests"]
+        ask(b"looping")
+        broker._on_timers(now + 1)  # within the interval of the last build: still waiting
+        assert memory.to_client(b"looping") == []
     finally:
         memory.close()
 

@@ -135,7 +135,7 @@ SCHEMA: dict[str, Any] = {
         "max_services_per_worker": Setting(int, 64, ge=1),  # names one READY may declare
         "max_departed_workers": Setting(int, 100, ge=0),  # evicted workers kept in stats
         "stats_max_workers": Setting(int, 100, ge=1),  # workers listed in one stats reply
-        "stats_interval": Setting(float, 0.1, ge=0),  # STATS replies share stats this fresh
+        "stats_interval": Setting(float, 0.1, ge=0),  # STATS past a client's share wait this long at most
         # Policy classes (module:Class) a request may name besides the built-in ones.
         "policies": Setting(tuple, (), check=policy_spec_problem),
     },
