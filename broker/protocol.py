@@ -64,6 +64,7 @@ E_POLICY = "policy_error"  # a routing policy raised or chose no candidate
 E_WRONG_ENDPOINT = "wrong_endpoint"  # a worker on the client socket, or a client on the worker one
 E_LIMIT = "limit_exceeded"  # a peer's message, registration or share is over a limit
 E_SLOW_READER = "slow_reader"  # raised by the client library, never sent
+E_CLIENT_CLOSED = "client_closed"  # raised by the client library, never sent
 
 MAX_ID_LENGTH = 255  # worker ids, service and policy names
 MAX_TOKEN = 64  # the secret in a worker's READY
