@@ -91,6 +91,21 @@ def retry_after(message: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def request_token(client: bytes, rid: bytes) -> bytes:
+    """The request id a worker sees: unique in the broker, made of the client's routing
+    id (length-prefixed) and the client's own rid."""
+    return bytes((len(client),)) + client + rid
+
+
+def split_request_token(token: bytes) -> tuple[bytes, bytes]:
+    """The client's routing id and its rid, from a request_token; (b"", token) for a
+    token that is not one."""
+    size = token[0] if token else 0
+    if len(token) <= size + 1:
+        return b"", token
+    return token[1:size + 1], token[size + 1:]
+
+
 class ProtocolError(ValueError):
     """A frame list that is not a valid zroute message."""
 

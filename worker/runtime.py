@@ -52,6 +52,20 @@ def decode_body(body: bytes) -> Any:
         raise BadRequest("body is neither JSON nor UTF-8 text") from None
 
 
+def request_fields(token: bytes) -> dict[str, str]:
+    """A request as the worker's log names it: by the request id its client (a gateway,
+    say) chose and logs, and that client's routing id, since ids repeat across clients."""
+    client, rid = p.split_request_token(token)
+    text = rid.decode(errors="replace")
+    readable = text.isprintable() and " " not in text
+    return {"request": text if readable else rid.hex(), "client": client.hex()}
+
+
+def request_label(token: bytes) -> str:
+    """request_fields as the text of a log line: `request=2 client=006b8b4567`."""
+    return " ".join(f"{key}={value}" for key, value in request_fields(token).items())
+
+
 class Outbox:
     """Replies waiting for the end of the current event-loop turn.
 
@@ -248,7 +262,7 @@ class Worker:
         log line (with the traceback) names too."""
         if self.expose_errors:
             return f"{type(error).__name__}: {error}"
-        return (f"the handler failed on request {rid.hex()}; "
+        return (f"the handler failed on {request_label(rid)}; "
                 f"worker {self.worker_id}'s log has the details")
 
     def _start(self, msg: p.Request) -> None:
@@ -287,10 +301,11 @@ class Worker:
             self._outbox.end(rid, p.Error(rid, p.E_BAD_REQUEST, str(e)))
         except Exception as e:
             outcome = "error"
-            log.exception("worker %s: handler failed on request %s", self.worker_id, rid.hex())
+            log.exception("worker %s: handler failed on %s", self.worker_id, request_label(rid))
             self._outbox.end(rid, p.Error(rid, p.E_HANDLER, self._handler_error(rid, e)))
         finally:
             del self.tasks[rid]
             self.served += 1
-            log.info(outcome, extra=fields(worker=self.worker_id, request=rid.hex(),
-                                           chunks=chunks, duration=time.monotonic() - started))
+            if log.isEnabledFor(logging.INFO):  # the fields cost more than a skipped call
+                log.info(outcome, extra=fields(worker=self.worker_id, **request_fields(rid),
+                                               chunks=chunks, duration=time.monotonic() - started))
