@@ -27,6 +27,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from broker import protocol as p
 from broker.channel import Channel, dealer
+from broker.connection import CONNECTION_EVENTS, ConnectionWatch, watched_dealer
 from broker.endpoints import check_endpoint
 from broker.zmqio import readable
 from broker.ratelimit import LogLimiter
@@ -40,7 +41,6 @@ REQUEST_TIMEOUT_SETTING = "the request's timeout"  # timeout= given to request()
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_MISSES = 3
 DEADLINE_GRACE = 1.0  # the broker ends a request at its deadline; the client waits this much more
-CONNECTION_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 MAX_BUFFERED_BYTES = 16 << 20  # a stream whose reader falls this far behind is cancelled
 
 Body = bytes | str | Any
@@ -343,7 +343,7 @@ class Client(PolicyShortcuts[Stream]):
         self._stats_waiters: dict[bytes, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self._channel: Channel | None = None
-        self._monitor: Channel | None = None
+        self._connection: ConnectionWatch | None = None
         self._watchdog: asyncio.Task | None = None
         self._last_heard = 0.0
         self._boot_id: bytes | None = None
@@ -359,12 +359,11 @@ class Client(PolicyShortcuts[Stream]):
     def connect(self) -> None:
         """Open the socket; call it inside the running event loop."""
         self.loop = asyncio.get_running_loop()
-        sock = dealer(self.context, self.address)
+        # A broker that dies closes the connection: its requests fail at once rather
+        # than after the heartbeats it misses.
+        sock, self._connection = watched_dealer(self.context, self.address, self._on_connected,
+                                                self._on_disconnected)
         self._channel = Channel(sock, self._on_message)
-        # The connection's events: a broker that dies closes it, and its requests can
-        # fail at once rather than after the heartbeats it misses.
-        self._monitor = Channel(sock.get_monitor_socket(CONNECTION_EVENTS),
-                                self._on_connection_event)
         self._last_heard = time.monotonic()
         self._beat()
         self._watchdog = self.loop.create_task(self._watch())
@@ -374,9 +373,8 @@ class Client(PolicyShortcuts[Stream]):
             reply.cancel(client_closed_error())  # a cut stream must not read as complete
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._monitor is not None:
-            self._channel.sock.disable_monitor()
-            self._monitor.close(linger_ms=0)
+        if self._connection is not None:
+            self._connection.close()
         if self._channel is not None:
             self._channel.close()
 
@@ -459,13 +457,12 @@ class Client(PolicyShortcuts[Stream]):
             return
         self._channel.send(frames)
 
-    def _on_connection_event(self, frames: list[bytes]) -> None:
-        event = parse_monitor_message(frames)["event"]
-        if event == zmq.EVENT_DISCONNECTED:
-            self._last_heard = float("-inf")  # not alive until the broker speaks again
-            self._fail_all(closed_connection_error(self.address))
-        elif event == zmq.EVENT_CONNECTED:
-            self._beat()  # its answer says it is alive
+    def _on_disconnected(self) -> None:
+        self._last_heard = float("-inf")  # not alive until the broker speaks again
+        self._fail_all(closed_connection_error(self.address))
+
+    def _on_connected(self) -> None:
+        self._beat()  # its answer says it is alive
 
     def _on_heartbeat(self, boot_id: bytes) -> None:
         if self._boot_id is not None and boot_id != self._boot_id:

@@ -18,7 +18,8 @@ import orjson
 import zmq
 
 from broker import protocol as p
-from broker.channel import Channel, dealer
+from broker.channel import Channel
+from broker.connection import ConnectionWatch, watched_dealer
 from broker.ratelimit import LogLimiter
 from zroute.logs import fields
 
@@ -145,6 +146,9 @@ class Worker:
         self.tasks: dict[bytes, asyncio.Task] = {}
         self.served = 0
         self._channel: Channel | None = None
+        self._connection: ConnectionWatch | None = None
+        self._connected = False  # the socket's connection is open (it may not be a broker)
+        self._said_waiting = False  # "waiting for a broker" is said once per wait
         self._outbox = Outbox(self._send, self._push)
         self._last_heard = 0.0
         self._backoff = RECONNECT_MIN_S
@@ -171,9 +175,33 @@ class Worker:
             self._stopping.set()
 
     def _connect(self) -> None:
-        self._channel = Channel(dealer(self.context, self.broker), self._on_message)
+        """Open a socket to the broker; READY goes once its connection is up."""
+        sock, self._connection = watched_dealer(self.context, self.broker, self._on_connected,
+                                                self._on_disconnected)
+        self._channel = Channel(sock, self._on_message)
+        self._connected = False
         self._last_heard = time.monotonic()
-        self._register()
+
+    def _close_socket(self, linger_ms: int) -> None:
+        self._connection.close()
+        self._channel.close(linger_ms)
+
+    def _on_connected(self) -> None:
+        self._connected = True
+        self._said_waiting = False
+        self._last_heard = time.monotonic()  # the broker is judged from now on
+        if not self._stopping.is_set():
+            self._register()
+
+    def _on_disconnected(self) -> None:
+        """The broker died or stopped: what it sent is lost, so stop working on it now.
+        ZeroMQ connects again by itself, and READY goes when it does."""
+        self._connected = False
+        cancelled = f"; cancelled {len(self.tasks)} request(s) in hand" if self.tasks else ""
+        log.warning("worker %s: the connection to the broker at %s closed%s; waiting for it",
+                    self.worker_id, self.broker, cancelled)
+        self._said_waiting = True
+        self._abandon_requests()
 
     def _register(self) -> None:
         services = sorted(self.handlers)
@@ -182,13 +210,20 @@ class Worker:
                  ", ".join(services))
 
     def _heartbeat(self) -> None:
+        if not self._connected:
+            # Nothing to hear from; ZeroMQ keeps trying to connect. Say so once.
+            if not self._said_waiting:
+                self._said_waiting = True
+                log.info("worker %s: waiting for a broker at %s", self.worker_id, self.broker)
+            return
         silence = time.monotonic() - self._last_heard
         if silence <= self.heartbeat_interval * self.heartbeat_misses:
             self._send(p.encode_heartbeat())
             return
+        # Connected, but silent: a hung broker, or a peer that is not one. A new socket.
         log.warning("worker %s: broker silent for %.1f s; reconnecting", self.worker_id, silence)
         self._abandon_requests()
-        self._channel.close(0)
+        self._close_socket(0)
         self._connect()
         # Wait a jittered, growing while before judging the new connection.
         self._last_heard += self._backoff * random.uniform(0.5, 1.5)
@@ -209,7 +244,7 @@ class Worker:
             self._outbox.end(rid, p.Error(rid, p.E_WORKER_LOST, "worker stopped before finishing"))
         self._outbox.flush()
         self._send(p.encode_disconnect())
-        self._channel.close()
+        self._close_socket(linger_ms=200)
         log.info("worker %s stopped after %d request(s)", self.worker_id, self.served)
 
     def _abandon_requests(self) -> None:
