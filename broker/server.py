@@ -677,8 +677,9 @@ class Broker:
             worker.inflight -= 1
             worker.failed += 1
             req.worker = None
-            if req.chunks == 0 and req.policy == DIRECT:
-                self._fail(req, p.E_NO_SUCH_WORKER, f"worker {worker.worker_id!r} is gone")
+            if req.chunks == 0 and req.policy == DIRECT:  # it existed: lost, not "no such"
+                self._fail(req, p.E_WORKER_LOST, f"worker {worker.worker_id!r} was lost before "
+                                                 f"its first chunk ({reason})")
             elif req.chunks == 0 and req.retries < self.settings.max_retries:
                 req.retries += 1
                 self.totals["retries"] += 1

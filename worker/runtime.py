@@ -12,6 +12,7 @@ import logging
 import random
 import secrets
 import time
+from types import FrameType
 from typing import Any, AsyncIterator, Callable
 
 import orjson
@@ -20,7 +21,9 @@ import zmq
 from broker import protocol as p
 from broker.channel import Channel
 from broker.connection import ConnectionWatch, watched_dealer
+from broker.endpoints import check_endpoint
 from broker.ratelimit import LogLimiter
+from worker.watchdog import LoopWatchdog, frame_location
 from zroute.logs import fields
 
 log = logging.getLogger("zroute.worker")
@@ -34,6 +37,8 @@ RECONNECT_MAX_S = 3.0
 REPLY_FRAMES = 256
 REPLY_BYTES = p.MAX_BATCH_BYTES
 YIELD_EVERY = 256  # chunks a request yields before letting the loop run others
+BLOCKED_LOG_INTERVAL = 30.0  # at most one "event loop blocked" warning in this many seconds
+LISTED_REQUESTS = 5  # requests a warning names, at most
 
 
 class BadRequest(Exception):
@@ -133,7 +138,7 @@ class Worker:
                  context: zmq.Context | None = None) -> None:
         if not handlers:
             raise ValueError("a worker needs at least one service")
-        self.broker = broker
+        self.broker = check_endpoint(broker)
         self.worker_id = worker_id
         self.handlers = handlers
         self.capacity = capacity
@@ -155,19 +160,27 @@ class Worker:
         self._stopping: asyncio.Event | None = None
         self.refused: p.Error | None = None  # why the broker refused this worker, if it did
         self._drops = LogLimiter(log)
+        # A handler that blocks the loop is reported once heartbeats are due, before the
+        # broker evicts the worker for missing them.
+        self._watchdog = LoopWatchdog(heartbeat_interval, self._report_blocked_loop)
+        self._blocked = LogLimiter(log, interval=BLOCKED_LOG_INTERVAL, per_kind=1)
 
     # --- life cycle -----------------------------------------------------------
 
     async def run(self) -> None:
         """Serve until stop(); then drain and disconnect."""
         self._stopping = asyncio.Event()
+        self._watchdog.start()
         self._connect()
-        while not self._stopping.is_set():
-            try:
-                await asyncio.wait_for(self._stopping.wait(), self.heartbeat_interval)
-            except asyncio.TimeoutError:
-                self._heartbeat()
-        await self._drain()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), self.heartbeat_interval)
+                except asyncio.TimeoutError:
+                    self._heartbeat()
+            await self._drain()
+        finally:
+            self._watchdog.stop()
 
     def stop(self) -> None:
         """Begin a graceful drain; run() returns when it is done."""
@@ -246,6 +259,25 @@ class Worker:
         self._send(p.encode_disconnect())
         self._close_socket(linger_ms=200)
         log.info("worker %s stopped after %d request(s)", self.worker_id, self.served)
+
+    def _report_blocked_loop(self, blocked_for: float, task: asyncio.Task | None,
+                             frame: FrameType | None) -> None:
+        """Say what blocks the event loop, and what to do about it. Runs in the
+        watchdog's thread, while the loop is blocked: it reads, and changes nothing."""
+        in_flight = list(self.tasks.items())
+        culprit = next((rid for rid, running in in_flight if running is task), None)
+        what = f"the handler of {request_label(culprit)}" if culprit else "code outside a handler"
+        others = [request_label(rid) for rid, _ in in_flight if rid != culprit]
+        if len(others) > LISTED_REQUESTS:
+            others[LISTED_REQUESTS:] = [f"and {len(others) - LISTED_REQUESTS} more"]
+        also = f"; also in flight: {', '.join(others)}" if others else ""
+        self._blocked.warn("blocked", (
+            f"worker {self.worker_id}: its event loop has been blocked for {blocked_for:.1f} s "
+            f"by {what}, at {frame_location(frame)}{also}. While it is blocked the worker "
+            "serves nothing and sends no heartbeat, and the broker evicts it after "
+            f"{self.heartbeat_interval * self.heartbeat_misses:g} s and retries its requests "
+            "elsewhere. A handler must not block: use await asyncio.sleep(), not time.sleep(), "
+            "and run blocking code with await asyncio.to_thread(...)"))
 
     def _abandon_requests(self) -> None:
         """Cancel work the broker has forgotten (it restarted or is gone)."""
