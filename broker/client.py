@@ -91,7 +91,7 @@ def closed_connection_error(address: str) -> BrokerError:
 
 
 def client_closed_error() -> BrokerError:
-    return BrokerError(p.E_CLIENT_CLOSED, "the client was closed before the reply ended")
+    return BrokerError(p.E_CLIENT_CLOSED, "the client was closed")
 
 
 def no_stats_error(address: str, timeout: float) -> BrokerError:
@@ -343,6 +343,7 @@ class Client(PolicyShortcuts[Stream]):
         self._stats_waiters: dict[bytes, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self._channel: Channel | None = None
+        self.closed = False
         self._connection: ConnectionWatch | None = None
         self._watchdog: asyncio.Task | None = None
         self._last_heard = 0.0
@@ -369,6 +370,7 @@ class Client(PolicyShortcuts[Stream]):
         self._watchdog = self.loop.create_task(self._watch())
 
     async def close(self) -> None:
+        self.closed = True
         for reply in list(self.replies.values()):
             reply.cancel(client_closed_error())  # a cut stream must not read as complete
         if self._watchdog is not None:
@@ -393,17 +395,19 @@ class Client(PolicyShortcuts[Stream]):
         the "direct" policy. `timeout` (seconds) ends the request if it is not
         done by then.
         """
+        channel = self._open_channel()
         message, timeout, setting = self._new_request(service, body, policy, worker, timeout)
         reply = Reply(self, message.rid, timeout, setting)
         self.replies[message.rid] = reply
-        self._channel.send(p.encode_request_to_broker(message))
+        channel.send(p.encode_request_to_broker(message))
         return Stream(reply)
 
     async def stats(self, timeout: float = 5.0) -> dict:
+        channel = self._open_channel()
         rid = b"s%x" % next(self._ids)
         waiter = self.loop.create_future()
         self._stats_waiters[rid] = waiter
-        self._channel.send(p.encode_stats_request(p.StatsRequest(rid)))
+        channel.send(p.encode_stats_request(p.StatsRequest(rid)))
         try:
             return await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
@@ -412,6 +416,14 @@ class Client(PolicyShortcuts[Stream]):
             self._stats_waiters.pop(rid, None)
 
     # --- plumbing ---------------------------------------------------------------
+
+    def _open_channel(self) -> Channel:
+        if self.closed:
+            raise client_closed_error()
+        if self._channel is None:
+            raise RuntimeError("the client is not connected: use `async with Client(...) as "
+                               "client`, or call client.connect() in the running event loop")
+        return self._channel
 
     def _cancel(self, reply: Reply) -> None:
         if self.replies.pop(reply.rid, None) is not None and self._channel is not None:
@@ -535,7 +547,10 @@ class BlockingStream:
         self.cancel()
 
     def __del__(self) -> None:
-        self.cancel()
+        try:
+            self.cancel()
+        except Exception:
+            pass  # its socket went with the interpreter's end: nothing left to tell
 
     def _receive(self) -> None:
         """Wait for the next reply of the request, and take it in."""
@@ -585,8 +600,9 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
         self.timeout = timeout
         self.timeout_setting = timeout_setting
         self.heartbeat_interval = heartbeat_interval
-        self.sock = dealer(context or zmq.Context.instance(), address)
+        self.sock = dealer(context or zmq.Context.instance(), address, connect=False)
         self._monitor = self.sock.get_monitor_socket(CONNECTION_EVENTS)
+        self.sock.connect(address)  # after the monitor, which would miss an earlier connection
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -645,8 +661,6 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
 
     def _send(self, *messages: list[bytes]) -> None:
         """Send `messages`, then the CANCELs of streams dropped meanwhile."""
-        if self.closed:
-            raise client_closed_error()
         self._sending = True
         try:
             for frames in messages:
@@ -672,6 +686,8 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
 
     def _start_waiting(self, rid: bytes) -> None:
         """Expect replies for `rid`: on the connection there is now, if it closes later."""
+        if self.closed:
+            raise client_closed_error()
         self._take_connection_events()
         self._replies[rid] = deque()
 

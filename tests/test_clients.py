@@ -142,3 +142,36 @@ def test_an_endpoint_problem_suggests_the_fix():
         "'localhost:5555' is not a ZeroMQ endpoint: use tcp://HOST:PORT "
         "(e.g. tcp://localhost:5555) or ipc:///path")
     assert endpoint_problem("tcp://127.0.0.1:5555") is None
+
+
+def test_an_async_client_used_before_connecting_or_after_closing_says_so():
+    async def main():
+        client = Client()
+        with pytest.raises(RuntimeError, match="the client is not connected: use `async with"):
+            client.round_robin("generate", "x")
+        async with client:
+            pass
+        with pytest.raises(BrokerError) as caught:
+            client.round_robin("generate", "x")
+        assert caught.value.code == p.E_CLIENT_CLOSED
+        with pytest.raises(BrokerError):
+            await client.stats()
+
+    asyncio.run(main())
+
+
+def test_a_blocking_client_used_after_closing_says_so():
+    client = BlockingClient()
+    client.close()
+    for call in (lambda: client.request("generate", "x"), client.stats):
+        with pytest.raises(BrokerError) as caught:
+            call()
+        assert caught.value.code == p.E_CLIENT_CLOSED
+
+
+def test_a_worker_checks_its_broker_address_and_takes_any_id():
+    from worker.runtime import Worker
+    with pytest.raises(ValueError) as caught:
+        Worker("localhost:5556", "w1", {"generate": None})
+    assert str(caught.value) == endpoint_problem("localhost:5556")
+    assert Worker("tcp://127.0.0.1:5556", 7, {"generate": None}).worker_id == "7"

@@ -132,14 +132,14 @@ class Outbox:
 class Worker:
     """Registers with the broker, serves requests, heartbeats, reconnects, drains."""
 
-    def __init__(self, broker: str, worker_id: str, handlers: dict[str, Handler], *,
+    def __init__(self, broker: str, worker_id: str | int, handlers: dict[str, Handler], *,
                  capacity: int = 0, heartbeat_interval: float = 1.0, heartbeat_misses: int = 3,
                  drain_timeout: float = 30.0, expose_errors: bool = False,
                  context: zmq.Context | None = None) -> None:
         if not handlers:
             raise ValueError("a worker needs at least one service")
         self.broker = check_endpoint(broker)
-        self.worker_id = worker_id
+        self.worker_id = str(worker_id)  # any id, as the clients take it
         self.handlers = handlers
         self.capacity = capacity
         self.heartbeat_interval = heartbeat_interval
