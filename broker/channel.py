@@ -22,7 +22,10 @@ BACKLOG_RETRY_S = 0.005  # wait before retrying sends the socket refused (HWM)
 SOCKET_HWM = 100_000
 
 
-def dealer(context: zmq.Context, address: str, routing_id: bytes | None = None) -> zmq.Socket:
+def dealer(context: zmq.Context, address: str, routing_id: bytes | None = None, *,
+           connect: bool = True) -> zmq.Socket:
+    """A DEALER to `address`; with connect=False the caller connects it (once it has
+    attached a monitor, say)."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
     sock.setsockopt(zmq.RCVHWM, SOCKET_HWM)
@@ -31,7 +34,8 @@ def dealer(context: zmq.Context, address: str, routing_id: bytes | None = None) 
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)  # back within 0.5 s of a broker restart
     if routing_id:
         sock.setsockopt(zmq.ROUTING_ID, routing_id)
-    sock.connect(address)
+    if connect:
+        sock.connect(address)
     return sock
 
 

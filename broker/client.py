@@ -27,6 +27,9 @@ from zmq.utils.monitor import parse_monitor_message
 
 from broker import protocol as p
 from broker.channel import Channel, dealer
+from broker.connection import CONNECTION_EVENTS, ConnectionWatch, watched_dealer
+from broker.endpoints import check_endpoint
+from broker.zmqio import readable
 from broker.ratelimit import LogLimiter
 
 log = logging.getLogger("zroute.client")
@@ -38,11 +41,11 @@ REQUEST_TIMEOUT_SETTING = "the request's timeout"  # timeout= given to request()
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_MISSES = 3
 DEADLINE_GRACE = 1.0  # the broker ends a request at its deadline; the client waits this much more
-CONNECTION_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 MAX_BUFFERED_BYTES = 16 << 20  # a stream whose reader falls this far behind is cancelled
 
 Body = bytes | str | Any
-Result = TypeVar("Result")  # what request() returns: a Stream, or an iterator of chunks
+WorkerId = str | int  # any worker id, by its str(): Dynamo's are integers
+Result = TypeVar("Result")  # what request() returns: a Stream or a BlockingStream
 
 
 class BrokerError(Exception):
@@ -85,6 +88,10 @@ def silent_broker_error(address: str) -> BrokerError:
 
 def closed_connection_error(address: str) -> BrokerError:
     return BrokerError(p.E_BROKER_UNREACHABLE, f"the connection to the broker at {address} closed")
+
+
+def client_closed_error() -> BrokerError:
+    return BrokerError(p.E_CLIENT_CLOSED, "the client was closed")
 
 
 def no_stats_error(address: str, timeout: float) -> BrokerError:
@@ -275,9 +282,14 @@ class Stream:
 
 
 class PolicyShortcuts(Generic[Result]):
-    """`round_robin`, `random` and `direct`: request() with that policy, for both clients."""
+    """What both clients share: `round_robin`, `random` and `direct` (request() with that
+    policy), and the making of a REQUEST."""
 
-    def request(self, service: str, body: Body, *, policy: str = "", worker: str = "",
+    timeout: float
+    timeout_setting: str
+    _ids: Iterator[int]
+
+    def request(self, service: str, body: Body, *, policy: str = "", worker: WorkerId = "",
                 timeout: float | None = None) -> Result:
         raise NotImplementedError
 
@@ -287,8 +299,20 @@ class PolicyShortcuts(Generic[Result]):
     def random(self, service: str, body: Body, **options: Any) -> Result:
         return self.request(service, body, policy="random", **options)
 
-    def direct(self, service: str, body: Body, worker_id: str, **options: Any) -> Result:
+    def direct(self, service: str, body: Body, worker_id: WorkerId, **options: Any) -> Result:
         return self.request(service, body, policy="direct", worker=worker_id, **options)
+
+    def _new_request(self, service: str, body: Body, policy: str, worker: WorkerId,
+                     timeout: float | None) -> tuple[p.Request, float, str]:
+        """The REQUEST to send, its timeout, and the setting that timeout comes from."""
+        if timeout is None:
+            timeout, setting = self.timeout, self.timeout_setting
+        else:
+            setting = REQUEST_TIMEOUT_SETTING
+        rid = b"%x" % next(self._ids)
+        message = p.Request(rid, service, encode_body(body), policy, str(worker),
+                            int(timeout * 1000))
+        return message, timeout, setting
 
 
 class Client(PolicyShortcuts[Stream]):
@@ -307,7 +331,7 @@ class Client(PolicyShortcuts[Stream]):
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
                  report: Callable[[], dict] | None = None, name: str = "",
                  context: zmq.Context | None = None) -> None:
-        self.address = address
+        self.address = check_endpoint(address)
         self.timeout = timeout
         self.timeout_setting = timeout_setting
         self.report = report
@@ -319,7 +343,8 @@ class Client(PolicyShortcuts[Stream]):
         self._stats_waiters: dict[bytes, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self._channel: Channel | None = None
-        self._monitor: Channel | None = None
+        self.closed = False
+        self._connection: ConnectionWatch | None = None
         self._watchdog: asyncio.Task | None = None
         self._last_heard = 0.0
         self._boot_id: bytes | None = None
@@ -335,24 +360,23 @@ class Client(PolicyShortcuts[Stream]):
     def connect(self) -> None:
         """Open the socket; call it inside the running event loop."""
         self.loop = asyncio.get_running_loop()
-        sock = dealer(self.context, self.address)
+        # A broker that dies closes the connection: its requests fail at once rather
+        # than after the heartbeats it misses.
+        sock, self._connection = watched_dealer(self.context, self.address, self._on_connected,
+                                                self._on_disconnected)
         self._channel = Channel(sock, self._on_message)
-        # The connection's events: a broker that dies closes it, and its requests can
-        # fail at once rather than after the heartbeats it misses.
-        self._monitor = Channel(sock.get_monitor_socket(CONNECTION_EVENTS),
-                                self._on_connection_event)
         self._last_heard = time.monotonic()
         self._beat()
         self._watchdog = self.loop.create_task(self._watch())
 
     async def close(self) -> None:
+        self.closed = True
         for reply in list(self.replies.values()):
-            reply.cancel()
+            reply.cancel(client_closed_error())  # a cut stream must not read as complete
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._monitor is not None:
-            self._channel.sock.disable_monitor()
-            self._monitor.close(linger_ms=0)
+        if self._connection is not None:
+            self._connection.close()
         if self._channel is not None:
             self._channel.close()
 
@@ -363,7 +387,7 @@ class Client(PolicyShortcuts[Stream]):
 
     # --- requests -------------------------------------------------------------
 
-    def request(self, service: str, body: Body, *, policy: str = "", worker: str = "",
+    def request(self, service: str, body: Body, *, policy: str = "", worker: WorkerId = "",
                 timeout: float | None = None) -> Stream:
         """Send a request; the reply streams from the returned Stream.
 
@@ -371,22 +395,19 @@ class Client(PolicyShortcuts[Stream]):
         the "direct" policy. `timeout` (seconds) ends the request if it is not
         done by then.
         """
-        if timeout is None:
-            timeout, setting = self.timeout, self.timeout_setting
-        else:
-            setting = REQUEST_TIMEOUT_SETTING
-        rid = b"%x" % next(self._ids)
-        reply = Reply(self, rid, timeout, setting)
-        self.replies[rid] = reply
-        message = p.Request(rid, service, encode_body(body), policy, worker, int(timeout * 1000))
-        self._channel.send(p.encode_request_to_broker(message))
+        channel = self._open_channel()
+        message, timeout, setting = self._new_request(service, body, policy, worker, timeout)
+        reply = Reply(self, message.rid, timeout, setting)
+        self.replies[message.rid] = reply
+        channel.send(p.encode_request_to_broker(message))
         return Stream(reply)
 
     async def stats(self, timeout: float = 5.0) -> dict:
+        channel = self._open_channel()
         rid = b"s%x" % next(self._ids)
         waiter = self.loop.create_future()
         self._stats_waiters[rid] = waiter
-        self._channel.send(p.encode_stats_request(p.StatsRequest(rid)))
+        channel.send(p.encode_stats_request(p.StatsRequest(rid)))
         try:
             return await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
@@ -395,6 +416,14 @@ class Client(PolicyShortcuts[Stream]):
             self._stats_waiters.pop(rid, None)
 
     # --- plumbing ---------------------------------------------------------------
+
+    def _open_channel(self) -> Channel:
+        if self.closed:
+            raise client_closed_error()
+        if self._channel is None:
+            raise RuntimeError("the client is not connected: use `async with Client(...) as "
+                               "client`, or call client.connect() in the running event loop")
+        return self._channel
 
     def _cancel(self, reply: Reply) -> None:
         if self.replies.pop(reply.rid, None) is not None and self._channel is not None:
@@ -440,13 +469,12 @@ class Client(PolicyShortcuts[Stream]):
             return
         self._channel.send(frames)
 
-    def _on_connection_event(self, frames: list[bytes]) -> None:
-        event = parse_monitor_message(frames)["event"]
-        if event == zmq.EVENT_DISCONNECTED:
-            self._last_heard = float("-inf")  # not alive until the broker speaks again
-            self._fail_all(closed_connection_error(self.address))
-        elif event == zmq.EVENT_CONNECTED:
-            self._beat()  # its answer says it is alive
+    def _on_disconnected(self) -> None:
+        self._last_heard = float("-inf")  # not alive until the broker speaks again
+        self._fail_all(closed_connection_error(self.address))
+
+    def _on_connected(self) -> None:
+        self._beat()  # its answer says it is alive
 
     def _on_heartbeat(self, boot_id: bytes) -> None:
         if self._boot_id is not None and boot_id != self._boot_id:
@@ -470,8 +498,95 @@ class Client(PolicyShortcuts[Stream]):
                 reply.cancel(reply.timed_out())
 
 
-class BlockingClient(PolicyShortcuts[Iterator[bytes]]):
-    """A synchronous client for scripts and the REPL: one request at a time.
+class BlockingStream:
+    """The reply to one request of a BlockingClient: an iterator of chunks (bytes), as
+    Stream is an async one. `worker_id` names the worker once its first reply has
+    arrived. Leaving it early (cancel(), the end of a `with` block, or dropping it)
+    cancels the request on the worker."""
+
+    def __init__(self, client: BlockingClient, rid: bytes, timeout: float,
+                 timeout_setting: str) -> None:
+        self._client = client
+        self.rid = rid
+        self.worker_id: str | None = None
+        self._timeout = timeout
+        self._timeout_setting = timeout_setting
+        self._deadline = time.monotonic() + timeout + DEADLINE_GRACE
+        self._connection = client._lost_connections  # the connection it is sent on
+        self._chunks: deque[bytes] = deque()
+        self._error: BrokerError | None = None
+        self.done = False
+        self.complete = False  # True once the reply has ended with its END
+
+    def __iter__(self) -> BlockingStream:
+        return self
+
+    def __next__(self) -> bytes:
+        while not self._chunks:
+            if self.done:
+                if self._error is not None:
+                    raise self._error
+                raise StopIteration
+            self._receive()
+        return self._chunks.popleft()
+
+    def read(self) -> bytes:
+        """The whole reply, joined."""
+        return b"".join(self)
+
+    def cancel(self) -> None:
+        """Stop the request: the broker and the worker are told, the stream ends."""
+        self._end(None, cancel=True)
+
+    close = cancel  # as a generator's close()
+
+    def __enter__(self) -> BlockingStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        try:
+            self.cancel()
+        except Exception:
+            pass  # its socket went with the interpreter's end: nothing left to tell
+
+    def _receive(self) -> None:
+        """Wait for the next reply of the request, and take it in."""
+        try:
+            msg = self._client._receive(self.rid, self._deadline, self._timed_out,
+                                        self._connection)
+        except BrokerError as e:
+            self._end(e, cancel=True)
+            raise
+        if isinstance(msg, p.Error):
+            self._end(reply_error(msg, self._timeout_setting, self._timeout), cancel=False)
+            return
+        self.worker_id = msg.worker_id
+        self._chunks.extend(msg.chunks)
+        if isinstance(msg, p.End):
+            self.complete = True
+            self._end(None, cancel=False)
+
+    def _timed_out(self) -> BrokerError:
+        return timeout_error(self._timeout_setting, self._timeout)
+
+    def _end(self, error: BrokerError | None, *, cancel: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._error = error
+        if cancel:
+            self._client._cancel(self.rid)
+        else:
+            self._client._forget(self.rid)
+
+
+class BlockingClient(PolicyShortcuts[BlockingStream]):
+    """A synchronous client for scripts and the REPL: the same calls as Client, and
+    streams that are iterators rather than async ones. A stream's replies arrive as it
+    is read; several may be open at once.
 
     While it waits it heartbeats the broker, and gives up on it as the asyncio Client
     does: after HEARTBEAT_MISSES heartbeats of silence, or when the connection closes.
@@ -481,18 +596,24 @@ class BlockingClient(PolicyShortcuts[Iterator[bytes]]):
                  timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
                  context: zmq.Context | None = None) -> None:
-        self.address = address
+        self.address = check_endpoint(address)
         self.timeout = timeout
         self.timeout_setting = timeout_setting
         self.heartbeat_interval = heartbeat_interval
-        self.sock = dealer(context or zmq.Context.instance(), address)
+        self.sock = dealer(context or zmq.Context.instance(), address, connect=False)
         self._monitor = self.sock.get_monitor_socket(CONNECTION_EVENTS)
+        self.sock.connect(address)  # after the monitor, which would miss an earlier connection
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
         self._ids = itertools.count(1)
-        self._inbox: deque[list[bytes]] = deque()  # messages received, not yet read
+        self._replies: dict[bytes, deque[p.Message]] = {}  # rid -> its replies not yet read
+        self._lost_connections = 0  # connections to the broker that closed
         self._last_heard = 0.0
+        self._next_beat = 0.0
+        self._sending = False
+        self._abandoned: list[bytes] = []  # requests to cancel once the socket is free
+        self.closed = False
 
     def __enter__(self) -> BlockingClient:
         return self
@@ -501,96 +622,127 @@ class BlockingClient(PolicyShortcuts[Iterator[bytes]]):
         self.close()
 
     def close(self) -> None:
+        """Cancel the requests still open (their streams end with `client_closed`), and
+        close the socket."""
+        if self.closed:
+            return
+        self._abandoned.extend(self._replies)
+        self._replies.clear()
+        self._send()
+        self.closed = True
         self.sock.disable_monitor()
         self._monitor.close(0)
-        self.sock.close(0)
+        self.sock.close()  # with its linger, so that the last CANCELs still leave
 
-    def request(self, service: str, body: Body, *, policy: str = "", worker: str = "",
-                timeout: float | None = None) -> Iterator[bytes]:
-        """Yield the reply's chunks as they arrive."""
-        if timeout is None:
-            timeout, setting = self.timeout, self.timeout_setting
-        else:
-            setting = REQUEST_TIMEOUT_SETTING
-        rid = b"%x" % next(self._ids)
-        message = p.Request(rid, service, encode_body(body), policy, worker, int(timeout * 1000))
-        self._start_waiting()
-        self.sock.send_multipart(p.encode_request_to_broker(message))
-        deadline = time.monotonic() + timeout + DEADLINE_GRACE
-        finished = False
-        try:
-            while True:
-                reply = self._receive(rid, deadline, lambda: timeout_error(setting, timeout))
-                if isinstance(reply, p.Error):
-                    finished = True
-                    raise reply_error(reply, setting, timeout)
-                yield from reply.chunks
-                if isinstance(reply, p.End):
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.sock.send_multipart(p.encode_cancel(p.Cancel(rid)))
+    def request(self, service: str, body: Body, *, policy: str = "", worker: WorkerId = "",
+                timeout: float | None = None) -> BlockingStream:
+        """Send a request; its reply's chunks are read from the returned stream."""
+        message, timeout, setting = self._new_request(service, body, policy, worker, timeout)
+        self._start_waiting(message.rid)
+        stream = BlockingStream(self, message.rid, timeout, setting)
+        self._send(p.encode_request_to_broker(message))
+        return stream
 
     def stats(self, timeout: float = 5.0) -> dict:
         rid = b"s%x" % next(self._ids)
-        self._start_waiting()
-        self.sock.send_multipart(p.encode_stats_request(p.StatsRequest(rid)))
-        reply = self._receive(rid, time.monotonic() + timeout,
-                              lambda: no_stats_error(self.address, timeout))
+        self._start_waiting(rid)
+        self._send(p.encode_stats_request(p.StatsRequest(rid)))
+        try:
+            reply = self._receive(rid, time.monotonic() + timeout,
+                                  lambda: no_stats_error(self.address, timeout),
+                                  self._lost_connections)
+        finally:
+            self._forget(rid)
         if isinstance(reply, p.Error):  # e.g. wrong_endpoint
             raise BrokerError(reply.code, reply.message)
         return reply.stats
 
-    def _start_waiting(self) -> None:
-        """Forget connection events from before this request: only a connection that
-        closes while it waits ends it."""
-        while self._monitor.poll(0):
-            self._monitor.recv_multipart()
-        self._last_heard = time.monotonic()
+    # --- plumbing ---------------------------------------------------------------
 
-    def _receive(self, rid: bytes, deadline: float,
-                 expired: Callable[[], BrokerError]) -> p.Message:
-        """The next message for `rid`; others (late replies, heartbeats) are skipped.
+    def _send(self, *messages: list[bytes]) -> None:
+        """Send `messages`, then the CANCELs of streams dropped meanwhile."""
+        self._sending = True
+        try:
+            for frames in messages:
+                self.sock.send_multipart(frames)
+            while self._abandoned:
+                self.sock.send_multipart(p.encode_cancel(p.Cancel(self._abandoned.pop())))
+        finally:
+            self._sending = False
+
+    def _cancel(self, rid: bytes) -> None:
+        """Tell the broker to stop a request; silent once the client is closed.
+
+        A stream dropped by the garbage collector may be finalized in the middle of a
+        send on the socket: its CANCEL then waits for that send to end."""
+        if self._replies.pop(rid, None) is None or self.closed:
+            return
+        self._abandoned.append(rid)
+        if not self._sending:
+            self._send()
+
+    def _forget(self, rid: bytes) -> None:
+        self._replies.pop(rid, None)
+
+    def _start_waiting(self, rid: bytes) -> None:
+        """Expect replies for `rid`: on the connection there is now, if it closes later."""
+        if self.closed:
+            raise client_closed_error()
+        self._take_connection_events()
+        self._replies[rid] = deque()
+
+    def _receive(self, rid: bytes, deadline: float, expired: Callable[[], BrokerError],
+                 connection: int) -> p.Message:
+        """The next message for `rid`, sent on the connection numbered `connection`.
         Heartbeats the broker meanwhile; raises expired() at the deadline."""
-        next_beat = 0.0
+        if self.closed:
+            raise client_closed_error()
+        replies = self._replies[rid]
+        # Silence counts only while someone waits: nobody heartbeats the broker otherwise.
+        self._last_heard = time.monotonic()
         while True:
-            msg = self._read_inbox(rid)
-            if msg is not None:
-                return msg
+            if replies:
+                return replies.popleft()
+            if self._lost_connections != connection:
+                raise closed_connection_error(self.address)
             now = time.monotonic()
             if now >= deadline:
                 raise expired()
             given_up_at = broker_given_up_at(self._last_heard, self.heartbeat_interval)
             if now >= given_up_at:
                 raise silent_broker_error(self.address)
-            if now >= next_beat:
-                self.sock.send_multipart(p.encode_heartbeat())
-                next_beat = now + self.heartbeat_interval
-            wake_at = min(deadline, next_beat, given_up_at)
+            if now >= self._next_beat:
+                self._send(p.encode_heartbeat())
+                self._next_beat = now + self.heartbeat_interval
+            wake_at = min(deadline, self._next_beat, given_up_at)
             ready = dict(self._poller.poll(math.ceil((wake_at - now) * 1000)))
             if self._monitor in ready:
-                self._on_connection_event()
+                self._take_connection_events()
             if self.sock in ready:
-                self._last_heard = time.monotonic()
-                try:
-                    self._inbox.extend(p.unbatch(self.sock.recv_multipart()))
-                except p.ProtocolError:
-                    continue
+                self._take_messages()
 
-    def _read_inbox(self, rid: bytes) -> p.Message | None:
-        while self._inbox:  # the rest of a BATCH
+    def _take_messages(self) -> None:
+        """Hand what arrived to the requests it answers; the rest (late replies,
+        heartbeats) only says that the broker is alive."""
+        self._last_heard = time.monotonic()
+        while readable(self.sock):
             try:
-                msg = p.decode_to_client(self._inbox.popleft())
+                messages = p.unbatch(self.sock.recv_multipart())
             except p.ProtocolError:
                 continue
-            if getattr(msg, "rid", None) == rid:
-                return msg
-        return None
+            for frames in messages:
+                try:
+                    msg = p.decode_to_client(frames)
+                except p.ProtocolError:
+                    continue
+                replies = self._replies.get(getattr(msg, "rid", None))
+                if replies is not None:
+                    replies.append(msg)
 
-    def _on_connection_event(self) -> None:
-        event = parse_monitor_message(self._monitor.recv_multipart())["event"]
-        if event == zmq.EVENT_DISCONNECTED:
-            raise closed_connection_error(self.address)
-        if event == zmq.EVENT_CONNECTED:
-            self.sock.send_multipart(p.encode_heartbeat())  # its answer says it is alive
+    def _take_connection_events(self) -> None:
+        while self._monitor.poll(0):
+            event = parse_monitor_message(self._monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                self._lost_connections += 1  # what waited on the closed connection is lost
+            elif event == zmq.EVENT_CONNECTED:
+                self._send(p.encode_heartbeat())  # its answer says it is alive

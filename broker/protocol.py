@@ -64,6 +64,7 @@ E_POLICY = "policy_error"  # a routing policy raised or chose no candidate
 E_WRONG_ENDPOINT = "wrong_endpoint"  # a worker on the client socket, or a client on the worker one
 E_LIMIT = "limit_exceeded"  # a peer's message, registration or share is over a limit
 E_SLOW_READER = "slow_reader"  # raised by the client library, never sent
+E_CLIENT_CLOSED = "client_closed"  # raised by the client library, never sent
 
 MAX_ID_LENGTH = 255  # worker ids, service and policy names
 MAX_TOKEN = 64  # the secret in a worker's READY
@@ -88,6 +89,21 @@ def retry_after(message: str) -> int | None:
     """The seconds an ERROR message says to wait before trying again, if it says."""
     match = _RETRY_AFTER.search(message)
     return int(match.group(1)) if match else None
+
+
+def request_token(client: bytes, rid: bytes) -> bytes:
+    """The request id a worker sees: unique in the broker, made of the client's routing
+    id (length-prefixed) and the client's own rid."""
+    return bytes((len(client),)) + client + rid
+
+
+def split_request_token(token: bytes) -> tuple[bytes, bytes]:
+    """The client's routing id and its rid, from a request_token; (b"", token) for a
+    token that is not one."""
+    size = token[0] if token else 0
+    if len(token) <= size + 1:
+        return b"", token
+    return token[1:size + 1], token[size + 1:]
 
 
 class ProtocolError(ValueError):

@@ -19,6 +19,7 @@ import zmq
 
 from broker import protocol as p
 from broker.policies import DEFAULT_POLICY, DIRECT, Policy, load_policies, unknown_policy
+from broker.protocol import request_token
 from broker.ratelimit import LogLimiter, PeerLimiter
 from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
 from broker.reports import MAX_REPORTERS, Reports
@@ -98,11 +99,6 @@ def count_down(counts: dict[bytes, int], key: bytes) -> None:
     left = counts.pop(key) - 1
     if left:
         counts[key] = left
-
-
-def request_token(client: bytes, rid: bytes) -> bytes:
-    """A broker-wide unique id: the client's routing id (length-prefixed) and its rid."""
-    return bytes((len(client),)) + client + rid
 
 
 class Broker:
@@ -681,8 +677,9 @@ class Broker:
             worker.inflight -= 1
             worker.failed += 1
             req.worker = None
-            if req.chunks == 0 and req.policy == DIRECT:
-                self._fail(req, p.E_NO_SUCH_WORKER, f"worker {worker.worker_id!r} is gone")
+            if req.chunks == 0 and req.policy == DIRECT:  # it existed: lost, not "no such"
+                self._fail(req, p.E_WORKER_LOST, f"worker {worker.worker_id!r} was lost before "
+                                                 f"its first chunk ({reason})")
             elif req.chunks == 0 and req.retries < self.settings.max_retries:
                 req.retries += 1
                 self.totals["retries"] += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, AsyncIterator
 
 log = logging.getLogger("tests.handlers")
@@ -44,3 +45,9 @@ async def hang(request: Any) -> AsyncIterator[str]:
 def not_a_factory(config: Any) -> int:
     """A factory that returns something that is not a handler."""
     return 42
+
+
+async def blocks(request: Any) -> AsyncIterator[str]:
+    """A handler that blocks the event loop for request["seconds"], as a newcomer's might."""
+    time.sleep(request["seconds"])
+    yield "done\n"

@@ -341,23 +341,26 @@ def test_handler_exception_is_handler_error_and_worker_goes_on(shared):
 
     async def main():
         async with Client(shared.frontend) as client:
+            failing = client.direct("flaky", {"fail": "boom 42"}, "flaky1")
             with pytest.raises(BrokerError) as caught:
-                await collect(client.direct("flaky", {"fail": "boom 42"}, "flaky1"))
+                await collect(failing)
             after = client.direct("flaky", {"text": "again"}, "flaky1")
-            return caught.value, await collect(after), after.worker_id
+            return caught.value, failing.rid, await collect(after), after.worker_id
 
-    error, chunks, worker_id = run(main())
+    error, rid, chunks, worker_id = run(main())
     assert error.code == p.E_HANDLER
-    # The exception's text stays in the worker's log, with the request id the client got.
-    request_id = re.fullmatch(r"the handler failed on request ([0-9a-f]+); "
-                              r"worker flaky1's log has the details", error.message).group(1)
+    # The exception's text stays in the worker's log, under the request id the client chose.
+    request_id, client_rid = re.fullmatch(r"the handler failed on (request=(\S+) client=[0-9a-f]+); "
+                                          r"worker flaky1's log has the details",
+                                          error.message).groups()
+    assert client_rid == rid.decode()
     assert (chunks, worker_id) == ([b"fine again\n"], "flaky1")
     after = workers_by_id(shared.stats())["flaky1"]
     assert after["state"] == "ready"
     assert (after["completed"] - before["completed"], after["failed"] - before["failed"]) == (1, 1)
     flaky1 = next(proc for proc in shared.procs if proc.name == "flaky1")
     log = flaky1.output()
-    assert f"worker flaky1: handler failed on request {request_id}\nTraceback" in log
+    assert f"worker flaky1: handler failed on {request_id}\nTraceback" in log
     assert "RuntimeError: boom 42" in log
 
 

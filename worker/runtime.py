@@ -12,14 +12,18 @@ import logging
 import random
 import secrets
 import time
+from types import FrameType
 from typing import Any, AsyncIterator, Callable
 
 import orjson
 import zmq
 
 from broker import protocol as p
-from broker.channel import Channel, dealer
+from broker.channel import Channel
+from broker.connection import ConnectionWatch, watched_dealer
+from broker.endpoints import check_endpoint
 from broker.ratelimit import LogLimiter
+from worker.watchdog import LoopWatchdog, frame_location
 from zroute.logs import fields
 
 log = logging.getLogger("zroute.worker")
@@ -33,6 +37,8 @@ RECONNECT_MAX_S = 3.0
 REPLY_FRAMES = 256
 REPLY_BYTES = p.MAX_BATCH_BYTES
 YIELD_EVERY = 256  # chunks a request yields before letting the loop run others
+BLOCKED_LOG_INTERVAL = 30.0  # at most one "event loop blocked" warning in this many seconds
+LISTED_REQUESTS = 5  # requests a warning names, at most
 
 
 class BadRequest(Exception):
@@ -50,6 +56,20 @@ def decode_body(body: bytes) -> Any:
         return body.decode()
     except UnicodeDecodeError:
         raise BadRequest("body is neither JSON nor UTF-8 text") from None
+
+
+def request_fields(token: bytes) -> dict[str, str]:
+    """A request as the worker's log names it: by the request id its client (a gateway,
+    say) chose and logs, and that client's routing id, since ids repeat across clients."""
+    client, rid = p.split_request_token(token)
+    text = rid.decode(errors="replace")
+    readable = text.isprintable() and " " not in text
+    return {"request": text if readable else rid.hex(), "client": client.hex()}
+
+
+def request_label(token: bytes) -> str:
+    """request_fields as the text of a log line: `request=2 client=006b8b4567`."""
+    return " ".join(f"{key}={value}" for key, value in request_fields(token).items())
 
 
 class Outbox:
@@ -112,14 +132,14 @@ class Outbox:
 class Worker:
     """Registers with the broker, serves requests, heartbeats, reconnects, drains."""
 
-    def __init__(self, broker: str, worker_id: str, handlers: dict[str, Handler], *,
+    def __init__(self, broker: str, worker_id: str | int, handlers: dict[str, Handler], *,
                  capacity: int = 0, heartbeat_interval: float = 1.0, heartbeat_misses: int = 3,
                  drain_timeout: float = 30.0, expose_errors: bool = False,
                  context: zmq.Context | None = None) -> None:
         if not handlers:
             raise ValueError("a worker needs at least one service")
-        self.broker = broker
-        self.worker_id = worker_id
+        self.broker = check_endpoint(broker)
+        self.worker_id = str(worker_id)  # any id, as the clients take it
         self.handlers = handlers
         self.capacity = capacity
         self.heartbeat_interval = heartbeat_interval
@@ -131,25 +151,36 @@ class Worker:
         self.tasks: dict[bytes, asyncio.Task] = {}
         self.served = 0
         self._channel: Channel | None = None
+        self._connection: ConnectionWatch | None = None
+        self._connected = False  # the socket's connection is open (it may not be a broker)
+        self._said_waiting = False  # "waiting for a broker" is said once per wait
         self._outbox = Outbox(self._send, self._push)
         self._last_heard = 0.0
         self._backoff = RECONNECT_MIN_S
         self._stopping: asyncio.Event | None = None
         self.refused: p.Error | None = None  # why the broker refused this worker, if it did
         self._drops = LogLimiter(log)
+        # A handler that blocks the loop is reported once heartbeats are due, before the
+        # broker evicts the worker for missing them.
+        self._watchdog = LoopWatchdog(heartbeat_interval, self._report_blocked_loop)
+        self._blocked = LogLimiter(log, interval=BLOCKED_LOG_INTERVAL, per_kind=1)
 
     # --- life cycle -----------------------------------------------------------
 
     async def run(self) -> None:
         """Serve until stop(); then drain and disconnect."""
         self._stopping = asyncio.Event()
+        self._watchdog.start()
         self._connect()
-        while not self._stopping.is_set():
-            try:
-                await asyncio.wait_for(self._stopping.wait(), self.heartbeat_interval)
-            except asyncio.TimeoutError:
-                self._heartbeat()
-        await self._drain()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), self.heartbeat_interval)
+                except asyncio.TimeoutError:
+                    self._heartbeat()
+            await self._drain()
+        finally:
+            self._watchdog.stop()
 
     def stop(self) -> None:
         """Begin a graceful drain; run() returns when it is done."""
@@ -157,9 +188,33 @@ class Worker:
             self._stopping.set()
 
     def _connect(self) -> None:
-        self._channel = Channel(dealer(self.context, self.broker), self._on_message)
+        """Open a socket to the broker; READY goes once its connection is up."""
+        sock, self._connection = watched_dealer(self.context, self.broker, self._on_connected,
+                                                self._on_disconnected)
+        self._channel = Channel(sock, self._on_message)
+        self._connected = False
         self._last_heard = time.monotonic()
-        self._register()
+
+    def _close_socket(self, linger_ms: int) -> None:
+        self._connection.close()
+        self._channel.close(linger_ms)
+
+    def _on_connected(self) -> None:
+        self._connected = True
+        self._said_waiting = False
+        self._last_heard = time.monotonic()  # the broker is judged from now on
+        if not self._stopping.is_set():
+            self._register()
+
+    def _on_disconnected(self) -> None:
+        """The broker died or stopped: what it sent is lost, so stop working on it now.
+        ZeroMQ connects again by itself, and READY goes when it does."""
+        self._connected = False
+        cancelled = f"; cancelled {len(self.tasks)} request(s) in hand" if self.tasks else ""
+        log.warning("worker %s: the connection to the broker at %s closed%s; waiting for it",
+                    self.worker_id, self.broker, cancelled)
+        self._said_waiting = True
+        self._abandon_requests()
 
     def _register(self) -> None:
         services = sorted(self.handlers)
@@ -168,13 +223,20 @@ class Worker:
                  ", ".join(services))
 
     def _heartbeat(self) -> None:
+        if not self._connected:
+            # Nothing to hear from; ZeroMQ keeps trying to connect. Say so once.
+            if not self._said_waiting:
+                self._said_waiting = True
+                log.info("worker %s: waiting for a broker at %s", self.worker_id, self.broker)
+            return
         silence = time.monotonic() - self._last_heard
         if silence <= self.heartbeat_interval * self.heartbeat_misses:
             self._send(p.encode_heartbeat())
             return
+        # Connected, but silent: a hung broker, or a peer that is not one. A new socket.
         log.warning("worker %s: broker silent for %.1f s; reconnecting", self.worker_id, silence)
         self._abandon_requests()
-        self._channel.close(0)
+        self._close_socket(0)
         self._connect()
         # Wait a jittered, growing while before judging the new connection.
         self._last_heard += self._backoff * random.uniform(0.5, 1.5)
@@ -195,8 +257,27 @@ class Worker:
             self._outbox.end(rid, p.Error(rid, p.E_WORKER_LOST, "worker stopped before finishing"))
         self._outbox.flush()
         self._send(p.encode_disconnect())
-        self._channel.close()
+        self._close_socket(linger_ms=200)
         log.info("worker %s stopped after %d request(s)", self.worker_id, self.served)
+
+    def _report_blocked_loop(self, blocked_for: float, task: asyncio.Task | None,
+                             frame: FrameType | None) -> None:
+        """Say what blocks the event loop, and what to do about it. Runs in the
+        watchdog's thread, while the loop is blocked: it reads, and changes nothing."""
+        in_flight = list(self.tasks.items())
+        culprit = next((rid for rid, running in in_flight if running is task), None)
+        what = f"the handler of {request_label(culprit)}" if culprit else "code outside a handler"
+        others = [request_label(rid) for rid, _ in in_flight if rid != culprit]
+        if len(others) > LISTED_REQUESTS:
+            others[LISTED_REQUESTS:] = [f"and {len(others) - LISTED_REQUESTS} more"]
+        also = f"; also in flight: {', '.join(others)}" if others else ""
+        self._blocked.warn("blocked", (
+            f"worker {self.worker_id}: its event loop has been blocked for {blocked_for:.1f} s "
+            f"by {what}, at {frame_location(frame)}{also}. While it is blocked the worker "
+            "serves nothing and sends no heartbeat, and the broker evicts it after "
+            f"{self.heartbeat_interval * self.heartbeat_misses:g} s and retries its requests "
+            "elsewhere. A handler must not block: use await asyncio.sleep(), not time.sleep(), "
+            "and run blocking code with await asyncio.to_thread(...)"))
 
     def _abandon_requests(self) -> None:
         """Cancel work the broker has forgotten (it restarted or is gone)."""
@@ -248,7 +329,7 @@ class Worker:
         log line (with the traceback) names too."""
         if self.expose_errors:
             return f"{type(error).__name__}: {error}"
-        return (f"the handler failed on request {rid.hex()}; "
+        return (f"the handler failed on {request_label(rid)}; "
                 f"worker {self.worker_id}'s log has the details")
 
     def _start(self, msg: p.Request) -> None:
@@ -287,10 +368,11 @@ class Worker:
             self._outbox.end(rid, p.Error(rid, p.E_BAD_REQUEST, str(e)))
         except Exception as e:
             outcome = "error"
-            log.exception("worker %s: handler failed on request %s", self.worker_id, rid.hex())
+            log.exception("worker %s: handler failed on %s", self.worker_id, request_label(rid))
             self._outbox.end(rid, p.Error(rid, p.E_HANDLER, self._handler_error(rid, e)))
         finally:
             del self.tasks[rid]
             self.served += 1
-            log.info(outcome, extra=fields(worker=self.worker_id, request=rid.hex(),
-                                           chunks=chunks, duration=time.monotonic() - started))
+            if log.isEnabledFor(logging.INFO):  # the fields cost more than a skipped call
+                log.info(outcome, extra=fields(worker=self.worker_id, **request_fields(rid),
+                                               chunks=chunks, duration=time.monotonic() - started))

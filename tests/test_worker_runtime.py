@@ -1,0 +1,78 @@
+"""The worker runtime as a handler's author and an operator see it: its log lines, and
+what it does when its event loop blocks or its broker goes. Real processes throughout."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import pytest
+
+from broker import protocol as p
+from broker.client import BlockingClient, BrokerError
+from tests.handlers import CANCELLED_LINE
+from tests.http_support import http, start_gateway, wait_healthy
+from tests.support import Stack, wait_until
+
+
+@pytest.mark.timeout(60)
+def test_the_worker_logs_a_request_under_the_id_the_gateway_logs(stack: Stack):
+    stack.broker()
+    worker = stack.worker("w1")
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 1)
+    for text in ("a", "b", "c"):
+        assert http("POST", f"{gateway.url}/generate", b'{"text": "%s"}' % text.encode()).status == 200
+
+    gateway_ids = re.findall(r"INFO request=(\S+) policy=", gateway.proc.output())
+    served = re.findall(r"INFO worker=w1 request=(\S+) client=([0-9a-f]+) chunks=1 ", worker.output())
+    assert len(gateway_ids) == 3 and [rid for rid, _ in served] == gateway_ids
+    assert len({client for _, client in served}) == 1  # one gateway, one client id
+
+
+def hang_worker(stack: Stack, *args: str):
+    worker = stack.worker("hanger", "--handler", "tests.handlers:hang", "--service", "hang", *args)
+    stack.wait_workers("hanger", timeout=20)
+    return worker
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum, code", [
+    (signal.SIGKILL, p.E_BROKER_UNREACHABLE),
+    (signal.SIGTERM, p.E_WORKER_LOST),  # the broker tells its clients why, and its workers CANCEL
+], ids=["killed", "stopped"])
+def test_a_worker_stops_its_work_as_soon_as_the_broker_goes_and_comes_back_to_it(stack, signum,
+                                                                                  code):
+    broker = stack.broker()
+    worker = hang_worker(stack)
+    with BlockingClient(stack.frontend, timeout=30) as client:
+        stream = client.request("hang", {"marker": "lost"})
+        assert next(stream) == b"first\n"
+        broker.signal(signum)
+        lost = time.monotonic()
+        wait_until(lambda: CANCELLED_LINE.format(marker="lost") in worker.output(), 10,
+                   "the worker to cancel the handler")
+        elapsed = time.monotonic() - lost
+        with pytest.raises(BrokerError) as caught:
+            stream.read()
+    assert caught.value.code == code
+    # At once, not after three missed heartbeats (3 s).
+    assert elapsed < 2.0, f"took {elapsed:.2f} s"
+    assert f"the connection to the broker at {stack.backend} closed" in worker.output()
+    broker.stop()
+    stack.broker()
+    stack.wait_workers("hanger", timeout=5)
+    assert "broker silent" not in worker.output()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_started_before_its_broker_says_once_that_it_waits(stack):
+    fast = "--Broker.heartbeat_interval=0.2"  # silence would be reported every 0.6 s
+    worker = stack.worker("early", fast)
+    waiting = f"worker early: waiting for a broker at {stack.backend}"
+    wait_until(lambda: waiting in worker.output(), 10, "the worker to say that it waits")
+    stack.broker(fast)
+    stack.wait_workers("early", timeout=20)
+    output = worker.output()
+    assert output.count(waiting) == 1 and "broker silent" not in output, output
