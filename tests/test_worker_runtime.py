@@ -25,9 +25,17 @@ def test_the_worker_logs_a_request_under_the_id_the_gateway_logs(stack: Stack):
     for text in ("a", "b", "c"):
         assert http("POST", f"{gateway.url}/generate", b'{"text": "%s"}' % text.encode()).status == 200
 
-    gateway_ids = re.findall(r"INFO request=(\S+) policy=", gateway.proc.output())
-    served = re.findall(r"INFO worker=w1 request=(\S+) client=([0-9a-f]+) chunks=1 ", worker.output())
-    assert len(gateway_ids) == 3 and [rid for rid, _ in served] == gateway_ids
+    # Each process writes its line once it is done with the request, which may be just
+    # after the client has its reply.
+    def three(pattern: str, proc) -> list | None:
+        found = re.findall(pattern, proc.output())
+        return found if len(found) == 3 else None
+
+    gateway_ids = wait_until(lambda: three(r"INFO request=(\S+) policy=", gateway.proc),
+                             what="the gateway's three request lines")
+    served = wait_until(lambda: three(r"INFO worker=w1 request=(\S+) client=([0-9a-f]+) chunks=1 ",
+                                      worker), what="the worker's three request lines")
+    assert [rid for rid, _ in served] == gateway_ids
     assert len({client for _, client in served}) == 1  # one gateway, one client id
 
 
