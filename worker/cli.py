@@ -38,27 +38,44 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run, process_name="worker")
 
 
+HANDLER_FORMS = ("a handler is an async generator function (async def with yield); "
+                 "a factory takes the configuration and returns one")
+
+
 def load_handler(spec: str, config: Config) -> Handler:
     """Load `module:callable`; call it with the config unless it is the handler itself."""
     target: Any = load_object(spec, "--handler")
     if inspect.isasyncgenfunction(target):
         return target
     if not callable(target):
-        raise ConfigError(f"--handler {spec!r} is not callable: it is {type(target).__name__}")
+        raise ConfigError(f"--handler {spec!r} is {_what_it_is(target)}, not callable: "
+                          f"{HANDLER_FORMS}")
     problem = _almost_a_handler(target)
     if problem:
         raise ConfigError(f"--handler {spec!r} is {problem}")
     try:
         handler = target(config)
     except Exception as e:
-        raise ConfigError(f"--handler {spec!r} failed to build a handler: "
-                          f"{type(e).__name__}: {e}") from None
+        raise ConfigError(f"--handler {spec!r} is {_what_it_is(target)}, and called as a "
+                          f"factory it raised {type(e).__name__}: {e}; {HANDLER_FORMS}") from None
     if not callable(handler):
-        raise ConfigError(f"--handler {spec!r} returned {handler!r}, not a handler")
+        raise ConfigError(f"--handler {spec!r} is {_what_it_is(target)}, and called as a "
+                          f"factory it returned {_what_it_is(handler)}; {HANDLER_FORMS}")
     problem = _almost_a_handler(handler)
     if problem:
         raise ConfigError(f"--handler {spec!r} returned {problem}")
     return handler
+
+
+def _what_it_is(thing: Any) -> str:
+    """What a user's object is, for error messages: 'a plain function (def without
+    yield)', "the str 'x\\n'"..."""
+    if inspect.isfunction(thing):
+        return "a plain function (def without yield)"
+    if inspect.isclass(thing):
+        return f"the class {thing.__name__}"
+    text = repr(thing)
+    return f"the {type(thing).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
 def _almost_a_handler(function: Any) -> str | None:
@@ -70,7 +87,7 @@ def _almost_a_handler(function: Any) -> str | None:
         kind = "an async function without yield"
     else:
         return None
-    return f"{kind}: a handler is an async generator function (async def, with yield)"
+    return f"{kind}: {HANDLER_FORMS}"
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
