@@ -17,11 +17,15 @@ STOPPING_NAME = b"zroute-stopping"  # the process name of a `zroute serve` that 
 PR_SET_NAME = 15
 
 
+Address = tuple[str, int]  # (host, port); host "" is every interface
+EVERY_INTERFACE = ("", "0.0.0.0", "::")
+
+
 class PortInUse(OSError):
     """A port that a command must listen on is taken; str() says by whom."""
 
 
-def tcp_address(endpoint: str) -> tuple[str, int] | None:
+def tcp_address(endpoint: str) -> Address | None:
     """('host', port) of a ZeroMQ endpoint 'tcp://host:port'; None for other transports."""
     if not endpoint.startswith("tcp://"):
         return None
@@ -29,6 +33,17 @@ def tcp_address(endpoint: str) -> tuple[str, int] | None:
     if not port.isdigit():
         return None
     return ("" if host == "*" else host.strip("[]")), int(port)
+
+
+def same_listener(first: Address, second: Address) -> bool:
+    """Two listening addresses that cannot both be bound: one port, on one host or on
+    every host."""
+    (host1, port1), (host2, port2) = ((_loopback(host), port) for host, port in (first, second))
+    return port1 == port2 and (host1 == host2 or bool({host1, host2} & set(EVERY_INTERFACE)))
+
+
+def _loopback(host: str) -> str:
+    return "127.0.0.1" if host == "localhost" else host
 
 
 def check_free(host: str, port: int) -> None:
