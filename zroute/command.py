@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 import zmq
 
 from broker.loader import LoadError
-from zroute.config import Config, ConfigError, load_config, split_overrides
+from zroute.config import SCHEMA, Config, ConfigError, EndpointClash, load_config, split_overrides
 from zroute.logs import LOG_FORMATS, setup_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -36,7 +36,40 @@ def flag_overrides(flags: Mapping[str, object | None]) -> list[str]:
 def load(args: argparse.Namespace, overrides: Sequence[str],
          flags: Mapping[str, object | None] | None = None) -> Config:
     """The configuration, with command-line flags (`{"Broker.frontend": value}`) on top."""
-    return load_config(args.config, [*overrides, *flag_overrides(flags or {})])
+    flags = flags or {}
+    try:
+        return load_config(args.config, [*overrides, *flag_overrides(flags)])
+    except EndpointClash as clash:
+        raise ConfigError(_clash_from_a_flag(args, flags) or str(clash)) from None
+
+
+# The broker's two endpoints, and who uses each.
+ENDPOINT_ROLES = {"Broker.frontend": "client", "Broker.backend": "worker"}
+
+
+def _clash_from_a_flag(args: argparse.Namespace, flags: Mapping[str, object | None]) -> str | None:
+    """When one flag set an endpoint to the other one's, what the user did and what is
+    right: '--broker X is the broker's client endpoint (Broker.frontend); ...'."""
+    given = {key: value for key, value in flags.items()
+             if key in ENDPOINT_ROLES and value is not None}
+    if len(given) != 1:
+        return None  # both or neither: the configuration's own message says it
+    [(key, value)] = given.items()
+    [other] = set(ENDPOINT_ROLES) - {key}
+    flag = _flag_of(args, value)
+    default = SCHEMA["Broker"][key.partition(".")[2]].default
+    role, other_role = ENDPOINT_ROLES[key], ENDPOINT_ROLES[other]
+    if flag == "--broker":  # a component that connects to the broker
+        return (f"--broker {value} is the broker's {other_role} endpoint ({other}); "
+                f"{args.prog} connects to its {role} endpoint, {key} (default {default})")
+    return (f"{flag} {value} is already the broker's {other_role} endpoint ({other}): "
+            f"its {role} endpoint, {key}, needs one of its own (default {default})")
+
+
+def _flag_of(args: argparse.Namespace, value: object) -> str:
+    """The option that gave `value`: '--broker', '--backend'..."""
+    dest = next(dest for dest, given in vars(args).items() if given is value)
+    return "--" + dest.replace("_", "-")
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
