@@ -8,6 +8,7 @@ from importlib.metadata import version
 import pytest
 
 from tests.support import run_zroute, wait_until
+from zroute.cli import main
 
 CLEAR_SCREEN = "\033[H\033[2J"
 
@@ -37,3 +38,53 @@ def test_stats_watch_waits_for_a_broker_that_is_down_and_shows_it_when_it_comes_
     watch.signal(signal.SIGINT)
     assert watch.popen.wait(10) == 0
     assert "Traceback" not in watch.output()
+
+
+SERVE_USAGE = "usage: zroute serve [-h] [--host HOST] [--port PORT] [-f FILE]"
+
+
+def refusal(capsys, *argv: str) -> str:
+    """The one error line of `zroute ARGV`, which must exit 2 after the usage of
+    the subcommand it names."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2, stderr
+    usage, *_, error = stderr.splitlines()
+    assert usage.startswith(f"usage: zroute {argv[0]} ") and "Traceback" not in stderr, stderr
+    return error
+
+
+@pytest.mark.parametrize("argv, error", [
+    (("serve", "--prot", "9000"), "unrecognized argument '--prot': did you mean --port?"),
+    (("gateway", "--brokr", "tcp://127.0.0.1:5555"),
+     "unrecognized argument '--brokr': did you mean --broker?"),
+    (("worker", "--servce=x"), "unrecognized argument '--servce=x': did you mean --service?"),
+    (("serve", "--nothing-like-it"),
+     "unrecognized argument '--nothing-like-it': see zroute serve --help"),
+    # A configuration key with the wrong case, or a typo in its section.
+    (("serve", "--backend.greeting=Hi"),
+     "unrecognized argument '--backend.greeting=Hi': did you mean --Backend.greeting=Hi?"),
+    (("serve", "--backnd.ServiceArgs.workers=2"),
+     "unrecognized argument '--backnd.ServiceArgs.workers=2': did you mean "
+     "--Backend.ServiceArgs.workers=2?"),
+    (("serve", "--Backend.greeting", "Hi"),
+     "override '--Backend.greeting' has no value: the form is --Backend.greeting=Hi"),
+    (("worker", "extra"),
+     "unexpected argument 'extra': zroute worker takes options only; see zroute worker --help"),
+])
+def test_an_unknown_argument_is_refused_by_its_subcommand_with_a_hint(capsys, argv, error):
+    assert refusal(capsys, *argv) == f"zroute {argv[0]}: error: {error}"
+
+
+@pytest.mark.timeout(20)
+def test_serve_given_a_service_graph_says_it_runs_the_built_in_pipeline():
+    # As in `dynamo serve routed_pipeline:Frontend -f config.yaml`.
+    result = run_zroute("serve", "routed_pipeline:Frontend", "-f", "config.yaml")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith(SERVE_USAGE)
+    assert result.stderr.splitlines()[-1] == (
+        "zroute serve: error: unexpected argument 'routed_pipeline:Frontend': zroute serve "
+        "takes options only; it runs the built-in pipeline (the gateway and the greeting "
+        "workers) and takes no service graph such as module:Class yet; for your own code, "
+        "run workers with `zroute worker --handler module:callable`")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from zroute.config import Config, ConfigError, load_config, split_overrides
+from zroute.config import Config, ConfigError, closest_key, load_config, split_overrides
 
 DEFAULTS = {
     "Backend": {
@@ -287,10 +287,16 @@ def test_split_overrides_stops_at_double_dash() -> None:
     assert overrides == ["Broker.max_queue=1"]
 
 
-def test_split_overrides_requires_equals() -> None:
-    with pytest.raises(ConfigError) as info:
-        split_overrides(["run", "--Backend.greeting", "Hi"])
-    assert str(info.value) == "override '--Backend.greeting' has no value: the form is --Section.key=value"
+def test_split_overrides_leaves_an_override_without_a_value_to_the_parser() -> None:
+    # The parser refuses it, with the usage of the command it was given to.
+    assert split_overrides(["--Backend.greeting", "Hi"]) == (["--Backend.greeting", "Hi"], [])
+
+
+def test_closest_key_mends_case_and_typos() -> None:
+    assert closest_key("backend.greting") == "Backend.greeting"
+    assert closest_key("FRONTEND.serviceargs.workers") == "Frontend.ServiceArgs.workers"
+    assert closest_key("Backend.ServiceArgs") is None  # a section, not a key
+    assert closest_key("Nothing.like.it") is None
 
 
 # --- endpoints and policies -------------------------------------------------

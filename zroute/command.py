@@ -9,7 +9,8 @@ from typing import Mapping, Sequence
 import zmq
 
 from broker.loader import LoadError
-from zroute.config import SCHEMA, Config, ConfigError, EndpointClash, load_config, split_overrides
+from zroute.config import (SCHEMA, Config, ConfigError, EndpointClash, closest, closest_key,
+                           load_config, split_overrides)
 from zroute.logs import LOG_FORMATS, setup_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -23,7 +24,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="text lines, or one JSON object per line")
     parser.add_argument("--log-name", metavar="NAME",
                         help="the name that prefixes this process's log lines")
-    parser.set_defaults(prog=parser.prog)  # errors name the subcommand: "zroute serve: ..."
+    # Errors name the subcommand, "zroute serve: error: ...", and show its usage.
+    parser.set_defaults(prog=parser.prog, command_parser=parser)
     parser.epilog = ((parser.epilog or "") + " Any configuration key can be set with "
                      "--Section.key=value, e.g. --Backend.greeting=Hi.").strip()
 
@@ -72,17 +74,40 @@ def _flag_of(args: argparse.Namespace, value: object) -> str:
     return "--" + dest.replace("_", "-")
 
 
+def unknown_argument(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
+    """What is wrong with the first argument `parser` does not know (of `unknown`, the
+    ones it left), and what would be right."""
+    arg = unknown[0]
+    if not arg.startswith("-"):
+        hint = parser.get_default("positional_hint") or f"see {parser.prog} --help"
+        return f"unexpected argument {arg!r}: {parser.prog} takes options only; {hint}"
+    name, has_value, value = arg.partition("=")
+    if "." in name:  # a configuration key, mistyped or without its value
+        key = closest_key(name.lstrip("-"))
+        if not has_value:
+            following = unknown[1] if len(unknown) > 1 and not unknown[1].startswith("-") else None
+            example = f"--{key or 'Section.key'}={following or 'VALUE'}"
+            return f"override {arg!r} has no value: the form is {example}"
+        if key:
+            return f"unrecognized argument {arg!r}: did you mean --{key}={value}?"
+        return (f"unrecognized argument {arg!r}: no such configuration key "
+                "(the form is --Section.key=value, e.g. --Backend.greeting=Hi)")
+    option = closest(name, [o for action in parser._actions for o in action.option_strings
+                            if action.help != argparse.SUPPRESS])
+    hint = f"did you mean {option}?" if option else f"see {parser.prog} --help"
+    return f"unrecognized argument {arg!r}: {hint}"
+
+
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse, set up logging, run `args.run(args, overrides)`.
 
     A configuration error (or a module:attr that does not load) is one line on stderr
     and exit code 2.
     """
-    try:
-        rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        parser.error(str(e))
-    args = parser.parse_args(rest)
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(rest)
+    if unknown:
+        args.command_parser.error(unknown_argument(args.command_parser, unknown))
     setup_logging(args.log_name or getattr(args, "worker_id", None) or args.process_name,
                   args.log_level, args.log_format)
     try:

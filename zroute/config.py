@@ -213,6 +213,20 @@ def closest(word: str, choices: Iterable[str]) -> str | None:
     return by_lower[close[0]] if close else None
 
 
+def closest_key(dotted: str) -> str | None:
+    """The configuration key closest to a mistyped one ('backend.greting' ->
+    'Backend.greeting'), or None."""
+    schema: Any = SCHEMA
+    found = []
+    for part in dotted.split("."):
+        key = closest(part, schema) if isinstance(schema, Mapping) else None
+        if key is None:
+            return None
+        found.append(key)
+        schema = schema[key]
+    return ".".join(found) if isinstance(schema, Setting) else None
+
+
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -362,7 +376,8 @@ def _same_tcp_port(first: str, second: str) -> bool:
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Split argv into (other args, ``Section.key=value`` overrides without the leading ``--``).
 
-    Scanning stops at a bare ``--``; it and everything after it go to the other args.
+    Scanning stops at a bare ``--``; it and everything after it go to the other args,
+    and so does an override without a value, for the parser to refuse.
     """
     rest: list[str] = []
     overrides: list[str] = []
@@ -371,9 +386,8 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             rest.extend(argv[index:])
             break
         name = arg[2:]
-        if arg.startswith("--") and name[:1].isupper() and "." in name.partition("=")[0]:
-            if "=" not in name:
-                raise ConfigError(f"override {arg!r} has no value: the form is --Section.key=value")
+        if arg.startswith("--") and name[:1].isupper() and "." in name.partition("=")[0] \
+                and "=" in name:
             overrides.append(name)
         else:
             rest.append(arg)

@@ -52,7 +52,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                        "127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default: Frontend.port, 8000)")
     add_common_options(parser)
-    parser.set_defaults(run=run, process_name="serve")
+    parser.set_defaults(run=run, process_name="serve", positional_hint=(
+        "it runs the built-in pipeline (the gateway and the greeting workers) and takes no "
+        "service graph such as module:Class yet; for your own code, run workers with "
+        "`zroute worker --handler module:callable`"))
 
 
 def _die_with_parent() -> None:
