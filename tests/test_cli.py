@@ -7,7 +7,7 @@ from importlib.metadata import version
 
 import pytest
 
-from tests.support import run_zroute, wait_until
+from tests.support import free_port, run_zroute, wait_until
 from zroute.cli import main
 
 CLEAR_SCREEN = "\033[H\033[2J"
@@ -88,3 +88,29 @@ def test_serve_given_a_service_graph_says_it_runs_the_built_in_pipeline():
         "takes options only; it runs the built-in pipeline (the gateway and the greeting "
         "workers) and takes no service graph such as module:Class yet; for your own code, "
         "run workers with `zroute worker --handler module:callable`")
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("argv, error", [
+    (("stats", "--timeout", "-1"), "--timeout -1 is invalid: must be a number of seconds > 0"),
+    (("worker", "--service", ""),
+     "--service '' is empty: give a name of printable characters, at most 255 bytes "
+     "(e.g. --service generate)"),
+    (("worker", "--id", ""),
+     "--id '' is empty: give a name of printable characters, at most 255 bytes "
+     "(e.g. --id worker-1)"),
+], ids=["timeout", "service", "id"])
+def test_a_value_the_command_cannot_use_is_one_line_and_exit_2(argv, error):
+    result = run_zroute(*argv)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", f"zroute {argv[0]}: error: {error}\n")
+
+
+@pytest.mark.timeout(20)
+def test_stats_with_no_broker_says_how_to_start_one():
+    address = f"tcp://127.0.0.1:{free_port()}"
+    result = run_zroute("stats", "--broker", address, "--timeout", "0.2")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1, "", f"zroute stats: error: no answer from the broker at {address} within 0.2 s: "
+               "is a broker running? `zroute serve` starts the whole stack, `zroute broker` "
+               "a broker alone\n")
