@@ -720,11 +720,11 @@ def test_stats_command_table_and_json(stack):
     table = run_zroute("stats", "--broker", stack.frontend)
     assert (table.returncode, table.stderr) == (0, "")
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["WORKER", "STATE", "INFLIGHT/CAP", "COMPLETED", "FAILED",
-                                "P50", "P99", "SEEN"]
+    assert lines[0].split() == ["WORKER", "SERVICES", "STATE", "INFLIGHT", "CAPACITY",
+                                "COMPLETED", "FAILED", "P50", "P99", "SEEN"]
     rows = {line.split()[0]: line.split() for line in lines[1:3]}
-    assert rows["w1"][:5] == ["w1", "ready", "0/unl", "2", "0"]
-    assert rows["w2"][:5] == ["w2", "ready", "0/unl", "1", "0"]
+    assert rows["w1"][:7] == ["w1", "generate", "ready", "0", "unlimited", "2", "0"]
+    assert rows["w2"][:7] == ["w2", "generate", "ready", "0", "unlimited", "1", "0"]
     assert lines[3] == ""
     assert lines[4].startswith("broker: up ")
     assert " requests 3 " in lines[4] and " completed 3 " in lines[4]

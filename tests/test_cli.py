@@ -114,3 +114,18 @@ def test_stats_with_no_broker_says_how_to_start_one():
         1, "", f"zroute stats: error: no answer from the broker at {address} within 0.2 s: "
                "is a broker running? `zroute serve` starts the whole stack, `zroute broker` "
                "a broker alone\n")
+
+
+@pytest.mark.timeout(30)
+def test_stats_table_shows_each_workers_services_and_capacity(stack):
+    stack.broker()
+    stack.worker("w1")
+    stack.worker("w2", "--service", "upper", "--service", "generate", "--capacity", "3")
+    stack.wait_workers("w1", "w2")
+    table = run_zroute("stats", "--broker", stack.frontend)
+    assert (table.returncode, table.stderr) == (0, "")
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:5] == ["WORKER", "SERVICES", "STATE", "INFLIGHT", "CAPACITY"]
+    assert [line.split()[:5] for line in lines[1:3]] == [
+        ["w1", "generate", "ready", "0", "unlimited"],
+        ["w2", "generate,upper", "ready", "0", "3"]]

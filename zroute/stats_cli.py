@@ -17,7 +17,8 @@ NO_BROKER_HINT = (": is a broker running? `zroute serve` starts the whole stack,
                   "`zroute broker` a broker alone")
 CLEAR_SCREEN = "\033[H\033[2J"
 REFRESH_S = 1.0
-COLUMNS = ("WORKER", "STATE", "INFLIGHT/CAP", "COMPLETED", "FAILED", "P50", "P99", "SEEN")
+COLUMNS = ("WORKER", "SERVICES", "STATE", "INFLIGHT", "CAPACITY", "COMPLETED", "FAILED", "P50",
+           "P99", "SEEN")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -78,8 +79,8 @@ def render(stats: dict) -> str:
     """A fixed-width table of the workers, then the broker's totals."""
     rows = [COLUMNS]
     for w in stats["workers"]:
-        capacity = w["capacity"] or "unl"
-        rows.append((w["id"], w["state"], f"{w['inflight']}/{capacity}", str(w["completed"]),
+        rows.append((w["id"], ",".join(w["services"]), w["state"], str(w["inflight"]),
+                     str(w["capacity"] or "unlimited"), str(w["completed"]),
                      str(w["failed"]), _seconds(w["latency_p50_s"]),
                      _seconds(w["latency_p99_s"]), f"{w['last_seen_s']:.1f}s"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
