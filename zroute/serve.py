@@ -27,8 +27,10 @@ from typing import Callable
 
 from broker.cli import configured_policies
 from zroute.command import add_common_options, flag_overrides, load
-from zroute.config import Config
-from zroute.ports import check_free, mark_stopping, tcp_address
+from zroute.config import Config, ConfigError
+from zroute.ports import (Address, PortInUse, check_free, free_port_from,
+                          held_by_running_zroute, is_free, mark_stopping, same_listener,
+                          tcp_address, unresolvable)
 
 log = logging.getLogger("zroute.serve")
 
@@ -64,9 +66,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass  # not Linux: a clean shutdown still stops every child
-
-
-Address = tuple[str, int]  # (host, port)
 
 
 @dataclass
@@ -211,6 +210,51 @@ def build_supervisor(config: Config, args: argparse.Namespace, overrides: list[s
     return Supervisor([broker, workers, gateways])
 
 
+def listeners(config: Config) -> dict[str, tuple[str, Address]]:
+    """What serve listens on over tcp, by key: the HTTP port and the broker's endpoints,
+    each as it is written and as (host, port)."""
+    http = (config.frontend.host, config.frontend.port)
+    endpoints = {"Broker.frontend": config.broker.frontend, "Broker.backend": config.broker.backend}
+    broker = {key: (endpoint, address) for key, endpoint in endpoints.items()
+              if (address := tcp_address(endpoint)) is not None}
+    return {"Frontend.port": (f"{http[0]}:{http[1]}", http), **broker}
+
+
+def check_addresses(config: Config, host_key: str) -> None:
+    """Before anything starts: every host to listen on resolves, and the HTTP port is not
+    one of the broker's (each would be taken twice). `host_key` is how the user set the
+    HTTP host: --host or Frontend.host."""
+    http = (config.frontend.host, config.frontend.port)
+    for key, (endpoint, (host, port)) in listeners(config).items():
+        problem = unresolvable(host)
+        if problem:
+            where = host_key if key == "Frontend.port" else key
+            raise ConfigError(f"{where}: the host {host!r} does not resolve ({problem}): give "
+                              "an IP address such as 127.0.0.1, ::1 or 0.0.0.0, or a name "
+                              "this machine resolves")
+        if key != "Frontend.port" and same_listener(http, (host, port)):
+            raise ConfigError(f"Frontend.port ({http[1]}) and {key} ({endpoint}) are the same "
+                              "port: the gateway and the broker each need their own")
+
+
+def _second_stack_hint(config: Config, port: int | None) -> str:
+    """When another zroute stack holds `port`: the flags that give this one free ports
+    in place of every one that is taken."""
+    if port is None or not held_by_running_zroute(port):
+        return ""
+    flags, chosen = [], set()
+    for key, (endpoint, (host, taken)) in listeners(config).items():
+        if is_free(host, taken):
+            continue
+        free = free_port_from(host, taken + 1, chosen)
+        if free is None:
+            return ""
+        chosen.add(free)
+        flags.append(f"--port {free}" if key == "Frontend.port"
+                     else f"--{key}={endpoint.rpartition(':')[0]}:{free}")
+    return f"; to run a second stack, give it other ports too: {' '.join(flags)}"
+
+
 def local_url(host: str, port: int) -> str:
     """A URL that reaches, from this machine, a server listening on host:port."""
     if host in ("", "0.0.0.0"):  # every interface: loopback is one of them
@@ -236,8 +280,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # The broker's own check of its policies, before anything starts: a bad
     # Frontend.routing_mode is then one line from serve.
     configured_policies(config)
+    check_addresses(config, "--host" if args.host is not None else "Frontend.host")
     supervisor = build_supervisor(config, args, overrides)
-    supervisor.check_ports()
+    try:
+        supervisor.check_ports()
+    except PortInUse as e:
+        raise PortInUse(f"{e}{_second_stack_hint(config, e.port)}", e.port) from None
     stop_requested = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, _: stop_requested.append(signum))
