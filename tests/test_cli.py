@@ -129,3 +129,18 @@ def test_stats_table_shows_each_workers_services_and_capacity(stack):
     assert [line.split()[:5] for line in lines[1:3]] == [
         ["w1", "generate", "ready", "0", "unlimited"],
         ["w2", "generate,upper", "ready", "0", "3"]]
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_count_outside_serve_is_said_to_be_ignored(stack, tmp_path):
+    config = tmp_path / "gw.yaml"
+    config.write_text("Frontend:\n  ServiceArgs:\n    workers: 3\n")
+    gateway = stack.start("gateway", "gateway", "--broker", stack.frontend,
+                          "--port", str(free_port()), "-f", str(config))
+    worker = stack.worker("w1", "--Backend.ServiceArgs.workers=2")
+    for proc, line in (
+            (gateway, "INFO Frontend.ServiceArgs.workers is 3, but zroute gateway runs one "
+                      "process; `zroute serve` runs 3"),
+            (worker, "INFO Backend.ServiceArgs.workers is 2, but zroute worker runs one "
+                     "process; `zroute serve` runs 2")):
+        wait_until(lambda: line in proc.output(), 10, f"{proc.name} to say: {line}")

@@ -109,6 +109,7 @@ async def test_serve_with_the_config_file_runs_two_workers_and_stops_on_sigint(s
     output = serve.wait_ready()
     assert f"zroute is serving on {serve.url} (2 worker(s), greeting 'Goodnight', " \
            "routing round_robin)" in output
+    assert "runs one process" not in output  # serve's children are not told they are one
     kids = serve.wait_children("broker", "worker-1", "worker-2", "gateway-1")
     expected = "Goodnight sun!\nGoodnight moon!\nGoodnight stars!\n"
     body = b'{"text": "sun,moon,stars"}'

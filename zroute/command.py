@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import sys
 from typing import Mapping, Sequence
 
@@ -15,6 +17,8 @@ from zroute.logs import LOG_FORMATS, setup_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
+log = logging.getLogger("zroute")
+
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--config", metavar="FILE",
@@ -24,6 +28,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="text lines, or one JSON object per line")
     parser.add_argument("--log-name", metavar="NAME",
                         help="the name that prefixes this process's log lines")
+    # Set by `zroute serve` on its children: it runs as many of them as the config says.
+    parser.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     # Errors name the subcommand, "zroute serve: error: ...", and show its usage.
     parser.set_defaults(prog=parser.prog, command_parser=parser)
     parser.epilog = ((parser.epilog or "") + " Any configuration key can be set with "
@@ -40,9 +46,29 @@ def load(args: argparse.Namespace, overrides: Sequence[str],
     """The configuration, with command-line flags (`{"Broker.frontend": value}`) on top."""
     flags = flags or {}
     try:
-        return load_config(args.config, [*overrides, *flag_overrides(flags)])
+        config = load_config(args.config, [*overrides, *flag_overrides(flags)])
     except EndpointClash as clash:
         raise ConfigError(_clash_from_a_flag(args, flags) or str(clash)) from None
+    if not args.supervised:
+        _note_the_process_count(args, config)
+    return config
+
+
+# The key that sets how many processes of a command `zroute serve` runs.
+PROCESS_COUNTS = {"worker": ("Backend", "ServiceArgs", "workers"),
+                  "gateway": ("Frontend", "ServiceArgs", "workers")}
+
+
+def _note_the_process_count(args: argparse.Namespace, config: Config) -> None:
+    """A count of processes for this command means something to `zroute serve` only:
+    say so rather than ignore it silently."""
+    path = PROCESS_COUNTS.get(args.process_name)
+    if path is None:
+        return
+    count = functools.reduce(dict.__getitem__, path, config.as_dict())
+    if count > 1:
+        log.info("%s is %d, but %s runs one process; `zroute serve` runs %d",
+                 ".".join(path), count, args.prog, count)
 
 
 # The broker's two endpoints, and who uses each.

@@ -186,7 +186,7 @@ def child_args(command: str, name: str, args: argparse.Namespace, overrides: lis
                *extra: str) -> list[str]:
     """The command line of a child: the same config file, overrides and log options."""
     # `python -m broker` (or worker, gateway) loads only what that process needs.
-    line = [sys.executable, "-m", command, "--log-name", name,
+    line = [sys.executable, "-m", command, "--supervised", "--log-name", name,
             "--log-level", args.log_level, "--log-format", args.log_format, *extra]
     if args.config:
         line += ["-f", args.config]
