@@ -139,11 +139,15 @@ async def test_serve_with_the_config_file_runs_two_workers_and_stops_on_sigint(s
 
 @async_test
 async def test_serve_restarts_a_worker_killed_with_sigkill(stack):
-    serve = Serve(stack, "--Backend.sleep_time=0")
+    serve = Serve(stack, "--Backend.sleep_time=0", "--log-level", "debug")
     serve.wait_ready()
     kids = serve.wait_children("broker", "worker-1", "gateway-1")
     old = kids["worker-1"]
     old_pid = old[0]
+    # Debug lines say what serve ran, and the children pass the level on.
+    output = serve.proc.output()
+    assert f"[serve] DEBUG started worker-1, pid {old_pid}: " in output, output
+    assert "[worker-1] DEBUG configuration: " in output and "[broker] DEBUG policies: " in output
     os.kill(old_pid, signal.SIGKILL)
 
     def restarted() -> tuple[int, str | None] | None:
@@ -152,6 +156,8 @@ async def test_serve_restarts_a_worker_killed_with_sigkill(stack):
 
     new_pid, _ = wait_until(restarted, 10, "serve to start worker-1 again")
     assert ("[serve] WARNING worker-1 exited with code -9; restarting in 0.5 s"
+            in serve.proc.output())
+    assert ("[serve] DEBUG restarting worker-1; the next back-off is 1.0 s"
             in serve.proc.output())
 
     # The new process registers as worker-1 (the broker forgets the dead one) and serves.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import json
+import logging
 import secrets
 import signal
 from typing import Any, Sequence
@@ -17,6 +19,8 @@ from zroute.command import add_common_options, load, run_command
 from zroute.config import Config, ConfigError
 
 DEFAULT_HANDLER = "worker.greeting:make_handler"
+
+log = logging.getLogger("zroute.worker")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +122,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     config = load(args, overrides, {"Backend.ServiceArgs.capacity": args.capacity,
                                     "Broker.backend": args.broker})
     handler = load_handler(args.handler, config)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("configuration: %s", json.dumps(config.as_dict()))
+        log.debug("handler %s: %r", args.handler, handler)
     worker = Worker(
         config.broker.backend,
         args.worker_id or f"worker-{secrets.token_hex(3)}",  # tells clients nothing of the host

@@ -16,6 +16,7 @@ import argparse
 import ctypes
 import json
 import logging
+import shlex
 import signal
 import subprocess
 import sys
@@ -85,6 +86,9 @@ class Child:
         self.process = subprocess.Popen(self.args, start_new_session=True,
                                         preexec_fn=_die_with_parent)
         self.started = time.monotonic()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("started %s, pid %d: %s", self.name, self.process.pid,
+                      shlex.join(self.args))
         self.restart_at = None
 
     def exited(self) -> int | None:
@@ -147,6 +151,8 @@ class Supervisor:
                             child.backoff)
                 child.backoff = min(RESTART_MAX_S, child.backoff * 2)
             elif now >= child.restart_at:
+                log.debug("restarting %s; the next back-off is %.1f s", child.name,
+                          child.backoff)
                 child.start()
         return None
 
