@@ -745,7 +745,8 @@ def test_stats_command_against_a_dead_address():
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
-        f"zroute stats: error: no answer from the broker at {address} within 1 s"]
+        f"zroute stats: error: no answer from the broker at {address} within 1 s: is a broker "
+        "running? `zroute serve` starts the whole stack, `zroute broker` a broker alone"]
     # It waits its --timeout, not more (the rest is the interpreter starting).
     assert 1.0 <= elapsed < 6.0, f"took {elapsed:.2f} s"
 
@@ -760,8 +761,9 @@ def test_stats_command_against_a_dead_address():
     ("no_such_module_zr:handler", "cannot be loaded: no module named 'no_such_module_zr'"),
     ("worker.greeting:no_such_name", "cannot be loaded: 'worker.greeting' has no "
                                      "attribute 'no_such_name'"),
-    ("worker.greeting:__doc__", "is not callable"),
-    ("tests.handlers:not_a_factory", "returned 42, not a handler"),
+    ("worker.greeting:__doc__", ", not callable: a handler is an async generator function"),
+    ("tests.handlers:not_a_factory", "called as a factory it returned the int 42; a handler "
+                                     "is an async generator function"),
 ], ids=["no-colon", "no-module", "missing-module", "missing-attribute", "not-callable",
         "factory-returns-non-handler"])
 def test_worker_with_a_bad_handler_spec_exits_with_one_line(spec, problem):

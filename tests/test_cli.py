@@ -106,16 +106,6 @@ def test_a_value_the_command_cannot_use_is_one_line_and_exit_2(argv, error):
         2, "", f"zroute {argv[0]}: error: {error}\n")
 
 
-@pytest.mark.timeout(20)
-def test_stats_with_no_broker_says_how_to_start_one():
-    address = f"tcp://127.0.0.1:{free_port()}"
-    result = run_zroute("stats", "--broker", address, "--timeout", "0.2")
-    assert (result.returncode, result.stdout, result.stderr) == (
-        1, "", f"zroute stats: error: no answer from the broker at {address} within 0.2 s: "
-               "is a broker running? `zroute serve` starts the whole stack, `zroute broker` "
-               "a broker alone\n")
-
-
 @pytest.mark.timeout(30)
 def test_stats_table_shows_each_workers_services_and_capacity(stack):
     stack.broker()
