@@ -28,7 +28,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="text lines, or one JSON object per line")
     parser.add_argument("--log-name", metavar="NAME",
                         help="the name that prefixes this process's log lines")
-    # Set by `zroute serve` on its children: it runs as many of them as the config says.
+    # Set by `zroute serve` on its children: it runs as many of each as the config says.
     parser.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     # Errors name the subcommand, "zroute serve: error: ...", and show its usage.
     parser.set_defaults(prog=parser.prog, command_parser=parser)
@@ -85,6 +85,8 @@ def _clash_from_a_flag(args: argparse.Namespace, flags: Mapping[str, object | No
     [(key, value)] = given.items()
     [other] = set(ENDPOINT_ROLES) - {key}
     flag = _flag_of(args, value)
+    if flag is None:
+        return None
     default = SCHEMA["Broker"][key.partition(".")[2]].default
     role, other_role = ENDPOINT_ROLES[key], ENDPOINT_ROLES[other]
     if flag == "--broker":  # a component that connects to the broker
@@ -94,10 +96,10 @@ def _clash_from_a_flag(args: argparse.Namespace, flags: Mapping[str, object | No
             f"its {role} endpoint, {key}, needs one of its own (default {default})")
 
 
-def _flag_of(args: argparse.Namespace, value: object) -> str:
-    """The option that gave `value`: '--broker', '--backend'..."""
-    dest = next(dest for dest, given in vars(args).items() if given is value)
-    return "--" + dest.replace("_", "-")
+def _flag_of(args: argparse.Namespace, value: object) -> str | None:
+    """The option that gave `value`: '--broker', '--backend'...; None if none did."""
+    dest = next((dest for dest, given in vars(args).items() if given is value), None)
+    return None if dest is None else "--" + dest.replace("_", "-")
 
 
 def unknown_argument(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
@@ -118,6 +120,7 @@ def unknown_argument(parser: argparse.ArgumentParser, unknown: Sequence[str]) ->
             return f"unrecognized argument {arg!r}: did you mean --{key}={value}?"
         return (f"unrecognized argument {arg!r}: no such configuration key "
                 "(the form is --Section.key=value, e.g. --Backend.greeting=Hi)")
+    # argparse lists its options only in _actions; hidden ones are not suggested.
     option = closest(name, [o for action in parser._actions for o in action.option_strings
                             if action.help != argparse.SUPPRESS])
     hint = f"did you mean {option}?" if option else f"see {parser.prog} --help"
