@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 from typing import Any, Sequence
 
@@ -12,6 +13,8 @@ from broker.policies import DIRECT, Policy, is_policy_class, load_policies, unkn
 from broker.server import Broker
 from zroute.command import add_common_options, load, run_command
 from zroute.ports import check_free, tcp_address
+
+log = logging.getLogger("zroute.broker")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +38,15 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         address = tcp_address(endpoint)
         if address is not None:
             check_free(*address)  # a taken port is then named with what holds it
-    broker = Broker(config.broker, policies=configured_policies(config))
+    policies = configured_policies(config)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("endpoints: clients %s, workers %s", config.broker.frontend,
+                  config.broker.backend)
+        log.debug("policies: %s", ", ".join(f"{name} ({type(policy).__module__}."
+                                            f"{type(policy).__qualname__})"
+                                            for name, policy in policies.items()))
+        log.debug("configuration: %s", json.dumps(config.as_dict()["Broker"]))
+    broker = Broker(config.broker, policies=policies)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: broker.stop())
     broker.run()

@@ -1,11 +1,13 @@
 # Sourced by run_all.sh and test.sh; defines setup_venv, which creates .venv if missing,
-# installs the project, puts .venv/bin on PATH and changes to the repository's root.
+# installs the project, puts .venv/bin on PATH and sets REPO_ROOT to the repository's
+# root. It stays in the caller's directory.
 # Usage: source scripts/setup_venv.sh; setup_venv [EXTRAS]   e.g. "test"
 # A function, so that it sees its own arguments: a sourced file without arguments
 # would see the caller's ("--port 9000") as its own.
 setup_venv() {
   local root venv spec stamp log
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  REPO_ROOT="$root"
   venv="$root/.venv"
   if [ ! -x "$venv/bin/python" ]; then
     echo "creating $venv" >&2
@@ -26,5 +28,4 @@ setup_venv() {
     touch "$stamp"
   fi
   export PATH="$venv/bin:$PATH"
-  cd "$root"
 }

@@ -3,4 +3,5 @@
 set -euo pipefail
 source "$(dirname "$0")/setup_venv.sh"
 setup_venv test
+cd "$REPO_ROOT"
 exec python -m pytest "$@"

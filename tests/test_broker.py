@@ -723,11 +723,11 @@ def test_stats_command_table_and_json(stack):
     table = run_zroute("stats", "--broker", stack.frontend)
     assert (table.returncode, table.stderr) == (0, "")
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["WORKER", "STATE", "INFLIGHT/CAP", "COMPLETED", "FAILED",
-                                "P50", "P99", "SEEN"]
+    assert lines[0].split() == ["WORKER", "SERVICES", "STATE", "INFLIGHT", "CAPACITY",
+                                "COMPLETED", "FAILED", "P50", "P99", "SEEN"]
     rows = {line.split()[0]: line.split() for line in lines[1:3]}
-    assert rows["w1"][:5] == ["w1", "ready", "0/unl", "2", "0"]
-    assert rows["w2"][:5] == ["w2", "ready", "0/unl", "1", "0"]
+    assert rows["w1"][:7] == ["w1", "generate", "ready", "0", "unlimited", "2", "0"]
+    assert rows["w2"][:7] == ["w2", "generate", "ready", "0", "unlimited", "1", "0"]
     assert lines[3] == ""
     assert lines[4].startswith("broker: up ")
     assert " requests 3 " in lines[4] and " completed 3 " in lines[4]
@@ -748,7 +748,8 @@ def test_stats_command_against_a_dead_address():
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
-        f"zroute stats: error: no answer from the broker at {address} within 1 s"]
+        f"zroute stats: error: no answer from the broker at {address} within 1 s: is a broker "
+        "running? `zroute serve` starts the whole stack, `zroute broker` a broker alone"]
     # It waits its --timeout, not more (the rest is the interpreter starting).
     assert 1.0 <= elapsed < 6.0, f"took {elapsed:.2f} s"
 
@@ -763,8 +764,9 @@ def test_stats_command_against_a_dead_address():
     ("no_such_module_zr:handler", "cannot be loaded: no module named 'no_such_module_zr'"),
     ("worker.greeting:no_such_name", "cannot be loaded: 'worker.greeting' has no "
                                      "attribute 'no_such_name'"),
-    ("worker.greeting:__doc__", "is not callable"),
-    ("tests.handlers:not_a_factory", "returned 42, not a handler"),
+    ("worker.greeting:__doc__", ", not callable: a handler is an async generator function"),
+    ("tests.handlers:not_a_factory", "called as a factory it returned the int 42; a handler "
+                                     "is an async generator function"),
 ], ids=["no-colon", "no-module", "missing-module", "missing-attribute", "not-callable",
         "factory-returns-non-handler"])
 def test_worker_with_a_bad_handler_spec_exits_with_one_line(spec, problem):

@@ -7,7 +7,8 @@ from importlib.metadata import version
 
 import pytest
 
-from tests.support import run_zroute, wait_until
+from tests.support import free_port, run_zroute, wait_until
+from zroute.cli import main
 
 CLEAR_SCREEN = "\033[H\033[2J"
 
@@ -37,3 +38,99 @@ def test_stats_watch_waits_for_a_broker_that_is_down_and_shows_it_when_it_comes_
     watch.signal(signal.SIGINT)
     assert watch.popen.wait(10) == 0
     assert "Traceback" not in watch.output()
+
+
+SERVE_USAGE = "usage: zroute serve [-h] [--host HOST] [--port PORT] [-f FILE]"
+
+
+def refusal(capsys, *argv: str) -> str:
+    """The one error line of `zroute ARGV`, which must exit 2 after the usage of
+    the subcommand it names."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2, stderr
+    usage, *_, error = stderr.splitlines()
+    assert usage.startswith(f"usage: zroute {argv[0]} ") and "Traceback" not in stderr, stderr
+    return error
+
+
+@pytest.mark.parametrize("argv, error", [
+    (("serve", "--prot", "9000"), "unrecognized argument '--prot': did you mean --port?"),
+    (("gateway", "--brokr", "tcp://127.0.0.1:5555"),
+     "unrecognized argument '--brokr': did you mean --broker?"),
+    (("worker", "--servce=x"), "unrecognized argument '--servce=x': did you mean --service?"),
+    (("serve", "--nothing-like-it"),
+     "unrecognized argument '--nothing-like-it': see zroute serve --help"),
+    # A configuration key with the wrong case, or a typo in its section.
+    (("serve", "--backend.greeting=Hi"),
+     "unrecognized argument '--backend.greeting=Hi': did you mean --Backend.greeting=Hi?"),
+    (("serve", "--backnd.ServiceArgs.workers=2"),
+     "unrecognized argument '--backnd.ServiceArgs.workers=2': did you mean "
+     "--Backend.ServiceArgs.workers=2?"),
+    (("serve", "--Backend.greeting", "Hi"),
+     "override '--Backend.greeting' has no value: the form is --Backend.greeting=Hi"),
+    (("worker", "extra"),
+     "unexpected argument 'extra': zroute worker takes options only; see zroute worker --help"),
+])
+def test_an_unknown_argument_is_refused_by_its_subcommand_with_a_hint(capsys, argv, error):
+    assert refusal(capsys, *argv) == f"zroute {argv[0]}: error: {error}"
+
+
+@pytest.mark.timeout(20)
+def test_serve_given_a_service_graph_says_it_runs_the_built_in_pipeline():
+    # As in `dynamo serve routed_pipeline:Frontend -f config.yaml`.
+    result = run_zroute("serve", "routed_pipeline:Frontend", "-f", "config.yaml")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith(SERVE_USAGE)
+    assert result.stderr.splitlines()[-1] == (
+        "zroute serve: error: unexpected argument 'routed_pipeline:Frontend': zroute serve "
+        "takes options only; it runs the built-in pipeline (the gateway and the greeting "
+        "workers) and takes no service graph such as module:Class yet; for your own code, "
+        "run workers with `zroute worker --handler module:callable`")
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("argv, error", [
+    (("stats", "--timeout", "-1"), "--timeout -1 is invalid: must be a number of seconds > 0"),
+    (("worker", "--service", ""),
+     "--service '' is empty: give a name of printable characters, at most 255 bytes "
+     "(e.g. --service generate)"),
+    (("worker", "--id", ""),
+     "--id '' is empty: give a name of printable characters, at most 255 bytes "
+     "(e.g. --id worker-1)"),
+], ids=["timeout", "service", "id"])
+def test_a_value_the_command_cannot_use_is_one_line_and_exit_2(argv, error):
+    result = run_zroute(*argv)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", f"zroute {argv[0]}: error: {error}\n")
+
+
+@pytest.mark.timeout(30)
+def test_stats_table_shows_each_workers_services_and_capacity(stack):
+    stack.broker()
+    stack.worker("w1")
+    stack.worker("w2", "--service", "upper", "--service", "generate", "--capacity", "3")
+    stack.wait_workers("w1", "w2")
+    table = run_zroute("stats", "--broker", stack.frontend)
+    assert (table.returncode, table.stderr) == (0, "")
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:5] == ["WORKER", "SERVICES", "STATE", "INFLIGHT", "CAPACITY"]
+    assert [line.split()[:5] for line in lines[1:3]] == [
+        ["w1", "generate", "ready", "0", "unlimited"],
+        ["w2", "generate,upper", "ready", "0", "3"]]
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_count_outside_serve_is_said_to_be_ignored(stack, tmp_path):
+    config = tmp_path / "gw.yaml"
+    config.write_text("Frontend:\n  ServiceArgs:\n    workers: 3\n")
+    gateway = stack.start("gateway", "gateway", "--broker", stack.frontend,
+                          "--port", str(free_port()), "-f", str(config))
+    worker = stack.worker("w1", "--Backend.ServiceArgs.workers=2")
+    for proc, line in (
+            (gateway, "INFO Frontend.ServiceArgs.workers is 3, but zroute gateway runs one "
+                      "process; `zroute serve` runs 3"),
+            (worker, "INFO Backend.ServiceArgs.workers is 2, but zroute worker runs one "
+                     "process; `zroute serve` runs 2")):
+        wait_until(lambda: line in proc.output(), 10, f"{proc.name} to say: {line}")

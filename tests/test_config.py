@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from zroute.config import Config, ConfigError, load_config, split_overrides
+from zroute.config import Config, ConfigError, closest_key, load_config, split_overrides
 
 DEFAULTS = {
     "Backend": {
@@ -170,9 +170,9 @@ def test_as_dict_uses_yaml_spelling() -> None:
         ("Foo:\n  x: 1\n",
          "unknown section 'Foo' (valid sections: Backend, Frontend, Broker)"),
         ("Backend:\n  greting: Hi\n",
-         "unknown key 'Backend.greting' (valid keys: greeting, sleep_time, drain_timeout, expose_errors, ServiceArgs)"),
+         "unknown key 'Backend.greting' (did you mean Backend.greeting? valid keys: greeting, sleep_time, drain_timeout, expose_errors, ServiceArgs)"),
         ("Backend:\n  ServiceArgs:\n    worker: 2\n",
-         "unknown key 'Backend.ServiceArgs.worker' (valid keys: workers, capacity)"),
+         "unknown key 'Backend.ServiceArgs.worker' (did you mean Backend.ServiceArgs.workers? valid keys: workers, capacity)"),
         ("Frontend:\n  port: abc\n",
          "Frontend.port: 'abc' is invalid: must be an integer from 1 to 65535"),
         ("Frontend:\n  port: 70000\n",
@@ -202,9 +202,9 @@ def test_file_value_errors(tmp_path: Path, yaml_text: str, message: str) -> None
     [
         ("Foo.x=1", "unknown section 'Foo' (valid sections: Backend, Frontend, Broker)"),
         ("Backend.greting=Hi",
-         "unknown key 'Backend.greting' (valid keys: greeting, sleep_time, drain_timeout, expose_errors, ServiceArgs)"),
+         "unknown key 'Backend.greting' (did you mean Backend.greeting? valid keys: greeting, sleep_time, drain_timeout, expose_errors, ServiceArgs)"),
         ("Backend.ServiceArgs.worker=3",
-         "unknown key 'Backend.ServiceArgs.worker' (valid keys: workers, capacity)"),
+         "unknown key 'Backend.ServiceArgs.worker' (did you mean Backend.ServiceArgs.workers? valid keys: workers, capacity)"),
         ("Frontend.port=abc", "Frontend.port: 'abc' is invalid: must be an integer from 1 to 65535"),
         ("Frontend.port=65536", "Frontend.port: 65536 is invalid: must be an integer from 1 to 65535"),
         ("Backend.sleep_time=-1", "Backend.sleep_time: -1 is invalid: must be a number >= 0"),
@@ -217,6 +217,13 @@ def test_file_value_errors(tmp_path: Path, yaml_text: str, message: str) -> None
          "Backend.ServiceArgs is a section, not a key: use --Backend.ServiceArgs.KEY=value "
          "with KEY one of workers, capacity"),
         ("Backend.greeting", "override 'Backend.greeting' has no value: the form is --Section.key=value"),
+        # What the user typed, not what YAML 1.1 reads it as (True).
+        ("Backend.ServiceArgs.workers=yes",
+         "Backend.ServiceArgs.workers: 'yes' is invalid: must be an integer >= 1"),
+        ("Backnd.greeting=Hi",
+         "unknown section 'Backnd' (did you mean Backend? valid sections: Backend, Frontend, Broker)"),
+        ("backend.greeting=Hi",
+         "unknown section 'backend' (did you mean Backend? valid sections: Backend, Frontend, Broker)"),
     ],
 )
 def test_override_errors(override: str, message: str) -> None:
@@ -280,10 +287,16 @@ def test_split_overrides_stops_at_double_dash() -> None:
     assert overrides == ["Broker.max_queue=1"]
 
 
-def test_split_overrides_requires_equals() -> None:
-    with pytest.raises(ConfigError) as info:
-        split_overrides(["run", "--Backend.greeting", "Hi"])
-    assert str(info.value) == "override '--Backend.greeting' has no value: the form is --Section.key=value"
+def test_split_overrides_leaves_an_override_without_a_value_to_the_parser() -> None:
+    # The parser refuses it, with the usage of the command it was given to.
+    assert split_overrides(["--Backend.greeting", "Hi"]) == (["--Backend.greeting", "Hi"], [])
+
+
+def test_closest_key_mends_case_and_typos() -> None:
+    assert closest_key("backend.greting") == "Backend.greeting"
+    assert closest_key("FRONTEND.serviceargs.workers") == "Frontend.ServiceArgs.workers"
+    assert closest_key("Backend.ServiceArgs") is None  # a section, not a key
+    assert closest_key("Nothing.like.it") is None
 
 
 # --- endpoints and policies -------------------------------------------------
@@ -316,7 +329,7 @@ def test_split_overrides_requires_equals() -> None:
          "Broker.policies: 'fewest' is not a policy class: name one as module:Class or "
          "path/to/file.py:Class (the built-in policies need no entry)"),
         ("Broker.policies=[a:B, 3]",
-         "Broker.policies: ['a:B', 3] is invalid: must be a list of strings"),
+         "Broker.policies: '[a:B, 3]' is invalid: must be a list of strings"),
     ],
 )
 def test_endpoint_and_policy_errors_say_what_would_be_right(override: str, message: str) -> None:
@@ -354,3 +367,29 @@ def test_policies_are_a_list_and_one_name_is_a_list_of_one(tmp_path: Path) -> No
     assert load_config(path).broker.policies == ("mymodule:FewestCompleted", "lib/p.py:P")
     cfg = load_config(None, ["Broker.policies=mymodule:FewestCompleted"])
     assert cfg.broker.policies == ("mymodule:FewestCompleted",)
+
+
+def test_a_number_setting_takes_what_yaml_1_1_reads_as_a_string(tmp_path: Path) -> None:
+    # PyYAML reads 1e-1 (no dot in the mantissa) as the string '1e-1'.
+    assert load_config(write(tmp_path, "Backend:\n  sleep_time: 1e-1\n")).backend.sleep_time == 0.1
+    assert load_config(None, ["Backend.sleep_time=2E0"]).backend.sleep_time == 2.0
+    assert error_text(write(tmp_path, "Backend:\n  sleep_time: 1e\n")) == (
+        "Backend.sleep_time: '1e' is invalid: must be a number >= 0")
+
+
+@pytest.mark.parametrize("yaml_text, line, key, first", [
+    ("Backend:\n  greeting: Hi\n  sleep_time: 0\n  greeting: Yo\n", 4, "greeting", 2),
+    ("Backend:\n  greeting: Hi\nFrontend:\n  port: 1\nBackend:\n  sleep_time: 0\n", 5,
+     "Backend", 1),
+])
+def test_a_key_given_twice_in_a_file_is_refused_with_its_lines(
+        tmp_path: Path, yaml_text: str, line: int, key: str, first: int) -> None:
+    path = write(tmp_path, yaml_text)
+    assert error_text(path) == (f"config file {path!r}, line {line}: the key {key!r} is given "
+                                f"twice (first on line {first}): keep one")
+
+
+@pytest.mark.parametrize("host, expected", [("[::1]", "::1"), ("::1", "::1"),
+                                            ("127.0.0.1", "127.0.0.1")])
+def test_frontend_host_takes_an_ipv6_address_in_brackets_too(host: str, expected: str) -> None:
+    assert load_config(None, [f"Frontend.host={host}"]).frontend.host == expected

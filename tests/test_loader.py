@@ -140,4 +140,29 @@ def test_a_handler_that_is_not_an_async_generator_is_named_before_any_request(
     result = run_zroute("worker", "--handler", "mymodule:shout", cwd=tmp_path)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == (f"zroute worker: error: --handler 'mymodule:shout' {problem}: "
-                             "a handler is an async generator function (async def, with yield)\n")
+                             f"{HANDLER_FORMS}\n")
+
+
+HANDLER_FORMS = ("a handler is an async generator function (async def with yield); "
+                 "a factory takes the configuration and returns one")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("source, problem", [
+    # Called with the Config, it returns its text: neither a handler nor a factory.
+    ("def shout(request):\n    return 'x\\n'\n",
+     "is a plain function (def without yield), and called as a factory it returned the "
+     "str 'x\\n'"),
+    # Called with the Config, it fails as it treats the Config as a request.
+    ("def shout(request):\n    return request['text']\n",
+     "is a plain function (def without yield), and called as a factory it raised "
+     "TypeError: 'Config' object is not subscriptable"),
+    ("shout = 'a'\n", "is the str 'a', not callable:"),
+], ids=["plain-returns", "plain-raises", "not-callable"])
+def test_a_plain_function_as_handler_names_both_forms(tmp_path, source, problem):
+    (tmp_path / "mymodule.py").write_text(source)
+    result = run_zroute("worker", "--handler", "mymodule:shout", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith(f"zroute worker: error: --handler 'mymodule:shout' {problem}")
+    assert result.stderr.endswith(f" {HANDLER_FORMS}\n")
+    assert result.stderr.count("\n") == 1

@@ -409,8 +409,8 @@ class OutputReader:
 
 def rows_of(frame: str) -> dict[str, list[str]]:
     lines = frame.splitlines()
-    assert lines[0].split() == ["WORKER", "STATE", "INFLIGHT/CAP", "COMPLETED", "FAILED",
-                                "P50", "P99", "SEEN"], frame
+    assert lines[0].split() == ["WORKER", "SERVICES", "STATE", "INFLIGHT", "CAPACITY",
+                                "COMPLETED", "FAILED", "P50", "P99", "SEEN"], frame
     rows = {}
     for line in lines[1:]:
         if not line:
@@ -430,7 +430,7 @@ def test_stats_watch_renders_frames_that_follow_the_broker(stack):
         for frame in before:
             rows = rows_of(frame)
             assert set(rows) == {"w1", "w2"}
-            assert [rows[w][1:5] for w in ("w1", "w2")] == [["ready", "0/unl", "0", "0"]] * 2
+            assert [rows[w][2:7] for w in ("w1", "w2")] == [["ready", "0", "unlimited", "0", "0"]] * 2
             assert "requests 0 " in frame.splitlines()[-1]
 
         with BlockingClient(stack.frontend, timeout=10) as client:
@@ -440,13 +440,13 @@ def test_stats_watch_renders_frames_that_follow_the_broker(stack):
         def frame_with_the_request():
             for frame in reader.frames()[len(before):]:
                 rows = rows_of(frame)
-                if rows["w2"][3] == "1":
+                if rows["w2"][5] == "1":
                     return frame
             return None
         frame = wait_until(frame_with_the_request, 10, "a frame with w2's completed request")
         rows = rows_of(frame)
-        assert rows["w1"][1:5] == ["ready", "0/unl", "0", "0"]
-        assert rows["w2"][1:5] == ["ready", "0/unl", "1", "0"]
+        assert rows["w1"][2:7] == ["ready", "0", "unlimited", "0", "0"]
+        assert rows["w2"][2:7] == ["ready", "0", "unlimited", "1", "0"]
         assert "requests 1 " in frame.splitlines()[-1]
         assert watch.poll() is None  # still watching
     finally:

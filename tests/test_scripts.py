@@ -54,11 +54,17 @@ def test_run_all_and_test_sh_take_arguments_in_a_fresh_clone(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "creating" in result.stderr and "pytest" in result.stdout + result.stderr
 
+    # From a project directory of the user's, with a config file of theirs there: it is
+    # found, and it wins over the repository's config.yaml.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "my.yaml").write_text("Backend:\n  ServiceArgs:\n    workers: 1\n")
     port = free_port()
     serve = Proc("run_all", [
-        str(clone / "scripts" / "run_all.sh"), "--port", str(port), "--Backend.greeting=Hi",
-        "--Backend.sleep_time=0", f"--Broker.frontend=tcp://127.0.0.1:{free_port()}",
-        f"--Broker.backend=tcp://127.0.0.1:{free_port()}"], tmp_path, env=env)
+        str(clone / "scripts" / "run_all.sh"), "-f", "my.yaml", "--port", str(port),
+        "--Backend.greeting=Hi", "--Backend.sleep_time=0",
+        f"--Broker.frontend=tcp://127.0.0.1:{free_port()}",
+        f"--Broker.backend=tcp://127.0.0.1:{free_port()}"], tmp_path, cwd=project, env=env)
     try:
         def announced() -> bool:
             assert serve.alive, f"run_all.sh exited early:\n{serve.output()}"
@@ -67,7 +73,7 @@ def test_run_all_and_test_sh_take_arguments_in_a_fresh_clone(tmp_path):
         wait_until(announced, 120, "run_all.sh to serve")
         reply = http("POST", f"http://127.0.0.1:{port}/generate", b'{"text": "sun,moon"}')
         assert reply is not None and (reply.status, reply.body) == (200, b"Hi sun!\nHi moon!\n")
-        assert reply.headers["x-worker-id"] in ("worker-1", "worker-2")  # config.yaml: 2
+        assert reply.headers["x-worker-id"] == "worker-1"  # my.yaml: 1, config.yaml: 2
     finally:
         code = serve.stop(20)
     output = serve.output()

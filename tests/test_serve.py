@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -108,6 +109,7 @@ async def test_serve_with_the_config_file_runs_two_workers_and_stops_on_sigint(s
     output = serve.wait_ready()
     assert f"zroute is serving on {serve.url} (2 worker(s), greeting 'Goodnight', " \
            "routing round_robin)" in output
+    assert "runs one process" not in output  # serve's children are not told they are one
     kids = serve.wait_children("broker", "worker-1", "worker-2", "gateway-1")
     expected = "Goodnight sun!\nGoodnight moon!\nGoodnight stars!\n"
     body = b'{"text": "sun,moon,stars"}'
@@ -137,11 +139,15 @@ async def test_serve_with_the_config_file_runs_two_workers_and_stops_on_sigint(s
 
 @async_test
 async def test_serve_restarts_a_worker_killed_with_sigkill(stack):
-    serve = Serve(stack, "--Backend.sleep_time=0")
+    serve = Serve(stack, "--Backend.sleep_time=0", "--log-level", "debug")
     serve.wait_ready()
     kids = serve.wait_children("broker", "worker-1", "gateway-1")
     old = kids["worker-1"]
     old_pid = old[0]
+    # Debug lines say what serve ran, and the children pass the level on.
+    output = serve.proc.output()
+    assert f"[serve] DEBUG started worker-1, pid {old_pid}: " in output, output
+    assert "[worker-1] DEBUG configuration: " in output and "[broker] DEBUG policies: " in output
     os.kill(old_pid, signal.SIGKILL)
 
     def restarted() -> tuple[int, str | None] | None:
@@ -150,6 +156,8 @@ async def test_serve_restarts_a_worker_killed_with_sigkill(stack):
 
     new_pid, _ = wait_until(restarted, 10, "serve to start worker-1 again")
     assert ("[serve] WARNING worker-1 exited with code -9; restarting in 0.5 s"
+            in serve.proc.output())
+    assert ("[serve] DEBUG restarting worker-1; the next back-off is 1.0 s"
             in serve.proc.output())
 
     # The new process registers as worker-1 (the broker forgets the dead one) and serves.
@@ -267,14 +275,63 @@ def test_a_second_serve_on_a_port_of_the_first_exits_with_one_line_naming_it(sta
                         f"--Broker.frontend=tcp://127.0.0.1:{mine['frontend']}",
                         f"--Broker.backend=tcp://127.0.0.1:{mine['backend']}")
     assert (second.returncode, second.stdout) == (1, "")
-    assert second.stderr == (
+    message, hint = second.stderr.split("; ")
+    assert message == (
         f"zroute serve: error: port {ports[shared]} is in use by pid {first.proc.pid} "
         f"(zroute serve --port {first.port} --Broker.frontend={stack.frontend} "
-        f"--Broker.backend={stack.backend} --Backend.sleep_time=0)\n")
+        f"--Broker.backend={stack.backend} --Backend.sleep_time=0)")
+    # A second stack is guided: a free port for the one that is taken.
+    flag = {"http": "--port ", "frontend": "--Broker.frontend=tcp://127.0.0.1:",
+            "backend": "--Broker.backend=tcp://127.0.0.1:"}[shared]
+    suggested = re.fullmatch(f"to run a second stack, give it other ports too: {flag}(\\d+)\n",
+                             hint)
+    assert suggested and int(suggested[1]) > ports[shared], hint
     # The first stack goes on alone: nothing restarted, it still serves.
     assert first.children() == kids
     assert http("POST", f"{first.url}/generate", b'{"text": "a"}').body == b"Hello a!\n"
     assert "exited" not in first.proc.output()
+
+
+def test_a_second_serve_on_the_default_ports_runs_with_the_ports_it_is_told(stack, tmp_path):
+    first = Serve(stack, "--Backend.sleep_time=0")
+    first.wait_ready()
+    # The second one shares the broker's ports, as it would with the defaults for both.
+    second_port = free_port()
+    told = run_zroute("serve", "--port", str(second_port), f"--Broker.frontend={stack.frontend}",
+                      f"--Broker.backend={stack.backend}")
+    assert told.returncode == 1, told.stderr
+    flags = told.stderr.split("give it other ports too: ")[1].split()
+    assert [flag.partition("=")[0] for flag in flags] == ["--Broker.frontend", "--Broker.backend"]
+    (tmp_path / "second").mkdir()
+    second_stack = Stack(tmp_path / "second")
+    try:
+        second = Serve(second_stack, *flags, "--Backend.sleep_time=0")  # the later flags win
+        second.wait_ready()
+        reply = http("POST", f"{second.url}/generate", b'{"text": "b"}')
+        assert (reply.status, reply.body) == (200, b"Hello b!\n")
+    finally:
+        second_stack.close()
+
+
+def test_serve_refuses_an_http_port_that_is_a_broker_port_before_starting_anything(stack):
+    port = free_port()
+    result = run_zroute("serve", "--host", "0.0.0.0", "--port", str(port),
+                        f"--Broker.frontend={stack.frontend}",
+                        f"--Broker.backend=tcp://127.0.0.1:{port}")
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", (
+        f"zroute serve: error: Frontend.port ({port}) and Broker.backend "
+        f"(tcp://127.0.0.1:{port}) are the same port: the gateway and the broker each need "
+        "their own\n"))
+
+
+def test_serve_refuses_a_host_that_does_not_resolve_before_starting_anything(stack):
+    result = run_zroute("serve", "--host", "no-such-host.invalid", "--port", str(free_port()),
+                        f"--Broker.frontend={stack.frontend}", f"--Broker.backend={stack.backend}")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith("zroute serve: error: --host: the host "
+                                    "'no-such-host.invalid' does not resolve (")
+    assert result.stderr.endswith("): give an IP address such as 127.0.0.1, ::1 or 0.0.0.0, "
+                                  "or a name this machine resolves\n")
 
 
 def test_standalone_components_on_a_port_of_serve_exit_with_one_line_naming_it(stack):
@@ -420,6 +477,7 @@ async def test_serve_started_while_the_old_stack_drains_says_it_is_still_stoppin
 @pytest.mark.parametrize("host, url_host, elsewhere", [
     ("127.0.0.2", "127.0.0.2", "127.0.0.1"),
     ("::1", "[::1]", "127.0.0.1"),
+    ("[::1]", "[::1]", "127.0.0.1"),  # as in a URL
     ("0.0.0.0", "127.0.0.1", None),  # announced as a URL that works from this machine
 ])
 def test_serve_listens_on_the_host_given_by_host(stack, host, url_host, elsewhere):

@@ -122,18 +122,34 @@ def test_zroute_stats_pointed_at_the_worker_endpoint_says_so(stack: Stack):
                              f"{worker_endpoint_message(stack.frontend, stack.backend)}\n")
 
 
+CLIENT, WORKER = "tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556"  # the defaults
+
+
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("command, flag", [("worker", "--broker"), ("gateway", "--broker")])
-def test_a_default_endpoint_given_to_the_other_side_is_a_config_error(command, flag):
-    # The worker's --broker sets Broker.backend; the gateway's sets Broker.frontend.
-    endpoint = "tcp://127.0.0.1:5555" if command == "worker" else "tcp://127.0.0.1:5556"
-    result = run_zroute(command, flag, endpoint, "--Frontend.port=1")
+@pytest.mark.parametrize("args, message", [
+    (("worker", "--broker", CLIENT),
+     f"--broker {CLIENT} is the broker's client endpoint (Broker.frontend); zroute worker "
+     f"connects to its worker endpoint, Broker.backend (default {WORKER})"),
+    (("gateway", "--broker", WORKER),
+     f"--broker {WORKER} is the broker's worker endpoint (Broker.backend); zroute gateway "
+     f"connects to its client endpoint, Broker.frontend (default {CLIENT})"),
+    (("stats", "--broker", WORKER),
+     f"--broker {WORKER} is the broker's worker endpoint (Broker.backend); zroute stats "
+     f"connects to its client endpoint, Broker.frontend (default {CLIENT})"),
+    (("broker", "--backend", CLIENT),
+     f"--backend {CLIENT} is already the broker's client endpoint (Broker.frontend): its "
+     f"worker endpoint, Broker.backend, needs one of its own (default {WORKER})"),
+    # Both set by the user: the configuration's own message.
+    (("broker", "--frontend", "tcp://127.0.0.1:7", "--backend", "tcp://127.0.0.1:7"),
+     "Broker.frontend (tcp://127.0.0.1:7) and Broker.backend (tcp://127.0.0.1:7) are the "
+     "same endpoint: clients connect to Broker.frontend and workers to Broker.backend, so "
+     f"each needs its own (by default {CLIENT} and {WORKER})"),
+], ids=["worker", "gateway", "stats", "broker", "both-given"])
+def test_a_default_endpoint_given_to_the_other_side_names_the_flag(args, message):
+    # The user set one endpoint, with a flag: the message names it, not the default.
+    result = run_zroute(*args, "--Frontend.port=1")
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == (
-        f"zroute {command}: error: Broker.frontend ({endpoint}) and Broker.backend ({endpoint}) "
-        "are the same endpoint: clients connect to Broker.frontend and workers to "
-        "Broker.backend, so each needs its own "
-        "(by default tcp://127.0.0.1:5555 and tcp://127.0.0.1:5556)\n")
+    assert result.stderr == f"zroute {args[0]}: error: {message}\n"
 
 
 def test_a_worker_that_hears_something_else_than_zroute_says_so_once(caplog):

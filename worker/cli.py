@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import json
+import logging
 import secrets
 import signal
 from typing import Any, Sequence
@@ -17,6 +19,8 @@ from zroute.command import add_common_options, load, run_command
 from zroute.config import Config, ConfigError
 
 DEFAULT_HANDLER = "worker.greeting:make_handler"
+
+log = logging.getLogger("zroute.worker")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -38,27 +42,44 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run, process_name="worker")
 
 
+HANDLER_FORMS = ("a handler is an async generator function (async def with yield); "
+                 "a factory takes the configuration and returns one")
+
+
 def load_handler(spec: str, config: Config) -> Handler:
     """Load `module:callable`; call it with the config unless it is the handler itself."""
     target: Any = load_object(spec, "--handler")
     if inspect.isasyncgenfunction(target):
         return target
     if not callable(target):
-        raise ConfigError(f"--handler {spec!r} is not callable: it is {type(target).__name__}")
+        raise ConfigError(f"--handler {spec!r} is {_what_it_is(target)}, not callable: "
+                          f"{HANDLER_FORMS}")
     problem = _almost_a_handler(target)
     if problem:
         raise ConfigError(f"--handler {spec!r} is {problem}")
     try:
         handler = target(config)
     except Exception as e:
-        raise ConfigError(f"--handler {spec!r} failed to build a handler: "
-                          f"{type(e).__name__}: {e}") from None
+        raise ConfigError(f"--handler {spec!r} is {_what_it_is(target)}, and called as a "
+                          f"factory it raised {type(e).__name__}: {e}; {HANDLER_FORMS}") from None
     if not callable(handler):
-        raise ConfigError(f"--handler {spec!r} returned {handler!r}, not a handler")
+        raise ConfigError(f"--handler {spec!r} is {_what_it_is(target)}, and called as a "
+                          f"factory it returned {_what_it_is(handler)}; {HANDLER_FORMS}")
     problem = _almost_a_handler(handler)
     if problem:
         raise ConfigError(f"--handler {spec!r} returned {problem}")
     return handler
+
+
+def _what_it_is(thing: Any) -> str:
+    """What a user's object is, for error messages: 'a plain function (def without
+    yield)', "the str 'x\\n'"..."""
+    if inspect.isfunction(thing):
+        return "a plain function (def without yield)"
+    if inspect.isclass(thing):
+        return f"the class {thing.__name__}"
+    text = repr(thing)
+    return f"the {type(thing).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
 def _almost_a_handler(function: Any) -> str | None:
@@ -70,13 +91,40 @@ def _almost_a_handler(function: Any) -> str | None:
         kind = "an async function without yield"
     else:
         return None
-    return f"{kind}: a handler is an async generator function (async def, with yield)"
+    return f"{kind}: {HANDLER_FORMS}"
+
+
+def name_problem(name: str) -> str | None:
+    """Why the broker would refuse a worker id or a service name; None if it would not."""
+    if not name:
+        return "is empty"
+    if len(name.encode()) > p.MAX_ID_LENGTH:
+        return f"is longer than {p.MAX_ID_LENGTH} bytes"
+    if not name.isprintable():
+        return "has a control or unprintable character"
+    return None
+
+
+def _check_names(args: argparse.Namespace) -> None:
+    named = [("--service", service) for service in args.services or []]
+    if args.worker_id is not None:
+        named.append(("--id", args.worker_id))
+    for flag, name in named:
+        problem = name_problem(name)
+        if problem:
+            raise ConfigError(f"{flag} {name!r} {problem}: give a name of printable characters, "
+                              f"at most {p.MAX_ID_LENGTH} bytes (e.g. {flag} "
+                              f"{'generate' if flag == '--service' else 'worker-1'})")
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    _check_names(args)
     config = load(args, overrides, {"Backend.ServiceArgs.capacity": args.capacity,
                                     "Broker.backend": args.broker})
     handler = load_handler(args.handler, config)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("configuration: %s", json.dumps(config.as_dict()))
+        log.debug("handler %s: %r", args.handler, handler)
     worker = Worker(
         config.broker.backend,
         args.worker_id or f"worker-{secrets.token_hex(3)}",  # tells clients nothing of the host

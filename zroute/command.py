@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import sys
 from typing import Mapping, Sequence
 
 import zmq
 
 from broker.loader import LoadError
-from zroute.config import Config, ConfigError, load_config, split_overrides
+from zroute.config import (SCHEMA, Config, ConfigError, EndpointClash, closest, closest_key,
+                           load_config, split_overrides)
 from zroute.logs import LOG_FORMATS, setup_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+log = logging.getLogger("zroute")
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +28,10 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="text lines, or one JSON object per line")
     parser.add_argument("--log-name", metavar="NAME",
                         help="the name that prefixes this process's log lines")
-    parser.set_defaults(prog=parser.prog)  # errors name the subcommand: "zroute serve: ..."
+    # Set by `zroute serve` on its children: it runs as many of each as the config says.
+    parser.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    # Errors name the subcommand, "zroute serve: error: ...", and show its usage.
+    parser.set_defaults(prog=parser.prog, command_parser=parser)
     parser.epilog = ((parser.epilog or "") + " Any configuration key can be set with "
                      "--Section.key=value, e.g. --Backend.greeting=Hi.").strip()
 
@@ -36,7 +44,87 @@ def flag_overrides(flags: Mapping[str, object | None]) -> list[str]:
 def load(args: argparse.Namespace, overrides: Sequence[str],
          flags: Mapping[str, object | None] | None = None) -> Config:
     """The configuration, with command-line flags (`{"Broker.frontend": value}`) on top."""
-    return load_config(args.config, [*overrides, *flag_overrides(flags or {})])
+    flags = flags or {}
+    try:
+        config = load_config(args.config, [*overrides, *flag_overrides(flags)])
+    except EndpointClash as clash:
+        raise ConfigError(_clash_from_a_flag(args, flags) or str(clash)) from None
+    if not args.supervised:
+        _note_the_process_count(args, config)
+    return config
+
+
+# The key that sets how many processes of a command `zroute serve` runs.
+PROCESS_COUNTS = {"worker": ("Backend", "ServiceArgs", "workers"),
+                  "gateway": ("Frontend", "ServiceArgs", "workers")}
+
+
+def _note_the_process_count(args: argparse.Namespace, config: Config) -> None:
+    """A count of processes for this command means something to `zroute serve` only:
+    say so rather than ignore it silently."""
+    path = PROCESS_COUNTS.get(args.process_name)
+    if path is None:
+        return
+    count = functools.reduce(dict.__getitem__, path, config.as_dict())
+    if count > 1:
+        log.info("%s is %d, but %s runs one process; `zroute serve` runs %d",
+                 ".".join(path), count, args.prog, count)
+
+
+# The broker's two endpoints, and who uses each.
+ENDPOINT_ROLES = {"Broker.frontend": "client", "Broker.backend": "worker"}
+
+
+def _clash_from_a_flag(args: argparse.Namespace, flags: Mapping[str, object | None]) -> str | None:
+    """When one flag set an endpoint to the other one's, what the user did and what is
+    right: '--broker X is the broker's client endpoint (Broker.frontend); ...'."""
+    given = {key: value for key, value in flags.items()
+             if key in ENDPOINT_ROLES and value is not None}
+    if len(given) != 1:
+        return None  # both or neither: the configuration's own message says it
+    [(key, value)] = given.items()
+    [other] = set(ENDPOINT_ROLES) - {key}
+    flag = _flag_of(args, value)
+    if flag is None:
+        return None
+    default = SCHEMA["Broker"][key.partition(".")[2]].default
+    role, other_role = ENDPOINT_ROLES[key], ENDPOINT_ROLES[other]
+    if flag == "--broker":  # a component that connects to the broker
+        return (f"--broker {value} is the broker's {other_role} endpoint ({other}); "
+                f"{args.prog} connects to its {role} endpoint, {key} (default {default})")
+    return (f"{flag} {value} is already the broker's {other_role} endpoint ({other}): "
+            f"its {role} endpoint, {key}, needs one of its own (default {default})")
+
+
+def _flag_of(args: argparse.Namespace, value: object) -> str | None:
+    """The option that gave `value`: '--broker', '--backend'...; None if none did."""
+    dest = next((dest for dest, given in vars(args).items() if given is value), None)
+    return None if dest is None else "--" + dest.replace("_", "-")
+
+
+def unknown_argument(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
+    """What is wrong with the first argument `parser` does not know (of `unknown`, the
+    ones it left), and what would be right."""
+    arg = unknown[0]
+    if not arg.startswith("-"):
+        hint = parser.get_default("positional_hint") or f"see {parser.prog} --help"
+        return f"unexpected argument {arg!r}: {parser.prog} takes options only; {hint}"
+    name, has_value, value = arg.partition("=")
+    if "." in name:  # a configuration key, mistyped or without its value
+        key = closest_key(name.lstrip("-"))
+        if not has_value:
+            following = unknown[1] if len(unknown) > 1 and not unknown[1].startswith("-") else None
+            example = f"--{key or 'Section.key'}={following or 'VALUE'}"
+            return f"override {arg!r} has no value: the form is {example}"
+        if key:
+            return f"unrecognized argument {arg!r}: did you mean --{key}={value}?"
+        return (f"unrecognized argument {arg!r}: no such configuration key "
+                "(the form is --Section.key=value, e.g. --Backend.greeting=Hi)")
+    # argparse lists its options only in _actions; hidden ones are not suggested.
+    option = closest(name, [o for action in parser._actions for o in action.option_strings
+                            if action.help != argparse.SUPPRESS])
+    hint = f"did you mean {option}?" if option else f"see {parser.prog} --help"
+    return f"unrecognized argument {arg!r}: {hint}"
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
@@ -45,11 +133,10 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     A configuration error (or a module:attr that does not load) is one line on stderr
     and exit code 2.
     """
-    try:
-        rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        parser.error(str(e))
-    args = parser.parse_args(rest)
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(rest)
+    if unknown:
+        args.command_parser.error(unknown_argument(args.command_parser, unknown))
     setup_logging(args.log_name or getattr(args, "worker_id", None) or args.process_name,
                   args.log_level, args.log_format)
     try:

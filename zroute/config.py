@@ -6,18 +6,25 @@ Precedence: built-in defaults < YAML file (``-f config.yaml``) < command-line ov
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
 from broker.endpoints import endpoint_problem
 from broker.protocol import MAX_BATCH_BYTES
+from zroute.ports import same_listener, tcp_address
 
 
 class ConfigError(Exception):
     """Bad config file, key or value; str() is one line naming the culprit."""
+
+
+class EndpointClash(ConfigError):
+    """Broker.frontend and Broker.backend are one endpoint."""
 
 
 @dataclass(frozen=True)
@@ -25,7 +32,8 @@ class Setting:
     """One schema leaf: value type, default and allowed range (ge/gt/le bounds).
 
     A `tuple` setting is a list of strings in YAML (a lone string is a list of one).
-    `check`, if given, returns what is wrong with a value of the right type, or None.
+    `check`, if given, returns what is wrong with a value of the right type, or None;
+    `clean`, if given, turns an accepted value into the one to use.
     """
 
     type: type
@@ -34,6 +42,7 @@ class Setting:
     gt: float | None = None
     le: float | None = None
     check: Callable[[Any], str | None] | None = None
+    clean: Callable[[Any], Any] | None = None
 
     def accepts(self, value: Any) -> bool:
         """True if ``value`` has the right type and lies in range."""
@@ -85,7 +94,8 @@ SCHEMA: dict[str, Any] = {
     },
     "Frontend": {
         "routing_mode": Setting(str, "round_robin"),  # validated by the router
-        "host": Setting(str, "127.0.0.1"),
+        # "[::1]" as in a URL is "::1".
+        "host": Setting(str, "127.0.0.1", clean=lambda host: host.removeprefix("[").removesuffix("]")),
         "port": Setting(int, 8000, ge=1, le=65535),
         "max_body": Setting(int, 1048576, ge=1),
         "request_timeout": Setting(float, 60.0, gt=0),
@@ -160,19 +170,51 @@ _ConfigClass = _make_class("Config", SCHEMA, Config)
 
 
 def _lookup(schema: Mapping[str, Any], key: Any, prefix: str) -> Any:
-    """Schema entry for ``key``, or ConfigError listing the valid names."""
+    """Schema entry for ``key``, or ConfigError naming the closest valid name, then all."""
     if isinstance(key, str) and key in schema:
         return schema[key]
+    close = closest(str(key), schema)
+    hint = f"did you mean {prefix}{close}? " if close else ""
     if not prefix:
-        raise ConfigError(f"unknown section {str(key)!r} (valid sections: {', '.join(schema)})")
-    raise ConfigError(f"unknown key {prefix + str(key)!r} (valid keys: {', '.join(schema)})")
+        raise ConfigError(f"unknown section {str(key)!r} ({hint}valid sections: {', '.join(schema)})")
+    raise ConfigError(f"unknown key {prefix + str(key)!r} ({hint}valid keys: {', '.join(schema)})")
 
 
-def _check_value(dotted: str, value: Any, setting: Setting) -> Any:
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice closest to a mistyped `word`, whatever its case; None if none is close."""
+    by_lower = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(word.lower(), by_lower, n=1, cutoff=0.75)
+    return by_lower[close[0]] if close else None
+
+
+def closest_key(dotted: str) -> str | None:
+    """The configuration key closest to a mistyped one ('backend.greting' ->
+    'Backend.greeting'), or None."""
+    schema: Any = SCHEMA
+    found = []
+    for part in dotted.split("."):
+        key = closest(part, schema) if isinstance(schema, Mapping) else None
+        if key is None:
+            return None
+        found.append(key)
+        schema = schema[key]
+    return ".".join(found) if isinstance(schema, Setting) else None
+
+
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _check_value(dotted: str, value: Any, setting: Setting, typed: str | None = None) -> Any:
+    """The value to use for `dotted`, or ConfigError; `typed` is how the user wrote it."""
     if setting.type is tuple and isinstance(value, str):
         value = [value]
+    # YAML 1.1 reads 1e-1 (no dot) as a string: a number all the same.
+    if setting.type is float and isinstance(value, str) and NUMBER.fullmatch(value):
+        value = float(value)
     if not setting.accepts(value):
-        raise ConfigError(f"{dotted}: {value!r} is invalid: {setting.describe()}")
+        shown = typed if typed is not None and NUMBER.fullmatch(typed) else repr(
+            value if typed is None else typed)
+        raise ConfigError(f"{dotted}: {shown} is invalid: {setting.describe()}")
     if setting.type is float:
         value = float(value)
     elif setting.type is tuple:
@@ -180,7 +222,7 @@ def _check_value(dotted: str, value: Any, setting: Setting) -> Any:
     problem = setting.check and setting.check(value)
     if problem:
         raise ConfigError(f"{dotted}: {problem}")
-    return value
+    return setting.clean(value) if setting.clean else value
 
 
 def _check_tree(schema: Mapping[str, Any], data: Any, prefix: str = "") -> dict[str, Any]:
@@ -200,10 +242,33 @@ def _check_tree(schema: Mapping[str, Any], data: Any, prefix: str = "") -> dict[
     return checked
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error, not the
+    last one silently winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):
+                continue  # PyYAML's own check names it
+            if key in first_lines:
+                raise ConfigError(f"config file {self.name!r}, line {line}: the key {key!r} "
+                                  f"is given twice (first on line {first_lines[key]}): "
+                                  "keep one")
+            first_lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def _read_file(path: str) -> Any:
     try:
         with open(path, "rb") as stream:
-            data = yaml.safe_load(stream)
+            loader = _UniqueKeyLoader(stream)  # its name, in messages, is the path
+            try:
+                data = loader.get_single_data()
+            finally:
+                loader.dispose()
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} not found") from None
     except OSError as exc:
@@ -242,7 +307,7 @@ def _apply_override(values: dict[str, Any], override: str) -> None:
         keys = ", ".join(spec)
         raise ConfigError(f"{dotted} is a section, not a key: "
                           f"use --{dotted}.KEY=value with KEY one of {keys}")
-    node[leaf] = _check_value(dotted, raw if spec.type is str else _parse_scalar(raw), spec)
+    node[leaf] = _check_value(dotted, raw if spec.type is str else _parse_scalar(raw), spec, raw)
 
 
 def _instantiate(cls: type, values: Mapping[str, Any]) -> Any:
@@ -270,26 +335,23 @@ def _check_endpoints_differ(frontend: str, backend: str) -> None:
     """Clients and workers speak different protocols: each needs its own socket."""
     if frontend == backend or _same_tcp_port(frontend, backend):
         broker = SCHEMA["Broker"]
-        raise ConfigError(f"Broker.frontend ({frontend}) and Broker.backend ({backend}) are the "
-                          "same endpoint: clients connect to Broker.frontend and workers to "
-                          "Broker.backend, so each needs its own (by default "
-                          f"{broker['frontend'].default} and {broker['backend'].default})")
+        raise EndpointClash(f"Broker.frontend ({frontend}) and Broker.backend ({backend}) are "
+                            "the same endpoint: clients connect to Broker.frontend and workers "
+                            "to Broker.backend, so each needs its own (by default "
+                            f"{broker['frontend'].default} and {broker['backend'].default})")
 
 
 def _same_tcp_port(first: str, second: str) -> bool:
-    """Both tcp, on one port of one host (or of every host, "*")."""
-    if not (first.startswith("tcp://") and second.startswith("tcp://")):
-        return False
-    (host1, _, port1), (host2, _, port2) = (
-        endpoint[len("tcp://"):].replace("localhost", "127.0.0.1").rpartition(":")
-        for endpoint in (first, second))
-    return port1 == port2 and (host1 == host2 or "*" in (host1, host2))
+    """Both tcp, on one port of one host (or of every host)."""
+    addresses = tcp_address(first), tcp_address(second)
+    return None not in addresses and same_listener(*addresses)
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Split argv into (other args, ``Section.key=value`` overrides without the leading ``--``).
 
-    Scanning stops at a bare ``--``; it and everything after it go to the other args.
+    Scanning stops at a bare ``--``; it and everything after it go to the other args,
+    and so does an override without a value, for the parser to refuse.
     """
     rest: list[str] = []
     overrides: list[str] = []
@@ -298,9 +360,8 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             rest.extend(argv[index:])
             break
         name = arg[2:]
-        if arg.startswith("--") and name[:1].isupper() and "." in name.partition("=")[0]:
-            if "=" not in name:
-                raise ConfigError(f"override {arg!r} has no value: the form is --Section.key=value")
+        if arg.startswith("--") and name[:1].isupper() and "." in name.partition("=")[0] \
+                and "=" in name:
             overrides.append(name)
         else:
             rest.append(arg)

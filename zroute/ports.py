@@ -17,11 +17,19 @@ STOPPING_NAME = b"zroute-stopping"  # the process name of a `zroute serve` that 
 PR_SET_NAME = 15
 
 
+Address = tuple[str, int]  # (host, port); host "" is every interface
+EVERY_INTERFACE = ("", "0.0.0.0", "::")
+
+
 class PortInUse(OSError):
     """A port that a command must listen on is taken; str() says by whom."""
 
+    def __init__(self, message: str, port: int | None = None) -> None:
+        super().__init__(message)
+        self.port = port
 
-def tcp_address(endpoint: str) -> tuple[str, int] | None:
+
+def tcp_address(endpoint: str) -> Address | None:
     """('host', port) of a ZeroMQ endpoint 'tcp://host:port'; None for other transports."""
     if not endpoint.startswith("tcp://"):
         return None
@@ -29,6 +37,17 @@ def tcp_address(endpoint: str) -> tuple[str, int] | None:
     if not port.isdigit():
         return None
     return ("" if host == "*" else host.strip("[]")), int(port)
+
+
+def same_listener(first: Address, second: Address) -> bool:
+    """Two listening addresses that cannot both be bound: one port, on one host or on
+    every host."""
+    (host1, port1), (host2, port2) = ((_loopback(host), port) for host, port in (first, second))
+    return port1 == port2 and (host1 == host2 or bool({host1, host2} & set(EVERY_INTERFACE)))
+
+
+def _loopback(host: str) -> str:
+    return "127.0.0.1" if host == "localhost" else host
 
 
 def check_free(host: str, port: int) -> None:
@@ -45,24 +64,57 @@ def check_free(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise PortInUse(in_use_message(port)) from None
+                raise PortInUse(in_use_message(port), port) from None
             raise OSError(f"cannot listen on {host or '*'}:{port}: {e.strerror}") from None
 
 
 def in_use_message(port: int) -> str:
     """'port 8000 is in use by pid 1234 (zroute serve -f config.yaml)', or by
     'another process' where /proc cannot tell (another user's, or not Linux)."""
-    pid = listener(port)
+    pid = _holder(port)
     if pid is None:
         return f"port {port} is in use by another process"
-    parent = _parent(pid)
-    if parent is not None and _is_zroute_serve(parent):
-        pid = parent  # the stack to stop is the `serve` that runs the holder
     message = f"port {port} is in use by pid {pid} ({_command(pid)})"
     if _name(pid) == STOPPING_NAME:
         message += (", which is still stopping: wait until it exits, or press Ctrl-C "
                     "again where it runs to stop it at once")
     return message
+
+
+def held_by_running_zroute(port: int) -> bool:
+    """True if a zroute process (or stack) that is not stopping listens on `port`."""
+    pid = _holder(port)
+    return pid is not None and _is_zroute(pid) and _name(pid) != STOPPING_NAME
+
+
+def is_free(host: str, port: int) -> bool:
+    try:
+        check_free(host, port)
+    except OSError:
+        return False
+    return True
+
+
+def free_port_from(host: str, start: int, exclude: set[int]) -> int | None:
+    """The first port from `start` up that nothing listens on and is not in `exclude`."""
+    return next((port for port in range(start, 65536)
+                 if port not in exclude and is_free(host, port)), None)
+
+
+def unresolvable(host: str) -> str | None:
+    """Why `host` cannot be listened on as a name ('Name or service not known'), or None."""
+    try:
+        socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return e.strerror or str(e)
+    return None
+
+
+def _holder(port: int) -> int | None:
+    """The process listening on `port`, or the `zroute serve` that runs it: the one to stop."""
+    pid = listener(port)
+    parent = None if pid is None else _parent(pid)
+    return parent if parent is not None and _is_zroute_serve(parent) else pid
 
 
 def mark_stopping() -> None:
@@ -122,6 +174,13 @@ def _name(pid: int) -> bytes:
 
 def _argv(pid: int) -> list[str]:
     return _read(f"/proc/{pid}/cmdline").decode(errors="replace").split("\0")[:-1]
+
+
+def _is_zroute(pid: int) -> bool:
+    """`zroute ...`, or a component run as `python -m broker` (or worker, gateway)."""
+    argv = _argv(pid)
+    return (any(Path(arg).name == "zroute" for arg in argv[:2])
+            or argv[1:3] in (["-m", "broker"], ["-m", "worker"], ["-m", "gateway"]))
 
 
 def _is_zroute_serve(pid: int) -> bool:

@@ -16,6 +16,7 @@ import argparse
 import ctypes
 import json
 import logging
+import shlex
 import signal
 import subprocess
 import sys
@@ -27,8 +28,10 @@ from typing import Callable
 
 from broker.cli import configured_policies
 from zroute.command import add_common_options, flag_overrides, load
-from zroute.config import Config
-from zroute.ports import check_free, mark_stopping, tcp_address
+from zroute.config import Config, ConfigError
+from zroute.ports import (Address, PortInUse, check_free, free_port_from,
+                          held_by_running_zroute, is_free, mark_stopping, same_listener,
+                          tcp_address, unresolvable)
 
 log = logging.getLogger("zroute.serve")
 
@@ -52,7 +55,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                        "127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default: Frontend.port, 8000)")
     add_common_options(parser)
-    parser.set_defaults(run=run, process_name="serve")
+    parser.set_defaults(run=run, process_name="serve", positional_hint=(
+        "it runs the built-in pipeline (the gateway and the greeting workers) and takes no "
+        "service graph such as module:Class yet; for your own code, run workers with "
+        "`zroute worker --handler module:callable`"))
 
 
 def _die_with_parent() -> None:
@@ -61,9 +67,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass  # not Linux: a clean shutdown still stops every child
-
-
-Address = tuple[str, int]  # (host, port)
 
 
 @dataclass
@@ -83,6 +86,9 @@ class Child:
         self.process = subprocess.Popen(self.args, start_new_session=True,
                                         preexec_fn=_die_with_parent)
         self.started = time.monotonic()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("started %s, pid %d: %s", self.name, self.process.pid,
+                      shlex.join(self.args))
         self.restart_at = None
 
     def exited(self) -> int | None:
@@ -145,6 +151,8 @@ class Supervisor:
                             child.backoff)
                 child.backoff = min(RESTART_MAX_S, child.backoff * 2)
             elif now >= child.restart_at:
+                log.debug("restarting %s; the next back-off is %.1f s", child.name,
+                          child.backoff)
                 child.start()
         return None
 
@@ -184,7 +192,7 @@ def child_args(command: str, name: str, args: argparse.Namespace, overrides: lis
                *extra: str) -> list[str]:
     """The command line of a child: the same config file, overrides and log options."""
     # `python -m broker` (or worker, gateway) loads only what that process needs.
-    line = [sys.executable, "-m", command, "--log-name", name,
+    line = [sys.executable, "-m", command, "--supervised", "--log-name", name,
             "--log-level", args.log_level, "--log-format", args.log_format, *extra]
     if args.config:
         line += ["-f", args.config]
@@ -206,6 +214,51 @@ def build_supervisor(config: Config, args: argparse.Namespace, overrides: list[s
                       [(frontend.host, frontend.port)], frontend.drain_timeout + STOP_MARGIN_S)
                 for i in range(1, frontend.service_args.workers + 1)]
     return Supervisor([broker, workers, gateways])
+
+
+def listeners(config: Config) -> dict[str, tuple[str, Address]]:
+    """What serve listens on over tcp, by key: the HTTP port and the broker's endpoints,
+    each as it is written and as (host, port)."""
+    http = (config.frontend.host, config.frontend.port)
+    endpoints = {"Broker.frontend": config.broker.frontend, "Broker.backend": config.broker.backend}
+    broker = {key: (endpoint, address) for key, endpoint in endpoints.items()
+              if (address := tcp_address(endpoint)) is not None}
+    return {"Frontend.port": (f"{http[0]}:{http[1]}", http), **broker}
+
+
+def check_addresses(config: Config, host_key: str) -> None:
+    """Before anything starts: every host to listen on resolves, and the HTTP port is not
+    one of the broker's (each would be taken twice). `host_key` is how the user set the
+    HTTP host: --host or Frontend.host."""
+    http = (config.frontend.host, config.frontend.port)
+    for key, (endpoint, (host, port)) in listeners(config).items():
+        problem = unresolvable(host)
+        if problem:
+            where = host_key if key == "Frontend.port" else key
+            raise ConfigError(f"{where}: the host {host!r} does not resolve ({problem}): give "
+                              "an IP address such as 127.0.0.1, ::1 or 0.0.0.0, or a name "
+                              "this machine resolves")
+        if key != "Frontend.port" and same_listener(http, (host, port)):
+            raise ConfigError(f"Frontend.port ({http[1]}) and {key} ({endpoint}) are the same "
+                              "port: the gateway and the broker each need their own")
+
+
+def _second_stack_hint(config: Config, port: int | None) -> str:
+    """When another zroute stack holds `port`: the flags that give this one free ports
+    in place of every one that is taken."""
+    if port is None or not held_by_running_zroute(port):
+        return ""
+    flags, chosen = [], set()
+    for key, (endpoint, (host, taken)) in listeners(config).items():
+        if is_free(host, taken):
+            continue
+        free = free_port_from(host, taken + 1, chosen)
+        if free is None:
+            return ""
+        chosen.add(free)
+        flags.append(f"--port {free}" if key == "Frontend.port"
+                     else f"--{key}={endpoint.rpartition(':')[0]}:{free}")
+    return f"; to run a second stack, give it other ports too: {' '.join(flags)}"
 
 
 def local_url(host: str, port: int) -> str:
@@ -233,8 +286,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # The broker's own check of its policies, before anything starts: a bad
     # Frontend.routing_mode is then one line from serve.
     configured_policies(config)
+    check_addresses(config, "--host" if args.host is not None else "Frontend.host")
     supervisor = build_supervisor(config, args, overrides)
-    supervisor.check_ports()
+    try:
+        supervisor.check_ports()
+    except PortInUse as e:
+        raise PortInUse(f"{e}{_second_stack_hint(config, e.port)}", e.port) from None
     stop_requested = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, _: stop_requested.append(signum))

@@ -8,12 +8,17 @@ import time
 
 import orjson
 
+from broker import protocol as p
 from broker.client import BlockingClient, BrokerError
 from zroute.command import add_common_options, load
+from zroute.config import ConfigError
 
+NO_BROKER_HINT = (": is a broker running? `zroute serve` starts the whole stack, "
+                  "`zroute broker` a broker alone")
 CLEAR_SCREEN = "\033[H\033[2J"
 REFRESH_S = 1.0
-COLUMNS = ("WORKER", "STATE", "INFLIGHT/CAP", "COMPLETED", "FAILED", "P50", "P99", "SEEN")
+COLUMNS = ("WORKER", "SERVICES", "STATE", "INFLIGHT", "CAPACITY", "COMPLETED", "FAILED", "P50",
+           "P99", "SEEN")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +38,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if not args.timeout > 0:  # nan too
+        raise ConfigError(f"--timeout {args.timeout:g} is invalid: must be a number of "
+                          "seconds > 0")
     address = load(args, overrides, {"Broker.frontend": args.broker}).broker.frontend
     with BlockingClient(address) as client:
         if args.watch:
@@ -40,7 +48,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         try:
             stats = client.stats(args.timeout)
         except BrokerError as e:
-            print(f"zroute stats: error: {e.message}", file=sys.stderr)
+            hint = NO_BROKER_HINT if e.code == p.E_BROKER_UNREACHABLE else ""
+            print(f"zroute stats: error: {e.message}{hint}", file=sys.stderr)
             return 1
         print(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode()
               if args.json else render(stats))
@@ -70,8 +79,8 @@ def render(stats: dict) -> str:
     """A fixed-width table of the workers, then the broker's totals."""
     rows = [COLUMNS]
     for w in stats["workers"]:
-        capacity = w["capacity"] or "unl"
-        rows.append((w["id"], w["state"], f"{w['inflight']}/{capacity}", str(w["completed"]),
+        rows.append((w["id"], ",".join(w["services"]), w["state"], str(w["inflight"]),
+                     str(w["capacity"] or "unlimited"), str(w["completed"]),
                      str(w["failed"]), _seconds(w["latency_p50_s"]),
                      _seconds(w["latency_p99_s"]), f"{w['last_seen_s']:.1f}s"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
