@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import string
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
+from urllib.parse import quote
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion10, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker import protocol as p
@@ -30,6 +32,8 @@ from gateway.metrics import Exporter, GatewayMetrics, total
 from zroute.logs import fields
 
 log = logging.getLogger("zroute.gateway")
+# What HTTP peers get wrong, logged once per kind of mistake and interval (10 s).
+peer_errors = LogLimiter(log)
 
 SERVICE = "generate"
 RETRY_AFTER_S = "1"
@@ -70,19 +74,26 @@ E_BODY_TOO_LARGE = "body_too_large"
 E_EXPECTATION_FAILED = "expectation_failed"
 E_INTERNAL = "internal_error"
 
+SERVER = "zroute"  # aiohttp's default Server header names its version
+SERVER_HEADERS = {"Server": SERVER}
+# Printable ASCII but "%": what a header may carry of a peer's value as it is.
+HEADER_SAFE = "".join(c for c in string.printable if c not in "%\t\n\r\x0b\x0c")
+
 
 class HttpError(Exception):
     """An error answered with a JSON body `{"error": message, "code": code}`."""
 
-    def __init__(self, status: int, message: str, code: str) -> None:
+    def __init__(self, status: int, message: str, code: str, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.close = close  # the body was not read whole: the connection closes after it
 
 
 def json_response(body: dict, status: int = 200, retry_after: int | None = None) -> web.Response:
-    headers = {"Retry-After": str(retry_after or RETRY_AFTER_S)} if status == 503 else None
+    headers = ({"Server": SERVER, "Retry-After": str(retry_after or RETRY_AFTER_S)}
+               if status == 503 else SERVER_HEADERS)
     return web.Response(body=orjson.dumps(body), status=status, headers=headers,
                         content_type="application/json")
 
@@ -90,6 +101,43 @@ def json_response(body: dict, status: int = 200, retry_after: int | None = None)
 def error_response(error: HttpError) -> web.Response:
     return json_response({"error": error.message, "code": error.code}, error.status,
                          p.retry_after(error.message))  # the broker's estimate
+
+
+def raw_error(status: int, message: str, code: str) -> bytes:
+    """A whole JSON error response, for a connection that gets it without a request."""
+    body = orjson.dumps({"error": message, "code": code})
+    retry_after = f"Retry-After: {RETRY_AFTER_S}\r\n" if status == 503 else ""
+    return (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nServer: {SERVER}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"{retry_after}Connection: close\r\n\r\n").encode() + body
+
+
+def header_value(value: str) -> str:
+    """A peer-chosen value as a header may carry it: percent-escaped unless it is all
+    printable ASCII, so that it can neither end its header nor add one."""
+    if value.isascii() and value.isprintable():
+        return value
+    return quote(value, safe=HEADER_SAFE)
+
+
+HTTP09_REFUSAL = raw_error(400, "HTTP/0.9 is not supported: send a request line that ends "
+                                "with HTTP/1.1 or HTTP/1.0", p.E_BAD_REQUEST)
+
+
+def refuse_http09(request: web.BaseRequest) -> web.StreamResponse:
+    """An HTTP/0.9 request: aiohttp would answer it with an "HTTP/0.9" status line. The
+    refusal goes out as HTTP/1.1, and the connection closes."""
+    request.transport.write(HTTP09_REFUSAL)
+    request.protocol.force_close()
+    return web.Response()  # never sent: the connection is closed already
+
+
+def stop_reading(request: web.BaseRequest) -> None:
+    """Read no more of this connection: the answer goes out, then it closes. Otherwise
+    aiohttp would read the rest of the body first, and a body that failed to decode
+    fails again there, logged as an unhandled error."""
+    request.protocol.close()  # parses nothing more; closes after the response
+    request.content.feed_eof()
 
 
 def unavailable(message: str, code: str) -> web.Response:
@@ -105,11 +153,24 @@ class JsonErrorsHandler(RequestHandler):
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # logs it; raises if too late
-        code = p.E_BAD_REQUEST if status < 500 else E_INTERNAL
+        if status < 500:
+            # Not valid HTTP: the peer's mistake, one log line, no traceback. Nothing of
+            # a response has been written yet: the request did not parse.
+            kind = reason(message)
+            peer_errors.warn(kind, f"rejected requests that are not valid HTTP: {kind}")
+            code = p.E_BAD_REQUEST
+        else:
+            super().handle_error(request, status, exc, message)  # logs it; raises if too late
+            code = E_INTERNAL
         response = error_response(HttpError(status, message or HTTPStatus(status).phrase, code))
         response.force_close()
         return response
+
+
+def reason(message: str | None) -> str:
+    """The kind of a parser error, without the peer's bytes that follow it (a log line
+    per distinct text would let a peer fill the log)."""
+    return (message or "").partition(":")[0].strip() or "unknown"
 
 
 class GatewayServer(web.Server):
@@ -173,6 +234,8 @@ class Gateway:
                                      "the gateway stopped before the reply finished"))
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.version < HttpVersion10:
+            return refuse_http09(request)
         route = self.routes.get(request.path)
         if route is None:
             return error_response(HttpError(404, f"no such path {request.path!r}; "
@@ -207,7 +270,10 @@ class Gateway:
             # grow the metrics without bound. The default was judged when the broker started.
             policy = "-" if "routing" in request.query else self.settings.routing_mode
             self._done(b"-", policy, "", e.status, started, None, 0, e.message)
-            return error_response(e)
+            response = error_response(e)
+            if e.close:
+                response.force_close()
+            return response
         stream = self.client.request(SERVICE, body, policy=policy, worker=worker)
         self.metrics.inflight += 1
         try:
@@ -222,6 +288,13 @@ class Gateway:
         except web.HTTPRequestEntityTooLarge:
             raise HttpError(413, f"body is larger than Frontend.max_body "
                                  f"({self.settings.max_body} bytes)", E_BODY_TOO_LARGE) from None
+        except RequestPayloadError as e:  # e.g. Content-Encoding: gzip on a body that is not
+            stop_reading(request)
+            detail = str(getattr(e.__cause__, "message", "") or e).strip()
+            kind = reason(detail)
+            peer_errors.warn(kind, f"rejected bodies that do not decode: {kind}")
+            raise HttpError(400, f"body does not decode: {detail}", p.E_BAD_REQUEST,
+                            close=True) from None
         # Only JSON passes; what it must hold is the handler's to say (the greeting's
         # BadRequest is a 400 too), so that a custom handler receives any JSON body.
         try:
@@ -260,8 +333,9 @@ class Gateway:
             raise
         first_chunk = time.monotonic()
         response = ReplyResponse(headers={
+            "Server": SERVER,
             "Content-Type": "text/plain; charset=utf-8",
-            "X-Worker-Id": stream.worker_id or "",
+            "X-Worker-Id": header_value(stream.worker_id or ""),
         })
         if request.version >= (1, 1):
             response.enable_chunked_encoding()
@@ -350,7 +424,7 @@ class Gateway:
         except HttpError:
             broker_stats = None  # the gateway's own metrics are still worth a scrape
         return web.Response(body=self.exporter.render(broker_stats, self._gateways(broker_stats)),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+                            headers={"Server": SERVER, "Content-Type": CONTENT_TYPE_LATEST})
 
     def _gateways(self, broker_stats: dict | None) -> dict[str, GatewayMetrics]:
         """Every gateway's counts as last reported to the broker, so that every gateway
