@@ -59,12 +59,18 @@ STATUS_OF_ERROR = {
 
 @dataclass(frozen=True)
 class GatewaySettings:
+    """The gateway's Frontend.* settings (see zroute/config.py for what each bounds)."""
+
     broker: str
     routing_mode: str = "round_robin"
     max_body: int = 1 << 20
     request_timeout: float = 60.0
     name: str = ""  # in /stats and /metrics; empty: hostname-pid
     heartbeat_interval: float = 1.0  # Broker.heartbeat_interval: also how often it reports
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 15.0
+    max_connections: int = 1000
 
 
 # The gateway's own error codes; the others are the broker's (broker/protocol.py).
@@ -73,6 +79,9 @@ E_METHOD_NOT_ALLOWED = "method_not_allowed"
 E_BODY_TOO_LARGE = "body_too_large"
 E_EXPECTATION_FAILED = "expectation_failed"
 E_INTERNAL = "internal_error"
+E_HEADER_TIMEOUT = "header_timeout"
+E_BODY_TIMEOUT = "body_timeout"
+E_TOO_MANY_CONNECTIONS = "too_many_connections"
 
 SERVER = "zroute"  # aiohttp's default Server header names its version
 SERVER_HEADERS = {"Server": SERVER}
@@ -134,8 +143,8 @@ def refuse_http09(request: web.BaseRequest) -> web.StreamResponse:
 
 def stop_reading(request: web.BaseRequest) -> None:
     """Read no more of this connection: the answer goes out, then it closes. Otherwise
-    aiohttp would read the rest of the body first, and a body that failed to decode
-    fails again there, logged as an unhandled error."""
+    aiohttp would read the rest of the body first: for up to 10 s from a slow client,
+    and a body that failed to decode fails again there, logged as an unhandled error."""
     request.protocol.close()  # parses nothing more; closes after the response
     request.content.feed_eof()
 
@@ -146,9 +155,64 @@ def unavailable(message: str, code: str) -> web.Response:
                           "code": code}, 503)
 
 
-class JsonErrorsHandler(RequestHandler):
-    """aiohttp's connection handler, whose own error responses (to a request that does
-    not parse as HTTP, or a handler that raised) are JSON with a code, like the others."""
+class GatewayConnection(RequestHandler):
+    """aiohttp's connection handler with the gateway's limits on a connection: one over
+    Frontend.max_connections is answered 503 and closed, and a request head must arrive
+    within Frontend.header_timeout. Errors it answers itself (to a request that does not
+    parse as HTTP, or a handler that raised) are JSON with a code, like the others."""
+
+    def __init__(self, manager: GatewayServer, **kwargs: object) -> None:
+        super().__init__(manager, **kwargs)
+        self.settings = manager.settings
+        self._refused = False
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        server = self._manager
+        if server is not None and server.over_capacity():
+            peer_errors.warn("too many connections",
+                             f"refused connections over Frontend.max_connections "
+                             f"({self.settings.max_connections})")
+            self._refused = True
+            transport.write(server.refusal)
+            # Half-closed: the client reads the answer, and its close ends the connection
+            # (or the keep-alive timeout does). Closing at once could reset it unread.
+            transport.write_eof()
+        else:
+            self._start_head_timer()  # the first head is due too
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # read and dropped, so that the close is not a reset
+        super().data_received(data)
+        if self._messages:  # a whole head came: the handler's limits apply now
+            self._cancel_head_timer()
+        elif data and self._waiter is not None and self._head_timer is None:
+            self._start_head_timer()  # part of a head came between requests
+
+    def _start_head_timer(self) -> None:
+        self._head_timer = self._loop.call_later(self.settings.header_timeout,
+                                                 self._head_too_slow)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self.transport is not None:
+            peer_errors.warn("slow head", "cut connections whose request head took longer than "
+                             f"Frontend.header_timeout ({self.settings.header_timeout:g} s)")
+            self.transport.write(raw_error(
+                408, f"the request head did not arrive within Frontend.header_timeout "
+                     f"({self.settings.header_timeout:g} s)", E_HEADER_TIMEOUT))
+        self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
@@ -174,10 +238,20 @@ def reason(message: str | None) -> str:
 
 
 class GatewayServer(web.Server):
-    """aiohttp's low-level server, with JsonErrorsHandler for its connections."""
+    """aiohttp's low-level server, with GatewayConnection for its connections."""
+
+    def __init__(self, handler: object, settings: GatewaySettings, **kwargs: object) -> None:
+        super().__init__(handler, keepalive_timeout=settings.keepalive_timeout, **kwargs)
+        self.settings = settings
+        self.refusal = raw_error(503, f"the gateway holds its limit of connections "
+                                      f"(Frontend.max_connections, {settings.max_connections})",
+                                 E_TOO_MANY_CONNECTIONS)
+
+    def over_capacity(self) -> bool:
+        return len(self._connections) > self.settings.max_connections
 
     def __call__(self) -> RequestHandler:
-        return JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
+        return GatewayConnection(self, loop=self._loop, **self._kwargs)
 
 
 class ReplyResponse(web.StreamResponse):
@@ -211,7 +285,7 @@ class Gateway:
 
     def server(self) -> web.Server:
         """aiohttp's low-level server, with this gateway as its only handler."""
-        return GatewayServer(self.handle, request_factory=self._make_request,
+        return GatewayServer(self.handle, self.settings, request_factory=self._make_request,
                              handler_cancellation=True, access_log=None)
 
     def _make_request(self, message: RawRequestMessage, payload: StreamReader,
@@ -284,10 +358,18 @@ class Gateway:
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
         try:
-            body = await request.read()
+            if request.content.is_eof():  # the usual case: it came with the head
+                body = await request.read()
+            else:
+                body = await asyncio.wait_for(request.read(), self.settings.body_timeout)
         except web.HTTPRequestEntityTooLarge:
             raise HttpError(413, f"body is larger than Frontend.max_body "
                                  f"({self.settings.max_body} bytes)", E_BODY_TOO_LARGE) from None
+        except asyncio.TimeoutError:
+            stop_reading(request)
+            raise HttpError(408, f"the body did not arrive within Frontend.body_timeout "
+                                 f"({self.settings.body_timeout:g} s)", E_BODY_TIMEOUT,
+                            close=True) from None
         except RequestPayloadError as e:  # e.g. Content-Encoding: gzip on a body that is not
             stop_reading(request)
             detail = str(getattr(e.__cause__, "message", "") or e).strip()

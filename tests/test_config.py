@@ -23,6 +23,10 @@ DEFAULTS = {
         "max_body": 1048576,
         "request_timeout": 60.0,
         "drain_timeout": 30.0,
+        "header_timeout": 10.0,
+        "body_timeout": 30.0,
+        "keepalive_timeout": 15.0,
+        "max_connections": 0,
         "ServiceArgs": {"workers": 1},
     },
     "Broker": {

@@ -100,6 +100,11 @@ SCHEMA: dict[str, Any] = {
         "max_body": Setting(int, 1048576, ge=1),
         "request_timeout": Setting(float, 60.0, gt=0),
         "drain_timeout": Setting(float, 30.0, ge=0),  # SIGTERM: finish streams, then cut them
+        # What one HTTP peer may cost the gateway, in time and connections.
+        "header_timeout": Setting(float, 10.0, gt=0),  # a request head, from its first byte
+        "body_timeout": Setting(float, 30.0, gt=0),  # a request body, from its head
+        "keepalive_timeout": Setting(float, 15.0, gt=0),  # an idle connection
+        "max_connections": Setting(int, 0, ge=0),  # 0: from the open-file limit
         "ServiceArgs": {"workers": Setting(int, 1, ge=1)},
     },
     "Broker": {
