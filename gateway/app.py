@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import string
+import struct
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -70,7 +72,11 @@ class GatewaySettings:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     keepalive_timeout: float = 15.0
+    send_timeout: float = 30.0
     max_connections: int = 1000
+    max_buffered_bytes: int = 32 << 20
+    max_reply_buffer: int = 256 << 10
+    max_queued_messages: int = 1000
 
 
 # The gateway's own error codes; the others are the broker's (broker/protocol.py).
@@ -82,6 +88,7 @@ E_INTERNAL = "internal_error"
 E_HEADER_TIMEOUT = "header_timeout"
 E_BODY_TIMEOUT = "body_timeout"
 E_TOO_MANY_CONNECTIONS = "too_many_connections"
+E_GATEWAY_BUSY = "gateway_busy"
 
 SERVER = "zroute"  # aiohttp's default Server header names its version
 SERVER_HEADERS = {"Server": SERVER}
@@ -143,8 +150,9 @@ def refuse_http09(request: web.BaseRequest) -> web.StreamResponse:
 
 def stop_reading(request: web.BaseRequest) -> None:
     """Read no more of this connection: the answer goes out, then it closes. Otherwise
-    aiohttp would read the rest of the body first: for up to 10 s from a slow client,
-    and a body that failed to decode fails again there, logged as an unhandled error."""
+    aiohttp would read the rest of the body first, for up to 10 s: a slow client's, or
+    one refused for lack of room, and a body that failed to decode fails again there,
+    logged as an unhandled error."""
     request.protocol.close()  # parses nothing more; closes after the response
     request.content.feed_eof()
 
@@ -157,15 +165,17 @@ def unavailable(message: str, code: str) -> web.Response:
 
 class GatewayConnection(RequestHandler):
     """aiohttp's connection handler with the gateway's limits on a connection: one over
-    Frontend.max_connections is answered 503 and closed, and a request head must arrive
-    within Frontend.header_timeout. Errors it answers itself (to a request that does not
-    parse as HTTP, or a handler that raised) are JSON with a code, like the others."""
+    Frontend.max_connections is answered 503 and closed, a request head must arrive within
+    Frontend.header_timeout, and a client that reads nothing of its reply for
+    Frontend.send_timeout is cut off. Errors it answers itself (to a request that does
+    not parse as HTTP, or a handler that raised) are JSON with a code, like the others."""
 
     def __init__(self, manager: GatewayServer, **kwargs: object) -> None:
         super().__init__(manager, **kwargs)
         self.settings = manager.settings
         self._refused = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -210,8 +220,35 @@ class GatewayConnection(RequestHandler):
                      f"({self.settings.header_timeout:g} s)", E_HEADER_TIMEOUT))
         self.force_close()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._send_timer = self._loop.call_later(self.settings.send_timeout,
+                                                 self._send_too_slow)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_send_timer()
+
+    def _send_too_slow(self) -> None:
+        self._send_timer = None
+        if self.transport is not None:
+            peer_errors.warn("slow reader", "cut connections that read nothing for "
+                             f"Frontend.send_timeout ({self.settings.send_timeout:g} s)")
+            # A reset (linger 0), so that the kernel drops what it holds for the client
+            # too, rather than keep trying to send it; the handler is cancelled.
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
+        self._cancel_send_timer()
         super().connection_lost(exc)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
@@ -270,7 +307,10 @@ class Gateway:
         self.client = Client(settings.broker, timeout=settings.request_timeout,
                              timeout_setting="Frontend.request_timeout",
                              heartbeat_interval=settings.heartbeat_interval,
-                             report=self.metrics.snapshot, name=settings.name)
+                             report=self.metrics.snapshot, name=settings.name,
+                             max_buffered_bytes=settings.max_reply_buffer,
+                             receive_hwm=settings.max_queued_messages)
+        self.buffered_bytes = 0  # request bodies being read or sent; Frontend.max_buffered_bytes
         self.exporter = Exporter()
         self.bad_reports = LogLimiter(log)
 
@@ -337,8 +377,7 @@ class Gateway:
     async def generate(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
         try:
-            body = await self._read_body(request)
-            policy, worker = self._routing(request)
+            stream, policy = await self._send(request)
         except HttpError as e:
             # A name the broker has not judged is no label: a label per bad value would
             # grow the metrics without bound. The default was judged when the broker started.
@@ -348,13 +387,41 @@ class Gateway:
             if e.close:
                 response.force_close()
             return response
-        stream = self.client.request(SERVICE, body, policy=policy, worker=worker)
         self.metrics.inflight += 1
         try:
             return await self._stream(request, stream, policy, started)
         finally:
             self.metrics.inflight -= 1
             stream.cancel()  # no-op once the reply is complete
+
+    async def _send(self, request: web.BaseRequest) -> tuple[Stream, str]:
+        """Read the body within Frontend.max_buffered_bytes and send the request. The
+        body is let go once sent: the stream may last minutes, and needs none of it."""
+        reserved = self._reserve(request)
+        try:
+            body = await self._read_body(request)
+            policy, worker = self._routing(request)
+            return self.client.request(SERVICE, body, policy=policy, worker=worker), policy
+        finally:
+            self.buffered_bytes -= reserved
+
+    def _reserve(self, request: web.BaseRequest) -> int:
+        """Count the request's body against Frontend.max_buffered_bytes before it is read;
+        503 if it would go over. A chunked or compressed body may grow to max_body."""
+        max_body = self.settings.max_body
+        length = request.content_length
+        size = (max_body if length is None or "Content-Encoding" in request.headers
+                else min(length, max_body))
+        if self.buffered_bytes + size > self.settings.max_buffered_bytes:
+            stop_reading(request)
+            peer_errors.warn("gateway busy", "refused requests over Frontend.max_buffered_bytes "
+                             f"({self.settings.max_buffered_bytes} bytes of bodies at once)")
+            raise HttpError(503, "the gateway holds its limit of request bodies "
+                                 f"(Frontend.max_buffered_bytes, "
+                                 f"{self.settings.max_buffered_bytes} bytes); retry later",
+                            E_GATEWAY_BUSY, close=True)
+        self.buffered_bytes += size
+        return size
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
         try:
@@ -428,12 +495,14 @@ class Gateway:
             while True:
                 batch = await stream.batch()
                 chunks += len(batch)
+                data = b"".join(batch)
+                del batch  # a client slow to read holds these chunks once, not twice
                 if stream.complete:
                     # The last chunks, the terminating chunk (and, for a reply that
                     # came at once, the headers) leave in one write.
-                    await response.write_eof(b"".join(batch))
+                    await response.write_eof(data)
                     break
-                await response.write(b"".join(batch))
+                await response.write(data)
         except BrokerError as e:
             self.metrics.incomplete += 1
             try:

@@ -53,7 +53,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         config.broker.frontend, frontend.routing_mode, frontend.max_body,
         frontend.request_timeout, args.log_name or "", config.broker.heartbeat_interval,
         header_timeout=frontend.header_timeout, body_timeout=frontend.body_timeout,
-        keepalive_timeout=frontend.keepalive_timeout, max_connections=max_connections))
+        keepalive_timeout=frontend.keepalive_timeout, send_timeout=frontend.send_timeout,
+        max_connections=max_connections, max_buffered_bytes=frontend.max_buffered_bytes,
+        max_reply_buffer=frontend.max_reply_buffer,
+        max_queued_messages=frontend.max_queued_messages))
     aio.run(serve(gateway, frontend.host, frontend.port, frontend.drain_timeout,
                   args.reuse_port))
     return 0

@@ -26,7 +26,11 @@ DEFAULTS = {
         "header_timeout": 10.0,
         "body_timeout": 30.0,
         "keepalive_timeout": 15.0,
+        "send_timeout": 30.0,
         "max_connections": 0,
+        "max_buffered_bytes": 33554432,
+        "max_reply_buffer": 262144,
+        "max_queued_messages": 1000,
         "ServiceArgs": {"workers": 1},
     },
     "Broker": {

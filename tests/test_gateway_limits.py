@@ -1,5 +1,5 @@
-"""What one HTTP peer may cost the gateway: time (idle, slow heads, slow bodies) and
-connections. Real processes, raw sockets on loopback."""
+"""What one HTTP peer may cost the gateway: time (idle, slow heads, slow bodies, replies
+it does not read), connections and bytes. Real processes, raw sockets on loopback."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.http_support import Gateway, http, parse_curl, raw_http, start_gateway, wait_healthy
-from tests.support import ZROUTE, Proc, Stack, free_port, wait_until
+from tests.support import ZROUTE, Proc, Stack, all_idle, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -65,14 +65,19 @@ def json_error(reply: bytes, status: int, code: str) -> dict:
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
-    """A broker, worker-1 (the greeting) and a gateway with short timeouts."""
+    """A broker, worker-1 (the greeting) and flooder (40 MiB replies), and a gateway with
+    short timeouts and small buffers."""
     stack = Stack(tmp_path_factory.mktemp("limits"))
     try:
         stack.broker()
         stack.worker("worker-1")
+        stack.worker("flooder", "--handler", "tests.fault_handlers:flood")
         gateway = start_gateway(stack, "--Frontend.header_timeout=1",
-                                "--Frontend.body_timeout=1", "--Frontend.keepalive_timeout=3")
-        wait_healthy(gateway, 1)
+                                "--Frontend.body_timeout=1", "--Frontend.keepalive_timeout=3",
+                                "--Frontend.send_timeout=1", "--Frontend.max_body=1000",
+                                "--Frontend.max_buffered_bytes=1500",
+                                "--Frontend.max_reply_buffer=2097152")
+        wait_healthy(gateway, 2)
         yield SimpleNamespace(stack=stack, gateway=gateway)
     finally:
         stack.close()
@@ -180,3 +185,53 @@ def test_the_gateway_raises_its_open_file_limit_and_sizes_its_connection_cap_fro
             if line.startswith("Max open files")] == [["2048", "2048"]], limits
     assert "at most 1984 connections" in proc.output()  # 2048 less 64 kept for the rest
     assert http("GET", f"{gateway.url}/generate").status == 405
+
+
+# --- bytes ---------------------------------------------------------------------------
+
+
+def test_bodies_over_max_buffered_bytes_get_a_json_503_until_the_budget_frees(limited):
+    """Frontend.max_buffered_bytes is 1500 here: one body of 1000 bytes being read leaves
+    no room for a second one."""
+    body = TEXT_A.ljust(1000)
+    request = generate(body)
+    with connect(limited.gateway.port) as first:
+        first.sendall(request[:-500])  # its body is being read: 1000 bytes counted
+        wait_until(lambda: b'"gateway_busy"' in raw_http(limited.gateway.port, request), 5,
+                   "the second body to be refused")
+        headers = json_error(raw_http(limited.gateway.port, request), 503, "gateway_busy")
+        assert headers["retry-after"] == "1"
+        first.sendall(request[-500:])
+        assert raw_reply(first).split(b"\r\n")[0] == b"HTTP/1.1 200 OK"
+    reply = raw_http(limited.gateway.port, request)  # room again
+    assert reply.split(b"\r\n")[0] == b"HTTP/1.1 200 OK", reply
+
+
+def test_a_client_that_does_not_read_its_reply_is_cut_off_and_costs_little(limited):
+    """The flooder sends 40 MiB, 1 MiB at a time; the client reads none of it. Once the
+    kernel's buffers are full, the stream is cancelled when Frontend.max_reply_buffer
+    (2 MiB) waits for the client, and the connection is cut after Frontend.send_timeout
+    (1 s) without progress."""
+    gateway = limited.gateway
+    rss_before = rss_kib(gateway.proc.pid)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", gateway.port))
+    with sock:
+        sock.sendall(generate(b"{}", worker="flooder"))
+        wait_until(lambda: "cut connections that read nothing" in gateway.proc.output(), 10,
+                   "the gateway to cut the connection")
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(1 << 20):  # what the kernel holds, then the reset
+                pass
+    limited.stack.wait_stats(all_idle, 10, "the flooder's request to end")
+    assert rss_kib(gateway.proc.pid) - rss_before < 32 << 10  # not 40 MiB
+    reply = raw_http(gateway.port, generate(TEXT_A))  # and the gateway serves others
+    assert reply.split(b"\r\n")[0] == b"HTTP/1.1 200 OK", reply
+    assert "Traceback" not in gateway.proc.output()
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0])
