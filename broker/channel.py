@@ -23,12 +23,13 @@ SOCKET_HWM = 100_000
 
 
 def dealer(context: zmq.Context, address: str, routing_id: bytes | None = None, *,
-           connect: bool = True) -> zmq.Socket:
+           connect: bool = True, receive_hwm: int = SOCKET_HWM) -> zmq.Socket:
     """A DEALER to `address`; with connect=False the caller connects it (once it has
-    attached a monitor, say)."""
+    attached a monitor, say). `receive_hwm` bounds the messages libzmq queues for the
+    event loop: past it, it reads no more from the connection."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
-    sock.setsockopt(zmq.RCVHWM, SOCKET_HWM)
+    sock.setsockopt(zmq.RCVHWM, receive_hwm)
     sock.setsockopt(zmq.LINGER, 200)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)  # back within 0.5 s of a broker restart

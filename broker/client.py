@@ -26,7 +26,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from broker import protocol as p
-from broker.channel import Channel, dealer
+from broker.channel import SOCKET_HWM, Channel, dealer
 from broker.connection import CONNECTION_EVENTS, ConnectionWatch, watched_dealer
 from broker.endpoints import check_endpoint
 from broker.zmqio import readable
@@ -143,7 +143,7 @@ class Reply:
             self.buffered += len(chunk)
         if last:
             self.finish(None)
-        elif self.buffered > MAX_BUFFERED_BYTES:
+        elif self.buffered > self.client.max_buffered_bytes:
             self.cancel(BrokerError(p.E_SLOW_READER, "the reader fell too far behind the stream"))
         else:
             self.wake()
@@ -324,14 +324,23 @@ class Client(PolicyShortcuts[Stream]):
     A client given `report` sends what it returns (a JSON object of cumulative
     counters, at most protocol.MAX_REPORT_BYTES) to the broker with each heartbeat,
     under `name`; the broker's stats carry every reporter's latest, in "gateways".
+
+    A stream whose reader falls `max_buffered_bytes` behind is cancelled with the
+    error slow_reader: a reader cannot make the client buffer without bound. At most
+    `receive_hwm` messages from the broker wait for the event loop (then libzmq stops
+    reading, and the broker's own limits apply).
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
                  timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
                  report: Callable[[], dict] | None = None, name: str = "",
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None,
+                 max_buffered_bytes: int = MAX_BUFFERED_BYTES,
+                 receive_hwm: int = SOCKET_HWM) -> None:
         self.address = check_endpoint(address)
+        self.max_buffered_bytes = max_buffered_bytes
+        self.receive_hwm = receive_hwm
         self.timeout = timeout
         self.timeout_setting = timeout_setting
         self.report = report
@@ -363,7 +372,7 @@ class Client(PolicyShortcuts[Stream]):
         # A broker that dies closes the connection: its requests fail at once rather
         # than after the heartbeats it misses.
         sock, self._connection = watched_dealer(self.context, self.address, self._on_connected,
-                                                self._on_disconnected)
+                                                self._on_disconnected, self.receive_hwm)
         self._channel = Channel(sock, self._on_message)
         self._last_heard = time.monotonic()
         self._beat()

@@ -12,7 +12,7 @@ from typing import Callable
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from broker.channel import Channel, dealer
+from broker.channel import SOCKET_HWM, Channel, dealer
 
 CONNECTION_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
@@ -42,10 +42,11 @@ class ConnectionWatch:
 
 
 def watched_dealer(context: zmq.Context, address: str, on_connected: Callable[[], None],
-                   on_disconnected: Callable[[], None]) -> tuple[zmq.Socket, ConnectionWatch]:
+                   on_disconnected: Callable[[], None],
+                   receive_hwm: int = SOCKET_HWM) -> tuple[zmq.Socket, ConnectionWatch]:
     """A DEALER connected to `address`, watched from before it connects: a connection
     that opened before its monitor would never be reported."""
-    sock = dealer(context, address, connect=False)
+    sock = dealer(context, address, connect=False, receive_hwm=receive_hwm)
     watch = ConnectionWatch(sock, on_connected, on_disconnected)
     sock.connect(address)
     return sock, watch

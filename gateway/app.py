@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import string
+import struct
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
+from urllib.parse import quote
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion10, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker import protocol as p
@@ -30,6 +34,8 @@ from gateway.metrics import Exporter, GatewayMetrics, total
 from zroute.logs import fields
 
 log = logging.getLogger("zroute.gateway")
+# What HTTP peers get wrong, logged once per kind of mistake and interval (10 s).
+peer_errors = LogLimiter(log)
 
 SERVICE = "generate"
 RETRY_AFTER_S = "1"
@@ -55,12 +61,22 @@ STATUS_OF_ERROR = {
 
 @dataclass(frozen=True)
 class GatewaySettings:
+    """The gateway's Frontend.* settings (see zroute/config.py for what each bounds)."""
+
     broker: str
     routing_mode: str = "round_robin"
     max_body: int = 1 << 20
     request_timeout: float = 60.0
     name: str = ""  # in /stats and /metrics; empty: hostname-pid
     heartbeat_interval: float = 1.0  # Broker.heartbeat_interval: also how often it reports
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 15.0
+    send_timeout: float = 30.0
+    max_connections: int = 1000
+    max_buffered_bytes: int = 32 << 20
+    max_reply_buffer: int = 256 << 10
+    max_queued_messages: int = 1000
 
 
 # The gateway's own error codes; the others are the broker's (broker/protocol.py).
@@ -69,20 +85,31 @@ E_METHOD_NOT_ALLOWED = "method_not_allowed"
 E_BODY_TOO_LARGE = "body_too_large"
 E_EXPECTATION_FAILED = "expectation_failed"
 E_INTERNAL = "internal_error"
+E_HEADER_TIMEOUT = "header_timeout"
+E_BODY_TIMEOUT = "body_timeout"
+E_TOO_MANY_CONNECTIONS = "too_many_connections"
+E_GATEWAY_BUSY = "gateway_busy"
+
+SERVER = "zroute"  # aiohttp's default Server header names its version
+SERVER_HEADERS = {"Server": SERVER}
+# Printable ASCII but "%": what a header may carry of a peer's value as it is.
+HEADER_SAFE = "".join(c for c in string.printable if c not in "%\t\n\r\x0b\x0c")
 
 
 class HttpError(Exception):
     """An error answered with a JSON body `{"error": message, "code": code}`."""
 
-    def __init__(self, status: int, message: str, code: str) -> None:
+    def __init__(self, status: int, message: str, code: str, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.close = close  # the body was not read whole: the connection closes after it
 
 
 def json_response(body: dict, status: int = 200, retry_after: int | None = None) -> web.Response:
-    headers = {"Retry-After": str(retry_after or RETRY_AFTER_S)} if status == 503 else None
+    headers = ({"Server": SERVER, "Retry-After": str(retry_after or RETRY_AFTER_S)}
+               if status == 503 else SERVER_HEADERS)
     return web.Response(body=orjson.dumps(body), status=status, headers=headers,
                         content_type="application/json")
 
@@ -92,31 +119,176 @@ def error_response(error: HttpError) -> web.Response:
                          p.retry_after(error.message))  # the broker's estimate
 
 
+def raw_error(status: int, message: str, code: str) -> bytes:
+    """A whole JSON error response, for a connection that gets it without a request."""
+    body = orjson.dumps({"error": message, "code": code})
+    retry_after = f"Retry-After: {RETRY_AFTER_S}\r\n" if status == 503 else ""
+    return (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nServer: {SERVER}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"{retry_after}Connection: close\r\n\r\n").encode() + body
+
+
+def header_value(value: str) -> str:
+    """A peer-chosen value as a header may carry it: percent-escaped unless it is all
+    printable ASCII, so that it can neither end its header nor add one."""
+    if value.isascii() and value.isprintable():
+        return value
+    return quote(value, safe=HEADER_SAFE)
+
+
+HTTP09_REFUSAL = raw_error(400, "HTTP/0.9 is not supported: send a request line that ends "
+                                "with HTTP/1.1 or HTTP/1.0", p.E_BAD_REQUEST)
+
+
+def refuse_http09(request: web.BaseRequest) -> web.StreamResponse:
+    """An HTTP/0.9 request: aiohttp would answer it with an "HTTP/0.9" status line. The
+    refusal goes out as HTTP/1.1, and the connection closes."""
+    request.transport.write(HTTP09_REFUSAL)
+    request.protocol.force_close()
+    return web.Response()  # never sent: the connection is closed already
+
+
+def stop_reading(request: web.BaseRequest) -> None:
+    """Read no more of this connection: the answer goes out, then it closes. Otherwise
+    aiohttp would read the rest of the body first, for up to 10 s: a slow client's, or
+    one refused for lack of room, and a body that failed to decode fails again there,
+    logged as an unhandled error."""
+    request.protocol.close()  # parses nothing more; closes after the response
+    request.content.feed_eof()
+
+
 def unavailable(message: str, code: str) -> web.Response:
     """/health's 503: its status, and an error like any other."""
     return json_response({"status": "unavailable", "workers": 0, "error": message,
                           "code": code}, 503)
 
 
-class JsonErrorsHandler(RequestHandler):
-    """aiohttp's connection handler, whose own error responses (to a request that does
+class GatewayConnection(RequestHandler):
+    """aiohttp's connection handler with the gateway's limits on a connection: one over
+    Frontend.max_connections is answered 503 and closed, a request head must arrive within
+    Frontend.header_timeout, and a client that reads nothing of its reply for
+    Frontend.send_timeout is cut off. Errors it answers itself (to a request that does
     not parse as HTTP, or a handler that raised) are JSON with a code, like the others."""
+
+    def __init__(self, manager: GatewayServer, **kwargs: object) -> None:
+        super().__init__(manager, **kwargs)
+        self.settings = manager.settings
+        self._refused = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        server = self._manager
+        if server is not None and server.over_capacity():
+            peer_errors.warn("too many connections",
+                             f"refused connections over Frontend.max_connections "
+                             f"({self.settings.max_connections})")
+            self._refused = True
+            transport.write(server.refusal)
+            # Half-closed: the client reads the answer, and its close ends the connection
+            # (or the keep-alive timeout does). Closing at once could reset it unread.
+            transport.write_eof()
+        else:
+            self._start_head_timer()  # the first head is due too
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # read and dropped, so that the close is not a reset
+        super().data_received(data)
+        if self._messages:  # a whole head came: the handler's limits apply now
+            self._cancel_head_timer()
+        elif data and self._waiter is not None and self._head_timer is None:
+            self._start_head_timer()  # part of a head came between requests
+
+    def _start_head_timer(self) -> None:
+        self._head_timer = self._loop.call_later(self.settings.header_timeout,
+                                                 self._head_too_slow)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self.transport is not None:
+            peer_errors.warn("slow head", "cut connections whose request head took longer than "
+                             f"Frontend.header_timeout ({self.settings.header_timeout:g} s)")
+            self.transport.write(raw_error(
+                408, f"the request head did not arrive within Frontend.header_timeout "
+                     f"({self.settings.header_timeout:g} s)", E_HEADER_TIMEOUT))
+        self.force_close()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._send_timer = self._loop.call_later(self.settings.send_timeout,
+                                                 self._send_too_slow)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_send_timer()
+
+    def _send_too_slow(self) -> None:
+        self._send_timer = None
+        if self.transport is not None:
+            peer_errors.warn("slow reader", "cut connections that read nothing for "
+                             f"Frontend.send_timeout ({self.settings.send_timeout:g} s)")
+            # A reset (linger 0), so that the kernel drops what it holds for the client
+            # too, rather than keep trying to send it; the handler is cancelled.
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        self._cancel_send_timer()
+        super().connection_lost(exc)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # logs it; raises if too late
-        code = p.E_BAD_REQUEST if status < 500 else E_INTERNAL
+        if status < 500:
+            # Not valid HTTP: the peer's mistake, one log line, no traceback. Nothing of
+            # a response has been written yet: the request did not parse.
+            kind = reason(message)
+            peer_errors.warn(kind, f"rejected requests that are not valid HTTP: {kind}")
+            code = p.E_BAD_REQUEST
+        else:
+            super().handle_error(request, status, exc, message)  # logs it; raises if too late
+            code = E_INTERNAL
         response = error_response(HttpError(status, message or HTTPStatus(status).phrase, code))
         response.force_close()
         return response
 
 
+def reason(message: str | None) -> str:
+    """The kind of a parser error, without the peer's bytes that follow it (a log line
+    per distinct text would let a peer fill the log)."""
+    return (message or "").partition(":")[0].strip() or "unknown"
+
+
 class GatewayServer(web.Server):
-    """aiohttp's low-level server, with JsonErrorsHandler for its connections."""
+    """aiohttp's low-level server, with GatewayConnection for its connections."""
+
+    def __init__(self, handler: object, settings: GatewaySettings, **kwargs: object) -> None:
+        super().__init__(handler, keepalive_timeout=settings.keepalive_timeout, **kwargs)
+        self.settings = settings
+        self.refusal = raw_error(503, f"the gateway holds its limit of connections "
+                                      f"(Frontend.max_connections, {settings.max_connections})",
+                                 E_TOO_MANY_CONNECTIONS)
+
+    def over_capacity(self) -> bool:
+        return len(self._connections) > self.settings.max_connections
 
     def __call__(self) -> RequestHandler:
-        return JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
+        return GatewayConnection(self, loop=self._loop, **self._kwargs)
 
 
 class ReplyResponse(web.StreamResponse):
@@ -135,7 +307,10 @@ class Gateway:
         self.client = Client(settings.broker, timeout=settings.request_timeout,
                              timeout_setting="Frontend.request_timeout",
                              heartbeat_interval=settings.heartbeat_interval,
-                             report=self.metrics.snapshot, name=settings.name)
+                             report=self.metrics.snapshot, name=settings.name,
+                             max_buffered_bytes=settings.max_reply_buffer,
+                             receive_hwm=settings.max_queued_messages)
+        self.buffered_bytes = 0  # request bodies being read or sent; Frontend.max_buffered_bytes
         self.exporter = Exporter()
         self.bad_reports = LogLimiter(log)
 
@@ -150,7 +325,7 @@ class Gateway:
 
     def server(self) -> web.Server:
         """aiohttp's low-level server, with this gateway as its only handler."""
-        return GatewayServer(self.handle, request_factory=self._make_request,
+        return GatewayServer(self.handle, self.settings, request_factory=self._make_request,
                              handler_cancellation=True, access_log=None)
 
     def _make_request(self, message: RawRequestMessage, payload: StreamReader,
@@ -173,6 +348,8 @@ class Gateway:
                                      "the gateway stopped before the reply finished"))
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.version < HttpVersion10:
+            return refuse_http09(request)
         route = self.routes.get(request.path)
         if route is None:
             return error_response(HttpError(404, f"no such path {request.path!r}; "
@@ -200,15 +377,16 @@ class Gateway:
     async def generate(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
         try:
-            body = await self._read_body(request)
-            policy, worker = self._routing(request)
+            stream, policy = await self._send(request)
         except HttpError as e:
             # A name the broker has not judged is no label: a label per bad value would
             # grow the metrics without bound. The default was judged when the broker started.
             policy = "-" if "routing" in request.query else self.settings.routing_mode
             self._done(b"-", policy, "", e.status, started, None, 0, e.message)
-            return error_response(e)
-        stream = self.client.request(SERVICE, body, policy=policy, worker=worker)
+            response = error_response(e)
+            if e.close:
+                response.force_close()
+            return response
         self.metrics.inflight += 1
         try:
             return await self._stream(request, stream, policy, started)
@@ -216,12 +394,56 @@ class Gateway:
             self.metrics.inflight -= 1
             stream.cancel()  # no-op once the reply is complete
 
+    async def _send(self, request: web.BaseRequest) -> tuple[Stream, str]:
+        """Read the body within Frontend.max_buffered_bytes and send the request. The
+        body is let go once sent: the stream may last minutes, and needs none of it."""
+        reserved = self._reserve(request)
+        try:
+            body = await self._read_body(request)
+            policy, worker = self._routing(request)
+            return self.client.request(SERVICE, body, policy=policy, worker=worker), policy
+        finally:
+            self.buffered_bytes -= reserved
+
+    def _reserve(self, request: web.BaseRequest) -> int:
+        """Count the request's body against Frontend.max_buffered_bytes before it is read;
+        503 if it would go over. A chunked or compressed body may grow to max_body."""
+        max_body = self.settings.max_body
+        length = request.content_length
+        size = (max_body if length is None or "Content-Encoding" in request.headers
+                else min(length, max_body))
+        if self.buffered_bytes + size > self.settings.max_buffered_bytes:
+            stop_reading(request)
+            peer_errors.warn("gateway busy", "refused requests over Frontend.max_buffered_bytes "
+                             f"({self.settings.max_buffered_bytes} bytes of bodies at once)")
+            raise HttpError(503, "the gateway holds its limit of request bodies "
+                                 f"(Frontend.max_buffered_bytes, "
+                                 f"{self.settings.max_buffered_bytes} bytes); retry later",
+                            E_GATEWAY_BUSY, close=True)
+        self.buffered_bytes += size
+        return size
+
     async def _read_body(self, request: web.BaseRequest) -> bytes:
         try:
-            body = await request.read()
+            if request.content.is_eof():  # the usual case: it came with the head
+                body = await request.read()
+            else:
+                body = await asyncio.wait_for(request.read(), self.settings.body_timeout)
         except web.HTTPRequestEntityTooLarge:
             raise HttpError(413, f"body is larger than Frontend.max_body "
                                  f"({self.settings.max_body} bytes)", E_BODY_TOO_LARGE) from None
+        except asyncio.TimeoutError:
+            stop_reading(request)
+            raise HttpError(408, f"the body did not arrive within Frontend.body_timeout "
+                                 f"({self.settings.body_timeout:g} s)", E_BODY_TIMEOUT,
+                            close=True) from None
+        except RequestPayloadError as e:  # e.g. Content-Encoding: gzip on a body that is not
+            stop_reading(request)
+            detail = str(getattr(e.__cause__, "message", "") or e).strip()
+            kind = reason(detail)
+            peer_errors.warn(kind, f"rejected bodies that do not decode: {kind}")
+            raise HttpError(400, f"body does not decode: {detail}", p.E_BAD_REQUEST,
+                            close=True) from None
         # Only JSON passes; what it must hold is the handler's to say (the greeting's
         # BadRequest is a 400 too), so that a custom handler receives any JSON body.
         try:
@@ -260,8 +482,9 @@ class Gateway:
             raise
         first_chunk = time.monotonic()
         response = ReplyResponse(headers={
+            "Server": SERVER,
             "Content-Type": "text/plain; charset=utf-8",
-            "X-Worker-Id": stream.worker_id or "",
+            "X-Worker-Id": header_value(stream.worker_id or ""),
         })
         if request.version >= (1, 1):
             response.enable_chunked_encoding()
@@ -272,12 +495,14 @@ class Gateway:
             while True:
                 batch = await stream.batch()
                 chunks += len(batch)
+                data = b"".join(batch)
+                del batch  # a client slow to read holds these chunks once, not twice
                 if stream.complete:
                     # The last chunks, the terminating chunk (and, for a reply that
                     # came at once, the headers) leave in one write.
-                    await response.write_eof(b"".join(batch))
+                    await response.write_eof(data)
                     break
-                await response.write(b"".join(batch))
+                await response.write(data)
         except BrokerError as e:
             self.metrics.incomplete += 1
             try:
@@ -350,7 +575,7 @@ class Gateway:
         except HttpError:
             broker_stats = None  # the gateway's own metrics are still worth a scrape
         return web.Response(body=self.exporter.render(broker_stats, self._gateways(broker_stats)),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+                            headers={"Server": SERVER, "Content-Type": CONTENT_TYPE_LATEST})
 
     def _gateways(self, broker_stats: dict | None) -> dict[str, GatewayMetrics]:
         """Every gateway's counts as last reported to the broker, so that every gateway

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import signal
+import sys
 
 from typing import Sequence
 
@@ -21,6 +22,11 @@ log = logging.getLogger("zroute.gateway")
 
 # After the drain, cut streams still take this long to write their last line.
 CUT_GRACE_S = 5.0
+# Descriptors kept free of HTTP connections when Frontend.max_connections is 0: the
+# broker's socket and ZeroMQ's own, logs, the listening sockets, with room to spare.
+RESERVED_DESCRIPTORS = 64
+# ...and at most this many connections then, whatever the limit: each costs memory too.
+MAX_DEFAULT_CONNECTIONS = 10_000
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -40,12 +46,40 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     config = load(args, overrides, {"Broker.frontend": args.broker, "Frontend.host": args.host,
                                     "Frontend.port": args.port})
     frontend = config.frontend
-    gateway = Gateway(GatewaySettings(config.broker.frontend, frontend.routing_mode,
-                                      frontend.max_body, frontend.request_timeout,
-                                      args.log_name or "", config.broker.heartbeat_interval))
+    descriptors = raise_descriptor_limit()
+    max_connections = frontend.max_connections or max(
+        1, min(descriptors - RESERVED_DESCRIPTORS, MAX_DEFAULT_CONNECTIONS))
+    gateway = Gateway(GatewaySettings(
+        config.broker.frontend, frontend.routing_mode, frontend.max_body,
+        frontend.request_timeout, args.log_name or "", config.broker.heartbeat_interval,
+        header_timeout=frontend.header_timeout, body_timeout=frontend.body_timeout,
+        keepalive_timeout=frontend.keepalive_timeout, send_timeout=frontend.send_timeout,
+        max_connections=max_connections, max_buffered_bytes=frontend.max_buffered_bytes,
+        max_reply_buffer=frontend.max_reply_buffer,
+        max_queued_messages=frontend.max_queued_messages))
     aio.run(serve(gateway, frontend.host, frontend.port, frontend.drain_timeout,
                   args.reuse_port))
     return 0
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's open-file limit to its hard limit, and return it: every HTTP
+    connection holds a descriptor, and the usual soft limit (1,024) would make accept()
+    fail for everyone long before Frontend.max_connections is reached."""
+    if sys.platform == "win32":
+        return MAX_DEFAULT_CONNECTIONS + RESERVED_DESCRIPTORS
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_DEFAULT_CONNECTIONS + RESERVED_DESCRIPTORS
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, e)
+    return soft
 
 
 async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
@@ -65,8 +99,8 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
             if e.errno == errno.EADDRINUSE:
                 raise PortInUse(in_use_message(port)) from None
             raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-        log.info("gateway listening on http://%s:%d, broker %s", host, port,
-                 gateway.settings.broker)
+        log.info("gateway listening on http://%s:%d, broker %s, at most %d connections",
+                 host, port, gateway.settings.broker, gateway.settings.max_connections)
         stop = asyncio.Event()
 
         def on_signal() -> None:

@@ -10,6 +10,7 @@ import functools
 import json
 import re
 import shutil
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -144,6 +145,17 @@ def parse_curl(returncode: int, output: bytes, stderr: str = "") -> CurlResult:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return CurlResult(returncode, int(status_line.split()[1]), headers, body, stderr)
+
+
+def raw_http(port: int, request: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes to the gateway on one connection; everything it answers until it
+    closes the connection (a test for a keep-alive answer reads it with recv instead)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
 
 
 async def start_curl(url: str, body: bytes, *args: str) -> asyncio.subprocess.Process:

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
-import socket
+import threading
 import time
 from collections import Counter
 from types import SimpleNamespace
 
 import aiohttp
 import pytest
+import zmq
 
+from broker import protocol as p
 from tests.gateway_handlers import FAILURE
 from tests.http_support import (CURL, SEED_OUTPUT, SEED_TEXT, async_test, curl, get_json,
-                                handler_worker, http, parse_curl, start_curl, start_gateway,
-                                wait_healthy)
+                                handler_worker, http, parse_curl, raw_http, start_curl,
+                                start_gateway, wait_healthy)
 from tests.support import ZROUTE, Stack, free_port, wait_until, workers_by_id
 
 pytestmark = pytest.mark.timeout(30)
@@ -107,6 +110,7 @@ async def test_generate_streams_the_greetings_chunked_with_the_worker_id(stack, 
             assert resp.headers["Transfer-Encoding"] == "chunked"
             assert "Content-Length" not in resp.headers
             assert resp.headers["X-Worker-Id"] == "worker-1"
+            assert resp.headers["Server"] == "zroute"  # aiohttp's would name its version
             assert await resp.text() == SEED_OUTPUT
     requests = 1
     if CURL:
@@ -303,6 +307,7 @@ def test_wrong_path_or_method_gets_a_json_error(shared, case):
     reply = http(method, f"{shared.gateway.url}{path}", b"{}" if method == "POST" else None)
     check_error(reply.status, reply.headers["content-type"], reply.body, status,
                 {"error": error, "code": code})
+    assert reply.headers["server"] == "zroute"
     assert reply.headers.get("allow") == allow
 
 
@@ -326,11 +331,7 @@ def test_an_http_1_0_client_gets_the_body_unchunked_until_the_connection_closes(
     body = SEED_BODY
     request = (f"POST /generate HTTP/1.0\r\nHost: test\r\n{expect}"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    with socket.create_connection(("127.0.0.1", shared.gateway.port), timeout=5) as sock:
-        sock.sendall(request)
-        reply = b""
-        while chunk := sock.recv(65536):  # b"" once the gateway closes the connection
-            reply += chunk
+    reply = raw_http(shared.gateway.port, request)  # the body ends when the connection closes
     head, _, payload = reply.partition(b"\r\n\r\n")
     assert head.split(b"\r\n")[0] == b"HTTP/1.0 200 OK"
     assert b"transfer-encoding" not in head.lower()
@@ -343,20 +344,74 @@ MALFORMED_HTTP = {
                          b"\r\n\r\n", "Got more than 8190 bytes when reading"),
     "bad-content-length": (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: abc"
                            b"\r\n\r\n", "Invalid character in Content-Length"),
+    # Smuggling attempts: two ways to say where the body ends.
+    "content-length-and-chunked": (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                                   "Transfer-Encoding can't be present with Content-Length"),
+    "two-content-lengths": (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                            b"Content-Length: 3\r\n\r\n{}", "Duplicate Content-Length"),
+    "transfer-encoding-not-chunked": (b"POST /generate HTTP/1.1\r\nHost: x\r\n"
+                                      b"Transfer-Encoding: identity\r\n\r\n",
+                                      "Request has invalid `Transfer-Encoding`"),
+    "bad-chunk-size": (b"POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                       b"\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", "Invalid character in chunk size"),
+    "space-in-header-name": (b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
+                             "Invalid header token"),
+    "nul-in-header-value": (b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+                            "Invalid header value char"),
+    "folded-header": (b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",
+                      "Unexpected whitespace after header value"),
+    "request-line-too-long": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                              "Got more than 8190 bytes when reading"),
+    "too-many-headers": (b"GET /health HTTP/1.1\r\n" +
+                         b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n",
+                         "Too many headers received"),
+    "unknown-http-version": (b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n", "Bad status line"),
+    "bare-line-feeds": (b"GET /health HTTP/1.1\nHost: x\n\n", "Bad status line"),
+    "http-2-preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "Pause on PRI/Upgrade"),
+    # HTTP/0.9 has no status line to carry an error: the answer is HTTP/1.1.
+    "http-0.9": (b"GET /health\r\n\r\n", "HTTP/0.9 is not supported"),
 }
 
 
 @pytest.mark.parametrize("case", list(MALFORMED_HTTP))
 def test_a_request_that_is_not_valid_http_gets_a_json_400_too(shared, case):
     request, error = MALFORMED_HTTP[case]
-    with socket.create_connection(("127.0.0.1", shared.gateway.port), timeout=5) as sock:
-        sock.sendall(request)
-        reply = b""
-        while chunk := sock.recv(65536):  # the gateway closes the connection after it
-            reply += chunk
+    reply = raw_http(shared.gateway.port, request)  # closed after it
+    assert re.match(rb"HTTP/1\.[01] 400 ", reply), reply
     result = parse_curl(0, reply)
     check_error(result.status, result.headers["content-type"], result.body, 400, error)
     assert json.loads(result.body)["code"] == "bad_request"
+    assert result.headers["server"] == "zroute"
+    no_traceback(shared.gateway.proc)
+
+
+def test_bad_requests_are_logged_once_per_kind_not_per_request(shared):
+    def logged() -> int:
+        return shared.gateway.proc.output().count("rejected requests that are not valid HTTP: "
+                                                  "Invalid header token")
+    before = logged()
+    for _ in range(5):
+        reply = raw_http(shared.gateway.port, MALFORMED_HTTP["space-in-header-name"][0])
+        assert parse_curl(0, reply).status == 400
+    assert logged() <= max(before, 1)  # within the limiter's interval (10 s): one line
+    no_traceback(shared.gateway.proc)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_body_that_does_not_decode_gets_a_json_400_and_one_log_line(shared, encoding):
+    request = (f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Encoding: {encoding}\r\n"
+               f"Content-Length: 14\r\n\r\n{{\"text\": \"a\"}}").encode()
+    def logged() -> int:
+        return shared.gateway.proc.output().count("rejected bodies that do not decode")
+    before = logged()
+    for _ in range(3):
+        result = parse_curl(0, raw_http(shared.gateway.port, request))
+        check_error(result.status, result.headers["content-type"], result.body, 400,
+                    {"error": f"body does not decode: Can not decode content-encoding: "
+                              f"{encoding}", "code": "bad_request"})
+    assert 1 <= logged() <= before + 1  # within the limiter's interval (10 s): one line
+    no_traceback(shared.gateway.proc)
 
 
 def test_head_on_health_answers_its_status_without_a_body(shared):
@@ -387,6 +442,58 @@ async def test_a_body_of_exactly_max_body_bytes_is_served(shared):
     async with aiohttp.ClientSession() as session:
         status, headers, reply = await post(session, shared.small.url, body)
     assert (status, headers["X-Worker-Id"], reply) == (200, "worker-1", b"Hello world!\n")
+
+
+# --- what peers choose, in headers -----------------------------------------------------
+
+# The protocol refuses ids with control characters (a reply naming one never reaches the
+# gateway); a printable one may still be anything but ASCII.
+HOSTILE_WORKER_ID = "w\u00f6rker \u2603 X-Injected: 1"
+
+
+def serve_as_worker(address: str, worker_id: str, stop: threading.Event) -> None:
+    """A broker that answers every request "hi" from a worker named `worker_id`, as a
+    broker that trusted its workers' ids would: the gateway must not trust it either."""
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.linger = 0
+    sock.bind(address)
+    try:
+        while not stop.is_set():
+            if not sock.poll(50):
+                continue
+            peer, *frames = sock.recv_multipart()
+            for message in p.unbatch(frames):
+                msg = p.decode_from_client(message)
+                if isinstance(msg, p.Heartbeat):
+                    reply = p.encode_heartbeat(p.Heartbeat(b"boot"))
+                elif isinstance(msg, p.Request):
+                    reply = p.encode_reply_to_client(p.End(msg.rid, [b"hi\n"], worker_id))
+                else:
+                    continue
+                sock.send_multipart([peer, *reply])
+    finally:
+        sock.close()
+
+
+def test_a_worker_id_that_is_not_ascii_is_escaped_in_x_worker_id(stack):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    stop = threading.Event()
+    broker = threading.Thread(target=serve_as_worker, args=(address, HOSTILE_WORKER_ID, stop))
+    broker.start()
+    try:
+        gateway = start_gateway(stack, broker=address)
+        reply = raw_http(gateway.port, b"POST /generate HTTP/1.1\r\nHost: x\r\n"
+                                       b"Connection: close\r\nContent-Length: 2\r\n\r\n{}")
+    finally:
+        stop.set()
+        broker.join(5)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 OK", reply
+    assert b"X-Worker-Id: w%C3%B6rker %E2%98%83 X-Injected: 1" in lines, reply
+    assert head.isascii(), reply
+    assert body == b"3\r\nhi\n\r\n0\r\n\r\n"
+    no_traceback(gateway.proc)
 
 
 # --- unavailable: no worker, no broker ------------------------------------------------------

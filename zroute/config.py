@@ -100,6 +100,15 @@ SCHEMA: dict[str, Any] = {
         "max_body": Setting(int, 1048576, ge=1),
         "request_timeout": Setting(float, 60.0, gt=0),
         "drain_timeout": Setting(float, 30.0, ge=0),  # SIGTERM: finish streams, then cut them
+        # What one HTTP peer may cost the gateway, in time, connections and bytes.
+        "header_timeout": Setting(float, 10.0, gt=0),  # a request head, from its first byte
+        "body_timeout": Setting(float, 30.0, gt=0),  # a request body, from its head
+        "keepalive_timeout": Setting(float, 15.0, gt=0),  # an idle connection
+        "send_timeout": Setting(float, 30.0, gt=0),  # a client reading none of its reply
+        "max_connections": Setting(int, 0, ge=0),  # 0: from the open-file limit
+        "max_buffered_bytes": Setting(int, 32 << 20, ge=1),  # request bodies at once
+        "max_reply_buffer": Setting(int, 256 << 10, ge=1),  # per stream, ahead of its client
+        "max_queued_messages": Setting(int, 1000, ge=1),  # from the broker, not yet handled
         "ServiceArgs": {"workers": Setting(int, 1, ge=1)},
     },
     "Broker": {
