@@ -37,6 +37,7 @@ DISCONNECTED = "disconnected"  # the eviction reason of a worker that said goodb
 POLL_MS = 50  # the loop wakes at least this often for timers and stop()
 DEADLINE_TICK = 0.05  # deadlines are kept in buckets of this many seconds
 FRESH_STATS = 5  # STATS of a client answered at once per Broker.stats_interval
+LISTED_WORKERS = 10  # worker ids an unknown direct target's error lists
 MAX_STATS_WAITING = 10_000  # STATS waiting for the next shared build, from all clients
 DRAIN_RATE_INTERVAL = 0.5  # seconds over which a queue's drain rate is measured
 WRONG_ENDPOINT_ANSWERS = 10  # per peer per second, to a peer on the wrong socket or a bad READY
@@ -388,7 +389,8 @@ class Broker:
             worker = self.registry.by_id.get(req.target)
             if worker is None or req.service not in worker.services or worker.state != READY:
                 self._fail(req, p.E_NO_SUCH_WORKER,
-                           f"no such worker: {req.target!r} serves no {req.service!r} requests")
+                           f"no such worker: {req.target!r} serves no {req.service!r} requests "
+                           f"({self._workers_of(req.service)})")
                 return None
             if worker.has_room:
                 return worker
@@ -413,6 +415,14 @@ class Broker:
         self.drops.warn("policy error", message)
         self._fail(req, p.E_POLICY, message)
         return None
+
+    def _workers_of(self, service: str) -> str:
+        """The ids a direct request for `service` may name, the first LISTED_WORKERS."""
+        ids = [w.worker_id for w in self.registry.serving(service)]
+        if not ids:
+            return f"no worker serves {service!r} now"
+        more = f", and {len(ids) - LISTED_WORKERS} more" if len(ids) > LISTED_WORKERS else ""
+        return f"workers of {service!r}: {', '.join(ids[:LISTED_WORKERS])}{more}"
 
     def _assign(self, req: Request, worker: WorkerInfo) -> None:
         req.worker = worker

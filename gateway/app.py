@@ -449,7 +449,9 @@ class Gateway:
         try:
             orjson.loads(body)
         except orjson.JSONDecodeError as e:
-            raise HttpError(400, f"body is not valid JSON: {e}", p.E_BAD_REQUEST) from None
+            raise HttpError(400, f"body is not valid JSON ({e}): send a JSON object such as "
+                                 '{"text": "a,b"} with Content-Type: application/json',
+                            p.E_BAD_REQUEST) from None
         return body
 
     def _routing(self, request: web.BaseRequest) -> tuple[str, str]:

@@ -16,7 +16,7 @@ from aiohttp import web
 from gateway.app import Gateway, GatewaySettings
 from zroute import aio
 from zroute.command import add_common_options, load, run_command
-from zroute.ports import PortInUse, in_use_message
+from zroute.ports import PortInUse, http_url, in_use_message
 
 log = logging.getLogger("zroute.gateway")
 
@@ -30,7 +30,7 @@ MAX_DEFAULT_CONNECTIONS = 10_000
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Run the HTTP gateway: POST /generate, GET /health, /stats."
+    parser.description = "Run the HTTP gateway: POST /generate, GET /health, /stats, /metrics."
     parser.add_argument("--broker", metavar="ADDR",
                         help="the broker's client-facing endpoint (default: Broker.frontend)")
     parser.add_argument("--host", help="address to listen on (default: Frontend.host)")
@@ -99,8 +99,9 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
             if e.errno == errno.EADDRINUSE:
                 raise PortInUse(in_use_message(port)) from None
             raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-        log.info("gateway listening on http://%s:%d, broker %s, at most %d connections",
-                 host, port, gateway.settings.broker, gateway.settings.max_connections)
+        log.info("gateway listening on %s, broker %s, at most %d connections",
+                 http_url(host, port), gateway.settings.broker,
+                 gateway.settings.max_connections)
         stop = asyncio.Event()
 
         def on_signal() -> None:

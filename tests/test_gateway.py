@@ -229,7 +229,8 @@ REACH_THE_BROKER = {"body-not-an-object", "text-missing", "text-not-a-string", "
 
 REJECTED = {
     # case: (gateway, query, body, status, exact JSON body or a prefix of its error text)
-    "body-not-json": ("gateway", "", b"hello", 400, "body is not valid JSON: "),
+    "body-not-json": ("gateway", "", b"hello", 400, "body is not valid JSON ("),
+    "body-form-encoded": ("gateway", "", b"text=a,b", 400, "body is not valid JSON ("),
     "body-not-an-object": ("gateway", "", b'["a,b"]', 400, BAD_TEXT),
     "text-missing": ("gateway", "", b'{"words": "a,b"}', 400, BAD_TEXT),
     "text-not-a-string": ("gateway", "", b'{"text": ["a", "b"]}', 400, BAD_TEXT),
@@ -242,7 +243,8 @@ REJECTED = {
     "body-over-max_body-100": ("small", "", b'{"text": "world"}'.ljust(101), 413, {
         "error": "body is larger than Frontend.max_body (100 bytes)", "code": "body_too_large"}),
     "unknown-worker": ("gateway", "?worker=nobody", SEED_BODY, 404, {
-        "error": "no such worker: 'nobody' serves no 'generate' requests",
+        "error": "no such worker: 'nobody' serves no 'generate' requests "
+                 "(workers of 'generate': worker-1)",
         "code": "no_such_worker"}),
     "unknown-routing-mode": ("gateway", "?routing=nope", SEED_BODY, 400, {
         "error": "unknown routing policy 'nope' "
@@ -708,3 +710,10 @@ def test_a_deadline_before_the_first_line_answers_504_and_stops_the_worker(stack
                             "code": "timeout"}
     assert 0.5 <= elapsed < 2.5
     wait_until(lambda: "cancelled" in worker.output(), 5, "the worker to be told to stop")
+
+
+def test_a_body_that_is_not_json_is_told_what_to_send(shared):
+    reply = http("POST", f"{shared.gateway.url}/generate", b"text=a,b")
+    assert reply.status == 400
+    assert json.loads(reply.body)["error"].endswith(
+        'send a JSON object such as {"text": "a,b"} with Content-Type: application/json')

@@ -198,3 +198,17 @@ def _command(pid: int) -> str:
     if not argv:
         return "unknown command"
     return " ".join([Path(argv[0]).name, *argv[1:]])
+
+
+def http_url(host: str, port: int) -> str:
+    """http://host:port, with an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def local_url(host: str, port: int) -> str:
+    """A URL that reaches, from this machine, a server listening on host:port."""
+    if host in ("", "0.0.0.0"):  # every interface: loopback is one of them
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return http_url(host, port)

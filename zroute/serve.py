@@ -30,8 +30,8 @@ from broker.cli import configured_policies
 from zroute.command import add_common_options, flag_overrides, load
 from zroute.config import Config, ConfigError
 from zroute.ports import (Address, PortInUse, check_free, free_port_from,
-                          held_by_running_zroute, is_free, mark_stopping, same_listener,
-                          tcp_address, unresolvable)
+                          held_by_running_zroute, is_free, local_url, mark_stopping,
+                          same_listener, tcp_address, unresolvable)
 
 log = logging.getLogger("zroute.serve")
 
@@ -259,15 +259,6 @@ def _second_stack_hint(config: Config, port: int | None) -> str:
         flags.append(f"--port {free}" if key == "Frontend.port"
                      else f"--{key}={endpoint.rpartition(':')[0]}:{free}")
     return f"; to run a second stack, give it other ports too: {' '.join(flags)}"
-
-
-def local_url(host: str, port: int) -> str:
-    """A URL that reaches, from this machine, a server listening on host:port."""
-    if host in ("", "0.0.0.0"):  # every interface: loopback is one of them
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def get_json(url: str) -> dict | None:
