@@ -73,6 +73,9 @@ MAX_RID = 1024  # request ids on the worker leg, where the broker extends them
 MAX_BATCH = 256  # messages in one BATCH
 MAX_READY_BYTES = 1 << 16  # a READY's JSON; Broker.max_services_per_worker bounds it more
 MAX_FRAMES = 1024  # frames in one message, header included; a longer one is rejected
+# A worker's CHUNK or END gains the worker id frame on its way to the client, which must
+# still take it: the broker fails a request whose worker sends a longer one.
+MAX_WORKER_REPLY_FRAMES = MAX_FRAMES - 1
 MAX_TIMEOUT_MS = 2**63 - 1  # a request's timeout fits a signed 64-bit integer
 MAX_REPORT_BYTES = 1 << 16  # a REPORT's counters; a larger one is refused
 

@@ -208,18 +208,29 @@ class Broker:
 
     def _reject_oversized(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> None:
         """A message of more than MAX_FRAMES frames: fail the request it names, if any."""
-        self.totals["oversized_messages"] += 1
-        problem = f"a message of more than {p.MAX_FRAMES} frames"
-        self.drops.warn("oversized", f"rejected {problem}", peer)
         rid = frames[2] if len(frames) > 2 and frames[0] == p.VERSION else b""
         if sock is self.frontend:
+            problem = self._oversized(peer, p.MAX_FRAMES)
             if 0 < len(rid) <= p.MAX_CLIENT_RID:
                 self._reply_error(peer, rid, p.E_LIMIT, f"the broker takes no {problem}")
             return
         worker = self.registry.by_peer.get(peer)
         req = worker.requests.get(rid) if worker is not None else None
-        if req is not None:
-            self._fail(req, p.E_LIMIT, f"worker {worker.worker_id!r} replied with {problem}")
+        if req is None:
+            self._oversized(peer, p.MAX_FRAMES)
+        else:
+            self._reject_oversized_reply(worker, req, p.MAX_FRAMES)
+
+    def _reject_oversized_reply(self, worker: WorkerInfo, req: Request, most: int) -> None:
+        problem = self._oversized(worker.peer, most)
+        self._fail(req, p.E_LIMIT, f"worker {worker.worker_id!r} replied with {problem}")
+
+    def _oversized(self, peer: bytes, most: int) -> str:
+        """Count and log a message of more than `most` frames; say what it was."""
+        self.totals["oversized_messages"] += 1
+        problem = f"a message of more than {most} frames"
+        self.drops.warn("oversized", f"rejected {problem}", peer)
+        return problem
 
     def _post(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> None:
         """Queue a message; _flush sends it at the end of this pass of the loop."""
@@ -597,6 +608,9 @@ class Broker:
         if req is None:
             self.drops.info("stray reply", f"dropped a reply from {worker.worker_id} for a "
                                            "request it does not hold", worker.peer)
+            return
+        if len(msg.chunks) + 3 > p.MAX_WORKER_REPLY_FRAMES:  # version, command, rid
+            self._reject_oversized_reply(worker, req, p.MAX_WORKER_REPLY_FRAMES)
             return
         req.chunks += len(msg.chunks)
         self.totals["chunks"] += len(msg.chunks)

@@ -54,6 +54,33 @@ def test_a_worker_reply_of_too_many_frames_fails_its_request_only(memory):
 
 
 @pytest.mark.timeout(10)
+def test_a_worker_reply_that_relaying_would_make_too_long_fails_its_request_only(memory):
+    """1024 frames from a worker would be 1025 to the client, with the worker id: the
+    client would refuse that, and the BATCH that carries it with other requests' ENDs."""
+    broker = memory.broker
+    client = memory.connect(broker.frontend, b"c1")
+    worker = memory.connect(broker.backend, b"w1")
+    worker.send_multipart(p.encode_ready(p.Ready("w1", ["generate"])))
+    memory.drain(broker.backend)
+    for rid in (b"big", b"small"):
+        client.send_multipart(p.encode_request_to_broker(p.Request(rid, "generate", b"{}")))
+    memory.drain(broker.frontend)
+    big, small = (m.rid for m in memory.to_worker(b"w1") if type(m) is p.Request)
+    reply = p.encode_reply_from_worker(p.Chunk(big, [b"x"] * (p.MAX_FRAMES - 3)))
+    assert len(reply) == p.MAX_FRAMES
+    worker.send_multipart(reply)
+    worker.send_multipart(p.encode_reply_from_worker(p.End(small, [b"fine"])))
+    memory.drain(broker.backend)
+    broker._flush()
+    assert client.poll(5000)
+    received = [p.decode_to_client(m) for m in p.unbatch(client.recv_multipart())]
+    replies = {m.rid: m for m in received}
+    assert replies[b"big"].code == p.E_LIMIT
+    assert replies[b"small"].chunks == [b"fine"]
+    assert broker.totals["oversized_messages"] == 1
+
+
+@pytest.mark.timeout(10)
 def test_one_pass_takes_a_bounded_number_of_messages(memory):
     broker = memory.broker
     client = memory.connect(broker.frontend, b"c1")
