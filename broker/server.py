@@ -67,7 +67,9 @@ class Request:
 
 class DrainRate:
     """How fast a service's queue drains, in requests a second: averaged over the last
-    intervals of DRAIN_RATE_INTERVAL in which requests waited; 0 until measured."""
+    intervals of DRAIN_RATE_INTERVAL in which requests left the queue; 0 (unknown) until
+    measured, and again after an interval in which requests waited and none left, so
+    that a rate is never older than the last interval."""
 
     __slots__ = ("rate", "taken", "since")
 
@@ -83,9 +85,11 @@ class DrainRate:
         if elapsed < DRAIN_RATE_INTERVAL:
             return True
         busy = waiting or self.taken > 0
-        if busy:
+        if self.taken:
             observed = self.taken / elapsed
             self.rate = (self.rate + observed) / 2 if self.rate else observed
+        elif busy:
+            self.rate = 0.0  # stalled: what drained before says nothing of when it resumes
         self.taken = 0
         self.since = now
         return busy
@@ -758,7 +762,9 @@ class Broker:
             self._fail(req, p.E_NO_WORKERS, f"no worker serves {req.service!r} ({detail})")
         else:
             message = f"every worker of {req.service!r} is busy ({detail})"
-            self._fail(req, p.E_QUEUE_FULL, p.with_retry_after(message, wait) if wait else message)
+            if wait:  # advertised no longer than a request would wait in the queue
+                message = p.with_retry_after(message, min(wait, self.settings.queue_timeout))
+            self._fail(req, p.E_QUEUE_FULL, message)
 
     # --- stats ---------------------------------------------------------------
 

@@ -245,7 +245,7 @@ def test_a_queue_that_cannot_drain_in_time_refuses_at_once_and_says_when_to_retr
         # r2 and r3 can leave within 2.5 s at that rate; r4 and r5 cannot, and are told so now.
         assert [m.rid for m in refusals] == [b"r4", b"r5"]
         assert {m.code for m in refusals} == {p.E_QUEUE_FULL}
-        assert p.retry_after(refusals[0].message) == math.ceil(3 / rate)
+        assert p.retry_after(refusals[0].message) == math.ceil(min(3 / rate, 2.5))
         assert "the queue would take" in refusals[0].message
     finally:
         memory.close()
@@ -297,6 +297,38 @@ def test_the_drain_rate_of_a_queue_is_forgotten_once_it_idles():
         assert broker.drain_rates["generate"].rate > 0
         broker._on_timers(now + 2)  # an interval with nothing waiting or taken
         assert broker.drain_rates == {}
+    finally:
+        memory.close()
+
+
+def test_a_queue_that_stops_draining_has_no_rate_rather_than_a_decaying_one():
+    rate = server.DrainRate(0.0)
+    rate.taken = 2
+    rate.update(1.0, waiting=True)
+    assert rate.wait(4) == 2.0  # 2 a second
+    now = 1.0
+    for _ in range(20):  # 10 s in which requests wait and none leave
+        now += server.DRAIN_RATE_INTERVAL
+        assert rate.update(now, waiting=True)
+    assert rate.wait(4) == 0.0  # unknown: requests wait rather than being refused
+    rate.taken = 1
+    rate.update(now + 1.0, waiting=True)
+    assert rate.wait(4) == 4.0  # measured again from what drains now
+
+
+def test_the_retry_after_of_a_slow_queue_is_at_most_the_queue_timeout():
+    memory, worker = queue_of_one_busy_worker("Broker.queue_timeout=2.5")
+    broker = memory.broker
+    try:
+        memory.request(b"c1", b"r1")
+        started = time.monotonic()
+        rid = memory.to_worker(worker)[-1].rid
+        memory.from_worker(worker, p.encode_reply_from_worker(p.End(rid)))  # r1 leaves
+        broker._expire_queued(started + 50.0)  # one request left in 50 s
+        memory.request(b"c1", b"r2")  # would take 50 s to leave the queue at that rate
+        [refused] = [m for m in memory.to_client(b"c1") if type(m) is p.Error]
+        assert (refused.rid, refused.code) == (b"r2", p.E_QUEUE_FULL)
+        assert p.retry_after(refused.message) == 3  # Broker.queue_timeout, rounded up
     finally:
         memory.close()
 
