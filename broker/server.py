@@ -293,6 +293,18 @@ class Broker:
                 return False
             raise
 
+    def _gone(self, sock: zmq.Socket, peer: bytes) -> bool:
+        """Whether a peer's connection is gone: it cannot be sent a HEARTBEAT. A peer
+        whose queue is full (zmq.Again) is there, only behind: not gone."""
+        try:
+            send_to(sock, peer, p.encode_heartbeat(p.Heartbeat(self.boot_id)))
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                return True
+            if e.errno != zmq.EAGAIN:
+                raise
+        return False
+
     def _shutdown(self) -> None:
         for req in list(self.requests.values()):
             self._fail(req, p.E_WORKER_LOST, "broker is shutting down")
@@ -331,14 +343,13 @@ class Broker:
         socket, once per client with requests, whether it can send to it."""
         while self.client_disconnects.poll(0):
             self.client_disconnects.recv_multipart()
-        beat = p.encode_heartbeat(p.Heartbeat(self.boot_id))
-        reachable: dict[bytes, bool] = {}
+        gone: dict[bytes, bool] = {}
         for req in list(self.requests.values()):
-            if req.client not in reachable:
-                reachable[req.client] = self._send(self.frontend, req.client, beat)
-            if not reachable[req.client]:
+            if req.client not in gone:
+                gone[req.client] = self._gone(self.frontend, req.client)
+            if gone[req.client]:
                 self._finish(req, ok=False, cancel_worker=True)
-        self.totals["clients_gone"] += sum(not ok for ok in reachable.values())
+        self.totals["clients_gone"] += sum(gone.values())
 
     def _reject_client_frames(self, peer: bytes, frames: list[bytes], error: p.ProtocolError) -> None:
         """Answer a malformed request with ERROR if it names a request id; else drop it."""
@@ -671,9 +682,7 @@ class Broker:
         while it was away; anyone else only if the holder's connection is gone."""
         if token and token in (holder.token, holder.displaced):
             return True
-        # Probe the holder: a peer whose connection is gone cannot be reached.
-        probe = p.encode_heartbeat(p.Heartbeat(self.boot_id))
-        return not self._send(self.backend, holder.peer, probe)
+        return self._gone(self.backend, holder.peer)
 
     def _displaced_by(self, msg: p.Ready) -> str:
         """The token of the worker process whose id `msg` takes, if another had it last
