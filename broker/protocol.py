@@ -246,7 +246,12 @@ def encode_stats_request(m: StatsRequest) -> list[bytes]:
 
 
 def encode_stats_reply(m: StatsReply) -> list[bytes]:
-    return [VERSION, STATS, m.rid, orjson.dumps(m.stats)]
+    return encode_encoded_stats_reply(m.rid, orjson.dumps(m.stats))
+
+
+def encode_encoded_stats_reply(rid: bytes, stats: bytes) -> list[bytes]:
+    """A STATS reply whose stats are JSON already: one encoding serves many replies."""
+    return [VERSION, STATS, rid, stats]
 
 
 def encode_report(m: Report) -> list[bytes]:

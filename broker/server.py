@@ -15,6 +15,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Mapping, Sequence
 
+import orjson
 import zmq
 
 from broker import protocol as p
@@ -22,7 +23,7 @@ from broker.policies import DEFAULT_POLICY, DIRECT, Policy, load_policies, unkno
 from broker.protocol import request_token
 from broker.ratelimit import LogLimiter, PeerLimiter
 from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
-from broker.reports import MAX_REPORTERS, Reports
+from broker.reports import Reports
 from broker.zmqio import TooManyFrames, readable, recv_frames, send_to
 
 log = logging.getLogger("zroute.broker")
@@ -39,6 +40,7 @@ DEADLINE_TICK = 0.05  # deadlines are kept in buckets of this many seconds
 FRESH_STATS = 5  # STATS of a client answered at once per Broker.stats_interval
 LISTED_WORKERS = 10  # worker ids an unknown direct target's error lists
 MAX_STATS_WAITING = 10_000  # STATS waiting for the next shared build, from all clients
+MAX_STATS_WAITING_PER_CLIENT = 100  # and from one client
 DRAIN_RATE_INTERVAL = 0.5  # seconds over which a queue's drain rate is measured
 WRONG_ENDPOINT_ANSWERS = 10  # per peer per second, to a peer on the wrong socket or a bad READY
 
@@ -128,6 +130,7 @@ class Broker:
         self.queued_by_client: dict[bytes, int] = {}
         self.fresh_stats = PeerLimiter(settings.stats_interval, FRESH_STATS)
         self.stats_waiting: list[tuple[bytes, bytes]] = []  # (client, rid) of deferred STATS
+        self.stats_waiting_by_client: dict[bytes, int] = {}
         self._next_stats_build = 0.0
         # Deadlines in buckets, so that a finished request is forgotten at once.
         self.deadlines: dict[int, set[bytes]] = {}
@@ -137,7 +140,7 @@ class Broker:
         self.totals = dict.fromkeys(
             ("requests", "completed", "failed", "cancelled", "chunks", "errors", "retries",
              "timeouts", "evictions", "queued", "rejected_frames", "oversized_messages",
-             "id_changes", "clients_gone"), 0)
+             "id_changes", "clients_gone", "reports_refused"), 0)
         self.queue_wait_total = 0.0
         self.drops = LogLimiter(log)
         self.asked_to_register = PeerLimiter(settings.heartbeat_interval)
@@ -778,9 +781,12 @@ class Broker:
     # --- stats ---------------------------------------------------------------
 
     def _store_report(self, peer: bytes, msg: p.Report) -> None:
-        if not self.reports.store(msg.name, msg.counters, time.monotonic()):
-            self.drops.warn("report refused", f"ignored the report of {msg.name!r}: "
-                            f"{MAX_REPORTERS} reporters are heard from already", peer)
+        size = len(orjson.dumps(msg.counters))  # what it adds to every STATS reply
+        problem = self.reports.store(msg.name, msg.counters, size, time.monotonic())
+        if problem:
+            self.totals["reports_refused"] += 1
+            self.drops.warn("report refused", f"ignored the report of {msg.name!r}: {problem}",
+                            peer)
 
     def _answer_stats(self, client: bytes, rid: bytes) -> None:
         """A client's first FRESH_STATS STATS in a Broker.stats_interval are answered at
@@ -789,20 +795,25 @@ class Broker:
         loop cannot make the broker build stats more than once per interval."""
         if self.fresh_stats.allow(client):
             self._post(self.frontend, client, p.encode_stats_reply(p.StatsReply(rid, self.stats())))
-        elif len(self.stats_waiting) < MAX_STATS_WAITING:
-            self.stats_waiting.append((client, rid))
-        else:
+        elif self.stats_waiting_by_client.get(client, 0) >= MAX_STATS_WAITING_PER_CLIENT:
+            self._reply_error(client, rid, p.E_LIMIT, f"{MAX_STATS_WAITING_PER_CLIENT} STATS of "
+                              "this client are waiting already: ask again later")
+        elif len(self.stats_waiting) >= MAX_STATS_WAITING:
             self._reply_error(client, rid, p.E_LIMIT, f"{MAX_STATS_WAITING} STATS are waiting "
                               "already: ask again later")
+        else:
+            self.stats_waiting.append((client, rid))
+            self.stats_waiting_by_client[client] = self.stats_waiting_by_client.get(client, 0) + 1
 
     def _answer_waiting_stats(self, now: float) -> None:
         if not self.stats_waiting or now < self._next_stats_build:
             return
         self._next_stats_build = now + self.settings.stats_interval
-        stats = self.stats()
+        stats = orjson.dumps(self.stats())  # once for every reply: a build can be MiBs
         waiting, self.stats_waiting = self.stats_waiting, []
+        self.stats_waiting_by_client = {}
         for client, rid in waiting:
-            self._post(self.frontend, client, p.encode_stats_reply(p.StatsReply(rid, stats)))
+            self._post(self.frontend, client, p.encode_encoded_stats_reply(rid, stats))
 
     def stats(self) -> dict:
         now = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 
@@ -251,13 +252,15 @@ def test_a_queue_that_cannot_drain_in_time_refuses_at_once_and_says_when_to_retr
         memory.close()
 
 
+def ask_stats(memory: MemoryBroker, client: bytes) -> None:
+    memory.from_client(client, p.encode_stats_request(p.StatsRequest(b"s")))
+
+
 def test_a_client_asking_for_stats_in_a_loop_waits_for_one_shared_build():
     memory = MemoryBroker(None, "Broker.stats_interval=60")
     broker = memory.broker
+    ask = functools.partial(ask_stats, memory)
     try:
-        def ask(client: bytes) -> None:
-            memory.from_client(client, p.encode_stats_request(p.StatsRequest(b"s")))
-
         for _ in range(server.FRESH_STATS):
             ask(b"looping")
         assert len(memory.to_client(b"looping")) == server.FRESH_STATS  # answered at once
@@ -277,6 +280,40 @@ def test_a_client_asking_for_stats_in_a_loop_waits_for_one_shared_build():
         assert memory.to_client(b"looping") == []
     finally:
         memory.close()
+
+
+def test_waiting_stats_are_bounded_per_client_and_share_one_encoding():
+    memory = MemoryBroker(None, "Broker.stats_interval=60")
+    broker = memory.broker
+    ask = functools.partial(ask_stats, memory)
+    try:
+        for _ in range(server.FRESH_STATS + server.MAX_STATS_WAITING_PER_CLIENT + 1):
+            ask(b"looping")
+        for _ in range(server.FRESH_STATS):
+            ask(b"other")
+        assert len(memory.to_client(b"other")) == server.FRESH_STATS
+        ask(b"other")  # waits, though "looping" has its share waiting
+        answered = memory.to_client(b"looping")
+        assert len(answered) == server.FRESH_STATS + 1
+        assert answered[-1].code == p.E_LIMIT
+        broker._on_timers(time.monotonic())
+        replies = [*broker.outgoing[broker.frontend][b"looping"],
+                   *broker.outgoing[broker.frontend][b"other"]]
+        assert len(replies) == server.MAX_STATS_WAITING_PER_CLIENT + 1
+        assert all(reply[3] is replies[0][3] for reply in replies)  # serialized once
+        ask(b"looping")  # the build answered the waiting ones: room again
+        assert broker.stats_waiting == [(b"looping", b"s")]
+    finally:
+        memory.close()
+
+
+def test_reports_are_refused_past_their_total_bytes_and_counted(memory):
+    counters = {"padding": "x" * 60_000}
+    for n in range(20):
+        memory.from_client(b"g%d" % n, p.encode_report(p.Report(f"g{n}", counters)))
+    kept = memory.broker.stats()["gateways"]
+    assert len(kept) == (1 << 20) // len(orjson.dumps(counters))
+    assert memory.broker.totals["reports_refused"] == 20 - len(kept)
 
 
 def test_retry_after_travels_at_the_end_of_an_error_message():
