@@ -112,7 +112,7 @@ class Channel:
             try:
                 frames = recv_frames(sock, MAX_FRAMES)
             except TooManyFrames:
-                continue  # no zroute peer sends one: not worth the time to handle
+                continue  # the broker sends none: it refuses a worker reply that would grow past it
             try:
                 messages = unbatch(frames)
             except ProtocolError:

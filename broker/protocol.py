@@ -73,6 +73,9 @@ MAX_RID = 1024  # request ids on the worker leg, where the broker extends them
 MAX_BATCH = 256  # messages in one BATCH
 MAX_READY_BYTES = 1 << 16  # a READY's JSON; Broker.max_services_per_worker bounds it more
 MAX_FRAMES = 1024  # frames in one message, header included; a longer one is rejected
+# A worker's CHUNK or END gains the worker id frame on its way to the client, which must
+# still take it: the broker fails a request whose worker sends a longer one.
+MAX_WORKER_REPLY_FRAMES = MAX_FRAMES - 1
 MAX_TIMEOUT_MS = 2**63 - 1  # a request's timeout fits a signed 64-bit integer
 MAX_REPORT_BYTES = 1 << 16  # a REPORT's counters; a larger one is refused
 
@@ -243,7 +246,12 @@ def encode_stats_request(m: StatsRequest) -> list[bytes]:
 
 
 def encode_stats_reply(m: StatsReply) -> list[bytes]:
-    return [VERSION, STATS, m.rid, orjson.dumps(m.stats)]
+    return encode_encoded_stats_reply(m.rid, orjson.dumps(m.stats))
+
+
+def encode_encoded_stats_reply(rid: bytes, stats: bytes) -> list[bytes]:
+    """A STATS reply whose stats are JSON already: one encoding serves many replies."""
+    return [VERSION, STATS, rid, stats]
 
 
 def encode_report(m: Report) -> list[bytes]:
@@ -278,31 +286,41 @@ _valid_names: dict[bytes, str] = {}
 MAX_VALID_NAMES = 4096  # past this the memory is reset: a peer's made-up names cost it nothing
 
 
+def name_problem(name: str) -> str | None:
+    """Why a name a peer chose (worker id, service, policy...) is refused; None if it is
+    not. Its length counts UTF-8 bytes, as on the wire. It goes into log lines, HTTP
+    headers and metric labels: a control character (CR, LF, ESC...) or any other
+    unprintable one is refused."""
+    if not name:
+        return "is empty"
+    if len(name.encode()) > MAX_ID_LENGTH:
+        return _TOO_LONG
+    if not name.isprintable():
+        return "has a control or unprintable character"
+    return None
+
+
+_TOO_LONG = f"is longer than {MAX_ID_LENGTH} bytes"
+
+
 def _text(frame: bytes, what: str, *, allow_empty: bool = False) -> str:
     name = _valid_names.get(frame)
     if name is not None:
         return name
-    if not frame:
-        if allow_empty:
-            return ""
-        raise ProtocolError(f"empty {what}")
-    if len(frame) > MAX_ID_LENGTH:
-        raise ProtocolError(f"{what} longer than {MAX_ID_LENGTH} bytes")
+    if allow_empty and not frame:
+        return ""
+    if len(frame) > MAX_ID_LENGTH:  # before decoding: it bounds the work
+        raise ProtocolError(f"{what} {_TOO_LONG}")
     try:
-        name = _printable(frame.decode(), what)
+        name = frame.decode()
     except UnicodeDecodeError:
         raise ProtocolError(f"{what} is not UTF-8") from None
+    problem = name_problem(name)
+    if problem:
+        raise ProtocolError(f"{what} {problem}")
     if len(_valid_names) >= MAX_VALID_NAMES:
         _valid_names.clear()
     _valid_names[frame] = name
-    return name
-
-
-def _printable(name: str, what: str) -> str:
-    """A name a peer chose goes into log lines, HTTP headers and metric labels:
-    a control character (CR, LF, ESC...) or any other unprintable one is refused."""
-    if not name.isprintable():
-        raise ProtocolError(f"{what} has a control or unprintable character")
     return name
 
 
@@ -516,11 +534,13 @@ def _ready(frames: list[bytes]) -> Ready:
         raise ProtocolError(f"READY info is longer than {MAX_READY_BYTES} bytes")
     info = _json_object(frames[3], "READY info")
     services = info.get("services")
-    if (not isinstance(services, list) or not services
-            or not all(isinstance(s, str) and 0 < len(s) <= MAX_ID_LENGTH for s in services)):
+    if not isinstance(services, list) or not services or not all(
+            isinstance(s, str) for s in services):
         raise ProtocolError("READY services must be a non-empty list of names")
     for service in services:
-        _printable(service, "READY service name")
+        problem = name_problem(service)
+        if problem:
+            raise ProtocolError(f"READY service name {problem}")
     capacity = info.get("capacity", 0)
     if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
         raise ProtocolError("READY capacity must be an integer >= 0")

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Mapping, Sequence
 
+import orjson
 import zmq
 
 from broker import protocol as p
@@ -22,7 +23,7 @@ from broker.policies import DEFAULT_POLICY, DIRECT, Policy, load_policies, unkno
 from broker.protocol import request_token
 from broker.ratelimit import LogLimiter, PeerLimiter
 from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
-from broker.reports import MAX_REPORTERS, Reports
+from broker.reports import Reports
 from broker.zmqio import TooManyFrames, readable, recv_frames, send_to
 
 log = logging.getLogger("zroute.broker")
@@ -39,6 +40,7 @@ DEADLINE_TICK = 0.05  # deadlines are kept in buckets of this many seconds
 FRESH_STATS = 5  # STATS of a client answered at once per Broker.stats_interval
 LISTED_WORKERS = 10  # worker ids an unknown direct target's error lists
 MAX_STATS_WAITING = 10_000  # STATS waiting for the next shared build, from all clients
+MAX_STATS_WAITING_PER_CLIENT = 100  # and from one client
 DRAIN_RATE_INTERVAL = 0.5  # seconds over which a queue's drain rate is measured
 WRONG_ENDPOINT_ANSWERS = 10  # per peer per second, to a peer on the wrong socket or a bad READY
 
@@ -67,7 +69,9 @@ class Request:
 
 class DrainRate:
     """How fast a service's queue drains, in requests a second: averaged over the last
-    intervals of DRAIN_RATE_INTERVAL in which requests waited; 0 until measured."""
+    intervals of DRAIN_RATE_INTERVAL in which requests left the queue; 0 (unknown) until
+    measured, and again after an interval in which requests waited and none left, so
+    that a rate is never older than the last interval."""
 
     __slots__ = ("rate", "taken", "since")
 
@@ -83,9 +87,11 @@ class DrainRate:
         if elapsed < DRAIN_RATE_INTERVAL:
             return True
         busy = waiting or self.taken > 0
-        if busy:
+        if self.taken:
             observed = self.taken / elapsed
             self.rate = (self.rate + observed) / 2 if self.rate else observed
+        elif busy:
+            self.rate = 0.0  # stalled: what drained before says nothing of when it resumes
         self.taken = 0
         self.since = now
         return busy
@@ -124,6 +130,7 @@ class Broker:
         self.queued_by_client: dict[bytes, int] = {}
         self.fresh_stats = PeerLimiter(settings.stats_interval, FRESH_STATS)
         self.stats_waiting: list[tuple[bytes, bytes]] = []  # (client, rid) of deferred STATS
+        self.stats_waiting_by_client: dict[bytes, int] = {}
         self._next_stats_build = 0.0
         # Deadlines in buckets, so that a finished request is forgotten at once.
         self.deadlines: dict[int, set[bytes]] = {}
@@ -133,7 +140,7 @@ class Broker:
         self.totals = dict.fromkeys(
             ("requests", "completed", "failed", "cancelled", "chunks", "errors", "retries",
              "timeouts", "evictions", "queued", "rejected_frames", "oversized_messages",
-             "id_changes", "clients_gone"), 0)
+             "id_changes", "clients_gone", "reports_refused"), 0)
         self.queue_wait_total = 0.0
         self.drops = LogLimiter(log)
         self.asked_to_register = PeerLimiter(settings.heartbeat_interval)
@@ -208,18 +215,29 @@ class Broker:
 
     def _reject_oversized(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> None:
         """A message of more than MAX_FRAMES frames: fail the request it names, if any."""
-        self.totals["oversized_messages"] += 1
-        problem = f"a message of more than {p.MAX_FRAMES} frames"
-        self.drops.warn("oversized", f"rejected {problem}", peer)
         rid = frames[2] if len(frames) > 2 and frames[0] == p.VERSION else b""
         if sock is self.frontend:
+            problem = self._oversized(peer, p.MAX_FRAMES)
             if 0 < len(rid) <= p.MAX_CLIENT_RID:
                 self._reply_error(peer, rid, p.E_LIMIT, f"the broker takes no {problem}")
             return
         worker = self.registry.by_peer.get(peer)
         req = worker.requests.get(rid) if worker is not None else None
-        if req is not None:
-            self._fail(req, p.E_LIMIT, f"worker {worker.worker_id!r} replied with {problem}")
+        if req is None:
+            self._oversized(peer, p.MAX_FRAMES)
+        else:
+            self._reject_oversized_reply(worker, req, p.MAX_FRAMES)
+
+    def _reject_oversized_reply(self, worker: WorkerInfo, req: Request, most: int) -> None:
+        problem = self._oversized(worker.peer, most)
+        self._fail(req, p.E_LIMIT, f"worker {worker.worker_id!r} replied with {problem}")
+
+    def _oversized(self, peer: bytes, most: int) -> str:
+        """Count and log a message of more than `most` frames; say what it was."""
+        self.totals["oversized_messages"] += 1
+        problem = f"a message of more than {most} frames"
+        self.drops.warn("oversized", f"rejected {problem}", peer)
+        return problem
 
     def _post(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> None:
         """Queue a message; _flush sends it at the end of this pass of the loop."""
@@ -278,6 +296,18 @@ class Broker:
                 return False
             raise
 
+    def _gone(self, sock: zmq.Socket, peer: bytes) -> bool:
+        """Whether a peer's connection is gone: it cannot be sent a HEARTBEAT. A peer
+        whose queue is full (zmq.Again) is there, only behind: not gone."""
+        try:
+            send_to(sock, peer, p.encode_heartbeat(p.Heartbeat(self.boot_id)))
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                return True
+            if e.errno != zmq.EAGAIN:
+                raise
+        return False
+
     def _shutdown(self) -> None:
         for req in list(self.requests.values()):
             self._fail(req, p.E_WORKER_LOST, "broker is shutting down")
@@ -316,14 +346,13 @@ class Broker:
         socket, once per client with requests, whether it can send to it."""
         while self.client_disconnects.poll(0):
             self.client_disconnects.recv_multipart()
-        beat = p.encode_heartbeat(p.Heartbeat(self.boot_id))
-        reachable: dict[bytes, bool] = {}
+        gone: dict[bytes, bool] = {}
         for req in list(self.requests.values()):
-            if req.client not in reachable:
-                reachable[req.client] = self._send(self.frontend, req.client, beat)
-            if not reachable[req.client]:
+            if req.client not in gone:
+                gone[req.client] = self._gone(self.frontend, req.client)
+            if gone[req.client]:
                 self._finish(req, ok=False, cancel_worker=True)
-        self.totals["clients_gone"] += sum(not ok for ok in reachable.values())
+        self.totals["clients_gone"] += sum(gone.values())
 
     def _reject_client_frames(self, peer: bytes, frames: list[bytes], error: p.ProtocolError) -> None:
         """Answer a malformed request with ERROR if it names a request id; else drop it."""
@@ -598,6 +627,9 @@ class Broker:
             self.drops.info("stray reply", f"dropped a reply from {worker.worker_id} for a "
                                            "request it does not hold", worker.peer)
             return
+        if len(msg.chunks) + 3 > p.MAX_WORKER_REPLY_FRAMES:  # version, command, rid
+            self._reject_oversized_reply(worker, req, p.MAX_WORKER_REPLY_FRAMES)
+            return
         req.chunks += len(msg.chunks)
         self.totals["chunks"] += len(msg.chunks)
         msg.rid = req.rid
@@ -653,9 +685,7 @@ class Broker:
         while it was away; anyone else only if the holder's connection is gone."""
         if token and token in (holder.token, holder.displaced):
             return True
-        # Probe the holder: a peer whose connection is gone cannot be reached.
-        probe = p.encode_heartbeat(p.Heartbeat(self.boot_id))
-        return not self._send(self.backend, holder.peer, probe)
+        return self._gone(self.backend, holder.peer)
 
     def _displaced_by(self, msg: p.Ready) -> str:
         """The token of the worker process whose id `msg` takes, if another had it last
@@ -744,14 +774,19 @@ class Broker:
             self._fail(req, p.E_NO_WORKERS, f"no worker serves {req.service!r} ({detail})")
         else:
             message = f"every worker of {req.service!r} is busy ({detail})"
-            self._fail(req, p.E_QUEUE_FULL, p.with_retry_after(message, wait) if wait else message)
+            if wait:  # advertised no longer than a request would wait in the queue
+                message = p.with_retry_after(message, min(wait, self.settings.queue_timeout))
+            self._fail(req, p.E_QUEUE_FULL, message)
 
     # --- stats ---------------------------------------------------------------
 
     def _store_report(self, peer: bytes, msg: p.Report) -> None:
-        if not self.reports.store(msg.name, msg.counters, time.monotonic()):
-            self.drops.warn("report refused", f"ignored the report of {msg.name!r}: "
-                            f"{MAX_REPORTERS} reporters are heard from already", peer)
+        size = len(orjson.dumps(msg.counters))  # what it adds to every STATS reply
+        problem = self.reports.store(msg.name, msg.counters, size, time.monotonic())
+        if problem:
+            self.totals["reports_refused"] += 1
+            self.drops.warn("report refused", f"ignored the report of {msg.name!r}: {problem}",
+                            peer)
 
     def _answer_stats(self, client: bytes, rid: bytes) -> None:
         """A client's first FRESH_STATS STATS in a Broker.stats_interval are answered at
@@ -760,20 +795,25 @@ class Broker:
         loop cannot make the broker build stats more than once per interval."""
         if self.fresh_stats.allow(client):
             self._post(self.frontend, client, p.encode_stats_reply(p.StatsReply(rid, self.stats())))
-        elif len(self.stats_waiting) < MAX_STATS_WAITING:
-            self.stats_waiting.append((client, rid))
-        else:
+        elif self.stats_waiting_by_client.get(client, 0) >= MAX_STATS_WAITING_PER_CLIENT:
+            self._reply_error(client, rid, p.E_LIMIT, f"{MAX_STATS_WAITING_PER_CLIENT} STATS of "
+                              "this client are waiting already: ask again later")
+        elif len(self.stats_waiting) >= MAX_STATS_WAITING:
             self._reply_error(client, rid, p.E_LIMIT, f"{MAX_STATS_WAITING} STATS are waiting "
                               "already: ask again later")
+        else:
+            self.stats_waiting.append((client, rid))
+            self.stats_waiting_by_client[client] = self.stats_waiting_by_client.get(client, 0) + 1
 
     def _answer_waiting_stats(self, now: float) -> None:
         if not self.stats_waiting or now < self._next_stats_build:
             return
         self._next_stats_build = now + self.settings.stats_interval
-        stats = self.stats()
+        stats = orjson.dumps(self.stats())  # once for every reply: a build can be MiBs
         waiting, self.stats_waiting = self.stats_waiting, []
+        self.stats_waiting_by_client = {}
         for client, rid in waiting:
-            self._post(self.frontend, client, p.encode_stats_reply(p.StatsReply(rid, stats)))
+            self._post(self.frontend, client, p.encode_encoded_stats_reply(rid, stats))
 
     def stats(self) -> dict:
         now = time.monotonic()

@@ -135,6 +135,21 @@ def test_names_with_printable_unicode_and_spaces_are_fine():
     assert p.decode_from_worker(frames) == p.Ready("wörker 1", ["générer"])
 
 
+def test_a_service_name_is_measured_in_bytes_when_registered_as_when_requested():
+    """A name that a worker may register under can be requested: 127 two-byte characters
+    fit in 255 bytes, 128 do not, in a READY as in a REQUEST."""
+    fits, too_long = "é" * 127, "é" * 128
+    assert p.name_problem(fits) is None
+    assert p.name_problem(too_long) == f"is longer than {p.MAX_ID_LENGTH} bytes"
+    assert p.decode_from_worker(p.encode_ready(p.Ready("w1", [fits]))).services == [fits]
+    request = p.encode_request_to_broker(p.Request(b"r", fits, b""))
+    assert p.decode_from_client(request).service == fits
+    with pytest.raises(p.ProtocolError, match="READY service name is longer than"):
+        p.decode_from_worker(p.encode_ready(p.Ready("w1", [too_long])))
+    with pytest.raises(p.ProtocolError, match="service is longer than"):
+        p.decode_from_client(p.encode_request_to_broker(p.Request(b"r", too_long, b"")))
+
+
 def test_many_bad_messages_write_a_bounded_number_of_log_lines(caplog):
     """The limiter keys on the kind of event and the peer, not on the attacker's bytes."""
     memory = MemoryBroker()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import zmq
 
 from broker import protocol as p
 from tests.broker_memory import MemoryBroker
@@ -117,3 +118,35 @@ def test_a_client_that_stays_keeps_its_requests_when_another_leaves():
         assert [r.client for r in broker.requests.values()] == [b"c1"]
     finally:
         memory.close()
+
+
+def fill_queue(sock: zmq.Socket, peer: bytes) -> None:
+    """Send to `peer` until its queue is at its high-water mark."""
+    for _ in range(1_000_000):
+        try:
+            sock.send_multipart([peer, *p.encode_heartbeat()], zmq.NOBLOCK)
+        except zmq.Again:
+            return
+    raise AssertionError(f"the queue to {peer!r} never filled")
+
+
+@pytest.mark.timeout(20)
+def test_a_client_whose_queue_is_full_keeps_its_requests_when_another_leaves(memory):
+    broker = memory.broker
+    memory.register("w1")
+    busy = memory.connect(broker.frontend, b"busy")
+    busy.send_multipart(p.encode_request_to_broker(p.Request(b"r1", "generate", b"{}")))
+    wait_until(lambda: memory.drain(broker.frontend) or broker.requests, 5, "the request")
+    memory.request(b"gone", b"r1")  # a client the broker cannot reach
+    fill_queue(broker.frontend, b"busy")
+    broker._on_client_disconnects()
+    assert [r.client for r in broker.requests.values()] == [b"busy"]
+    assert broker.totals["clients_gone"] == 1
+
+
+def test_a_live_holder_whose_queue_is_full_keeps_its_id(memory):
+    memory.connect(memory.broker.backend, b"live")
+    ready(memory, b"live", "token-a")
+    fill_queue(memory.broker.backend, b"live")
+    [refusal] = ready(memory, b"other", "token-b")
+    assert refusal.code == p.E_ID_IN_USE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 
@@ -50,6 +51,33 @@ def test_a_worker_reply_of_too_many_frames_fails_its_request_only(memory):
     assert replies[b"big"].code == p.E_LIMIT
     assert replies[b"small"].chunks == [b"fine"]
     assert p.Cancel(big) in memory.to_worker(b"w1")
+    assert broker.totals["oversized_messages"] == 1
+
+
+@pytest.mark.timeout(10)
+def test_a_worker_reply_that_relaying_would_make_too_long_fails_its_request_only(memory):
+    """1024 frames from a worker would be 1025 to the client, with the worker id: the
+    client would refuse that, and the BATCH that carries it with other requests' ENDs."""
+    broker = memory.broker
+    client = memory.connect(broker.frontend, b"c1")
+    worker = memory.connect(broker.backend, b"w1")
+    worker.send_multipart(p.encode_ready(p.Ready("w1", ["generate"])))
+    memory.drain(broker.backend)
+    for rid in (b"big", b"small"):
+        client.send_multipart(p.encode_request_to_broker(p.Request(rid, "generate", b"{}")))
+    memory.drain(broker.frontend)
+    big, small = (m.rid for m in memory.to_worker(b"w1") if type(m) is p.Request)
+    reply = p.encode_reply_from_worker(p.Chunk(big, [b"x"] * (p.MAX_FRAMES - 3)))
+    assert len(reply) == p.MAX_FRAMES
+    worker.send_multipart(reply)
+    worker.send_multipart(p.encode_reply_from_worker(p.End(small, [b"fine"])))
+    memory.drain(broker.backend)
+    broker._flush()
+    assert client.poll(5000)
+    received = [p.decode_to_client(m) for m in p.unbatch(client.recv_multipart())]
+    replies = {m.rid: m for m in received}
+    assert replies[b"big"].code == p.E_LIMIT
+    assert replies[b"small"].chunks == [b"fine"]
     assert broker.totals["oversized_messages"] == 1
 
 
@@ -218,19 +246,21 @@ def test_a_queue_that_cannot_drain_in_time_refuses_at_once_and_says_when_to_retr
         # r2 and r3 can leave within 2.5 s at that rate; r4 and r5 cannot, and are told so now.
         assert [m.rid for m in refusals] == [b"r4", b"r5"]
         assert {m.code for m in refusals} == {p.E_QUEUE_FULL}
-        assert p.retry_after(refusals[0].message) == math.ceil(3 / rate)
+        assert p.retry_after(refusals[0].message) == math.ceil(min(3 / rate, 2.5))
         assert "the queue would take" in refusals[0].message
     finally:
         memory.close()
 
 
+def ask_stats(memory: MemoryBroker, client: bytes) -> None:
+    memory.from_client(client, p.encode_stats_request(p.StatsRequest(b"s")))
+
+
 def test_a_client_asking_for_stats_in_a_loop_waits_for_one_shared_build():
     memory = MemoryBroker(None, "Broker.stats_interval=60")
     broker = memory.broker
+    ask = functools.partial(ask_stats, memory)
     try:
-        def ask(client: bytes) -> None:
-            memory.from_client(client, p.encode_stats_request(p.StatsRequest(b"s")))
-
         for _ in range(server.FRESH_STATS):
             ask(b"looping")
         assert len(memory.to_client(b"looping")) == server.FRESH_STATS  # answered at once
@@ -252,6 +282,40 @@ def test_a_client_asking_for_stats_in_a_loop_waits_for_one_shared_build():
         memory.close()
 
 
+def test_waiting_stats_are_bounded_per_client_and_share_one_encoding():
+    memory = MemoryBroker(None, "Broker.stats_interval=60")
+    broker = memory.broker
+    ask = functools.partial(ask_stats, memory)
+    try:
+        for _ in range(server.FRESH_STATS + server.MAX_STATS_WAITING_PER_CLIENT + 1):
+            ask(b"looping")
+        for _ in range(server.FRESH_STATS):
+            ask(b"other")
+        assert len(memory.to_client(b"other")) == server.FRESH_STATS
+        ask(b"other")  # waits, though "looping" has its share waiting
+        answered = memory.to_client(b"looping")
+        assert len(answered) == server.FRESH_STATS + 1
+        assert answered[-1].code == p.E_LIMIT
+        broker._on_timers(time.monotonic())
+        replies = [*broker.outgoing[broker.frontend][b"looping"],
+                   *broker.outgoing[broker.frontend][b"other"]]
+        assert len(replies) == server.MAX_STATS_WAITING_PER_CLIENT + 1
+        assert all(reply[3] is replies[0][3] for reply in replies)  # serialized once
+        ask(b"looping")  # the build answered the waiting ones: room again
+        assert broker.stats_waiting == [(b"looping", b"s")]
+    finally:
+        memory.close()
+
+
+def test_reports_are_refused_past_their_total_bytes_and_counted(memory):
+    counters = {"padding": "x" * 60_000}
+    for n in range(20):
+        memory.from_client(b"g%d" % n, p.encode_report(p.Report(f"g{n}", counters)))
+    kept = memory.broker.stats()["gateways"]
+    assert len(kept) == (1 << 20) // len(orjson.dumps(counters))
+    assert memory.broker.totals["reports_refused"] == 20 - len(kept)
+
+
 def test_retry_after_travels_at_the_end_of_an_error_message():
     assert p.retry_after(p.with_retry_after("busy", 2.1)) == 3
     assert p.retry_after(p.with_retry_after("busy", 0.2)) == 1
@@ -270,6 +334,38 @@ def test_the_drain_rate_of_a_queue_is_forgotten_once_it_idles():
         assert broker.drain_rates["generate"].rate > 0
         broker._on_timers(now + 2)  # an interval with nothing waiting or taken
         assert broker.drain_rates == {}
+    finally:
+        memory.close()
+
+
+def test_a_queue_that_stops_draining_has_no_rate_rather_than_a_decaying_one():
+    rate = server.DrainRate(0.0)
+    rate.taken = 2
+    rate.update(1.0, waiting=True)
+    assert rate.wait(4) == 2.0  # 2 a second
+    now = 1.0
+    for _ in range(20):  # 10 s in which requests wait and none leave
+        now += server.DRAIN_RATE_INTERVAL
+        assert rate.update(now, waiting=True)
+    assert rate.wait(4) == 0.0  # unknown: requests wait rather than being refused
+    rate.taken = 1
+    rate.update(now + 1.0, waiting=True)
+    assert rate.wait(4) == 4.0  # measured again from what drains now
+
+
+def test_the_retry_after_of_a_slow_queue_is_at_most_the_queue_timeout():
+    memory, worker = queue_of_one_busy_worker("Broker.queue_timeout=2.5")
+    broker = memory.broker
+    try:
+        memory.request(b"c1", b"r1")
+        started = time.monotonic()
+        rid = memory.to_worker(worker)[-1].rid
+        memory.from_worker(worker, p.encode_reply_from_worker(p.End(rid)))  # r1 leaves
+        broker._expire_queued(started + 50.0)  # one request left in 50 s
+        memory.request(b"c1", b"r2")  # would take 50 s to leave the queue at that rate
+        [refused] = [m for m in memory.to_client(b"c1") if type(m) is p.Error]
+        assert (refused.rid, refused.code) == (b"r2", p.E_QUEUE_FULL)
+        assert p.retry_after(refused.message) == 3  # Broker.queue_timeout, rounded up
     finally:
         memory.close()
 

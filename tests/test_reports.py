@@ -7,7 +7,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.reports import MAX_REPORTERS, Reports
+from broker.reports import MAX_REPORTERS, MAX_REPORTS_BYTES, Reports
 from gateway.metrics import Exporter, GatewayMetrics, total
 
 pytestmark = pytest.mark.timeout(10)
@@ -18,17 +18,17 @@ pytestmark = pytest.mark.timeout(10)
 
 def test_reports_keep_the_latest_counters_of_each_name_sorted():
     reports = Reports(expiry=3.0)
-    assert reports.store("gateway-2", {"n": 1}, now=0.0)
-    assert reports.store("gateway-1", {"n": 5}, now=0.5)
-    assert reports.store("gateway-2", {"n": 2}, now=1.0)  # a restarted gateway-2 too
+    assert reports.store("gateway-2", {"n": 1}, 8, now=0.0) is None
+    assert reports.store("gateway-1", {"n": 5}, 8, now=0.5) is None
+    assert reports.store("gateway-2", {"n": 2}, 8, now=1.0) is None  # a restarted gateway-2 too
     assert reports.current(now=1.0) == {"gateway-1": {"n": 5}, "gateway-2": {"n": 2}}
     assert list(reports.current(now=1.0)) == ["gateway-1", "gateway-2"]
 
 
 def test_a_reporter_silent_for_longer_than_the_expiry_is_forgotten():
     reports = Reports(expiry=3.0)
-    reports.store("gone", {}, now=0.0)
-    reports.store("alive", {}, now=2.0)
+    reports.store("gone", {}, 2, now=0.0)
+    reports.store("alive", {}, 2, now=2.0)
     assert list(reports.current(now=3.0)) == ["alive", "gone"]
     assert list(reports.current(now=3.5)) == ["alive"]
 
@@ -36,12 +36,23 @@ def test_a_reporter_silent_for_longer_than_the_expiry_is_forgotten():
 def test_reporters_are_bounded_and_a_silent_one_makes_room():
     reports = Reports(expiry=3.0)
     for i in range(MAX_REPORTERS):
-        assert reports.store(f"g{i}", {}, now=float(i % 2))
-    assert not reports.store("one-too-many", {}, now=2.0)
-    assert reports.store("g1", {"again": True}, now=2.0)  # a known name still reports
+        assert reports.store(f"g{i}", {}, 2, now=float(i % 2)) is None
+    assert "reporters" in reports.store("one-too-many", {}, 2, now=2.0)
+    assert reports.store("g1", {"again": True}, 15, now=2.0) is None  # a known name still reports
     assert len(reports.current(now=2.0)) == MAX_REPORTERS
-    assert reports.store("newcomer", {}, now=3.5)  # those last heard at 0 are forgotten
+    assert reports.store("newcomer", {}, 2, now=3.5) is None  # those last heard at 0 are forgotten
     assert len(reports.current(now=3.5)) == MAX_REPORTERS // 2 + 1
+
+
+def test_the_bytes_of_all_reports_are_bounded_and_a_silent_one_makes_room():
+    reports = Reports(expiry=3.0)
+    assert reports.store("big", {}, MAX_REPORTS_BYTES - 10, now=0.0) is None
+    assert "bytes" in reports.store("small", {}, 11, now=1.0)
+    assert reports.store("small", {}, 10, now=1.0) is None
+    assert reports.store("big", {}, MAX_REPORTS_BYTES - 10, now=1.0) is None  # its own again
+    assert "bytes" in reports.store("big", {}, MAX_REPORTS_BYTES - 9, now=1.0)
+    assert reports.store("newcomer", {}, MAX_REPORTS_BYTES, now=4.5) is None  # both silent
+    assert list(reports.current(now=4.5)) == ["newcomer"]
 
 
 # --- the gateway's side -------------------------------------------------------------

@@ -94,23 +94,12 @@ def _almost_a_handler(function: Any) -> str | None:
     return f"{kind}: {HANDLER_FORMS}"
 
 
-def name_problem(name: str) -> str | None:
-    """Why the broker would refuse a worker id or a service name; None if it would not."""
-    if not name:
-        return "is empty"
-    if len(name.encode()) > p.MAX_ID_LENGTH:
-        return f"is longer than {p.MAX_ID_LENGTH} bytes"
-    if not name.isprintable():
-        return "has a control or unprintable character"
-    return None
-
-
 def _check_names(args: argparse.Namespace) -> None:
     named = [("--service", service) for service in args.services or []]
     if args.worker_id is not None:
         named.append(("--id", args.worker_id))
     for flag, name in named:
-        problem = name_problem(name)
+        problem = p.name_problem(name)
         if problem:
             raise ConfigError(f"{flag} {name!r} {problem}: give a name of printable characters, "
                               f"at most {p.MAX_ID_LENGTH} bytes (e.g. {flag} "
