@@ -53,6 +53,7 @@ STATUS_OF_ERROR = {
     p.E_WRONG_ENDPOINT: 502,
     p.E_NO_WORKERS: 503,
     p.E_QUEUE_FULL: 503,
+    p.E_LIMIT: 503,  # the gateway's client is over a per-client limit of the broker
     p.E_BROKER_UNREACHABLE: 503,
     E_GATEWAY_STOPPING: 503,
     p.E_TIMEOUT: 504,

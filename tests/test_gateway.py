@@ -576,6 +576,25 @@ async def test_unreachable_broker_gives_503_with_retry_after(stack):
     no_traceback(gateway.proc)
 
 
+
+@async_test
+async def test_a_gateway_over_the_brokers_per_client_limit_answers_503_with_retry_after(stack):
+    # Every HTTP user of a gateway is the one broker client: the limit holds for them all.
+    stack.broker("--Broker.max_requests_per_client=1")
+    stack.worker("worker-1", sleep_time=0.5)
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 1)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{gateway.url}/generate", json={"text": "a,b,c"}) as first:
+            assert first.status == 200
+            async with session.post(f"{gateway.url}/generate", json={"text": "a"}) as resp:
+                check_error(resp.status, resp.headers["Content-Type"], await resp.read(), 503,
+                            "this client has 1 requests in flight")
+                assert resp.headers["Retry-After"] == "1"
+                assert json.loads(await resp.read())["code"] == "limit_exceeded"
+            assert await first.text() == "Hello a!\nHello b!\nHello c!\n"
+    no_traceback(gateway.proc)
+
 # --- failures after the response began --------------------------------------------------------
 
 
