@@ -269,6 +269,13 @@ class GatewayConnection(RequestHandler):
         return response
 
 
+def unjudged(request: web.BaseRequest, policy: str) -> str:
+    """The policy label of a request the broker has not answered: a ?routing= name it
+    has not accepted is no label, since a label per bad value would grow the metrics
+    without bound. The default was judged when the broker started."""
+    return "-" if "routing" in request.query else policy
+
+
 def reason(message: str | None) -> str:
     """The kind of a parser error, without the peer's bytes that follow it (a log line
     per distinct text would let a peer fill the log)."""
@@ -380,10 +387,8 @@ class Gateway:
         try:
             stream, policy = await self._send(request)
         except HttpError as e:
-            # A name the broker has not judged is no label: a label per bad value would
-            # grow the metrics without bound. The default was judged when the broker started.
-            policy = "-" if "routing" in request.query else self.settings.routing_mode
-            self._done(b"-", policy, "", e.status, started, None, 0, e.message)
+            self._done(b"-", unjudged(request, self.settings.routing_mode), "", e.status,
+                       started, None, 0, e.message)
             response = error_response(e)
             if e.close:
                 response.force_close()
@@ -480,8 +485,8 @@ class Gateway:
         except asyncio.CancelledError:
             # Gone before the first line: 499, as nginx logs it ("client closed request").
             self.metrics.disconnects += 1
-            self._done(stream.rid, policy, "", CLIENT_CLOSED, started, None, 0,
-                       "client disconnected")
+            self._done(stream.rid, unjudged(request, policy), "", CLIENT_CLOSED, started, None,
+                       0, "client disconnected")
             raise
         first_chunk = time.monotonic()
         response = ReplyResponse(headers={

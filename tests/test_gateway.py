@@ -36,8 +36,9 @@ def no_traceback(proc) -> None:
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes = SEED_BODY,
+               timeout: aiohttp.ClientTimeout | None = None,
                **params: str) -> tuple[int, dict, bytes]:
-    async with session.post(f"{url}/generate", data=body, params=params,
+    async with session.post(f"{url}/generate", data=body, params=params, timeout=timeout,
                             headers={"Content-Type": JSON}) as resp:
         return resp.status, dict(resp.headers), await resp.read()
 
@@ -593,6 +594,32 @@ async def test_a_gateway_over_the_brokers_per_client_limit_answers_503_with_retr
                 assert resp.headers["Retry-After"] == "1"
                 assert json.loads(await resp.read())["code"] == "limit_exceeded"
             assert await first.text() == "Hello a!\nHello b!\nHello c!\n"
+    no_traceback(gateway.proc)
+
+
+@async_test
+async def test_a_client_gone_before_the_broker_answered_is_not_labelled_with_its_routing(stack):
+    broker = stack.broker()
+    stack.worker("worker-1")
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 1)
+    broker.signal(signal.SIGSTOP)  # the request reaches no broker that could judge it
+    try:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(asyncio.TimeoutError):
+                await post(session, gateway.url, routing="no-such-policy-1234",
+                           timeout=aiohttp.ClientTimeout(total=0.5))
+    finally:
+        broker.signal(signal.SIGCONT)
+
+    def requests_metrics() -> list | None:
+        reply = http("GET", f"{gateway.url}/metrics")
+        text = reply.body.decode() if reply and reply.status == 200 else ""
+        return [line for line in text.splitlines()
+                if line.startswith("zroute_http_requests_total{")] or None
+
+    lines = wait_until(requests_metrics, 10, "/metrics to count the request")
+    assert len(lines) == 1 and 'status="499"' in lines[0] and 'policy="-"' in lines[0], lines
     no_traceback(gateway.proc)
 
 # --- failures after the response began --------------------------------------------------------
