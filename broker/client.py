@@ -90,6 +90,12 @@ def closed_connection_error(address: str) -> BrokerError:
     return BrokerError(p.E_BROKER_UNREACHABLE, f"the connection to the broker at {address} closed")
 
 
+def slow_reader_error() -> BrokerError:
+    """How both clients end a stream whose reader fell more than max_buffered_bytes
+    behind it (they cancel it too): no reader can make a client buffer without bound."""
+    return BrokerError(p.E_SLOW_READER, "the reader fell too far behind the stream")
+
+
 def client_closed_error() -> BrokerError:
     return BrokerError(p.E_CLIENT_CLOSED, "the client was closed")
 
@@ -144,7 +150,7 @@ class Reply:
         if last:
             self.finish(None)
         elif self.buffered > self.client.max_buffered_bytes:
-            self.cancel(BrokerError(p.E_SLOW_READER, "the reader fell too far behind the stream"))
+            self.cancel(slow_reader_error())
         else:
             self.wake()
 
@@ -507,6 +513,30 @@ class Client(PolicyShortcuts[Stream]):
                 reply.cancel(reply.timed_out())
 
 
+class Unread:
+    """What arrived for one request of a BlockingClient that its stream has not read."""
+
+    __slots__ = ("messages", "buffered", "error")
+
+    def __init__(self) -> None:
+        self.messages: deque[p.Message] = deque()
+        self.buffered = 0  # bytes of the chunks in messages
+        self.error: BrokerError | None = None  # the client ended the stream (and cancelled it)
+
+    def add(self, msg: p.Message) -> None:
+        self.messages.append(msg)
+        self.buffered += chunk_bytes(msg)
+
+    def take(self) -> p.Message:
+        msg = self.messages.popleft()
+        self.buffered -= chunk_bytes(msg)
+        return msg
+
+
+def chunk_bytes(msg: p.Message) -> int:
+    return sum(map(len, msg.chunks)) if isinstance(msg, (p.Chunk, p.End)) else 0
+
+
 class BlockingStream:
     """The reply to one request of a BlockingClient: an iterator of chunks (bytes), as
     Stream is an async one. `worker_id` names the worker once its first reply has
@@ -599,13 +629,17 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
 
     While it waits it heartbeats the broker, and gives up on it as the asyncio Client
     does: after HEARTBEAT_MISSES heartbeats of silence, or when the connection closes.
+    A stream left unread while others are read falls behind as in the asyncio Client:
+    past `max_buffered_bytes` it is cancelled, and ends with slow_reader.
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
                  timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None,
+                 max_buffered_bytes: int = MAX_BUFFERED_BYTES) -> None:
         self.address = check_endpoint(address)
+        self.max_buffered_bytes = max_buffered_bytes
         self.timeout = timeout
         self.timeout_setting = timeout_setting
         self.heartbeat_interval = heartbeat_interval
@@ -616,7 +650,7 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
         self._poller.register(self.sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
         self._ids = itertools.count(1)
-        self._replies: dict[bytes, deque[p.Message]] = {}  # rid -> its replies not yet read
+        self._replies: dict[bytes, Unread] = {}  # rid -> its replies not yet read
         self._lost_connections = 0  # connections to the broker that closed
         self._last_heard = 0.0
         self._next_beat = 0.0
@@ -635,7 +669,8 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
         close the socket."""
         if self.closed:
             return
-        self._abandoned.extend(self._replies)
+        # Those it ended itself (slow_reader) were cancelled then.
+        self._abandoned.extend(rid for rid, unread in self._replies.items() if unread.error is None)
         self._replies.clear()
         self._send()
         self.closed = True
@@ -684,8 +719,12 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
 
         A stream dropped by the garbage collector may be finalized in the middle of a
         send on the socket: its CANCEL then waits for that send to end."""
-        if self._replies.pop(rid, None) is None or self.closed:
-            return
+        unread = self._replies.pop(rid, None)
+        if unread is None or unread.error is not None or self.closed:
+            return  # nothing to stop, or its CANCEL has gone already
+        self._send_cancel(rid)
+
+    def _send_cancel(self, rid: bytes) -> None:
         self._abandoned.append(rid)
         if not self._sending:
             self._send()
@@ -698,7 +737,7 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
         if self.closed:
             raise client_closed_error()
         self._take_connection_events()
-        self._replies[rid] = deque()
+        self._replies[rid] = Unread()
 
     def _receive(self, rid: bytes, deadline: float, expired: Callable[[], BrokerError],
                  connection: int) -> p.Message:
@@ -706,12 +745,14 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
         Heartbeats the broker meanwhile; raises expired() at the deadline."""
         if self.closed:
             raise client_closed_error()
-        replies = self._replies[rid]
+        unread = self._replies[rid]
         # Silence counts only while someone waits: nobody heartbeats the broker otherwise.
         self._last_heard = time.monotonic()
         while True:
-            if replies:
-                return replies.popleft()
+            if unread.messages:
+                return unread.take()
+            if unread.error is not None:
+                raise unread.error
             if self._lost_connections != connection:
                 raise closed_connection_error(self.address)
             now = time.monotonic()
@@ -744,9 +785,16 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
                     msg = p.decode_to_client(frames)
                 except p.ProtocolError:
                     continue
-                replies = self._replies.get(getattr(msg, "rid", None))
-                if replies is not None:
-                    replies.append(msg)
+                unread = self._replies.get(getattr(msg, "rid", None))
+                if unread is not None and unread.error is None:
+                    self._hand_over(msg, unread)
+
+    def _hand_over(self, msg: p.Message, unread: Unread) -> None:
+        """Keep a message for its stream, unless its reader has fallen too far behind."""
+        unread.add(msg)
+        if unread.buffered > self.max_buffered_bytes and not isinstance(msg, p.End):
+            unread.error = slow_reader_error()  # after what it holds already
+            self._send_cancel(msg.rid)
 
     def _take_connection_events(self) -> None:
         while self._monitor.poll(0):

@@ -14,7 +14,7 @@ import socket
 import string
 import struct
 import time
-from dataclasses import dataclass
+import dataclasses
 from http import HTTPStatus
 from urllib.parse import quote
 
@@ -31,6 +31,7 @@ from broker.client import BrokerError, Client, Stream
 from broker.policies import DIRECT
 from broker.ratelimit import LogLimiter
 from gateway.metrics import Exporter, GatewayMetrics, total
+from zroute.config import Config
 from zroute.logs import fields
 
 log = logging.getLogger("zroute.gateway")
@@ -53,30 +54,41 @@ STATUS_OF_ERROR = {
     p.E_WRONG_ENDPOINT: 502,
     p.E_NO_WORKERS: 503,
     p.E_QUEUE_FULL: 503,
+    p.E_LIMIT: 503,  # the gateway's client is over a per-client limit of the broker
     p.E_BROKER_UNREACHABLE: 503,
     E_GATEWAY_STOPPING: 503,
     p.E_TIMEOUT: 504,
 }
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class GatewaySettings:
-    """The gateway's Frontend.* settings (see zroute/config.py for what each bounds)."""
+    """What the gateway runs with. Each field from `routing_mode` on is the Frontend key
+    of its name: zroute/config.py has their defaults, and says what each bounds."""
 
-    broker: str
-    routing_mode: str = "round_robin"
-    max_body: int = 1 << 20
-    request_timeout: float = 60.0
-    name: str = ""  # in /stats and /metrics; empty: hostname-pid
-    heartbeat_interval: float = 1.0  # Broker.heartbeat_interval: also how often it reports
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    keepalive_timeout: float = 15.0
-    send_timeout: float = 30.0
-    max_connections: int = 1000
-    max_buffered_bytes: int = 32 << 20
-    max_reply_buffer: int = 256 << 10
-    max_queued_messages: int = 1000
+    broker: str  # Broker.frontend
+    name: str  # in /stats and /metrics; empty: hostname-pid
+    heartbeat_interval: float  # Broker.heartbeat_interval: also how often it reports
+    max_connections: int  # Frontend.max_connections, its 0 resolved to a number
+    routing_mode: str
+    max_body: int
+    request_timeout: float
+    header_timeout: float
+    body_timeout: float
+    keepalive_timeout: float
+    send_timeout: float
+    max_buffered_bytes: int
+    max_reply_buffer: int
+    max_queued_messages: int
+
+    @classmethod
+    def from_config(cls, config: Config, name: str, max_connections: int) -> GatewaySettings:
+        given = {"broker": config.broker.frontend, "name": name,
+                 "heartbeat_interval": config.broker.heartbeat_interval,
+                 "max_connections": max_connections}
+        frontend = {field.name: getattr(config.frontend, field.name)
+                    for field in dataclasses.fields(cls) if field.name not in given}
+        return cls(**given, **frontend)
 
 
 # The gateway's own error codes; the others are the broker's (broker/protocol.py).
@@ -268,6 +280,13 @@ class GatewayConnection(RequestHandler):
         return response
 
 
+def unjudged(request: web.BaseRequest, policy: str) -> str:
+    """The policy label of a request the broker has not answered: a ?routing= name it
+    has not accepted is no label, since a label per bad value would grow the metrics
+    without bound. The default was judged when the broker started."""
+    return "-" if "routing" in request.query else policy
+
+
 def reason(message: str | None) -> str:
     """The kind of a parser error, without the peer's bytes that follow it (a log line
     per distinct text would let a peer fill the log)."""
@@ -379,10 +398,8 @@ class Gateway:
         try:
             stream, policy = await self._send(request)
         except HttpError as e:
-            # A name the broker has not judged is no label: a label per bad value would
-            # grow the metrics without bound. The default was judged when the broker started.
-            policy = "-" if "routing" in request.query else self.settings.routing_mode
-            self._done(b"-", policy, "", e.status, started, None, 0, e.message)
+            self._done(b"-", unjudged(request, self.settings.routing_mode), "", e.status,
+                       started, None, 0, e.message)
             response = error_response(e)
             if e.close:
                 response.force_close()
@@ -479,8 +496,8 @@ class Gateway:
         except asyncio.CancelledError:
             # Gone before the first line: 499, as nginx logs it ("client closed request").
             self.metrics.disconnects += 1
-            self._done(stream.rid, policy, "", CLIENT_CLOSED, started, None, 0,
-                       "client disconnected")
+            self._done(stream.rid, unjudged(request, policy), "", CLIENT_CLOSED, started, None,
+                       0, "client disconnected")
             raise
         first_chunk = time.monotonic()
         response = ReplyResponse(headers={

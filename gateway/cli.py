@@ -49,14 +49,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     descriptors = raise_descriptor_limit()
     max_connections = frontend.max_connections or max(
         1, min(descriptors - RESERVED_DESCRIPTORS, MAX_DEFAULT_CONNECTIONS))
-    gateway = Gateway(GatewaySettings(
-        config.broker.frontend, frontend.routing_mode, frontend.max_body,
-        frontend.request_timeout, args.log_name or "", config.broker.heartbeat_interval,
-        header_timeout=frontend.header_timeout, body_timeout=frontend.body_timeout,
-        keepalive_timeout=frontend.keepalive_timeout, send_timeout=frontend.send_timeout,
-        max_connections=max_connections, max_buffered_bytes=frontend.max_buffered_bytes,
-        max_reply_buffer=frontend.max_reply_buffer,
-        max_queued_messages=frontend.max_queued_messages))
+    gateway = Gateway(GatewaySettings.from_config(config, args.log_name or "", max_connections))
     aio.run(serve(gateway, frontend.host, frontend.port, frontend.drain_timeout,
                   args.reuse_port))
     return 0

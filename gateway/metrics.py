@@ -13,13 +13,22 @@ from collections import Counter
 from itertools import accumulate
 from typing import Any, Iterator
 
+import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.utils import floatToGoString
 
+from broker.protocol import MAX_REPORT_BYTES
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
                    60)
+
+# Worker labels a gateway keeps; requests served by any further worker are counted under
+# OTHER_WORKERS. Standalone workers take a new random id at each restart: unbounded, the
+# labels would grow the metrics, and the report to the broker, for as long as it runs.
+MAX_WORKER_LABELS = 100
+OTHER_WORKERS = "other"
 
 # Broker totals exported as counters: stats key -> (metric name, help).
 BROKER_COUNTERS = {
@@ -98,6 +107,7 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str, str]] = Counter()  # (status, policy, worker)
+        self.workers: set[str] = set()  # the worker labels, at most MAX_WORKER_LABELS
         self.inflight = 0
         self.disconnects = 0  # HTTP clients gone before their response ended
         self.incomplete = 0  # streams ended by an error after their first chunk
@@ -106,15 +116,31 @@ class GatewayMetrics:
 
     def observe(self, status: int, policy: str, worker: str, duration: float,
                 first_chunk: float | None) -> None:
+        if worker not in self.workers:
+            if len(self.workers) < MAX_WORKER_LABELS:
+                self.workers.add(worker)
+            else:
+                worker = OTHER_WORKERS
         self.requests[(str(status), policy, worker)] += 1
         self.duration.observe(duration)
         if first_chunk is not None:
             self.first_chunk.observe(first_chunk)
 
     def snapshot(self) -> dict:
-        """The counts as JSON, for the report to the broker (once per heartbeat)."""
+        """The counts as JSON, for the report to the broker (once per heartbeat). One that
+        would be over the broker's limit on a report (long worker ids, many statuses and
+        policies) counts its requests without their workers: all under OTHER_WORKERS."""
+        snapshot = self._snapshot(self.requests)
+        if len(orjson.dumps(snapshot)) <= MAX_REPORT_BYTES:
+            return snapshot
+        without_workers: Counter[tuple[str, str, str]] = Counter()
+        for (status, policy, _), count in self.requests.items():
+            without_workers[(status, policy, OTHER_WORKERS)] += count
+        return self._snapshot(without_workers)
+
+    def _snapshot(self, requests: Counter[tuple[str, str, str]]) -> dict:
         return {
-            "requests": [[*labels, count] for labels, count in self.requests.items()],
+            "requests": [[*labels, count] for labels, count in requests.items()],
             "inflight": self.inflight,
             "disconnects": self.disconnects,
             "incomplete": self.incomplete,

@@ -51,3 +51,15 @@ async def blocks(request: Any) -> AsyncIterator[str]:
     """A handler that blocks the event loop for request["seconds"], as a newcomer's might."""
     time.sleep(request["seconds"])
     yield "done\n"
+
+
+async def flood(request: Any) -> AsyncIterator[bytes]:
+    """Yield 1 KiB chunks until cancelled; log when cancelled, as `hang` does."""
+    chunk = b"x" * 1023 + b"\n"
+    try:
+        while True:
+            yield chunk
+            await asyncio.sleep(0.0001)  # let the worker send what it has
+    except asyncio.CancelledError:
+        log.warning(CANCELLED_LINE.format(marker=request["marker"]))
+        raise

@@ -108,6 +108,29 @@ def test_a_stream_kept_past_its_client_ends_with_client_closed_and_silently(stac
     assert unraisable == []
 
 
+
+@pytest.mark.timeout(40)
+def test_a_blocking_stream_left_unread_ends_with_slow_reader_and_is_cancelled(stack):
+    stack.broker()
+    worker = stack.worker("flooder", "--handler", "tests.handlers:flood", "--service", "flood")
+    stack.wait_workers("flooder", timeout=20)
+    limit = 256 << 10
+    unread_cancelled = CANCELLED_LINE.format(marker="unread")
+    with BlockingClient(stack.frontend, timeout=30, max_buffered_bytes=limit) as client:
+        unread = client.request("flood", {"marker": "unread"})
+        with client.request("flood", {"marker": "read"}) as read:
+            # While this stream is read, the other one's chunks arrive with nobody to read
+            # them: past the limit the client cancels it on the worker.
+            for count, _ in enumerate(read):
+                if count % 256 == 0 and unread_cancelled in worker.output():
+                    break
+                assert count < 64 << 10, "64 MiB read, and the unread stream still goes"
+        buffered = []
+        with pytest.raises(BrokerError) as caught:
+            buffered.extend(unread)
+    assert caught.value.code == p.E_SLOW_READER
+    assert limit <= sum(map(len, buffered)) <= limit + (64 << 10)  # one message more at most
+
 @pytest.mark.timeout(40)
 def test_an_async_stream_cut_by_closing_its_client_does_not_read_as_complete(stack):
     hang_worker(stack)

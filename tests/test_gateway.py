@@ -4,6 +4,7 @@ processes on free ports, a real aiohttp client, and curl where it is installed."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import signal
@@ -17,11 +18,13 @@ import pytest
 import zmq
 
 from broker import protocol as p
+from gateway.app import Gateway, GatewaySettings, ReplyResponse
 from tests.gateway_handlers import FAILURE
 from tests.http_support import (CURL, SEED_OUTPUT, SEED_TEXT, async_test, curl, get_json,
                                 handler_worker, http, parse_curl, raw_http, start_curl,
                                 start_gateway, wait_healthy)
 from tests.support import ZROUTE, Stack, free_port, wait_until, workers_by_id
+from zroute.config import load_config
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -36,8 +39,9 @@ def no_traceback(proc) -> None:
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes = SEED_BODY,
+               timeout: aiohttp.ClientTimeout | None = None,
                **params: str) -> tuple[int, dict, bytes]:
-    async with session.post(f"{url}/generate", data=body, params=params,
+    async with session.post(f"{url}/generate", data=body, params=params, timeout=timeout,
                             headers={"Content-Type": JSON}) as resp:
         return resp.status, dict(resp.headers), await resp.read()
 
@@ -576,6 +580,51 @@ async def test_unreachable_broker_gives_503_with_retry_after(stack):
     no_traceback(gateway.proc)
 
 
+
+@async_test
+async def test_a_gateway_over_the_brokers_per_client_limit_answers_503_with_retry_after(stack):
+    # Every HTTP user of a gateway is the one broker client: the limit holds for them all.
+    stack.broker("--Broker.max_requests_per_client=1")
+    stack.worker("worker-1", sleep_time=0.5)
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 1)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{gateway.url}/generate", json={"text": "a,b,c"}) as first:
+            assert first.status == 200
+            async with session.post(f"{gateway.url}/generate", json={"text": "a"}) as resp:
+                check_error(resp.status, resp.headers["Content-Type"], await resp.read(), 503,
+                            "this client has 1 requests in flight")
+                assert resp.headers["Retry-After"] == "1"
+                assert json.loads(await resp.read())["code"] == "limit_exceeded"
+            assert await first.text() == "Hello a!\nHello b!\nHello c!\n"
+    no_traceback(gateway.proc)
+
+
+@async_test
+async def test_a_client_gone_before_the_broker_answered_is_not_labelled_with_its_routing(stack):
+    broker = stack.broker()
+    stack.worker("worker-1")
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 1)
+    broker.signal(signal.SIGSTOP)  # the request reaches no broker that could judge it
+    try:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(asyncio.TimeoutError):
+                await post(session, gateway.url, routing="no-such-policy-1234",
+                           timeout=aiohttp.ClientTimeout(total=0.5))
+    finally:
+        broker.signal(signal.SIGCONT)
+
+    def requests_metrics() -> list | None:
+        reply = http("GET", f"{gateway.url}/metrics")
+        text = reply.body.decode() if reply and reply.status == 200 else ""
+        return [line for line in text.splitlines()
+                if line.startswith("zroute_http_requests_total{")] or None
+
+    lines = wait_until(requests_metrics, 10, "/metrics to count the request")
+    assert len(lines) == 1 and 'status="499"' in lines[0] and 'policy="-"' in lines[0], lines
+    no_traceback(gateway.proc)
+
 # --- failures after the response began --------------------------------------------------------
 
 
@@ -717,3 +766,45 @@ def test_a_body_that_is_not_json_is_told_what_to_send(shared):
     assert reply.status == 400
     assert json.loads(reply.body)["error"].endswith(
         'send a JSON object such as {"text": "a,b"} with Content-Type: application/json')
+
+
+
+# --- what the gateway takes from its settings and from aiohttp -------------------------
+
+
+def test_the_gateway_settings_are_the_frontend_keys_of_the_config():
+    config = load_config(overrides=["Frontend.max_body=100", "Broker.heartbeat_interval=0.5"])
+    settings = GatewaySettings.from_config(config, "gateway-7", max_connections=12)
+    frontend = config.frontend
+    assert (settings.broker, settings.name, settings.heartbeat_interval,
+            settings.max_connections) == (config.broker.frontend, "gateway-7", 0.5, 12)
+    assert settings.max_body == 100
+    for field in dataclasses.fields(settings)[4:]:  # from routing_mode on
+        assert getattr(settings, field.name) == getattr(frontend, field.name), field.name
+
+
+# gateway/app.py subclasses aiohttp's connection handler and server, and uses these
+# private parts of them; pyproject.toml bounds aiohttp's version for that reason.
+AIOHTTP_INTERNALS = {
+    "RequestHandler": ("_messages", "_waiter", "_manager", "_loop"),
+    "Server": ("_connections", "_kwargs", "_loop"),
+    "StreamResponse": ("_send_headers_immediately",),
+}
+
+
+def test_the_aiohttp_internals_the_gateway_uses_are_there():
+    settings = GatewaySettings.from_config(load_config(), "", max_connections=10)
+
+    async def objects() -> dict[str, object]:
+        server = Gateway(settings).server()
+        connection = server()  # GatewayConnection(manager, **kwargs): RequestHandler's form
+        return {"RequestHandler": connection, "Server": server,
+                "StreamResponse": aiohttp.web.StreamResponse}
+
+    found = asyncio.run(objects())
+    missing = [f"{kind}.{name}" for kind, names in AIOHTTP_INTERNALS.items()
+               for name in names if not hasattr(found[kind], name)]
+    assert not missing, (f"aiohttp {aiohttp.__version__} has no {', '.join(missing)}, which "
+                         "gateway/app.py uses: adapt it, or bound aiohttp's version in "
+                         "pyproject.toml")
+    assert ReplyResponse._send_headers_immediately is False

@@ -7,8 +7,10 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker.protocol import MAX_REPORT_BYTES
 from broker.reports import MAX_REPORTERS, MAX_REPORTS_BYTES, Reports
-from gateway.metrics import Exporter, GatewayMetrics, total
+from gateway.metrics import (MAX_WORKER_LABELS, OTHER_WORKERS, Exporter, GatewayMetrics,
+                             total)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -138,3 +140,29 @@ def test_metrics_label_every_gateway_series_with_its_gateway():
     inflight = {s.labels["gateway"]: s.value for s in samples
                 if s.name == "zroute_http_inflight_requests"}
     assert inflight == {"gateway-1": 2, "gateway-2": 0}
+
+
+def test_worker_labels_are_bounded_and_the_rest_are_counted_as_other():
+    metrics = GatewayMetrics()
+    for worker in range(3 * MAX_WORKER_LABELS):  # standalone workers restarted, new ids
+        metrics.observe(200, "round_robin", f"worker-{worker:06x}", 0.1, 0.01)
+    workers = {worker for _, _, worker in metrics.requests}
+    assert len(workers) == MAX_WORKER_LABELS + 1 and OTHER_WORKERS in workers
+    assert metrics.requests[("200", "round_robin", OTHER_WORKERS)] == 2 * MAX_WORKER_LABELS
+    metrics.observe(200, "round_robin", "worker-000000", 0.1, 0.01)  # a known one still counts
+    assert metrics.requests[("200", "round_robin", "worker-000000")] == 2
+
+
+def test_a_snapshot_over_the_report_limit_counts_its_requests_without_their_workers():
+    metrics = GatewayMetrics()
+    for worker in range(MAX_WORKER_LABELS):  # the longest ids the broker takes
+        for status in (200, 499, 502, 504):
+            metrics.observe(status, "round_robin", f"{worker:03d}".ljust(255, "w"), 0.1, None)
+    labels = [[*labels, count] for labels, count in metrics.requests.items()]
+    assert len(orjson.dumps(labels)) > MAX_REPORT_BYTES
+    snapshot = metrics.snapshot()
+    assert len(orjson.dumps(snapshot)) <= MAX_REPORT_BYTES
+    back = GatewayMetrics.from_snapshot(snapshot)
+    assert back.requests == {(str(status), "round_robin", OTHER_WORKERS): MAX_WORKER_LABELS
+                             for status in (200, 499, 502, 504)}
+    assert back.summary() == metrics.summary()

@@ -180,6 +180,31 @@ async def test_serve_restarts_a_worker_killed_with_sigkill(stack):
     assert not alive(*old)
 
 
+
+def test_a_worker_whose_restart_fails_at_once_is_restarted_again_and_serve_stays_up(
+        stack, tmp_path):
+    config = tmp_path / "zroute.yaml"
+    config.write_text("Backend:\n  sleep_time: 0\n")
+    serve = Serve(stack, "-f", str(config))
+    serve.wait_ready()
+    kids = serve.wait_children("broker", "worker-1", "gateway-1")
+    # Its restart reads the file again and exits 2 at once, as a first start that fails
+    # would: only a first start's failure stops serve.
+    config.write_text("Backend:\n  sleep_time: -1\n")
+    os.kill(kids["worker-1"][0], signal.SIGKILL)
+    wait_until(lambda: "[serve] WARNING worker-1 exited with code 2; restarting in 1.0 s"
+               in serve.proc.output(), 10, "the failed restart to be restarted again")
+    assert serve.proc.alive, serve.proc.output()
+
+    config.write_text("Backend:\n  sleep_time: 0\n")
+    wait_until(lambda: (reply := http("POST", f"{serve.url}/generate?worker=worker-1",
+                                      b'{"text": "again"}')) and reply.status == 200,
+               20, "the restarted worker-1 to serve")
+    assert serve.proc.alive and "ERROR" not in serve.proc.output(), serve.proc.output()
+    kids = serve.children()
+    assert serve.stop(signal.SIGTERM) == 0
+    assert_all_gone(kids)
+
 @async_test
 async def test_serve_runs_two_gateways_on_one_port(stack):
     serve = Serve(stack, "--Backend.sleep_time=0", "--Frontend.ServiceArgs.workers=2")

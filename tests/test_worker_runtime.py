@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
+import threading
 import time
 
 import pytest
@@ -84,3 +86,28 @@ def test_a_worker_started_before_its_broker_says_once_that_it_waits(stack):
     stack.wait_workers("early", timeout=20)
     output = worker.output()
     assert output.count(waiting) == 1 and "broker silent" not in output, output
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_pointed_at_a_port_that_is_not_a_broker_logs_a_few_lines_not_one_per_try(
+        stack):
+    accepted = []
+
+    def accept_and_close(listener: socket.socket) -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return  # the test closed the listener
+            connection.close()
+            accepted.append(connection)
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=accept_and_close, args=(listener,), daemon=True).start()
+        address = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        worker = stack.start("lost", "worker", "--broker", address, "--id", "lost")
+        # Each try connects, sends READY and is closed on, at least every 0.5 s.
+        wait_until(lambda: len(accepted) >= 10, 15, "the worker to try ten connections")
+        lines = worker.output().splitlines()
+    assert len(lines) <= 6, "\n".join(lines)
+    assert any("closed before a broker answered" in line for line in lines), lines

@@ -154,6 +154,10 @@ class Worker:
         self._connection: ConnectionWatch | None = None
         self._connected = False  # the socket's connection is open (it may not be a broker)
         self._said_waiting = False  # "waiting for a broker" is said once per wait
+        # A broker has sent something on the current connection (or, before the first one,
+        # nothing has failed yet). A peer that is not a broker accepts and closes
+        # connection after connection: those are logged through _drops, not each.
+        self._answered = True
         self._outbox = Outbox(self._send, self._push)
         self._last_heard = 0.0
         self._backoff = RECONNECT_MIN_S
@@ -205,22 +209,32 @@ class Worker:
         self._last_heard = time.monotonic()  # the broker is judged from now on
         if not self._stopping.is_set():
             self._register()
+        self._answered = False
 
     def _on_disconnected(self) -> None:
         """The broker died or stopped: what it sent is lost, so stop working on it now.
         ZeroMQ connects again by itself, and READY goes when it does."""
         self._connected = False
-        cancelled = f"; cancelled {len(self.tasks)} request(s) in hand" if self.tasks else ""
-        log.warning("worker %s: the connection to the broker at %s closed%s; waiting for it",
-                    self.worker_id, self.broker, cancelled)
         self._said_waiting = True
+        if self._answered:
+            cancelled = f"; cancelled {len(self.tasks)} request(s) in hand" if self.tasks else ""
+            log.warning("worker %s: the connection to the broker at %s closed%s; waiting for it",
+                        self.worker_id, self.broker, cancelled)
+        else:
+            self._drops.warn("closed unanswered", f"worker {self.worker_id}: the connection to "
+                             f"{self.broker} closed before a broker answered: is it the "
+                             "broker's worker endpoint, Broker.backend?")
         self._abandon_requests()
 
     def _register(self) -> None:
         services = sorted(self.handlers)
         self._send(p.encode_ready(p.Ready(self.worker_id, services, self.capacity, self.token)))
-        log.info("worker %s registering with %s for %s", self.worker_id, self.broker,
-                 ", ".join(services))
+        message = (f"worker {self.worker_id} registering with {self.broker} for "
+                   f"{', '.join(services)}")
+        if self._answered:
+            log.info(message)
+        else:  # the last connection closed unanswered: this one may too, in a moment
+            self._drops.info("registering", message)
 
     def _heartbeat(self) -> None:
         if not self._connected:
@@ -303,6 +317,7 @@ class Worker:
                              f"not zroute's protocol ({e}): is {self.broker} the broker's worker "
                              "endpoint, Broker.backend?")
             return
+        self._answered = True
         kind = type(msg)
         if kind is p.Request:
             self._start(msg)

@@ -39,8 +39,8 @@ READY_TIMEOUT_S = 30.0
 RESTART_MIN_S = 0.5
 RESTART_MAX_S = 10.0
 STABLE_AFTER_S = 30.0  # a child that ran this long restarts with the shortest back-off
-# A child that exits with an error this soon after its start failed on its settings or
-# its address, and would fail the same way again: serve stops rather than restart it.
+# A child that exits with an error this soon after its first start failed on its settings
+# or its address, and would fail the same way again: serve stops rather than restart it.
 START_FAILURE_S = 5.0
 STOP_MARGIN_S = 10.0  # a child has its drain timeout and this much more to exit
 HURRY_S = 1.0  # in a hurry, a child has this long after a second SIGTERM before SIGKILL
@@ -77,6 +77,7 @@ class Child:
     stop_timeout: float  # how long it has to exit after SIGTERM, before SIGKILL
     process: subprocess.Popen | None = None
     started: float = 0.0
+    starts: int = 0
     backoff: float = RESTART_MIN_S
     restart_at: float | None = None
 
@@ -86,6 +87,7 @@ class Child:
         self.process = subprocess.Popen(self.args, start_new_session=True,
                                         preexec_fn=_die_with_parent)
         self.started = time.monotonic()
+        self.starts += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("started %s, pid %d: %s", self.name, self.process.pid,
                       shlex.join(self.args))
@@ -100,17 +102,27 @@ class Child:
             self.process.kill()
             self.process.wait()
 
-    def failed_at_start(self, code: int) -> bool:
-        return code > 0 and time.monotonic() - self.started < START_FAILURE_S
+    def fatal_failure(self, code: int) -> str | None:
+        """Why serve must stop for this exit, or None if the child is to be restarted.
+        A quick failure after a restart may pass (a new worker's id still held for its
+        dead predecessor, a config file being edited): it keeps the back-off, unless a
+        port the child needs is taken, which no restart frees."""
+        if code <= 0 or time.monotonic() - self.started >= START_FAILURE_S:
+            return None
+        return self.why_it_failed(code) if self.starts == 1 else self.port_taken()
 
     def why_it_failed(self, code: int) -> str:
         """One line: a port it could not listen on, and who holds it, if that is why."""
+        return (self.port_taken()
+                or f"{self.name} exited with code {code} at start-up (its error is above)")
+
+    def port_taken(self) -> str | None:
         for host, port in self.ports:
             try:
                 check_free(host, port)
             except OSError as e:
                 return f"{self.name} cannot listen: {e}"
-        return f"{self.name} exited with code {code} at start-up (its error is above)"
+        return None
 
 
 @dataclass
@@ -135,14 +147,16 @@ class Supervisor:
     def watch_once(self) -> str | None:
         """Restart children that exited, each after its own growing back-off.
 
-        Returns why serve cannot go on (a child failed at start-up), or None."""
+        Returns why serve cannot go on (a child failed at its first start, or cannot
+        listen), or None."""
         now = time.monotonic()
         for child in self.children:
             code = child.exited()
             if code is None:
                 continue
-            if child.failed_at_start(code):
-                return child.why_it_failed(code)
+            failure = child.fatal_failure(code)
+            if failure:
+                return failure
             if child.restart_at is None:
                 if now - child.started >= STABLE_AFTER_S:
                     child.backoff = RESTART_MIN_S
