@@ -122,7 +122,7 @@ def test_a_blocking_stream_left_unread_ends_with_slow_reader_and_is_cancelled(st
             # While this stream is read, the other one's chunks arrive with nobody to read
             # them: past the limit the client cancels it on the worker.
             for count, _ in enumerate(read):
-                if count % 256 == 0 and unread_cancelled in worker.output():
+                if count % 16 == 0 and unread_cancelled in worker.output():
                     break
                 assert count < 64 << 10, "64 MiB read, and the unread stream still goes"
         buffered = []
