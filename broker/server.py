@@ -253,14 +253,16 @@ class Broker:
                     self._send_all(sock, peer, messages)
 
     def _send_all(self, sock: zmq.Socket, peer: bytes, messages: list[list[bytes]]) -> None:
-        sent = 0
+        sent = sent_bytes = 0
         for count, frames in p.packed(messages):
             if not self._send(sock, peer, frames):
                 self._undeliverable(sock, peer, messages[sent:])
                 return
             sent += count
-            if sock is self.frontend and self._replies_pile_up(peer):
-                return  # the rest is for the requests that just ended
+            if sock is self.frontend:
+                sent_bytes += sum(map(len, frames))
+                if self._replies_pile_up(peer, sent_bytes):
+                    return  # the rest is for the requests that just ended
 
     def _undeliverable(self, sock: zmq.Socket, peer: bytes, messages: list[list[bytes]]) -> None:
         """A peer is gone or its queue is full: evict the worker, or cancel what the
@@ -422,10 +424,11 @@ class Broker:
             count_down(self.body_bytes_by_client, req.client, size)
             req.body = b""
 
-    def _replies_pile_up(self, client: bytes) -> bool:
+    def _replies_pile_up(self, client: bytes, just_sent: int) -> bool:
         """Whether a client's replies pile up in the broker unread: over its budget, or,
-        while everyone's is spent, over READER_SLACK. Then its requests end (their
-        workers stop), so that the pile stops growing."""
+        while everyone's is spent, over READER_SLACK not counting `just_sent` (bytes sent
+        in this pass: a client that reads has not had the time to). Then its requests end
+        (their workers stop), so that the pile stops growing."""
         if self.reply_bytes.peers[client].held <= READER_SLACK:
             return False  # at most that, as last measured plus what was sent since
         held = self.reply_bytes.held(client)
@@ -434,7 +437,8 @@ class Broker:
         settings = self.settings
         if held + self.body_bytes_by_client.get(client, 0) > settings.max_client_bytes:
             limit = f"Broker.max_client_bytes ({settings.max_client_bytes})"
-        elif self.body_bytes + self.reply_bytes.total > settings.max_buffered_bytes:
+        elif (self.body_bytes + self.reply_bytes.total > settings.max_buffered_bytes
+              and held - just_sent > READER_SLACK):
             limit = (f"{READER_SLACK} while the broker holds more than "
                      f"Broker.max_buffered_bytes ({settings.max_buffered_bytes})")
         else:
