@@ -15,7 +15,9 @@ from typing import Callable
 import zmq
 
 from broker.protocol import MAX_FRAMES, ProtocolError, packed, unbatch
-from broker.zmqio import TooManyFrames, readable, recv_frames, send_frames
+from broker.unreleased import Unreleased
+from broker.zmqio import (TooManyFrames, readable, recv_frames, send_frames, send_tracked,
+                          track_every_message)
 
 DRAIN_BATCH = 500  # messages handled before other tasks get a turn
 BACKLOG_RETRY_S = 0.005  # wait before retrying sends the socket refused (HWM)
@@ -47,15 +49,20 @@ class Channel:
     (or when flush() is called), packed into as few ZeroMQ messages as BATCH allows,
     so that the cost of committing a message and waking libzmq's I/O thread is
     shared. A send the socket refuses (its queue is at the high-water mark) waits in
-    a backlog, in order, and is retried.
+    a backlog, in order, and is retried. `unsent_bytes()` says how much is waiting, in
+    the channel and in libzmq, so that a producer can wait while the peer does not read.
     """
 
     def __init__(self, sock: zmq.Socket, on_message: Callable[[list[bytes]], None]) -> None:
         self.sock = sock
+        track_every_message(sock)
         self.on_message = on_message
         self.loop = asyncio.get_running_loop()
         self.outgoing: list[list[bytes]] = []
+        self.outgoing_bytes = 0
         self.backlog: deque[list[bytes]] = deque()
+        self.backlog_bytes = 0
+        self.in_libzmq = Unreleased()
         self._flush_scheduled = False
         self._retry_scheduled = False
         self._check_scheduled = False
@@ -67,6 +74,7 @@ class Channel:
         if self._closed:
             return
         self.outgoing.append(frames)
+        self.outgoing_bytes += sum(map(len, frames))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self.flush)
@@ -76,9 +84,17 @@ class Channel:
         self._flush_scheduled = False
         if not self.outgoing and not self.backlog:
             return  # sent already by an earlier flush() in this turn
-        messages, self.outgoing = self.outgoing, []
-        self.backlog.extend(frames for _, frames in packed(messages))
+        messages, self.outgoing, self.outgoing_bytes = self.outgoing, [], 0
+        for _, frames in packed(messages):
+            self.backlog.append(frames)
+            self.backlog_bytes += sum(map(len, frames))
         self._flush_backlog()
+
+    def unsent_bytes(self) -> int:
+        """Bytes sent on this channel that have not left the process yet (to within
+        unreleased.MARK_BYTES)."""
+        self.in_libzmq.measure()
+        return self.outgoing_bytes + self.backlog_bytes + self.in_libzmq.held
 
     def _retry(self) -> None:
         self._retry_scheduled = False
@@ -86,14 +102,23 @@ class Channel:
 
     def _flush_backlog(self) -> None:
         while self.backlog and not self._closed:
+            frames = self.backlog[0]
+            size = sum(map(len, frames))
             try:
-                send_frames(self.sock, self.backlog[0])
+                if self.in_libzmq.wants_tracker(size):
+                    tracker = send_tracked(self.sock, frames)
+                else:
+                    send_frames(self.sock, frames)
+                    tracker = None
             except zmq.Again:
                 if not self._retry_scheduled:  # one timer, however many flushes wait
                     self._retry_scheduled = True
                     self.loop.call_later(BACKLOG_RETRY_S, self._retry)
                 break
             self.backlog.popleft()
+            self.backlog_bytes -= size
+            self.in_libzmq.add(size, tracker)
+        self.in_libzmq.measure()  # forget what has left, so that the trackers do not pile up
         self._schedule_check()
 
     def _schedule_check(self) -> None:

@@ -24,7 +24,9 @@ from broker.protocol import request_token
 from broker.ratelimit import LogLimiter, PeerLimiter
 from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
 from broker.reports import Reports
-from broker.zmqio import TooManyFrames, readable, recv_frames, send_to
+from broker.unreleased import MARK_BYTES, UnreleasedByPeer
+from broker.zmqio import (TooManyFrames, readable, recv_frames, send_to, send_to_tracked,
+                          track_every_message)
 
 log = logging.getLogger("zroute.broker")
 
@@ -42,6 +44,9 @@ LISTED_WORKERS = 10  # worker ids an unknown direct target's error lists
 MAX_STATS_WAITING = 10_000  # STATS waiting for the next shared build, from all clients
 MAX_STATS_WAITING_PER_CLIENT = 100  # and from one client
 DRAIN_RATE_INTERVAL = 0.5  # seconds over which a queue's drain rate is measured
+# What a client that reads may seem to hold: the bytes since the last tracked message to
+# it, and the message being sent.
+READER_SLACK = MARK_BYTES + p.MAX_BATCH_BYTES
 WRONG_ENDPOINT_ANSWERS = 10  # per peer per second, to a peer on the wrong socket or a bad READY
 
 
@@ -101,9 +106,9 @@ class DrainRate:
         return waiting / self.rate if self.rate else 0.0
 
 
-def count_down(counts: dict[bytes, int], key: bytes) -> None:
-    """One fewer for `key`; at zero the key goes, so that clients that left leave nothing."""
-    left = counts.pop(key) - 1
+def count_down(counts: dict[bytes, int], key: bytes, by: int = 1) -> None:
+    """`by` fewer for `key`; at zero the key goes, so that clients that left leave nothing."""
+    left = counts.pop(key) - by
     if left:
         counts[key] = left
 
@@ -128,6 +133,11 @@ class Broker:
         self.drain_rates: dict[str, DrainRate] = {}  # of the services with a queue lately
         self.requests_by_client: dict[bytes, int] = {}  # held by the broker, queued or not
         self.queued_by_client: dict[bytes, int] = {}
+        # Bodies the broker may still have to send (queued, or on a worker before its
+        # first chunk, for a retry), and replies libzmq still holds for each client.
+        self.body_bytes = 0
+        self.body_bytes_by_client: dict[bytes, int] = {}
+        self.reply_bytes = UnreleasedByPeer()
         self.fresh_stats = PeerLimiter(settings.stats_interval, FRESH_STATS)
         self.stats_waiting: list[tuple[bytes, bytes]] = []  # (client, rid) of deferred STATS
         self.stats_waiting_by_client: dict[bytes, int] = {}
@@ -149,6 +159,7 @@ class Broker:
         self._stopping = False
         self._next_heartbeat = 0.0
         self.frontend = self._router(settings.frontend)
+        track_every_message(self.frontend)
         self.backend = self._router(settings.backend)
         # Tells when a client's connection closes, so that its replies are not delivered
         # to the next peer that connects under its routing id.
@@ -257,12 +268,16 @@ class Broker:
                     self._send_all(sock, peer, messages)
 
     def _send_all(self, sock: zmq.Socket, peer: bytes, messages: list[list[bytes]]) -> None:
-        sent = 0
+        sent = sent_bytes = 0
         for count, frames in p.packed(messages):
             if not self._send(sock, peer, frames):
                 self._undeliverable(sock, peer, messages[sent:])
                 return
             sent += count
+            if sock is self.frontend:
+                sent_bytes += sum(map(len, frames))
+                if self._replies_pile_up(peer, sent_bytes):
+                    return  # the rest is for the requests that just ended
 
     def _undeliverable(self, sock: zmq.Socket, peer: bytes, messages: list[list[bytes]]) -> None:
         """A peer is gone or its queue is full: evict the worker, or cancel what the
@@ -284,10 +299,21 @@ class Broker:
         self.totals["rejected_frames"] += 1
         self.drops.warn(kind, reason, peer)
 
-    def _send(self, sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> bool:
-        """Send without blocking; False if the peer is gone or its queue is full."""
+    def _send(self, sock: zmq.Socket, peer: bytes, frames: list[bytes],
+              track: bool = False) -> bool:
+        """Send without blocking; False if the peer is gone or its queue is full.
+        What a client does not read must be seen in bytes: see broker/unreleased.py."""
         try:
-            send_to(sock, peer, frames)
+            if sock is not self.frontend:
+                send_to(sock, peer, frames)
+                return True
+            size = sum(map(len, frames))
+            if track or self.reply_bytes.of(peer).wants_tracker(size):
+                tracker = send_to_tracked(sock, peer, frames)
+            else:
+                send_to(sock, peer, frames)
+                tracker = None
+            self.reply_bytes.add(peer, size, tracker)
             return True
         except zmq.Again:
             return False
@@ -377,13 +403,78 @@ class Broker:
             self._reply_error(client, m.rid, p.E_LIMIT, f"this client has {inflight} requests in "
                               "flight, its most (Broker.max_requests_per_client)")
             return
+        refusal = self._over_bytes(client, len(m.body))
+        if refusal:
+            self._reply_error(client, m.rid, p.E_LIMIT, refusal)
+            return
         self.requests_by_client[client] = inflight + 1
+        self._hold_body(client, len(m.body))
         timeout = m.timeout_ms / 1000 if m.timeout_ms else self.settings.request_timeout
         tick = math.ceil((time.monotonic() + timeout) / DEADLINE_TICK)
         req = Request(token, client, m, policy, tick)
         self.requests[token] = req
         self.deadlines.setdefault(tick, set()).add(token)
         self._dispatch(req)
+
+    def _over_bytes(self, client: bytes, size: int) -> str:
+        """Why a request of `size` bytes from `client` is over a byte budget; "" if not."""
+        settings = self.settings
+        if size > settings.max_request_bytes:
+            return (f"the request's body is {size} bytes; the broker takes at most "
+                    f"{settings.max_request_bytes} (Broker.max_request_bytes)")
+        held = self._client_bytes(client)
+        if held + size > settings.max_client_bytes:
+            return (f"this client holds {held} bytes in the broker (bodies and unread "
+                    f"replies); {size} more is over Broker.max_client_bytes "
+                    f"({settings.max_client_bytes})")
+        # Replies are left out: those of a client that does not read stay in libzmq until
+        # it goes, and must not keep everyone else out.
+        if self.body_bytes + size > settings.max_buffered_bytes:
+            return (f"the broker holds {self.body_bytes} bytes of request bodies; {size} more "
+                    f"is over Broker.max_buffered_bytes ({settings.max_buffered_bytes})")
+        return ""
+
+    def _client_bytes(self, client: bytes) -> int:
+        return self.body_bytes_by_client.get(client, 0) + self.reply_bytes.held(client)
+
+    def _hold_body(self, client: bytes, size: int) -> None:
+        if size:
+            self.body_bytes += size
+            self.body_bytes_by_client[client] = self.body_bytes_by_client.get(client, 0) + size
+
+    def _release_body(self, req: Request) -> None:
+        """The broker will not send this body again: it no longer counts."""
+        size = len(req.body)
+        if size:
+            self.body_bytes -= size
+            count_down(self.body_bytes_by_client, req.client, size)
+            req.body = b""
+
+    def _replies_pile_up(self, client: bytes, just_sent: int) -> bool:
+        """Whether a client's replies pile up in the broker unread: over its budget, or,
+        while everyone's is spent, over READER_SLACK not counting `just_sent` (bytes sent
+        in this pass: a client that reads has not had the time to). Then its requests end
+        (their workers stop), so that the pile stops growing."""
+        if self.reply_bytes.peers[client].held <= READER_SLACK:
+            return False  # at most that, as last measured plus what was sent since
+        held = self.reply_bytes.held(client)
+        if held <= READER_SLACK or client not in self.requests_by_client:
+            return False
+        settings = self.settings
+        if held + self.body_bytes_by_client.get(client, 0) > settings.max_client_bytes:
+            limit = f"Broker.max_client_bytes ({settings.max_client_bytes})"
+        elif (self.body_bytes + self.reply_bytes.total > settings.max_buffered_bytes
+              and held - just_sent > READER_SLACK):
+            limit = (f"{READER_SLACK} while the broker holds more than "
+                     f"Broker.max_buffered_bytes ({settings.max_buffered_bytes})")
+        else:
+            return False
+        self.drops.warn("unread replies", f"a client does not read its replies: {held} bytes "
+                        f"wait for it; cancelling its requests", client)
+        message = f"{held} bytes of replies wait for this client unread, over {limit}"
+        for req in [r for r in self.requests.values() if r.client == client]:
+            self._fail(req, p.E_LIMIT, message)
+        return True
 
     def _check_routing(self, policy: str, target: str) -> tuple[str, str] | None:
         if policy not in self.policies and policy != DIRECT:
@@ -529,6 +620,7 @@ class Broker:
         if self.requests.pop(req.token, None) is None:
             return
         count_down(self.requests_by_client, req.client)
+        self._release_body(req)
         bucket = self.deadlines.get(req.deadline_tick)
         if bucket is not None:
             bucket.discard(req.token)
@@ -630,6 +722,8 @@ class Broker:
         if len(msg.chunks) + 3 > p.MAX_WORKER_REPLY_FRAMES:  # version, command, rid
             self._reject_oversized_reply(worker, req, p.MAX_WORKER_REPLY_FRAMES)
             return
+        if not req.chunks:
+            self._release_body(req)  # no retry now: its body will not be sent again
         req.chunks += len(msg.chunks)
         self.totals["chunks"] += len(msg.chunks)
         msg.rid = req.rid
@@ -753,6 +847,14 @@ class Broker:
                 self._evict(worker, f"no heartbeat for {now - worker.last_seen:.1f} s")
             else:
                 self._post(self.backend, worker.peer, beat)
+        for client in self.reply_bytes.measure_all():
+            self._mark_sent(client, beat)
+
+    def _mark_sent(self, client: bytes, beat: list[bytes]) -> None:
+        """Send a tracked HEARTBEAT after the last bytes sent to a client, so that the broker
+        learns when they have left, and forgets the client once it is gone."""
+        if not self._send(self.frontend, client, beat, track=True):
+            self.reply_bytes.forget(client)
 
     def _expire_queued(self, now: float) -> None:
         limit = self.settings.queue_timeout
@@ -829,6 +931,8 @@ class Broker:
                 "queue_depth": queue_depth,
                 "queue_depth_by_service": queued_now,
                 "queue_wait_s_total": round(self.queue_wait_total, 6),
+                "body_bytes": self.body_bytes,
+                "reply_bytes": self.reply_bytes.total,
                 "uptime_s": round(now - self.started, 3),
                 "boot_id": self.boot_id.hex(),
                 "workers_ready": sum(w.state == READY for w in live.values()),

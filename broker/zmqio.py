@@ -39,6 +39,26 @@ def send_to(sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> None:
     send_frames(sock, frames)
 
 
+def track_every_message(sock: zmq.Socket) -> None:
+    """pyzmq copies a frame shorter than the socket's copy_threshold and gives it a tracker
+    that is done at once: send_tracked's frames must not be copied."""
+    sock.copy_threshold = 0
+
+
+def send_tracked(sock: zmq.Socket, frames: list[bytes]) -> zmq.MessageTracker:
+    """send_frames, and a tracker that is done once libzmq has let go of the message
+    (written it to the connection, or dropped it with the connection). The socket must
+    have been passed to track_every_message."""
+    for frame in frames[:-1]:
+        _send(sock, frame, _MORE)
+    return _send(sock, frames[-1], _LAST, copy=False, track=True)
+
+
+def send_to_tracked(sock: zmq.Socket, peer: bytes, frames: list[bytes]) -> zmq.MessageTracker:
+    _send(sock, peer, _MORE)
+    return send_tracked(sock, frames)
+
+
 def readable(sock: zmq.Socket) -> bool:
     """Whether a message waits. Cheaper than a recv that raises zmq.Again, and like
     it, it resets the edge-triggered file descriptor of the socket."""

@@ -9,6 +9,13 @@ random worker (restarting it under the same id a moment later). With
 --kill-broker it also kills and restarts the broker now and then. At the end it
 prints the outcome of every request: a request either succeeds with the exact
 reply or ends with a visible error; none may hang.
+
+--hostile KIND (repeatable) runs a hostile peer beside the load, at a bounded rate:
+
+    .venv/bin/python scripts/soak.py --duration 60 --kill-every 0 --hostile all
+
+With --hostile, every request of the normal load must succeed: a hostile peer may cost
+only itself (--kill-every 0 leaves out the kills, whose visible errors are expected).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import random
 import signal
 import socket
@@ -24,6 +32,10 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
+import zmq
+
+from broker import protocol as p
 from broker.client import BrokerError, Client, BlockingClient
 
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
@@ -137,12 +149,159 @@ async def load(cluster: Cluster, concurrency: int, duration: float, timeout: flo
         await asyncio.gather(*(one_loop() for _ in range(concurrency)))
 
 
+# --- hostile peers ---------------------------------------------------------------------
+
+
+def raw_dealer(context: zmq.Context, address: str) -> zmq.Socket:
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 100)
+    sock.connect(address)
+    return sock
+
+
+def send(sock: zmq.Socket, frames: list[bytes]) -> None:
+    """Send if the peer's queue has room; a hostile peer does not wait."""
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK)
+    except zmq.Again:
+        pass
+
+
+def discard(sock: zmq.Socket) -> None:
+    while sock.poll(0):
+        sock.recv_multipart()
+
+
+async def every(interval: float, stop_at: float):
+    while time.monotonic() < stop_at:
+        yield
+        await asyncio.sleep(interval)
+
+
+async def malformed(cluster: Cluster, context: zmq.Context, stop_at: float) -> int:
+    """Garbage, truncated commands and broken BATCHes, to both of the broker's sockets."""
+    socks = [raw_dealer(context, cluster.frontend), raw_dealer(context, cluster.backend)]
+    rng = random.Random(3)
+    sent = 0
+    async for _ in every(0.01, stop_at):
+        for sock in socks:
+            for frames in ([os.urandom(rng.randint(0, 64))], [p.VERSION, p.REQUEST, b"r"],
+                           [p.VERSION, b"\xff", b"x"], [p.VERSION, p.BATCH, os.urandom(32)],
+                           [b"ZR9", p.HEARTBEAT], [p.VERSION, p.CHUNK, b"", b"", b""]):
+                send(sock, frames)
+                sent += 1
+            discard(sock)
+    return sent
+
+
+async def oversized(cluster: Cluster, context: zmq.Context, stop_at: float) -> int:
+    """Messages of too many frames, bodies over Broker.max_request_bytes, and frames over
+    Broker.max_message_size (the broker drops that connection: a new one each time)."""
+    client = raw_dealer(context, cluster.frontend)
+    worker = raw_dealer(context, cluster.backend)
+    too_many = [p.VERSION, p.REQUEST, b"r"] + [b"x"] * p.MAX_FRAMES
+    big_body = p.encode_request_to_broker(p.Request(b"big", "generate", b"x" * (2 << 20)))
+    sent = 0
+    async for _ in every(0.1, stop_at):
+        send(client, too_many)
+        send(client, big_body)
+        send(worker, too_many)
+        huge = raw_dealer(context, cluster.frontend)
+        send(huge, [p.VERSION, p.STATS, b"x" * ((8 << 20) + 1)])
+        await asyncio.sleep(0.05)
+        huge.close()
+        discard(client)
+        discard(worker)
+        sent += 4
+    return sent
+
+
+BAD_NAMES = ["\x1b[31mred", "line\nbreak", "nul\x00", "x" * 300, "", "tab\there"]
+
+
+async def bad_ready(cluster: Cluster, context: zmq.Context, stop_at: float) -> int:
+    """READYs whose worker id or services are not valid names."""
+    sock = raw_dealer(context, cluster.backend)
+    sent = 0
+    async for _ in every(0.02, stop_at):
+        for name in BAD_NAMES:
+            info = orjson.dumps({"services": ["generate"], "capacity": 1})
+            send(sock, [p.VERSION, p.READY, name.encode(), info])
+            bad_service = orjson.dumps({"services": [name], "capacity": 1})
+            send(sock, [p.VERSION, p.READY, b"hostile-worker", bad_service])
+            sent += 2
+        discard(sock)
+    return sent
+
+
+async def stats_loop(cluster: Cluster, context: zmq.Context, stop_at: float) -> int:
+    """STATS as fast as the broker answers, from one client."""
+    sock = raw_dealer(context, cluster.frontend)
+    sent = 0
+    async for _ in every(0.002, stop_at):
+        send(sock, p.encode_stats_request(p.StatsRequest(b"s%d" % sent)))
+        sent += 1
+        discard(sock)
+    return sent
+
+
+async def slow_reader(cluster: Cluster, context: zmq.Context, stop_at: float) -> int:
+    """Clients that ask for large replies and never read them."""
+    socks = []
+    for _ in range(20):
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 1)
+        sock.setsockopt(zmq.RCVBUF, 4096)
+        sock.connect(cluster.frontend)
+        socks.append(sock)
+    body = orjson.dumps({"text": ",".join(["word"] * 50_000)})
+    sent = 0
+    async for _ in every(1.0, stop_at):
+        for sock in socks:
+            send(sock, p.encode_request_to_broker(p.Request(b"r%d" % sent, "generate", body)))
+            sent += 1
+    for sock in socks:
+        sock.close()
+    return sent
+
+
+async def impostor(cluster: Cluster, context: zmq.Context, stop_at: float) -> int:
+    """READYs under the ids of the real workers, each from a new connection, with no token
+    or a wrong one: the broker must refuse them while the workers are alive."""
+    sent = 0
+    async for _ in every(0.1, stop_at):
+        for worker_id in cluster.workers:
+            sock = raw_dealer(context, cluster.backend)
+            token = os.urandom(16).hex() if sent % 2 else ""
+            send(sock, p.encode_ready(p.Ready(worker_id, ["generate"], 1, token)))
+            sent += 1
+            await asyncio.sleep(0.02)
+            sock.close()
+    return sent
+
+
+HOSTILE = {"malformed": malformed, "oversized": oversized, "bad-ready": bad_ready,
+           "stats-loop": stats_loop, "slow-reader": slow_reader, "impostor": impostor}
+
+
+async def hostile_peers(cluster: Cluster, kinds: list[str], stop_at: float) -> dict[str, int]:
+    """Run every hostile kind until stop_at; how many messages each sent."""
+    context = zmq.Context()
+    try:
+        sent = await asyncio.gather(*(HOSTILE[kind](cluster, context, stop_at) for kind in kinds))
+    finally:
+        context.destroy(0)
+    return dict(zip(kinds, sent))
+
+
 async def chaos(cluster: Cluster, duration: float, kill_every: float, broker_every: float | None,
                 restart_delay: float) -> None:
     stop_at = time.monotonic() + duration - restart_delay
     next_broker_kill = time.monotonic() + broker_every if broker_every else float("inf")
     rng = random.Random(2)
-    while time.monotonic() + kill_every < stop_at:
+    while kill_every and time.monotonic() + kill_every < stop_at:
         await asyncio.sleep(kill_every)
         if time.monotonic() >= next_broker_kill:
             cluster.retries_before_broker_kills += broker_retries(cluster)
@@ -165,13 +324,15 @@ def broker_retries(cluster: Cluster) -> int:
             return 0
 
 
-async def soak(args: argparse.Namespace, cluster: Cluster) -> collections.Counter:
+async def soak(args: argparse.Namespace, cluster: Cluster
+               ) -> tuple[collections.Counter, dict[str, int]]:
     outcomes: collections.Counter = collections.Counter()
-    await asyncio.gather(
+    _, _, hostile_sent = await asyncio.gather(
         load(cluster, args.concurrency, args.duration, args.timeout, outcomes),
         chaos(cluster, args.duration, args.kill_every,
-              args.broker_every if args.kill_broker else None, args.restart_delay))
-    return outcomes
+              args.broker_every if args.kill_broker else None, args.restart_delay),
+        hostile_peers(cluster, args.hostile, time.monotonic() + args.duration))
+    return outcomes, hostile_sent
 
 
 def main() -> int:
@@ -181,19 +342,26 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight")
     parser.add_argument("--sleep-time", type=float, default=0.05, help="worker delay per word")
     parser.add_argument("--timeout", type=float, default=10, help="deadline of each request")
-    parser.add_argument("--kill-every", type=float, default=3, help="seconds between kills")
+    parser.add_argument("--kill-every", type=float, default=3,
+                        help="seconds between kills; 0 kills nothing")
     parser.add_argument("--restart-delay", type=float, default=0.5)
     parser.add_argument("--kill-broker", action="store_true", help="kill the broker too")
     parser.add_argument("--broker-every", type=float, default=15,
                         help="with --kill-broker, seconds between broker kills (default 15)")
+    parser.add_argument("--hostile", action="append", default=[],
+                        choices=[*HOSTILE, "all"], metavar="KIND",
+                        help="run a hostile peer beside the load (repeatable): "
+                             f"{', '.join(HOSTILE)}, or all")
     args = parser.parse_args()
+    if "all" in args.hostile:
+        args.hostile = list(HOSTILE)
 
     cluster = Cluster(args.workers, args.sleep_time)
     try:
         wait_ready(cluster, args.workers)
         rss_start = cluster.record_rss()
         started = time.monotonic()
-        outcomes = asyncio.run(soak(args, cluster))
+        outcomes, hostile_sent = asyncio.run(soak(args, cluster))
         elapsed = time.monotonic() - started
         rss_end = cluster.record_rss()
         retries = cluster.retries_before_broker_kills + broker_retries(cluster)
@@ -210,12 +378,19 @@ def main() -> int:
         print(f"  visible {key:<28}{outcomes[key]}")
     print(f"  wrong replies     {outcomes['wrong reply']}")
     print(f"  hung              {outcomes['hung']}  (must be 0)")
+    failures = outcomes["requests"] - outcomes["success"]
+    if args.hostile:
+        print(f"  failures of the normal load beside hostile peers: {failures}  (must be 0)")
+        for kind, sent in hostile_sent.items():
+            print(f"    hostile {kind:<12} sent {sent} messages")
     print("  RSS KiB at start -> end (a restarted process is a new one):")
     for name in rss_start:
         note = f"  restarted {cluster.restarts[name]}x" if cluster.restarts[name] else ""
         print(f"    {name:<10} {rss_start[name]} -> {rss_end.get(name)}{note}")
     ok = outcomes["hung"] == 0 and outcomes["wrong reply"] == 0
-    print("PASS" if ok else "FAIL: requests hung or replies were wrong")
+    ok = ok and not (args.hostile and failures)
+    print("PASS" if ok else "FAIL: requests hung, replies were wrong, or hostile peers cost "
+                            "the normal load requests")
     return 0 if ok else 1
 
 

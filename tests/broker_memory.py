@@ -67,9 +67,10 @@ class MemoryBroker:
         self.from_worker(peer, p.encode_ready(p.Ready(worker_id, ["generate"], capacity)))
         return peer
 
-    def request(self, client: bytes, rid: bytes, policy: str = "", target: str = "") -> None:
+    def request(self, client: bytes, rid: bytes, policy: str = "", target: str = "",
+                body: bytes = b"{}") -> None:
         self.from_client(client, p.encode_request_to_broker(
-            p.Request(rid, "generate", b"{}", policy, target, 0)))
+            p.Request(rid, "generate", body, policy, target, 0)))
 
     # --- out --------------------------------------------------------------------
 

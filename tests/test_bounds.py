@@ -36,7 +36,7 @@ def stop_steady_load(load: subprocess.Popen) -> dict:
 def test_large_fast_replies_leave_other_clients_served(stack):
     """Replies of many small chunks yielded without awaiting must not hold the broker
     (or a worker) long enough for anyone else's requests to fail."""
-    stack.broker()
+    stack.broker("--Broker.max_request_bytes=4194304")  # the request names 500,000 words
     for worker_id in ("w1", "w2"):
         stack.worker(worker_id)
     stack.wait_workers("w1", "w2")

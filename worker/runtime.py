@@ -39,6 +39,9 @@ REPLY_BYTES = p.MAX_BATCH_BYTES
 YIELD_EVERY = 256  # chunks a request yields before letting the loop run others
 BLOCKED_LOG_INTERVAL = 30.0  # at most one "event loop blocked" warning in this many seconds
 LISTED_REQUESTS = 5  # requests a warning names, at most
+# Replies not yet taken by the broker, in bytes, past which handlers wait for it to read.
+MAX_UNSENT_BYTES = 16 << 20
+UNSENT_RETRY_S = 0.005
 
 
 class BadRequest(Exception):
@@ -338,6 +341,12 @@ class Worker:
                 self.refused = msg
                 self.stop()
 
+    async def _until_broker_reads(self) -> None:
+        """Backpressure: a handler that yields faster than the broker takes its replies
+        waits here, rather than the replies piling up in the worker's memory."""
+        while self._channel.unsent_bytes() > MAX_UNSENT_BYTES:
+            await asyncio.sleep(UNSENT_RETRY_S)
+
     def _handler_error(self, rid: bytes, error: Exception) -> str:
         """What a client is told of a handler's exception. Its text may hold paths, host
         names or secrets: unless expose_errors, only the request id, which the worker's
@@ -371,7 +380,9 @@ class Worker:
                                     "not str or bytes")
                 self._outbox.chunk(rid, item)
                 chunks += 1
-                if chunks % YIELD_EVERY == 0:
+                if self._channel.unsent_bytes() > MAX_UNSENT_BYTES:
+                    await self._until_broker_reads()
+                elif chunks % YIELD_EVERY == 0:
                     await asyncio.sleep(0)  # a handler that never awaits must not starve others
             self._outbox.end(rid)
         except asyncio.CancelledError:

@@ -122,6 +122,11 @@ SCHEMA: dict[str, Any] = {
         "queue_timeout": Setting(float, 5.0, ge=0),
         "max_queue_per_client": Setting(int, 250, ge=0),  # of all the queues, per client
         "max_requests_per_client": Setting(int, 10_000, ge=1),  # held by the broker, per client
+        # Bytes the broker holds: one request's body; a client's bodies and unread
+        # replies; everyone's.
+        "max_request_bytes": Setting(int, 1 << 20, ge=1),
+        "max_client_bytes": Setting(int, 128 << 20, ge=1),
+        "max_buffered_bytes": Setting(int, 256 << 20, ge=1),
         # Peers pack messages into frames of up to MAX_BATCH_BYTES.
         "max_message_size": Setting(int, 8388608, ge=MAX_BATCH_BYTES),
         "max_workers": Setting(int, 1000, ge=1),  # live workers; a READY past it is refused
