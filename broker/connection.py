@@ -7,6 +7,7 @@ runtime watch their socket this way.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Callable
 
 import zmq
@@ -45,8 +46,14 @@ def watched_dealer(context: zmq.Context, address: str, on_connected: Callable[[]
                    on_disconnected: Callable[[], None],
                    receive_hwm: int = SOCKET_HWM) -> tuple[zmq.Socket, ConnectionWatch]:
     """A DEALER connected to `address`, watched from before it connects: a connection
-    that opened before its monitor would never be reported."""
+    that opened before its monitor would never be reported.
+
+    libzmq reports no connection events for inproc://, whose connection is there as soon
+    as it is made: `on_connected` is called for it at the loop's next turn, once the caller
+    has what it needs to send."""
     sock = dealer(context, address, connect=False, receive_hwm=receive_hwm)
     watch = ConnectionWatch(sock, on_connected, on_disconnected)
     sock.connect(address)
+    if address.startswith("inproc://"):
+        asyncio.get_running_loop().call_soon(on_connected)
     return sock, watch
