@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 from importlib.metadata import version
 
 import pytest
 
-from tests.support import free_port, run_zroute, wait_until
+from tests.support import ZROUTE, free_port, run_zroute, wait_until
 from zroute.cli import main
 
 CLEAR_SCREEN = "\033[H\033[2J"
@@ -134,3 +135,15 @@ def test_a_worker_count_outside_serve_is_said_to_be_ignored(stack, tmp_path):
             (worker, "INFO Backend.ServiceArgs.workers is 2, but zroute worker runs one "
                      "process; `zroute serve` runs 2")):
         wait_until(lambda: line in proc.output(), 10, f"{proc.name} to say: {line}")
+
+
+@pytest.mark.timeout(30)
+def test_stats_into_a_pipe_closed_early_exits_quietly(stack):
+    """`zroute stats --json | head -c 100`: a reader that has had enough is no error."""
+    stack.broker()
+    stack.wait_stats(lambda stats: True)
+    proc = subprocess.Popen([ZROUTE, "stats", "--json", "--broker", stack.frontend],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before anything is written: every write fails with EPIPE
+    _, stderr = proc.communicate(timeout=20)
+    assert (proc.returncode, stderr) == (0, b"")

@@ -144,6 +144,9 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     except (ConfigError, LoadError) as e:
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `zroute stats --json | head`: the reader has had enough
+        sys.stderr.close()  # nothing more can be written, and Python must not try at exit
+        return 0
     except (zmq.ZMQError, OSError) as e:  # an address that cannot be bound or connected
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 1
