@@ -11,7 +11,7 @@ import inspect
 import random as _random
 from typing import Iterable, Mapping, Protocol, Sequence
 
-from broker.loader import LoadError, load_object
+from zroute.loader import LoadError, load_object
 from broker.registry import WorkerInfo
 
 
@@ -57,9 +57,6 @@ class PowerOfTwo:
         first, second = _random.sample(candidates, 2)
         return first if first.load <= second.load else second
 
-
-# "direct" is a routing mode too, but it names its worker instead of choosing one.
-DIRECT = "direct"
 
 POLICIES: dict[str, type[Policy]] = {
     "round_robin": RoundRobin,

@@ -18,14 +18,14 @@ from typing import Any, Callable, Mapping, Sequence
 import orjson
 import zmq
 
-from broker import protocol as p
-from broker.policies import DEFAULT_POLICY, DIRECT, Policy, load_policies, unknown_policy
-from broker.protocol import request_token
-from broker.ratelimit import LogLimiter, PeerLimiter
+from zroute import protocol as p
+from broker.policies import DEFAULT_POLICY, Policy, load_policies, unknown_policy
+from zroute.protocol import DIRECT, request_token
+from zroute.ratelimit import LogLimiter, PeerLimiter
 from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
 from broker.reports import Reports
-from broker.unreleased import MARK_BYTES, UnreleasedByPeer
-from broker.zmqio import (TooManyFrames, readable, recv_frames, send_to, send_to_tracked,
+from zroute.unreleased import MARK_BYTES, UnreleasedByPeer
+from zroute.zmqio import (TooManyFrames, readable, recv_frames, send_to, send_to_tracked,
                           track_every_message)
 
 log = logging.getLogger("zroute.broker")
@@ -302,7 +302,7 @@ class Broker:
     def _send(self, sock: zmq.Socket, peer: bytes, frames: list[bytes],
               track: bool = False) -> bool:
         """Send without blocking; False if the peer is gone or its queue is full.
-        What a client does not read must be seen in bytes: see broker/unreleased.py."""
+        What a client does not read must be seen in bytes: see zroute/unreleased.py."""
         try:
             if sock is not self.frontend:
                 send_to(sock, peer, frames)

@@ -26,10 +26,10 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from broker import protocol as p
-from broker.client import BrokerError, Client, Stream
-from broker.policies import DIRECT
-from broker.ratelimit import LogLimiter
+from zroute import protocol as p
+from zroute.client import BrokerError, Client, Stream
+from zroute.protocol import DIRECT
+from zroute.ratelimit import LogLimiter
 from gateway.metrics import Exporter, GatewayMetrics, total
 from zroute.config import Config
 from zroute.logs import fields
@@ -91,7 +91,7 @@ class GatewaySettings:
         return cls(**given, **frontend)
 
 
-# The gateway's own error codes; the others are the broker's (broker/protocol.py).
+# The gateway's own error codes; the others are the broker's (zroute/protocol.py).
 E_NOT_FOUND = "not_found"
 E_METHOD_NOT_ALLOWED = "method_not_allowed"
 E_BODY_TOO_LARGE = "body_too_large"

@@ -7,7 +7,7 @@ What runs (all on this machine, real processes, loopback TCP or --transport ipc)
                echo process: no zroute code, a measure of how fast the machine is now.
   zroute       `zroute broker` and N `zroute worker --Backend.sleep_time=0` subprocesses;
                P client processes (multiprocessing, spawn), each with its own asyncio
-               loop and its own broker.client.Client, keeping C/P requests in flight.
+               loop and its own zroute.client.Client, keeping C/P requests in flight.
   brokerless   the same client against ONE server process that runs the worker runtime
                (worker.runtime.Worker, the greeting handler, its per-request tasks and
                its chunk batching) on a ROUTER socket that speaks the client protocol.
@@ -71,7 +71,7 @@ if str(ROOT) not in sys.path:
 
 import zmq  # noqa: E402
 
-from broker import protocol as p  # noqa: E402
+from zroute import protocol as p  # noqa: E402
 
 BODY = b'{"text": "world,universe,galaxy"}'
 EXPECTED_CHUNKS = 3
@@ -387,7 +387,7 @@ def zroute_client_main(address, mode, load, warmup, duration, index, queue, go, 
 
 
 async def _zroute_client(address, mode, load, warmup, duration, index, queue, go, start) -> None:
-    from broker.client import BrokerError, Client
+    from zroute.client import BrokerError, Client
 
     client = Client(address, timeout=30.0)
     client.connect()
@@ -536,9 +536,9 @@ def direct_server_main(endpoint: str) -> None:
 
 
 async def _direct_server(endpoint: str) -> None:
-    from broker.channel import SOCKET_HWM, Channel
+    from zroute.channel import SOCKET_HWM, Channel
     from broker.server import request_token
-    from broker.zmqio import send_to
+    from zroute.zmqio import send_to
     from worker.greeting import make_handler
     from worker.runtime import Worker
 
@@ -670,7 +670,7 @@ def zroute_command() -> list[str]:
 
 
 def wait_for_workers(address: str, count: int, timeout: float = 20.0) -> None:
-    from broker.client import BlockingClient, BrokerError
+    from zroute.client import BlockingClient, BrokerError
 
     context = zmq.Context()
     deadline = time.monotonic() + timeout
@@ -691,7 +691,7 @@ def wait_for_workers(address: str, count: int, timeout: float = 20.0) -> None:
 
 
 def broker_totals(address: str) -> dict:
-    from broker.client import BlockingClient
+    from zroute.client import BlockingClient
 
     context = zmq.Context()
     try:

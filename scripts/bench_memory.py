@@ -92,7 +92,7 @@ class Stack:
                                             stderr=subprocess.DEVNULL)
 
     def wait_ready(self) -> None:
-        from broker.client import BlockingClient, BrokerError
+        from zroute.client import BlockingClient, BrokerError
         deadline = time.monotonic() + 20
         with BlockingClient(self.frontend) as client:
             while time.monotonic() < deadline:
@@ -152,7 +152,7 @@ class RssSampler(threading.Thread):
 
 async def well_behaved(frontend: str, stop_at: float, counts: collections.Counter) -> None:
     """One client's small requests in a loop, beside the load: none may fail."""
-    from broker.client import BrokerError, Client
+    from zroute.client import BrokerError, Client
     async with Client(frontend, timeout=10) as client:
         while time.monotonic() < stop_at:
             try:
@@ -166,7 +166,7 @@ async def well_behaved(frontend: str, stop_at: float, counts: collections.Counte
 async def unread_load(stack: Stack, stop_at: float, counts: collections.Counter) -> None:
     import orjson
     import zmq
-    from broker import protocol as p
+    from zroute import protocol as p
     context = zmq.Context()
     body = orjson.dumps({"chunks": UNREAD_CHUNKS, "size": CHUNK_SIZE})
     sockets = []
@@ -207,7 +207,7 @@ async def http_load(stack: Stack, stop_at: float, counts: collections.Counter) -
 
 
 async def big_load(stack: Stack, stop_at: float, counts: collections.Counter) -> None:
-    from broker.client import BrokerError, Client
+    from zroute.client import BrokerError, Client
     body = b'{"size": 10, "pad": "' + b"p" * (BIG_BODY - 30) + b'"}'
 
     async def one_loop() -> None:
@@ -224,7 +224,7 @@ async def big_load(stack: Stack, stop_at: float, counts: collections.Counter) ->
 
 def held_bytes(frontend: str) -> dict[str, int]:
     """What the broker says it holds at the end of the load, in MiB (if it says)."""
-    from broker.client import BlockingClient
+    from zroute.client import BlockingClient
     with BlockingClient(frontend) as client:
         stats = client.stats(timeout=5)["broker"]
     return {f"held {key} MiB": round(stats[key] / MIB) for key in ("body_bytes", "reply_bytes")

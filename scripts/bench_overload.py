@@ -57,7 +57,7 @@ def start(tree: Path | None, capacity: int, word_time: float) -> tuple[str, list
 async def offer(frontend: str, rate: float, duration: float) -> tuple[dict[str, list[float]], int]:
     """Requests at `rate` a second for `duration` s: seconds each took, by outcome, and how
     many succeeded within the `duration` s (the goodput's; the queue drains after it)."""
-    from broker.client import BrokerError, Client
+    from zroute.client import BrokerError, Client
     outcomes: dict[str, list[float]] = collections.defaultdict(list)
     async with Client(frontend, timeout=30) as client:
         deadline = time.monotonic() + 20

@@ -4,7 +4,7 @@
 What runs (all on this machine, loopback TCP, real processes):
 
   a `zroute broker` and W `zroute worker` subprocesses (default 4) on free ports, the
-  workers serving scripts/bench_handlers.py, and one asyncio broker.client.Client in this
+  workers serving scripts/bench_handlers.py, and one asyncio zroute.client.Client in this
   process sending the load.
 
 The worker model. The default greeting handler waits with asyncio.sleep, so a worker
@@ -59,7 +59,7 @@ SCRIPTS = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from broker.client import BrokerError, Client  # noqa: E402
+from zroute.client import BrokerError, Client  # noqa: E402
 
 SERVICE = "generate"
 HANDLER = "bench_handlers:make_handler"
@@ -113,7 +113,7 @@ def free_port() -> int:
 
 
 class Cluster:
-    """A broker and W workers as `python -m zroute` subprocesses; logs in a temp dir."""
+    """A broker and W workers as `python -m zroute_cli` subprocesses; logs in a temp dir."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -127,7 +127,7 @@ class Cluster:
 
     def _start(self, name: str, *args: str) -> None:
         log = open(Path(self.log_dir.name) / f"{name}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "zroute", *args, "--log-level", "warning"],
+        proc = subprocess.Popen([sys.executable, "-m", "zroute_cli", *args, "--log-level", "warning"],
                                 stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                 start_new_session=True)
         log.close()

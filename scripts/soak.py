@@ -35,8 +35,8 @@ from pathlib import Path
 import orjson
 import zmq
 
-from broker import protocol as p
-from broker.client import BrokerError, Client, BlockingClient
+from zroute import protocol as p
+from zroute.client import BrokerError, Client, BlockingClient
 
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]

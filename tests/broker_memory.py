@@ -11,7 +11,7 @@ from typing import Mapping
 
 import zmq
 
-from broker import protocol as p
+from zroute import protocol as p
 from broker.policies import Policy
 from broker.server import Broker
 from zroute.config import load_config

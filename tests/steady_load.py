@@ -11,7 +11,7 @@ import sys
 
 import orjson
 
-from broker.client import BrokerError, Client
+from zroute.client import BrokerError, Client
 
 SEED = {"text": "world,universe,galaxy"}
 SEED_REPLY = b"Hello world!\nHello universe!\nHello galaxy!\n"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from broker.client import BlockingClient, BrokerError
+from zroute.client import BlockingClient, BrokerError
 
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from broker import protocol as p
-from broker.client import BlockingClient, BrokerError
+from zroute import protocol as p
+from zroute.client import BlockingClient, BrokerError
 from tests.broker_memory import MemoryBroker
 from tests.support import Stack
 

@@ -10,8 +10,8 @@ import time
 import orjson
 import pytest
 
-from broker import protocol as p
-from broker.client import BrokerError, Client
+from zroute import protocol as p
+from zroute.client import BrokerError, Client
 from tests.support import REPO_ROOT, async_wait_until, child_env
 
 LARGE_WORDS = 500_000

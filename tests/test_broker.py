@@ -13,8 +13,8 @@ import orjson
 import pytest
 import zmq
 
-from broker import protocol as p
-from broker.client import BlockingClient, BrokerError, Client
+from zroute import protocol as p
+from zroute.client import BlockingClient, BrokerError, Client
 from tests.handlers import CANCELLED_LINE, STARTED_LINE
 from tests.support import (Stack, all_idle, async_wait_until, free_port, run_zroute, wait_until,
                            workers_by_id)

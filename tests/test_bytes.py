@@ -9,7 +9,7 @@ import time
 import pytest
 import zmq
 
-from broker import protocol as p
+from zroute import protocol as p
 from broker import server
 from tests.broker_memory import MemoryBroker
 from tests.support import async_wait_until, wait_until

@@ -9,7 +9,7 @@ from importlib.metadata import version
 import pytest
 
 from tests.support import ZROUTE, free_port, run_zroute, wait_until
-from zroute.cli import main
+from zroute_cli.main import main
 
 CLEAR_SCREEN = "\033[H\033[2J"
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from broker import protocol as p
-from broker.client import BlockingClient, BlockingStream, BrokerError, Client
-from broker.endpoints import endpoint_problem
+from zroute import protocol as p
+from zroute.client import BlockingClient, BlockingStream, BrokerError, Client
+from zroute.endpoints import endpoint_problem
 from tests.handlers import CANCELLED_LINE
 from tests.support import Stack, wait_until
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.client import BlockingClient, BrokerError
+from zroute.client import BlockingClient, BrokerError
 from tests.http_support import CURL, curl, http, start_gateway, wait_healthy
 from tests.support import Stack, free_port, readme_example, run_zroute
 from tests.test_serve import Serve

@@ -9,8 +9,8 @@ import time
 import pytest
 import zmq
 
-from broker import protocol as p
-from broker.client import BlockingClient, BrokerError, Client
+from zroute import protocol as p
+from zroute.client import BlockingClient, BrokerError, Client
 from tests.support import all_idle, wait_until
 
 FOUR_WORDS = {"text": "a,b,c,d"}

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 import zmq
 
-from broker import protocol as p
+from zroute import protocol as p
 from gateway.app import Gateway, GatewaySettings, ReplyResponse
 from tests.gateway_handlers import FAILURE
 from tests.http_support import (CURL, SEED_OUTPUT, SEED_TEXT, async_test, curl, get_json,

@@ -10,8 +10,8 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import protocol as p
-from broker.client import BlockingClient
+from zroute import protocol as p
+from zroute.client import BlockingClient
 from tests.broker_memory import MemoryBroker
 from tests.support import Stack, wait_until
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import zmq
 
-from broker import protocol as p
+from zroute import protocol as p
 from tests.broker_memory import MemoryBroker
 from tests.support import free_port, wait_until
 

@@ -10,7 +10,7 @@ import time
 import orjson
 import pytest
 
-from broker import protocol as p
+from zroute import protocol as p
 from broker import server
 from tests.broker_memory import MemoryBroker
 from worker.runtime import REPLY_FRAMES, Outbox

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.client import BlockingClient
-from broker.loader import LoadError, load_object
+from zroute.client import BlockingClient
+from zroute.loader import LoadError, load_object
 from tests.support import Stack, readme_example, run_zroute
 
 _names = itertools.count()

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from broker import protocol as p
-from broker.loader import LoadError
+from zroute import protocol as p
+from zroute.loader import LoadError
 from broker.policies import (POLICIES, LeastLoaded, PowerOfTwo, Random, RoundRobin,
                              load_policies, load_policy)
 from broker.registry import WorkerInfo

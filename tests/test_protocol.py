@@ -1,4 +1,4 @@
-"""Unit tests of broker.protocol: round trips in every direction, and malformed input."""
+"""Unit tests of zroute.protocol: round trips in every direction, and malformed input."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import protocol as p
-from broker.protocol import (
+from zroute import protocol as p
+from zroute.protocol import (
     Cancel, Chunk, Disconnect, Drain, End, Error, Heartbeat, ProtocolError, Ready, Report,
     Request, StatsReply, StatsRequest, VERSION,
 )

@@ -7,7 +7,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.protocol import MAX_REPORT_BYTES
+from zroute.protocol import MAX_REPORT_BYTES
 from broker.reports import MAX_REPORTERS, MAX_REPORTS_BYTES, Reports
 from gateway.metrics import (MAX_WORKER_LABELS, OTHER_WORKERS, Exporter, GatewayMetrics,
                              total)

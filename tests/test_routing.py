@@ -20,8 +20,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import protocol as p
-from broker.client import BlockingClient, BrokerError, Client
+from zroute import protocol as p
+from zroute.client import BlockingClient, BrokerError, Client
 from tests.support import (ZROUTE, Stack, all_idle, async_wait_until, child_env, free_port,
                            wait_until, workers_by_id)
 

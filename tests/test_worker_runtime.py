@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from broker import protocol as p
-from broker.client import BlockingClient, BrokerError
+from zroute import protocol as p
+from zroute.client import BlockingClient, BrokerError
 from tests.handlers import CANCELLED_LINE
 from tests.http_support import http, start_gateway, wait_healthy
 from tests.support import Stack, wait_until

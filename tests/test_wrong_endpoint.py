@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from broker import protocol as p
-from broker.client import BrokerError, Client
+from zroute import protocol as p
+from zroute.client import BrokerError, Client
 from broker.server import WRONG_ENDPOINT_ANSWERS
 from tests.broker_memory import MemoryBroker
 from tests.http_support import async_test, get_json, http, start_gateway

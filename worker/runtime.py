@@ -18,11 +18,11 @@ from typing import Any, AsyncIterator, Callable
 import orjson
 import zmq
 
-from broker import protocol as p
-from broker.channel import Channel
-from broker.connection import ConnectionWatch, watched_dealer
-from broker.endpoints import check_endpoint
-from broker.ratelimit import LogLimiter
+from zroute import protocol as p
+from zroute.channel import Channel
+from zroute.connection import ConnectionWatch, watched_dealer
+from zroute.endpoints import check_endpoint
+from zroute.ratelimit import LogLimiter
 from worker.watchdog import LoopWatchdog, frame_location
 from zroute.logs import fields
 

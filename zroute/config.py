@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
-from broker.endpoints import endpoint_problem
-from broker.protocol import MAX_BATCH_BYTES
+from zroute.endpoints import endpoint_problem
+from zroute.protocol import MAX_BATCH_BYTES
 from zroute.ports import same_listener, tcp_address
 
 

@@ -177,10 +177,11 @@ def _argv(pid: int) -> list[str]:
 
 
 def _is_zroute(pid: int) -> bool:
-    """`zroute ...`, or a component run as `python -m broker` (or worker, gateway)."""
+    """`zroute ...`, or a component that serve runs as `python -m zroute_cli.broker`."""
     argv = _argv(pid)
+    module = argv[2] if argv[1:2] == ["-m"] and len(argv) > 2 else ""
     return (any(Path(arg).name == "zroute" for arg in argv[:2])
-            or argv[1:3] in (["-m", "broker"], ["-m", "worker"], ["-m", "gateway"]))
+            or module.split(".")[0] == "zroute_cli")
 
 
 def _is_zroute_serve(pid: int) -> bool:

@@ -6,11 +6,11 @@ import argparse
 from importlib.metadata import version
 from typing import Sequence
 
-import broker.cli
-import gateway.cli
-import worker.cli
-from zroute import serve, stats_cli
-from zroute.command import run_command
+import zroute_cli.broker
+import zroute_cli.gateway
+import zroute_cli.worker
+from zroute_cli import serve, stats as stats_cli
+from zroute_cli.command import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,9 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module, summary in (
         ("serve", serve, "run the whole stack: broker, workers and gateway"),
-        ("broker", broker.cli, "run the broker"),
-        ("worker", worker.cli, "run a worker"),
-        ("gateway", gateway.cli, "run the HTTP gateway"),
+        ("broker", zroute_cli.broker, "run the broker"),
+        ("worker", zroute_cli.worker, "run a worker"),
+        ("gateway", zroute_cli.gateway, "run the HTTP gateway"),
         ("stats", stats_cli, "show the broker's stats"),
     ):
         module.configure(commands.add_parser(name, help=summary))

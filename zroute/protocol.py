@@ -66,6 +66,9 @@ E_LIMIT = "limit_exceeded"  # a peer's message, registration or share is over a 
 E_SLOW_READER = "slow_reader"  # raised by the client library, never sent
 E_CLIENT_CLOSED = "client_closed"  # raised by the client library, never sent
 
+# "direct" is a routing mode too, but it names its worker instead of a policy choosing one.
+DIRECT = "direct"
+
 MAX_ID_LENGTH = 255  # worker ids, service and policy names
 MAX_TOKEN = 64  # the secret in a worker's READY
 MAX_CLIENT_RID = 255  # request ids chosen by clients

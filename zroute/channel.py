@@ -14,9 +14,9 @@ from typing import Callable
 
 import zmq
 
-from broker.protocol import MAX_FRAMES, ProtocolError, packed, unbatch
-from broker.unreleased import Unreleased
-from broker.zmqio import (TooManyFrames, readable, recv_frames, send_frames, send_tracked,
+from zroute.protocol import MAX_FRAMES, ProtocolError, packed, unbatch
+from zroute.unreleased import Unreleased
+from zroute.zmqio import (TooManyFrames, readable, recv_frames, send_frames, send_tracked,
                           track_every_message)
 
 DRAIN_BATCH = 500  # messages handled before other tasks get a turn

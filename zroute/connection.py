@@ -13,7 +13,7 @@ from typing import Callable
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from broker.channel import SOCKET_HWM, Channel, dealer
+from zroute.channel import SOCKET_HWM, Channel, dealer
 
 CONNECTION_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 

@@ -6,11 +6,11 @@ import argparse
 import functools
 import logging
 import sys
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, NoReturn, Sequence
 
 import zmq
 
-from broker.loader import LoadError
+from zroute.loader import LoadError
 from zroute.config import (SCHEMA, Config, ConfigError, EndpointClash, closest, closest_key,
                            load_config, split_overrides)
 from zroute.logs import LOG_FORMATS, setup_logging
@@ -152,3 +152,11 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def component_main(name: str, configure: Callable[[argparse.ArgumentParser], None]) -> NoReturn:
+    """Run one component's subcommand alone, as `zroute serve` starts its children
+    (`python -m zroute_cli.broker`): without importing the other components."""
+    parser = argparse.ArgumentParser(prog=f"zroute {name}")
+    configure(parser)
+    sys.exit(run_command(parser, None))

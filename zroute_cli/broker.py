@@ -1,4 +1,4 @@
-"""`zroute broker` (also `python -m broker`)."""
+"""`zroute broker`: the broker, alone."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import argparse
 import json
 import logging
 import signal
-from typing import Any, Sequence
+from typing import Any
 
-from broker.loader import LoadError
-from broker.policies import DIRECT, Policy, is_policy_class, load_policies, unknown_policy
+from zroute.loader import LoadError
+from broker.policies import Policy, is_policy_class, load_policies, unknown_policy
+from zroute.protocol import DIRECT
 from broker.server import Broker
-from zroute.command import add_common_options, load, run_command
+from zroute_cli.command import add_common_options, component_main, load
 from zroute.ports import check_free, tcp_address
 
 log = logging.getLogger("zroute.broker")
@@ -70,7 +71,5 @@ def configured_policies(config: Any) -> dict[str, Policy]:
     return policies
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m broker")
-    configure(parser)
-    return run_command(parser, argv)
+if __name__ == "__main__":  # how serve starts it: only this component is imported
+    component_main("broker", configure)

@@ -26,14 +26,14 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable
 
-from broker.cli import configured_policies
-from zroute.command import add_common_options, flag_overrides, load
+from zroute_cli.broker import configured_policies
+from zroute_cli.command import add_common_options, flag_overrides, load
 from zroute.config import Config, ConfigError
 from zroute.ports import (Address, PortInUse, check_free, free_port_from,
                           held_by_running_zroute, is_free, local_url, mark_stopping,
                           same_listener, tcp_address, unresolvable)
 
-log = logging.getLogger("zroute.serve")
+log = logging.getLogger("zroute_cli.serve")
 
 READY_TIMEOUT_S = 30.0
 RESTART_MIN_S = 0.5
@@ -205,8 +205,8 @@ def _terminate(children: list[Child], timeout: float,
 def child_args(command: str, name: str, args: argparse.Namespace, overrides: list[str],
                *extra: str) -> list[str]:
     """The command line of a child: the same config file, overrides and log options."""
-    # `python -m broker` (or worker, gateway) loads only what that process needs.
-    line = [sys.executable, "-m", command, "--supervised", "--log-name", name,
+    # `python -m zroute_cli.broker` (or worker, gateway) loads only what that process needs.
+    line = [sys.executable, "-m", f"zroute_cli.{command}", "--supervised", "--log-name", name,
             "--log-level", args.log_level, "--log-format", args.log_format, *extra]
     if args.config:
         line += ["-f", args.config]

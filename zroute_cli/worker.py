@@ -1,4 +1,4 @@
-"""`zroute worker` (also `python -m worker`)."""
+"""`zroute worker`: one worker process, alone."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import json
 import logging
 import secrets
 import signal
-from typing import Any, Sequence
+from typing import Any
 
-from broker import protocol as p
-from broker.loader import load_object
+from zroute import protocol as p
+from zroute.loader import load_object
 from worker.runtime import Handler, Worker
-from zroute import aio
-from zroute.command import add_common_options, load, run_command
+from zroute_cli import aio
+from zroute_cli.command import add_common_options, component_main, load
 from zroute.config import Config, ConfigError
 
 DEFAULT_HANDLER = "worker.greeting:make_handler"
@@ -138,7 +138,5 @@ async def _serve(worker: Worker) -> None:
     await worker.run()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker")
-    configure(parser)
-    return run_command(parser, argv)
+if __name__ == "__main__":  # how serve starts it: only this component is imported
+    component_main("worker", configure)

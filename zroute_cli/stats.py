@@ -8,9 +8,9 @@ import time
 
 import orjson
 
-from broker import protocol as p
-from broker.client import BlockingClient, BrokerError
-from zroute.command import add_common_options, load
+from zroute import protocol as p
+from zroute.client import BlockingClient, BrokerError
+from zroute_cli.command import add_common_options, load
 from zroute.config import ConfigError
 
 NO_BROKER_HINT = (": is a broker running? `zroute serve` starts the whole stack, "

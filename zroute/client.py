@@ -25,12 +25,12 @@ import orjson
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from broker import protocol as p
-from broker.channel import SOCKET_HWM, Channel, dealer
-from broker.connection import CONNECTION_EVENTS, ConnectionWatch, watched_dealer
-from broker.endpoints import check_endpoint
-from broker.zmqio import readable
-from broker.ratelimit import LogLimiter
+from zroute import protocol as p
+from zroute.channel import SOCKET_HWM, Channel, dealer
+from zroute.connection import CONNECTION_EVENTS, ConnectionWatch, watched_dealer
+from zroute.endpoints import check_endpoint
+from zroute.zmqio import readable
+from zroute.ratelimit import LogLimiter
 
 log = logging.getLogger("zroute.client")
 

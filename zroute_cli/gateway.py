@@ -9,13 +9,12 @@ import logging
 import signal
 import sys
 
-from typing import Sequence
 
 from aiohttp import web
 
 from gateway.app import Gateway, GatewaySettings
-from zroute import aio
-from zroute.command import add_common_options, load, run_command
+from zroute_cli import aio
+from zroute_cli.command import add_common_options, component_main, load
 from zroute.ports import PortInUse, http_url, in_use_message
 
 log = logging.getLogger("zroute.gateway")
@@ -115,7 +114,5 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
         await gateway.stop()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway")
-    configure(parser)
-    return run_command(parser, argv)
+if __name__ == "__main__":  # how serve starts it: only this component is imported
+    component_main("gateway", configure)

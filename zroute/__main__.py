@@ -1,5 +1,0 @@
-import sys
-
-from zroute.cli import main
-
-sys.exit(main())
