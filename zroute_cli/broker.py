@@ -13,7 +13,8 @@ from broker.policies import Policy, is_policy_class, load_policies, unknown_poli
 from zroute.protocol import DIRECT
 from broker.server import Broker
 from zroute_cli.command import add_common_options, component_main, load
-from zroute.ports import check_free, tcp_address
+from zroute.ports import tcp_address
+from zroute_cli.ports import check_free
 
 log = logging.getLogger("zroute.broker")
 

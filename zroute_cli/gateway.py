@@ -15,7 +15,7 @@ from aiohttp import web
 from gateway.app import Gateway, GatewaySettings
 from zroute_cli import aio
 from zroute_cli.command import add_common_options, component_main, load
-from zroute.ports import PortInUse, http_url, in_use_message
+from zroute_cli.ports import PortInUse, http_url, in_use_message
 
 log = logging.getLogger("zroute.gateway")
 
