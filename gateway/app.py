@@ -31,7 +31,7 @@ from zroute.client import BrokerError, Client, Stream
 from zroute.protocol import DIRECT
 from zroute.ratelimit import LogLimiter
 from gateway.metrics import Exporter, GatewayMetrics, total
-from zroute.config import Config
+from zroute.settings import Config
 from zroute.logs import fields
 
 log = logging.getLogger("zroute.gateway")
@@ -64,7 +64,7 @@ STATUS_OF_ERROR = {
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GatewaySettings:
     """What the gateway runs with. Each field from `routing_mode` on is the Frontend key
-    of its name: zroute/config.py has their defaults, and says what each bounds."""
+    of its name: zroute/settings.py has their defaults, and says what each bounds."""
 
     broker: str  # Broker.frontend
     name: str  # in /stats and /metrics; empty: hostname-pid

@@ -24,7 +24,7 @@ from tests.http_support import (CURL, SEED_OUTPUT, SEED_TEXT, async_test, curl, 
                                 handler_worker, http, parse_curl, raw_http, start_curl,
                                 start_gateway, wait_healthy)
 from tests.support import ZROUTE, Stack, free_port, wait_until, workers_by_id
-from zroute.config import load_config
+from zroute_cli.config import load_config
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import signal
-from typing import Any
 
 from zroute.loader import LoadError
 from broker.policies import Policy, is_policy_class, load_policies, unknown_policy
@@ -14,6 +13,7 @@ from zroute.protocol import DIRECT
 from broker.server import Broker
 from zroute_cli.command import add_common_options, component_main, load
 from zroute.ports import tcp_address
+from zroute.settings import Config
 from zroute_cli.ports import check_free
 
 log = logging.getLogger("zroute.broker")
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def configured_policies(config: Any) -> dict[str, Policy]:
+def configured_policies(config: Config) -> dict[str, Policy]:
     """The built-in policies, the classes of Broker.policies, and that of
     Frontend.routing_mode if it names one: the gateways' default must be valid here."""
     named = dict.fromkeys(config.broker.policies, "Broker.policies")

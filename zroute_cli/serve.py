@@ -28,7 +28,8 @@ from typing import Callable
 
 from zroute_cli.broker import configured_policies
 from zroute_cli.command import add_common_options, flag_overrides, load
-from zroute.config import Config, ConfigError
+from zroute.settings import Config
+from zroute_cli.config import ConfigError
 from zroute.ports import Address, same_listener, tcp_address
 from zroute_cli.ports import (PortInUse, check_free, free_port_from, held_by_running_zroute,
                               is_free, local_url, mark_stopping, unresolvable)

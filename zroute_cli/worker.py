@@ -16,7 +16,8 @@ from zroute.loader import load_object
 from worker.runtime import Handler, Worker
 from zroute_cli import aio
 from zroute_cli.command import add_common_options, component_main, load
-from zroute.config import Config, ConfigError
+from zroute.settings import Config
+from zroute_cli.config import ConfigError
 
 DEFAULT_HANDLER = "worker.greeting:make_handler"
 
