@@ -2,8 +2,9 @@
 configuration file, each field declared with its type, its default and what else a value
 must be (bounds, a check).
 
-A component takes its section (`Broker(settings: BrokerSettings)`); the command line
-builds them, once per process, from the file and the `--Section.key=value` overrides
+A component takes its section (`Broker(settings: BrokerSettings)`), and a gateway or a
+worker also the BrokerLink by which it reaches the broker; the command line builds them,
+once per process, from the file and the `--Section.key=value` overrides
 (zroute_cli/config.py), and checks every value then. A class attribute is its field's
 default, as dataclasses make it (`BrokerSettings.frontend`): code that needs a default
 takes it from there rather than repeat it.
@@ -176,6 +177,24 @@ class BrokerSettings(Section):
                 "the same endpoint: clients connect to Broker.frontend and workers to "
                 "Broker.backend, so each needs its own (by default "
                 f"{BrokerSettings.frontend} and {BrokerSettings.backend})")
+
+    def for_clients(self) -> BrokerLink:
+        """The broker as its clients (gateways) reach it."""
+        return BrokerLink(self.frontend, self.heartbeat_interval, self.heartbeat_misses)
+
+    def for_workers(self) -> BrokerLink:
+        """The broker as its workers reach it."""
+        return BrokerLink(self.backend, self.heartbeat_interval, self.heartbeat_misses)
+
+
+@dataclass(frozen=True)
+class BrokerLink:
+    """What a peer of the broker knows of it: the endpoint it connects to, and the
+    heartbeat by which each of them knows that the other is alive."""
+
+    endpoint: str
+    heartbeat_interval: float = BrokerSettings.heartbeat_interval
+    heartbeat_misses: int = BrokerSettings.heartbeat_misses
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -116,15 +116,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         log.debug("configuration: %s", json.dumps(config.as_dict()))
         log.debug("handler %s: %r", args.handler, handler)
     worker = Worker(
-        config.broker.backend,
+        config.backend, config.broker.for_workers(),
         args.worker_id or f"worker-{secrets.token_hex(3)}",  # tells clients nothing of the host
-        {service: handler for service in args.services or ["generate"]},
-        capacity=config.backend.service_args.capacity,
-        heartbeat_interval=config.broker.heartbeat_interval,
-        heartbeat_misses=config.broker.heartbeat_misses,
-        drain_timeout=config.backend.drain_timeout,
-        expose_errors=config.backend.expose_errors,
-    )
+        {service: handler for service in args.services or ["generate"]})
     aio.run(_serve(worker))
     if worker.refused:
         flags = {p.E_ID_IN_USE: "--id: ", p.E_WRONG_ENDPOINT: "--broker: "}
