@@ -13,7 +13,7 @@ from zroute.protocol import DIRECT
 from broker.server import Broker
 from zroute_cli.command import add_common_options, component_main, load
 from zroute.ports import tcp_address
-from zroute.settings import Config
+from zroute.settings import BrokerSettings, Config
 from zroute_cli.ports import check_free
 
 log = logging.getLogger("zroute.broker")
@@ -22,9 +22,9 @@ log = logging.getLogger("zroute.broker")
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = "Run the broker: clients connect to one socket, workers to the other."
     parser.add_argument("--frontend", metavar="ADDR",
-                        help="client-facing ZeroMQ endpoint (default: tcp://127.0.0.1:5555)")
+                        help=f"client-facing ZeroMQ endpoint (default: {BrokerSettings.frontend})")
     parser.add_argument("--backend", metavar="ADDR",
-                        help="worker-facing ZeroMQ endpoint (default: tcp://127.0.0.1:5556)")
+                        help=f"worker-facing ZeroMQ endpoint (default: {BrokerSettings.backend})")
     parser.add_argument("--policy", dest="policies", action="append", metavar="MODULE:CLASS",
                         help="a routing policy class that requests may name, besides the "
                              "built-in ones; repeatable (sets Broker.policies)")

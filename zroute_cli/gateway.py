@@ -13,6 +13,7 @@ import sys
 from aiohttp import web
 
 from gateway.app import Gateway
+from zroute.settings import FrontendSettings
 from zroute_cli import aio
 from zroute_cli.command import add_common_options, component_main, load
 from zroute_cli.ports import PortInUse, http_url, in_use_message
@@ -33,7 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", metavar="ADDR",
                         help="the broker's client-facing endpoint (default: Broker.frontend)")
     parser.add_argument("--host", help="address to listen on (default: Frontend.host)")
-    parser.add_argument("--port", type=int, help="HTTP port (default: Frontend.port, 8000)")
+    parser.add_argument("--port", type=int,
+                        help=f"HTTP port (default: Frontend.port, {FrontendSettings.port})")
     # For `zroute serve` only: its gateways share one port. Any other gateway has the
     # port to itself, so that two stacks never answer on one port.
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)

@@ -16,7 +16,7 @@ from zroute.loader import load_object
 from worker.runtime import Handler, Worker
 from zroute_cli import aio
 from zroute_cli.command import add_common_options, component_main, load
-from zroute.settings import Config
+from zroute.settings import BrokerSettings, Config
 from zroute_cli.config import ConfigError
 
 DEFAULT_HANDLER = "worker.greeting:make_handler"
@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = "Run a worker that serves requests from the broker."
     parser.add_argument("--broker", metavar="ADDR",
                         help="the broker's worker-facing endpoint; sets Broker.backend "
-                             "(default: tcp://127.0.0.1:5556)")
+                             f"(default: {BrokerSettings.backend})")
     parser.add_argument("--id", dest="worker_id", metavar="ID",
                         help="worker id (default: worker- and 6 random hex digits)")
     parser.add_argument("--handler", default=DEFAULT_HANDLER, metavar="MODULE:CALLABLE",
