@@ -24,6 +24,7 @@ from zroute.protocol import DIRECT, request_token
 from zroute.ratelimit import LogLimiter, PeerLimiter
 from broker.registry import DRAINING, EVICTED, READY, Registry, WorkerInfo
 from broker.reports import Reports
+from zroute.settings import BrokerSettings
 from zroute.unreleased import MARK_BYTES, UnreleasedByPeer
 from zroute.zmqio import (TooManyFrames, readable, recv_frames, send_to, send_to_tracked,
                           track_every_message)
@@ -116,12 +117,12 @@ def count_down(counts: dict[bytes, int], key: bytes, by: int = 1) -> None:
 class Broker:
     """Routes requests from clients to workers and streams the replies back.
 
-    `settings` is the `Broker` section of the configuration (zroute.config).
+    `settings` is the `Broker` section of the configuration.
     `policies` are those that requests may name (default: the built-in ones);
     "direct" is always valid besides them.
     """
 
-    def __init__(self, settings: Any, context: zmq.Context | None = None,
+    def __init__(self, settings: BrokerSettings, context: zmq.Context | None = None,
                  policies: Mapping[str, Policy] | None = None) -> None:
         self.settings = settings
         self.context = context or zmq.Context.instance()

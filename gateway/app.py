@@ -14,7 +14,6 @@ import socket
 import string
 import struct
 import time
-import dataclasses
 from http import HTTPStatus
 from urllib.parse import quote
 
@@ -31,7 +30,7 @@ from zroute.client import BrokerError, Client, Stream
 from zroute.protocol import DIRECT
 from zroute.ratelimit import LogLimiter
 from gateway.metrics import Exporter, GatewayMetrics, total
-from zroute.config import Config
+from zroute.settings import BrokerLink, FrontendSettings
 from zroute.logs import fields
 
 log = logging.getLogger("zroute.gateway")
@@ -59,36 +58,6 @@ STATUS_OF_ERROR = {
     E_GATEWAY_STOPPING: 503,
     p.E_TIMEOUT: 504,
 }
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GatewaySettings:
-    """What the gateway runs with. Each field from `routing_mode` on is the Frontend key
-    of its name: zroute/config.py has their defaults, and says what each bounds."""
-
-    broker: str  # Broker.frontend
-    name: str  # in /stats and /metrics; empty: hostname-pid
-    heartbeat_interval: float  # Broker.heartbeat_interval: also how often it reports
-    max_connections: int  # Frontend.max_connections, its 0 resolved to a number
-    routing_mode: str
-    max_body: int
-    request_timeout: float
-    header_timeout: float
-    body_timeout: float
-    keepalive_timeout: float
-    send_timeout: float
-    max_buffered_bytes: int
-    max_reply_buffer: int
-    max_queued_messages: int
-
-    @classmethod
-    def from_config(cls, config: Config, name: str, max_connections: int) -> GatewaySettings:
-        given = {"broker": config.broker.frontend, "name": name,
-                 "heartbeat_interval": config.broker.heartbeat_interval,
-                 "max_connections": max_connections}
-        frontend = {field.name: getattr(config.frontend, field.name)
-                    for field in dataclasses.fields(cls) if field.name not in given}
-        return cls(**given, **frontend)
 
 
 # The gateway's own error codes; the others are the broker's (zroute/protocol.py).
@@ -296,7 +265,7 @@ def reason(message: str | None) -> str:
 class GatewayServer(web.Server):
     """aiohttp's low-level server, with GatewayConnection for its connections."""
 
-    def __init__(self, handler: object, settings: GatewaySettings, **kwargs: object) -> None:
+    def __init__(self, handler: object, settings: FrontendSettings, **kwargs: object) -> None:
         super().__init__(handler, keepalive_timeout=settings.keepalive_timeout, **kwargs)
         self.settings = settings
         self.refusal = raw_error(503, f"the gateway holds its limit of connections "
@@ -318,15 +287,21 @@ class ReplyResponse(web.StreamResponse):
 
 
 class Gateway:
-    """Which policies are valid is the broker's to say: it answers unknown_policy."""
+    """Serves HTTP with the `Frontend` section's settings, whose max_connections must be
+    a number (its 0, the open-file limit, is the command line's to resolve), through the
+    broker at `broker`. `name` is the gateway's in /stats and /metrics (empty:
+    hostname-pid); it reports its counters to the broker once a heartbeat.
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    Which policies are valid is the broker's to say: it answers unknown_policy."""
+
+    def __init__(self, settings: FrontendSettings, broker: BrokerLink, name: str = "") -> None:
         self.settings = settings
+        self.broker = broker
         self.metrics = GatewayMetrics()
-        self.client = Client(settings.broker, timeout=settings.request_timeout,
+        self.client = Client(broker.endpoint, timeout=settings.request_timeout,
                              timeout_setting="Frontend.request_timeout",
-                             heartbeat_interval=settings.heartbeat_interval,
-                             report=self.metrics.snapshot, name=settings.name,
+                             heartbeat_interval=broker.heartbeat_interval,
+                             report=self.metrics.snapshot, name=name,
                              max_buffered_bytes=settings.max_reply_buffer,
                              receive_hwm=settings.max_queued_messages)
         self.buffered_bytes = 0  # request bodies being read or sent; Frontend.max_buffered_bytes

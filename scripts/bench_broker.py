@@ -541,8 +541,9 @@ async def _direct_server(endpoint: str) -> None:
     from zroute.zmqio import send_to
     from worker.greeting import make_handler
     from worker.runtime import Worker
+    from zroute.settings import BackendSettings, BrokerLink, Config
 
-    config = SimpleNamespace(backend=SimpleNamespace(greeting=GREETING, sleep_time=0.0))
+    config = Config(backend=BackendSettings(greeting=GREETING, sleep_time=0.0))
     context = zmq.Context()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
@@ -550,7 +551,8 @@ async def _direct_server(endpoint: str) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(endpoint)
     boot_id = os.urandom(8)
-    worker = Worker("unused", "direct", {SERVICE: make_handler(config)}, context=context)
+    worker = Worker(config.backend, BrokerLink("unused"), "direct",
+                    {SERVICE: make_handler(config)}, context=context)
 
     class Adapter:
         """Feeds client REQUESTs to the runtime, turns its replies into client replies.

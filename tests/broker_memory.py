@@ -14,7 +14,7 @@ import zmq
 from zroute import protocol as p
 from broker.policies import Policy
 from broker.server import Broker
-from zroute.config import load_config
+from zroute_cli.config import load_config
 
 _endpoints = itertools.count()
 

@@ -12,6 +12,7 @@ import pytest
 from zroute import protocol as p
 from zroute.client import BlockingClient, BlockingStream, BrokerError, Client
 from zroute.endpoints import endpoint_problem
+from zroute.settings import BackendSettings, BrokerLink
 from tests.handlers import CANCELLED_LINE
 from tests.support import Stack, wait_until
 
@@ -195,6 +196,7 @@ def test_a_blocking_client_used_after_closing_says_so():
 def test_a_worker_checks_its_broker_address_and_takes_any_id():
     from worker.runtime import Worker
     with pytest.raises(ValueError) as caught:
-        Worker("localhost:5556", "w1", {"generate": None})
+        Worker(BackendSettings(), BrokerLink("localhost:5556"), "w1", {"generate": None})
     assert str(caught.value) == endpoint_problem("localhost:5556")
-    assert Worker("tcp://127.0.0.1:5556", 7, {"generate": None}).worker_id == "7"
+    assert Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556"), 7,
+                  {"generate": None}).worker_id == "7"

@@ -1,4 +1,5 @@
-"""Tests for zroute.config: defaults < YAML file < --Section.key=value overrides."""
+"""Tests for reading the configuration (zroute_cli/config.py): defaults < YAML file <
+--Section.key=value overrides."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from zroute.config import Config, ConfigError, closest_key, load_config, split_overrides
+from zroute.settings import Config, section, setting
+from zroute_cli.config import ConfigError, build, closest_key, load_config, split_overrides
 
 DEFAULTS = {
     "Backend": {
@@ -404,3 +406,41 @@ def test_a_key_given_twice_in_a_file_is_refused_with_its_lines(
                                             ("127.0.0.1", "127.0.0.1")])
 def test_frontend_host_takes_an_ipv6_address_in_brackets_too(host: str, expected: str) -> None:
     assert load_config(None, [f"Frontend.host={host}"]).frontend.host == expected
+
+
+# --- any settings class -----------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Greeter:
+    """A class such as a service declares its keys with: plain defaults, or settings."""
+
+    greeting: str = "Hello"
+    repeat: int = setting(1, ge=1)
+
+
+GreeterConfig = dataclasses.make_dataclass(
+    "GreeterConfig", [("greeter", Greeter, section(Greeter, "Greeter"))], frozen=True)
+
+
+def test_a_class_of_annotated_fields_is_read_from_its_section_like_the_built_in_ones() -> None:
+    assert build(GreeterConfig, None).greeter == Greeter()
+    config = build(GreeterConfig, {"Greeter": {"greeting": "Hi"}}, ["Greeter.repeat=3"])
+    assert config.greeter == Greeter(greeting="Hi", repeat=3)
+    with pytest.raises(ConfigError) as info:
+        build(GreeterConfig, {"Greeter": {"repeat": 0}})
+    assert str(info.value) == "Greeter.repeat: 0 is invalid: must be an integer >= 1"
+    with pytest.raises(ConfigError) as info:
+        build(GreeterConfig, None, ["Greeter.greting=Hi"])
+    assert str(info.value) == ("unknown key 'Greeter.greting' (did you mean Greeter.greeting? "
+                               "valid keys: greeting, repeat)")
+
+
+def test_a_settings_class_with_a_type_no_key_can_have_is_refused_when_read() -> None:
+    @dataclasses.dataclass
+    class Odd:
+        names: list[str] = dataclasses.field(default_factory=list)
+
+    with pytest.raises(TypeError) as info:
+        build(Odd, None)
+    assert str(info.value).endswith("Odd.names: a setting is a str, int, float, "
+                                    "tuple[str, ...], bool or a section, not a list[str]")

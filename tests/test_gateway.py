@@ -4,7 +4,6 @@ processes on free ports, a real aiohttp client, and curl where it is installed."
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import re
 import signal
@@ -18,13 +17,14 @@ import pytest
 import zmq
 
 from zroute import protocol as p
-from gateway.app import Gateway, GatewaySettings, ReplyResponse
+from gateway.app import Gateway, ReplyResponse
 from tests.gateway_handlers import FAILURE
 from tests.http_support import (CURL, SEED_OUTPUT, SEED_TEXT, async_test, curl, get_json,
                                 handler_worker, http, parse_curl, raw_http, start_curl,
                                 start_gateway, wait_healthy)
 from tests.support import ZROUTE, Stack, free_port, wait_until, workers_by_id
-from zroute.config import load_config
+from zroute.settings import BrokerSettings, FrontendSettings
+from zroute_cli.config import load_config
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -772,15 +772,13 @@ def test_a_body_that_is_not_json_is_told_what_to_send(shared):
 # --- what the gateway takes from its settings and from aiohttp -------------------------
 
 
-def test_the_gateway_settings_are_the_frontend_keys_of_the_config():
+def test_the_gateway_takes_the_frontend_section_and_reaches_the_broker_as_clients_do():
     config = load_config(overrides=["Frontend.max_body=100", "Broker.heartbeat_interval=0.5"])
-    settings = GatewaySettings.from_config(config, "gateway-7", max_connections=12)
-    frontend = config.frontend
-    assert (settings.broker, settings.name, settings.heartbeat_interval,
-            settings.max_connections) == (config.broker.frontend, "gateway-7", 0.5, 12)
-    assert settings.max_body == 100
-    for field in dataclasses.fields(settings)[4:]:  # from routing_mode on
-        assert getattr(settings, field.name) == getattr(frontend, field.name), field.name
+    gateway = Gateway(config.frontend, config.broker.for_clients(), "gateway-7")
+    assert gateway.settings.max_body == 100
+    client = gateway.client
+    assert (client.address, client.heartbeat_interval, client.name, client.timeout) == (
+        config.broker.frontend, 0.5, "gateway-7", config.frontend.request_timeout)
 
 
 # gateway/app.py subclasses aiohttp's connection handler and server, and uses these
@@ -793,10 +791,10 @@ AIOHTTP_INTERNALS = {
 
 
 def test_the_aiohttp_internals_the_gateway_uses_are_there():
-    settings = GatewaySettings.from_config(load_config(), "", max_connections=10)
+    settings = FrontendSettings(max_connections=10)
 
     async def objects() -> dict[str, object]:
-        server = Gateway(settings).server()
+        server = Gateway(settings, BrokerSettings().for_clients()).server()
         connection = server()  # GatewayConnection(manager, **kwargs): RequestHandler's form
         return {"RequestHandler": connection, "Server": server,
                 "StreamResponse": aiohttp.web.StreamResponse}

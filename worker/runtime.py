@@ -23,6 +23,7 @@ from zroute.channel import Channel
 from zroute.connection import ConnectionWatch, watched_dealer
 from zroute.endpoints import check_endpoint
 from zroute.ratelimit import LogLimiter
+from zroute.settings import BackendSettings, BrokerLink
 from worker.watchdog import LoopWatchdog, frame_location
 from zroute.logs import fields
 
@@ -133,22 +134,22 @@ class Outbox:
 
 
 class Worker:
-    """Registers with the broker, serves requests, heartbeats, reconnects, drains."""
+    """Registers with the broker, serves requests, heartbeats, reconnects, drains.
 
-    def __init__(self, broker: str, worker_id: str | int, handlers: dict[str, Handler], *,
-                 capacity: int = 0, heartbeat_interval: float = 1.0, heartbeat_misses: int = 3,
-                 drain_timeout: float = 30.0, expose_errors: bool = False,
-                 context: zmq.Context | None = None) -> None:
+    It runs with the `Backend` section's settings, and reaches the broker at `broker`."""
+
+    def __init__(self, settings: BackendSettings, broker: BrokerLink, worker_id: str | int,
+                 handlers: dict[str, Handler], *, context: zmq.Context | None = None) -> None:
         if not handlers:
             raise ValueError("a worker needs at least one service")
-        self.broker = check_endpoint(broker)
+        self.broker = check_endpoint(broker.endpoint)
         self.worker_id = str(worker_id)  # any id, as the clients take it
         self.handlers = handlers
-        self.capacity = capacity
-        self.heartbeat_interval = heartbeat_interval
-        self.heartbeat_misses = heartbeat_misses
-        self.drain_timeout = drain_timeout
-        self.expose_errors = expose_errors
+        self.capacity = settings.service_args.capacity
+        self.heartbeat_interval = broker.heartbeat_interval
+        self.heartbeat_misses = broker.heartbeat_misses
+        self.drain_timeout = settings.drain_timeout
+        self.expose_errors = settings.expose_errors
         self.token = secrets.token_hex(16)  # proves to the broker that a new connection is ours
         self.context = context or zmq.Context.instance()
         self.tasks: dict[bytes, asyncio.Task] = {}
@@ -169,7 +170,7 @@ class Worker:
         self._drops = LogLimiter(log)
         # A handler that blocks the loop is reported once heartbeats are due, before the
         # broker evicts the worker for missing them.
-        self._watchdog = LoopWatchdog(heartbeat_interval, self._report_blocked_loop)
+        self._watchdog = LoopWatchdog(broker.heartbeat_interval, self._report_blocked_loop)
         self._blocked = LogLimiter(log, interval=BLOCKED_LOG_INTERVAL, per_kind=1)
 
     # --- life cycle -----------------------------------------------------------

@@ -31,15 +31,17 @@ from zroute.connection import CONNECTION_EVENTS, ConnectionWatch, watched_dealer
 from zroute.endpoints import check_endpoint
 from zroute.zmqio import readable
 from zroute.ratelimit import LogLimiter
+from zroute.settings import BrokerSettings
 
 log = logging.getLogger("zroute.client")
 
-DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
-DEFAULT_TIMEOUT = 60.0
+# The broker's defaults: its client endpoint, a request's deadline, its heartbeat.
+DEFAULT_ADDRESS = BrokerSettings.frontend
+DEFAULT_TIMEOUT = BrokerSettings.request_timeout
 DEFAULT_TIMEOUT_SETTING = "the client's timeout"
 REQUEST_TIMEOUT_SETTING = "the request's timeout"  # timeout= given to request()
-HEARTBEAT_INTERVAL = 1.0
-HEARTBEAT_MISSES = 3
+HEARTBEAT_INTERVAL = BrokerSettings.heartbeat_interval
+HEARTBEAT_MISSES = BrokerSettings.heartbeat_misses
 DEADLINE_GRACE = 1.0  # the broker ends a request at its deadline; the client waits this much more
 MAX_BUFFERED_BYTES = 16 << 20  # a stream whose reader falls this far behind is cancelled
 

@@ -6,14 +6,15 @@ import argparse
 import json
 import logging
 import signal
-from typing import Any
 
 from zroute.loader import LoadError
 from broker.policies import Policy, is_policy_class, load_policies, unknown_policy
 from zroute.protocol import DIRECT
 from broker.server import Broker
 from zroute_cli.command import add_common_options, component_main, load
-from zroute.ports import check_free, tcp_address
+from zroute.ports import tcp_address
+from zroute.settings import BrokerSettings, Config
+from zroute_cli.ports import check_free
 
 log = logging.getLogger("zroute.broker")
 
@@ -21,9 +22,9 @@ log = logging.getLogger("zroute.broker")
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = "Run the broker: clients connect to one socket, workers to the other."
     parser.add_argument("--frontend", metavar="ADDR",
-                        help="client-facing ZeroMQ endpoint (default: tcp://127.0.0.1:5555)")
+                        help=f"client-facing ZeroMQ endpoint (default: {BrokerSettings.frontend})")
     parser.add_argument("--backend", metavar="ADDR",
-                        help="worker-facing ZeroMQ endpoint (default: tcp://127.0.0.1:5556)")
+                        help=f"worker-facing ZeroMQ endpoint (default: {BrokerSettings.backend})")
     parser.add_argument("--policy", dest="policies", action="append", metavar="MODULE:CLASS",
                         help="a routing policy class that requests may name, besides the "
                              "built-in ones; repeatable (sets Broker.policies)")
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def configured_policies(config: Any) -> dict[str, Policy]:
+def configured_policies(config: Config) -> dict[str, Policy]:
     """The built-in policies, the classes of Broker.policies, and that of
     Frontend.routing_mode if it names one: the gateways' default must be valid here."""
     named = dict.fromkeys(config.broker.policies, "Broker.policies")

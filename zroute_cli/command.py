@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import sys
 from typing import Callable, Mapping, NoReturn, Sequence
@@ -11,8 +10,9 @@ from typing import Callable, Mapping, NoReturn, Sequence
 import zmq
 
 from zroute.loader import LoadError
-from zroute.config import (SCHEMA, Config, ConfigError, EndpointClash, closest, closest_key,
-                           load_config, split_overrides)
+from zroute.settings import BrokerSettings, Config
+from zroute_cli.config import (ConfigError, EndpointClash, closest, closest_key, load_config,
+                               split_overrides)
 from zroute.logs import LOG_FORMATS, setup_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -54,21 +54,24 @@ def load(args: argparse.Namespace, overrides: Sequence[str],
     return config
 
 
-# The key that sets how many processes of a command `zroute serve` runs.
-PROCESS_COUNTS = {"worker": ("Backend", "ServiceArgs", "workers"),
-                  "gateway": ("Frontend", "ServiceArgs", "workers")}
+# The key that sets how many processes of a command `zroute serve` runs, and its value.
+PROCESS_COUNTS: dict[str, tuple[str, Callable[[Config], int]]] = {
+    "worker": ("Backend.ServiceArgs.workers", lambda config: config.backend.service_args.workers),
+    "gateway": ("Frontend.ServiceArgs.workers",
+                lambda config: config.frontend.service_args.workers),
+}
 
 
 def _note_the_process_count(args: argparse.Namespace, config: Config) -> None:
     """A count of processes for this command means something to `zroute serve` only:
     say so rather than ignore it silently."""
-    path = PROCESS_COUNTS.get(args.process_name)
-    if path is None:
+    if args.process_name not in PROCESS_COUNTS:
         return
-    count = functools.reduce(dict.__getitem__, path, config.as_dict())
+    key, count_of = PROCESS_COUNTS[args.process_name]
+    count = count_of(config)
     if count > 1:
         log.info("%s is %d, but %s runs one process; `zroute serve` runs %d",
-                 ".".join(path), count, args.prog, count)
+                 key, count, args.prog, count)
 
 
 # The broker's two endpoints, and who uses each.
@@ -87,7 +90,7 @@ def _clash_from_a_flag(args: argparse.Namespace, flags: Mapping[str, object | No
     flag = _flag_of(args, value)
     if flag is None:
         return None
-    default = SCHEMA["Broker"][key.partition(".")[2]].default
+    default = getattr(BrokerSettings, key.partition(".")[2])
     role, other_role = ENDPOINT_ROLES[key], ENDPOINT_ROLES[other]
     if flag == "--broker":  # a component that connects to the broker
         return (f"--broker {value} is the broker's {other_role} endpoint ({other}); "

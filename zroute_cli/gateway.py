@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import errno
 import logging
 import signal
 import sys
 
-
 from aiohttp import web
 
-from gateway.app import Gateway, GatewaySettings
+from gateway.app import Gateway
+from zroute.settings import FrontendSettings
 from zroute_cli import aio
 from zroute_cli.command import add_common_options, component_main, load
-from zroute.ports import PortInUse, http_url, in_use_message
+from zroute_cli.ports import PortInUse, http_url, in_use_message
 
 log = logging.getLogger("zroute.gateway")
 
@@ -33,7 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", metavar="ADDR",
                         help="the broker's client-facing endpoint (default: Broker.frontend)")
     parser.add_argument("--host", help="address to listen on (default: Frontend.host)")
-    parser.add_argument("--port", type=int, help="HTTP port (default: Frontend.port, 8000)")
+    parser.add_argument("--port", type=int,
+                        help=f"HTTP port (default: Frontend.port, {FrontendSettings.port})")
     # For `zroute serve` only: its gateways share one port. Any other gateway has the
     # port to itself, so that two stacks never answer on one port.
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
@@ -44,14 +46,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     config = load(args, overrides, {"Broker.frontend": args.broker, "Frontend.host": args.host,
                                     "Frontend.port": args.port})
-    frontend = config.frontend
-    descriptors = raise_descriptor_limit()
-    max_connections = frontend.max_connections or max(
-        1, min(descriptors - RESERVED_DESCRIPTORS, MAX_DEFAULT_CONNECTIONS))
-    gateway = Gateway(GatewaySettings.from_config(config, args.log_name or "", max_connections))
+    frontend = dataclasses.replace(
+        config.frontend, max_connections=connection_limit(config.frontend.max_connections))
+    gateway = Gateway(frontend, config.broker.for_clients(), args.log_name or "")
     aio.run(serve(gateway, frontend.host, frontend.port, frontend.drain_timeout,
                   args.reuse_port))
     return 0
+
+
+def connection_limit(configured: int) -> int:
+    """Frontend.max_connections as the gateway takes it, a number: its 0 is the open-file
+    limit (raised first, in any case) less what the process needs besides."""
+    descriptors = raise_descriptor_limit()
+    return configured or max(1, min(descriptors - RESERVED_DESCRIPTORS, MAX_DEFAULT_CONNECTIONS))
 
 
 def raise_descriptor_limit() -> int:
@@ -92,7 +99,7 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
                 raise PortInUse(in_use_message(port)) from None
             raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
         log.info("gateway listening on %s, broker %s, at most %d connections",
-                 http_url(host, port), gateway.settings.broker,
+                 http_url(host, port), gateway.broker.endpoint,
                  gateway.settings.max_connections)
         stop = asyncio.Event()
 

@@ -28,10 +28,11 @@ from typing import Callable
 
 from zroute_cli.broker import configured_policies
 from zroute_cli.command import add_common_options, flag_overrides, load
-from zroute.config import Config, ConfigError
-from zroute.ports import (Address, PortInUse, check_free, free_port_from,
-                          held_by_running_zroute, is_free, local_url, mark_stopping,
-                          same_listener, tcp_address, unresolvable)
+from zroute.settings import Config, FrontendSettings
+from zroute_cli.config import ConfigError
+from zroute.ports import Address, same_listener, tcp_address
+from zroute_cli.ports import (PortInUse, check_free, free_port_from, held_by_running_zroute,
+                              is_free, local_url, mark_stopping, unresolvable)
 
 log = logging.getLogger("zroute_cli.serve")
 
@@ -52,8 +53,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Run the broker, the workers and the HTTP gateway together, "
                           "and keep them running.")
     parser.add_argument("--host", help="address to listen on (default: Frontend.host, "
-                                       "127.0.0.1)")
-    parser.add_argument("--port", type=int, help="HTTP port (default: Frontend.port, 8000)")
+                                       f"{FrontendSettings.host})")
+    parser.add_argument("--port", type=int,
+                        help=f"HTTP port (default: Frontend.port, {FrontendSettings.port})")
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="serve", positional_hint=(
         "it runs the built-in pipeline (the gateway and the greeting workers) and takes no "

@@ -11,7 +11,7 @@ import orjson
 from zroute import protocol as p
 from zroute.client import BlockingClient, BrokerError
 from zroute_cli.command import add_common_options, load
-from zroute.config import ConfigError
+from zroute_cli.config import ConfigError
 
 NO_BROKER_HINT = (": is a broker running? `zroute serve` starts the whole stack, "
                   "`zroute broker` a broker alone")

@@ -16,7 +16,8 @@ from zroute.loader import load_object
 from worker.runtime import Handler, Worker
 from zroute_cli import aio
 from zroute_cli.command import add_common_options, component_main, load
-from zroute.config import Config, ConfigError
+from zroute.settings import BrokerSettings, Config
+from zroute_cli.config import ConfigError
 
 DEFAULT_HANDLER = "worker.greeting:make_handler"
 
@@ -27,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = "Run a worker that serves requests from the broker."
     parser.add_argument("--broker", metavar="ADDR",
                         help="the broker's worker-facing endpoint; sets Broker.backend "
-                             "(default: tcp://127.0.0.1:5556)")
+                             f"(default: {BrokerSettings.backend})")
     parser.add_argument("--id", dest="worker_id", metavar="ID",
                         help="worker id (default: worker- and 6 random hex digits)")
     parser.add_argument("--handler", default=DEFAULT_HANDLER, metavar="MODULE:CALLABLE",
@@ -115,15 +116,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         log.debug("configuration: %s", json.dumps(config.as_dict()))
         log.debug("handler %s: %r", args.handler, handler)
     worker = Worker(
-        config.broker.backend,
+        config.backend, config.broker.for_workers(),
         args.worker_id or f"worker-{secrets.token_hex(3)}",  # tells clients nothing of the host
-        {service: handler for service in args.services or ["generate"]},
-        capacity=config.backend.service_args.capacity,
-        heartbeat_interval=config.broker.heartbeat_interval,
-        heartbeat_misses=config.broker.heartbeat_misses,
-        drain_timeout=config.backend.drain_timeout,
-        expose_errors=config.backend.expose_errors,
-    )
+        {service: handler for service in args.services or ["generate"]})
     aio.run(_serve(worker))
     if worker.refused:
         flags = {p.E_ID_IN_USE: "--id: ", p.E_WRONG_ENDPOINT: "--broker: "}

@@ -1,0 +1,207 @@
+"""The settings of each component, typed: one frozen dataclass per section of the
+configuration file, each field declared with its type, its default and what else a value
+must be (bounds, a check).
+
+A component takes its section (`Broker(settings: BrokerSettings)`), and a gateway or a
+worker also the BrokerLink by which it reaches the broker; the command line builds them,
+once per process, from the file and the `--Section.key=value` overrides
+(zroute_cli/config.py), and checks every value then. A class attribute is its field's
+default, as dataclasses make it (`BrokerSettings.frontend`): code that needs a default
+takes it from there rather than repeat it.
+
+A field's key in YAML is its name; a section's is given with it (`ServiceArgs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from zroute.endpoints import endpoint_problem
+from zroute.ports import same_listener, tcp_address
+from zroute.protocol import MAX_BATCH_BYTES
+
+T = TypeVar("T")
+
+RULES = "zroute.rules"  # the metadata key of a field's Rules
+KEY = "zroute.key"  # the metadata key of a section's name in YAML
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What a value of a setting must be besides its type: within the bounds (ge/gt/le),
+    and without a problem that `check` names (it returns None for a good value).
+    `clean`, if given, turns an accepted value into the one to use."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    check: Callable[[Any], str | None] | None = None
+    clean: Callable[[Any], Any] | None = None
+
+
+NO_RULES = Rules()
+
+
+def setting(default: T, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, check: Callable[[Any], str | None] | None = None,
+            clean: Callable[[Any], Any] | None = None) -> T:
+    """A field of a settings class, `port: int = setting(8000, ge=1, le=65535)`: its type
+    is the annotation's. A field without rules may be a plain default (`greeting: str =
+    "Hello"`)."""
+    rules = Rules(ge, gt, le, check, clean)
+    return dataclasses.field(default=default, metadata={RULES: rules})
+
+
+def section(cls: Callable[[], T], key: str) -> T:
+    """A field that is a section of its own, named `key` in YAML."""
+    return dataclasses.field(default_factory=cls, metadata={KEY: key})
+
+
+def key_of(field: dataclasses.Field) -> str:
+    return field.metadata.get(KEY, field.name)
+
+
+def rules_of(field: dataclasses.Field) -> Rules:
+    return field.metadata.get(RULES, NO_RULES)
+
+
+class Section:
+    """Base of the settings classes."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Nested plain dict with the YAML spelling of keys."""
+        result: dict[str, Any] = {}
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, field.name)
+            result[key_of(field)] = value.as_dict() if isinstance(value, Section) else value
+        return result
+
+
+def unbracketed(host: str) -> str:
+    """The host as it is listened on: "[::1]", as in a URL, is "::1"."""
+    return host.removeprefix("[").removesuffix("]")
+
+
+def policy_spec_problem(specs: tuple[str, ...]) -> str | None:
+    """Broker.policies names classes: a bare name would be a built-in policy, always valid."""
+    for spec in specs:
+        module, _, attribute = spec.rpartition(":")
+        if not module or not attribute:
+            return (f"{spec!r} is not a policy class: name one as module:Class or "
+                    "path/to/file.py:Class (the built-in policies need no entry)")
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackendSettings(Section):
+    """The workers'."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class ServiceArgs(Section):
+        workers: int = setting(1, ge=1)
+        capacity: int = setting(0, ge=0)  # 0 means unlimited
+
+    greeting: str = "Hello"
+    sleep_time: float = setting(1.0, ge=0)
+    drain_timeout: float = setting(30.0, ge=0)  # SIGTERM: finish in-flight work for this long
+    # Send a handler's exception text to clients; else they get a request id to look up.
+    expose_errors: bool = False
+    service_args: ServiceArgs = section(ServiceArgs, "ServiceArgs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrontendSettings(Section):
+    """The HTTP gateways'."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class ServiceArgs(Section):
+        workers: int = setting(1, ge=1)
+
+    routing_mode: str = "round_robin"  # validated by the router
+    host: str = setting("127.0.0.1", clean=unbracketed)
+    port: int = setting(8000, ge=1, le=65535)
+    max_body: int = setting(1048576, ge=1)
+    request_timeout: float = setting(60.0, gt=0)
+    drain_timeout: float = setting(30.0, ge=0)  # SIGTERM: finish streams, then cut them
+    # What one HTTP peer may cost the gateway, in time, connections and bytes.
+    header_timeout: float = setting(10.0, gt=0)  # a request head, from its first byte
+    body_timeout: float = setting(30.0, gt=0)  # a request body, from its head
+    keepalive_timeout: float = setting(15.0, gt=0)  # an idle connection
+    send_timeout: float = setting(30.0, gt=0)  # a client reading none of its reply
+    max_connections: int = setting(0, ge=0)  # 0: from the open-file limit
+    max_buffered_bytes: int = setting(32 << 20, ge=1)  # request bodies at once
+    max_reply_buffer: int = setting(256 << 10, ge=1)  # per stream, ahead of its client
+    max_queued_messages: int = setting(1000, ge=1)  # from the broker, not yet handled
+    service_args: ServiceArgs = section(ServiceArgs, "ServiceArgs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerSettings(Section):
+    """The broker's; its peers take its endpoints and heartbeat from here too."""
+
+    frontend: str = setting("tcp://127.0.0.1:5555", check=endpoint_problem)
+    backend: str = setting("tcp://127.0.0.1:5556", check=endpoint_problem)
+    heartbeat_interval: float = setting(1.0, gt=0)
+    heartbeat_misses: int = setting(3, ge=1)
+    max_retries: int = setting(2, ge=0)
+    request_timeout: float = setting(60.0, gt=0)
+    max_queue: int = setting(1000, ge=0)
+    queue_timeout: float = setting(5.0, ge=0)
+    max_queue_per_client: int = setting(250, ge=0)  # of all the queues, per client
+    max_requests_per_client: int = setting(10_000, ge=1)  # held by the broker, per client
+    # Bytes the broker holds: one request's body; a client's bodies and unread
+    # replies; everyone's.
+    max_request_bytes: int = setting(1 << 20, ge=1)
+    max_client_bytes: int = setting(128 << 20, ge=1)
+    max_buffered_bytes: int = setting(256 << 20, ge=1)
+    # Peers pack messages into frames of up to MAX_BATCH_BYTES.
+    max_message_size: int = setting(8388608, ge=MAX_BATCH_BYTES)
+    max_workers: int = setting(1000, ge=1)  # live workers; a READY past it is refused
+    max_services_per_worker: int = setting(64, ge=1)  # names one READY may declare
+    max_departed_workers: int = setting(100, ge=0)  # evicted workers kept in stats
+    stats_max_workers: int = setting(100, ge=1)  # workers listed in one stats reply
+    stats_interval: float = setting(0.1, ge=0)  # STATS past a client's share wait this long at most
+    # Policy classes (module:Class) a request may name besides the built-in ones.
+    policies: tuple[str, ...] = setting((), check=policy_spec_problem)
+
+    def endpoint_clash(self) -> str | None:
+        """Why the two endpoints cannot both be bound, if they cannot: clients and workers
+        speak different protocols, so each needs its own socket."""
+        front, back = tcp_address(self.frontend), tcp_address(self.backend)
+        same_port = front is not None and back is not None and same_listener(front, back)
+        if self.frontend != self.backend and not same_port:
+            return None
+        return (f"Broker.frontend ({self.frontend}) and Broker.backend ({self.backend}) are "
+                "the same endpoint: clients connect to Broker.frontend and workers to "
+                "Broker.backend, so each needs its own (by default "
+                f"{BrokerSettings.frontend} and {BrokerSettings.backend})")
+
+    def for_clients(self) -> BrokerLink:
+        """The broker as its clients (gateways) reach it."""
+        return BrokerLink(self.frontend, self.heartbeat_interval, self.heartbeat_misses)
+
+    def for_workers(self) -> BrokerLink:
+        """The broker as its workers reach it."""
+        return BrokerLink(self.backend, self.heartbeat_interval, self.heartbeat_misses)
+
+
+@dataclass(frozen=True)
+class BrokerLink:
+    """What a peer of the broker knows of it: the endpoint it connects to, and the
+    heartbeat by which each of them knows that the other is alive."""
+
+    endpoint: str
+    heartbeat_interval: float = BrokerSettings.heartbeat_interval
+    heartbeat_misses: int = BrokerSettings.heartbeat_misses
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(Section):
+    """The whole configuration: ``config.backend.greeting``,
+    ``config.frontend.service_args.workers``..."""
+
+    backend: BackendSettings = section(BackendSettings, "Backend")
+    frontend: FrontendSettings = section(FrontendSettings, "Frontend")
+    broker: BrokerSettings = section(BrokerSettings, "Broker")
