@@ -237,7 +237,7 @@ def test_oversized_frame_drops_the_peer_not_the_broker(stack):
 @pytest.mark.timeout(30)
 def test_a_reader_that_falls_behind_is_cut_off_not_buffered(stack):
     stack.broker()
-    worker = stack.worker("w1", "--handler", "tests.fault_handlers:flood")
+    worker = stack.worker("w1", "--handler", "tests.handlers:forty_mebibytes")
     stack.wait_workers("w1")
 
     async def scenario():
@@ -260,7 +260,7 @@ def test_a_reader_that_falls_behind_is_cut_off_not_buffered(stack):
 @pytest.mark.timeout(30)
 def test_a_vanished_client_has_its_requests_cancelled(stack):
     stack.broker()
-    worker = stack.worker("w1", "--handler", "tests.fault_handlers:ticks")
+    worker = stack.worker("w1", "--handler", "tests.handlers:ticks")
     stack.wait_workers("w1")
     context = zmq.Context()
     client = context.socket(zmq.DEALER)
@@ -279,7 +279,7 @@ def test_a_vanished_client_has_its_requests_cancelled(stack):
 @pytest.mark.timeout(30)
 def test_a_handler_yielding_neither_str_nor_bytes_fails_its_request_only(stack):
     stack.broker()
-    worker = stack.worker("w1", "--handler", "tests.fault_handlers:yields_a_number")
+    worker = stack.worker("w1", "--handler", "tests.handlers:yields_a_number")
     stack.wait_workers("w1")
     with BlockingClient(stack.frontend, timeout=10) as client:
         for _ in range(2):  # and the worker goes on serving

@@ -19,7 +19,7 @@ import zmq
 
 from zroute import protocol as p
 from gateway.app import Gateway, GatewaySettings, ReplyResponse
-from tests.gateway_handlers import FAILURE
+from tests.handlers import FAILURE
 from tests.http_support import (CURL, SEED_OUTPUT, SEED_TEXT, async_test, curl, get_json,
                                 handler_worker, http, parse_curl, raw_http, start_curl,
                                 start_gateway, wait_healthy)
@@ -74,7 +74,7 @@ def one_worker(stack):
 
 
 def serving_handler(stack: Stack, handler: str, *worker_args: str):
-    """Broker, worker-1 serving a handler of tests/gateway_handlers.py, and a gateway."""
+    """Broker, worker-1 serving a handler of tests/handlers.py, and a gateway."""
     stack.broker()
     handler_worker(stack, "worker-1", handler, *worker_args)
     gateway = start_gateway(stack)

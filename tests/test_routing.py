@@ -26,7 +26,7 @@ from tests.support import (ZROUTE, Stack, all_idle, async_wait_until, child_env,
                            wait_until, workers_by_id)
 
 SERVICE = "generate"
-HOLD = "tests.routing_handlers:hold"
+HOLD = "tests.handlers:hold"
 CLEAR_SCREEN = "\033[H\033[2J"
 # A queue of 3 whose requests wait at most 0.5 s.
 SMALL_QUEUE = ("--Broker.max_queue=3", "--Broker.queue_timeout=0.5")
