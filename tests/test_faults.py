@@ -47,7 +47,7 @@ def test_kill_one_of_three_workers_with_100_requests_in_flight(stack):
             for _ in range(100):  # arrivals over about 1 s, so some have no chunk yet at the kill
                 tasks.append(asyncio.create_task(collect(client.round_robin("generate", FOUR_WORDS))))
                 await asyncio.sleep(0.01)
-            workers["w2"].signal(signal.SIGKILL)
+            workers["w2"].kill()
             return await asyncio.wait_for(asyncio.gather(*tasks), 20)
 
     outcomes = asyncio.run(scenario())
@@ -77,7 +77,7 @@ def test_broker_restart_workers_and_clients_come_back(stack):
             assert await client.round_robin("generate", {"text": "x"}).read() == b"Hello x!\n"
             in_flight = client.round_robin("generate", {"text": "a,b,c,d,e,f,g,h"})
             assert await in_flight.first() == b"Hello a!\n"
-            broker.signal(signal.SIGKILL)
+            broker.kill()
             killed = time.monotonic()
             # The closed connection fails the request at once, not after 3 missed heartbeats.
             chunks, error = await asyncio.wait_for(collect(in_flight), 10)
@@ -172,7 +172,7 @@ def test_restarted_worker_takes_its_id_back(stack):
     broker = stack.broker()
     first = stack.worker("w1")
     stack.wait_workers("w1")
-    first.signal(signal.SIGKILL)
+    first.kill()
     first.popen.wait()
     stack.worker("w1")
     started = time.monotonic()
@@ -280,6 +280,7 @@ def test_a_vanished_client_has_its_requests_cancelled(stack):
 def test_a_handler_yielding_neither_str_nor_bytes_fails_its_request_only(stack):
     stack.broker()
     worker = stack.worker("w1", "--handler", "tests.handlers:yields_a_number")
+    worker.expect(0, traceback=True)  # it logs each failure with its traceback
     stack.wait_workers("w1")
     with BlockingClient(stack.frontend, timeout=10) as client:
         for _ in range(2):  # and the worker goes on serving
@@ -296,6 +297,7 @@ def test_a_second_worker_with_a_live_workers_id_exits_with_one_line(stack):
     stack.worker("w1")
     stack.wait_workers("w1")
     twin = stack.worker("w1")
+    twin.expect(2)
     assert twin.popen.wait(10) == 2
     errors = [line for line in twin.output().splitlines() if "error: --id" in line]
     assert errors == ["zroute worker: error: --id: worker id 'w1' is in use by a live worker"]
