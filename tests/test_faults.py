@@ -106,7 +106,8 @@ def test_broker_restart_workers_and_clients_come_back(stack):
 @pytest.mark.timeout(30)
 def test_sigterm_drains_in_flight_requests(stack):
     stack.broker()
-    draining = stack.worker("w1", sleep_time=0.4)
+    # After the first chunk, 1.6 s of work remain: time enough to see the draining state.
+    draining = stack.worker("w1", sleep_time=0.8)
     stack.wait_workers("w1")
 
     async def scenario():
@@ -114,8 +115,8 @@ def test_sigterm_drains_in_flight_requests(stack):
             streams = [client.direct("generate", {"text": "a,b,c"}, "w1") for _ in range(5)]
             await asyncio.gather(*(s.first() for s in streams))
             draining.signal(signal.SIGTERM)
-            wait_until(lambda: worker_state(stack, "w1") in ("draining", "evicted"), 5,
-                       "w1 to drain")
+            # Draining while its requests run; evicted only once they have ended.
+            wait_until(lambda: worker_state(stack, "w1") == "draining", 5, "w1 to drain")
             # A draining worker gets no new requests.
             with pytest.raises(BrokerError) as refused:
                 await client.direct("generate", {"text": "late"}, "w1").read()
