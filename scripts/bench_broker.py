@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
 import logging
 import multiprocessing as mp
@@ -55,7 +54,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -71,7 +69,9 @@ if str(ROOT) not in sys.path:
 
 import zmq  # noqa: E402
 
+from children import free_port  # noqa: E402
 from zroute import protocol as p  # noqa: E402
+from zroute.processes import die_with_parent, start_group  # noqa: E402
 
 BODY = b'{"text": "world,universe,galaxy"}'
 EXPECTED_CHUNKS = 3
@@ -89,23 +89,11 @@ TARGET_HOP_MS = 0.2
 
 # --- process bookkeeping ---------------------------------------------------------
 
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
-
-
-def _die_with_parent() -> None:
-    """Linux: get SIGTERM if the benchmark dies without cleaning up (e.g. SIGKILL)."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _child_init() -> None:
-    """First thing in every multiprocessing child: leave Ctrl-C to the parent."""
+    """First thing in every multiprocessing child: leave Ctrl-C to the parent, and stop
+    if the benchmark dies without cleaning up (e.g. SIGKILL)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
 
 
 class Processes:
@@ -115,8 +103,7 @@ class Processes:
         self.items: list[tuple[str, object]] = []
 
     def popen(self, name: str, argv: list[str], **kwargs) -> subprocess.Popen:
-        proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent,
-                                **kwargs)
+        proc = start_group(argv, **kwargs)
         self.items.append((name, proc))
         return proc
 
@@ -183,12 +170,6 @@ def _wait(proc, timeout: float) -> None:
             pass
     else:
         proc.join(timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _IPC_DIR: list[str] = []

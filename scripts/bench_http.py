@@ -32,8 +32,6 @@ import asyncio
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +40,9 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from children import free_port, stop_all
+from zroute.processes import start_group
 
 HERE = Path(__file__).resolve().parent
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
@@ -80,12 +81,6 @@ http {{
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_tools() -> dict[str, bool]:
     """wrk and nginx from Debian's packages, installed if missing."""
     wanted = {"wrk": "wrk", "nginx": "nginx-light"}
@@ -112,20 +107,12 @@ class Processes:
         self.children: list[subprocess.Popen] = []
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 env=env)
+        child = start_group(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         self.children.append(child)
         return child
 
     def stop(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in self.children:
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        stop_all(self.children)
 
 
 def wait_http(url: str, timeout: float = 30) -> None:

@@ -18,11 +18,11 @@ import zmq
 
 from zroute import protocol as p
 from gateway.app import Gateway, ReplyResponse
-from tests.gateway_handlers import FAILURE
+from tests.handlers import FAILURE
 from tests.http_support import (CURL, SEED_OUTPUT, SEED_TEXT, async_test, curl, get_json,
                                 handler_worker, http, parse_curl, raw_http, start_curl,
                                 start_gateway, wait_healthy)
-from tests.support import ZROUTE, Stack, free_port, wait_until, workers_by_id
+from tests.support import Stack, free_port, wait_until, workers_by_id
 from zroute.settings import BrokerSettings, FrontendSettings
 from zroute_cli.config import load_config
 
@@ -73,10 +73,11 @@ def one_worker(stack):
     return gateway
 
 
-def serving_handler(stack: Stack, handler: str, *worker_args: str):
-    """Broker, worker-1 serving a handler of tests/gateway_handlers.py, and a gateway."""
+def serving_handler(stack: Stack, handler: str, *worker_args: str, fails: bool = False):
+    """Broker, worker-1 serving a handler of tests/handlers.py, and a gateway. A handler
+    that `fails` has the worker log its traceback."""
     stack.broker()
-    handler_worker(stack, "worker-1", handler, *worker_args)
+    handler_worker(stack, "worker-1", handler, *worker_args).expect(0, traceback=fails)
     gateway = start_gateway(stack)
     wait_healthy(gateway, 1)
     return gateway
@@ -629,7 +630,7 @@ async def test_a_client_gone_before_the_broker_answered_is_not_labelled_with_its
 
 
 def test_a_handler_failing_before_its_first_line_answers_502_handler_error(stack):
-    gateway = serving_handler(stack, "fail_at_once", "--Backend.expose_errors=true")
+    gateway = serving_handler(stack, "fail_at_once", "--Backend.expose_errors=true", fails=True)
     reply = http("POST", f"{gateway.url}/generate", SEED_BODY)
     check_error(reply.status, reply.headers["content-type"], reply.body, 502,
                 {"error": f"RuntimeError: {FAILURE}", "code": "handler_error"})
@@ -638,7 +639,8 @@ def test_a_handler_failing_before_its_first_line_answers_502_handler_error(stack
 
 @async_test
 async def test_a_handler_failing_mid_stream_gives_a_visibly_incomplete_response(stack):
-    gateway = serving_handler(stack, "fail_mid_stream", "--Backend.expose_errors=true")
+    gateway = serving_handler(stack, "fail_mid_stream", "--Backend.expose_errors=true",
+                              fails=True)
     expected = f"Hello world!\n\nerror: handler_error: RuntimeError: {FAILURE}\n"
 
     async with aiohttp.ClientSession() as session:
@@ -680,7 +682,7 @@ async def test_a_worker_killed_mid_stream_gives_a_visibly_incomplete_response(st
             assert (resp.status, resp.headers["X-Worker-Id"]) == (200, "worker-1")
             lines = [await resp.content.readline()]
             curl_lines = [await curl_process.stdout.readline()] if curl_process else []
-            worker.signal(signal.SIGKILL)  # no drain, no goodbye
+            worker.kill()  # no drain, no goodbye
             killed = time.monotonic()
             with pytest.raises(aiohttp.ClientPayloadError):
                 await read_lines_until_broken(resp, lines)

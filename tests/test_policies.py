@@ -2,7 +2,9 @@
 broker's rules for the policies a user names (module:Class), in memory."""
 
 import logging
+import random
 import sys
+from collections import Counter
 
 import pytest
 
@@ -39,15 +41,41 @@ def test_least_loaded_takes_the_lowest_share_of_capacity_and_breaks_ties_in_turn
     assert [policy.choose("b", tied).worker_id for _ in range(4)] == ["w0", "w1", "w0", "w1"]
 
 
+@pytest.fixture
+def seeded_random():
+    """The random module seeded, so that a test of a random policy sees one fixed
+    sequence; its state is restored afterwards."""
+    state = random.getstate()
+    random.seed(1234)
+    yield
+    random.setstate(state)
+
+
 def test_power_of_two_never_picks_the_busier_of_two():
     policy, pool = PowerOfTwo(), workers((5, 0), (0, 0))
     assert {policy.choose("a", pool).worker_id for _ in range(50)} == {"w1"}
     assert policy.choose("a", pool[:1]).worker_id == "w0"
 
 
-def test_random_uses_every_worker():
-    policy, pool = Random(), workers((0, 0), (0, 0))
-    assert {policy.choose("a", pool).worker_id for _ in range(200)} == {"w0", "w1"}
+def test_power_of_two_compares_two_workers_not_all(seeded_random):
+    policy, pool = PowerOfTwo(), workers((2, 0), (1, 0), (0, 0))
+    picks = Counter(policy.choose("a", pool).worker_id for _ in range(300))
+    # The busiest never wins its pair; the middle one wins the pair without the idlest,
+    # a third of the time (least_loaded would never pick it). The bounds are 3.5
+    # standard deviations wide: they would hold for almost any seed.
+    assert picks.keys() == {"w1", "w2"}
+    assert 70 <= picks["w1"] <= 130, picks
+
+
+def test_random_uses_every_worker_in_no_fixed_order(seeded_random):
+    policy, pool = Random(), workers((0, 0), (0, 0), (0, 0))
+    picks = [policy.choose("a", pool).worker_id for _ in range(300)]
+    # About a third each (3.5 standard deviations either side), ...
+    assert all(70 <= n <= 130 for n in Counter(picks).values()) and len(set(picks)) == 3, \
+        Counter(picks)
+    # ... and in no order that repeats, as round robin's does every 3 picks.
+    for period in range(1, 30):
+        assert picks[period:] != picks[:-period], f"the picks repeat every {period}"
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))

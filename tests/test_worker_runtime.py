@@ -48,17 +48,19 @@ def hang_worker(stack: Stack, *args: str):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("signum, code", [
-    (signal.SIGKILL, p.E_BROKER_UNREACHABLE),
-    (signal.SIGTERM, p.E_WORKER_LOST),  # the broker tells its clients why, and its workers CANCEL
+@pytest.mark.parametrize("signum, exit_code, code", [
+    (signal.SIGKILL, -signal.SIGKILL, p.E_BROKER_UNREACHABLE),
+    # the broker tells its clients why, and its workers CANCEL
+    (signal.SIGTERM, 0, p.E_WORKER_LOST),
 ], ids=["killed", "stopped"])
-def test_a_worker_stops_its_work_as_soon_as_the_broker_goes_and_comes_back_to_it(stack, signum,
-                                                                                  code):
+def test_a_worker_stops_its_work_as_soon_as_the_broker_goes_and_comes_back_to_it(
+        stack, signum, exit_code, code):
     broker = stack.broker()
     worker = hang_worker(stack)
     with BlockingClient(stack.frontend, timeout=30) as client:
         stream = client.request("hang", {"marker": "lost"})
         assert next(stream) == b"first\n"
+        broker.expect(exit_code)
         broker.signal(signum)
         lost = time.monotonic()
         wait_until(lambda: CANCELLED_LINE.format(marker="lost") in worker.output(), 10,
@@ -70,7 +72,7 @@ def test_a_worker_stops_its_work_as_soon_as_the_broker_goes_and_comes_back_to_it
     # At once, not after three missed heartbeats (3 s).
     assert elapsed < 2.0, f"took {elapsed:.2f} s"
     assert f"the connection to the broker at {stack.backend} closed" in worker.output()
-    broker.stop()
+    broker.wait()
     stack.broker()
     stack.wait_workers("hanger", timeout=5)
     assert "broker silent" not in worker.output()
