@@ -71,8 +71,6 @@ if str(ROOT) not in sys.path:
 
 import zmq  # noqa: E402
 
-from zroute import protocol as p  # noqa: E402
-
 BODY = b'{"text": "world,universe,galaxy"}'
 EXPECTED_CHUNKS = 3
 GREETING = "Hello"
@@ -536,8 +534,8 @@ def direct_server_main(endpoint: str) -> None:
 
 
 async def _direct_server(endpoint: str) -> None:
+    from zroute import protocol as p
     from zroute.channel import SOCKET_HWM, Channel
-    from broker.server import request_token
     from zroute.zmqio import send_to
     from worker.greeting import make_handler
     from worker.runtime import Worker
@@ -550,10 +548,11 @@ async def _direct_server(endpoint: str) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(endpoint)
     boot_id = os.urandom(8)
-    worker = Worker("unused", "direct", {SERVICE: make_handler(config)}, context=context)
 
-    class Adapter:
-        """Feeds client REQUESTs to the runtime, turns its replies into client replies.
+    class BrokerStandIn:
+        """The worker's transport, standing in for the broker: client REQUESTs and
+        CANCELs reach the runtime as the broker would send them, and its replies go
+        straight to their client.
 
         The runtime's request ids are the broker's tokens (client routing id + rid), so
         the reply finds its client the way the broker finds it.
@@ -561,23 +560,39 @@ async def _direct_server(endpoint: str) -> None:
 
         def __init__(self) -> None:
             self.channel = Channel(sock, self.on_frames)
+            self.to_worker = None
+
+        def open(self, on_message, on_connected, on_disconnected) -> "BrokerStandIn":
+            """The worker's TransportFactory: its connection is open at once."""
+            self.to_worker = on_message
+            asyncio.get_running_loop().call_soon(on_connected)
+            return self
 
         def send(self, frames: list[bytes]) -> None:  # the runtime's outgoing messages
-            if len(frames) < 3 or not frames[2]:
-                return  # READY, HEARTBEAT, DRAIN...: nobody to tell
-            token = frames[2]
-            peer, rid = token[1:1 + token[0]], token[1 + token[0]:]
+            command = frames[1]
+            if command == p.HEARTBEAT:  # answered, as the broker does: it is not silent
+                asyncio.get_running_loop().call_soon(
+                    self.to_worker, p.encode_heartbeat(p.Heartbeat(boot_id)))
+                return
+            if command not in (p.CHUNK, p.END, p.ERROR):
+                return  # READY, DRAIN...: nobody to tell
+            peer, rid = p.split_request_token(frames[2])
             # Straight to the ROUTER: the channel's batching would put the peer frame
-            # inside the batch. A send can consume the signal of an arriving message,
-            # so the channel looks at the socket again afterwards.
-            if frames[1] in (p.CHUNK, p.END):
-                send_to(sock, peer, [p.VERSION, frames[1], rid, b"direct", *frames[3:]])
+            # inside the batch.
+            if command == p.ERROR:
+                send_to(sock, peer, [p.VERSION, command, rid, *frames[3:]])
             else:
-                send_to(sock, peer, [p.VERSION, frames[1], rid, *frames[3:]])
-            self.channel._schedule_check()
+                send_to(sock, peer, [p.VERSION, command, rid, b"direct", *frames[3:]])
+            self.channel.check_soon()
 
         def flush(self) -> None:
             """Nothing waits: send() sent each message as it came."""
+
+        def unsent_bytes(self) -> int:
+            return 0  # the clients read what they asked for
+
+        def close(self, linger_ms: int) -> None:
+            """The socket outlives the worker's connections."""
 
         def on_frames(self, frames: list[bytes]) -> None:
             peer = frames[0]
@@ -587,19 +602,20 @@ async def _direct_server(endpoint: str) -> None:
             except p.ProtocolError:
                 return
 
-        def on_message(self, peer: bytes, msg: p.Message) -> None:
+        def on_message(self, peer: bytes, msg) -> None:
             if type(msg) is p.Request:
-                worker._start(p.Request(request_token(peer, msg.rid), msg.service, msg.body))
+                token = p.request_token(peer, msg.rid)
+                self.to_worker(p.encode_request_to_worker(p.Request(token, msg.service, msg.body)))
             elif type(msg) is p.Cancel:
-                task = worker.tasks.get(request_token(peer, msg.rid))
-                if task is not None:
-                    task.cancel()
+                self.to_worker(p.encode_cancel(p.Cancel(p.request_token(peer, msg.rid))))
             elif type(msg) is p.Heartbeat:
                 send_to(sock, peer, p.encode_heartbeat(p.Heartbeat(boot_id)))
-                self.channel._schedule_check()
+                self.channel.check_soon()
 
-    worker._channel = Adapter()
-    await asyncio.Event().wait()  # until SIGTERM
+    stand_in = BrokerStandIn()
+    worker = Worker(endpoint, "direct", {SERVICE: make_handler(config)}, context=context,
+                    transport=stand_in.open)
+    await worker.run()  # until SIGTERM
 
 
 # --- calibration -----------------------------------------------------------------------
