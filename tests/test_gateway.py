@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 from zroute import protocol as p
-from gateway.app import Gateway, GatewaySettings, ReplyResponse
+from gateway.app import GatewaySettings
 from tests.gateway_handlers import FAILURE
 from tests.http_support import (CURL, SEED_OUTPUT, SEED_TEXT, async_test, curl, get_json,
                                 handler_worker, http, parse_curl, raw_http, start_curl,
@@ -769,7 +769,7 @@ def test_a_body_that_is_not_json_is_told_what_to_send(shared):
 
 
 
-# --- what the gateway takes from its settings and from aiohttp -------------------------
+# --- what the gateway takes from its settings ----------------------------------------
 
 
 def test_the_gateway_settings_are_the_frontend_keys_of_the_config():
@@ -781,30 +781,3 @@ def test_the_gateway_settings_are_the_frontend_keys_of_the_config():
     assert settings.max_body == 100
     for field in dataclasses.fields(settings)[4:]:  # from routing_mode on
         assert getattr(settings, field.name) == getattr(frontend, field.name), field.name
-
-
-# gateway/app.py subclasses aiohttp's connection handler and server, and uses these
-# private parts of them; pyproject.toml bounds aiohttp's version for that reason.
-AIOHTTP_INTERNALS = {
-    "RequestHandler": ("_messages", "_waiter", "_manager", "_loop"),
-    "Server": ("_connections", "_kwargs", "_loop"),
-    "StreamResponse": ("_send_headers_immediately",),
-}
-
-
-def test_the_aiohttp_internals_the_gateway_uses_are_there():
-    settings = GatewaySettings.from_config(load_config(), "", max_connections=10)
-
-    async def objects() -> dict[str, object]:
-        server = Gateway(settings).server()
-        connection = server()  # GatewayConnection(manager, **kwargs): RequestHandler's form
-        return {"RequestHandler": connection, "Server": server,
-                "StreamResponse": aiohttp.web.StreamResponse}
-
-    found = asyncio.run(objects())
-    missing = [f"{kind}.{name}" for kind, names in AIOHTTP_INTERNALS.items()
-               for name in names if not hasattr(found[kind], name)]
-    assert not missing, (f"aiohttp {aiohttp.__version__} has no {', '.join(missing)}, which "
-                         "gateway/app.py uses: adapt it, or bound aiohttp's version in "
-                         "pyproject.toml")
-    assert ReplyResponse._send_headers_immediately is False
