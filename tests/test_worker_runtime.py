@@ -171,3 +171,19 @@ def test_a_worker_given_a_transport_registers_serves_and_leaves_over_it():
     asyncio.run(main())
     assert (transport.opened, transport.closed) == (1, True)
     assert type(transport.received()[-1]) is p.Disconnect
+
+
+@pytest.mark.timeout(10)
+def test_a_worker_opens_a_new_transport_when_its_broker_falls_silent():
+    transport = RecordingTransport()  # it never answers
+
+    async def main() -> None:
+        worker = Worker("tcp://127.0.0.1:5556", "w1", {"shout": shout}, heartbeat_interval=0.05,
+                        transport=transport.open)
+        serving = asyncio.create_task(worker.run())
+        await async_wait_until(lambda: transport.opened == 2, what="a second transport")
+        assert transport.closed  # the first one, before the second opened
+        worker.stop()
+        await serving
+
+    asyncio.run(main())
