@@ -1,16 +1,25 @@
 """What the scripts and the tests do with the processes they start: give them free
-ports, and stop them all. The scripts import it as `children` (their directory is
-first on sys.path), the tests as `scripts.children`. Start the processes with
-zroute.processes.start_group, so that each has a process group to kill."""
+ports, start them in process groups that die with their parent, and stop them all.
+The scripts import it as `children` (their directory is first on sys.path), the tests
+as `scripts.children`."""
 
 from __future__ import annotations
 
 import os
+import runpy
 import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Iterable
+
+# zroute/processes.py, which zroute serve uses too, needs only the standard library. It is
+# read by its path, not imported as part of zroute, so that a benchmark's child process
+# may still import the project from another checkout (scripts/checkouts.py).
+_PROCESSES = runpy.run_path(str(Path(__file__).resolve().parent.parent / "zroute" / "processes.py"))
+die_with_parent = _PROCESSES["die_with_parent"]
+start_group = _PROCESSES["start_group"]
 
 
 def free_port() -> int:

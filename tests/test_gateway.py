@@ -17,13 +17,12 @@ import pytest
 import zmq
 
 from zroute import protocol as p
-from gateway.app import Gateway, ReplyResponse
+from gateway.app import Gateway
 from tests.handlers import FAILURE
 from tests.http_support import (CURL, SEED_OUTPUT, SEED_TEXT, async_test, curl, get_json,
                                 handler_worker, http, parse_curl, raw_http, start_curl,
                                 start_gateway, wait_healthy)
 from tests.support import Stack, free_port, wait_until, workers_by_id
-from zroute.settings import BrokerSettings, FrontendSettings
 from zroute_cli.config import load_config
 
 pytestmark = pytest.mark.timeout(30)
@@ -771,7 +770,7 @@ def test_a_body_that_is_not_json_is_told_what_to_send(shared):
 
 
 
-# --- what the gateway takes from its settings and from aiohttp -------------------------
+# --- what the gateway takes from its settings ----------------------------------------
 
 
 def test_the_gateway_takes_the_frontend_section_and_reaches_the_broker_as_clients_do():
@@ -781,30 +780,3 @@ def test_the_gateway_takes_the_frontend_section_and_reaches_the_broker_as_client
     client = gateway.client
     assert (client.address, client.heartbeat_interval, client.name, client.timeout) == (
         config.broker.frontend, 0.5, "gateway-7", config.frontend.request_timeout)
-
-
-# gateway/app.py subclasses aiohttp's connection handler and server, and uses these
-# private parts of them; pyproject.toml bounds aiohttp's version for that reason.
-AIOHTTP_INTERNALS = {
-    "RequestHandler": ("_messages", "_waiter", "_manager", "_loop"),
-    "Server": ("_connections", "_kwargs", "_loop"),
-    "StreamResponse": ("_send_headers_immediately",),
-}
-
-
-def test_the_aiohttp_internals_the_gateway_uses_are_there():
-    settings = FrontendSettings(max_connections=10)
-
-    async def objects() -> dict[str, object]:
-        server = Gateway(settings, BrokerSettings().for_clients()).server()
-        connection = server()  # GatewayConnection(manager, **kwargs): RequestHandler's form
-        return {"RequestHandler": connection, "Server": server,
-                "StreamResponse": aiohttp.web.StreamResponse}
-
-    found = asyncio.run(objects())
-    missing = [f"{kind}.{name}" for kind, names in AIOHTTP_INTERNALS.items()
-               for name in names if not hasattr(found[kind], name)]
-    assert not missing, (f"aiohttp {aiohttp.__version__} has no {', '.join(missing)}, which "
-                         "gateway/app.py uses: adapt it, or bound aiohttp's version in "
-                         "pyproject.toml")
-    assert ReplyResponse._send_headers_immediately is False

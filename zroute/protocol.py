@@ -345,7 +345,7 @@ MAX_BATCH_BYTES = 1 << 16  # a BATCH's packed frame; Broker.max_message_size is 
 
 def encode_batch(messages: list[list[bytes]]) -> list[bytes]:
     """Several messages for one peer as one, packed in a single frame: taking a frame
-    from a socket costs a receiver several times what unpacking it costs."""
+    from a socket costs a receiver more than unpacking it does."""
     parts = []
     for message in messages:
         parts.append(_FRAME_COUNT.pack(len(message)))

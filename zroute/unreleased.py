@@ -4,7 +4,7 @@ libzmq counts a peer's queue in messages, not bytes, and says nothing of a messa
 it is sent. So a message now and then goes with a tracker (zmqio.send_tracked), done once
 libzmq has let go of it. libzmq lets go of one peer's messages in order, so once a
 tracked message is done, everything sent to that peer before it has left the process too.
-A tracked send costs several microseconds (pyzmq frees the frame in a thread of its own),
+A tracked send costs more than a plain one (pyzmq frees the frame in a thread of its own),
 so a peer's messages are tracked only once MARK_BYTES have been sent since the last
 tracked one: what libzmq holds is known to within MARK_BYTES.
 """
