@@ -537,7 +537,7 @@ def direct_server_main(endpoint: str) -> None:
 
 async def _direct_server(endpoint: str) -> None:
     from zroute.channel import SOCKET_HWM, Channel
-    from broker.server import request_token
+    from zroute.protocol import request_token
     from zroute.zmqio import send_to
     from worker.greeting import make_handler
     from worker.runtime import Worker

@@ -105,7 +105,7 @@ def memory():
 def test_a_custom_policy_named_by_module_and_class_routes_requests(memory):
     broker = memory(FEWEST)
     w1, w2 = broker.register("w1"), broker.register("w2")
-    broker.broker.registry.by_id["w1"].completed = 5
+    broker.core.registry.by_id["w1"].completed = 5
     broker.request(b"c", b"r1", policy=FEWEST)
     assert broker.to_client(b"c") == []
     assert [type(m) for m in broker.to_worker(w2)] == [p.Request]
@@ -142,7 +142,7 @@ def test_a_policy_that_fails_fails_its_request_only(memory, caplog, policy, prob
     assert [r.message for r in caplog.records] == [message]  # rate-limited
     broker.request(b"c", b"r3")  # the broker goes on
     assert [m.rid[-2:] for m in broker.to_worker(w1)] == [b"r3"]
-    assert broker.broker.requests.keys() == {b"\x01cr3"}
+    assert broker.core.requests.keys() == {b"\x01cr3"}
 
 
 def test_a_queued_request_whose_policy_fails_leaves_the_queue(memory):
@@ -157,7 +157,7 @@ def test_a_queued_request_whose_policy_fails_leaves_the_queue(memory):
     assert [(type(m), m.rid) for m in replies] == [(p.End, b"busy"), (p.Error, b"broken")]
     assert replies[1].code == p.E_POLICY
     assert [m.rid[-4:] for m in broker.to_worker(w1)] == [b"next"]
-    assert broker.broker.queues == {}
+    assert broker.core.queues == {}
 
 
 @pytest.mark.parametrize("attribute, problem", [
