@@ -550,7 +550,8 @@ async def _direct_server(endpoint: str) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(endpoint)
     boot_id = os.urandom(8)
-    worker = Worker("unused", "direct", {SERVICE: make_handler(config)}, context=context)
+    # The runtime never connects (the Adapter feeds it): any valid endpoint will do.
+    worker = Worker(endpoint, "direct", {SERVICE: make_handler(config)}, context=context)
 
     class Adapter:
         """Feeds client REQUESTs to the runtime, turns its replies into client replies.
@@ -578,6 +579,9 @@ async def _direct_server(endpoint: str) -> None:
 
         def flush(self) -> None:
             """Nothing waits: send() sent each message as it came."""
+
+        def unsent_bytes(self) -> int:
+            return 0  # nothing waits in the adapter
 
         def on_frames(self, frames: list[bytes]) -> None:
             peer = frames[0]
