@@ -1,8 +1,10 @@
 """The broker driven in memory, for fast tests of its rules.
 
 Messages go in through the broker core's handlers, as its loop would pass them, and what
-it would send is read from its outbox. MemoryBroker is the real Broker, whose sockets are
-real (inproc) so that a test may also read and send on them as the loop would.
+it would send is read from its outbox. MemoryCore is the core alone, on a clock the test
+moves and with the connections the test says are gone; MemoryBroker is the real Broker,
+whose sockets are real (inproc) so that a test may also read and send on them as the loop
+would.
 """
 
 from __future__ import annotations
@@ -60,6 +62,39 @@ class CoreDriver:
 
     def stats(self) -> dict:
         return self.core.stats(self.now())
+
+
+class GoneConnections:
+    """The sockets' answers, as a test sets them: the peers whose connections are gone."""
+
+    def __init__(self) -> None:
+        self.clients: set[bytes] = set()
+        self.workers: set[bytes] = set()
+
+    def client_gone(self, client: bytes) -> bool:
+        return client in self.clients
+
+    def worker_gone(self, worker: bytes) -> bool:
+        return worker in self.workers
+
+
+class MemoryCore(CoreDriver):
+    """A BrokerCore alone: its time is `time`, which only the test moves."""
+
+    def __init__(self, *overrides: str, policies: Mapping[str, Policy] | None = None,
+                 start: float = 1000.0) -> None:
+        self.time = start
+        self.gone = GoneConnections()
+        self.core = BrokerCore(load_config(None, list(overrides)).broker, self.gone, start,
+                               policies)
+
+    def now(self) -> float:
+        return self.time
+
+    def tick(self, at: float) -> None:
+        """The clock reads `at`: the core's timers run."""
+        self.time = at
+        self.core.on_tick(at)
 
 
 class MemoryBroker(CoreDriver):

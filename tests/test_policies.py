@@ -2,6 +2,7 @@
 broker's rules for the policies a user names (module:Class), in memory."""
 
 import logging
+import random
 import sys
 
 import pytest
@@ -48,6 +49,30 @@ def test_power_of_two_never_picks_the_busier_of_two():
 def test_random_uses_every_worker():
     policy, pool = Random(), workers((0, 0), (0, 0))
     assert {policy.choose("a", pool).worker_id for _ in range(200)} == {"w0", "w1"}
+
+
+def test_least_loaded_picks_the_exact_minimum():
+    pool = workers((49, 100), (1, 2), (0, 0), (1, 0))  # .49, .5; unlimited: 0, 1
+    assert LeastLoaded().choose("a", pool) is pool[2]
+    assert LeastLoaded().choose("a", pool[:2]) is pool[0]
+    assert LeastLoaded().choose("a", [pool[1], pool[3]]) is pool[1]  # .5 < 1
+
+
+def test_power_of_two_takes_the_less_loaded_of_two_random_workers_the_first_on_a_tie():
+    pool = workers((3, 0), (1, 0), (2, 0), (1, 0))
+    for seed in range(20):
+        random.seed(seed)
+        first, second = random.sample(pool, 2)
+        expected = first if first.load <= second.load else second
+        random.seed(seed)
+        assert PowerOfTwo().choose("a", pool) is expected
+
+
+def test_random_picks_at_random_not_in_turn():
+    policy, pool = Random(), workers((0, 0), (0, 0))
+    random.seed(1)
+    picks = [policy.choose("a", pool) for _ in range(100)]
+    assert any(a is b for a, b in zip(picks, picks[1:]))  # in turn, never twice in a row
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
