@@ -145,7 +145,7 @@ def test_a_ready_naming_a_control_character_is_refused(name):
             [refusal] = memory.to_worker(b"peer")
             assert (refusal.rid, refusal.code) == (b"", p.E_BAD_REQUEST)
             assert "has a control or unprintable character" in refusal.message
-        assert not memory.broker.registry.by_id
+        assert not memory.core.registry.by_id
     finally:
         memory.close()
 
@@ -181,6 +181,6 @@ def test_many_bad_messages_write_a_bounded_number_of_log_lines(caplog):
                 memory.from_worker(peer, [p.VERSION, b"\x42", b"%d" % n])
         lines = [r for r in caplog.records if r.name == "zroute.broker"]
         assert 0 < len(lines) <= 10
-        assert memory.broker.totals["rejected_frames"] == 4000
+        assert memory.core.totals["rejected_frames"] == 4000
     finally:
         memory.close()

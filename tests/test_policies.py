@@ -78,6 +78,30 @@ def test_random_uses_every_worker_in_no_fixed_order(seeded_random):
         assert picks[period:] != picks[:-period], f"the picks repeat every {period}"
 
 
+def test_least_loaded_picks_the_exact_minimum():
+    pool = workers((49, 100), (1, 2), (0, 0), (1, 0))  # .49, .5; unlimited: 0, 1
+    assert LeastLoaded().choose("a", pool) is pool[2]
+    assert LeastLoaded().choose("a", pool[:2]) is pool[0]
+    assert LeastLoaded().choose("a", [pool[1], pool[3]]) is pool[1]  # .5 < 1
+
+
+def test_power_of_two_takes_the_less_loaded_of_two_random_workers_the_first_on_a_tie():
+    pool = workers((3, 0), (1, 0), (2, 0), (1, 0))
+    for seed in range(20):
+        random.seed(seed)
+        first, second = random.sample(pool, 2)
+        expected = first if first.load <= second.load else second
+        random.seed(seed)
+        assert PowerOfTwo().choose("a", pool) is expected
+
+
+def test_random_picks_at_random_not_in_turn():
+    policy, pool = Random(), workers((0, 0), (0, 0))
+    random.seed(1)
+    picks = [policy.choose("a", pool) for _ in range(100)]
+    assert any(a is b for a, b in zip(picks, picks[1:]))  # in turn, never twice in a row
+
+
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_every_policy_picks_one_of_its_candidates(name):
     pool = workers((1, 3), (0, 3), (2, 3))
@@ -133,7 +157,7 @@ def memory():
 def test_a_custom_policy_named_by_module_and_class_routes_requests(memory):
     broker = memory(FEWEST)
     w1, w2 = broker.register("w1"), broker.register("w2")
-    broker.broker.registry.by_id["w1"].completed = 5
+    broker.core.registry.by_id["w1"].completed = 5
     broker.request(b"c", b"r1", policy=FEWEST)
     assert broker.to_client(b"c") == []
     assert [type(m) for m in broker.to_worker(w2)] == [p.Request]
@@ -170,7 +194,7 @@ def test_a_policy_that_fails_fails_its_request_only(memory, caplog, policy, prob
     assert [r.message for r in caplog.records] == [message]  # rate-limited
     broker.request(b"c", b"r3")  # the broker goes on
     assert [m.rid[-2:] for m in broker.to_worker(w1)] == [b"r3"]
-    assert broker.broker.requests.keys() == {b"\x01cr3"}
+    assert broker.core.requests.keys() == {b"\x01cr3"}
 
 
 def test_a_queued_request_whose_policy_fails_leaves_the_queue(memory):
@@ -185,7 +209,7 @@ def test_a_queued_request_whose_policy_fails_leaves_the_queue(memory):
     assert [(type(m), m.rid) for m in replies] == [(p.End, b"busy"), (p.Error, b"broken")]
     assert replies[1].code == p.E_POLICY
     assert [m.rid[-4:] for m in broker.to_worker(w1)] == [b"next"]
-    assert broker.broker.queues == {}
+    assert broker.core.queues == {}
 
 
 @pytest.mark.parametrize("attribute, problem", [

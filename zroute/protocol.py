@@ -213,6 +213,7 @@ Message = Union[
     Request, Chunk, End, Error, Cancel, StatsRequest, StatsReply, Report,
     Ready, Heartbeat, Disconnect, Drain,
 ]
+FromWorker = Union[Chunk, End, Heartbeat, Ready, Error, Disconnect, Drain]  # what a worker sends
 
 
 # --- encoding --------------------------------------------------------------
@@ -508,7 +509,7 @@ def decode_to_client(frames: list[bytes]) -> Chunk | End | Error | StatsReply | 
     raise ProtocolError(f"command {command[:4]!r} is not valid to a client")
 
 
-def decode_from_worker(frames: list[bytes]) -> Message:
+def decode_from_worker(frames: list[bytes]) -> FromWorker:
     """Decode what a worker sends to the broker."""
     command = _header(frames)
     if command == CHUNK or command == END:
