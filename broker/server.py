@@ -16,9 +16,11 @@ from typing import Mapping
 import zmq
 
 from zroute import protocol as p
+from broker.auth import BrokerAuth
 from broker.core import BrokerCore
 from broker.policies import Policy
-from zroute.settings import BrokerSettings
+from zroute.curve import CurveError
+from zroute.settings import CLIENTS, WORKERS, BrokerSettings
 from zroute.zmqio import (TooManyFrames, readable, recv_frames, send_to, send_to_tracked,
                           track_every_message)
 
@@ -31,6 +33,7 @@ READ_FRAMES = 20_000
 READ_BYTES = 8 << 20
 SOCKET_HWM = 10_000  # messages queued per peer; past that a send fails and its request ends
 POLL_MS = 50  # the loop wakes at least this often for timers and stop()
+RELOAD_KEYS_S = 1.0  # how often the allowlists' directories are looked at for changes
 
 
 def _unreachable(error: zmq.ZMQError) -> bool:
@@ -45,6 +48,11 @@ class Broker:
     `settings` is the `Broker` section of the configuration.
     `policies` are those that requests may name (default: the built-in ones);
     "direct" is always valid besides them.
+
+    With Broker.curve_secret_key, both sockets take CURVE peers whose keys are in their
+    allowlists only; the ZAP handler that checks them is the context's (one broker per
+    context, then). Without it, an endpoint beyond loopback is refused (CurveError)
+    unless Broker.insecure.
     """
 
     def __init__(self, settings: BrokerSettings, context: zmq.Context | None = None,
@@ -52,9 +60,16 @@ class Broker:
         self.settings = settings
         self.context = context or zmq.Context.instance()
         self._stopping = False
-        self.frontend = self._router(settings.frontend)
+        self.auth = self._start_auth()  # before the sockets bind: see BrokerAuth
+        self._next_reload = 0.0
+        try:
+            self.frontend = self._router(settings.frontend, CLIENTS)
+            self.backend = self._router(settings.backend, WORKERS)
+        except BaseException:
+            if self.auth is not None:  # its thread holds the context's ZAP endpoint
+                self.auth.stop()
+            raise
         track_every_message(self.frontend)
-        self.backend = self._router(settings.backend)
         # Tells when a client's connection closes, so that its replies are not delivered
         # to the next peer that connects under its routing id.
         self.client_disconnects = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -62,8 +77,27 @@ class Broker:
         self._readers = {self.frontend: (self.core.on_client, self.core.client_oversized),
                          self.backend: (self.core.on_worker, self.core.worker_oversized)}
 
-    def _router(self, endpoint: str) -> zmq.Socket:
+    def _start_auth(self) -> BrokerAuth | None:
+        settings = self.settings
+        if not settings.curve_secret_key:
+            problem = settings.exposure_problem()
+            if problem:
+                raise CurveError(problem)
+            exposed = settings.exposed_endpoints()
+            if exposed:
+                log.warning("INSECURE: Broker.insecure is true and the broker has no CURVE "
+                            "keys: anyone who reaches %s can register as a worker and receive "
+                            "every request, or send requests as any client",
+                            " or ".join(exposed))
+            return None
+        auth = BrokerAuth(self.context, settings)
+        auth.start()
+        return auth
+
+    def _router(self, endpoint: str, role: str) -> zmq.Socket:
         sock = self.context.socket(zmq.ROUTER)
+        if self.auth is not None:
+            self.auth.secure(sock, role)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # EHOSTUNREACH instead of a silent drop
         sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
         sock.setsockopt(zmq.RCVHWM, SOCKET_HWM)
@@ -78,8 +112,9 @@ class Broker:
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(self.client_disconnects, zmq.POLLIN)
-        log.info("broker serving clients on %s, workers on %s",
-                 self.settings.frontend, self.settings.backend)
+        log.info("broker serving clients on %s, workers on %s%s",
+                 self.settings.frontend, self.settings.backend,
+                 ", with CURVE" if self.auth is not None else "")
         while not self._stopping:
             for sock, _ in poller.poll(POLL_MS):
                 if sock is self.client_disconnects:
@@ -87,6 +122,8 @@ class Broker:
                 else:
                     self._read(sock)
             now = time.monotonic()
+            if self.auth is not None:
+                self._watch_keys(now)
             self.core.on_tick(now)
             self._flush(now)
         self._shutdown()
@@ -103,7 +140,17 @@ class Broker:
         self.client_disconnects.close()
         self.frontend.close()
         self.backend.close()
+        if self.auth is not None:
+            self.auth.stop()
         log.info("broker stopped")
+
+    def _watch_keys(self, now: float) -> None:
+        """Count the peers that CURVE refused, and take in the allowlists' changes."""
+        for refusal in self.auth.take_refusals():
+            self.core.peer_refused(refusal.role, refusal.address, refusal.key)
+        if now >= self._next_reload:
+            self._next_reload = now + RELOAD_KEYS_S
+            self.auth.reload()
 
     # --- reading -------------------------------------------------------------
 

@@ -53,6 +53,12 @@ class BrokerCollector:
         totals = self.snapshot["broker"]
         for key, (name, doc) in BROKER_COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=totals[key])
+        refused = CounterMetricFamily(
+            "zroute_broker_auth_failures", "Peers refused by CURVE: their key is not in the "
+            "allowlist of the socket they connected to (workers or clients).", labels=["role"])
+        for role, count in totals["auth_failures_by_role"].items():
+            refused.add_metric([role], count)
+        yield refused
         yield GaugeMetricFamily("zroute_broker_queue_depth", "Requests waiting for a worker.",
                                 value=totals["queue_depth"])
         workers = GaugeMetricFamily("zroute_workers", "Workers known to the broker, by state.",

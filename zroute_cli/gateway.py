@@ -13,6 +13,7 @@ import sys
 from aiohttp import web
 
 from gateway.app import Gateway
+from zroute.curve import peer_keys
 from zroute.settings import FrontendSettings
 from zroute_cli import aio
 from zroute_cli.command import add_common_options, component_main, load
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
                                     "Frontend.port": args.port})
     frontend = dataclasses.replace(
         config.frontend, max_connections=connection_limit(config.frontend.max_connections))
-    gateway = Gateway(frontend, config.broker.for_clients(), args.log_name or "")
+    keys = peer_keys(frontend.curve_key, "Frontend.curve_key", config.broker)
+    gateway = Gateway(frontend, config.broker.for_clients(keys), args.log_name or "")
     aio.run(serve(gateway, frontend.host, frontend.port, frontend.drain_timeout,
                   args.reuse_port))
     return 0

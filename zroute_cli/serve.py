@@ -283,6 +283,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # The broker's own check of its policies, before anything starts: a bad
     # Frontend.routing_mode is then one line from serve.
     configured_policies(config)
+    # The broker's own check of its security, likewise.
+    problem = config.broker.exposure_problem()
+    if problem:
+        raise ConfigError(problem)
     check_addresses(config, "--host" if args.host is not None else "Frontend.host")
     supervisor = build_supervisor(config, args, overrides)
     try:

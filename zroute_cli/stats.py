@@ -10,6 +10,7 @@ import orjson
 
 from zroute import protocol as p
 from zroute.client import BlockingClient, BrokerError
+from zroute.curve import peer_keys
 from zroute_cli.command import add_common_options, load
 from zroute_cli.config import ConfigError
 
@@ -30,6 +31,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--watch", action="store_true",
                         help="refresh the table every second, until Ctrl-C; a broker that "
                              "does not answer is shown as such, and waited for")
+    parser.add_argument("--key", metavar="FILE",
+                        help="this client's CURVE key pair, for a broker with CURVE (NAME."
+                             "key_secret from `zroute keys client NAME`; default: "
+                             "Frontend.curve_key)")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
                         help="how long to wait for the broker (default: 5; with --watch, "
                              "at most a second)")
@@ -41,8 +46,11 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if not args.timeout > 0:  # nan too
         raise ConfigError(f"--timeout {args.timeout:g} is invalid: must be a number of "
                           "seconds > 0")
-    address = load(args, overrides, {"Broker.frontend": args.broker}).broker.frontend
-    with BlockingClient(address) as client:
+    config = load(args, overrides, {"Broker.frontend": args.broker,
+                                    "Frontend.curve_key": args.key})
+    keys = peer_keys(config.frontend.curve_key,
+                     "--key" if args.key else "Frontend.curve_key", config.broker)
+    with BlockingClient(config.broker.frontend, curve=keys) as client:
         if args.watch:
             return watch(client, min(args.timeout, REFRESH_S))
         try:
@@ -93,5 +101,6 @@ def render(stats: dict) -> str:
     lines.append(f"broker: up {b['uptime_s']:.0f}s  requests {b['requests']}  "
                  f"inflight {b['inflight']}  waiting {b['queue_depth']}  "
                  f"completed {b['completed']}  failed {b['failed']}  chunks {b['chunks']}  "
-                 f"retries {b['retries']}  timeouts {b['timeouts']}  evictions {b['evictions']}")
+                 f"retries {b['retries']}  timeouts {b['timeouts']}  evictions {b['evictions']}  "
+                 f"refused keys {b['auth_failures']}")
     return "\n".join(lines)
