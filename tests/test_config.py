@@ -35,6 +35,8 @@ DEFAULTS = {
         "max_reply_buffer": 262144,
         "max_queued_messages": 1000,
         "curve_key": "",
+        "tls_cert": "",
+        "tls_key": "",
         "ServiceArgs": {"workers": 1},
     },
     "Broker": {

@@ -159,7 +159,18 @@ class FrontendSettings(Section):
     max_queued_messages: int = setting(1000, ge=1)  # from the broker, not yet handled
     # The gateway's CURVE key pair (`zroute keys client NAME`); `zroute stats` uses it too.
     curve_key: str = setting("", check=file_problem)
+    # HTTPS: a PEM certificate (chain) and its private key; both or neither.
+    tls_cert: str = setting("", check=file_problem)
+    tls_key: str = setting("", check=file_problem)
     service_args: ServiceArgs = section(ServiceArgs, "ServiceArgs")
+
+    def tls_problem(self) -> str | None:
+        """Why the TLS settings cannot be used as they are, if they cannot."""
+        if bool(self.tls_cert) == bool(self.tls_key):
+            return None
+        given, missing = (("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert"))
+        return (f"Frontend.{given} is set but not Frontend.{missing}: HTTPS needs both the "
+                "certificate and its private key")
 
 
 @dataclass(frozen=True, kw_only=True)

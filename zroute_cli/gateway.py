@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import logging
 import signal
+import ssl
 import sys
 
 from aiohttp import web
@@ -17,6 +18,7 @@ from zroute.curve import peer_keys
 from zroute.settings import FrontendSettings
 from zroute_cli import aio
 from zroute_cli.command import add_common_options, component_main, load
+from zroute_cli.config import ConfigError
 from zroute_cli.ports import PortInUse, http_url, in_use_message
 
 log = logging.getLogger("zroute.gateway")
@@ -49,11 +51,30 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
                                     "Frontend.port": args.port})
     frontend = dataclasses.replace(
         config.frontend, max_connections=connection_limit(config.frontend.max_connections))
+    tls = tls_context(frontend)
     keys = peer_keys(frontend.curve_key, "Frontend.curve_key", config.broker)
     gateway = Gateway(frontend, config.broker.for_clients(keys), args.log_name or "")
     aio.run(serve(gateway, frontend.host, frontend.port, frontend.drain_timeout,
-                  args.reuse_port))
+                  args.reuse_port, tls))
     return 0
+
+
+def tls_context(frontend: FrontendSettings) -> ssl.SSLContext | None:
+    """The server side of HTTPS, from Frontend.tls_cert and Frontend.tls_key; None for
+    plain HTTP."""
+    problem = frontend.tls_problem()
+    if problem:
+        raise ConfigError(problem)
+    if not frontend.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(frontend.tls_cert, frontend.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"Frontend.tls_cert {frontend.tls_cert!r} and Frontend.tls_key "
+                          f"{frontend.tls_key!r} cannot be used: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
+    return context
 
 
 def connection_limit(configured: int) -> int:
@@ -84,7 +105,7 @@ def raise_descriptor_limit() -> int:
 
 
 async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
-                reuse_port: bool = False) -> None:
+                reuse_port: bool = False, tls: ssl.SSLContext | None = None) -> None:
     """Serve until SIGINT or SIGTERM; then stop accepting, let the requests in flight
     finish for up to `drain_timeout` seconds (a second signal: none), and cut the rest
     with an error line."""
@@ -95,13 +116,14 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
     cut = None
     try:
         try:
-            await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+            await web.TCPSite(runner, host, port, reuse_port=reuse_port,
+                              ssl_context=tls).start()
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise PortInUse(in_use_message(port)) from None
             raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
         log.info("gateway listening on %s, broker %s, at most %d connections",
-                 http_url(host, port), gateway.broker.endpoint,
+                 http_url(host, port, tls is not None), gateway.broker.endpoint,
                  gateway.settings.max_connections)
         stop = asyncio.Event()
 
