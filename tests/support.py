@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -264,3 +265,8 @@ class Stack:
             for proc in procs:
                 print(f"----- {proc.name} (exit {proc.popen.returncode})\n"
                       f"{proc.output()[-3000:]}")
+
+
+def returned_types(decode: typing.Callable) -> set[type]:
+    """The message types a decoder of zroute.protocol says it returns."""
+    return set(typing.get_args(typing.get_type_hints(decode)["return"]))

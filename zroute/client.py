@@ -366,6 +366,15 @@ class Client(PolicyShortcuts[Stream]):
         self._last_heard = 0.0
         self._boot_id: bytes | None = None
         self.loop: asyncio.AbstractEventLoop
+        # Each message type the broker may send, and what handles it: a missing one is a
+        # KeyError, never a message mistaken for another.
+        self.message_handlers: dict[type, Callable[[Any], None]] = {
+            p.Chunk: self._on_reply,
+            p.End: self._on_reply,
+            p.Error: self._on_error,
+            p.StatsReply: self._on_stats,
+            p.Heartbeat: self._on_heartbeat,
+        }
 
     async def __aenter__(self) -> Client:
         self.connect()
@@ -457,24 +466,25 @@ class Client(PolicyShortcuts[Stream]):
             msg = p.decode_to_client(frames)
         except p.ProtocolError:
             return  # not from a zroute broker; nothing to route it to
-        kind = type(msg)
-        if kind is p.Chunk or kind is p.End:
-            reply = self.replies.get(msg.rid)
-            if reply is not None:
-                reply.feed(msg.chunks, msg.worker_id, kind is p.End)
-        elif kind is p.Error:
-            reply = self.replies.get(msg.rid)
-            if reply is not None:
-                reply.finish(reply_error(msg, reply.timeout_setting, reply.timeout))
-            waiter = self._stats_waiters.get(msg.rid)  # wrong_endpoint answers STATS too
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(BrokerError(msg.code, msg.message))
-        elif kind is p.StatsReply:
-            waiter = self._stats_waiters.get(msg.rid)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(msg.stats)
-        else:
-            self._on_heartbeat(msg.boot_id)
+        self.message_handlers[type(msg)](msg)
+
+    def _on_reply(self, msg: p.Chunk | p.End) -> None:
+        reply = self.replies.get(msg.rid)
+        if reply is not None:
+            reply.feed(msg.chunks, msg.worker_id, type(msg) is p.End)
+
+    def _on_error(self, msg: p.Error) -> None:
+        reply = self.replies.get(msg.rid)
+        if reply is not None:
+            reply.finish(reply_error(msg, reply.timeout_setting, reply.timeout))
+        waiter = self._stats_waiters.get(msg.rid)  # wrong_endpoint answers STATS too
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(BrokerError(msg.code, msg.message))
+
+    def _on_stats(self, msg: p.StatsReply) -> None:
+        waiter = self._stats_waiters.get(msg.rid)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(msg.stats)
 
     def _beat(self) -> None:
         """A heartbeat, and the counters' report if this client makes one."""
@@ -495,7 +505,8 @@ class Client(PolicyShortcuts[Stream]):
     def _on_connected(self) -> None:
         self._beat()  # its answer says it is alive
 
-    def _on_heartbeat(self, boot_id: bytes) -> None:
+    def _on_heartbeat(self, msg: p.Heartbeat) -> None:
+        boot_id = msg.boot_id
         if self._boot_id is not None and boot_id != self._boot_id:
             self._fail_all(BrokerError(p.E_BROKER_UNREACHABLE,
                                        "the broker restarted during the request"))
