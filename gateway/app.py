@@ -29,6 +29,7 @@ from zroute import protocol as p
 from zroute.client import BrokerError, Client, Stream
 from zroute.protocol import DIRECT
 from zroute.ratelimit import LogLimiter
+from gateway.formats import STREAM_HEADERS, negotiate
 from gateway.metrics import Exporter, GatewayMetrics, total
 from zroute.settings import BrokerLink, FrontendSettings
 from zroute.logs import fields
@@ -475,10 +476,12 @@ class Gateway:
                        0, "client disconnected")
             raise
         first_chunk = time.monotonic()
+        reply_format = negotiate(request.headers.get("Accept"))  # plain text, SSE or NDJSON
         response = ReplyResponse(headers={
             "Server": SERVER,
-            "Content-Type": "text/plain; charset=utf-8",
+            "Content-Type": reply_format.content_type,
             "X-Worker-Id": header_value(stream.worker_id or ""),
+            **STREAM_HEADERS,
         })
         if request.version >= (1, 1):
             response.enable_chunked_encoding()
@@ -489,7 +492,7 @@ class Gateway:
             while True:
                 batch = await stream.batch()
                 chunks += len(batch)
-                data = b"".join(batch)
+                data = reply_format.encode(batch, stream.complete)
                 del batch  # a client slow to read holds these chunks once, not twice
                 if stream.complete:
                     # The last chunks, the terminating chunk (and, for a reply that
@@ -500,7 +503,7 @@ class Gateway:
         except BrokerError as e:
             self.metrics.incomplete += 1
             try:
-                await response.write(f"\nerror: {e.code}: {e.message}\n".encode())
+                await response.write(reply_format.error(e.code, e.message))
             except ConnectionResetError:
                 pass  # the client is gone too; there is nobody left to tell
             # Close without the terminating chunk: the transfer reads as incomplete.

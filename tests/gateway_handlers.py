@@ -24,3 +24,10 @@ async def fail_at_once(request: Any) -> AsyncIterator[str]:
 async def echo(request: Any) -> AsyncIterator[bytes]:
     """Yield the request back as JSON."""
     yield orjson.dumps(request)
+
+
+async def chunks(request: Any) -> AsyncIterator[str | bytes]:
+    """Yield request["chunks"] one by one, as they are; with "hex": true, each is the
+    hex of the bytes to yield (a character split between two chunks, say)."""
+    for chunk in request["chunks"]:
+        yield bytes.fromhex(chunk) if request.get("hex") else chunk
