@@ -504,10 +504,13 @@ class Gateway:
             self.metrics.incomplete += 1
             try:
                 await response.write(reply_format.error(e.code, e.message))
+                if reply_format.ends_in_band:  # SSE, NDJSON: the error is their end
+                    await response.write_eof()
             except ConnectionResetError:
                 pass  # the client is gone too; there is nobody left to tell
-            # Close without the terminating chunk: the transfer reads as incomplete.
-            if request.transport is not None:
+            if not reply_format.ends_in_band and request.transport is not None:
+                # Plain text has no end of its own: it closes without the terminating
+                # chunk, so that the transfer reads as incomplete.
                 request.transport.close()
             self._done(stream.rid, policy, stream.worker_id, 200, started, first_chunk,
                        chunks, e.code)

@@ -8,8 +8,11 @@
 - NDJSON (`Accept: application/x-ndjson`): one JSON object per line, `{"chunk": text}`
   per chunk; then `{"done": true}`, or `{"error": message, "code": code}`.
 
-In every format a stream that fails after its first chunk is also cut short (the chunked
-body has no terminating chunk), so that a broken stream never reads as a complete one.
+Plain text has no way to say how it ended but the transfer itself: a stream that fails
+is cut short (the chunked body has no terminating chunk), so that a broken stream never
+reads as a complete one. SSE and NDJSON say it in their last event or object, and their
+transfer ends cleanly after it: a browser's fetch() drops what arrives just before a
+cut, and the error with it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ LINE_END = re.compile(r"\r\n|\r|\n")
 
 class StreamFormat(Protocol):
     content_type: str
+    ends_in_band: bool  # its stream says how it ended: the transfer may end cleanly
 
     def encode(self, chunks: list[bytes], last: bool) -> bytes:
         """Chunks as the body carries them; `last`: they end the reply."""
@@ -58,6 +62,7 @@ def json_error(code: str, message: str) -> bytes:
 
 class Plain:
     content_type = PLAIN
+    ends_in_band = False
 
     @staticmethod
     def encode(chunks: list[bytes], last: bool) -> bytes:
@@ -90,6 +95,7 @@ class TextChunks:
 
 class EventStream(TextChunks):
     content_type = SSE
+    ends_in_band = True
     END = sse_event("", "end")
 
     def encode(self, chunks: list[bytes], last: bool) -> bytes:
@@ -103,6 +109,7 @@ class EventStream(TextChunks):
 
 class JsonLines(TextChunks):
     content_type = NDJSON
+    ends_in_band = True
     END = b'{"done":true}\n'
 
     def encode(self, chunks: list[bytes], last: bool) -> bytes:

@@ -8,9 +8,10 @@ text, Server-Sent Events, NDJSON: docs/HTTP.md), with aiohttp:
 Chunks come as text, as the worker yielded them. A reply that fails raises
 HttpStreamError (a BrokerError, with its `code`): the JSON error of a request refused
 before its stream began, the error a stream ended with, or `incomplete` for a stream
-cut short without one. SSE and NDJSON tell all of these apart; plain text cannot tell
-a last line `error: ...` from text, so its reader raises only at the end, once the
-transfer proves incomplete, and the error line has been yielded as text by then.
+that ended without its end marker (cut short in transit). SSE and NDJSON tell all of
+these apart; plain text cannot tell a last line `error: ...` from text, so its reader
+raises only at the end, once the transfer proves incomplete, and the error line has been
+yielded as text by then.
 """
 
 from __future__ import annotations
