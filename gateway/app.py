@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import string
-import struct
 import time
 from http import HTTPStatus
 from urllib.parse import quote
@@ -29,8 +27,11 @@ from zroute import protocol as p
 from zroute.client import BrokerError, Client, Stream
 from zroute.protocol import DIRECT
 from zroute.ratelimit import LogLimiter
+from gateway.dashboard import page_handler
+from gateway.feed import StatsFeed
 from gateway.formats import STREAM_HEADERS, negotiate
 from gateway.metrics import Exporter, GatewayMetrics, total
+from gateway.transport import reset
 from zroute.settings import BrokerLink, FrontendSettings
 from zroute.logs import fields
 
@@ -71,6 +72,7 @@ E_HEADER_TIMEOUT = "header_timeout"
 E_BODY_TIMEOUT = "body_timeout"
 E_TOO_MANY_CONNECTIONS = "too_many_connections"
 E_GATEWAY_BUSY = "gateway_busy"
+E_TOO_MANY_FEEDS = "too_many_feeds"
 
 SERVER = "zroute"  # aiohttp's default Server header names its version
 SERVER_HEADERS = {"Server": SERVER}
@@ -216,12 +218,7 @@ class GatewayConnection(RequestHandler):
         if self.transport is not None:
             peer_errors.warn("slow reader", "cut connections that read nothing for "
                              f"Frontend.send_timeout ({self.settings.send_timeout:g} s)")
-            # A reset (linger 0), so that the kernel drops what it holds for the client
-            # too, rather than keep trying to send it; the handler is cancelled.
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.transport.abort()
+            reset(self.transport)  # the handler is cancelled
 
     def _cancel_send_timer(self) -> None:
         if self._send_timer is not None:
@@ -309,13 +306,18 @@ class Gateway:
         self.exporter = Exporter()
         self.bad_reports = LogLimiter(log)
 
+        self.feed = StatsFeed(self.stats_snapshot, settings.stats_feed_interval,
+                              settings.max_stats_feeds, SERVER_HEADERS)
+
         # path -> (method, handler). A dict lookup: aiohttp's router costs about 10% of
         # the gateway's CPU per request.
         self.routes = {
             "/generate": ("POST", self.generate),
             "/health": ("GET", self.health),
             "/stats": ("GET", self.stats),
+            "/stats/stream": ("GET", self.stats_stream),
             "/metrics": ("GET", self.prometheus),
+            "/dashboard": ("GET", page_handler(SERVER_HEADERS)),
         }
 
     def server(self) -> web.Server:
@@ -542,17 +544,15 @@ class Gateway:
     # --- /health and /stats ------------------------------------------------
 
     async def _broker_stats(self) -> dict:
+        """The broker's stats; BrokerError if it does not answer."""
         if not self.client.broker_alive:
-            raise HttpError(503, "the broker is unreachable", p.E_BROKER_UNREACHABLE)
-        try:
-            return await self.client.stats(timeout=2.0)
-        except BrokerError as e:
-            raise HttpError(503, e.message, e.code) from None
+            raise BrokerError(p.E_BROKER_UNREACHABLE, "the broker is unreachable")
+        return await self.client.stats(timeout=2.0)
 
     async def health(self, _: web.BaseRequest) -> web.Response:
         try:
             stats = await self._broker_stats()
-        except HttpError as e:
+        except BrokerError as e:
             return unavailable(e.message, e.code)
         workers = stats["broker"]["workers_ready"]  # the list of workers may be truncated
         if workers:
@@ -561,18 +561,33 @@ class Gateway:
 
     async def stats(self, _: web.BaseRequest) -> web.Response:
         try:
-            stats = await self._broker_stats()
-        except HttpError as e:
-            return error_response(e)
-        summaries = {name: metrics.summary() for name, metrics in self._gateways(stats).items()}
+            stats, _ = await self.stats_snapshot()
+        except BrokerError as e:
+            return error_response(HttpError(503, e.message, e.code))
+        return json_response(stats)
+
+    async def stats_snapshot(self) -> tuple[dict, dict[str, GatewayMetrics]]:
+        """What /stats answers: the broker's stats with every gateway's counters; and
+        those gateways' metrics. BrokerError if the broker does not answer."""
+        stats = await self._broker_stats()
+        gateways = self._gateways(stats)
+        summaries = {name: metrics.summary() for name, metrics in gateways.items()}
         stats["gateways"] = summaries
         stats["gateway"] = total(list(summaries.values()))
-        return json_response(stats)
+        return stats, gateways
+
+    async def stats_stream(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.feed.full:
+            return error_response(HttpError(
+                503, f"the gateway serves its limit of stats feeds (Frontend.max_stats_feeds, "
+                     f"{self.settings.max_stats_feeds}); close one, or retry later",
+                E_TOO_MANY_FEEDS))
+        return await self.feed.stream(request)
 
     async def prometheus(self, _: web.BaseRequest) -> web.Response:
         try:
             broker_stats = await self._broker_stats()
-        except HttpError:
+        except BrokerError:
             broker_stats = None  # the gateway's own metrics are still worth a scrape
         return web.Response(body=self.exporter.render(broker_stats, self._gateways(broker_stats)),
                             headers={"Server": SERVER, "Content-Type": CONTENT_TYPE_LATEST})

@@ -89,6 +89,19 @@ async def read_plain(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
 
 async def read_sse(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
     """The data of each message event; `end` ends the stream, `error` raises its error."""
+    async for event, data in read_events(response):
+        if event == "message":
+            yield data
+        elif event == "end":
+            return
+        elif event == "error":
+            raise stream_error(orjson.loads(data))
+    raise incomplete()
+
+
+async def read_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, str]]:
+    """Each Server-Sent Event as (type, data), "message" for an event that names no
+    type: a /generate stream's, or GET /stats/stream's."""
     event, data = "", []
     async for line in lines(response):
         if line:
@@ -100,14 +113,8 @@ async def read_sse(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
                 data.append(value)
             continue  # a comment (":..."), or a field this reader does not need
         if data:  # a blank line ends an event, and one without data is none
-            if event in ("", "message"):
-                yield "\n".join(data)
-            elif event == "end":
-                return
-            elif event == "error":
-                raise stream_error(orjson.loads(data[0]))
+            yield event or "message", "\n".join(data)
         event, data = "", []
-    raise incomplete()
 
 
 async def read_ndjson(response: aiohttp.ClientResponse) -> AsyncIterator[str]:

@@ -134,6 +134,8 @@ class FrontendSettings(Section):
     max_buffered_bytes: int = setting(32 << 20, ge=1)  # request bodies at once
     max_reply_buffer: int = setting(256 << 10, ge=1)  # per stream, ahead of its client
     max_queued_messages: int = setting(1000, ge=1)  # from the broker, not yet handled
+    stats_feed_interval: float = setting(1.0, ge=0.1, le=60)  # between /stats/stream events
+    max_stats_feeds: int = setting(32, ge=1)  # /stats/stream connections at once
     service_args: ServiceArgs = section(ServiceArgs, "ServiceArgs")
 
 

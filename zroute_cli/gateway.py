@@ -30,7 +30,8 @@ MAX_DEFAULT_CONNECTIONS = 10_000
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Run the HTTP gateway: POST /generate, GET /health, /stats, /metrics."
+    parser.description = ("Run the HTTP gateway: POST /generate, GET /health, /stats, "
+                          "/stats/stream, /metrics, /dashboard.")
     parser.add_argument("--broker", metavar="ADDR",
                         help="the broker's client-facing endpoint (default: Broker.frontend)")
     parser.add_argument("--host", help="address to listen on (default: Frontend.host)")
@@ -113,6 +114,7 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
         await stop.wait()
         log.info("gateway stopping: %d request(s) in flight; waiting up to %g s "
                  "(Ctrl-C again to cut them now)", gateway.metrics.inflight, drain_timeout)
+        gateway.feed.close()  # a feed never ends by itself: nothing to wait for
         cut = loop.call_later(drain_timeout, gateway.cut_streams)
     finally:
         await runner.cleanup()  # stops accepting, then waits for the requests in flight

@@ -372,4 +372,4 @@ def _announce(base: str, config: Config) -> None:
           f"greeting {backend.greeting!r}, routing {config.frontend.routing_mode})\n"
           f"Try:\n  curl -X POST {base}/generate -H 'Content-Type: application/json' "
           "-d '{\"text\": \"world,universe,galaxy\"}'\n"
-          f"  curl {base}/stats\n", flush=True)
+          f"  curl {base}/stats    # or open {base}/dashboard in a browser\n", flush=True)

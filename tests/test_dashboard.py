@@ -1,0 +1,253 @@
+"""What operators look at: GET /stats/stream (the stats as Server-Sent Events, one poll
+for every viewer) and GET /dashboard. Real processes on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import re
+import signal
+import socket
+import subprocess
+import time
+from fnmatch import fnmatch
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from gateway.feed import FEED_BACKLOG, StatsFeed, quantile
+from gateway.metrics import LATENCY_BUCKETS
+from tests.http_support import CURL, ROOT, async_test, http, start_gateway, wait_healthy
+from tests.support import async_wait_until, free_port
+from zroute.http import read_events
+
+pytestmark = pytest.mark.timeout(40)
+
+STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                  "X-Accel-Buffering": "no"}
+
+
+async def next_events(resp: aiohttp.ClientResponse, count: int, kind: str = "stats"
+                      ) -> list[dict]:
+    """The data of the next `count` events of type `kind` (others are passed over)."""
+    found = []
+    async for event, data in read_events(resp):
+        if event == kind:
+            found.append(orjson.loads(data))
+            if len(found) == count:
+                return found
+    raise AssertionError(f"the feed ended after {len(found)} {kind} event(s)")
+
+
+# --- /stats/stream -----------------------------------------------------------------------
+
+
+@async_test
+async def test_the_feed_sends_the_history_then_the_stats_once_per_interval(stack):
+    stack.broker()
+    stack.worker("worker-1")
+    gateway = start_gateway(stack, "--Frontend.stats_feed_interval=0.2")
+    wait_healthy(gateway, 1)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.post(f"{gateway.url}/generate", json={"text": "a"}) as resp:
+                assert resp.status == 200
+        async with session.get(f"{gateway.url}/stats/stream") as resp:
+            assert resp.status == 200
+            assert {name: resp.headers[name] for name in STREAM_HEADERS} == STREAM_HEADERS
+            [history] = await next_events(resp, 1, "history")
+            assert (history["interval_s"], history["window_s"]) == (0.2, 300.0)
+            began = time.monotonic()
+            events = await next_events(resp, 6)
+            elapsed = time.monotonic() - began
+    # Once per interval, each what /stats answers with the time and the interval's point.
+    assert 0.8 < elapsed < 2.0, elapsed
+    assert all(set(e) == {"broker", "workers", "gateways", "gateway", "time", "point"}
+               for e in events)
+    assert events[-1]["broker"]["requests"] == 3
+    assert [w["id"] for w in events[-1]["workers"]] == ["worker-1"]
+    point = events[-1]["point"]
+    assert set(point) == {"t", "requests_per_s", "errors_per_s", "latency_p50_s",
+                          "latency_p99_s", "queue_depth", "inflight"}
+    assert (point["requests_per_s"], point["errors_per_s"], point["queue_depth"]) == (0, 0, 0)
+
+    if CURL:  # as a person would watch it
+        result = subprocess.run([CURL, "-sSN", "--max-time", "1", f"{gateway.url}/stats/stream"],
+                                capture_output=True, text=True, timeout=10)
+        assert result.returncode == 28, result.stderr  # 28: the time ran out, as asked
+        assert result.stdout.startswith("retry: 1000\n\nevent: history\ndata: {")
+        assert result.stdout.count("event: stats\ndata: {\"broker\":") >= 3
+
+
+@async_test
+async def test_every_viewer_gets_the_same_events_of_one_shared_poll(stack):
+    stack.broker()
+    stack.worker("worker-1")
+    gateway = start_gateway(stack, "--Frontend.stats_feed_interval=0.2")
+    wait_healthy(gateway, 1)
+
+    async def watch(session: aiohttp.ClientSession) -> dict[float, dict]:
+        async with session.get(f"{gateway.url}/stats/stream") as resp:
+            return {event["time"]: event for event in await next_events(resp, 8)}
+
+    async with aiohttp.ClientSession() as session:
+        seen = await asyncio.gather(*(watch(session) for _ in range(6)))
+    times = set().union(*seen)
+    # One build per interval, whoever watches: six viewers of 8 events see about 8
+    # builds, not 48, and the same one alike.
+    assert len(times) <= 10, sorted(times)
+    for at in times:
+        assert len({orjson.dumps(by_time[at]) for by_time in seen if at in by_time}) == 1
+
+
+@async_test
+async def test_a_viewer_that_reads_nothing_is_dropped_and_the_others_go_on():
+    padding = "x" * 200_000  # large events: a viewer's buffers fill in a few
+
+    async def stats_source() -> tuple[dict, dict]:
+        broker = {"boot_id": "1", "requests": 0, "errors": 0, "queue_depth": 0, "inflight": 0}
+        return {"broker": broker, "padding": padding}, {}
+
+    feed = StatsFeed(stats_source, 0.05, 10, {})
+    runner = web.ServerRunner(web.Server(feed.stream))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    stalled = socket.socket()
+    try:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", port))
+        stalled.sendall(b"GET /stats/stream HTTP/1.1\r\nHost: zroute\r\n\r\n")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/stats/stream") as resp:
+                await async_wait_until(lambda: len(feed.subscribers) == 2, 5, "both viewers")
+                reading = asyncio.ensure_future(next_events(resp, 10_000))
+                await async_wait_until(lambda: len(feed.subscribers) == 1, 10,
+                                       f"the viewer that reads nothing to be dropped after "
+                                       f"{FEED_BACKLOG} events")
+                # The reader goes on; what waits for the dropped one is let go.
+                await asyncio.sleep(0.3)
+                assert not reading.done() and len(feed.subscribers) == 1
+                reading.cancel()
+        # Reset, so that the kernel does not keep what it held for the viewer either.
+        stalled.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            while stalled.recv(1 << 20):
+                pass
+            raise AssertionError("the connection was closed, not reset")
+    finally:
+        stalled.close()
+        await runner.cleanup()
+
+
+@async_test
+async def test_feeds_past_the_limit_are_refused_with_a_503_that_says_why(stack):
+    stack.broker()
+    stack.worker("worker-1")
+    gateway = start_gateway(stack, "--Frontend.max_stats_feeds=2")
+    wait_healthy(gateway, 1)
+    url = f"{gateway.url}/stats/stream"
+    async with aiohttp.ClientSession() as session:
+        first = await session.get(url)
+        second = await session.get(url)
+        await next_events(first, 1, "history")
+        await next_events(second, 1, "history")
+        async with session.get(url) as refused:
+            assert (refused.status, refused.headers["Retry-After"]) == (503, "1")
+            assert await refused.json() == {
+                "error": "the gateway serves its limit of stats feeds "
+                         "(Frontend.max_stats_feeds, 2); close one, or retry later",
+                "code": "too_many_feeds"}
+        first.close()
+
+        async def accepted() -> bool:
+            async with session.get(url) as resp:
+                return resp.status == 200
+
+        await async_wait_until(accepted, 5, "a feed once one has closed")
+        second.close()
+
+
+@async_test
+async def test_the_feed_says_when_the_broker_is_unreachable_and_picks_up_again(stack):
+    broker = stack.broker()
+    stack.worker("worker-1")
+    gateway = start_gateway(stack, "--Frontend.stats_feed_interval=0.2")
+    wait_healthy(gateway, 1)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{gateway.url}/stats/stream") as resp:
+            await next_events(resp, 1)
+            broker.signal(signal.SIGKILL)
+            [down] = await asyncio.wait_for(next_events(resp, 1, "unavailable"), 5)
+            assert (down["code"], down["error"]) == ("broker_unreachable",
+                                                     "the broker is unreachable")
+            stack.start("broker-again", "broker", "--frontend", stack.frontend,
+                        "--backend", stack.backend)
+            [back] = await asyncio.wait_for(next_events(resp, 1), 15)
+            assert back["broker"]["uptime_s"] < 15
+
+
+@async_test
+async def test_a_gateway_with_viewers_stops_at_once(stack):
+    stack.broker()
+    stack.worker("worker-1")
+    gateway = start_gateway(stack)  # Frontend.drain_timeout: 30 s
+    wait_healthy(gateway, 1)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{gateway.url}/stats/stream") as resp:
+            await next_events(resp, 1)
+            began = time.monotonic()
+            gateway.proc.signal(signal.SIGTERM)
+            async for _ in read_events(resp):
+                pass  # the feed ends: a viewer is nothing to wait for
+    assert gateway.proc.popen.wait(5) == 0
+    assert time.monotonic() - began < 3
+
+
+def test_quantiles_come_from_the_latency_buckets():
+    counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    assert quantile(counts, 0.5) is None
+    counts[LATENCY_BUCKETS.index(0.5)] = 10  # ten requests between 0.25 s and 0.5 s
+    assert quantile(counts, 0.5) == pytest.approx(0.375)
+    assert quantile(counts, 0.99) == pytest.approx(0.4975)
+    counts[-1] = 1000  # most over the largest bound: at least that
+    assert quantile(counts, 0.99) == LATENCY_BUCKETS[-1]
+
+
+# --- /dashboard ------------------------------------------------------------------------
+
+
+def csp_source(html: str, tag: str) -> str:
+    return re.search(f"<{tag}>(.*)</{tag}>", html, re.S).group(1)
+
+
+def test_the_dashboard_is_one_small_page_that_loads_nothing_from_elsewhere(stack):
+    stack.broker()
+    gateway = start_gateway(stack)
+    reply = http("GET", f"{gateway.url}/dashboard")
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "text/html; charset=utf-8"
+    html = reply.body.decode()
+    assert len(reply.body) < 64 << 10
+    # Nothing from elsewhere: no src, no link but the empty icon and the page's own.
+    assert not re.search(r"\ssrc=", html)
+    assert re.findall(r'href="([^"]*)"', html) == ["data:,", "stats/stream", "stats"]
+    # The policy runs this script and this style only, and connects to the gateway only.
+    policy = reply.headers["content-security-policy"]
+    for tag, directive in (("script", "script-src"), ("style", "style-src")):
+        digest = hashlib.sha256(csp_source(html, tag).encode()).digest()
+        assert f"{directive} 'sha256-{base64.b64encode(digest).decode()}'" in policy
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+
+
+def test_the_pages_files_are_package_data_for_a_non_editable_install():
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["gateway"]
+    static = [path.relative_to(ROOT / "gateway").as_posix()
+              for path in (ROOT / "gateway" / "static").iterdir()]
+    assert static and all(any(fnmatch(name, pattern) for pattern in patterns)
+                          for name in static), (static, patterns)
