@@ -9,6 +9,7 @@ without its terminating chunk, so that the client sees a broken transfer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import string
 import time
@@ -311,18 +312,22 @@ class Gateway:
 
         # path -> (method, handler). A dict lookup: aiohttp's router costs about 10% of
         # the gateway's CPU per request.
-        self.routes = {
-            "/generate": ("POST", self.generate),
+        users = {"/generate": ("POST", self.generate), "/health": ("GET", self.health)}
+        operators = {
             "/health": ("GET", self.health),
             "/stats": ("GET", self.stats),
             "/stats/stream": ("GET", self.stats_stream),
             "/metrics": ("GET", self.prometheus),
             "/dashboard": ("GET", page_handler(SERVER_HEADERS)),
         }
+        # With Frontend.admin_port, the operators' endpoints are on a listener of their own.
+        self.routes = users if settings.admin_port else {**users, **operators}
+        self.admin_routes = operators if settings.admin_port else {}
 
-    def server(self) -> web.Server:
-        """aiohttp's low-level server, with this gateway as its only handler."""
-        return GatewayServer(self.handle, self.settings, request_factory=self._make_request,
+    def server(self, routes: dict | None = None) -> web.Server:
+        """aiohttp's low-level server for `routes` (the /generate listener's by default)."""
+        handler = functools.partial(self.handle, self.routes if routes is None else routes)
+        return GatewayServer(handler, self.settings, request_factory=self._make_request,
                              handler_cancellation=True, access_log=None)
 
     def _make_request(self, message: RawRequestMessage, payload: StreamReader,
@@ -344,13 +349,13 @@ class Gateway:
             reply.cancel(BrokerError(E_GATEWAY_STOPPING,
                                      "the gateway stopped before the reply finished"))
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, routes: dict, request: web.BaseRequest) -> web.StreamResponse:
         if request.version < HttpVersion10:
             return refuse_http09(request)
-        route = self.routes.get(request.path)
+        route = routes.get(request.path)
         if route is None:
             return error_response(HttpError(404, f"no such path {request.path!r}; "
-                                                 "the paths are " + ", ".join(self.routes),
+                                                 "the paths are " + ", ".join(routes),
                                             E_NOT_FOUND))
         method, handler = route
         if request.method != method and not (method == "GET" and request.method == "HEAD"):

@@ -1,5 +1,6 @@
 """What operators look at: GET /stats/stream (the stats as Server-Sent Events, one poll
-for every viewer) and GET /dashboard. Real processes on free ports."""
+for every viewer), GET /dashboard, and Frontend.admin_port, which serves them apart from
+/generate. Real processes on free ports."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from aiohttp import web
 
 from gateway.feed import FEED_BACKLOG, StatsFeed, quantile
 from gateway.metrics import LATENCY_BUCKETS
-from tests.http_support import CURL, ROOT, async_test, http, start_gateway, wait_healthy
-from tests.support import async_wait_until, free_port
+from tests.http_support import (CURL, ROOT, async_test, get_json, http, start_gateway,
+                                wait_healthy)
+from tests.support import async_wait_until, free_port, run_zroute, wait_until
 from zroute.http import read_events
 
 pytestmark = pytest.mark.timeout(40)
@@ -251,3 +253,60 @@ def test_the_pages_files_are_package_data_for_a_non_editable_install():
               for path in (ROOT / "gateway" / "static").iterdir()]
     assert static and all(any(fnmatch(name, pattern) for pattern in patterns)
                           for name in static), (static, patterns)
+
+
+# --- Frontend.admin_port ---------------------------------------------------------------
+
+OPERATORS = ("/stats", "/stats/stream", "/metrics", "/dashboard")
+
+
+@async_test
+async def test_the_admin_port_serves_the_operators_endpoints_apart_from_generate(stack):
+    stack.broker()
+    stack.worker("worker-1")
+    admin_port = free_port()
+    gateway = start_gateway(stack, f"--Frontend.admin_port={admin_port}")
+    wait_healthy(gateway, 1)
+    admin = f"http://127.0.0.1:{admin_port}"
+    async with aiohttp.ClientSession() as session:
+        for path in OPERATORS:
+            async with session.get(f"{gateway.url}{path}") as resp:
+                assert (resp.status, await resp.json()) == (404, {
+                    "error": f"no such path {path!r}; the paths are /generate, /health",
+                    "code": "not_found"})
+            async with session.get(f"{admin}{path}") as resp:
+                assert resp.status == 200, path
+        async with session.post(f"{admin}/generate", json={"text": "a"}) as resp:
+            assert resp.status == 404
+        async with session.post(f"{gateway.url}/generate", json={"text": "a"}) as resp:
+            assert (resp.status, await resp.text()) == (200, "Hello a!\n")
+    assert get_json(f"{admin}/health") == get_json(f"{gateway.url}/health") == {
+        "status": "ok", "workers": 1}
+    assert "operators' endpoints on http://127.0.0.1:" in gateway.proc.output()
+
+
+def test_an_admin_port_that_is_the_http_port_is_refused(stack):
+    port = free_port()
+    result = run_zroute("gateway", "--broker", stack.frontend, "--port", str(port),
+                        f"--Frontend.admin_port={port}")
+    assert (result.returncode, result.stderr) == (2, (
+        f"zroute gateway: error: Frontend.admin_port ({port}) is Frontend.port: give the "
+        "operators' endpoints a port of their own, or 0 to serve them on Frontend.port "
+        "with /generate\n"))
+
+
+@pytest.mark.timeout(60)
+def test_serve_with_an_admin_port_announces_the_dashboard_there(stack):
+    port, admin_port = free_port(), free_port()
+    serve = stack.start("serve", "serve", "--port", str(port),
+                        f"--Frontend.admin_port={admin_port}", "--Frontend.ServiceArgs.workers=2",
+                        f"--Broker.frontend={stack.frontend}", f"--Broker.backend={stack.backend}",
+                        "--Backend.sleep_time=0")
+    admin = f"http://127.0.0.1:{admin_port}"
+    wait_until(lambda: "\nTry:\n" in serve.output(), 30, "zroute serve to announce itself")
+    assert f"  curl {admin}/stats    # or open {admin}/dashboard in a browser\n" in serve.output()
+    assert get_json(f"{admin}/stats")["broker"]["workers_ready"] == 1
+    assert http("GET", f"{admin}/dashboard").status == 200
+    assert http("GET", f"http://127.0.0.1:{port}/stats").status == 404
+    serve.signal(signal.SIGTERM)
+    assert serve.popen.wait(20) == 0
