@@ -1,6 +1,6 @@
 """What operators look at: GET /stats/stream (the stats as Server-Sent Events, one poll
-for every viewer), GET /dashboard, and Frontend.admin_port, which serves them apart from
-/generate. Real processes on free ports."""
+for every viewer), GET /dashboard, in a real browser too, and Frontend.admin_port,
+which serves them apart from /generate. Real processes on free ports."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from fnmatch import fnmatch
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -21,8 +22,10 @@ from aiohttp import web
 
 from gateway.feed import FEED_BACKLOG, StatsFeed, quantile
 from gateway.metrics import LATENCY_BUCKETS
-from tests.http_support import (CURL, ROOT, async_test, get_json, http, start_gateway,
-                                wait_healthy)
+from tests.browser import Browser, BrowserUnavailable
+from tests.gateway_handlers import FAILURE
+from tests.http_support import (CURL, ROOT, async_test, get_json, handler_worker, http,
+                                start_gateway, wait_healthy)
 from tests.support import async_wait_until, free_port, run_zroute, wait_until
 from zroute.http import read_events
 
@@ -310,3 +313,157 @@ def test_serve_with_an_admin_port_announces_the_dashboard_there(stack):
     assert http("GET", f"http://127.0.0.1:{port}/stats").status == 404
     serve.signal(signal.SIGTERM)
     assert serve.popen.wait(20) == 0
+
+
+# --- in a browser ----------------------------------------------------------------------
+
+ARTIFACTS = ROOT / "test-artifacts"  # screenshots; ignored by git
+
+
+async def open_browser(url: str, work_dir: Path) -> Browser:
+    try:
+        return await Browser.open(url, work_dir)
+    except BrowserUnavailable as e:
+        pytest.skip(str(e))
+
+
+def worker_rows_js() -> str:
+    """The workers' rows as a person reads them: {id: [cell texts]}."""
+    return ("Object.fromEntries([...document.querySelectorAll('#workers tbody tr')]"
+            ".map((row) => [row.cells[0].innerText, [...row.cells].map((c) => c.innerText)]))")
+
+
+def series_points_js(chart: str, series: str) -> str:
+    """How many points a chart's line joins."""
+    return (f"(document.querySelector('#{chart} path[data-series={series}]')"
+            f".getAttribute('d').match(/L/g) || []).length")
+
+
+@pytest.mark.timeout(120)
+@async_test
+async def test_the_dashboard_in_a_browser_shows_workers_a_kill_the_charts_and_a_lost_broker(
+        stack, tmp_path):
+    stack.broker()
+    stack.worker("worker-1", "--capacity", "4", sleep_time=0.05)
+    doomed = stack.worker("worker-2", sleep_time=0.05)
+    gateway = start_gateway(stack)  # the defaults: an update a second, heartbeats of 1 s
+    wait_healthy(gateway, 2)
+    stop_load = asyncio.Event()
+
+    async def load() -> None:  # a steady trickle, for the charts
+        async with aiohttp.ClientSession() as session:
+            while not stop_load.is_set():
+                async with session.post(f"{gateway.url}/generate", json={"text": "a,b"}) as resp:
+                    await resp.read()
+                await asyncio.sleep(0.05)
+
+    loading = asyncio.ensure_future(load())
+    browser = await open_browser(f"{gateway.url}/dashboard", tmp_path)
+    shot = ARTIFACTS / "dashboard.png"
+    try:
+        async def both_listed() -> dict[str, list[str]] | None:
+            found = await browser.evaluate(worker_rows_js())
+            return found if len(found) == 2 else None
+
+        found = await async_wait_until(both_listed, 15, "the page to list the workers")
+        assert sorted(found) == ["worker-1", "worker-2"]
+        await async_wait_until(lambda: browser.evaluate(series_points_js(
+            "chart-rate", "requests_per_s")), 15, "the request rate to be drawn")
+        found = await browser.evaluate(worker_rows_js())
+        one = found["worker-1"]
+        assert (one[1], one[2]) == ("generate", "ready")
+        assert re.fullmatch(r"\d / 4", one[3]), one  # in flight against its capacity
+        assert re.fullmatch(r"\d+\.\d s ago", one[8]), one
+        assert await browser.evaluate("document.getElementById('status').innerText") == "live"
+
+        doomed.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        await async_wait_until(lambda: is_gone(browser), 10, "the page to show worker-2 gone")
+        # Within the heartbeat window (3 x 1 s), and the page's next update (1 s).
+        assert time.monotonic() - killed < 3 + 1 + 1
+        events = await browser.evaluate("document.getElementById('events').innerText")
+        assert "worker-2 is gone (evicted)" in events
+
+        # The charts drew what they were sent: rates, latencies, the queue.
+        for chart, series in (("chart-rate", "requests_per_s"), ("chart-latency",
+                                                                 "latency_p99_s"),
+                              ("chart-queue", "inflight")):
+            assert await browser.evaluate(series_points_js(chart, series)) >= 2, chart
+        rate_legend = await browser.evaluate(
+            "document.querySelector('#chart-rate text:last-of-type').textContent")
+        await browser.screenshot(shot)
+
+        # The broker goes: the page says so at once, and comes back by itself.
+        stop_load.set()
+        await loading
+        [broker] = [proc for proc in stack.procs if proc.name == "broker"]
+        broker.signal(signal.SIGKILL)
+        await async_wait_until(lambda: browser.evaluate(
+            "!document.getElementById('banner').hidden"), 5, "the page to say the broker is gone")
+        assert await browser.evaluate("document.getElementById('status').innerText") == (
+            "broker unreachable")
+        await browser.screenshot(ARTIFACTS / "dashboard-broker-unreachable.png")
+        stack.start("broker-again", "broker", "--frontend", stack.frontend,
+                    "--backend", stack.backend)
+        await async_wait_until(lambda: browser.evaluate(
+            "document.getElementById('banner').hidden"), 15, "the page to pick up again")
+        assert await browser.evaluate("document.getElementById('status').innerText") == "live"
+        print(f"screenshots in {ARTIFACTS}; the rate chart's legend said {rate_legend!r}")
+    finally:
+        stop_load.set()
+        if not shot.exists():
+            await browser.screenshot(ARTIFACTS / "dashboard-failed.png")
+        await browser.close()
+        await asyncio.gather(loading, return_exceptions=True)
+
+
+async def is_gone(browser: Browser) -> bool:
+    cells = (await browser.evaluate(worker_rows_js())).get("worker-2", [])
+    return cells[2:3] == ["gone (evicted)"] and cells[8] == "–"
+
+
+README_JS = "```js\n(.*?)```"
+
+
+@pytest.mark.timeout(60)
+@async_test
+async def test_the_readmes_fetch_readers_read_each_format_in_a_browser(stack, tmp_path):
+    stack.broker()
+    stack.worker("worker-1")
+    handler_worker(stack, "fails", "fail_mid_stream", "--Backend.expose_errors=true")
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 2)
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("\n### Streaming formats\n"):]
+    code = re.search(README_JS, section, re.S).group(1)
+    code = re.sub(r"^await .*$", "", code, flags=re.M)  # the example call at the end
+    browser = await open_browser(f"{gateway.url}/health", tmp_path)  # the gateway's origin
+    try:
+        await async_wait_until(lambda: browser.evaluate("document.readyState === 'complete' "
+                                                        "&& location.pathname === '/health'"),
+                               10, "the gateway's page")
+        results = await browser.evaluate(f"""(async () => {{
+            {code}
+            const results = {{}};
+            for (const [name, read] of [["text", readText], ["events", readEvents],
+                                        ["objects", readObjects]]) {{
+                const chunks = [];
+                await read("/generate?worker=worker-1", {{text: "world,universe"}},
+                           (chunk) => chunks.push(chunk));
+                let failure = null;
+                try {{
+                    await read("/generate?worker=fails", {{}}, () => {{}});
+                }} catch (error) {{
+                    failure = String(error.message);
+                }}
+                results[name] = {{chunks, failure}};
+            }}
+            return results;
+        }})()""")
+    finally:
+        await browser.close()
+    greetings = ["Hello world!\n", "Hello universe!\n"]
+    assert "".join(results["text"]["chunks"]) == "".join(greetings)
+    assert results["text"]["failure"]  # a broken transfer: the browser's network error
+    for name in ("events", "objects"):
+        assert results[name] == {"chunks": greetings, "failure": f"RuntimeError: {FAILURE}"}
