@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict, deque
 from typing import Iterable, NamedTuple
 
-READY = "ready"
-DRAINING = "draining"
-EVICTED = "evicted"
+# A worker's state, as stats show it.
+WORKER_READY = "ready"  # takes new requests
+WORKER_DRAINING = "draining"  # said DRAIN: finishes what it holds, takes nothing new
+WORKER_EVICTED = "evicted"  # gone: said goodbye, fell silent, or could not be reached
 
 LATENCY_WINDOW = 1000  # recent request durations kept per worker for percentiles
 
@@ -20,24 +20,24 @@ class WorkerInfo:
                  "inflight", "completed", "failed", "last_seen", "requests", "latencies")
 
     def __init__(self, worker_id: str, peer: bytes, services: list[str], capacity: int,
-                 token: str = "", displaced: str = "") -> None:
+                 token: str = "", displaced: str = "", last_seen: float = 0.0) -> None:
         self.worker_id = worker_id
         self.peer = peer
         self.services = services
         self.capacity = capacity  # 0 means unlimited
         self.token = token  # the worker process's secret: its new connections take the id back
         self.displaced = displaced  # the token of the worker it took the id from while away
-        self.state = READY
+        self.state = WORKER_READY
         self.inflight = 0
         self.completed = 0
         self.failed = 0
-        self.last_seen = time.monotonic()
+        self.last_seen = last_seen  # when the broker last heard from it
         self.requests: dict[bytes, object] = {}  # broker request key -> request
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
     @property
     def has_room(self) -> bool:
-        return self.state == READY and (self.capacity == 0 or self.inflight < self.capacity)
+        return self.state == WORKER_READY and (self.capacity == 0 or self.inflight < self.capacity)
 
     @property
     def load(self) -> float:
@@ -98,7 +98,7 @@ class Registry:
             members.sort(key=lambda w: w.worker_id)
 
     def remove(self, worker: WorkerInfo) -> None:
-        worker.state = EVICTED
+        worker.state = WORKER_EVICTED
         self.by_id.pop(worker.worker_id, None)
         self.by_peer.pop(worker.peer, None)
         for service in worker.services:
@@ -108,17 +108,18 @@ class Registry:
             if not members:
                 self.by_service.pop(service, None)
 
-    def remember(self, worker: WorkerInfo) -> None:
-        """Keep a removed worker's stats, once its requests have gone elsewhere: its
-        stats only, not its requests, latency samples or the rest of its state."""
+    def remember(self, worker: WorkerInfo, now: float) -> None:
+        """Keep a removed worker's stats as of `now`, once its requests have gone
+        elsewhere: its stats only, not its requests, latency samples or the rest of its
+        state."""
         self.departed[worker.worker_id] = Departed(
-            worker.stats(time.monotonic()), worker.token, worker.displaced)
+            worker.stats(now), worker.token, worker.displaced)
         while len(self.departed) > self.max_departed:
             self.departed.popitem(last=False)
 
     def serving(self, service: str) -> list[WorkerInfo]:
         """Workers registered for a service that still take new requests."""
-        return [w for w in self.by_service.get(service, ()) if w.state == READY]
+        return [w for w in self.by_service.get(service, ()) if w.state == WORKER_READY]
 
     def available(self, service: str) -> list[WorkerInfo]:
         """Workers of a service with room for one more request."""

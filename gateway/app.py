@@ -248,6 +248,24 @@ class GatewayConnection(RequestHandler):
         return response
 
 
+class RequestRecord:
+    """What the metrics and the log line say of one /generate request: filled in as the
+    request goes, and written once, at its end."""
+
+    __slots__ = ("started", "rid", "policy", "worker", "status", "first_chunk", "chunks",
+                 "error")
+
+    def __init__(self, policy: str) -> None:
+        self.started = time.monotonic()
+        self.rid = b"-"  # the request id, once the request is sent
+        self.policy = policy  # the policy label (see unjudged)
+        self.worker = ""  # the worker that sent the first line
+        self.status = 0  # 0 until the request has its answer
+        self.first_chunk: float | None = None  # when the first line came
+        self.chunks = 0
+        self.error = ""  # why the request failed, before its first line or after it
+
+
 def unjudged(request: web.BaseRequest, policy: str) -> str:
     """The policy label of a request the broker has not answered: a ?routing= name it
     has not accepted is no label, since a label per bad value would grow the metrics
@@ -310,8 +328,8 @@ class Gateway:
         self.feed = StatsFeed(self.stats_snapshot, settings.stats_feed_interval,
                               settings.max_stats_feeds, SERVER_HEADERS)
 
-        # path -> (method, handler). A dict lookup: aiohttp's router costs about 10% of
-        # the gateway's CPU per request.
+        # path -> (method, handler). A dict lookup: aiohttp's router costs a share of the
+        # gateway's CPU per request that a few routes do not need.
         users = {"/generate": ("POST", self.generate), "/health": ("GET", self.health)}
         operators = {
             "/health": ("GET", self.health),
@@ -377,22 +395,26 @@ class Gateway:
     # --- /generate -----------------------------------------------------------
 
     async def generate(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = time.monotonic()
+        record = RequestRecord(unjudged(request, self.settings.routing_mode))
         try:
-            stream, policy = await self._send(request)
-        except HttpError as e:
-            self._done(b"-", unjudged(request, self.settings.routing_mode), "", e.status,
-                       started, None, 0, e.message)
-            response = error_response(e)
-            if e.close:
-                response.force_close()
-            return response
-        self.metrics.inflight += 1
-        try:
-            return await self._stream(request, stream, policy, started)
+            try:
+                stream, policy = await self._send(request)
+            except HttpError as e:
+                record.status, record.error = e.status, e.message
+                response = error_response(e)
+                if e.close:
+                    response.force_close()
+                return response
+            record.rid, record.policy = stream.rid, unjudged(request, policy)
+            self.metrics.inflight += 1
+            try:
+                return await self._stream(request, stream, policy, record)
+            finally:
+                self.metrics.inflight -= 1
+                stream.cancel()  # no-op once the reply is complete
         finally:
-            self.metrics.inflight -= 1
-            stream.cancel()  # no-op once the reply is complete
+            if record.status:  # else the client left with its body unread, or the gateway failed
+                self._write(record)
 
     async def _send(self, request: web.BaseRequest) -> tuple[Stream, str]:
         """Read the body within Frontend.max_buffered_bytes and send the request. The
@@ -455,6 +477,9 @@ class Gateway:
         return body
 
     def _routing(self, request: web.BaseRequest) -> tuple[str, str]:
+        """The policy and the worker that the query names. Only the query's own rules are
+        checked here: ?worker= routes directly, so it goes with no other routing, and
+        routing=direct needs it. Whether a policy exists is the broker's to say."""
         worker = request.query.get("worker", "")
         policy = request.query.get("routing") or (DIRECT if worker else self.settings.routing_mode)
         if policy == DIRECT and not worker:
@@ -467,38 +492,37 @@ class Gateway:
         return policy, worker
 
     async def _stream(self, request: web.BaseRequest, stream: Stream, policy: str,
-                      started: float) -> web.StreamResponse:
+                      record: RequestRecord) -> web.StreamResponse:
         try:
             await stream.first()
         except BrokerError as e:
-            status = STATUS_OF_ERROR.get(e.code, 502)
-            if e.code == p.E_UNKNOWN_POLICY:
-                policy = "invalid"  # a label per bad value would grow the metrics without bound
-            self._done(stream.rid, policy, "", status, started, None, 0, e.code)
-            return error_response(HttpError(status, e.message, e.code))
+            record.status = STATUS_OF_ERROR.get(e.code, 502)
+            # A label per bad value would grow the metrics without bound.
+            record.policy = "invalid" if e.code == p.E_UNKNOWN_POLICY else policy
+            record.error = e.code
+            return error_response(HttpError(record.status, e.message, e.code))
         except asyncio.CancelledError:
             # Gone before the first line: 499, as nginx logs it ("client closed request").
             self.metrics.disconnects += 1
-            self._done(stream.rid, unjudged(request, policy), "", CLIENT_CLOSED, started, None,
-                       0, "client disconnected")
+            record.status, record.error = CLIENT_CLOSED, "client disconnected"
             raise
-        first_chunk = time.monotonic()
+        record.first_chunk = time.monotonic()
+        record.status, record.policy, record.worker = 200, policy, stream.worker_id or ""
         reply_format = negotiate(request.headers.get("Accept"))  # plain text, SSE or NDJSON
         response = ReplyResponse(headers={
             "Server": SERVER,
             "Content-Type": reply_format.content_type,
-            "X-Worker-Id": header_value(stream.worker_id or ""),
+            "X-Worker-Id": header_value(record.worker),
             **STREAM_HEADERS,
         })
         if request.version >= (1, 1):
             response.enable_chunked_encoding()
         # else HTTP/1.0, which has no chunks: the body ends when the connection closes.
-        chunks = 0
         try:
             await response.prepare(request)
             while True:
                 batch = await stream.batch()
-                chunks += len(batch)
+                record.chunks += len(batch)
                 data = reply_format.encode(batch, stream.complete)
                 del batch  # a client slow to read holds these chunks once, not twice
                 if stream.complete:
@@ -509,6 +533,7 @@ class Gateway:
                 await response.write(data)
         except BrokerError as e:
             self.metrics.incomplete += 1
+            record.error = e.code
             try:
                 await response.write(reply_format.error(e.code, e.message))
                 if reply_format.ends_in_band:  # SSE, NDJSON: the error is their end
@@ -519,32 +544,27 @@ class Gateway:
                 # Plain text has no end of its own: it closes without the terminating
                 # chunk, so that the transfer reads as incomplete.
                 request.transport.close()
-            self._done(stream.rid, policy, stream.worker_id, 200, started, first_chunk,
-                       chunks, e.code)
-            return response
         except (asyncio.CancelledError, ConnectionResetError) as e:
             # The HTTP client went away; the caller's cancel() stops the worker's work.
             self.metrics.disconnects += 1
-            self._done(stream.rid, policy, stream.worker_id, 200, started, first_chunk,
-                       chunks, "client disconnected")
+            record.error = "client disconnected"
             if isinstance(e, asyncio.CancelledError):
                 raise
-            return response  # raised, a reset would be logged by aiohttp as a 500
-        self._done(stream.rid, policy, stream.worker_id, 200, started, first_chunk,
-                   chunks)
+            # A reset is not raised on: aiohttp would log it as a 500.
         return response
 
-    def _done(self, rid: bytes, policy: str, worker: str | None, status: int, started: float,
-              first_chunk: float | None, chunks: int, error: str = "") -> None:
+    def _write(self, record: RequestRecord) -> None:
         """Count the request in the metrics and write its log line."""
+        started = record.started
         duration = time.monotonic() - started
-        ttfc = None if first_chunk is None else first_chunk - started
-        worker = worker or ""
-        self.metrics.observe(status, policy, worker, duration, ttfc)
-        if log.isEnabledFor(logging.INFO):  # the arguments cost more than a skipped call
-            log.info("", extra=fields(request=rid.decode(), policy=policy, worker=worker or None,
-                                      status=status, ttfc=ttfc, duration=duration,
-                                      chunks=chunks, **({"error": error} if error else {})))
+        ttfc = None if record.first_chunk is None else record.first_chunk - started
+        self.metrics.observe(record.status, record.policy, record.worker, duration, ttfc)
+        if log.isEnabledFor(logging.INFO):  # the fields cost more than a skipped call
+            error = record.error
+            log.info("", extra=fields(request=record.rid.decode(), policy=record.policy,
+                                      worker=record.worker or None, status=record.status,
+                                      ttfc=ttfc, duration=duration, chunks=record.chunks,
+                                      **({"error": error} if error else {})))
 
     # --- /health and /stats ------------------------------------------------
 

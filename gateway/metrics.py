@@ -103,7 +103,7 @@ class Histogram:
 
 class GatewayMetrics:
     """One gateway's counts, kept as plain numbers: prometheus_client's metric objects
-    take a lock per update: 10 us per request against 2 us for these."""
+    take a lock per update, which costs more than the update itself."""
 
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str, str]] = Counter()  # (status, policy, worker)

@@ -24,6 +24,10 @@ What runs (all on this machine, real processes, loopback TCP or --transport ipc)
                when a reply comes), at the same rate: half of zroute's best throughput,
                and a light load (0.1 of it). The p50 difference is the latency that
                the broker hop adds.
+  compared     with --compare-tree DIR, the zroute rows (broker, workers and clients, at
+               the same concurrencies and open-loop rates) run the code of the checkout
+               DIR too (a `git worktree` of another commit), taking turns with this
+               one's, and are printed side by side with them.
 
 Every request is the seed's body {"text": "world,universe,galaxy"}: 3 words, so 3
 chunks ("Hello world!\\n", ...). Throughput counts requests completed inside the
@@ -38,16 +42,19 @@ Examples:
   python scripts/bench_broker.py --quick              # one configuration each, ~30 s
   python scripts/bench_broker.py --concurrency 64,512 --procs 2,3 --duration 5
   python scripts/bench_broker.py --profile            # py-spy broker, worker, client
+  git worktree add /tmp/before HEAD~1                 # then, before against after:
+  python scripts/bench_broker.py --quick --compare-tree /tmp/before
 
-Run it with the project's virtualenv python (the one that has the `zroute` command).
-Every process it starts is stopped at the end, also on Ctrl-C.
+Run it with the project's virtualenv python (it has pyzmq and the other dependencies).
+Every process that runs zroute code imports it from its checkout, this one or a
+--compare-tree one, never from another. Every process it starts is stopped at the end,
+also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
 import logging
 import multiprocessing as mp
@@ -55,7 +62,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,13 +71,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import zmq
 
-import zmq  # noqa: E402
-
-from zroute import protocol as p  # noqa: E402
+from checkouts import ROOT, Tree, client_module, git_commit, import_from
+from children import die_with_parent, free_port, start_group
 
 BODY = b'{"text": "world,universe,galaxy"}'
 EXPECTED_CHUNKS = 3
@@ -89,23 +92,11 @@ TARGET_HOP_MS = 0.2
 
 # --- process bookkeeping ---------------------------------------------------------
 
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
-
-
-def _die_with_parent() -> None:
-    """Linux: get SIGTERM if the benchmark dies without cleaning up (e.g. SIGKILL)."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _child_init() -> None:
-    """First thing in every multiprocessing child: leave Ctrl-C to the parent."""
+    """First thing in every multiprocessing child: leave Ctrl-C to the parent, and stop
+    if the benchmark dies without cleaning up (e.g. SIGKILL)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
 
 
 class Processes:
@@ -115,8 +106,7 @@ class Processes:
         self.items: list[tuple[str, object]] = []
 
     def popen(self, name: str, argv: list[str], **kwargs) -> subprocess.Popen:
-        proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent,
-                                **kwargs)
+        proc = start_group(argv, **kwargs)
         self.items.append((name, proc))
         return proc
 
@@ -168,7 +158,9 @@ class Stack:
         self.address, self.pids, self.members = self._start()
 
     def stop(self) -> None:
-        self.procs.stop(self.members)
+        """Last started first: workers before their broker, which they would say has gone."""
+        for member in reversed(self.members):
+            self.procs.stop([member])
 
 
 def _alive(proc) -> bool:
@@ -185,12 +177,6 @@ def _wait(proc, timeout: float) -> None:
         proc.join(timeout)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _IPC_DIR: list[str] = []
 
 
@@ -201,6 +187,23 @@ def new_endpoint(transport: str) -> str:
             _IPC_DIR.append(tempfile.mkdtemp(prefix="zroute-bench-"))
         return f"ipc://{_IPC_DIR[0]}/{free_port()}.sock"
     return f"tcp://127.0.0.1:{free_port()}"
+
+
+# --- checkouts -----------------------------------------------------------------------
+
+
+def tree_child_init(tree: str) -> None:
+    """First thing in a child process that runs project code (it starts with the parent's
+    sys.path): _child_init, and the project imported from the checkout `tree`."""
+    _child_init()
+    import_from(tree)
+
+
+def in_tree(tree: Tree, function, *args):
+    """function(*args) in a child process that imports the project from `tree`."""
+    with mp.get_context("spawn").Pool(1, initializer=tree_child_init,
+                                      initargs=(str(tree.path),)) as pool:
+        return pool.apply(function, args)
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -361,25 +364,27 @@ class Result:
         if self.cpu.get("other", 0) > BUSY_LIMIT:
             cpu += " (!)"
         conc = "open" if self.target_rate else str(self.concurrency)
-        return (f"{self.system:<11} {self.procs:>5} {conc:>5} {self.rps:>9,.0f} "
+        return (f"{self.system:<15} {self.procs:>5} {conc:>5} {self.rps:>9,.0f} "
                 f"{self.chunks_per_s:>9,.0f} {self.p50:>7.2f} {self.p99:>7.2f} {self.errors:>6}  "
                 f"{cpu}{''.join('  ' + t for t in (self.label, self.note) if t)}")
 
 
-HEADER = (f"{'system':<11} {'procs':>5} {'conc':>5} {'req/s':>9} {'chunks/s':>9} "
+HEADER = (f"{'system':<15} {'procs':>5} {'conc':>5} {'req/s':>9} {'chunks/s':>9} "
           f"{'p50 ms':>7} {'p99 ms':>7} {'errors':>6}  CPU % of one core")
 
 
 # --- zroute client processes ---------------------------------------------------------
 
 
-def zroute_client_main(address, mode, load, warmup, duration, index, queue, go, start) -> None:
-    """One client process: its own zmq context, event loop and Client.
+def zroute_client_main(tree, address, mode, load, warmup, duration, index, queue, go,
+                       start) -> None:
+    """One client process: its own zmq context, event loop and Client, from the checkout
+    `tree`.
 
     mode "closed": keep `load` requests in flight. mode "open": send `load` requests per
     second on a clock, whatever the replies do.
     """
-    _child_init()
+    tree_child_init(tree)
     try:
         asyncio.run(_zroute_client(address, mode, load, warmup, duration, index, queue, go, start))
     except Exception as e:  # report instead of leaving the parent waiting
@@ -387,9 +392,9 @@ def zroute_client_main(address, mode, load, warmup, duration, index, queue, go, 
 
 
 async def _zroute_client(address, mode, load, warmup, duration, index, queue, go, start) -> None:
-    from zroute.client import BrokerError, Client
-
-    client = Client(address, timeout=30.0)
+    client_api = client_module()
+    BrokerError = client_api.BrokerError
+    client = client_api.Client(address, timeout=30.0)
     client.connect()
 
     async def one() -> int:
@@ -469,10 +474,10 @@ async def _zroute_client(address, mode, load, warmup, duration, index, queue, go
     queue.put(("result", index, {**stats, "latencies": latencies.tobytes()}))
 
 
-def run_zroute_clients(procs: Processes, system: str, address: str, nprocs: int, mode: str,
-                       total_load: float, args, servers: dict[str, list[int]],
+def run_zroute_clients(procs: Processes, system: str, tree: Tree, address: str, nprocs: int,
+                       mode: str, total_load: float, args, servers: dict[str, list[int]],
                        on_window=None, on_window_end=None) -> Result:
-    """Start `nprocs` client processes, measure one window, collect their results.
+    """Start `nprocs` client processes of `tree`, measure one window, collect their results.
 
     `on_window(client_pids)` and `on_window_end()` are called when the measured window
     begins and ends (the profiler uses them).
@@ -484,7 +489,8 @@ def run_zroute_clients(procs: Processes, system: str, address: str, nprocs: int,
     else:
         loads = [total_load / nprocs] * nprocs
     children = [procs.spawn(f"client-{i}", ctx, zroute_client_main,
-                            (address, mode, loads[i], args.warmup, args.duration, i, queue, go, start))
+                            (str(tree.path), address, mode, loads[i], args.warmup, args.duration,
+                             i, queue, go, start))
                 for i in range(nprocs)]
     try:
         client_pids = []
@@ -530,14 +536,14 @@ def run_zroute_clients(procs: Processes, system: str, address: str, nprocs: int,
 
 def direct_server_main(endpoint: str) -> None:
     """The worker runtime on a ROUTER socket that clients talk to directly."""
-    _child_init()
+    tree_child_init(str(ROOT))
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(_direct_server(endpoint))
 
 
 async def _direct_server(endpoint: str) -> None:
+    from zroute import protocol as p
     from zroute.channel import SOCKET_HWM, Channel
-    from broker.server import request_token
     from zroute.zmqio import send_to
     from worker.greeting import make_handler
     from worker.runtime import Worker
@@ -551,11 +557,11 @@ async def _direct_server(endpoint: str) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(endpoint)
     boot_id = os.urandom(8)
-    worker = Worker(config.backend, BrokerLink("unused"), "direct",
-                    {SERVICE: make_handler(config)}, context=context)
 
-    class Adapter:
-        """Feeds client REQUESTs to the runtime, turns its replies into client replies.
+    class BrokerStandIn:
+        """The worker's transport, standing in for the broker: client REQUESTs and
+        CANCELs reach the runtime as the broker would send them, and its replies go
+        straight to their client.
 
         The runtime's request ids are the broker's tokens (client routing id + rid), so
         the reply finds its client the way the broker finds it.
@@ -563,23 +569,39 @@ async def _direct_server(endpoint: str) -> None:
 
         def __init__(self) -> None:
             self.channel = Channel(sock, self.on_frames)
+            self.to_worker = None
+
+        def open(self, on_message, on_connected, on_disconnected) -> "BrokerStandIn":
+            """The worker's TransportFactory: its connection is open at once."""
+            self.to_worker = on_message
+            asyncio.get_running_loop().call_soon(on_connected)
+            return self
 
         def send(self, frames: list[bytes]) -> None:  # the runtime's outgoing messages
-            if len(frames) < 3 or not frames[2]:
-                return  # READY, HEARTBEAT, DRAIN...: nobody to tell
-            token = frames[2]
-            peer, rid = token[1:1 + token[0]], token[1 + token[0]:]
+            command = frames[1]
+            if command == p.HEARTBEAT:  # answered, as the broker does: it is not silent
+                asyncio.get_running_loop().call_soon(
+                    self.to_worker, p.encode_heartbeat(p.Heartbeat(boot_id)))
+                return
+            if command not in (p.CHUNK, p.END, p.ERROR):
+                return  # READY, DRAIN...: nobody to tell
+            peer, rid = p.split_request_token(frames[2])
             # Straight to the ROUTER: the channel's batching would put the peer frame
-            # inside the batch. A send can consume the signal of an arriving message,
-            # so the channel looks at the socket again afterwards.
-            if frames[1] in (p.CHUNK, p.END):
-                send_to(sock, peer, [p.VERSION, frames[1], rid, b"direct", *frames[3:]])
+            # inside the batch.
+            if command == p.ERROR:
+                send_to(sock, peer, [p.VERSION, command, rid, *frames[3:]])
             else:
-                send_to(sock, peer, [p.VERSION, frames[1], rid, *frames[3:]])
-            self.channel._schedule_check()
+                send_to(sock, peer, [p.VERSION, command, rid, b"direct", *frames[3:]])
+            self.channel.check_soon()
 
         def flush(self) -> None:
             """Nothing waits: send() sent each message as it came."""
+
+        def unsent_bytes(self) -> int:
+            return 0  # the clients read what they asked for
+
+        def close(self, linger_ms: int) -> None:
+            """The socket outlives the worker's connections."""
 
         def on_frames(self, frames: list[bytes]) -> None:
             peer = frames[0]
@@ -589,19 +611,20 @@ async def _direct_server(endpoint: str) -> None:
             except p.ProtocolError:
                 return
 
-        def on_message(self, peer: bytes, msg: p.Message) -> None:
+        def on_message(self, peer: bytes, msg) -> None:
             if type(msg) is p.Request:
-                worker._start(p.Request(request_token(peer, msg.rid), msg.service, msg.body))
+                token = p.request_token(peer, msg.rid)
+                self.to_worker(p.encode_request_to_worker(p.Request(token, msg.service, msg.body)))
             elif type(msg) is p.Cancel:
-                task = worker.tasks.get(request_token(peer, msg.rid))
-                if task is not None:
-                    task.cancel()
+                self.to_worker(p.encode_cancel(p.Cancel(p.request_token(peer, msg.rid))))
             elif type(msg) is p.Heartbeat:
                 send_to(sock, peer, p.encode_heartbeat(p.Heartbeat(boot_id)))
-                self.channel._schedule_check()
+                self.channel.check_soon()
 
-    worker._channel = Adapter()
-    await asyncio.Event().wait()  # until SIGTERM
+    stand_in = BrokerStandIn()
+    worker = Worker(config.backend, BrokerLink(endpoint), "direct",
+                    {SERVICE: make_handler(config)}, context=context, transport=stand_in.open)
+    await worker.run()  # until SIGTERM
 
 
 # --- calibration -----------------------------------------------------------------------
@@ -660,30 +683,19 @@ def echo_calibration(procs: Processes, transport: str, seconds: float = 1.5) -> 
 # --- zroute broker and workers ----------------------------------------------------------
 
 
-def zroute_command() -> list[str]:
-    beside = Path(sys.executable).with_name("zroute")
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("zroute")
-    if found:
-        return [found]
-    raise SystemExit("the `zroute` command is not installed: run this script with the "
-                     "project's virtualenv python (scripts/setup_venv.sh creates it)")
-
-
 def wait_for_workers(address: str, count: int, timeout: float = 20.0) -> None:
-    from zroute.client import BlockingClient, BrokerError
-
+    """Run in_tree: return once `count` workers are registered with the broker."""
+    client_api = client_module()
     context = zmq.Context()
     deadline = time.monotonic() + timeout
     try:
-        with BlockingClient(address, context=context) as client:
+        with client_api.BlockingClient(address, context=context) as client:
             while True:
                 try:
                     workers = client.stats(timeout=1.0)["workers"]
                     if sum(w["state"] == "ready" for w in workers) >= count:
                         return
-                except BrokerError:
+                except client_api.BrokerError:
                     pass
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{count} workers did not register within {timeout:g} s")
@@ -693,29 +705,30 @@ def wait_for_workers(address: str, count: int, timeout: float = 20.0) -> None:
 
 
 def broker_totals(address: str) -> dict:
-    from zroute.client import BlockingClient
-
+    """Run in_tree: the broker's counts since it started."""
     context = zmq.Context()
     try:
-        with BlockingClient(address, context=context) as client:
+        with client_module().BlockingClient(address, context=context) as client:
             return client.stats(timeout=5.0)["broker"]
     finally:
         context.term()
 
 
-def start_zroute(procs: Processes, workers: int, transport: str) -> tuple[str, dict, list]:
+def start_zroute(procs: Processes, tree: Tree, workers: int,
+                 transport: str) -> tuple[str, dict, list]:
     front, back = new_endpoint(transport), new_endpoint(transport)
-    cmd = zroute_command()
-    broker = procs.popen("zroute broker", [*cmd, "broker", "--frontend", front, "--backend", back,
-                                           "--log-level", "warning"])
+    cmd = tree.command()
+    broker = procs.popen(f"{tree.label} broker",
+                         [*cmd, "broker", "--frontend", front, "--backend", back,
+                          "--log-level", "warning"], cwd=tree.path)
     pids, members = {"broker": [broker.pid], "workers": []}, [broker]
     for i in range(workers):
-        worker = procs.popen(f"zroute worker w{i + 1}",
+        worker = procs.popen(f"{tree.label} worker w{i + 1}",
                              [*cmd, "worker", "--broker", back, "--id", f"w{i + 1}",
-                              "--Backend.sleep_time=0", "--log-level", "warning"])
+                              "--Backend.sleep_time=0", "--log-level", "warning"], cwd=tree.path)
         pids["workers"].append(worker.pid)
         members.append(worker)
-    wait_for_workers(front, workers)
+    in_tree(tree, wait_for_workers, front, workers)
     return front, pids, members
 
 
@@ -879,7 +892,7 @@ def _majortomo_clients(procs, py, url, n, args, servers, system) -> Result:
 # --- profiling ------------------------------------------------------------------------------
 
 
-def profile_under_load(procs: Processes, address: str, pids: dict[str, list[int]],
+def profile_under_load(procs: Processes, tree: Tree, address: str, pids: dict[str, list[int]],
                        best: Result, args) -> None:
     """py-spy the broker, a worker and a client process while the best configuration runs."""
     problem = ensure_bench_venv(["py-spy"])
@@ -914,8 +927,9 @@ def profile_under_load(procs: Processes, address: str, pids: dict[str, list[int]
                                    for name, cpu in before.items()}
 
     long_args = SimpleNamespace(**{**vars(args), "duration": seconds + 1.0})
-    result = run_zroute_clients(procs, "zroute", address, best.procs, "closed", best.concurrency,
-                                long_args, pids, on_window=start_spies, on_window_end=thread_shares)
+    result = run_zroute_clients(procs, tree.label, tree, address, best.procs, "closed",
+                                best.concurrency, long_args, pids, on_window=start_spies,
+                                on_window_end=thread_shares)
     print("  (under py-spy) " + result.line())
     print("  CPU per thread, % of one core (libzmq's I/O thread is ZMQbg/IO/0):")
     for role, shares in threads_share.items():
@@ -1046,7 +1060,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "and print their top functions")
     parser.add_argument("--profile-dir", default="bench-profiles", metavar="DIR",
                         help="where py-spy's raw profiles go (default: ./bench-profiles)")
+    parser.add_argument("--compare-tree", type=Path, nargs="+", default=[], metavar="DIR",
+                        help="also run the zroute rows with the code of these checkouts (a git "
+                             "worktree of another commit, say), taking turns with this one's, "
+                             "and print them side by side")
     args = parser.parse_args(argv)
+    for tree in args.compare_tree:
+        if not (tree / "pyproject.toml").is_file():
+            parser.error(f"--compare-tree {tree}: not a zroute checkout (no pyproject.toml)")
     if args.quick:
         args.duration, args.warmup = min(args.duration, 1.0), min(args.warmup, 0.5)
         args.concurrency, args.procs, args.majortomo_clients = [64], [2], [4]
@@ -1069,18 +1090,18 @@ def machine_line() -> str:
             f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}")
 
 
-def code_version() -> str:
-    """The commit measured, and whether the broker or worker code differs from it."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                capture_output=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "broker", "worker"], cwd=ROOT,
-                               text=True, capture_output=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+def code_version(tree: Tree) -> str:
+    """The commit a checkout has, and whether the code measured differs from it."""
+    commit = git_commit(tree.path)
     if not commit:
         return "unknown"
-    return commit + (" with uncommitted changes in broker/ or worker/" if dirty else "")
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "broker", "worker",
+                                "zroute"], cwd=tree.path, text=True, capture_output=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        dirty = ""
+    return commit + (" with uncommitted changes in broker/, worker/ or zroute/" if dirty else "")
 
 
 def grid(args) -> list[tuple[int, int]]:
@@ -1092,12 +1113,65 @@ def best_of(results: list[Result]) -> Result | None:
     return max(valid, key=lambda r: r.rps) if valid else None
 
 
+def measure_zroute(procs: Processes, trees: list[Tree], closed: dict[Tree, list[Result]],
+                   open_loop: dict[Tree, list[Result]], args) -> None:
+    """The zroute rows of every checkout, taking turns, into `closed` and `open_loop`: the
+    grid, a profile of this checkout's best, then the open-loop rates of this one's best."""
+    print("zroute: Python clients -> zroute broker -> "
+          f"{args.workers} zroute workers (separate processes)")
+    if len(trees) > 1:
+        print("  each configuration in turn with " + ", ".join(t.label for t in trees))
+    print("  " + HEADER)
+    stacks = {tree: Stack(procs, lambda tree=tree: start_zroute(procs, tree, args.workers,
+                                                                args.transport))
+              for tree in trees}
+    for c, n in grid(args):
+        for tree, stack in stacks.items():
+            closed[tree].append(measure_on(stack, args, lambda s: run_zroute_clients(
+                procs, tree.label, tree, s.address, n, "closed", c, args, s.pids)))
+            print("  " + closed[tree][-1].line(), flush=True)
+    this = trees[0]
+    best = best_of(closed[this])
+    if args.profile and best:
+        print(f"\nprofile: py-spy at {this.label}'s best configuration "
+              f"({best.procs} client procs, {best.concurrency} in flight)")
+        try:
+            profile_under_load(procs, this, stacks[this].address, stacks[this].pids, best, args)
+        except ServerGone as e:
+            print(f"  WARNING: {e}: no profile; starting the servers again", flush=True)
+            stacks[this].restart()
+    for tree, stack in stacks.items():
+        totals = in_tree(tree, broker_totals, stack.address)
+        print(f"  {tree.label} broker totals: {totals['completed']} completed, "
+              f"{totals['failed']} failed, {totals['timeouts']} timeouts, "
+              f"{totals['retries']} retries")
+
+    if best and not args.no_half_load:
+        print(f"\nopen loop: requests sent at a fixed rate by {args.open_procs} client "
+              f"process(es), fractions of {this.label}'s best")
+        print("  " + HEADER)
+        for fraction in args.load_fractions:
+            rate = best.rps * fraction
+            for tree, stack in stacks.items():
+                r = measure_on(stack, args, lambda s: run_zroute_clients(
+                    procs, tree.label, tree, s.address, args.open_procs, "open", rate, args,
+                    s.pids))
+                r.target_rate, r.label = rate, f"{fraction:g} x best"
+                open_loop[tree].append(r)
+                print("  " + r.line(), flush=True)
+    for stack in stacks.values():
+        stack.stop()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     procs = Processes()
+    trees = [Tree.at(ROOT), *map(Tree.at, args.compare_tree)]
     print(f"machine: {machine_line()}")
-    print(f"code: {code_version()}")
+    print(f"code: {code_version(trees[0])}")
+    for tree in trees[1:]:
+        print(f"compared with: {tree.label}, the checkout {tree.path} ({code_version(tree)})")
     print(f"request: {BODY.decode()} -> {EXPECTED_CHUNKS} chunks, workers sleep 0 s; "
           f"{args.workers} workers; {args.warmup:g} s warm-up + {args.duration:g} s measured "
           f"per configuration")
@@ -1110,47 +1184,16 @@ def main(argv=None) -> int:
     except (RuntimeError, zmq.ZMQError) as e:
         print(f"calibration failed: {e}")
     print()
-    zroute: list[Result] = []
+    closed: dict[Tree, list[Result]] = {tree: [] for tree in trees}
+    open_loop: dict[Tree, list[Result]] = {tree: [] for tree in trees}  # one per load fraction
+    zroute, open_zroute = closed[trees[0]], open_loop[trees[0]]  # this checkout's
     direct: list[Result] = []
     majortomo: list[Result] = []
-    open_zroute: list[Result] = []  # open loop, one per load fraction
     open_direct: list[Result] = []  # brokerless at the same rates
     majortomo_note = ""
     status = 0
     try:
-        print("zroute: Python clients -> zroute broker -> "
-              f"{args.workers} zroute workers (separate processes)")
-        print("  " + HEADER)
-        stack = Stack(procs, lambda: start_zroute(procs, args.workers, args.transport))
-        for c, n in grid(args):
-            zroute.append(measure_on(stack, args, lambda s: run_zroute_clients(
-                procs, "zroute", s.address, n, "closed", c, args, s.pids)))
-            print("  " + zroute[-1].line(), flush=True)
-        best = best_of(zroute)
-        if args.profile and best:
-            print("\nprofile: py-spy at the best zroute configuration "
-                  f"({best.procs} client procs, {best.concurrency} in flight)")
-            try:
-                profile_under_load(procs, stack.address, stack.pids, best, args)
-            except ServerGone as e:
-                print(f"  WARNING: {e}: no profile; starting the servers again", flush=True)
-                stack.restart()
-        totals = broker_totals(stack.address)
-        print(f"  broker totals: {totals['completed']} completed, {totals['failed']} failed, "
-              f"{totals['timeouts']} timeouts, {totals['retries']} retries")
-
-        if best and not args.no_half_load:
-            print(f"\nopen loop: requests sent at a fixed rate by {args.open_procs} client "
-                  "process(es)")
-            print("  " + HEADER)
-            for fraction in args.load_fractions:
-                rate = best.rps * fraction
-                r = measure_on(stack, args, lambda s: run_zroute_clients(
-                    procs, "zroute", s.address, args.open_procs, "open", rate, args, s.pids))
-                r.target_rate, r.label = rate, f"{fraction:g} x best"
-                open_zroute.append(r)
-                print("  " + r.line(), flush=True)
-        stack.stop()
+        measure_zroute(procs, trees, closed, open_loop, args)
 
         if not args.no_brokerless:
             print("\nbrokerless: the same Python clients -> ONE server process running the zroute "
@@ -1160,11 +1203,12 @@ def main(argv=None) -> int:
             stack = Stack(procs, lambda: start_direct_server(procs, args.transport))
             for c, n in grid(args):
                 direct.append(measure_on(stack, args, lambda s: run_zroute_clients(
-                    procs, "brokerless", s.address, n, "closed", c, args, s.pids)))
+                    procs, "brokerless", trees[0], s.address, n, "closed", c, args, s.pids)))
                 print("  " + direct[-1].line(), flush=True)
             for z in open_zroute:
                 r = measure_on(stack, args, lambda s: run_zroute_clients(
-                    procs, "brokerless", s.address, z.procs, "open", z.target_rate, args, s.pids))
+                    procs, "brokerless", trees[0], s.address, z.procs, "open", z.target_rate,
+                    args, s.pids))
                 r.target_rate, r.label = z.target_rate, z.label
                 open_direct.append(r)
                 print("  " + r.line(), flush=True)
@@ -1196,6 +1240,8 @@ def main(argv=None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
 
     report(zroute, direct, majortomo, open_zroute, open_direct, majortomo_note)
+    if len(trees) > 1:
+        side_by_side(trees, closed, open_loop)
     return status
 
 
@@ -1222,7 +1268,7 @@ def report(zroute, direct, majortomo, open_zroute, open_direct, majortomo_note) 
             if i < len(pairs):
                 d = pairs[i][1]
                 print(d.line())
-                print(f"{'':<11} broker hop at {z.target_rate:,.0f} req/s: {z.p50 - d.p50:+.2f} ms p50, "
+                print(f"{'':<15} broker hop at {z.target_rate:,.0f} req/s: {z.p50 - d.p50:+.2f} ms p50, "
                       f"{z.p99 - d.p99:+.2f} ms p99")
 
     print("\n=== targets ===")
@@ -1265,6 +1311,38 @@ def report(zroute, direct, majortomo, open_zroute, open_direct, majortomo_note) 
         print(f"{v}  {name:<44} {value}")
     for name, value in extra:
         print(f"{'':4}  {name:<44} {value}  (context, not a target)")
+
+
+CONFIGURATION, CELL = 26, 28  # characters per column of the side-by-side table
+
+
+def side_by_side(trees: list[Tree], closed: dict[Tree, list[Result]],
+                 open_loop: dict[Tree, list[Result]]) -> None:
+    """The zroute rows of every checkout, one line per configuration, and how each other
+    checkout's compares with this one's: req/s in the closed loop, p50 at the same rate."""
+    print("\n=== zroute of each checkout, taking turns; (!) marks a disturbed or failed run ===")
+    for tree in trees:
+        print(f"{tree.label}: {tree.path}")
+    print((" " * CONFIGURATION + "".join(tree.label.ljust(CELL) for tree in trees)).rstrip())
+    print("configuration".ljust(CONFIGURATION) + f"{'req/s':>7} {'p50':>6} / {'p99 ms':<6}".ljust(CELL)
+          * len(trees) + f"against {trees[0].label}")
+    for rows in zip(*(closed[tree] for tree in trees)):
+        print_side_by_side(f"{rows[0].procs} procs, {rows[0].concurrency} in flight", rows)
+    for rows in zip(*(open_loop[tree] for tree in trees)):
+        print_side_by_side(f"open, {rows[0].label}", rows)
+
+
+def print_side_by_side(configuration: str, rows: tuple[Result, ...]) -> None:
+    ours = rows[0]
+    cells = []
+    for r in rows:
+        disturbed = " (!)" if r.errors or r.cpu.get("other", 0) > BUSY_LIMIT else ""
+        cells.append(f"{r.rps:>7,.0f} {r.p50:6.2f} / {r.p99:<6.2f}{disturbed}".ljust(CELL))
+    if ours.target_rate:  # the same rate for each: latency tells them apart
+        against = [f"{r.p50 - ours.p50:+.2f} ms p50" for r in rows[1:]]
+    else:
+        against = [f"{r.rps / ours.rps:.2f}x req/s" if ours.rps else "-" for r in rows[1:]]
+    print(configuration.ljust(CONFIGURATION) + "".join(cells) + ", ".join(against))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import os
 import resource
-import signal
 import socket
 import statistics
 import subprocess
@@ -39,26 +38,14 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
-HERE = Path(__file__).resolve()
+from children import free_port, stop_all
+from zroute.processes import start_group
+
+HANDLERS = Path(__file__).resolve().with_name("bench_handlers.py")
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
 PROBE = b'{"text": "probe"}'
-REPLY_CHUNK = b"x" * (64 << 10)
-REPLY_CHUNKS = 256  # 16 MiB
-
-
-async def large_reply(request: Any) -> AsyncIterator[bytes]:
-    """The readers' worker handler: 16 MiB as fast as the worker can send it."""
-    for _ in range(REPLY_CHUNKS):
-        yield REPLY_CHUNK
-        await asyncio.sleep(0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def common_fd_limit() -> None:
@@ -81,8 +68,8 @@ class Stack:
 
         def start(name: str, *args: str, **options: Any) -> subprocess.Popen:
             log = open(log_dir / f"{name}.log", "wb")
-            proc = subprocess.Popen([ZROUTE, *args], stdout=log, stderr=subprocess.STDOUT,
-                                    env=env, **options)
+            proc = start_group([ZROUTE, *args], stdout=log, stderr=subprocess.STDOUT, env=env,
+                               **options)
             self.procs.append(proc)
             return proc
 
@@ -91,17 +78,10 @@ class Stack:
               "--Backend.sleep_time=0", *(["--handler", handler] if handler else []))
         self.gateway = start("gateway", "gateway", "--broker", frontend, "--port",
                              str(self.port), "--log-level", "warning", *gateway_args,
-                             preexec_fn=common_fd_limit)
+                             before_exec=common_fd_limit)
 
     def stop(self) -> None:
-        for proc in self.procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(self.procs)
 
 
 def rss_mib(pid: int) -> float:
@@ -276,7 +256,7 @@ async def readers(stack: Stack, _: argparse.Namespace, clients: int = 200,
 SCENARIOS: dict[str, tuple[Callable[..., Awaitable[dict]], str | None]] = {
     "idle": (idle, None),
     "bodies": (bodies, None),
-    "readers": (readers, f"{HERE}:large_reply"),
+    "readers": (readers, f"{HANDLERS}:large_reply"),
 }
 
 

@@ -1,4 +1,7 @@
-"""Worker-side handler for scripts/bench_routing.py: a worker whose requests contend.
+"""Worker-side handlers of the benchmarks. Only the standard library: a worker that runs
+another checkout's code (a benchmark's --tree) loads this file as it is.
+
+make_handler, for scripts/bench_routing.py: a worker whose requests contend.
 
 The default greeting handler waits with asyncio.sleep, so a worker runs any number of
 requests side by side at no cost to each other: in-flight load costs no latency, and no
@@ -17,12 +20,18 @@ slower, so the offered load stays the load that bench_routing.py says it is.
     (with this directory on PYTHONPATH; bench_routing.py sets it)
 
 Body: {"text": "w,w,w"}; one "w\\n" chunk per word.
+
+sized_reply (scripts/bench_memory.py) and large_reply (scripts/bench_gateway_limits.py)
+are named by this file's path: `--handler scripts/bench_handlers.py:sized_reply`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any, AsyncIterator
+
+REPLY_CHUNK = b"x" * (64 << 10)
+REPLY_CHUNKS = 256  # 16 MiB
 
 
 def make_handler(config: Any):
@@ -41,3 +50,20 @@ def make_handler(config: Any):
             yield word + "\n"
 
     return contended
+
+
+async def sized_reply(request: Any) -> AsyncIterator[bytes]:
+    """After `sleep` seconds, `chunks` chunks of `size` bytes."""
+    await asyncio.sleep(request.get("sleep", 0))
+    chunk = b"x" * request.get("size", 10)
+    for n in range(request.get("chunks", 1)):
+        yield chunk
+        if n % 16 == 15:
+            await asyncio.sleep(0)
+
+
+async def large_reply(request: Any) -> AsyncIterator[bytes]:
+    """16 MiB as fast as the worker can send it."""
+    for _ in range(REPLY_CHUNKS):
+        yield REPLY_CHUNK
+        await asyncio.sleep(0)

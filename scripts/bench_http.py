@@ -32,8 +32,6 @@ import asyncio
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,8 +41,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from checkouts import ROOT, Tree
+from children import free_port, start_group, stop_all
+
 HERE = Path(__file__).resolve().parent
-ZROUTE = str(Path(sys.executable).with_name("zroute"))
 BODY = '{"text": "world,universe,galaxy"}'
 EXPECTED = b"Hello world!\nHello universe!\nHello galaxy!\n"
 WRK_SCRIPT = f"""wrk.method = "POST"
@@ -80,12 +80,6 @@ http {{
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_tools() -> dict[str, bool]:
     """wrk and nginx from Debian's packages, installed if missing."""
     wanted = {"wrk": "wrk", "nginx": "nginx-light"}
@@ -111,21 +105,15 @@ class Processes:
     def __init__(self) -> None:
         self.children: list[subprocess.Popen] = []
 
-    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 env=env)
+    def start(self, *args: str, cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+        child = start_group(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=cwd, env=env)
         self.children.append(child)
         return child
 
     def stop(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in self.children:
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        stop_all(self.children)
 
 
 def wait_http(url: str, timeout: float = 30) -> None:
@@ -142,15 +130,14 @@ def wait_http(url: str, timeout: float = 30) -> None:
     raise SystemExit(f"bench_http: {url} did not answer within {timeout} s")
 
 
-def start_zroute(procs: Processes, sleep_time: float, gateways: int,
-                 tree: Path | None = None) -> Target:
-    """A zroute stack; with `tree`, one that runs the code of that checkout."""
+def start_zroute(procs: Processes, sleep_time: float, gateways: int, tree: Tree) -> Target:
+    """A zroute stack that runs the code of the checkout `tree`."""
     frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     port = free_port()
-    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+    command = tree.command()
 
     def start(*args: str) -> int:
-        return procs.start(ZROUTE, *args, "--log-level", "warning", env=env).pid
+        return procs.start(*command, *args, "--log-level", "warning", cwd=tree.path).pid
 
     pids = {"broker": start("broker", "--frontend", frontend, "--backend", backend)}
     for i in (1, 2):
@@ -159,7 +146,7 @@ def start_zroute(procs: Processes, sleep_time: float, gateways: int,
     for i in range(1, gateways + 1):
         pids[f"gateway-{i}"] = start("gateway", "--broker", frontend, "--port", str(port))
     name = "zroute" if gateways == 1 else f"zroute-{gateways}gw"
-    if tree is not None:
+    if tree.name:
         name += "@" + tree.name
     target = Target(name, f"http://127.0.0.1:{port}/generate", pids)
     wait_http(target.url)
@@ -288,7 +275,7 @@ def ttfb(args: argparse.Namespace, procs: Processes, workdir: Path, have_nginx: 
     delay = 0.1
     port, pid = start_plain(procs, delay)
     targets = [Target("aiohttp", f"http://127.0.0.1:{port}/generate", {"server": pid}),
-               start_zroute(procs, delay, 1)]
+               start_zroute(procs, delay, 1, Tree.at(ROOT))]
     if have_nginx:
         targets.append(start_nginx(procs, workdir, delay))
     print(f"time to first byte, sleep_time {delay} s, {args.ttfb_requests} requests, "
@@ -401,9 +388,8 @@ def main() -> int:
         script = workdir / "post.lua"
         script.write_text(WRK_SCRIPT)
         try:
-            targets = [start_zroute(procs, 0.0, n) for n in args.gateways]
-            targets += [start_zroute(procs, 0.0, n, tree) for tree in args.compare_tree
-                        for n in args.gateways]
+            trees = [Tree.at(ROOT), *map(Tree.at, args.compare_tree)]
+            targets = [start_zroute(procs, 0.0, n, tree) for tree in trees for n in args.gateways]
             if tools["nginx"]:
                 targets.append(start_nginx(procs, workdir, 0.0))
             port, pid = start_plain(procs, 0.0)

@@ -4,7 +4,7 @@
     .venv/bin/python scripts/bench_memory.py [--duration 15] [--loads unread,http,big]
         [--compare-tree DIR ...]
 
-Each load runs against a fresh `zroute broker`, one `zroute worker` (the handler below)
+Each load runs against a fresh `zroute broker`, one `zroute worker` (bench_handlers.py's sized_reply)
 and, for `http`, one `zroute gateway`, all on free loopback ports, for --duration seconds;
 a thread reads every process's RSS from /proc ten times a second. Beside the load, one
 well-behaved client sends small requests in a loop: its failures are counted, and must
@@ -26,37 +26,22 @@ import argparse
 import asyncio
 import collections
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
 
-HERE = Path(__file__).resolve()
-ROOT = HERE.parent.parent
+from children import free_port, stop_all
+from zroute.processes import start_group
+
+HANDLERS = Path(__file__).resolve().with_name("bench_handlers.py")
+ROOT = HANDLERS.parent.parent
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
 MIB = 1 << 20
 UNREAD_CLIENTS, UNREAD_CHUNKS, CHUNK_SIZE = 200, 256, 64 << 10
 HTTP_CONCURRENCY, HTTP_BODY = 300, 1_000_000
 BIG_CLIENTS, BIG_BODY = 20, 8 << 20
-
-
-async def sized_reply(request: Any) -> AsyncIterator[bytes]:
-    """The worker's handler: after `sleep` seconds, `chunks` chunks of `size` bytes."""
-    await asyncio.sleep(request.get("sleep", 0))
-    chunk = b"x" * request.get("size", 10)
-    for n in range(request.get("chunks", 1)):
-        yield chunk
-        if n % 16 == 15:
-            await asyncio.sleep(0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -79,7 +64,7 @@ class Stack:
         self.procs: dict[str, subprocess.Popen] = {}
         self._spawn("broker", "broker", "--frontend", self.frontend, "--backend", backend)
         self._spawn("worker", "worker", "--broker", backend, "--id", "w1",
-                    "--handler", f"{HERE}:sized_reply")
+                    "--handler", f"{HANDLERS}:sized_reply")
         self.http = None
         if gateway:
             port = free_port()
@@ -87,9 +72,9 @@ class Stack:
             self._spawn("gateway", "gateway", "--broker", self.frontend, "--port", str(port))
 
     def _spawn(self, name: str, *args: str) -> None:
-        self.procs[name] = subprocess.Popen([ZROUTE, *args, "--log-level", "error"],
-                                            env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL)
+        self.procs[name] = start_group([ZROUTE, *args, "--log-level", "error"], env=self.env,
+                                       cwd=ROOT, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
 
     def wait_ready(self) -> None:
         from zroute.client import BlockingClient, BrokerError
@@ -108,14 +93,7 @@ class Stack:
             wait_http(self.http)
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(self.procs.values())
 
 
 def wait_http(url: str) -> None:

@@ -20,19 +20,15 @@ import argparse
 import asyncio
 import collections
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from children import free_port, stop_all
+from zroute.processes import start_group
+
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -46,11 +42,11 @@ def start(tree: Path | None, capacity: int, word_time: float) -> tuple[str, list
     env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None
     front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree)
-    procs = [subprocess.Popen([ZROUTE, "broker", "--frontend", front, "--backend", back,
-                               "--log-level", "error"], **quiet),
-             subprocess.Popen([ZROUTE, "worker", "--broker", back, "--id", "w1", "--capacity",
-                               str(capacity), f"--Backend.sleep_time={word_time}",
-                               "--log-level", "error"], **quiet)]
+    procs = [start_group([ZROUTE, "broker", "--frontend", front, "--backend", back,
+                          "--log-level", "error"], **quiet),
+             start_group([ZROUTE, "worker", "--broker", back, "--id", "w1", "--capacity",
+                          str(capacity), f"--Backend.sleep_time={word_time}",
+                          "--log-level", "error"], **quiet)]
     return front, procs
 
 
@@ -112,9 +108,7 @@ def main() -> int:
             try:
                 outcomes, in_window = asyncio.run(offer(frontend, rate, args.duration))
             finally:
-                for proc in procs:
-                    proc.terminate()
-                    proc.wait(10)
+                stop_all(procs)
             ok = outcomes.pop("ok", [])
             failed = [t for times in outcomes.values() for t in times]
             codes = ", ".join(f"{code} {len(times)}" for code, times in sorted(outcomes.items()))

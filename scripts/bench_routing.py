@@ -45,8 +45,6 @@ import os
 import platform
 import random
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,7 +57,9 @@ SCRIPTS = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from children import free_port, stop_all  # noqa: E402
 from zroute.client import BrokerError, Client  # noqa: E402
+from zroute.processes import start_group  # noqa: E402
 
 SERVICE = "generate"
 HANDLER = "bench_handlers:make_handler"
@@ -106,12 +106,6 @@ def workload(args: argparse.Namespace) -> list[list[Arrival]]:
 # --- processes ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Cluster:
     """A broker and W workers as `python -m zroute_cli` subprocesses; logs in a temp dir."""
 
@@ -127,9 +121,8 @@ class Cluster:
 
     def _start(self, name: str, *args: str) -> None:
         log = open(Path(self.log_dir.name) / f"{name}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "zroute_cli", *args, "--log-level", "warning"],
-                                stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                start_new_session=True)
+        proc = start_group([sys.executable, "-m", "zroute_cli", *args, "--log-level", "warning"],
+                           stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
         self.procs.append((name, proc))
 
@@ -151,15 +144,7 @@ class Cluster:
         return (Path(self.log_dir.name) / f"{name}.log").read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc in reversed(self.procs):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_all(proc for _, proc in reversed(self.procs))
         self.log_dir.cleanup()
 
 

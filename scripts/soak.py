@@ -26,7 +26,6 @@ import collections
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,18 +34,14 @@ from pathlib import Path
 import orjson
 import zmq
 
+from children import free_port, stop_all
 from zroute import protocol as p
 from zroute.client import BrokerError, Client, BlockingClient
+from zroute.processes import start_group
 
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
 HANG_GRACE_S = 5.0  # past its own timeout, a request that has not ended counts as hung
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_kib(pid: int) -> int | None:
@@ -74,8 +69,8 @@ class Cluster:
             self.start_worker(f"worker-{i}")
 
     def _spawn(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([ZROUTE, *args, "--log-level", "warning"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return start_group([ZROUTE, *args, "--log-level", "warning"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def start_broker(self) -> None:
         self.broker = self._spawn("broker", "--frontend", self.frontend, "--backend", self.backend)
@@ -98,14 +93,7 @@ class Cluster:
         self.restarts[name] += 1
 
     def stop(self) -> None:
-        for proc in self.processes().values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.processes().values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(self.processes().values(), timeout=15)
 
 
 def wait_ready(cluster: Cluster, count: int, timeout: float = 20) -> None:

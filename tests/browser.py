@@ -50,6 +50,7 @@ class Browser:
         profile.mkdir()
         proc = Proc("chromium", [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
                     work_dir)
+        proc.expect(None)  # however it ends: only the page is under test
         session = aiohttp.ClientSession()
         try:
             # Chromium writes the port it chose into the profile once it listens.

@@ -12,17 +12,48 @@ import logging
 import time
 from typing import Any, AsyncIterator
 
+import orjson
+
 log = logging.getLogger("tests.handlers")
 
 CANCELLED_LINE = "HANDLER-CANCELLED marker={marker}"
 STARTED_LINE = "HANDLER-STARTED marker={marker}"
+FAILURE = "the test handler failed on purpose"
+MEBIBYTE = b"x" * (1 << 20)
 
 
-async def flaky(request: Any) -> AsyncIterator[str]:
-    """Raise RuntimeError(request["fail"]) if it is given, else echo request["text"]."""
-    if request.get("fail"):
-        raise RuntimeError(request["fail"])
-    yield f"fine {request['text']}\n"
+# --- replies -----------------------------------------------------------------------
+
+
+async def echo(request: Any) -> AsyncIterator[bytes]:
+    """Yield the request back as JSON."""
+    yield orjson.dumps(request)
+
+
+async def chunks(request: Any) -> AsyncIterator[str | bytes]:
+    """Yield request["chunks"] one by one, as they are; with "hex": true, each is the
+    hex of the bytes to yield (a character split between two chunks, say)."""
+    for chunk in request["chunks"]:
+        yield bytes.fromhex(chunk) if request.get("hex") else chunk
+
+
+async def hold(request: Any) -> AsyncIterator[str]:
+    """Yield "start TEXT" at once, wait request["seconds"] (default 0), yield "done TEXT".
+
+    The first chunk tells a test that the request is running on its worker; a long
+    `seconds` keeps that worker busy until the test cancels the request.
+    """
+    text = request["text"]
+    yield f"start {text}\n"
+    await asyncio.sleep(float(request.get("seconds", 0)))
+    yield f"done {text}\n"
+
+
+async def ticks(request: Any) -> AsyncIterator[str]:
+    """A line every 0.1 s for 10 s."""
+    for i in range(100):
+        await asyncio.sleep(0.1)
+        yield f"tick {i}\n"
 
 
 async def hang(request: Any) -> AsyncIterator[str]:
@@ -42,17 +73,6 @@ async def hang(request: Any) -> AsyncIterator[str]:
     yield "never\n"
 
 
-def not_a_factory(config: Any) -> int:
-    """A factory that returns something that is not a handler."""
-    return 42
-
-
-async def blocks(request: Any) -> AsyncIterator[str]:
-    """A handler that blocks the event loop for request["seconds"], as a newcomer's might."""
-    time.sleep(request["seconds"])
-    yield "done\n"
-
-
 async def flood(request: Any) -> AsyncIterator[bytes]:
     """Yield 1 KiB chunks until cancelled; log when cancelled, as `hang` does."""
     chunk = b"x" * 1023 + b"\n"
@@ -63,3 +83,48 @@ async def flood(request: Any) -> AsyncIterator[bytes]:
     except asyncio.CancelledError:
         log.warning(CANCELLED_LINE.format(marker=request["marker"]))
         raise
+
+
+async def forty_mebibytes(request: Any) -> AsyncIterator[bytes]:
+    """40 MiB, one MiB every 50 ms."""
+    for _ in range(40):
+        yield MEBIBYTE
+        await asyncio.sleep(0.05)
+
+
+# --- failures ----------------------------------------------------------------------
+
+
+async def flaky(request: Any) -> AsyncIterator[str]:
+    """Raise RuntimeError(request["fail"]) if it is given, else echo request["text"]."""
+    if request.get("fail"):
+        raise RuntimeError(request["fail"])
+    yield f"fine {request['text']}\n"
+
+
+async def fail_mid_stream(request: Any) -> AsyncIterator[str]:
+    """Yield one line, then fail: the HTTP response has begun when the error comes."""
+    yield "Hello world!\n"
+    raise RuntimeError(FAILURE)
+
+
+async def fail_at_once(request: Any) -> AsyncIterator[str]:
+    """Fail before the first line: the gateway can still answer with a status."""
+    raise RuntimeError(FAILURE)
+    yield  # an async generator, as handlers are
+
+
+async def yields_a_number(request: Any) -> AsyncIterator[Any]:
+    """A broken handler: chunks must be str or bytes."""
+    yield 42
+
+
+def not_a_factory(config: Any) -> int:
+    """A factory that returns something that is not a handler."""
+    return 42
+
+
+async def blocks(request: Any) -> AsyncIterator[str]:
+    """A handler that blocks the event loop for request["seconds"], as a newcomer's might."""
+    time.sleep(request["seconds"])
+    yield "done\n"

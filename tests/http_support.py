@@ -38,8 +38,8 @@ def async_test(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
 
 def handler_worker(stack: Stack, worker_id: str, handler: str, *args: str,
                    sleep_time: float = 0) -> Proc:
-    """A worker serving a handler of tests/gateway_handlers.py."""
-    return stack.worker(worker_id, "--handler", f"tests.gateway_handlers:{handler}", *args,
+    """A worker serving a handler of tests/handlers.py."""
+    return stack.worker(worker_id, "--handler", f"tests.handlers:{handler}", *args,
                         sleep_time=sleep_time)
 
 

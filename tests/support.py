@@ -7,14 +7,15 @@ import inspect
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from scripts.children import free_port, stop_all
 from zroute.client import BlockingClient, BrokerError
+from zroute.processes import start_group
 
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -53,12 +54,6 @@ def all_idle(stats: dict) -> bool:
     return stats["broker"]["inflight"] == 0 and all(w["inflight"] == 0 for w in stats["workers"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_until(condition: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
     """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -86,16 +81,57 @@ async def async_wait_until(condition: Callable[[], Any], timeout: float = 10.0,
         await asyncio.sleep(0.02)
 
 
+def unused_path(directory: Path, stem: str, suffix: str) -> Path:
+    """directory/stem+suffix, or with -2, -3, ... after `stem` if that exists."""
+    path, n = directory / f"{stem}{suffix}", 1
+    while path.exists():
+        n += 1
+        path = directory / f"{stem}-{n}{suffix}"
+    return path
+
+
+def ending_problem(name: str, code: int, log: str, expected_exit: int | None = 0,
+                   traceback_expected: bool = False, killed_by_stop: bool = False) -> str | None:
+    """What is wrong with how the process `name` ended, and the end of its log; None if it
+    ended as expected: with `expected_exit` (None: any), and a traceback in its log only
+    if `traceback_expected`."""
+    problems = []
+    if expected_exit is not None and code != expected_exit:
+        problems.append(f"exited with code {code}, not {expected_exit}")
+    if killed_by_stop:
+        problems.append("was killed: it had not exited after SIGTERM")
+    if not traceback_expected and "Traceback (most recent call last)" in log:
+        problems.append("logged a traceback")
+    if not problems:
+        return None
+    return f"{name} {' and '.join(problems)}; its log ends:\n{log[-3000:]}"
+
+
+def check_ending(name: str, code: int, log: str) -> None:
+    """Fail unless the process `name` exited with 0 and no traceback in its log."""
+    problem = ending_problem(name, code, log)
+    if problem:
+        raise AssertionError(problem)
+
+
 class Proc:
-    """A child process whose output goes to a log file."""
+    """A child process whose output goes to a log file.
+
+    It is to end with exit code 0 and no traceback in its log: stop() and wait() fail
+    the test otherwise, naming it, its exit code and the end of its log. A test that
+    ends it another way on purpose says so first, with expect() or kill().
+    """
 
     def __init__(self, name: str, args: list[str], log_dir: Path, cwd: Path | None = None,
                  env: dict[str, str] | None = None) -> None:
         self.name = name
-        self.log_path = log_dir / f"{name}.log"
+        self.log_path = unused_path(log_dir, name, ".log")  # a restarted name has a log of its own
         self._log = open(self.log_path, "wb")
-        self.popen = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
-                                      start_new_session=True, env=env or child_env(), cwd=cwd)
+        self.popen = start_group(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                 env=env or child_env(), cwd=cwd)
+        self.expected_exit: int | None = 0
+        self.traceback_expected = False
+        self.killed_by_stop = False
 
     @property
     def pid(self) -> int:
@@ -104,25 +140,68 @@ class Proc:
     def signal(self, signum: int) -> None:
         self.popen.send_signal(signum)
 
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
-        self._log.close()
+    def expect(self, exit_code: int | None, *, traceback: bool = False) -> None:
+        """How the test means this process to end: with `exit_code` (None: any, which the
+        test checks itself), and with a traceback in its log if `traceback`."""
+        self.expected_exit = exit_code
+        self.traceback_expected = traceback
+
+    def kill(self) -> None:
+        """SIGKILL, on purpose: the process is to end with exit code -9."""
+        self.expect(-signal.SIGKILL, traceback=self.traceback_expected)
+        self.signal(signal.SIGKILL)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        """Wait until the process exits by itself; fail unless it ended as expected."""
+        self.popen.wait(timeout)
+        self.ended(killed_by_stop=False)
+        check_ended([self])
         return self.popen.returncode
 
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, and SIGKILL for its process group after `timeout` seconds; fail
+        unless it ended as expected."""
+        stop_procs([self], timeout)
+        return self.popen.returncode
+
+    def ended(self, killed_by_stop: bool) -> None:
+        """Once it has exited: `killed_by_stop` if SIGTERM was not enough."""
+        self.killed_by_stop |= killed_by_stop
+        self._log.close()
+
+    def problem(self) -> str | None:
+        """What is wrong with how the process ended; None if it ended as expected (or
+        runs)."""
+        code = self.popen.poll()
+        if code is None:
+            return None
+        return ending_problem(self.name, code, self.output(), self.expected_exit,
+                              self.traceback_expected, self.killed_by_stop)
+
     def output(self) -> str:
-        if not self._log.closed:  # stop() closes it
+        if not self._log.closed:  # ended() closes it
             self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     @property
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+
+def stop_procs(procs: list[Proc], timeout: float = 10.0) -> None:
+    """SIGTERM them all at once (one by one is slow: each drains), and SIGKILL the
+    process group of those still running after `timeout` seconds; fail naming each one
+    that did not end as expected."""
+    killed = stop_all([proc.popen for proc in procs], timeout)
+    for proc in procs:
+        proc.ended(killed_by_stop=proc.popen in killed)
+    check_ended(procs)
+
+
+def check_ended(procs: list[Proc]) -> None:
+    problems = [problem for proc in procs if (problem := proc.problem())]
+    if problems:
+        raise AssertionError("\n\n".join(problems))
 
 
 class Stack:
@@ -174,11 +253,14 @@ class Stack:
                    f"workers {ids} to register")
 
     def close(self) -> None:
+        """Stop every process, all at once; fail if one did not end as expected (see
+        Proc), naming each such process."""
         if self._stats_client is not None:
             self._stats_client.close()
-        for proc in reversed(self.procs):  # all at once: stopping them one by one is slow
-            if proc.alive:
-                proc.signal(signal.SIGTERM)
-        for proc in reversed(self.procs):
-            proc.stop()
-            print(f"----- {proc.name} (exit {proc.popen.returncode})\n{proc.output()[-3000:]}")
+        procs = list(reversed(self.procs))  # SIGTERM reaches the last started first
+        try:
+            stop_procs(procs)
+        finally:
+            for proc in procs:
+                print(f"----- {proc.name} (exit {proc.popen.returncode})\n"
+                      f"{proc.output()[-3000:]}")

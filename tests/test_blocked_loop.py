@@ -25,7 +25,7 @@ def test_a_direct_request_whose_worker_is_evicted_before_its_first_chunk_is_work
     worker = memory.register("slowpoke")
     memory.request(b"c1", b"r1", policy="direct", target="slowpoke")
     assert [type(m) for m in memory.to_worker(worker)] == [p.Request]
-    memory.broker._heartbeat(time.monotonic() + 10)  # ten seconds of silence
+    memory.core.on_tick(time.monotonic() + 10)  # ten seconds of silence
     [error] = memory.to_client(b"c1")
     assert (error.code, error.message) == (
         p.E_WORKER_LOST, "worker 'slowpoke' was lost before its first chunk (no heartbeat for 10.0 s)")

@@ -12,7 +12,7 @@ import pytest
 
 from zroute import protocol as p
 from zroute.client import BrokerError, Client
-from tests.support import REPO_ROOT, async_wait_until, child_env
+from tests.support import REPO_ROOT, async_wait_until, check_ending, child_env
 
 LARGE_WORDS = 500_000
 LARGE_REPLIES = 6
@@ -20,15 +20,16 @@ LARGE_REPLIES = 6
 
 def start_steady_load(address: str, rate: float) -> subprocess.Popen:
     load = subprocess.Popen([sys.executable, "-m", "tests.steady_load", address, str(rate)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env=child_env(), cwd=REPO_ROOT)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env(), cwd=REPO_ROOT)
     assert load.stdout.readline() == "running\n"
     return load
 
 
 def stop_steady_load(load: subprocess.Popen) -> dict:
     """Close the load's stdin, and return what it counted."""
-    out, _ = load.communicate("", timeout=30)
+    out, err = load.communicate("", timeout=30)
+    check_ending("steady_load", load.returncode, err)
     return orjson.loads(out)
 
 

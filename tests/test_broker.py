@@ -65,9 +65,10 @@ def shared(tmp_path_factory):
         s.worker("slow", "--service", "slow", sleep_time=0.3)
         s.worker("file", "--service", "configured", "-f", str(config))
         s.worker("flag", "--service", "configured", "-f", str(config), "--Backend.greeting=Hi")
-        s.worker("flaky1", "--handler", "tests.handlers:flaky", "--service", "flaky")
-        s.worker("flaky2", "--handler", "tests.handlers:flaky", "--service", "flaky",
-                 "--Backend.expose_errors=true")
+        for worker_id, *extra in (("flaky1",), ("flaky2", "--Backend.expose_errors=true")):
+            flaky = s.worker(worker_id, "--handler", "tests.handlers:flaky", "--service", "flaky",
+                             *extra)
+            flaky.expect(0, traceback=True)  # a handler that fails is logged with its traceback
         # Eight processes start at once: give a loaded machine time.
         s.wait_workers("w1", "w2", "slow", "file", "flag", "flaky1", "flaky2", timeout=40)
         yield s
@@ -117,6 +118,9 @@ def test_random_uses_both_workers(stack):
     counts = {w: served_by.count(w) for w in ("w1", "w2")}
     assert counts["w1"] > 0 and counts["w2"] > 0
     assert counts["w1"] + counts["w2"] == 100
+    # Not a rotation, as round robin's: some worker serves two requests in a row (that
+    # none does by chance has a probability of 2 ** -99).
+    assert any(a == b for a, b in zip(served_by, served_by[1:])), served_by
     stats = stack.stats()
     assert {i: w["completed"] for i, w in workers_by_id(stats).items()} == counts
 
@@ -678,12 +682,14 @@ def test_blocking_client_reports_an_unreachable_broker_after_three_heartbeats():
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("signum, message", [
-    (signal.SIGSTOP, "no answer from the broker at {address}"),  # hangs, connection open
-    (signal.SIGKILL, "the connection to the broker at {address} closed"),
+@pytest.mark.parametrize("signum, exit_code, message", [
+    (signal.SIGSTOP, 0, "no answer from the broker at {address}"),  # hangs, connection open
+    (signal.SIGKILL, -signal.SIGKILL, "the connection to the broker at {address} closed"),
 ], ids=["hung", "killed"])
-def test_blocking_client_gives_up_on_a_broker_lost_mid_request(stack, signum, message):
+def test_blocking_client_gives_up_on_a_broker_lost_mid_request(stack, signum, exit_code,
+                                                               message):
     broker = stack.broker()
+    broker.expect(exit_code)
     stack.worker("w1", sleep_time=0.3)
     stack.wait_workers("w1")
     with BlockingClient(stack.frontend, heartbeat_interval=0.2) as client:

@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from zroute import protocol as p
-from broker import server
+from broker.core import READER_SLACK
 from tests.broker_memory import MemoryBroker
 from tests.support import async_wait_until, wait_until
 from worker import runtime
@@ -42,7 +42,6 @@ def test_a_body_over_max_request_bytes_is_refused_at_once_naming_the_key():
 @pytest.mark.timeout(10)
 def test_the_bodies_one_client_holds_are_bounded_and_others_still_get_in():
     memory = MemoryBroker(None, "Broker.max_client_bytes=3000", "Broker.max_buffered_bytes=5000")
-    broker = memory.broker
     try:  # no worker yet: the requests wait in the queue, their bodies in the broker
         assert refusal(memory, b"c1", b"r1", 1500) is None
         assert refusal(memory, b"c1", b"r2", 1500) is None
@@ -51,13 +50,13 @@ def test_the_bodies_one_client_holds_are_bounded_and_others_still_get_in():
         assert refusal(memory, b"c2", b"r1", 1500) is None
         error = refusal(memory, b"c3", b"r1", 2001)
         assert error.code == p.E_LIMIT and "Broker.max_buffered_bytes" in error.message
-        assert broker.body_bytes == 4500
+        assert memory.core.body_bytes == 4500
         # Once a worker has sent a first chunk the body cannot be retried: it no longer counts.
         worker = memory.register("w1")
         started = [m.rid for m in memory.to_worker(worker)]
         for rid in started:
             memory.from_worker(worker, p.encode_reply_from_worker(p.Chunk(rid, [b"a"])))
-        assert broker.body_bytes == 0 and broker.body_bytes_by_client == {}
+        assert memory.core.body_bytes == 0 and memory.core.body_bytes_by_client == {}
         assert refusal(memory, b"c1", b"r4", 3000) is None
     finally:
         memory.close()
@@ -71,12 +70,12 @@ def relay_until_cancelled(memory: MemoryBroker, worker: zmq.Socket, rid: bytes,
     broker = memory.broker
     for sent in range(1, most + 1):
         worker.send_multipart(p.encode_reply_from_worker(p.Chunk(rid, [chunk])))
-        memory.drain(broker.backend)
-        broker._flush()
+        memory.read(broker.backend)
+        memory.flush()
         if client is not None:
             [reply] = [p.decode_to_client(m) for m in p.unbatch(client.recv_multipart())]
             assert reply.chunks == [chunk]
-        if rid not in broker.requests:
+        if rid not in memory.core.requests:
             return sent
     return most
 
@@ -84,8 +83,8 @@ def relay_until_cancelled(memory: MemoryBroker, worker: zmq.Socket, rid: bytes,
 def start_request(memory: MemoryBroker, client: zmq.Socket, worker: zmq.Socket, rid: bytes) -> bytes:
     """A request from `client`, as the worker sees it: its rid there."""
     client.send_multipart(p.encode_request_to_broker(p.Request(rid, "generate", b"{}")))
-    memory.drain(memory.broker.frontend)
-    memory.broker._flush()
+    memory.read(memory.broker.frontend)
+    memory.flush()
     while True:  # past the CANCELs of earlier requests
         for message in p.unbatch(worker.recv_multipart()):
             request = p.decode_to_worker(message)
@@ -96,7 +95,7 @@ def start_request(memory: MemoryBroker, client: zmq.Socket, worker: zmq.Socket, 
 def connect_worker(memory: MemoryBroker) -> zmq.Socket:
     worker = memory.connect(memory.broker.backend, b"w1")
     worker.send_multipart(p.encode_ready(p.Ready("w1", ["generate"])))
-    memory.drain(memory.broker.backend)
+    memory.read(memory.broker.backend)
     return worker
 
 
@@ -116,13 +115,13 @@ def test_once_everyone_s_budget_is_spent_a_client_may_hold_only_what_a_reader_wo
         # loop: it has had no time to read it, and is not cut off.
         reader = memory.connect(broker.frontend, b"reader")
         rid = start_request(memory, reader, worker, b"r1")  # bodies still fit: it is taken
-        burst = 2 * server.READER_SLACK // len(chunk)
+        burst = 2 * READER_SLACK // len(chunk)
         for _ in range(burst):
             worker.send_multipart(p.encode_reply_from_worker(p.Chunk(rid, [chunk])))
         wait_until(lambda: broker.backend.poll(0), 5, "the burst to arrive")
-        memory.drain(broker.backend)
-        broker._flush()
-        assert broker.requests_by_client == {b"reader": 1}
+        memory.read(broker.backend)
+        memory.flush()
+        assert memory.core.requests_by_client == {b"reader": 1}
         received = 0
         while received < burst:
             received += len(p.unbatch(reader.recv_multipart()))
@@ -130,8 +129,8 @@ def test_once_everyone_s_budget_is_spent_a_client_may_hold_only_what_a_reader_wo
         # is over READER_SLACK.
         rid = start_request(memory, second, worker, b"r1")
         sent = relay_until_cancelled(memory, worker, rid, chunk, most=100)
-        assert sent <= server.READER_SLACK // len(chunk) + 2
-        assert broker.reply_bytes.held(b"second") <= server.READER_SLACK + 2 * len(chunk)
+        assert sent <= READER_SLACK // len(chunk) + 2
+        assert memory.core.reply_bytes.held(b"second") <= READER_SLACK + 2 * len(chunk)
     finally:
         memory.close()
 
@@ -149,14 +148,14 @@ def test_a_client_that_does_not_read_its_replies_loses_its_requests_at_its_byte_
         sent = relay_until_cancelled(memory, worker, rid, chunk, most=100)
         # Cancelled once more than its budget waited, not after 10,000 messages (SNDHWM).
         assert (sent - 1) * len(chunk) < 1024 * KIB <= sent * len(chunk) + 4 * KIB
-        assert broker.reply_bytes.total <= 1024 * KIB + 2 * len(chunk)
+        assert memory.core.reply_bytes.total <= 1024 * KIB + 2 * len(chunk)
         assert p.Cancel(rid) in [p.decode_to_worker(m) for m in p.unbatch(worker.recv_multipart())]
         # A client that reads is never cut off, however much it is sent.
         rid = start_request(memory, reader, worker, b"r1")
         assert relay_until_cancelled(memory, worker, rid, chunk, 40, reader) == 40
         slow.send_multipart(p.encode_request_to_broker(p.Request(b"r2", "generate", b"{}")))
-        memory.drain(broker.frontend)
-        broker._flush()
+        memory.read(broker.frontend)
+        memory.flush()
         errors = {}
         while slow.poll(500):  # the chunks it did not read, then the errors
             for message in p.unbatch(slow.recv_multipart()):
@@ -236,19 +235,20 @@ def test_the_broker_forgets_the_bytes_of_clients_that_read_them_or_left():
         gone = memory.connect(broker.frontend, b"gone")
         for client in (reader, gone):
             client.send_multipart(p.encode_stats_request(p.StatsRequest(b"s")))
-        memory.drain(broker.frontend)
-        broker._flush()  # two small replies: sent without a tracker
-        assert set(broker.reply_bytes.peers) == {b"reader", b"gone"}
+        memory.read(broker.frontend)
+        memory.flush()  # two small replies: sent without a tracker
+        assert set(memory.core.reply_bytes.peers) == {b"reader", b"gone"}
         reader.recv_multipart()
         memory.peers.remove(gone)
         gone.close(0)
-        wait_until(lambda: not broker._send(broker.frontend, b"gone", p.encode_heartbeat()), 5,
+        wait_until(lambda: broker.client_gone(b"gone"), 5,
                    "the broker to see that the client is gone")
-        broker._heartbeat(time.monotonic())  # a tracked HEARTBEAT after the reader's bytes
-        broker._flush()
+        memory.core.on_tick(time.monotonic())  # a tracked HEARTBEAT after the reader's bytes
+        memory.flush()
         reader.recv_multipart()
-        wait_until(lambda: broker.reply_bytes.measure_all() == [] and not broker.reply_bytes.peers,
+        reply_bytes = memory.core.reply_bytes
+        wait_until(lambda: reply_bytes.measure_all() == [] and not reply_bytes.peers,
                    5, "the broker to forget both clients")
-        assert broker.reply_bytes.total == 0
+        assert reply_bytes.total == 0
     finally:
         memory.close()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from zroute.client import BlockingClient, BrokerError
-from tests.http_support import CURL, curl, http, start_gateway, wait_healthy
-from tests.support import Stack, free_port, readme_example, run_zroute
+from tests.http_support import CURL, curl, get_json, http, start_gateway, wait_healthy
+from tests.support import Stack, free_port, readme_example, run_zroute, wait_until
 from tests.test_serve import Serve
 
 POLICY = "mymodule:FewestCompleted"
@@ -29,6 +29,15 @@ def post(url: str, query: str = ""):
     return reply
 
 
+def served_after_two_on_worker_1(url: str, query: str = "") -> list[str]:
+    """Two requests to worker-1, then three more with `query`: the workers that served
+    those three. FewestCompleted sends them to worker-2, worker-2, then worker-1 (a tie
+    goes to the first); round robin would begin with worker-1."""
+    for _ in range(2):
+        assert post(url, "?worker=worker-1").status == 200
+    return [post(url, query).headers["x-worker-id"] for _ in range(3)]
+
+
 @pytest.mark.timeout(60)
 def test_broker_worker_and_gateway_route_by_the_readme_policy(stack: Stack, project):
     stack.cwd = project
@@ -38,10 +47,7 @@ def test_broker_worker_and_gateway_route_by_the_readme_policy(stack: Stack, proj
     stack.wait_workers("worker-1", "worker-2")
     gateway = start_gateway(stack, f"--Frontend.routing_mode={POLICY}")
     wait_healthy(gateway, 2)
-    for _ in range(2):
-        assert post(gateway.url, "?worker=worker-1").status == 200
-    # worker-1 has done 2, worker-2 none: round robin would go to worker-1 first.
-    served = [post(gateway.url).headers["x-worker-id"] for _ in range(3)]
+    served = served_after_two_on_worker_1(gateway.url)
     assert served == ["worker-2", "worker-2", "worker-1"]
     reply = post(gateway.url, f"?routing={POLICY}")
     assert (reply.status, reply.body) == (200, b"Hello a!\nHello b!\n")
@@ -62,11 +68,19 @@ def test_broker_policy_flag_lets_requests_name_the_class(stack: Stack, project):
     stack.cwd = project
     stack.broker("--policy", POLICY)
     stack.worker("w1")
-    stack.wait_workers("w1")
+    stack.worker("w2")
+    stack.wait_workers("w1", "w2")
     with BlockingClient(stack.frontend, timeout=10) as client:
-        assert b"".join(client.request("generate", {"text": "c"}, policy=POLICY)) == b"Hello c!\n"
+        for _ in range(2):
+            assert list(client.direct("generate", {"text": "c"}, "w1")) == [b"Hello c!\n"]
+        served = []
+        for _ in range(3):  # by FewestCompleted; round robin would begin with w1
+            stream = client.request("generate", {"text": "c"}, policy=POLICY)
+            assert b"".join(stream) == b"Hello c!\n"
+            served.append(stream.worker_id)
         with pytest.raises(BrokerError) as refused:
             list(client.request("generate", {"text": "c"}, policy="mymodule:Other"))
+    assert served == ["w2", "w2", "w1"]
     assert refused.value.code == "unknown_policy"
 
 
@@ -77,8 +91,11 @@ def test_broker_policy_flag_lets_requests_name_the_class(stack: Stack, project):
 ], ids=["routing_mode", "policies"])
 def test_zroute_serve_as_the_readme_shows_it(stack: Stack, project, option, query):
     stack.cwd = project
-    serve = Serve(stack, "--Backend.sleep_time=0", option)
+    serve = Serve(stack, "--Backend.sleep_time=0", "--Backend.ServiceArgs.workers=2", option)
     serve.wait_ready()
+    wait_until(lambda: get_json(f"{serve.url}/health") == {"status": "ok", "workers": 2}, 15,
+               "both workers to register")
+    assert served_after_two_on_worker_1(serve.url, query) == ["worker-2", "worker-2", "worker-1"]
     reply = post(serve.url, query)
     assert (reply.status, reply.body) == (200, b"Hello a!\nHello b!\n")
 

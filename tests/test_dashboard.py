@@ -23,7 +23,7 @@ from aiohttp import web
 from gateway.feed import FEED_BACKLOG, StatsFeed, quantile
 from gateway.metrics import LATENCY_BUCKETS
 from tests.browser import Browser, BrowserUnavailable
-from tests.gateway_handlers import FAILURE
+from tests.handlers import FAILURE
 from tests.http_support import (CURL, ROOT, async_test, get_json, handler_worker, http,
                                 start_gateway, wait_healthy)
 from tests.support import async_wait_until, free_port, run_zroute, wait_until
@@ -185,7 +185,7 @@ async def test_the_feed_says_when_the_broker_is_unreachable_and_picks_up_again(s
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{gateway.url}/stats/stream") as resp:
             await next_events(resp, 1)
-            broker.signal(signal.SIGKILL)
+            broker.kill()
             [down] = await asyncio.wait_for(next_events(resp, 1, "unavailable"), 5)
             assert (down["code"], down["error"]) == ("broker_unreachable",
                                                      "the broker is unreachable")
@@ -208,7 +208,7 @@ async def test_a_gateway_with_viewers_stops_at_once(stack):
             gateway.proc.signal(signal.SIGTERM)
             async for _ in read_events(resp):
                 pass  # the feed ends: a viewer is nothing to wait for
-    assert gateway.proc.popen.wait(5) == 0
+    assert gateway.proc.wait(5) == 0
     assert time.monotonic() - began < 3
 
 
@@ -230,8 +230,7 @@ def csp_source(html: str, tag: str) -> str:
 
 
 def test_the_dashboard_is_one_small_page_that_loads_nothing_from_elsewhere(stack):
-    stack.broker()
-    gateway = start_gateway(stack)
+    gateway = start_gateway(stack)  # the page needs no broker
     reply = http("GET", f"{gateway.url}/dashboard")
     assert reply.status == 200
     assert reply.headers["content-type"] == "text/html; charset=utf-8"
@@ -312,7 +311,7 @@ def test_serve_with_an_admin_port_announces_the_dashboard_there(stack):
     assert http("GET", f"{admin}/dashboard").status == 200
     assert http("GET", f"http://127.0.0.1:{port}/stats").status == 404
     serve.signal(signal.SIGTERM)
-    assert serve.popen.wait(20) == 0
+    assert serve.wait(20) == 0
 
 
 # --- in a browser ----------------------------------------------------------------------
@@ -376,7 +375,7 @@ async def test_the_dashboard_in_a_browser_shows_workers_a_kill_the_charts_and_a_
         assert re.fullmatch(r"\d+\.\d s ago", one[8]), one
         assert await browser.evaluate("document.getElementById('status').innerText") == "live"
 
-        doomed.signal(signal.SIGKILL)
+        doomed.kill()
         killed = time.monotonic()
         await async_wait_until(lambda: is_gone(browser), 10, "the page to show worker-2 gone")
         # Within the heartbeat window (3 x 1 s), and the page's next update (1 s).
@@ -397,7 +396,7 @@ async def test_the_dashboard_in_a_browser_shows_workers_a_kill_the_charts_and_a_
         stop_load.set()
         await loading
         [broker] = [proc for proc in stack.procs if proc.name == "broker"]
-        broker.signal(signal.SIGKILL)
+        broker.kill()
         await async_wait_until(lambda: browser.evaluate(
             "!document.getElementById('banner').hidden"), 5, "the page to say the broker is gone")
         assert await browser.evaluate("document.getElementById('status').innerText") == (
@@ -430,7 +429,8 @@ README_JS = "```js\n(.*?)```"
 async def test_the_readmes_fetch_readers_read_each_format_in_a_browser(stack, tmp_path):
     stack.broker()
     stack.worker("worker-1")
-    handler_worker(stack, "fails", "fail_mid_stream", "--Backend.expose_errors=true")
+    handler_worker(stack, "fails", "fail_mid_stream", "--Backend.expose_errors=true").expect(
+        0, traceback=True)
     gateway = start_gateway(stack)
     wait_healthy(gateway, 2)
     readme = (ROOT / "README.md").read_text()

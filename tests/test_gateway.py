@@ -17,13 +17,12 @@ import pytest
 import zmq
 
 from zroute import protocol as p
-from gateway.app import Gateway, ReplyResponse
-from tests.gateway_handlers import FAILURE
+from gateway.app import Gateway
+from tests.handlers import FAILURE
 from tests.http_support import (CURL, SEED_OUTPUT, SEED_TEXT, async_test, curl, get_json,
                                 handler_worker, http, parse_curl, raw_http, start_curl,
                                 start_gateway, wait_healthy)
-from tests.support import ZROUTE, Stack, free_port, wait_until, workers_by_id
-from zroute.settings import BrokerSettings, FrontendSettings
+from tests.support import Stack, free_port, wait_until, workers_by_id
 from zroute_cli.config import load_config
 
 pytestmark = pytest.mark.timeout(30)
@@ -73,10 +72,11 @@ def one_worker(stack):
     return gateway
 
 
-def serving_handler(stack: Stack, handler: str, *worker_args: str):
-    """Broker, worker-1 serving a handler of tests/gateway_handlers.py, and a gateway."""
+def serving_handler(stack: Stack, handler: str, *worker_args: str, fails: bool = False):
+    """Broker, worker-1 serving a handler of tests/handlers.py, and a gateway. A handler
+    that `fails` has the worker log its traceback."""
     stack.broker()
-    handler_worker(stack, "worker-1", handler, *worker_args)
+    handler_worker(stack, "worker-1", handler, *worker_args).expect(0, traceback=fails)
     gateway = start_gateway(stack)
     wait_healthy(gateway, 1)
     return gateway
@@ -630,7 +630,7 @@ async def test_a_client_gone_before_the_broker_answered_is_not_labelled_with_its
 
 
 def test_a_handler_failing_before_its_first_line_answers_502_handler_error(stack):
-    gateway = serving_handler(stack, "fail_at_once", "--Backend.expose_errors=true")
+    gateway = serving_handler(stack, "fail_at_once", "--Backend.expose_errors=true", fails=True)
     reply = http("POST", f"{gateway.url}/generate", SEED_BODY)
     check_error(reply.status, reply.headers["content-type"], reply.body, 502,
                 {"error": f"RuntimeError: {FAILURE}", "code": "handler_error"})
@@ -639,7 +639,8 @@ def test_a_handler_failing_before_its_first_line_answers_502_handler_error(stack
 
 @async_test
 async def test_a_handler_failing_mid_stream_gives_a_visibly_incomplete_response(stack):
-    gateway = serving_handler(stack, "fail_mid_stream", "--Backend.expose_errors=true")
+    gateway = serving_handler(stack, "fail_mid_stream", "--Backend.expose_errors=true",
+                              fails=True)
     expected = f"Hello world!\n\nerror: handler_error: RuntimeError: {FAILURE}\n"
 
     async with aiohttp.ClientSession() as session:
@@ -681,7 +682,7 @@ async def test_a_worker_killed_mid_stream_gives_a_visibly_incomplete_response(st
             assert (resp.status, resp.headers["X-Worker-Id"]) == (200, "worker-1")
             lines = [await resp.content.readline()]
             curl_lines = [await curl_process.stdout.readline()] if curl_process else []
-            worker.signal(signal.SIGKILL)  # no drain, no goodbye
+            worker.kill()  # no drain, no goodbye
             killed = time.monotonic()
             with pytest.raises(aiohttp.ClientPayloadError):
                 await read_lines_until_broken(resp, lines)
@@ -770,7 +771,7 @@ def test_a_body_that_is_not_json_is_told_what_to_send(shared):
 
 
 
-# --- what the gateway takes from its settings and from aiohttp -------------------------
+# --- what the gateway takes from its settings ----------------------------------------
 
 
 def test_the_gateway_takes_the_frontend_section_and_reaches_the_broker_as_clients_do():
@@ -780,30 +781,3 @@ def test_the_gateway_takes_the_frontend_section_and_reaches_the_broker_as_client
     client = gateway.client
     assert (client.address, client.heartbeat_interval, client.name, client.timeout) == (
         config.broker.frontend, 0.5, "gateway-7", config.frontend.request_timeout)
-
-
-# gateway/app.py subclasses aiohttp's connection handler and server, and uses these
-# private parts of them; pyproject.toml bounds aiohttp's version for that reason.
-AIOHTTP_INTERNALS = {
-    "RequestHandler": ("_messages", "_waiter", "_manager", "_loop"),
-    "Server": ("_connections", "_kwargs", "_loop"),
-    "StreamResponse": ("_send_headers_immediately",),
-}
-
-
-def test_the_aiohttp_internals_the_gateway_uses_are_there():
-    settings = FrontendSettings(max_connections=10)
-
-    async def objects() -> dict[str, object]:
-        server = Gateway(settings, BrokerSettings().for_clients()).server()
-        connection = server()  # GatewayConnection(manager, **kwargs): RequestHandler's form
-        return {"RequestHandler": connection, "Server": server,
-                "StreamResponse": aiohttp.web.StreamResponse}
-
-    found = asyncio.run(objects())
-    missing = [f"{kind}.{name}" for kind, names in AIOHTTP_INTERNALS.items()
-               for name in names if not hasattr(found[kind], name)]
-    assert not missing, (f"aiohttp {aiohttp.__version__} has no {', '.join(missing)}, which "
-                         "gateway/app.py uses: adapt it, or bound aiohttp's version in "
-                         "pyproject.toml")
-    assert ReplyResponse._send_headers_immediately is False

@@ -71,7 +71,7 @@ def limited(tmp_path_factory):
     try:
         stack.broker()
         stack.worker("worker-1")
-        stack.worker("flooder", "--handler", "tests.fault_handlers:flood")
+        stack.worker("flooder", "--handler", "tests.handlers:forty_mebibytes")
         gateway = start_gateway(stack, "--Frontend.header_timeout=1",
                                 "--Frontend.body_timeout=1", "--Frontend.keepalive_timeout=3",
                                 "--Frontend.send_timeout=1", "--Frontend.max_body=1000",

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.formats import LINE_END, NDJSON, PLAIN, SSE, EventStream, negotiate
-from tests.gateway_handlers import FAILURE
+from tests.handlers import FAILURE
 from tests.http_support import (CURL, ROOT, async_test, handler_worker, http, start_gateway,
                                 wait_healthy)
 from tests.support import Proc, Stack, free_port, wait_until
@@ -91,8 +91,11 @@ def served(tmp_path_factory):
         stack.broker()
         stack.worker("greeter")
         handler_worker(stack, "chunks", "chunks")
-        handler_worker(stack, "fails-mid-stream", "fail_mid_stream", "--Backend.expose_errors=true")
-        handler_worker(stack, "fails-at-once", "fail_at_once", "--Backend.expose_errors=true")
+        # These two log their handler's traceback, as a worker does.
+        for worker_id, handler in (("fails-mid-stream", "fail_mid_stream"),
+                                   ("fails-at-once", "fail_at_once")):
+            handler_worker(stack, worker_id, handler, "--Backend.expose_errors=true").expect(
+                0, traceback=True)
         gateway = start_gateway(stack)
         wait_healthy(gateway, 4)
         yield gateway

@@ -2,7 +2,9 @@
 broker's rules for the policies a user names (module:Class), in memory."""
 
 import logging
+import random
 import sys
+from collections import Counter
 
 import pytest
 
@@ -39,15 +41,65 @@ def test_least_loaded_takes_the_lowest_share_of_capacity_and_breaks_ties_in_turn
     assert [policy.choose("b", tied).worker_id for _ in range(4)] == ["w0", "w1", "w0", "w1"]
 
 
+@pytest.fixture
+def seeded_random():
+    """The random module seeded, so that a test of a random policy sees one fixed
+    sequence; its state is restored afterwards."""
+    state = random.getstate()
+    random.seed(1234)
+    yield
+    random.setstate(state)
+
+
 def test_power_of_two_never_picks_the_busier_of_two():
     policy, pool = PowerOfTwo(), workers((5, 0), (0, 0))
     assert {policy.choose("a", pool).worker_id for _ in range(50)} == {"w1"}
     assert policy.choose("a", pool[:1]).worker_id == "w0"
 
 
-def test_random_uses_every_worker():
+def test_power_of_two_compares_two_workers_not_all(seeded_random):
+    policy, pool = PowerOfTwo(), workers((2, 0), (1, 0), (0, 0))
+    picks = Counter(policy.choose("a", pool).worker_id for _ in range(300))
+    # The busiest never wins its pair; the middle one wins the pair without the idlest,
+    # a third of the time (least_loaded would never pick it). The bounds are 3.5
+    # standard deviations wide: they would hold for almost any seed.
+    assert picks.keys() == {"w1", "w2"}
+    assert 70 <= picks["w1"] <= 130, picks
+
+
+def test_random_uses_every_worker_in_no_fixed_order(seeded_random):
+    policy, pool = Random(), workers((0, 0), (0, 0), (0, 0))
+    picks = [policy.choose("a", pool).worker_id for _ in range(300)]
+    # About a third each (3.5 standard deviations either side), ...
+    assert all(70 <= n <= 130 for n in Counter(picks).values()) and len(set(picks)) == 3, \
+        Counter(picks)
+    # ... and in no order that repeats, as round robin's does every 3 picks.
+    for period in range(1, 30):
+        assert picks[period:] != picks[:-period], f"the picks repeat every {period}"
+
+
+def test_least_loaded_picks_the_exact_minimum():
+    pool = workers((49, 100), (1, 2), (0, 0), (1, 0))  # .49, .5; unlimited: 0, 1
+    assert LeastLoaded().choose("a", pool) is pool[2]
+    assert LeastLoaded().choose("a", pool[:2]) is pool[0]
+    assert LeastLoaded().choose("a", [pool[1], pool[3]]) is pool[1]  # .5 < 1
+
+
+def test_power_of_two_takes_the_less_loaded_of_two_random_workers_the_first_on_a_tie():
+    pool = workers((3, 0), (1, 0), (2, 0), (1, 0))
+    for seed in range(20):
+        random.seed(seed)
+        first, second = random.sample(pool, 2)
+        expected = first if first.load <= second.load else second
+        random.seed(seed)
+        assert PowerOfTwo().choose("a", pool) is expected
+
+
+def test_random_picks_at_random_not_in_turn():
     policy, pool = Random(), workers((0, 0), (0, 0))
-    assert {policy.choose("a", pool).worker_id for _ in range(200)} == {"w0", "w1"}
+    random.seed(1)
+    picks = [policy.choose("a", pool) for _ in range(100)]
+    assert any(a is b for a, b in zip(picks, picks[1:]))  # in turn, never twice in a row
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
@@ -105,7 +157,7 @@ def memory():
 def test_a_custom_policy_named_by_module_and_class_routes_requests(memory):
     broker = memory(FEWEST)
     w1, w2 = broker.register("w1"), broker.register("w2")
-    broker.broker.registry.by_id["w1"].completed = 5
+    broker.core.registry.by_id["w1"].completed = 5
     broker.request(b"c", b"r1", policy=FEWEST)
     assert broker.to_client(b"c") == []
     assert [type(m) for m in broker.to_worker(w2)] == [p.Request]
@@ -142,7 +194,7 @@ def test_a_policy_that_fails_fails_its_request_only(memory, caplog, policy, prob
     assert [r.message for r in caplog.records] == [message]  # rate-limited
     broker.request(b"c", b"r3")  # the broker goes on
     assert [m.rid[-2:] for m in broker.to_worker(w1)] == [b"r3"]
-    assert broker.broker.requests.keys() == {b"\x01cr3"}
+    assert broker.core.requests.keys() == {b"\x01cr3"}
 
 
 def test_a_queued_request_whose_policy_fails_leaves_the_queue(memory):
@@ -157,7 +209,7 @@ def test_a_queued_request_whose_policy_fails_leaves_the_queue(memory):
     assert [(type(m), m.rid) for m in replies] == [(p.End, b"busy"), (p.Error, b"broken")]
     assert replies[1].code == p.E_POLICY
     assert [m.rid[-4:] for m in broker.to_worker(w1)] == [b"next"]
-    assert broker.broker.queues == {}
+    assert broker.core.queues == {}
 
 
 @pytest.mark.parametrize("attribute, problem", [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -22,11 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from zroute import protocol as p
 from zroute.client import BlockingClient, BrokerError, Client
-from tests.support import (ZROUTE, Stack, all_idle, async_wait_until, child_env, free_port,
-                           wait_until, workers_by_id)
+from tests.support import (ZROUTE, Stack, all_idle, async_wait_until, check_ending, child_env,
+                           free_port, wait_until, workers_by_id)
 
 SERVICE = "generate"
-HOLD = "tests.routing_handlers:hold"
+HOLD = "tests.handlers:hold"
 CLEAR_SCREEN = "\033[H\033[2J"
 # A queue of 3 whose requests wait at most 0.5 s.
 SMALL_QUEUE = ("--Broker.max_queue=3", "--Broker.queue_timeout=0.5")
@@ -450,9 +451,10 @@ def test_stats_watch_renders_frames_that_follow_the_broker(stack):
         assert "requests 1 " in frame.splitlines()[-1]
         assert watch.poll() is None  # still watching
     finally:
-        watch.terminate()
+        watch.send_signal(signal.SIGINT)  # Ctrl-C, as its user stops it
         watch.wait(10)
     assert watch.stderr.read() == b""
+    check_ending("stats --watch", watch.returncode, reader.text)
 
 
 @pytest.mark.timeout(30)

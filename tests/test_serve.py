@@ -61,8 +61,9 @@ class Serve:
                           and found, 10, f"the children {names}")
 
     def stop(self, signum: int) -> int:
+        """Send `signum`; wait for the exit, which must be as expected (see Proc)."""
         self.proc.signal(signum)
-        return self.proc.popen.wait(20)
+        return self.proc.wait(20)
 
 
 def assert_all_gone(kids: dict[str, tuple[int, str | None]]) -> None:
@@ -391,6 +392,7 @@ def test_a_broker_that_cannot_listen_when_restarted_stops_serve_with_one_line(st
     serve.wait_ready()
     kids = serve.wait_children("broker", "worker-1", "gateway-1")
     os.kill(kids["broker"][0], signal.SIGKILL)
+    serve.proc.expect(1)  # it stops: the broker cannot be restarted
 
     def take_the_port() -> socket.socket | None:
         try:
@@ -461,6 +463,7 @@ async def test_a_second_ctrl_c_stops_everything_at_once(stack):
     curl_process = await streaming(serve)
     serve.proc.signal(signal.SIGINT)
     wait_stopping(serve)
+    serve.proc.expect(1)  # stopped at once
     serve.proc.signal(signal.SIGINT)
     assert serve.proc.popen.wait(5) == 1
     assert_all_gone(kids)
@@ -491,6 +494,7 @@ async def test_serve_started_while_the_old_stack_drains_says_it_is_still_stoppin
         f"--Broker.backend={stack.backend} --Backend.sleep_time=0.2), which is still "
         "stopping: wait until it exits, or press Ctrl-C again where it runs to stop it "
         "at once\n")
+    old.proc.expect(1)  # a second Ctrl-C stops it at once
     old.proc.signal(signal.SIGINT)
     old.proc.popen.wait(10)
     await asyncio.wait_for(curl_process.communicate(), 5)

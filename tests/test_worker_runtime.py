@@ -3,6 +3,7 @@ what it does when its event loop blocks or its broker goes. Real processes throu
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import socket
@@ -15,7 +16,9 @@ from zroute import protocol as p
 from zroute.client import BlockingClient, BrokerError
 from tests.handlers import CANCELLED_LINE
 from tests.http_support import http, start_gateway, wait_healthy
-from tests.support import Stack, wait_until
+from tests.support import Stack, async_wait_until, wait_until
+from worker.runtime import Worker
+from zroute.settings import BackendSettings, BrokerLink
 
 
 @pytest.mark.timeout(60)
@@ -48,17 +51,19 @@ def hang_worker(stack: Stack, *args: str):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("signum, code", [
-    (signal.SIGKILL, p.E_BROKER_UNREACHABLE),
-    (signal.SIGTERM, p.E_WORKER_LOST),  # the broker tells its clients why, and its workers CANCEL
+@pytest.mark.parametrize("signum, exit_code, code", [
+    (signal.SIGKILL, -signal.SIGKILL, p.E_BROKER_UNREACHABLE),
+    # the broker tells its clients why, and its workers CANCEL
+    (signal.SIGTERM, 0, p.E_WORKER_LOST),
 ], ids=["killed", "stopped"])
-def test_a_worker_stops_its_work_as_soon_as_the_broker_goes_and_comes_back_to_it(stack, signum,
-                                                                                  code):
+def test_a_worker_stops_its_work_as_soon_as_the_broker_goes_and_comes_back_to_it(
+        stack, signum, exit_code, code):
     broker = stack.broker()
     worker = hang_worker(stack)
     with BlockingClient(stack.frontend, timeout=30) as client:
         stream = client.request("hang", {"marker": "lost"})
         assert next(stream) == b"first\n"
+        broker.expect(exit_code)
         broker.signal(signum)
         lost = time.monotonic()
         wait_until(lambda: CANCELLED_LINE.format(marker="lost") in worker.output(), 10,
@@ -70,7 +75,7 @@ def test_a_worker_stops_its_work_as_soon_as_the_broker_goes_and_comes_back_to_it
     # At once, not after three missed heartbeats (3 s).
     assert elapsed < 2.0, f"took {elapsed:.2f} s"
     assert f"the connection to the broker at {stack.backend} closed" in worker.output()
-    broker.stop()
+    broker.wait()
     stack.broker()
     stack.wait_workers("hanger", timeout=5)
     assert "broker silent" not in worker.output()
@@ -111,3 +116,77 @@ def test_a_worker_pointed_at_a_port_that_is_not_a_broker_logs_a_few_lines_not_on
         lines = worker.output().splitlines()
     assert len(lines) <= 6, "\n".join(lines)
     assert any("closed before a broker answered" in line for line in lines), lines
+
+
+class RecordingTransport:
+    """A transport that keeps what its worker sends, and delivers what the test sends it:
+    the broker's side of the worker's transport, in the same process."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[bytes]] = []
+        self.opened = 0
+        self.closed = False
+        self.deliver = None
+
+    def open(self, on_message, on_connected, on_disconnected) -> RecordingTransport:
+        self.opened += 1
+        self.deliver = on_message
+        asyncio.get_running_loop().call_soon(on_connected)
+        return self
+
+    def send(self, frames: list[bytes]) -> None:
+        self.sent.append(frames)
+
+    def flush(self) -> None:
+        pass
+
+    def unsent_bytes(self) -> int:
+        return 0
+
+    def close(self, linger_ms: int) -> None:
+        self.closed = True
+
+    def received(self) -> list[p.Message]:
+        return [p.decode_from_worker(frames) for frames in self.sent]
+
+
+async def shout(request):
+    for word in request["text"].split(","):
+        yield word.upper()
+
+
+@pytest.mark.timeout(10)
+def test_a_worker_given_a_transport_registers_serves_and_leaves_over_it():
+    transport = RecordingTransport()
+
+    async def main() -> None:
+        worker = Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1",
+                        {"shout": shout}, transport=transport.open)
+        serving = asyncio.create_task(worker.run())
+        await async_wait_until(transport.received, what="the worker's READY")
+        assert transport.received()[0] == p.Ready("w1", ["shout"], 0, worker.token)
+        transport.deliver(p.encode_request_to_worker(p.Request(b"r1", "shout", b'{"text": "a,b"}')))
+        await async_wait_until(lambda: p.End(b"r1", [b"A", b"B"]) in transport.received(),
+                               what="the reply's END")
+        worker.stop()
+        await serving
+
+    asyncio.run(main())
+    assert (transport.opened, transport.closed) == (1, True)
+    assert type(transport.received()[-1]) is p.Disconnect
+
+
+@pytest.mark.timeout(10)
+def test_a_worker_opens_a_new_transport_when_its_broker_falls_silent():
+    transport = RecordingTransport()  # it never answers
+
+    async def main() -> None:
+        worker = Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556", heartbeat_interval=0.05),
+                        "w1", {"shout": shout}, transport=transport.open)
+        serving = asyncio.create_task(worker.run())
+        await async_wait_until(lambda: transport.opened == 2, what="a second transport")
+        assert transport.closed  # the first one, before the second opened
+        worker.stop()
+        await serving
+
+    asyncio.run(main())

@@ -9,7 +9,7 @@ import pytest
 
 from zroute import protocol as p
 from zroute.client import BrokerError, Client
-from broker.server import WRONG_ENDPOINT_ANSWERS
+from broker.core import WRONG_ENDPOINT_ANSWERS
 from tests.broker_memory import MemoryBroker
 from tests.http_support import async_test, get_json, http, start_gateway
 from tests.support import Stack, run_zroute, wait_until
@@ -42,7 +42,7 @@ def test_a_worker_on_the_client_socket_is_refused_and_not_registered(memory):
     memory.from_client(b"w", p.encode_ready(p.Ready("w1", ["generate"], 0)))
     assert memory.to_client(b"w") == [p.Error(b"", p.E_WRONG_ENDPOINT, client_endpoint_message(
         settings.frontend, settings.backend))]
-    assert memory.broker.registry.by_id == {}
+    assert memory.core.registry.by_id == {}
 
 
 def test_a_client_on_the_worker_socket_gets_its_request_and_stats_failed(memory):
@@ -52,7 +52,7 @@ def test_a_client_on_the_worker_socket_gets_its_request_and_stats_failed(memory)
     memory.from_worker(b"c", p.encode_stats_request(p.StatsRequest(b"s1")))
     assert memory.to_worker(b"c") == [p.Error(b"r1", p.E_WRONG_ENDPOINT, expected),
                                       p.Error(b"s1", p.E_WRONG_ENDPOINT, expected)]
-    assert memory.broker.requests == {}
+    assert memory.core.requests == {}
 
 
 def test_wrong_endpoint_answers_are_rate_limited_per_peer(memory):

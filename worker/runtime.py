@@ -12,15 +12,16 @@ import logging
 import random
 import secrets
 import time
+from functools import partial
 from types import FrameType
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Protocol
 
 import orjson
 import zmq
 
 from zroute import protocol as p
 from zroute.channel import Channel
-from zroute.connection import ConnectionWatch, watched_dealer
+from zroute.connection import watched_dealer
 from zroute.endpoints import check_endpoint
 from zroute.ratelimit import LogLimiter
 from zroute.settings import BackendSettings, BrokerLink
@@ -43,6 +44,46 @@ LISTED_REQUESTS = 5  # requests a warning names, at most
 # Replies not yet taken by the broker, in bytes, past which handlers wait for it to read.
 MAX_UNSENT_BYTES = 16 << 20
 UNSENT_RETRY_S = 0.005
+
+
+class Transport(Protocol):
+    """What a worker speaks to its broker over. Messages sent in one turn of the event
+    loop may wait for flush() (or the end of the turn) to leave."""
+
+    def send(self, frames: list[bytes]) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def unsent_bytes(self) -> int:
+        """Bytes sent that have not left the process yet: past MAX_UNSENT_BYTES, handlers
+        wait for the broker to read."""
+
+    def close(self, linger_ms: int) -> None: ...
+
+
+class TransportFactory(Protocol):
+    """Opens a worker's transport; called again for each new connection. The transport
+    hands every message it receives to `on_message`, and calls `on_connected` and
+    `on_disconnected` as its connection to the broker opens and closes."""
+
+    def __call__(self, on_message: Callable[[list[bytes]], None],
+                 on_connected: Callable[[], None],
+                 on_disconnected: Callable[[], None]) -> Transport: ...
+
+
+class BrokerChannel(Channel):
+    """The transport a worker opens by default: a DEALER to the broker's worker endpoint,
+    watched, so that a broker that goes is noticed as its connection closes."""
+
+    def __init__(self, context: zmq.Context, address: str,
+                 on_message: Callable[[list[bytes]], None], on_connected: Callable[[], None],
+                 on_disconnected: Callable[[], None]) -> None:
+        sock, self.connection = watched_dealer(context, address, on_connected, on_disconnected)
+        super().__init__(sock, on_message)
+
+    def close(self, linger_ms: int = 200) -> None:
+        self.connection.close()
+        super().close(linger_ms)
 
 
 class BadRequest(Exception):
@@ -136,10 +177,13 @@ class Outbox:
 class Worker:
     """Registers with the broker, serves requests, heartbeats, reconnects, drains.
 
-    It runs with the `Backend` section's settings, and reaches the broker at `broker`."""
+    It runs with the `Backend` section's settings, and speaks to the broker at `broker`
+    over a BrokerChannel, or over what `transport` opens: a broker stand-in in the same
+    process, say (`broker` then only names it in the worker's log)."""
 
     def __init__(self, settings: BackendSettings, broker: BrokerLink, worker_id: str | int,
-                 handlers: dict[str, Handler], *, context: zmq.Context | None = None) -> None:
+                 handlers: dict[str, Handler], *, context: zmq.Context | None = None,
+                 transport: TransportFactory | None = None) -> None:
         if not handlers:
             raise ValueError("a worker needs at least one service")
         self.broker = check_endpoint(broker.endpoint)
@@ -152,10 +196,10 @@ class Worker:
         self.expose_errors = settings.expose_errors
         self.token = secrets.token_hex(16)  # proves to the broker that a new connection is ours
         self.context = context or zmq.Context.instance()
+        self._open_transport = transport or partial(BrokerChannel, self.context, self.broker)
         self.tasks: dict[bytes, asyncio.Task] = {}
         self.served = 0
-        self._channel: Channel | None = None
-        self._connection: ConnectionWatch | None = None
+        self._channel: Transport | None = None
         self._connected = False  # the socket's connection is open (it may not be a broker)
         self._said_waiting = False  # "waiting for a broker" is said once per wait
         # A broker has sent something on the current connection (or, before the first one,
@@ -196,16 +240,11 @@ class Worker:
             self._stopping.set()
 
     def _connect(self) -> None:
-        """Open a socket to the broker; READY goes once its connection is up."""
-        sock, self._connection = watched_dealer(self.context, self.broker, self._on_connected,
-                                                self._on_disconnected)
-        self._channel = Channel(sock, self._on_message)
+        """Open a transport to the broker; READY goes once its connection is up."""
+        self._channel = self._open_transport(self._on_message, self._on_connected,
+                                             self._on_disconnected)
         self._connected = False
         self._last_heard = time.monotonic()
-
-    def _close_socket(self, linger_ms: int) -> None:
-        self._connection.close()
-        self._channel.close(linger_ms)
 
     def _on_connected(self) -> None:
         self._connected = True
@@ -254,7 +293,7 @@ class Worker:
         # Connected, but silent: a hung broker, or a peer that is not one. A new socket.
         log.warning("worker %s: broker silent for %.1f s; reconnecting", self.worker_id, silence)
         self._abandon_requests()
-        self._close_socket(0)
+        self._channel.close(0)
         self._connect()
         # Wait a jittered, growing while before judging the new connection.
         self._last_heard += self._backoff * random.uniform(0.5, 1.5)
@@ -275,7 +314,7 @@ class Worker:
             self._outbox.end(rid, p.Error(rid, p.E_WORKER_LOST, "worker stopped before finishing"))
         self._outbox.flush()
         self._send(p.encode_disconnect())
-        self._close_socket(linger_ms=200)
+        self._channel.close(linger_ms=200)
         log.info("worker %s stopped after %d request(s)", self.worker_id, self.served)
 
     def _report_blocked_loop(self, blocked_for: float, task: asyncio.Task | None,

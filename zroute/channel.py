@@ -119,9 +119,12 @@ class Channel:
             self.backlog_bytes -= size
             self.in_libzmq.add(size, tracker)
         self.in_libzmq.measure()  # forget what has left, so that the trackers do not pile up
-        self._schedule_check()
+        self.check_soon()
 
-    def _schedule_check(self) -> None:
+    def check_soon(self) -> None:
+        """Look at the socket at the loop's next turn. A send consumes the signal of a
+        message that arrived meanwhile: whoever sends on the socket beside the channel
+        calls this afterwards."""
         if not self._check_scheduled:
             self._check_scheduled = True
             self.loop.call_soon(self._drain)
@@ -146,7 +149,7 @@ class Channel:
                 self.on_message(message)
                 if self._closed:
                     return
-        self._schedule_check()  # more may wait; let other tasks run first
+        self.check_soon()  # more may wait; let other tasks run first
 
     def close(self, linger_ms: int = 200) -> None:
         if self._closed:

@@ -213,6 +213,7 @@ Message = Union[
     Request, Chunk, End, Error, Cancel, StatsRequest, StatsReply, Report,
     Ready, Heartbeat, Disconnect, Drain,
 ]
+FromWorker = Union[Chunk, End, Heartbeat, Ready, Error, Disconnect, Drain]  # what a worker sends
 
 
 # --- encoding --------------------------------------------------------------
@@ -345,7 +346,7 @@ MAX_BATCH_BYTES = 1 << 16  # a BATCH's packed frame; Broker.max_message_size is 
 
 def encode_batch(messages: list[list[bytes]]) -> list[bytes]:
     """Several messages for one peer as one, packed in a single frame: taking a frame
-    from a socket costs a receiver several times what unpacking it costs."""
+    from a socket costs a receiver more than unpacking it does."""
     parts = []
     for message in messages:
         parts.append(_FRAME_COUNT.pack(len(message)))
@@ -508,7 +509,7 @@ def decode_to_client(frames: list[bytes]) -> Chunk | End | Error | StatsReply | 
     raise ProtocolError(f"command {command[:4]!r} is not valid to a client")
 
 
-def decode_from_worker(frames: list[bytes]) -> Message:
+def decode_from_worker(frames: list[bytes]) -> FromWorker:
     """Decode what a worker sends to the broker."""
     command = _header(frames)
     if command == CHUNK or command == END:

@@ -49,7 +49,7 @@ class LogLimiter:
 
 class PeerLimiter:
     """At most `burst` answers per peer per `interval` seconds, so that a peer cannot
-    make the broker send more than it is sent."""
+    make the broker send more than it is sent. The caller says what time it is."""
 
     def __init__(self, interval: float, burst: int = 1, max_peers: int = 10_000) -> None:
         self.interval = interval
@@ -57,8 +57,7 @@ class PeerLimiter:
         self.max_peers = max_peers
         self._windows: dict[bytes, tuple[float, int]] = {}  # peer -> (window start, answers)
 
-    def allow(self, peer: bytes) -> bool:
-        now = time.monotonic()
+    def allow(self, peer: bytes, now: float) -> bool:
         start, count = self._windows.get(peer, (-math.inf, 0))
         if now - start >= self.interval:
             start, count = now, 0

@@ -2,14 +2,13 @@
 
 pyzmq's send_multipart and recv_multipart combine enum flags for every frame
 (`SNDMORE | flags`, `getsockopt(RCVMORE)`), and Python's enum arithmetic costs
-more than the send itself: measured here, 23 us to send a 5-frame message
-against 1.4 us for the plain loop below, and 14 us against 6.5 us to receive
-one. These call the socket's compiled methods with integer flags.
+more than the send itself (docs/BENCHMARKS.md has the figures). These call the
+socket's compiled methods with integer flags.
 
 Both never block: send raises zmq.Again when the peer's queue is full (libzmq
 checks the high-water mark on a message's first frame only, so a message is
 never cut in half), and recv raises zmq.Again when nothing is waiting: ask
-readable() first, since raising Again costs several microseconds.
+readable() first, since raising Again (an exception and an enum) costs more.
 """
 
 from __future__ import annotations

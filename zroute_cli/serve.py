@@ -13,7 +13,6 @@ second stack on the same machine stops with one line rather than sharing them.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import shlex
@@ -31,6 +30,7 @@ from zroute_cli.command import add_common_options, flag_overrides, load
 from zroute.settings import Config, FrontendSettings
 from zroute_cli.config import ConfigError
 from zroute.ports import Address, same_listener, tcp_address
+from zroute.processes import start_group
 from zroute_cli.ports import (PortInUse, check_free, free_port_from, held_by_running_zroute,
                               is_free, local_url, mark_stopping, unresolvable)
 
@@ -46,7 +46,6 @@ START_FAILURE_S = 5.0
 STOP_MARGIN_S = 10.0  # a child has its drain timeout and this much more to exit
 HURRY_S = 1.0  # in a hurry, a child has this long after a second SIGTERM before SIGKILL
 POLL_S = 0.05
-PR_SET_PDEATHSIG = 1
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -63,14 +62,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "`zroute worker --handler module:callable`"))
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if `zroute serve` dies, so nothing is left behind."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: a clean shutdown still stops every child
-
-
 @dataclass
 class Child:
     name: str
@@ -85,9 +76,8 @@ class Child:
 
     def start(self) -> None:
         # Own process group: a terminal's Ctrl-C reaches `serve` only, which stops
-        # the children in order.
-        self.process = subprocess.Popen(self.args, start_new_session=True,
-                                        preexec_fn=_die_with_parent)
+        # the children in order; a child whose `serve` dies gets SIGTERM.
+        self.process = start_group(self.args)
         self.started = time.monotonic()
         self.starts += 1
         if log.isEnabledFor(logging.DEBUG):

@@ -1,0 +1,894 @@
+"""The broker's rules, checked on its core alone: no sockets, and a clock the test moves.
+
+Each rule is pinned at its boundary, so that a test fails if the rule changes by a
+token; the state machine at the end drives random sequences of events and checks what
+must always hold.
+"""
+
+from __future__ import annotations
+
+import itertools
+import typing
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from zroute import protocol as p
+from broker.core import DEADLINE_TICK, READER_SLACK
+from broker.policies import load_policies
+from broker.registry import WorkerInfo
+from tests.broker_memory import MemoryCore
+
+pytestmark = pytest.mark.timeout(30)
+
+START = 1000.0  # what the core's clock reads when a test begins (MemoryCore's default)
+QUIET = "Broker.heartbeat_interval=100"  # no worker falls silent within a test
+
+
+def requests_to(memory: MemoryCore, worker: bytes) -> list[bytes]:
+    """The client rids of the REQUESTs the broker would send a worker (taken)."""
+    return [p.split_request_token(m.rid)[1] for m in memory.to_worker(worker)
+            if type(m) is p.Request]
+
+
+def tokens_to(memory: MemoryCore, worker: bytes) -> list[bytes]:
+    """The request ids, as the worker sees them, of the REQUESTs it would be sent (taken)."""
+    return [m.rid for m in memory.to_worker(worker) if type(m) is p.Request]
+
+
+def end(memory: MemoryCore, worker: bytes, token: bytes) -> None:
+    memory.from_worker(worker, p.encode_reply_from_worker(p.End(token)))
+
+
+def holders(memory: MemoryCore) -> dict[bytes, list[bytes]]:
+    """Which workers the broker would send REQUESTs to, and the client rids (taken)."""
+    sent = {peer: requests_to(memory, peer) for peer in list(memory.core.to_workers)}
+    return {peer: rids for peer, rids in sent.items() if rids}
+
+
+def errors(memory: MemoryCore, client: bytes) -> dict[bytes, str]:
+    """The codes of the ERRORs the broker would send a client, by rid (taken)."""
+    return {m.rid: m.code for m in memory.to_client(client) if type(m) is p.Error}
+
+
+def state_of(memory: MemoryCore, worker_id: str) -> str:
+    return {w["id"]: w["state"] for w in memory.stats()["workers"]}[worker_id]
+
+
+def queued(memory: MemoryCore) -> list[bytes]:
+    return [r.rid for r in memory.core.queues.get("generate", ())]
+
+
+# --- every message has a handler ----------------------------------------------------------
+
+EVERY_MESSAGE = [
+    p.encode_request_to_broker(p.Request(b"r", "s", b"{}")),
+    p.encode_request_to_worker(p.Request(b"r", "s", b"{}")),
+    p.encode_reply_from_worker(p.Chunk(b"r", [b"a"])),
+    p.encode_reply_from_worker(p.End(b"r")),
+    p.encode_reply_to_client(p.Chunk(b"r", [b"a"], "w1")),
+    p.encode_reply_to_client(p.End(b"r", [], "w1")),
+    p.encode_error(p.Error(b"r", p.E_HANDLER, "boom")),
+    p.encode_cancel(p.Cancel(b"r")),
+    p.encode_stats_request(p.StatsRequest(b"r")),
+    p.encode_stats_reply(p.StatsReply(b"r", {})),
+    p.encode_report(p.Report("g1", {})),
+    p.encode_ready(p.Ready("w1", ["s"])),
+    p.encode_heartbeat(),
+    p.encode_heartbeat(p.Heartbeat(b"boot")),
+    p.encode_disconnect(),
+    p.encode_drain(),
+]
+
+
+def returned_types(decode: typing.Callable) -> set[type]:
+    """The message types a decoder says it returns."""
+    return set(typing.get_args(typing.get_type_hints(decode)["return"]))
+
+
+@pytest.mark.parametrize("decode", [p.decode_from_client, p.decode_from_worker])
+def test_a_decoder_returns_the_types_it_names(decode):
+    decoded = set()
+    for frames in EVERY_MESSAGE:
+        try:
+            decoded.add(type(decode(frames)))
+        except p.ProtocolError:
+            pass
+    assert decoded == returned_types(decode)
+
+
+def test_every_message_a_client_may_send_has_a_handler():
+    assert set(MemoryCore().core.client_handlers) == returned_types(p.decode_from_client)
+
+
+def test_every_message_a_worker_may_send_has_a_handler():
+    # READY is the one message from a worker the broker does not know yet.
+    handled = {p.Ready, *MemoryCore().core.worker_handlers}
+    assert handled == returned_types(p.decode_from_worker)
+
+
+def test_a_client_heartbeat_is_answered_with_the_brokers_boot_id():
+    memory = MemoryCore()
+    memory.from_client(b"c", p.encode_heartbeat())
+    assert memory.to_client(b"c") == [p.Heartbeat(memory.core.boot_id)]
+
+
+def test_a_report_is_kept_and_not_answered():
+    memory = MemoryCore()
+    memory.from_client(b"g", p.encode_report(p.Report("gateway-1", {"requests": 3})))
+    assert memory.to_client(b"g") == []
+    assert memory.stats()["gateways"] == {"gateway-1": {"requests": 3}}
+
+
+# --- retries ------------------------------------------------------------------------------
+
+
+def test_a_request_is_retried_exactly_max_retries_times_then_fails_as_worker_lost():
+    memory = MemoryCore("Broker.max_retries=2")
+    for n in range(1, 5):
+        memory.register(f"w{n}")
+    memory.request(b"c", b"r1")
+    tried = []
+    for _ in range(3):
+        [(worker, rids)] = holders(memory).items()
+        assert rids == [b"r1"]
+        tried.append(worker)
+        memory.from_worker(worker, p.encode_disconnect())
+    assert len(set(tried)) == 3 and holders(memory) == {}
+    assert errors(memory, b"c") == {b"r1": p.E_WORKER_LOST}
+    assert memory.core.totals["retries"] == 2
+    assert memory.core.requests == {}
+
+
+def test_with_no_retries_the_first_loss_fails_the_request():
+    memory = MemoryCore("Broker.max_retries=0")
+    w1, _ = memory.register("w1"), memory.register("w2")
+    memory.request(b"c", b"r1")
+    assert requests_to(memory, w1) == [b"r1"]
+    memory.from_worker(w1, p.encode_disconnect())
+    assert holders(memory) == {}
+    assert errors(memory, b"c") == {b"r1": p.E_WORKER_LOST}
+
+
+def test_a_request_whose_worker_sent_a_chunk_is_not_retried():
+    memory = MemoryCore()
+    w1, w2 = memory.register("w1"), memory.register("w2")
+    memory.request(b"c", b"r1")
+    [token] = tokens_to(memory, w1)
+    memory.from_worker(w1, p.encode_reply_from_worker(p.Chunk(token, [b"part"])))
+    memory.from_worker(w1, p.encode_disconnect())
+    assert requests_to(memory, w2) == []
+    [chunk, error] = memory.to_client(b"c")
+    assert chunk == p.Chunk(b"r1", [b"part"], "w1")
+    assert (error.rid, error.code, error.message) == (
+        b"r1", p.E_WORKER_LOST, "worker 'w1' was lost mid-request")
+    assert memory.core.totals["retries"] == 0
+
+
+def test_a_retried_request_waits_in_the_queue_when_no_worker_has_room():
+    memory = MemoryCore(QUIET)
+    w1, w2 = memory.register("w1"), memory.register("w2", capacity=1)
+    memory.request(b"c", b"busy")  # round robin: w1 first
+    memory.request(b"c", b"r1")  # then w2, now full
+    assert holders(memory) == {w1: [b"busy"], w2: [b"r1"]}
+    memory.from_worker(w1, p.encode_drain())
+    memory.from_worker(w2, p.encode_disconnect())
+    assert holders(memory) == {} and queued(memory) == [b"r1"]
+    memory.register("w3")
+    assert holders(memory) == {b"w3": [b"r1"]}
+
+
+def test_a_direct_request_is_never_retried_elsewhere():
+    memory = MemoryCore()
+    w1, w2 = memory.register("w1"), memory.register("w2")
+    memory.request(b"c", b"r1", policy=p.DIRECT, target="w1")
+    assert requests_to(memory, w1) == [b"r1"]
+    memory.from_worker(w1, p.encode_disconnect())
+    assert requests_to(memory, w2) == []
+    [error] = memory.to_client(b"c")
+    assert (error.code, error.message) == (
+        p.E_WORKER_LOST, "worker 'w1' was lost before its first chunk (disconnected)")
+
+
+# --- capacity -----------------------------------------------------------------------------
+
+
+def test_a_worker_is_given_no_more_requests_than_its_capacity():
+    memory = MemoryCore(QUIET)
+    w1 = memory.register("w1", capacity=2)
+    for n in range(5):
+        memory.request(b"c", b"r%d" % n)
+    first = tokens_to(memory, w1)
+    assert [p.split_request_token(t)[1] for t in first] == [b"r0", b"r1"]
+    assert queued(memory) == [b"r2", b"r3", b"r4"]
+    end(memory, w1, first[0])
+    assert requests_to(memory, w1) == [b"r2"]  # one freed slot, one more request
+    assert memory.core.registry.by_id["w1"].inflight == 2
+
+
+def test_a_worker_of_capacity_zero_takes_every_request():
+    memory = MemoryCore()
+    w1 = memory.register("w1", capacity=0)
+    for n in range(100):
+        memory.request(b"c", b"r%d" % n)
+    assert len(requests_to(memory, w1)) == 100
+    assert memory.core.queues == {}
+
+
+# --- the queue ----------------------------------------------------------------------------
+
+
+def busy_worker(*overrides: str) -> tuple[MemoryCore, bytes]:
+    """A core whose one worker (capacity 1) holds a request of client c0."""
+    memory = MemoryCore(QUIET, *overrides)
+    worker = memory.register("w1", capacity=1)
+    memory.request(b"c0", b"busy")
+    return memory, worker
+
+
+def test_queued_requests_leave_in_the_order_they_came():
+    memory, w1 = busy_worker()
+    for rid in (b"a", b"b", b"c", b"d"):
+        memory.request(b"c1", rid)
+    [token] = tokens_to(memory, w1)
+    order = []
+    for _ in range(4):
+        end(memory, w1, token)
+        [token] = tokens_to(memory, w1)
+        order.append(p.split_request_token(token)[1])
+    assert order == [b"a", b"b", b"c", b"d"]
+
+
+def test_a_queued_request_expires_after_exactly_queue_timeout():
+    memory, _ = busy_worker("Broker.queue_timeout=5")
+    memory.request(b"c1", b"first")  # queued at START
+    memory.time = START + 1
+    memory.request(b"c1", b"second")
+    memory.tick(START + 4.999)
+    assert errors(memory, b"c1") == {}
+    memory.tick(START + 5)
+    [error] = memory.to_client(b"c1")
+    assert (error.rid, error.code) == (b"first", p.E_QUEUE_FULL)
+    assert error.message == "every worker of 'generate' is busy (waited Broker.queue_timeout: 5 s)"
+    assert queued(memory) == [b"second"]
+    memory.tick(START + 6)
+    assert errors(memory, b"c1") == {b"second": p.E_QUEUE_FULL}
+    assert memory.core.queue_wait_total == 10.0
+
+
+def test_a_queue_expiry_with_no_worker_left_says_so():
+    memory = MemoryCore(QUIET, "Broker.queue_timeout=1")
+    memory.request(b"c", b"r1")  # no worker yet: it waits for one
+    memory.tick(START + 1)
+    [error] = memory.to_client(b"c")
+    assert (error.code, error.message) == (
+        p.E_NO_WORKERS, "no worker serves 'generate' (waited Broker.queue_timeout: 1 s)")
+
+
+@pytest.mark.parametrize("most", [0, 2])
+def test_the_queue_takes_max_queue_requests_and_refuses_the_next(most):
+    memory, _ = busy_worker(f"Broker.max_queue={most}")
+    for n in range(most + 1):
+        memory.request(b"c%d" % n, b"r")
+    assert len(queued(memory)) == most
+    [error] = memory.to_client(b"c%d" % most)
+    assert (error.code, error.message) == (
+        p.E_QUEUE_FULL, f"every worker of 'generate' is busy (the queue is full: "
+                        f"Broker.max_queue is {most})")
+
+
+def test_a_client_queues_max_queue_per_client_requests_and_others_still_get_in():
+    memory, _ = busy_worker("Broker.max_queue_per_client=2")
+    for rid in (b"r1", b"r2", b"r3"):
+        memory.request(b"greedy", rid)
+    memory.request(b"other", b"r1")
+    assert errors(memory, b"greedy") == {b"r3": p.E_QUEUE_FULL}
+    assert errors(memory, b"other") == {}
+    assert memory.core.queued_by_client == {b"greedy": 2, b"other": 1}
+
+
+def test_only_requests_that_can_go_pass_a_direct_request_waiting_for_its_busy_worker():
+    memory = MemoryCore(QUIET)
+    w1, w2 = memory.register("w1", capacity=1), memory.register("w2", capacity=1)
+    memory.request(b"c", b"on-w1", policy=p.DIRECT, target="w1")
+    memory.request(b"c", b"on-w2", policy=p.DIRECT, target="w2")
+    [on_w2] = tokens_to(memory, w2)
+    [on_w1] = tokens_to(memory, w1)
+    memory.request(b"c", b"head", policy=p.DIRECT, target="w1")
+    memory.request(b"c", b"any")
+    memory.request(b"c", b"also-w1", policy=p.DIRECT, target="w1")
+    assert queued(memory) == [b"head", b"any", b"also-w1"]
+    end(memory, w2, on_w2)  # w2 has room: only "any" may take it
+    assert holders(memory) == {w2: [b"any"]}
+    assert queued(memory) == [b"head", b"also-w1"]
+    end(memory, w1, on_w1)
+    assert holders(memory) == {w1: [b"head"]}
+    assert queued(memory) == [b"also-w1"]
+
+
+# --- liveness -----------------------------------------------------------------------------
+
+
+def test_a_worker_silent_for_more_than_interval_times_misses_is_evicted_and_not_before():
+    memory = MemoryCore("Broker.heartbeat_interval=1", "Broker.heartbeat_misses=3")
+    old = memory.register("old")
+    memory.time = START + 0.5
+    memory.register("new")
+    memory.tick(START + 3.5)  # old: silent 3.5 s; new: exactly 3 s
+    assert (state_of(memory, "old"), state_of(memory, "new")) == ("evicted", "ready")
+    assert memory.to_worker(old) == []
+    assert memory.to_worker(b"new") == [p.Heartbeat(memory.core.boot_id)]
+
+
+def test_any_message_from_a_worker_counts_as_a_heartbeat():
+    memory = MemoryCore("Broker.heartbeat_interval=1", "Broker.heartbeat_misses=3")
+    w1 = memory.register("w1")
+    memory.request(b"c", b"r1")
+    [token] = tokens_to(memory, w1)
+    memory.time = START + 3
+    memory.from_worker(w1, p.encode_reply_from_worker(p.Chunk(token, [b"a"])))
+    memory.tick(START + 5)
+    assert state_of(memory, "w1") == "ready"
+    memory.from_worker(w1, p.encode_heartbeat())
+    memory.tick(START + 8)
+    assert state_of(memory, "w1") == "ready"
+    memory.tick(START + 9)  # silent for more than 3 s, and checked: once a second
+    assert state_of(memory, "w1") == "evicted"
+    assert errors(memory, b"c") == {b"r1": p.E_WORKER_LOST}
+
+
+def test_the_broker_checks_its_workers_once_per_heartbeat_interval():
+    memory = MemoryCore("Broker.heartbeat_interval=2", "Broker.heartbeat_misses=1")
+    w1 = memory.register("w1")
+    memory.tick(START)
+    assert len(memory.to_worker(w1)) == 1
+    memory.tick(START + 1.9)
+    assert memory.to_worker(w1) == []
+    memory.tick(START + 2.1)  # a check: silent 2.1 s, more than 2
+    assert state_of(memory, "w1") == "evicted"
+
+
+def test_a_peer_the_broker_does_not_know_is_asked_to_register_once_per_heartbeat_interval():
+    memory = MemoryCore("Broker.heartbeat_interval=1")
+    memory.from_worker(b"stale", p.encode_heartbeat())
+    memory.from_worker(b"stale", p.encode_reply_from_worker(p.End(b"old-request")))
+    assert memory.to_worker(b"stale") == [p.Disconnect()]
+    memory.time = START + 0.9
+    memory.from_worker(b"stale", p.encode_heartbeat())
+    assert memory.to_worker(b"stale") == []
+    memory.time = START + 1
+    memory.from_worker(b"stale", p.encode_heartbeat())
+    assert memory.to_worker(b"stale") == [p.Disconnect()]
+
+
+# --- draining -----------------------------------------------------------------------------
+
+
+def test_a_draining_worker_finishes_what_it_holds_and_is_given_nothing_new():
+    memory = MemoryCore(QUIET)
+    w1, w2 = memory.register("w1"), memory.register("w2")
+    memory.request(b"c", b"r1")
+    [token] = tokens_to(memory, w1)
+    memory.from_worker(w1, p.encode_drain())
+    assert state_of(memory, "w1") == "draining"
+    memory.request(b"c", b"r2")
+    memory.request(b"c", b"r3")
+    assert holders(memory) == {w2: [b"r2", b"r3"]}
+    memory.request(b"c", b"named", policy=p.DIRECT, target="w1")
+    assert errors(memory, b"c") == {b"named": p.E_NO_SUCH_WORKER}
+    end(memory, w1, token)
+    assert memory.to_client(b"c") == [p.End(b"r1", [], "w1")]
+    assert state_of(memory, "w1") == "draining"  # not evicted: still there, still heard
+    memory.from_worker(w1, p.encode_disconnect())
+    assert state_of(memory, "w1") == "evicted"
+
+
+def test_a_request_waits_while_the_only_worker_drains():
+    memory = MemoryCore(QUIET)
+    w1 = memory.register("w1")
+    memory.from_worker(w1, p.encode_drain())
+    memory.request(b"c", b"r1")
+    assert queued(memory) == [b"r1"] and holders(memory) == {}
+
+
+# --- deadlines and cancellation -----------------------------------------------------------
+
+
+def test_a_request_ends_at_request_timeout_not_before():
+    memory = MemoryCore(QUIET, "Broker.request_timeout=2.02")
+    w1 = memory.register("w1")
+    memory.request(b"c", b"r1")
+    [token] = tokens_to(memory, w1)
+    memory.tick(START + 2.01)
+    assert memory.to_client(b"c") == []
+    assert memory.to_worker(w1) == [p.Heartbeat(memory.core.boot_id)]
+    memory.tick(START + 2.02 + DEADLINE_TICK)
+    [error] = memory.to_client(b"c")
+    assert (error.code, error.message) == (p.E_TIMEOUT, "request deadline expired")
+    assert memory.to_worker(w1) == [p.Cancel(token)]
+    assert memory.core.totals["timeouts"] == 1 and memory.core.requests == {}
+
+
+def test_a_request_timeout_ms_overrides_the_brokers_timeout():
+    memory = MemoryCore(QUIET)
+    memory.register("w1")
+    memory.from_client(b"c", p.encode_request_to_broker(
+        p.Request(b"r1", "generate", b"{}", timeout_ms=520)))
+    memory.tick(START + 0.51)
+    assert memory.to_client(b"c") == []
+    memory.tick(START + 0.52 + DEADLINE_TICK)
+    assert errors(memory, b"c") == {b"r1": p.E_TIMEOUT}
+
+
+def test_a_finished_request_has_no_deadline_left():
+    memory = MemoryCore(QUIET, "Broker.request_timeout=1")
+    w1 = memory.register("w1")
+    memory.request(b"c", b"r1")
+    end(memory, w1, tokens_to(memory, w1)[0])
+    assert memory.core.deadlines == {}
+    memory.tick(START + 2)
+    assert memory.to_client(b"c") == [p.End(b"r1", [], "w1")]
+    assert memory.core.totals["timeouts"] == 0
+
+
+def test_a_cancel_reaches_the_worker_and_the_request_ends_quietly():
+    memory = MemoryCore()
+    w1 = memory.register("w1")
+    memory.request(b"c", b"r1")
+    [token] = tokens_to(memory, w1)
+    memory.from_client(b"c", p.encode_cancel(p.Cancel(b"r1")))
+    assert memory.to_worker(w1) == [p.Cancel(token)]
+    assert memory.core.requests == {} and memory.core.totals["cancelled"] == 1
+    end(memory, w1, token)  # the worker's reply crossed the CANCEL: dropped
+    assert memory.to_client(b"c") == []
+    assert memory.core.registry.by_id["w1"].inflight == 0
+
+
+def test_a_cancel_takes_a_request_out_of_the_queue():
+    memory, w1 = busy_worker()
+    memory.request(b"c1", b"r1")
+    memory.from_client(b"c1", p.encode_cancel(p.Cancel(b"r1")))
+    assert queued(memory) == [] and memory.core.queued_by_client == {}
+    assert [type(m) for m in memory.to_worker(w1)] == [p.Request]  # busy's; no CANCEL
+    assert memory.to_client(b"c1") == []
+
+
+def test_a_cancel_of_a_request_the_broker_does_not_hold_changes_nothing():
+    memory = MemoryCore()
+    w1 = memory.register("w1")
+    memory.request(b"c", b"r1")
+    tokens_to(memory, w1)
+    memory.from_client(b"other", p.encode_cancel(p.Cancel(b"r1")))  # same rid, other client
+    assert memory.to_worker(w1) == [] and len(memory.core.requests) == 1
+    assert memory.core.totals["cancelled"] == 0
+
+
+# --- registration -------------------------------------------------------------------------
+
+
+def ready(memory: MemoryCore, peer: bytes, token: str = "", capacity: int = 0,
+          services: tuple[str, ...] = ("generate",), worker_id: str = "w1") -> list[p.Message]:
+    """A READY from `peer`; what the broker answers it (taken)."""
+    memory.from_worker(peer, p.encode_ready(p.Ready(worker_id, list(services), capacity, token)))
+    return memory.to_worker(peer)
+
+
+def holder(memory: MemoryCore, worker_id: str = "w1") -> bytes:
+    return memory.core.registry.by_id[worker_id].peer
+
+
+@pytest.mark.parametrize("token", ["", "token-b"])
+def test_an_id_in_use_by_a_connected_worker_is_refused(token):
+    memory = MemoryCore()
+    ready(memory, b"a", token="token-a" if token else "")
+    [refusal] = ready(memory, b"b", token=token)
+    assert (refusal.rid, refusal.code) == (b"", p.E_ID_IN_USE)
+    assert holder(memory) == b"a"
+
+
+def test_an_id_whose_holder_is_gone_is_taken_and_its_requests_move():
+    memory = MemoryCore()
+    ready(memory, b"a", token="token-a")
+    memory.request(b"c", b"r1")
+    assert requests_to(memory, b"a") == [b"r1"]
+    memory.gone.workers.add(b"a")
+    assert ready(memory, b"b", token="token-b") == [p.Request(
+        p.request_token(b"c", b"r1"), "generate", b"{}")]
+    assert holder(memory) == b"b" and memory.core.totals["evictions"] == 1
+
+
+def test_the_same_worker_process_takes_its_id_back_while_its_old_connection_lingers():
+    memory = MemoryCore()
+    ready(memory, b"a", token="token-a")
+    assert ready(memory, b"b", token="token-a") == []
+    assert holder(memory) == b"b"
+    assert memory.core.totals["id_changes"] == 0
+
+
+def test_a_repeated_ready_changes_nothing():
+    memory = MemoryCore("Broker.heartbeat_interval=1")
+    ready(memory, b"a", token="t", capacity=2)
+    worker = memory.core.registry.by_id["w1"]
+    memory.request(b"c", b"r1")
+    memory.to_worker(b"a")
+    memory.time = START + 2.5
+    assert ready(memory, b"a", token="t", capacity=2) == []
+    assert memory.core.registry.by_id["w1"] is worker and worker.inflight == 1
+    assert memory.core.totals["evictions"] == 0
+    memory.tick(START + 5)  # silent since the READY at 2.5 s only
+    assert state_of(memory, "w1") == "ready"
+
+
+@pytest.mark.parametrize("change", [{"capacity": 3}, {"token": "other"},
+                                    {"services": ("generate", "other")}])
+def test_a_ready_with_new_settings_registers_the_worker_again(change):
+    memory = MemoryCore()
+    ready(memory, b"a", token="t", capacity=2)
+    memory.request(b"c", b"r1")
+    memory.to_worker(b"a")
+    settings = {"token": "t", "capacity": 2, **change}
+    assert ready(memory, b"a", **settings) == [p.Request(
+        p.request_token(b"c", b"r1"), "generate", b"{}")]  # its request, retried
+    worker = memory.core.registry.by_id["w1"]
+    assert (worker.capacity, worker.token, worker.inflight) == (settings["capacity"],
+                                                                 settings["token"], 1)
+    assert memory.core.totals["evictions"] == 1
+
+
+def test_the_broker_takes_max_workers_live_workers():
+    memory = MemoryCore("Broker.max_workers=2")
+    assert ready(memory, b"a", worker_id="w1") == ready(memory, b"b", worker_id="w2") == []
+    [refusal] = ready(memory, b"c", worker_id="w3")
+    assert (refusal.code, refusal.message) == (
+        p.E_LIMIT, "the broker has its most live workers, 2 (Broker.max_workers)")
+    memory.from_worker(b"a", p.encode_disconnect())
+    assert ready(memory, b"c", worker_id="w3") == []
+
+
+def test_a_worker_may_declare_max_services_per_worker_services():
+    memory = MemoryCore("Broker.max_services_per_worker=3")
+    [refusal] = ready(memory, b"a", services=("s1", "s2", "s3", "s4"))
+    assert (refusal.code, refusal.message) == (
+        p.E_LIMIT, "READY declares 4 services; the broker takes at most 3 "
+                   "(Broker.max_services_per_worker)")
+    assert ready(memory, b"a", services=("s1", "s2", "s3")) == []
+
+
+# --- policies -----------------------------------------------------------------------------
+
+
+def test_round_robin_goes_through_the_workers_in_the_order_of_their_ids():
+    memory = MemoryCore()
+    for worker_id in ("w3", "w1", "w2"):
+        memory.register(worker_id)
+    picked = []
+    for n in range(4):
+        memory.request(b"c", b"r%d" % n)
+        [worker] = holders(memory)
+        picked.append(worker)
+    assert picked == [b"w1", b"w2", b"w3", b"w1"]
+
+
+def test_least_loaded_picks_the_lowest_share_of_capacity_and_breaks_ties_in_turn():
+    memory = MemoryCore(QUIET)
+    memory.register("w1", capacity=2)
+    memory.register("w2", capacity=4)
+    picked = []
+    for n in range(6):
+        memory.request(b"c", b"r%d" % n, policy="least_loaded")
+        [worker] = holders(memory)
+        picked.append(worker)
+    # loads (w1, w2) before each: (0, 0) tie, (.5, 0), (.5, .25), (.5, .5) tie, (.5, .75),
+    # (w1 full, .75)
+    assert picked == [b"w1", b"w2", b"w2", b"w2", b"w1", b"w2"]
+
+
+class Raises:
+    def choose(self, service, candidates):
+        raise RuntimeError("no\nluck")
+
+
+class Stranger:
+    def choose(self, service, candidates):
+        return WorkerInfo("w9", b"w9", ["generate"], 0)
+
+
+def with_policies() -> MemoryCore:
+    policies = load_policies()
+    policies.update(raises=Raises(), stranger=Stranger())
+    return MemoryCore(QUIET, policies=policies)
+
+
+@pytest.mark.parametrize("policy, problem", [
+    ("raises", "raised RuntimeError: no luck"),
+    ("stranger", "returned a WorkerInfo, not one of the workers it was given")])
+def test_a_policy_that_fails_fails_only_its_request(policy, problem):
+    memory = with_policies()
+    w1 = memory.register("w1")
+    memory.request(b"c", b"r1", policy=policy)
+    memory.request(b"c", b"r2")
+    [error] = memory.to_client(b"c")
+    assert (error.rid, error.code, error.message) == (
+        b"r1", p.E_POLICY, f"routing policy {policy!r} {problem}")
+    assert requests_to(memory, w1) == [b"r2"]
+    assert list(memory.core.requests) == [p.request_token(b"c", b"r2")]
+
+
+def test_a_policy_that_fails_for_a_queued_request_lets_the_next_one_go():
+    memory = with_policies()
+    w1 = memory.register("w1", capacity=1)
+    memory.request(b"c", b"busy")
+    memory.request(b"c", b"broken", policy="raises")
+    memory.request(b"c", b"next")
+    end(memory, w1, tokens_to(memory, w1)[0])
+    assert errors(memory, b"c") == {b"broken": p.E_POLICY}
+    assert requests_to(memory, w1) == [b"next"] and queued(memory) == []
+
+
+def test_an_unknown_policy_is_refused_and_direct_needs_a_target():
+    memory = MemoryCore()
+    memory.register("w1")
+    memory.request(b"c", b"r1", policy="fastest")
+    memory.request(b"c", b"r2", policy=p.DIRECT)
+    assert errors(memory, b"c") == {b"r1": p.E_UNKNOWN_POLICY, b"r2": p.E_BAD_REQUEST}
+
+
+def test_a_direct_request_for_an_unknown_worker_lists_the_workers_of_its_service():
+    memory = MemoryCore()
+    for n in range(12):
+        memory.register(f"w{n:02}")
+    memory.request(b"c", b"r1", policy=p.DIRECT, target="w99")
+    [error] = memory.to_client(b"c")
+    listed = ", ".join(f"w{n:02}" for n in range(10))
+    assert (error.code, error.message) == (
+        p.E_NO_SUCH_WORKER, f"no such worker: 'w99' serves no 'generate' requests "
+                            f"(workers of 'generate': {listed}, and 2 more)")
+
+
+# --- peers the sockets cannot reach -------------------------------------------------------
+
+
+def test_the_requests_of_a_client_whose_connection_closed_end_and_their_workers_stop():
+    memory = MemoryCore()
+    w1 = memory.register("w1")
+    memory.request(b"leaving", b"r1")
+    memory.request(b"staying", b"r1")
+    leaving, _ = tokens_to(memory, w1)
+    memory.gone.clients.add(b"leaving")
+    memory.core.clients_disconnected(memory.time)
+    assert memory.to_worker(w1) == [p.Cancel(leaving)]
+    assert [r.client for r in memory.core.requests.values()] == [b"staying"]
+    assert memory.to_client(b"leaving") == [] and memory.core.totals["clients_gone"] == 1
+
+
+def test_a_client_that_cannot_be_sent_its_replies_loses_those_requests():
+    memory = MemoryCore()
+    w1 = memory.register("w1")
+    memory.request(b"c", b"r1")
+    memory.request(b"c", b"r2")
+    r1, _ = tokens_to(memory, w1)
+    memory.from_worker(w1, p.encode_reply_from_worker(p.Chunk(r1, [b"part"])))
+    undelivered = memory.core.to_clients.pop(b"c")
+    memory.core.client_unreachable(b"c", undelivered, memory.time)
+    assert memory.to_worker(w1) == [p.Cancel(r1)]
+    assert list(memory.core.requests) == [p.request_token(b"c", b"r2")]  # not in what failed
+
+
+def test_a_worker_that_cannot_be_reached_is_evicted_and_its_requests_move():
+    memory = MemoryCore()
+    w1, w2 = memory.register("w1"), memory.register("w2")
+    memory.request(b"c", b"r1")
+    assert requests_to(memory, w1) == [b"r1"]
+    memory.core.worker_unreachable(w1, memory.time)
+    assert state_of(memory, "w1") == "evicted"
+    assert requests_to(memory, w2) == [b"r1"]
+
+
+def test_shutting_down_fails_every_request_and_sends_no_queued_one():
+    memory, w1 = busy_worker()
+    memory.request(b"c1", b"r1")
+    [busy] = tokens_to(memory, w1)
+    memory.core.shutdown(memory.time)
+    assert errors(memory, b"c0") == {b"busy": p.E_WORKER_LOST}
+    assert errors(memory, b"c1") == {b"r1": p.E_WORKER_LOST}
+    assert memory.to_worker(w1) == [p.Cancel(busy)]
+
+
+# --- bytes a client has not read ----------------------------------------------------------
+
+
+class Tracker:
+    """A zmq.MessageTracker as far as the core is concerned."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+
+def test_a_client_whose_unread_replies_pass_its_budget_loses_its_requests():
+    memory = MemoryCore("Broker.max_client_bytes=200000")
+    w1 = memory.register("w1")
+    memory.request(b"c", b"r1")
+    [token] = tokens_to(memory, w1)
+    tracker = Tracker()
+    assert not memory.core.sent_to_client(b"c", 150_000, tracker, 150_000, memory.time)
+    tracker.done = True  # the client read those
+    assert not memory.core.sent_to_client(b"c", 60_000, None, 60_000, memory.time)
+    # Its body (2 bytes) and replies count: 200,000 bytes are within its budget.
+    assert not memory.core.sent_to_client(b"c", 139_998, None, 199_998, memory.time)
+    assert memory.core.requests
+    assert memory.core.sent_to_client(b"c", 1, None, 199_999, memory.time)
+    assert errors(memory, b"c") == {b"r1": p.E_LIMIT}
+    assert memory.to_worker(w1) == [p.Cancel(token)]
+
+
+def test_a_reader_is_not_cut_off_for_what_it_was_sent_in_the_same_pass():
+    memory = MemoryCore("Broker.max_buffered_bytes=100000")
+    memory.register("w1")
+    memory.request(b"c", b"r1")
+    burst = READER_SLACK + 1000
+    assert not memory.core.sent_to_client(b"c", burst, None, burst, memory.time)
+    assert memory.core.sent_to_client(b"c", 1, None, 1, memory.time)  # then it did not read
+
+
+def test_a_tick_marks_the_last_bytes_sent_to_a_client_and_a_failed_mark_forgets_them():
+    memory = MemoryCore()
+    memory.core.sent_to_client(b"c", 100, None, 100, memory.time)
+    unreleased = memory.core.reply_bytes.of(b"c")
+    assert not unreleased.wants_tracker(1)
+    memory.tick(START)
+    assert memory.to_client(b"c") == [p.Heartbeat(memory.core.boot_id)]
+    assert unreleased.wants_tracker(1)
+    memory.core.client_unreachable(b"c", [p.encode_heartbeat()], memory.time)
+    assert memory.core.reply_bytes.peers == {} and memory.core.reply_bytes.total == 0
+
+
+# --- random sequences of events -----------------------------------------------------------
+
+WORKER_IDS = ["w1", "w2", "w3"]
+CLIENTS = [b"c1", b"c2"]
+POLICIES = ["", "least_loaded", "power_of_two", "random", p.DIRECT]
+
+
+class BrokerRules(RuleBasedStateMachine):
+    """Clients, workers and the clock act in any order; what the broker would send is
+    taken after each step and checked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory = MemoryCore("Broker.max_retries=1", "Broker.request_timeout=4",
+                                 "Broker.heartbeat_misses=5",
+                                 "Broker.queue_timeout=2", "Broker.max_queue=4",
+                                 "Broker.max_queue_per_client=3")
+        self.core = self.memory.core
+        self.rids = (b"r%d" % n for n in itertools.count())
+        self.sent: list[tuple[bytes, bytes]] = []  # (client, rid) of every request
+        self.endings: Counter[tuple[bytes, bytes]] = Counter()  # END and ERROR received
+        self.unanswered: set[tuple[bytes, bytes]] = set()  # cancelled, or its client left
+        self.given: dict[bytes, list[bytes]] = {}  # worker -> tokens it was ever sent
+
+    def take(self) -> None:
+        to_clients, to_workers = self.core.take_outgoing()
+        for client, messages in to_clients.items():
+            for message in map(p.decode_to_client, messages):
+                if type(message) in (p.Chunk, p.End, p.Error) and message.rid != b"":
+                    key = (client, message.rid)
+                    assert key in self.sent and self.endings[key] == 0, message
+                    if type(message) is not p.Chunk:
+                        self.endings[key] += 1
+        for worker, messages in to_workers.items():
+            for message in map(p.decode_to_worker, messages):
+                if type(message) is p.Request:
+                    self.given.setdefault(worker, []).append(message.rid)
+
+    def held(self, client: bytes | None = None) -> list[tuple[bytes, bytes]]:
+        return [(r.client, r.rid) for r in self.core.requests.values()
+                if client is None or r.client == client]
+
+    @rule(worker=st.sampled_from(WORKER_IDS), capacity=st.integers(0, 2))
+    def register(self, worker: str, capacity: int) -> None:
+        self.memory.from_worker(worker.encode(), p.encode_ready(p.Ready(
+            worker, ["generate"], capacity, f"token-{worker}")))
+        self.take()
+
+    @rule(client=st.sampled_from(CLIENTS), policy=st.sampled_from(POLICIES),
+          named=st.sampled_from(WORKER_IDS))
+    def request(self, client: bytes, policy: str, named: str) -> None:
+        rid = next(self.rids)
+        self.sent.append((client, rid))
+        self.memory.request(client, rid, policy, named if policy == p.DIRECT else "")
+        self.take()
+
+    def on_workers(self) -> list[tuple[bytes, bytes]]:
+        """(worker, token) of the requests that workers hold now."""
+        return [(w.peer, token) for w in self.core.registry.by_id.values()
+                for token in w.requests]
+
+    def replies(self, worker: bytes, token: bytes, kind: type) -> None:
+        message = p.Error(token, p.E_HANDLER, "boom") if kind is p.Error else kind(token, [b"x"])
+        encode = p.encode_error if kind is p.Error else p.encode_reply_from_worker
+        self.memory.from_worker(worker, encode(message))
+        self.take()
+
+    @precondition(lambda self: self.on_workers())
+    @rule(data=st.data(), kind=st.sampled_from([p.Chunk, p.End, p.Error]))
+    def reply(self, data: st.DataObject, kind: type) -> None:
+        self.replies(*data.draw(st.sampled_from(self.on_workers())), kind)
+
+    @precondition(lambda self: self.given)
+    @rule(data=st.data(), kind=st.sampled_from([p.Chunk, p.End, p.Error]))
+    def late_reply(self, data: st.DataObject, kind: type) -> None:
+        """A reply for any request the worker was ever given: ended, cancelled, moved."""
+        worker = data.draw(st.sampled_from(sorted(self.given)))
+        self.replies(worker, data.draw(st.sampled_from(self.given[worker])), kind)
+
+    @precondition(lambda self: self.core.requests)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        client, rid = data.draw(st.sampled_from(self.held()))
+        self.unanswered.add((client, rid))
+        self.memory.from_client(client, p.encode_cancel(p.Cancel(rid)))
+        self.take()
+
+    @rule(worker=st.sampled_from(WORKER_IDS),
+          message=st.sampled_from([p.Disconnect(), p.Drain(), p.Heartbeat()]))
+    def worker_says(self, worker: str, message: p.Message) -> None:
+        encode = {p.Disconnect: p.encode_disconnect, p.Drain: p.encode_drain,
+                  p.Heartbeat: p.encode_heartbeat}[type(message)]
+        self.memory.from_worker(worker.encode(), encode(message))
+        self.take()
+
+    @rule(worker=st.sampled_from(WORKER_IDS))
+    def worker_unreachable(self, worker: str) -> None:
+        self.core.worker_unreachable(worker.encode(), self.memory.time)
+        self.take()
+
+    @rule(client=st.sampled_from(CLIENTS))
+    def client_leaves(self, client: bytes) -> None:
+        self.unanswered.update(self.held(client))
+        self.memory.gone.clients.add(client)
+        self.core.clients_disconnected(self.memory.time)
+        self.memory.gone.clients.clear()  # its routing id is free for the next client
+        self.take()
+
+    @rule(seconds=st.sampled_from([0.05, 0.5, 1.0, 2.5]))
+    def time_passes(self, seconds: float) -> None:
+        self.memory.tick(self.memory.time + seconds)
+        self.take()
+
+    @invariant()
+    def capacity_is_never_exceeded(self) -> None:
+        for worker in self.core.registry.by_id.values():
+            assert worker.inflight == len(worker.requests)
+            assert worker.capacity == 0 or worker.inflight <= worker.capacity
+
+    @invariant()
+    def each_request_is_on_a_worker_or_in_a_queue(self) -> None:
+        queued_now = {r.token for q in self.core.queues.values() for r in q}
+        for token, req in self.core.requests.items():
+            on_worker = req.worker is not None and token in req.worker.requests
+            assert on_worker != (token in queued_now)
+        assert sum(self.core.requests_by_client.values()) == len(self.core.requests)
+        assert sum(self.core.queued_by_client.values()) == len(queued_now)
+        assert self.core.body_bytes == sum(len(r.body) for r in self.core.requests.values())
+
+    @invariant()
+    def an_ended_request_had_one_ending(self) -> None:
+        held = set(self.held())
+        for key in self.sent:
+            if key not in held:
+                assert self.endings[key] == (0 if key in self.unanswered else 1), key
+
+    def teardown(self) -> None:
+        self.core.shutdown(self.memory.time)
+        self.take()
+        assert self.core.requests == {}
+        self.an_ended_request_had_one_ending()
+
+
+BrokerRules.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+test_random_sequences_of_events = BrokerRules.TestCase
