@@ -318,6 +318,7 @@ class Gateway:
         self.client = Client(broker.endpoint, timeout=settings.request_timeout,
                              timeout_setting="Frontend.request_timeout",
                              heartbeat_interval=broker.heartbeat_interval,
+                             heartbeat_misses=broker.heartbeat_misses,
                              report=self.metrics.snapshot, name=name,
                              max_buffered_bytes=settings.max_reply_buffer,
                              receive_hwm=settings.max_queued_messages)

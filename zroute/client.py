@@ -73,15 +73,13 @@ def reply_error(msg: p.Error, timeout_setting: str, timeout: float) -> BrokerErr
 
 
 # The one liveness rule of both clients: heartbeat every interval while requests wait,
-# and give up on a broker silent for HEARTBEAT_MISSES intervals, or whose connection closed.
+# and give up on a broker silent for `heartbeat_misses` intervals (Broker.heartbeat_misses),
+# or whose connection closed.
 
-def broker_given_up_at(last_heard: float, heartbeat_interval: float) -> float:
+def broker_given_up_at(last_heard: float, heartbeat_interval: float,
+                       heartbeat_misses: int) -> float:
     """When a broker last heard from at `last_heard` counts as gone."""
-    return last_heard + heartbeat_interval * HEARTBEAT_MISSES
-
-
-def broker_silent(last_heard: float, heartbeat_interval: float) -> bool:
-    return time.monotonic() >= broker_given_up_at(last_heard, heartbeat_interval)
+    return last_heard + heartbeat_interval * heartbeat_misses
 
 
 def silent_broker_error(address: str) -> BrokerError:
@@ -342,6 +340,7 @@ class Client(PolicyShortcuts[Stream]):
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
                  timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 heartbeat_misses: int = HEARTBEAT_MISSES,
                  report: Callable[[], dict] | None = None, name: str = "",
                  context: zmq.Context | None = None,
                  max_buffered_bytes: int = MAX_BUFFERED_BYTES,
@@ -355,6 +354,7 @@ class Client(PolicyShortcuts[Stream]):
         self.name = name or default_name()
         self._report_too_large = LogLimiter(log, interval=60.0)
         self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_misses = heartbeat_misses
         self.context = context or zmq.Context.instance()
         self.replies: dict[bytes, Reply] = {}
         self._stats_waiters: dict[bytes, asyncio.Future] = {}
@@ -400,7 +400,9 @@ class Client(PolicyShortcuts[Stream]):
     @property
     def broker_alive(self) -> bool:
         """False once the broker has been silent for several heartbeats."""
-        return not broker_silent(self._last_heard, self.heartbeat_interval)
+        given_up_at = broker_given_up_at(self._last_heard, self.heartbeat_interval,
+                                         self.heartbeat_misses)
+        return time.monotonic() < given_up_at
 
     # --- requests -------------------------------------------------------------
 
@@ -630,7 +632,7 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
     is read; several may be open at once.
 
     While it waits it heartbeats the broker, and gives up on it as the asyncio Client
-    does: after HEARTBEAT_MISSES heartbeats of silence, or when the connection closes.
+    does: after `heartbeat_misses` heartbeats of silence, or when the connection closes.
     A stream left unread while others are read falls behind as in the asyncio Client:
     past `max_buffered_bytes` it is cancelled, and ends with slow_reader.
     """
@@ -638,6 +640,7 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
                  timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 heartbeat_misses: int = HEARTBEAT_MISSES,
                  context: zmq.Context | None = None,
                  max_buffered_bytes: int = MAX_BUFFERED_BYTES) -> None:
         self.address = check_endpoint(address)
@@ -645,6 +648,7 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
         self.timeout = timeout
         self.timeout_setting = timeout_setting
         self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_misses = heartbeat_misses
         self.sock = dealer(context or zmq.Context.instance(), address, connect=False)
         self._monitor = self.sock.get_monitor_socket(CONNECTION_EVENTS)
         self.sock.connect(address)  # after the monitor, which would miss an earlier connection
@@ -760,7 +764,8 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
             now = time.monotonic()
             if now >= deadline:
                 raise expired()
-            given_up_at = broker_given_up_at(self._last_heard, self.heartbeat_interval)
+            given_up_at = broker_given_up_at(self._last_heard, self.heartbeat_interval,
+                                             self.heartbeat_misses)
             if now >= given_up_at:
                 raise silent_broker_error(self.address)
             if now >= self._next_beat:

@@ -41,8 +41,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if not args.timeout > 0:  # nan too
         raise ConfigError(f"--timeout {args.timeout:g} is invalid: must be a number of "
                           "seconds > 0")
-    address = load(args, overrides, {"Broker.frontend": args.broker}).broker.frontend
-    with BlockingClient(address) as client:
+    broker = load(args, overrides, {"Broker.frontend": args.broker}).broker.for_clients()
+    with BlockingClient(broker.endpoint, heartbeat_interval=broker.heartbeat_interval,
+                        heartbeat_misses=broker.heartbeat_misses) as client:
         if args.watch:
             return watch(client, min(args.timeout, REFRESH_S))
         try:
