@@ -33,6 +33,10 @@ DEFAULTS = {
         "max_buffered_bytes": 33554432,
         "max_reply_buffer": 262144,
         "max_queued_messages": 1000,
+        "admin_host": "127.0.0.1",
+        "admin_port": 0,
+        "stats_feed_interval": 1.0,
+        "max_stats_feeds": 32,
         "ServiceArgs": {"workers": 1},
     },
     "Broker": {

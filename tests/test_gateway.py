@@ -296,7 +296,8 @@ async def test_rejected_request_gets_its_status_and_a_json_error(shared, case):
 WRONG_ROUTES = {
     # case: (method, path, status, error, code, Allow header)
     "unknown-path": ("GET", "/nope", 404,
-                     "no such path '/nope'; the paths are /generate, /health, /stats, /metrics",
+                     "no such path '/nope'; the paths are /generate, /health, /stats, "
+                     "/stats/stream, /metrics, /dashboard",
                      "not_found", None),
     "get-generate": ("GET", "/generate", 405, "/generate takes POST, not GET",
                      "method_not_allowed", "POST"),

@@ -134,7 +134,23 @@ class FrontendSettings(Section):
     max_buffered_bytes: int = setting(32 << 20, ge=1)  # request bodies at once
     max_reply_buffer: int = setting(256 << 10, ge=1)  # per stream, ahead of its client
     max_queued_messages: int = setting(1000, ge=1)  # from the broker, not yet handled
+    # The operators' endpoints (/stats, /stats/stream, /metrics, /dashboard) on a listener
+    # of their own, so that /generate can be opened to users without them; port 0: they
+    # are served on Frontend.port, with /generate.
+    admin_host: str = setting("127.0.0.1", clean=unbracketed)
+    admin_port: int = setting(0, ge=0, le=65535)
+    stats_feed_interval: float = setting(1.0, ge=0.1, le=60)  # between /stats/stream events
+    max_stats_feeds: int = setting(32, ge=1)  # /stats/stream connections at once
     service_args: ServiceArgs = section(ServiceArgs, "ServiceArgs")
+
+    def admin_clash(self) -> str | None:
+        """Why the operators' listener cannot be apart from the users', if it cannot."""
+        if not self.admin_port or not same_listener((self.host, self.port),
+                                                    (self.admin_host, self.admin_port)):
+            return None
+        return (f"Frontend.admin_port ({self.admin_port}) is Frontend.port: give the "
+                "operators' endpoints a port of their own, or 0 to serve them on "
+                "Frontend.port with /generate")
 
 
 @dataclass(frozen=True, kw_only=True)
