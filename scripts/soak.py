@@ -34,10 +34,9 @@ from pathlib import Path
 import orjson
 import zmq
 
-from children import free_port, stop_all
+from children import free_port, start_group, stop_all
 from zroute import protocol as p
 from zroute.client import BrokerError, Client, BlockingClient
-from zroute.processes import start_group
 
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]

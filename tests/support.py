@@ -14,9 +14,9 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from scripts.children import free_port, stop_all
+from scripts.children import free_port, start_group, stop_all
 from zroute.client import BlockingClient, BrokerError
-from zroute.processes import start_group
+
 
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -30,7 +30,7 @@ from zroute_cli.command import add_common_options, flag_overrides, load
 from zroute.settings import Config, FrontendSettings
 from zroute_cli.config import ConfigError
 from zroute.ports import Address, same_listener, tcp_address
-from zroute.processes import start_group
+from zroute_cli.processes import start_group
 from zroute_cli.ports import (PortInUse, check_free, free_port_from, held_by_running_zroute,
                               is_free, local_url, mark_stopping, unresolvable)
 
