@@ -68,6 +68,8 @@ E_CLIENT_CLOSED = "client_closed"  # raised by the client library, never sent
 
 # "direct" is a routing mode too, but it names its worker instead of a policy choosing one.
 DIRECT = "direct"
+# The policy of a request that names none, and the gateway's (Frontend.routing_mode).
+DEFAULT_POLICY = "round_robin"
 
 MAX_ID_LENGTH = 255  # worker ids, service and policy names
 MAX_TOKEN = 64  # the secret in a worker's READY

@@ -20,7 +20,7 @@ from typing import Any, Callable, TypeVar
 
 from zroute.endpoints import endpoint_problem
 from zroute.ports import same_listener, tcp_address
-from zroute.protocol import MAX_BATCH_BYTES
+from zroute.protocol import DEFAULT_POLICY, MAX_BATCH_BYTES
 
 T = TypeVar("T")
 
@@ -119,7 +119,9 @@ class FrontendSettings(Section):
     class ServiceArgs(Section):
         workers: int = setting(1, ge=1)
 
-    routing_mode: str = "round_robin"  # validated by the router
+    # A policy the broker loaded (zroute_cli/broker.py checks it at start): built-in,
+    # or module:Class.
+    routing_mode: str = DEFAULT_POLICY
     host: str = setting("127.0.0.1", clean=unbracketed)
     port: int = setting(8000, ge=1, le=65535)
     max_body: int = setting(1048576, ge=1)
