@@ -22,8 +22,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import orjson
 
 from zroute import protocol as p
-from broker.policies import DEFAULT_POLICY, Policy, load_policies, unknown_policy
-from zroute.protocol import DIRECT, request_token
+from broker.policies import Policy, load_policies, unknown_policy
+from zroute.protocol import DEFAULT_POLICY, DIRECT, request_token
 from zroute.ratelimit import LogLimiter, PeerLimiter
 from broker.registry import WORKER_DRAINING, WORKER_EVICTED, WORKER_READY, Registry, WorkerInfo
 from broker.reports import Reports

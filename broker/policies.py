@@ -65,8 +65,6 @@ POLICIES: dict[str, type[Policy]] = {
     "power_of_two": PowerOfTwo,
 }
 
-DEFAULT_POLICY = "round_robin"
-
 
 def is_policy_class(name: str) -> bool:
     """Whether a policy name is a class to load (module:Class), not a built-in name."""

@@ -9,10 +9,9 @@ without its terminating chunk, so that the client sees a broken transfer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import socket
 import string
-import struct
 import time
 from http import HTTPStatus
 from urllib.parse import quote
@@ -29,7 +28,11 @@ from zroute import protocol as p
 from zroute.client import BrokerError, Client, Stream
 from zroute.protocol import DIRECT
 from zroute.ratelimit import LogLimiter
+from gateway.dashboard import page_handler
+from gateway.feed import StatsFeed
+from gateway.formats import STREAM_HEADERS, negotiate
 from gateway.metrics import Exporter, GatewayMetrics, total
+from gateway.transport import reset
 from zroute.settings import BrokerLink, FrontendSettings
 from zroute.logs import fields
 
@@ -71,6 +74,7 @@ E_HEADER_TIMEOUT = "header_timeout"
 E_BODY_TIMEOUT = "body_timeout"
 E_TOO_MANY_CONNECTIONS = "too_many_connections"
 E_GATEWAY_BUSY = "gateway_busy"
+E_TOO_MANY_FEEDS = "too_many_feeds"
 
 SERVER = "zroute"  # aiohttp's default Server header names its version
 SERVER_HEADERS = {"Server": SERVER}
@@ -216,12 +220,7 @@ class GatewayConnection(RequestHandler):
         if self.transport is not None:
             peer_errors.warn("slow reader", "cut connections that read nothing for "
                              f"Frontend.send_timeout ({self.settings.send_timeout:g} s)")
-            # A reset (linger 0), so that the kernel drops what it holds for the client
-            # too, rather than keep trying to send it; the handler is cancelled.
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.transport.abort()
+            reset(self.transport)  # the handler is cancelled
 
     def _cancel_send_timer(self) -> None:
         if self._send_timer is not None:
@@ -320,6 +319,7 @@ class Gateway:
         self.client = Client(broker.endpoint, timeout=settings.request_timeout,
                              timeout_setting="Frontend.request_timeout",
                              heartbeat_interval=broker.heartbeat_interval,
+                             heartbeat_misses=broker.heartbeat_misses,
                              report=self.metrics.snapshot, name=name,
                              max_buffered_bytes=settings.max_reply_buffer,
                              receive_hwm=settings.max_queued_messages, curve=broker.curve)
@@ -327,18 +327,27 @@ class Gateway:
         self.exporter = Exporter()
         self.bad_reports = LogLimiter(log)
 
+        self.feed = StatsFeed(self.stats_snapshot, settings.stats_feed_interval,
+                              settings.max_stats_feeds, SERVER_HEADERS)
+
         # path -> (method, handler). A dict lookup: aiohttp's router costs a share of the
-        # gateway's CPU per request that four routes do not need.
-        self.routes = {
-            "/generate": ("POST", self.generate),
+        # gateway's CPU per request that a few routes do not need.
+        users = {"/generate": ("POST", self.generate), "/health": ("GET", self.health)}
+        operators = {
             "/health": ("GET", self.health),
             "/stats": ("GET", self.stats),
+            "/stats/stream": ("GET", self.stats_stream),
             "/metrics": ("GET", self.prometheus),
+            "/dashboard": ("GET", page_handler(SERVER_HEADERS)),
         }
+        # With Frontend.admin_port, the operators' endpoints are on a listener of their own.
+        self.routes = users if settings.admin_port else {**users, **operators}
+        self.admin_routes = operators if settings.admin_port else {}
 
-    def server(self) -> web.Server:
-        """aiohttp's low-level server, with this gateway as its only handler."""
-        return GatewayServer(self.handle, self.settings, request_factory=self._make_request,
+    def server(self, routes: dict | None = None) -> web.Server:
+        """aiohttp's low-level server for `routes` (the /generate listener's by default)."""
+        handler = functools.partial(self.handle, self.routes if routes is None else routes)
+        return GatewayServer(handler, self.settings, request_factory=self._make_request,
                              handler_cancellation=True, access_log=None)
 
     def _make_request(self, message: RawRequestMessage, payload: StreamReader,
@@ -360,13 +369,13 @@ class Gateway:
             reply.cancel(BrokerError(E_GATEWAY_STOPPING,
                                      "the gateway stopped before the reply finished"))
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, routes: dict, request: web.BaseRequest) -> web.StreamResponse:
         if request.version < HttpVersion10:
             return refuse_http09(request)
-        route = self.routes.get(request.path)
+        route = routes.get(request.path)
         if route is None:
             return error_response(HttpError(404, f"no such path {request.path!r}; "
-                                                 "the paths are " + ", ".join(self.routes),
+                                                 "the paths are " + ", ".join(routes),
                                             E_NOT_FOUND))
         method, handler = route
         if request.method != method and not (method == "GET" and request.method == "HEAD"):
@@ -501,10 +510,12 @@ class Gateway:
             raise
         record.first_chunk = time.monotonic()
         record.status, record.policy, record.worker = 200, policy, stream.worker_id or ""
+        reply_format = negotiate(request.headers.get("Accept"))  # plain text, SSE or NDJSON
         response = ReplyResponse(headers={
             "Server": SERVER,
-            "Content-Type": "text/plain; charset=utf-8",
+            "Content-Type": reply_format.content_type,
             "X-Worker-Id": header_value(record.worker),
+            **STREAM_HEADERS,
         })
         if request.version >= (1, 1):
             response.enable_chunked_encoding()
@@ -514,7 +525,7 @@ class Gateway:
             while True:
                 batch = await stream.batch()
                 record.chunks += len(batch)
-                data = b"".join(batch)
+                data = reply_format.encode(batch, stream.complete)
                 del batch  # a client slow to read holds these chunks once, not twice
                 if stream.complete:
                     # The last chunks, the terminating chunk (and, for a reply that
@@ -526,11 +537,14 @@ class Gateway:
             self.metrics.incomplete += 1
             record.error = e.code
             try:
-                await response.write(f"\nerror: {e.code}: {e.message}\n".encode())
+                await response.write(reply_format.error(e.code, e.message))
+                if reply_format.ends_in_band:  # SSE, NDJSON: the error is their end
+                    await response.write_eof()
             except ConnectionResetError:
                 pass  # the client is gone too; there is nobody left to tell
-            # Close without the terminating chunk: the transfer reads as incomplete.
-            if request.transport is not None:
+            if not reply_format.ends_in_band and request.transport is not None:
+                # Plain text has no end of its own: it closes without the terminating
+                # chunk, so that the transfer reads as incomplete.
                 request.transport.close()
         except (asyncio.CancelledError, ConnectionResetError) as e:
             # The HTTP client went away; the caller's cancel() stops the worker's work.
@@ -557,17 +571,15 @@ class Gateway:
     # --- /health and /stats ------------------------------------------------
 
     async def _broker_stats(self) -> dict:
+        """The broker's stats; BrokerError if it does not answer."""
         if not self.client.broker_alive:
-            raise HttpError(503, "the broker is unreachable", p.E_BROKER_UNREACHABLE)
-        try:
-            return await self.client.stats(timeout=2.0)
-        except BrokerError as e:
-            raise HttpError(503, e.message, e.code) from None
+            raise BrokerError(p.E_BROKER_UNREACHABLE, "the broker is unreachable")
+        return await self.client.stats(timeout=2.0)
 
     async def health(self, _: web.BaseRequest) -> web.Response:
         try:
             stats = await self._broker_stats()
-        except HttpError as e:
+        except BrokerError as e:
             return unavailable(e.message, e.code)
         workers = stats["broker"]["workers_ready"]  # the list of workers may be truncated
         if workers:
@@ -576,18 +588,33 @@ class Gateway:
 
     async def stats(self, _: web.BaseRequest) -> web.Response:
         try:
-            stats = await self._broker_stats()
-        except HttpError as e:
-            return error_response(e)
-        summaries = {name: metrics.summary() for name, metrics in self._gateways(stats).items()}
+            stats, _ = await self.stats_snapshot()
+        except BrokerError as e:
+            return error_response(HttpError(503, e.message, e.code))
+        return json_response(stats)
+
+    async def stats_snapshot(self) -> tuple[dict, dict[str, GatewayMetrics]]:
+        """What /stats answers: the broker's stats with every gateway's counters; and
+        those gateways' metrics. BrokerError if the broker does not answer."""
+        stats = await self._broker_stats()
+        gateways = self._gateways(stats)
+        summaries = {name: metrics.summary() for name, metrics in gateways.items()}
         stats["gateways"] = summaries
         stats["gateway"] = total(list(summaries.values()))
-        return json_response(stats)
+        return stats, gateways
+
+    async def stats_stream(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.feed.full:
+            return error_response(HttpError(
+                503, f"the gateway serves its limit of stats feeds (Frontend.max_stats_feeds, "
+                     f"{self.settings.max_stats_feeds}); close one, or retry later",
+                E_TOO_MANY_FEEDS))
+        return await self.feed.stream(request)
 
     async def prometheus(self, _: web.BaseRequest) -> web.Response:
         try:
             broker_stats = await self._broker_stats()
-        except HttpError:
+        except BrokerError:
             broker_stats = None  # the gateway's own metrics are still worth a scrape
         return web.Response(body=self.exporter.render(broker_stats, self._gateways(broker_stats)),
                             headers={"Server": SERVER, "Content-Type": CONTENT_TYPE_LATEST})

@@ -40,8 +40,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from children import free_port, stop_all
-from zroute.processes import start_group
+from children import free_port, start_group, stop_all
 
 HANDLERS = Path(__file__).resolve().with_name("bench_handlers.py")
 ZROUTE = str(Path(sys.executable).with_name("zroute"))

@@ -32,8 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from children import free_port, stop_all
-from zroute.processes import start_group
+from children import free_port, start_group, stop_all
 
 HANDLERS = Path(__file__).resolve().with_name("bench_handlers.py")
 ROOT = HANDLERS.parent.parent

@@ -25,8 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from children import free_port, stop_all
-from zroute.processes import start_group
+from children import free_port, start_group, stop_all
 
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
 

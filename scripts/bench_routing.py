@@ -57,9 +57,8 @@ SCRIPTS = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from children import free_port, stop_all  # noqa: E402
+from children import free_port, start_group, stop_all  # noqa: E402
 from zroute.client import BrokerError, Client  # noqa: E402
-from zroute.processes import start_group  # noqa: E402
 
 SERVICE = "generate"
 HANDLER = "bench_handlers:make_handler"

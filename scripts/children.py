@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-# zroute/processes.py, which zroute serve uses too, needs only the standard library. It is
+# zroute_cli/processes.py, which zroute serve uses too, needs only the standard library. It is
 # read by its path, not imported as part of zroute, so that a benchmark's child process
 # may still import the project from another checkout (scripts/checkouts.py).
-_PROCESSES = runpy.run_path(str(Path(__file__).resolve().parent.parent / "zroute" / "processes.py"))
+_PROCESSES = runpy.run_path(str(Path(__file__).resolve().parent.parent / "zroute_cli" / "processes.py"))
 die_with_parent = _PROCESSES["die_with_parent"]
 start_group = _PROCESSES["start_group"]
 

@@ -28,16 +28,16 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import orjson
 import zmq
 
-from children import free_port, stop_all
+from children import free_port, start_group, stop_all
 from zroute import protocol as p
 from zroute.client import BrokerError, Client, BlockingClient
-from zroute.processes import start_group
 
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
@@ -64,20 +64,27 @@ class Cluster:
         self.first_rss: dict[str, int | None] = {}
         self.restarts = collections.Counter()
         self.retries_before_broker_kills = 0
+        self.log_dir = tempfile.TemporaryDirectory(prefix="zroute-soak-")
+        self.logs: dict[str, Path] = {}  # of the current process of each name
         self.start_broker()
         for i in range(1, workers + 1):
             self.start_worker(f"worker-{i}")
 
-    def _spawn(self, *args: str) -> subprocess.Popen:
-        return start_group([ZROUTE, *args, "--log-level", "warning"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+        """Start a process, logging to a file of its own (a restarted one to a new file)."""
+        log = Path(self.log_dir.name) / f"{name}-{self.restarts[name]}.log"
+        self.logs[name] = log
+        with open(log, "wb") as out:
+            return start_group([ZROUTE, *args, "--log-level", "warning"],
+                               stdout=out, stderr=subprocess.STDOUT)
 
     def start_broker(self) -> None:
-        self.broker = self._spawn("broker", "--frontend", self.frontend, "--backend", self.backend)
+        self.broker = self._spawn("broker", "broker", "--frontend", self.frontend,
+                                  "--backend", self.backend)
 
     def start_worker(self, worker_id: str) -> None:
         self.workers[worker_id] = self._spawn(
-            "worker", "--broker", self.backend, "--id", worker_id,
+            worker_id, "worker", "--broker", self.backend, "--id", worker_id,
             f"--Backend.sleep_time={self.sleep_time}")
 
     def processes(self) -> dict[str, subprocess.Popen]:
@@ -92,8 +99,19 @@ class Cluster:
         proc.wait()
         self.restarts[name] += 1
 
-    def stop(self) -> None:
+    def stop(self) -> list[str]:
+        """Stop every process; what went wrong in the ending of each (the ones killed on
+        purpose were replaced and are not among them): an exit code other than 0, or a
+        traceback in its log."""
         stop_all(self.processes().values(), timeout=15)
+        problems = []
+        for name, proc in self.processes().items():
+            log = self.logs[name].read_text(errors="replace")
+            if proc.returncode != 0 or "Traceback" in log:
+                problems.append(f"{name} exited with code {proc.returncode}; its log ends:\n"
+                                f"{log[-2000:]}")
+        self.log_dir.cleanup()
+        return problems
 
 
 def wait_ready(cluster: Cluster, count: int, timeout: float = 20) -> None:
@@ -354,7 +372,7 @@ def main() -> int:
         rss_end = cluster.record_rss()
         retries = cluster.retries_before_broker_kills + broker_retries(cluster)
     finally:
-        cluster.stop()
+        endings = cluster.stop()
 
     print(f"\nsoak: {elapsed:.0f} s, {args.workers} workers, {args.concurrency} in flight, "
           f"worker kills {sum(v for k, v in cluster.restarts.items() if k != 'broker')}, "
@@ -375,10 +393,12 @@ def main() -> int:
     for name in rss_start:
         note = f"  restarted {cluster.restarts[name]}x" if cluster.restarts[name] else ""
         print(f"    {name:<10} {rss_start[name]} -> {rss_end.get(name)}{note}")
-    ok = outcomes["hung"] == 0 and outcomes["wrong reply"] == 0
+    for problem in endings:
+        print(f"  {problem}")
+    ok = outcomes["hung"] == 0 and outcomes["wrong reply"] == 0 and not endings
     ok = ok and not (args.hostile and failures)
-    print("PASS" if ok else "FAIL: requests hung, replies were wrong, or hostile peers cost "
-                            "the normal load requests")
+    print("PASS" if ok else "FAIL: requests hung, replies were wrong, a process did not end "
+                            "cleanly, or hostile peers cost the normal load requests")
     return 0 if ok else 1
 
 

@@ -30,6 +30,13 @@ async def echo(request: Any) -> AsyncIterator[bytes]:
     yield orjson.dumps(request)
 
 
+async def chunks(request: Any) -> AsyncIterator[str | bytes]:
+    """Yield request["chunks"] one by one, as they are; with "hex": true, each is the
+    hex of the bytes to yield (a character split between two chunks, say)."""
+    for chunk in request["chunks"]:
+        yield bytes.fromhex(chunk) if request.get("hex") else chunk
+
+
 async def hold(request: Any) -> AsyncIterator[str]:
     """Yield "start TEXT" at once, wait request["seconds"] (default 0), yield "done TEXT".
 

@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from scripts.children import free_port, stop_all
+from scripts.children import free_port, start_group, stop_all
 from zroute.client import BlockingClient, BrokerError
 from zroute.curve import PeerKeys
-from zroute.processes import start_group
+
 
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -266,3 +267,8 @@ class Stack:
             for proc in procs:
                 print(f"----- {proc.name} (exit {proc.popen.returncode})\n"
                       f"{proc.output()[-3000:]}")
+
+
+def returned_types(decode: typing.Callable) -> set[type]:
+    """The message types a decoder of zroute.protocol says it returns."""
+    return set(typing.get_args(typing.get_type_hints(decode)["return"]))

@@ -8,7 +8,6 @@ must always hold.
 from __future__ import annotations
 
 import itertools
-import typing
 from collections import Counter
 
 import pytest
@@ -21,6 +20,7 @@ from broker.core import DEADLINE_TICK, READER_SLACK
 from broker.policies import load_policies
 from broker.registry import WorkerInfo
 from tests.broker_memory import MemoryCore
+from tests.support import returned_types
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -82,11 +82,6 @@ EVERY_MESSAGE = [
     p.encode_disconnect(),
     p.encode_drain(),
 ]
-
-
-def returned_types(decode: typing.Callable) -> set[type]:
-    """The message types a decoder says it returns."""
-    return set(typing.get_args(typing.get_type_hints(decode)["return"]))
 
 
 @pytest.mark.parametrize("decode", [p.decode_from_client, p.decode_from_worker])

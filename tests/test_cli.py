@@ -147,3 +147,23 @@ def test_stats_into_a_pipe_closed_early_exits_quietly(stack):
     proc.stdout.close()  # before anything is written: every write fails with EPIPE
     _, stderr = proc.communicate(timeout=20)
     assert (proc.returncode, stderr) == (0, b"")
+
+
+@pytest.mark.timeout(30)
+def test_sigterm_before_a_worker_serves_ends_it_with_code_0(tmp_path):
+    """A process told to stop while it starts (here: importing a slow handler module) has
+    nothing to drain: it ends as it would a moment later, with code 0."""
+    started = tmp_path / "importing"
+    (tmp_path / "slow_start.py").write_text(
+        "import pathlib, time\n"
+        f"pathlib.Path({str(started)!r}).touch()\n"
+        "time.sleep(60)\n"
+        "async def handler(request):\n    yield ''\n")
+    worker = subprocess.Popen([ZROUTE, "worker", "--broker", f"tcp://127.0.0.1:{free_port()}",
+                               "--handler", "slow_start:handler"], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_until(started.exists, 20, "the worker to import its handler module")
+    worker.send_signal(signal.SIGTERM)
+    output, _ = worker.communicate(timeout=10)
+    assert worker.returncode == 0, output.decode()
+    assert b"stopped before serving" in output and b"Traceback" not in output

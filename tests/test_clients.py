@@ -14,7 +14,7 @@ from zroute.client import BlockingClient, BlockingStream, BrokerError, Client
 from zroute.endpoints import endpoint_problem
 from zroute.settings import BackendSettings, BrokerLink
 from tests.handlers import CANCELLED_LINE
-from tests.support import Stack, wait_until
+from tests.support import Stack, returned_types, wait_until
 
 
 def start(stack: Stack, *worker_ids: str) -> None:
@@ -200,3 +200,7 @@ def test_a_worker_checks_its_broker_address_and_takes_any_id():
     assert str(caught.value) == endpoint_problem("localhost:5556")
     assert Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556"), 7,
                   {"generate": None}).worker_id == "7"
+
+
+def test_every_message_the_broker_may_send_a_client_has_a_handler():
+    assert set(Client().message_handlers) == returned_types(p.decode_to_client)

@@ -296,7 +296,8 @@ async def test_rejected_request_gets_its_status_and_a_json_error(shared, case):
 WRONG_ROUTES = {
     # case: (method, path, status, error, code, Allow header)
     "unknown-path": ("GET", "/nope", 404,
-                     "no such path '/nope'; the paths are /generate, /health, /stats, /metrics",
+                     "no such path '/nope'; the paths are /generate, /health, /stats, "
+                     "/stats/stream, /metrics, /dashboard",
                      "not_found", None),
     "get-generate": ("GET", "/generate", 405, "/generate takes POST, not GET",
                      "method_not_allowed", "POST"),
@@ -774,9 +775,11 @@ def test_a_body_that_is_not_json_is_told_what_to_send(shared):
 
 
 def test_the_gateway_takes_the_frontend_section_and_reaches_the_broker_as_clients_do():
-    config = load_config(overrides=["Frontend.max_body=100", "Broker.heartbeat_interval=0.5"])
+    config = load_config(overrides=["Frontend.max_body=100", "Broker.heartbeat_interval=0.5",
+                                    "Broker.heartbeat_misses=7"])
     gateway = Gateway(config.frontend, config.broker.for_clients(), "gateway-7")
     assert gateway.settings.max_body == 100
     client = gateway.client
-    assert (client.address, client.heartbeat_interval, client.name, client.timeout) == (
-        config.broker.frontend, 0.5, "gateway-7", config.frontend.request_timeout)
+    assert (client.address, client.heartbeat_interval, client.heartbeat_misses, client.name,
+            client.timeout) == (config.broker.frontend, 0.5, 7, "gateway-7",
+                                config.frontend.request_timeout)

@@ -67,15 +67,20 @@ def test_the_gateway_serves_https_with_a_certificate(stack: Stack, tmp_path):
     cert, key = self_signed(tmp_path)
     stack.broker()
     stack.worker("w1")
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     gateway = stack.start("gateway", "gateway", "--broker", stack.frontend, "--port", str(port),
+                          f"--Frontend.admin_port={admin_port}",
                           f"--Frontend.tls_cert={cert}", f"--Frontend.tls_key={key}")
-    url = f"https://127.0.0.1:{port}"
+    url, admin = f"https://127.0.0.1:{port}", f"https://127.0.0.1:{admin_port}"
     wait_until(lambda: healthy(url, cert), 15, "the gateway to answer over HTTPS")
-    assert f"gateway listening on {url}" in gateway.output()
+    assert (f"gateway listening on {url}, operators' endpoints on {admin}"
+            in gateway.output())
+    status, stats = https(f"{admin}/stats", cert)  # the operators' listener too
+    assert status == 200 and "broker" in json.loads(stats)
     assert https(f"{url}/generate", cert, json.dumps({"text": SEED_TEXT}).encode()) == \
         (200, SEED_OUTPUT.encode())
-    assert http("GET", f"http://127.0.0.1:{port}/health") is None  # no plaintext HTTP there
+    for plain in (port, admin_port):  # no plaintext HTTP there
+        assert http("GET", f"http://127.0.0.1:{plain}/health") is None
 
 
 @pytest.mark.timeout(60)

@@ -16,7 +16,7 @@ from zroute import protocol as p
 from zroute.client import BlockingClient, BrokerError
 from tests.handlers import CANCELLED_LINE
 from tests.http_support import http, start_gateway, wait_healthy
-from tests.support import Stack, async_wait_until, wait_until
+from tests.support import Stack, async_wait_until, returned_types, wait_until
 from worker.runtime import Worker
 from zroute.settings import BackendSettings, BrokerLink
 
@@ -190,3 +190,8 @@ def test_a_worker_opens_a_new_transport_when_its_broker_falls_silent():
         await serving
 
     asyncio.run(main())
+
+
+def test_every_message_the_broker_may_send_a_worker_has_a_handler():
+    worker = Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1", {"shout": shout})
+    assert set(worker.message_handlers) == returned_types(p.decode_to_worker)

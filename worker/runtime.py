@@ -204,6 +204,15 @@ class Worker:
             BrokerChannel, self.context, self.broker, curve=broker.curve,
             on_refused=self._keys_refused)
         self.tasks: dict[bytes, asyncio.Task] = {}
+        # Each message type the broker may send, and what handles it: a missing one is a
+        # KeyError, never a message mistaken for another.
+        self.message_handlers: dict[type, Callable[[Any], None]] = {
+            p.Request: self._start,
+            p.Cancel: self._cancel,
+            p.Heartbeat: self._on_heartbeat,
+            p.Disconnect: self._on_disconnect,
+            p.Error: self._on_error,
+        }
         self.served = 0
         self._channel: Transport | None = None
         self._connected = False  # the socket's connection is open (it may not be a broker)
@@ -376,25 +385,27 @@ class Worker:
                              "endpoint, Broker.backend?")
             return
         self._answered = True
-        kind = type(msg)
-        if kind is p.Request:
-            self._start(msg)
-        elif kind is p.Cancel:
-            task = self.tasks.get(msg.rid)
-            if task is not None:
-                task.cancel()
-        elif kind is p.Heartbeat:
-            self._backoff = RECONNECT_MIN_S
-        elif kind is p.Disconnect:
-            # The broker does not know us (it restarted): register again, unless leaving.
-            self._abandon_requests()
-            if not self._stopping.is_set():
-                self._register()
-        elif kind is p.Error:
-            log.error("worker %s: the broker refused it: %s", self.worker_id, msg.message)
-            if not msg.rid:  # about the worker itself: its id is taken, it is over a limit...
-                self.refused = msg
-                self.stop()
+        self.message_handlers[type(msg)](msg)
+
+    def _cancel(self, msg: p.Cancel) -> None:
+        task = self.tasks.get(msg.rid)
+        if task is not None:
+            task.cancel()
+
+    def _on_heartbeat(self, _: p.Heartbeat) -> None:
+        self._backoff = RECONNECT_MIN_S
+
+    def _on_disconnect(self, _: p.Disconnect) -> None:
+        # The broker does not know us (it restarted): register again, unless leaving.
+        self._abandon_requests()
+        if not self._stopping.is_set():
+            self._register()
+
+    def _on_error(self, msg: p.Error) -> None:
+        log.error("worker %s: the broker refused it: %s", self.worker_id, msg.message)
+        if not msg.rid:  # about the worker itself: its id is taken, it is over a limit...
+            self.refused = msg
+            self.stop()
 
     async def _until_broker_reads(self) -> None:
         """Backpressure: a handler that yields faster than the broker takes its replies

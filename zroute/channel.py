@@ -1,7 +1,7 @@
 """A DEALER socket driven by the asyncio event loop, without a future per message.
 
 The socket's file descriptor is edge-triggered: it signals when the socket's
-state changes, not while messages wait. So every wake-up drains the socket
+state changes, not while messages wait. So every wake-up reads the socket
 until it is empty, and every send is followed by a check of the socket's
 events, since a send can consume the signal of a message that has arrived.
 """
@@ -20,7 +20,7 @@ from zroute.unreleased import Unreleased
 from zroute.zmqio import (TooManyFrames, readable, recv_frames, send_frames, send_tracked,
                           track_every_message)
 
-DRAIN_BATCH = 500  # messages handled before other tasks get a turn
+READ_BATCH = 500  # messages handled before other tasks get a turn
 BACKLOG_RETRY_S = 0.005  # wait before retrying sends the socket refused (HWM)
 SOCKET_HWM = 100_000
 
@@ -72,8 +72,8 @@ class Channel:
         self._retry_scheduled = False
         self._check_scheduled = False
         self._closed = False
-        self.loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
-        self.loop.call_soon(self._drain)
+        self.loop.add_reader(sock.getsockopt(zmq.FD), self._read_available)
+        self.loop.call_soon(self._read_available)
 
     def send(self, frames: list[bytes]) -> None:
         if self._closed:
@@ -132,14 +132,14 @@ class Channel:
         calls this afterwards."""
         if not self._check_scheduled:
             self._check_scheduled = True
-            self.loop.call_soon(self._drain)
+            self.loop.call_soon(self._read_available)
 
-    def _drain(self) -> None:
+    def _read_available(self) -> None:
         self._check_scheduled = False
         if self._closed:
             return
         sock = self.sock
-        for _ in range(DRAIN_BATCH):
+        for _ in range(READ_BATCH):
             if not readable(sock):
                 return
             try:

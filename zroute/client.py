@@ -76,15 +76,13 @@ def reply_error(msg: p.Error, timeout_setting: str, timeout: float) -> BrokerErr
 
 
 # The one liveness rule of both clients: heartbeat every interval while requests wait,
-# and give up on a broker silent for HEARTBEAT_MISSES intervals, or whose connection closed.
+# and give up on a broker silent for `heartbeat_misses` intervals (Broker.heartbeat_misses),
+# or whose connection closed.
 
-def broker_given_up_at(last_heard: float, heartbeat_interval: float) -> float:
+def broker_given_up_at(last_heard: float, heartbeat_interval: float,
+                       heartbeat_misses: int) -> float:
     """When a broker last heard from at `last_heard` counts as gone."""
-    return last_heard + heartbeat_interval * HEARTBEAT_MISSES
-
-
-def broker_silent(last_heard: float, heartbeat_interval: float) -> bool:
-    return time.monotonic() >= broker_given_up_at(last_heard, heartbeat_interval)
+    return last_heard + heartbeat_interval * heartbeat_misses
 
 
 def silent_broker_error(address: str) -> BrokerError:
@@ -350,6 +348,7 @@ class Client(PolicyShortcuts[Stream]):
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
                  timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 heartbeat_misses: int = HEARTBEAT_MISSES,
                  report: Callable[[], dict] | None = None, name: str = "",
                  context: zmq.Context | None = None,
                  max_buffered_bytes: int = MAX_BUFFERED_BYTES,
@@ -365,6 +364,7 @@ class Client(PolicyShortcuts[Stream]):
         self.name = name or default_name()
         self._report_too_large = LogLimiter(log, interval=60.0)
         self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_misses = heartbeat_misses
         self.context = context or zmq.Context.instance()
         self.replies: dict[bytes, Reply] = {}
         self._stats_waiters: dict[bytes, asyncio.Future] = {}
@@ -376,6 +376,15 @@ class Client(PolicyShortcuts[Stream]):
         self._last_heard = 0.0
         self._boot_id: bytes | None = None
         self.loop: asyncio.AbstractEventLoop
+        # Each message type the broker may send, and what handles it: a missing one is a
+        # KeyError, never a message mistaken for another.
+        self.message_handlers: dict[type, Callable[[Any], None]] = {
+            p.Chunk: self._on_reply,
+            p.End: self._on_reply,
+            p.Error: self._on_error,
+            p.StatsReply: self._on_stats,
+            p.Heartbeat: self._on_heartbeat,
+        }
 
     async def __aenter__(self) -> Client:
         self.connect()
@@ -411,7 +420,9 @@ class Client(PolicyShortcuts[Stream]):
     @property
     def broker_alive(self) -> bool:
         """False once the broker has been silent for several heartbeats."""
-        return not broker_silent(self._last_heard, self.heartbeat_interval)
+        given_up_at = broker_given_up_at(self._last_heard, self.heartbeat_interval,
+                                         self.heartbeat_misses)
+        return time.monotonic() < given_up_at
 
     # --- requests -------------------------------------------------------------
 
@@ -471,24 +482,25 @@ class Client(PolicyShortcuts[Stream]):
             msg = p.decode_to_client(frames)
         except p.ProtocolError:
             return  # not from a zroute broker; nothing to route it to
-        kind = type(msg)
-        if kind is p.Chunk or kind is p.End:
-            reply = self.replies.get(msg.rid)
-            if reply is not None:
-                reply.feed(msg.chunks, msg.worker_id, kind is p.End)
-        elif kind is p.Error:
-            reply = self.replies.get(msg.rid)
-            if reply is not None:
-                reply.finish(reply_error(msg, reply.timeout_setting, reply.timeout))
-            waiter = self._stats_waiters.get(msg.rid)  # wrong_endpoint answers STATS too
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(BrokerError(msg.code, msg.message))
-        elif kind is p.StatsReply:
-            waiter = self._stats_waiters.get(msg.rid)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(msg.stats)
-        else:
-            self._on_heartbeat(msg.boot_id)
+        self.message_handlers[type(msg)](msg)
+
+    def _on_reply(self, msg: p.Chunk | p.End) -> None:
+        reply = self.replies.get(msg.rid)
+        if reply is not None:
+            reply.feed(msg.chunks, msg.worker_id, type(msg) is p.End)
+
+    def _on_error(self, msg: p.Error) -> None:
+        reply = self.replies.get(msg.rid)
+        if reply is not None:
+            reply.finish(reply_error(msg, reply.timeout_setting, reply.timeout))
+        waiter = self._stats_waiters.get(msg.rid)  # wrong_endpoint answers STATS too
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(BrokerError(msg.code, msg.message))
+
+    def _on_stats(self, msg: p.StatsReply) -> None:
+        waiter = self._stats_waiters.get(msg.rid)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(msg.stats)
 
     def _beat(self) -> None:
         """A heartbeat, and the counters' report if this client makes one."""
@@ -518,7 +530,8 @@ class Client(PolicyShortcuts[Stream]):
         self.refused = BrokerError(p.E_AUTH_FAILED, message)
         self._fail_all(self.refused)
 
-    def _on_heartbeat(self, boot_id: bytes) -> None:
+    def _on_heartbeat(self, msg: p.Heartbeat) -> None:
+        boot_id = msg.boot_id
         if self._boot_id is not None and boot_id != self._boot_id:
             self._fail_all(BrokerError(p.E_BROKER_UNREACHABLE,
                                        "the broker restarted during the request"))
@@ -655,7 +668,7 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
     is read; several may be open at once.
 
     While it waits it heartbeats the broker, and gives up on it as the asyncio Client
-    does: after HEARTBEAT_MISSES heartbeats of silence, or when the connection closes.
+    does: after `heartbeat_misses` heartbeats of silence, or when the connection closes.
     A stream left unread while others are read falls behind as in the asyncio Client:
     past `max_buffered_bytes` it is cancelled, and ends with slow_reader. With `curve`
     keys it connects as the asyncio Client does; a broker that refuses them fails its
@@ -665,6 +678,7 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
                  timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 heartbeat_misses: int = HEARTBEAT_MISSES,
                  context: zmq.Context | None = None,
                  max_buffered_bytes: int = MAX_BUFFERED_BYTES,
                  curve: PeerKeys | None = None) -> None:
@@ -673,6 +687,7 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
         self.timeout = timeout
         self.timeout_setting = timeout_setting
         self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_misses = heartbeat_misses
         self.curve = curve
         self.sock = dealer(context or zmq.Context.instance(), address, connect=False,
                            curve=curve)
@@ -810,7 +825,8 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
             now = time.monotonic()
             if now >= deadline:
                 raise expired()
-            given_up_at = broker_given_up_at(self._last_heard, self.heartbeat_interval)
+            given_up_at = broker_given_up_at(self._last_heard, self.heartbeat_interval,
+                                             self.heartbeat_misses)
             if now >= given_up_at:
                 raise silent_broker_error(self.address)
             if now >= self._next_beat:

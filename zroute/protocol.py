@@ -69,6 +69,8 @@ E_AUTH_FAILED = "auth_failed"  # the broker refused the client's keys: raised, n
 
 # "direct" is a routing mode too, but it names its worker instead of a policy choosing one.
 DIRECT = "direct"
+# The policy of a request that names none, and the gateway's (Frontend.routing_mode).
+DEFAULT_POLICY = "round_robin"
 
 MAX_ID_LENGTH = 255  # worker ids, service and policy names
 MAX_TOKEN = 64  # the secret in a worker's READY

@@ -22,7 +22,7 @@ from typing import Any, Callable, TypeVar
 from zroute.curve import PeerKeys
 from zroute.endpoints import endpoint_problem, is_loopback
 from zroute.ports import same_listener, tcp_address
-from zroute.protocol import MAX_BATCH_BYTES
+from zroute.protocol import DEFAULT_POLICY, MAX_BATCH_BYTES
 
 T = TypeVar("T")
 
@@ -142,7 +142,9 @@ class FrontendSettings(Section):
     class ServiceArgs(Section):
         workers: int = setting(1, ge=1)
 
-    routing_mode: str = "round_robin"  # validated by the router
+    # A policy the broker loaded (zroute_cli/broker.py checks it at start): built-in,
+    # or module:Class.
+    routing_mode: str = DEFAULT_POLICY
     host: str = setting("127.0.0.1", clean=unbracketed)
     port: int = setting(8000, ge=1, le=65535)
     max_body: int = setting(1048576, ge=1)
@@ -157,12 +159,29 @@ class FrontendSettings(Section):
     max_buffered_bytes: int = setting(32 << 20, ge=1)  # request bodies at once
     max_reply_buffer: int = setting(256 << 10, ge=1)  # per stream, ahead of its client
     max_queued_messages: int = setting(1000, ge=1)  # from the broker, not yet handled
+    # The operators' endpoints (/stats, /stats/stream, /metrics, /dashboard) on a listener
+    # of their own, so that /generate can be opened to users without them; port 0: they
+    # are served on Frontend.port, with /generate.
+    admin_host: str = setting("127.0.0.1", clean=unbracketed)
+    admin_port: int = setting(0, ge=0, le=65535)
+    stats_feed_interval: float = setting(1.0, ge=0.1, le=60)  # between /stats/stream events
+    max_stats_feeds: int = setting(32, ge=1)  # /stats/stream connections at once
     # The gateway's CURVE key pair (`zroute keys client NAME`); `zroute stats` uses it too.
     curve_key: str = setting("", check=file_problem)
-    # HTTPS: a PEM certificate (chain) and its private key; both or neither.
+    # HTTPS on both listeners: a PEM certificate (chain) and its private key; both or
+    # neither.
     tls_cert: str = setting("", check=file_problem)
     tls_key: str = setting("", check=file_problem)
     service_args: ServiceArgs = section(ServiceArgs, "ServiceArgs")
+
+    def admin_clash(self) -> str | None:
+        """Why the operators' listener cannot be apart from the users', if it cannot."""
+        if not self.admin_port or not same_listener((self.host, self.port),
+                                                    (self.admin_host, self.admin_port)):
+            return None
+        return (f"Frontend.admin_port ({self.admin_port}) is Frontend.port: give the "
+                "operators' endpoints a port of their own, or 0 to serve them on "
+                "Frontend.port with /generate")
 
     def tls_problem(self) -> str | None:
         """Why the TLS settings cannot be used as they are, if they cannot."""

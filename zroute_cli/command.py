@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Callable, Mapping, NoReturn, Sequence
 
@@ -131,6 +132,16 @@ def unknown_argument(parser: argparse.ArgumentParser, unknown: Sequence[str]) ->
     return f"unrecognized argument {arg!r}: {hint}"
 
 
+class StopBeforeServing(BaseException):
+    """SIGTERM before the command has set its own way to stop: there is nothing to drain
+    yet. (A BaseException, as KeyboardInterrupt is, so that no `except Exception` on the
+    way, around a user's module say, takes it for an error.)"""
+
+
+def _stop_before_serving(signum: int, frame: object) -> None:
+    raise StopBeforeServing
+
+
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse, set up logging, run `args.run(args, overrides)`.
 
@@ -143,8 +154,14 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
         args.command_parser.error(unknown_argument(args.command_parser, unknown))
     setup_logging(args.log_name or getattr(args, "worker_id", None) or args.process_name,
                   args.log_level, args.log_format)
+    # Until the command installs its own handler (a component, once it is ready to drain),
+    # SIGTERM ends it with exit code 0, as it would a moment later, not with the signal.
+    signal.signal(signal.SIGTERM, _stop_before_serving)
     try:
         return args.run(args, overrides)
+    except StopBeforeServing:
+        log.info("stopped before serving")
+        return 0
     except (ConfigError, LoadError, CurveError) as e:
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 2

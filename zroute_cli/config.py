@@ -271,6 +271,9 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
     clash = config.broker.endpoint_clash()
     if clash:
         raise EndpointClash(clash)
+    clash = config.frontend.admin_clash()
+    if clash:
+        raise ConfigError(clash)
     return config
 
 

@@ -33,7 +33,8 @@ MAX_DEFAULT_CONNECTIONS = 10_000
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Run the HTTP gateway: POST /generate, GET /health, /stats, /metrics."
+    parser.description = ("Run the HTTP gateway: POST /generate, GET /health, /stats, "
+                          "/stats/stream, /metrics, /dashboard.")
     parser.add_argument("--broker", metavar="ADDR",
                         help="the broker's client-facing endpoint (default: Broker.frontend)")
     parser.add_argument("--host", help="address to listen on (default: Frontend.host)")
@@ -108,23 +109,30 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
                 reuse_port: bool = False, tls: ssl.SSLContext | None = None) -> None:
     """Serve until SIGINT or SIGTERM; then stop accepting, let the requests in flight
     finish for up to `drain_timeout` seconds (a second signal: none), and cut the rest
-    with an error line."""
+    with an error line. With Frontend.admin_port, the operators' endpoints are served
+    there. With `tls`, both listeners serve HTTPS only."""
     await gateway.start()
-    runner = web.ServerRunner(gateway.server(), shutdown_timeout=drain_timeout + CUT_GRACE_S)
-    await runner.setup()
+    settings = gateway.settings
+    listeners = [(gateway.server(), host, port)]
+    if gateway.admin_routes:
+        listeners.append((gateway.server(gateway.admin_routes), settings.admin_host,
+                          settings.admin_port))
+    runners = []
     loop = asyncio.get_running_loop()
     cut = None
     try:
-        try:
-            await web.TCPSite(runner, host, port, reuse_port=reuse_port,
-                              ssl_context=tls).start()
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise PortInUse(in_use_message(port)) from None
-            raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-        log.info("gateway listening on %s, broker %s, at most %d connections",
-                 http_url(host, port, tls is not None), gateway.broker.endpoint,
-                 gateway.settings.max_connections)
+        for server, listen_host, listen_port in listeners:
+            runner = web.ServerRunner(server, shutdown_timeout=drain_timeout + CUT_GRACE_S)
+            runners.append(runner)
+            await runner.setup()
+            await listen(runner, listen_host, listen_port, reuse_port, tls)
+        secure = tls is not None
+        admin = (f", operators' endpoints on "
+                 f"{http_url(settings.admin_host, settings.admin_port, secure)}"
+                 if gateway.admin_routes else "")
+        log.info("gateway listening on %s%s, broker %s, at most %d connections",
+                 http_url(host, port, secure), admin, gateway.broker.endpoint,
+                 settings.max_connections)
         stop = asyncio.Event()
 
         def on_signal() -> None:
@@ -137,12 +145,24 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
         await stop.wait()
         log.info("gateway stopping: %d request(s) in flight; waiting up to %g s "
                  "(Ctrl-C again to cut them now)", gateway.metrics.inflight, drain_timeout)
+        gateway.feed.close()  # a feed never ends by itself: nothing to wait for
         cut = loop.call_later(drain_timeout, gateway.cut_streams)
     finally:
-        await runner.cleanup()  # stops accepting, then waits for the requests in flight
+        # Each stops accepting, then waits for its requests in flight.
+        await asyncio.gather(*(runner.cleanup() for runner in runners))
         if cut is not None:
             cut.cancel()
         await gateway.stop()
+
+
+async def listen(runner: web.ServerRunner, host: str, port: int, reuse_port: bool,
+                 tls: ssl.SSLContext | None) -> None:
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port, ssl_context=tls).start()
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUse(in_use_message(port)) from None
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":  # how serve starts it: only this component is imported

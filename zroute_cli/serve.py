@@ -31,7 +31,7 @@ from zroute_cli.command import add_common_options, flag_overrides, load
 from zroute.settings import Config, FrontendSettings
 from zroute_cli.config import ConfigError
 from zroute.ports import Address, same_listener, tcp_address
-from zroute.processes import start_group
+from zroute_cli.processes import start_group
 from zroute_cli.ports import (PortInUse, check_free, free_port_from, held_by_running_zroute,
                               is_free, local_url, mark_stopping, unresolvable)
 
@@ -215,39 +215,52 @@ def build_supervisor(config: Config, args: argparse.Namespace, overrides: list[s
                                               "--id", f"worker-{i}"), [],
                      config.backend.drain_timeout + STOP_MARGIN_S)
                for i in range(1, config.backend.service_args.workers + 1)]
-    # The gateways of this stack share the port; no other process may.
+    # The gateways of this stack share their ports; no other process may.
+    ports = [address for key, (_, address) in listeners(config).items()
+             if key in GATEWAY_LISTENERS]
     gateways = [Child(f"gateway-{i}", child_args("gateway", f"gateway-{i}", args, overrides,
                                                 "--reuse-port"),
-                      [(frontend.host, frontend.port)], frontend.drain_timeout + STOP_MARGIN_S)
+                      ports, frontend.drain_timeout + STOP_MARGIN_S)
                 for i in range(1, frontend.service_args.workers + 1)]
     return Supervisor([broker, workers, gateways])
 
 
+# The gateways' listeners, by the key of their port, and the key of their host.
+GATEWAY_LISTENERS = {"Frontend.port": "Frontend.host", "Frontend.admin_port": "Frontend.admin_host"}
+
+
 def listeners(config: Config) -> dict[str, tuple[str, Address]]:
-    """What serve listens on over tcp, by key: the HTTP port and the broker's endpoints,
-    each as it is written and as (host, port)."""
-    http = (config.frontend.host, config.frontend.port)
+    """What serve listens on over tcp, by key: the HTTP port (and the operators', if it
+    has one of its own) and the broker's endpoints, each as it is written and as
+    (host, port)."""
+    frontend = config.frontend
+    ports = {"Frontend.port": (frontend.host, frontend.port)}
+    if frontend.admin_port:
+        ports["Frontend.admin_port"] = (frontend.admin_host, frontend.admin_port)
     endpoints = {"Broker.frontend": config.broker.frontend, "Broker.backend": config.broker.backend}
     broker = {key: (endpoint, address) for key, endpoint in endpoints.items()
               if (address := tcp_address(endpoint)) is not None}
-    return {"Frontend.port": (f"{http[0]}:{http[1]}", http), **broker}
+    return {**{key: (f"{host}:{port}", (host, port)) for key, (host, port) in ports.items()},
+            **broker}
 
 
 def check_addresses(config: Config, host_key: str) -> None:
-    """Before anything starts: every host to listen on resolves, and the HTTP port is not
-    one of the broker's (each would be taken twice). `host_key` is how the user set the
+    """Before anything starts: every host to listen on resolves, and no HTTP port is one
+    of the broker's (each would be taken twice). `host_key` is how the user set the
     HTTP host: --host or Frontend.host."""
-    http = (config.frontend.host, config.frontend.port)
-    for key, (endpoint, (host, port)) in listeners(config).items():
+    found = listeners(config)
+    gateway = {key: address for key, (_, address) in found.items() if key in GATEWAY_LISTENERS}
+    for key, (endpoint, (host, port)) in found.items():
         problem = unresolvable(host)
         if problem:
-            where = host_key if key == "Frontend.port" else key
+            where = host_key if key == "Frontend.port" else GATEWAY_LISTENERS.get(key, key)
             raise ConfigError(f"{where}: the host {host!r} does not resolve ({problem}): give "
                               "an IP address such as 127.0.0.1, ::1 or 0.0.0.0, or a name "
                               "this machine resolves")
-        if key != "Frontend.port" and same_listener(http, (host, port)):
-            raise ConfigError(f"Frontend.port ({http[1]}) and {key} ({endpoint}) are the same "
-                              "port: the gateway and the broker each need their own")
+        for http_key, http in gateway.items():
+            if key not in GATEWAY_LISTENERS and same_listener(http, (host, port)):
+                raise ConfigError(f"{http_key} ({http[1]}) and {key} ({endpoint}) are the same "
+                                  "port: the gateway and the broker each need their own")
 
 
 def _second_stack_hint(config: Config, port: int | None) -> str:
@@ -264,6 +277,7 @@ def _second_stack_hint(config: Config, port: int | None) -> str:
             return ""
         chosen.add(free)
         flags.append(f"--port {free}" if key == "Frontend.port"
+                     else f"--{key}={free}" if key in GATEWAY_LISTENERS
                      else f"--{key}={endpoint.rpartition(':')[0]}:{free}")
     return f"; to run a second stack, give it other ports too: {' '.join(flags)}"
 
@@ -313,7 +327,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     mark_stopping()
     # A second Ctrl-C that came while serve still slept in its loop counts too.
     signals_so_far = min(len(stop_requested), 1)
-    in_flight = _in_flight(base)
+    in_flight = _in_flight(operators_url(config))
     if in_flight:
         log.info("stopping: gateways, then workers, then the broker; %d request(s) in flight; "
                  "waiting up to %g s (Ctrl-C again to stop at once)", in_flight,
@@ -367,10 +381,21 @@ def _wait_ready(supervisor: Supervisor, url: str, stop_requested: list) -> bool:
     return False
 
 
+def operators_url(config: Config) -> str:
+    """Where /stats and /dashboard are: Frontend.admin_port's listener, if it has one."""
+    frontend = config.frontend
+    tls = bool(frontend.tls_cert)
+    if frontend.admin_port:
+        return local_url(frontend.admin_host, frontend.admin_port, tls)
+    return local_url(frontend.host, frontend.port, tls)
+
+
 def _announce(base: str, config: Config) -> None:
     backend = config.backend
+    operators = operators_url(config)
     print(f"\nzroute is serving on {base} ({backend.service_args.workers} worker(s), "
           f"greeting {backend.greeting!r}, routing {config.frontend.routing_mode})\n"
           f"Try:\n  curl -X POST {base}/generate -H 'Content-Type: application/json' "
           "-d '{\"text\": \"world,universe,galaxy\"}'\n"
-          f"  curl {base}/stats\n", flush=True)
+          f"  curl {operators}/stats    # or open {operators}/dashboard in a browser\n",
+          flush=True)

@@ -50,7 +50,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
                                     "Frontend.curve_key": args.key})
     keys = peer_keys(config.frontend.curve_key,
                      "--key" if args.key else "Frontend.curve_key", config.broker)
-    with BlockingClient(config.broker.frontend, curve=keys) as client:
+    broker = config.broker.for_clients(keys)
+    with BlockingClient(broker.endpoint, heartbeat_interval=broker.heartbeat_interval,
+                        heartbeat_misses=broker.heartbeat_misses, curve=broker.curve) as client:
         if args.watch:
             return watch(client, min(args.timeout, REFRESH_S))
         try:
