@@ -144,7 +144,7 @@ def test_an_allowlist_change_holds_without_a_restart(secure_stack, keys):
     make_keys(keys, ("worker", "late"))  # after the broker started
     wait_until(lambda: "accepting 2 worker key(s)" in broker.output(), 10,
                "the broker to read its allowlist again")  # once a second
-    stack.worker("late", *peer_args(keys, "late"))
+    late = stack.worker("late", *peer_args(keys, "late"))
     stack.wait_workers("late")
 
     (keys / "workers" / "late.key").unlink()
@@ -156,6 +156,12 @@ def test_an_allowlist_change_holds_without_a_restart(secure_stack, keys):
     with BlockingClient(stack.frontend, curve=peer_keys(keys, "gateway")) as client:
         stream = client.direct("generate", "x", "late")
         assert stream.read() == b"Hello x!\n" and stream.worker_id == "late"
+    # A broker restart cuts it: the worker's next connection is refused, and it stops.
+    broker.stop()
+    late.expect(2)
+    stack.broker(*broker_args(keys))
+    late.wait(15)
+    assert "refused this process's CURVE key" in late.output()
 
 
 @pytest.mark.timeout(30)

@@ -73,8 +73,9 @@ def watch(client: BlockingClient, timeout: float) -> int:
             began = time.monotonic()
             try:
                 screen = render(client.stats(timeout))
-            except BrokerError:
-                screen = f"broker unreachable at {client.address} (retrying)"
+            except BrokerError as e:
+                screen = (e.message if e.code == p.E_AUTH_FAILED
+                          else f"broker unreachable at {client.address}") + " (retrying)"
             print(CLEAR_SCREEN + screen, flush=True)
             time.sleep(max(0.0, REFRESH_S - (time.monotonic() - began)))
     except KeyboardInterrupt:
