@@ -158,8 +158,10 @@ class BrokerCore:
         self.totals = dict.fromkeys(
             ("requests", "completed", "failed", "cancelled", "chunks", "errors", "retries",
              "timeouts", "evictions", "queued", "rejected_frames", "oversized_messages",
-             "id_changes", "clients_gone", "reports_refused", "auth_failures"), 0)
+             "id_changes", "clients_gone", "reports_refused", "auth_failures",
+             "handshake_failures"), 0)
         self.auth_failures_by_role = dict.fromkeys((WORKERS, CLIENTS), 0)
+        self.handshake_failures_by_role = dict.fromkeys((WORKERS, CLIENTS), 0)
         self.queue_wait_total = 0.0
         self.drops = LogLimiter(log)
         self.asked_to_register = PeerLimiter(settings.heartbeat_interval)
@@ -361,6 +363,15 @@ class BrokerCore:
             f"refused a {role.removesuffix('s')} at {address or 'an unknown address'}: its "
             f"public key {key} is not in Broker.{setting} ({self.settings.allowlist(role)})"),
             address.encode())
+
+    def handshake_failed(self, role: str, problem: str) -> None:
+        """A peer's CURVE handshake with the socket of `role` failed before its key could
+        be judged: `problem` says what it lacks. Counted, and logged (rate-limited)."""
+        self.totals["handshake_failures"] += 1
+        self.handshake_failures_by_role[role] += 1
+        endpoint = "backend" if role == WORKERS else "frontend"
+        self.drops.warn("handshake failed", f"a {role.removesuffix('s')} failed its CURVE "
+                        f"handshake with Broker.{endpoint}: {problem}", role.encode())
 
     # --- peers on the wrong socket -------------------------------------------
 
@@ -884,6 +895,7 @@ class BrokerCore:
                 "queue_depth": queue_depth,
                 "queue_depth_by_service": queued_now,
                 "auth_failures_by_role": dict(self.auth_failures_by_role),
+                "handshake_failures_by_role": dict(self.handshake_failures_by_role),
                 "queue_wait_s_total": round(self.queue_wait_total, 6),
                 "body_bytes": self.body_bytes,
                 "reply_bytes": self.reply_bytes.total,

@@ -14,6 +14,7 @@ import time
 from typing import Mapping
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from zroute import protocol as p
 from broker.auth import BrokerAuth
@@ -34,6 +35,13 @@ READ_BYTES = 8 << 20
 SOCKET_HWM = 10_000  # messages queued per peer; past that a send fails and its request ends
 POLL_MS = 50  # the loop wakes at least this often for timers and stop()
 RELOAD_KEYS_S = 1.0  # how often the allowlists' directories are looked at for changes
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+# What a failed CURVE handshake says of the peer (libzmq's monitor gives no address).
+HANDSHAKE_PROBLEMS = {
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "it has no CURVE keys",
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "the public key it has for the broker is not "
+                                           "the broker's",
+}
 
 
 def _unreachable(error: zmq.ZMQError) -> bool:
@@ -71,8 +79,13 @@ class Broker:
             raise
         track_every_message(self.frontend)
         # Tells when a client's connection closes, so that its replies are not delivered
-        # to the next peer that connects under its routing id.
-        self.client_disconnects = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # to the next peer that connects under its routing id; and, with CURVE, of the
+        # handshakes that failed before the ZAP handler had a key to judge.
+        curve_events = HANDSHAKE_FAILED if self.auth is not None else 0
+        self.client_disconnects = self.frontend.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | curve_events)
+        self.worker_handshakes = (self.backend.get_monitor_socket(curve_events)
+                                  if curve_events else None)
         self.core = BrokerCore(settings, self, time.monotonic(), policies)
         self._readers = {self.frontend: (self.core.on_client, self.core.client_oversized),
                          self.backend: (self.core.on_worker, self.core.worker_oversized)}
@@ -112,6 +125,8 @@ class Broker:
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(self.client_disconnects, zmq.POLLIN)
+        if self.worker_handshakes is not None:
+            poller.register(self.worker_handshakes, zmq.POLLIN)
         log.info("broker serving clients on %s, workers on %s%s",
                  self.settings.frontend, self.settings.backend,
                  ", with CURVE" if self.auth is not None else "")
@@ -119,6 +134,8 @@ class Broker:
             for sock, _ in poller.poll(POLL_MS):
                 if sock is self.client_disconnects:
                     self._on_client_disconnects()
+                elif sock is self.worker_handshakes:
+                    self._take_handshake_failures(sock, WORKERS)
                 else:
                     self._read(sock)
             now = time.monotonic()
@@ -138,6 +155,9 @@ class Broker:
         self._flush(now)
         self.frontend.disable_monitor()
         self.client_disconnects.close()
+        if self.worker_handshakes is not None:
+            self.backend.disable_monitor()
+            self.worker_handshakes.close()
         self.frontend.close()
         self.backend.close()
         if self.auth is not None:
@@ -179,9 +199,17 @@ class Broker:
                 handle(peer, message, now)
 
     def _on_client_disconnects(self) -> None:
-        while self.client_disconnects.poll(0):
-            self.client_disconnects.recv_multipart()
+        self._take_handshake_failures(self.client_disconnects, CLIENTS)
         self.core.clients_disconnected(time.monotonic())
+
+    def _take_handshake_failures(self, monitor: zmq.Socket, role: str) -> None:
+        """Read a socket's monitor empty, and tell the core of each handshake that
+        failed (a failed handshake's closing comes with it: a disconnection too)."""
+        while monitor.poll(0):
+            event = parse_monitor_message(monitor.recv_multipart())
+            if event["event"] == HANDSHAKE_FAILED:
+                self.core.handshake_failed(role, HANDSHAKE_PROBLEMS.get(
+                    event["value"], "it does not speak ZMTP with CURVE as the broker does"))
 
     # --- sending -------------------------------------------------------------
 

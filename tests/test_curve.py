@@ -125,16 +125,31 @@ def test_each_socket_takes_the_keys_of_its_allowlist_only(secure_stack, keys, tm
         with pytest.raises(BrokerError) as error:
             client.stats(timeout=5)
     assert error.value.code == p.E_AUTH_FAILED and refused in error.value.message
+    # Handshakes that fail before a key can be judged: without keys, or with a key for the
+    # broker that is not the broker's.
     plaintext = refused_worker(stack, "plaintext")
     assert "the broker asks for CURVE keys and this process has none" in plaintext
+    mine = peer_keys(keys, "gateway")
+    wrong_broker = PeerKeys(mine.public, mine.secret, peer_keys(elsewhere, "stranger").broker)
+    with BlockingClient(stack.frontend, curve=wrong_broker) as client:
+        with pytest.raises(BrokerError) as error:
+            client.stats(timeout=5)
+    assert error.value.code == p.E_AUTH_FAILED
+    assert "is Broker.curve_public_key the broker's public key?" in error.value.message
 
     stats = stack.wait_stats(lambda s: s["broker"]["auth_failures"] == 3, 10, "3 refusals")
     assert stats["broker"]["auth_failures_by_role"] == {"workers": 2, "clients": 1}
+    handshakes = stats["broker"]["handshake_failures_by_role"]
+    assert handshakes["workers"] >= 1 and handshakes["clients"] >= 1, handshakes
     assert set(workers_by_id(stats)) == {"w1"}  # none of them ever registered
     stranger_key = stranger.split('public-key = "')[1].split('"')[0]
     broker_log = stack.procs[0].output()
     assert (f"refused a worker at 127.0.0.1: its public key {stranger_key} is not in "
             f"Broker.curve_workers_dir ({keys}/workers)") in broker_log
+    assert ("a worker failed its CURVE handshake with Broker.backend: it has no CURVE keys"
+            in broker_log)
+    assert ("a client failed its CURVE handshake with Broker.frontend: the public key it has "
+            "for the broker is not the broker's") in broker_log
 
 
 @pytest.mark.timeout(60)
