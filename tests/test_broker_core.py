@@ -309,6 +309,33 @@ def test_only_requests_that_can_go_pass_a_direct_request_waiting_for_its_busy_wo
     assert queued(memory) == [b"also-w1"]
 
 
+@pytest.mark.parametrize("target_is, code, message", [
+    ("busy", p.E_QUEUE_FULL, "every worker of 'generate' is busy (waited "
+                             "Broker.queue_timeout: 1 s)"),
+    ("draining", p.E_NO_SUCH_WORKER, "worker 'w1' is gone"),
+    ("evicted", p.E_NO_SUCH_WORKER, "worker 'w1' is gone")])
+def test_a_direct_request_that_waited_too_long_says_whether_its_worker_is_there(
+        target_is, code, message):
+    memory = MemoryCore(QUIET, "Broker.queue_timeout=1")
+    w1 = memory.register("w1", capacity=1)
+    memory.register("w2")
+    memory.request(b"c0", b"busy", policy=p.DIRECT, target="w1")
+    memory.request(b"c", b"r1", policy=p.DIRECT, target="w1")
+    if target_is == "draining":
+        memory.from_worker(w1, p.encode_drain())
+    elif target_is == "evicted":
+        memory.from_worker(w1, p.encode_disconnect())
+    memory.tick(START + 1)
+    assert memory.to_client(b"c") == [p.Error(b"r1", code, message)]
+
+
+def test_a_direct_request_for_a_busy_worker_is_refused_when_the_queue_is_full():
+    memory, _ = busy_worker("Broker.max_queue=0")
+    memory.request(b"c1", b"r1", policy=p.DIRECT, target="w1")
+    assert errors(memory, b"c1") == {b"r1": p.E_QUEUE_FULL}
+    assert list(memory.core.requests) == [p.request_token(b"c0", b"busy")]
+
+
 # --- liveness -----------------------------------------------------------------------------
 
 
