@@ -804,13 +804,13 @@ class BrokerCore:
             if not rate.update(now, service in self.queues):
                 del self.drain_rates[service]  # services named by clients must not pile up
 
-    def _fail_unavailable(self, req: HeldRequest, detail: str, wait: float = 0.0) -> None:
+    def _fail_unavailable(self, req: HeldRequest, detail: str, wait: float) -> None:
         if req.policy == DIRECT:
             target = self.registry.by_id.get(req.target)
             if target is None or target.state != WORKER_READY:
                 self._fail(req, p.E_NO_SUCH_WORKER, f"worker {req.target!r} is gone")
                 return
-        elif not self.registry.serving(req.service):
+        if not self.registry.serving(req.service):
             self._fail(req, p.E_NO_WORKERS, f"no worker serves {req.service!r} ({detail})")
         else:
             message = f"every worker of {req.service!r} is busy ({detail})"
