@@ -31,6 +31,12 @@ READ_FRAMES = 20_000
 READ_BYTES = 8 << 20
 SOCKET_HWM = 10_000  # messages queued per peer; past that a send fails and its request ends
 POLL_MS = 50  # the loop wakes at least this often for timers and stop()
+# libzmq may report a client's connection closed a moment before its ROUTER lets go of
+# the connection: until then the client does not count as gone. So after a disconnection
+# the broker asks again, every RECHECK_GONE_S for RECHECK_GONE_FOR_S, rather than wait for
+# an event that will not come while a new peer could take the routing id.
+RECHECK_GONE_S = 0.05
+RECHECK_GONE_FOR_S = 1.0
 
 
 def _unreachable(error: zmq.ZMQError) -> bool:
@@ -58,6 +64,7 @@ class Broker:
         # Tells when a client's connection closes, so that its replies are not delivered
         # to the next peer that connects under its routing id.
         self.client_disconnects = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._recheck_gone_until = self._next_gone_check = 0.0
         self.core = BrokerCore(settings, self, time.monotonic(), policies)
         self._readers = {self.frontend: (self.core.on_client, self.core.client_oversized),
                          self.backend: (self.core.on_worker, self.core.worker_oversized)}
@@ -87,6 +94,7 @@ class Broker:
                 else:
                     self._read(sock)
             now = time.monotonic()
+            self._recheck_gone_clients(now)
             self.core.on_tick(now)
             self._flush(now)
         self._shutdown()
@@ -134,7 +142,15 @@ class Broker:
     def _on_client_disconnects(self) -> None:
         while self.client_disconnects.poll(0):
             self.client_disconnects.recv_multipart()
-        self.core.clients_disconnected(time.monotonic())
+        now = time.monotonic()
+        self.core.clients_disconnected(now)
+        self._recheck_gone_until = now + RECHECK_GONE_FOR_S
+        self._next_gone_check = now + RECHECK_GONE_S
+
+    def _recheck_gone_clients(self, now: float) -> None:
+        if now < self._recheck_gone_until and now >= self._next_gone_check:
+            self._next_gone_check = now + RECHECK_GONE_S
+            self.core.clients_disconnected(now)
 
     # --- sending -------------------------------------------------------------
 
