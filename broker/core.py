@@ -15,7 +15,6 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-import os
 from collections import deque
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -123,13 +122,15 @@ def count_down(counts: dict[bytes, int], key: bytes, by: int = 1) -> None:
 class BrokerCore:
     """Routes requests from clients to workers and streams the replies back.
 
-    `settings` is the `Broker` section of the configuration (zroute.config).
+    `settings` is the `Broker` section of the configuration (zroute/settings.py).
     `policies` are those that requests may name (default: the built-in ones);
-    "direct" is always valid besides them. `now` is the time it starts.
+    "direct" is always valid besides them. `now` is the time it starts, and `boot_id`
+    names this run of the broker in its heartbeats (a client that sees it change knows
+    the broker restarted).
     """
 
     def __init__(self, settings: BrokerSettings, connections: Connections, now: float,
-                 policies: Mapping[str, Policy] | None = None) -> None:
+                 boot_id: bytes, policies: Mapping[str, Policy] | None = None) -> None:
         self.settings = settings
         self.connections = connections
         self.now = now  # the time of the event being handled
@@ -153,14 +154,14 @@ class BrokerCore:
         # Deadlines in buckets, so that a finished request is forgotten at once.
         self.deadlines: dict[int, set[bytes]] = {}
         self._checked_tick = int(now / DEADLINE_TICK)
-        self.boot_id = os.urandom(8)
+        self.boot_id = boot_id
         self.started = now
         self.totals = dict.fromkeys(
             ("requests", "completed", "failed", "cancelled", "chunks", "errors", "retries",
              "timeouts", "evictions", "queued", "rejected_frames", "oversized_messages",
              "id_changes", "clients_gone", "reports_refused"), 0)
         self.queue_wait_total = 0.0
-        self.drops = LogLimiter(log)
+        self.drops = LogLimiter(log, clock=lambda: self.now)
         self.asked_to_register = PeerLimiter(settings.heartbeat_interval)
         self.told_wrong_endpoint = PeerLimiter(1.0, WRONG_ENDPOINT_ANSWERS)
         self.told_bad_ready = PeerLimiter(1.0, WRONG_ENDPOINT_ANSWERS)

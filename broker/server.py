@@ -10,6 +10,7 @@ is full, or that has gone, is reported to the core, which fails its requests onl
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Mapping
 
@@ -65,7 +66,7 @@ class Broker:
         # to the next peer that connects under its routing id.
         self.client_disconnects = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._recheck_gone_until = self._next_gone_check = 0.0
-        self.core = BrokerCore(settings, self, time.monotonic(), policies)
+        self.core = BrokerCore(settings, self, time.monotonic(), os.urandom(8), policies)
         self._readers = {self.frontend: (self.core.on_client, self.core.client_oversized),
                          self.backend: (self.core.on_worker, self.core.worker_oversized)}
 
