@@ -15,7 +15,6 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-import os
 from collections import deque
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -123,13 +122,15 @@ def count_down(counts: dict[bytes, int], key: bytes, by: int = 1) -> None:
 class BrokerCore:
     """Routes requests from clients to workers and streams the replies back.
 
-    `settings` is the `Broker` section of the configuration (zroute.config).
+    `settings` is the `Broker` section of the configuration (zroute/settings.py).
     `policies` are those that requests may name (default: the built-in ones);
-    "direct" is always valid besides them. `now` is the time it starts.
+    "direct" is always valid besides them. `now` is the time it starts, and `boot_id`
+    names this run of the broker in its heartbeats (a client that sees it change knows
+    the broker restarted).
     """
 
     def __init__(self, settings: BrokerSettings, connections: Connections, now: float,
-                 policies: Mapping[str, Policy] | None = None) -> None:
+                 boot_id: bytes, policies: Mapping[str, Policy] | None = None) -> None:
         self.settings = settings
         self.connections = connections
         self.now = now  # the time of the event being handled
@@ -153,7 +154,7 @@ class BrokerCore:
         # Deadlines in buckets, so that a finished request is forgotten at once.
         self.deadlines: dict[int, set[bytes]] = {}
         self._checked_tick = int(now / DEADLINE_TICK)
-        self.boot_id = os.urandom(8)
+        self.boot_id = boot_id
         self.started = now
         self.totals = dict.fromkeys(
             ("requests", "completed", "failed", "cancelled", "chunks", "errors", "retries",
@@ -163,7 +164,7 @@ class BrokerCore:
         self.auth_failures_by_role = dict.fromkeys((WORKERS, CLIENTS), 0)
         self.handshake_failures_by_role = dict.fromkeys((WORKERS, CLIENTS), 0)
         self.queue_wait_total = 0.0
-        self.drops = LogLimiter(log)
+        self.drops = LogLimiter(log, clock=lambda: self.now)
         self.asked_to_register = PeerLimiter(settings.heartbeat_interval)
         self.told_wrong_endpoint = PeerLimiter(1.0, WRONG_ENDPOINT_ANSWERS)
         self.told_bad_ready = PeerLimiter(1.0, WRONG_ENDPOINT_ANSWERS)
@@ -352,10 +353,11 @@ class BrokerCore:
         problem = self._oversized(worker.peer, most)
         self._fail(req, p.E_LIMIT, f"worker {worker.worker_id!r} replied with {problem}")
 
-    def peer_refused(self, role: str, address: str, key: str) -> None:
+    def peer_refused(self, role: str, address: str, key: str, now: float) -> None:
         """A peer that CURVE kept out of the socket of `role` (WORKERS or CLIENTS): its
         key is not in that socket's allowlist. Counted, and logged (rate-limited) with
         its address and public key, so that it can be found or let in."""
+        self.now = now
         self.totals["auth_failures"] += 1
         self.auth_failures_by_role[role] += 1
         setting = "curve_workers_dir" if role == WORKERS else "curve_clients_dir"
@@ -364,9 +366,10 @@ class BrokerCore:
             f"public key {key} is not in Broker.{setting} ({self.settings.allowlist(role)})"),
             address.encode())
 
-    def handshake_failed(self, role: str, problem: str) -> None:
+    def handshake_failed(self, role: str, problem: str, now: float) -> None:
         """A peer's CURVE handshake with the socket of `role` failed before its key could
         be judged: `problem` says what it lacks. Counted, and logged (rate-limited)."""
+        self.now = now
         self.totals["handshake_failures"] += 1
         self.handshake_failures_by_role[role] += 1
         endpoint = "backend" if role == WORKERS else "frontend"
@@ -828,13 +831,13 @@ class BrokerCore:
             if not rate.update(now, service in self.queues):
                 del self.drain_rates[service]  # services named by clients must not pile up
 
-    def _fail_unavailable(self, req: HeldRequest, detail: str, wait: float = 0.0) -> None:
+    def _fail_unavailable(self, req: HeldRequest, detail: str, wait: float) -> None:
         if req.policy == DIRECT:
             target = self.registry.by_id.get(req.target)
             if target is None or target.state != WORKER_READY:
                 self._fail(req, p.E_NO_SUCH_WORKER, f"worker {req.target!r} is gone")
                 return
-        elif not self.registry.serving(req.service):
+        if not self.registry.serving(req.service):
             self._fail(req, p.E_NO_WORKERS, f"no worker serves {req.service!r} ({detail})")
         else:
             message = f"every worker of {req.service!r} is busy ({detail})"

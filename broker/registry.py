@@ -81,7 +81,7 @@ class Registry:
     """Live workers by id, by routing identity and by service; and the stats of the
     last `max_departed` workers to leave, as they were when they left."""
 
-    def __init__(self, max_departed: int = 100) -> None:
+    def __init__(self, max_departed: int) -> None:
         self.by_id: dict[str, WorkerInfo] = {}
         self.by_peer: dict[bytes, WorkerInfo] = {}
         self.by_service: dict[str, list[WorkerInfo]] = {}  # sorted by id

@@ -10,6 +10,7 @@ is full, or that has gone, is reported to the core, which fails its requests onl
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Mapping
 
@@ -42,6 +43,12 @@ HANDSHAKE_PROBLEMS = {
     zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "the public key it has for the broker is not "
                                            "the broker's",
 }
+# libzmq may report a client's connection closed a moment before its ROUTER lets go of
+# the connection: until then the client does not count as gone. So after a disconnection
+# the broker asks again, every RECHECK_GONE_S for RECHECK_GONE_FOR_S, rather than wait for
+# an event that will not come while a new peer could take the routing id.
+RECHECK_GONE_S = 0.05
+RECHECK_GONE_FOR_S = 1.0
 
 
 def _unreachable(error: zmq.ZMQError) -> bool:
@@ -86,7 +93,8 @@ class Broker:
             zmq.EVENT_DISCONNECTED | curve_events)
         self.worker_handshakes = (self.backend.get_monitor_socket(curve_events)
                                   if curve_events else None)
-        self.core = BrokerCore(settings, self, time.monotonic(), policies)
+        self._recheck_gone_until = self._next_gone_check = 0.0
+        self.core = BrokerCore(settings, self, time.monotonic(), os.urandom(8), policies)
         self._readers = {self.frontend: (self.core.on_client, self.core.client_oversized),
                          self.backend: (self.core.on_worker, self.core.worker_oversized)}
 
@@ -141,6 +149,7 @@ class Broker:
             now = time.monotonic()
             if self.auth is not None:
                 self._watch_keys(now)
+            self._recheck_gone_clients(now)
             self.core.on_tick(now)
             self._flush(now)
         self._shutdown()
@@ -167,7 +176,7 @@ class Broker:
     def _watch_keys(self, now: float) -> None:
         """Count the peers that CURVE refused, and take in the allowlists' changes."""
         for refusal in self.auth.take_refusals():
-            self.core.peer_refused(refusal.role, refusal.address, refusal.key)
+            self.core.peer_refused(refusal.role, refusal.address, refusal.key, now)
         if now >= self._next_reload:
             self._next_reload = now + RELOAD_KEYS_S
             self.auth.reload()
@@ -200,7 +209,15 @@ class Broker:
 
     def _on_client_disconnects(self) -> None:
         self._take_handshake_failures(self.client_disconnects, CLIENTS)
-        self.core.clients_disconnected(time.monotonic())
+        now = time.monotonic()
+        self.core.clients_disconnected(now)
+        self._recheck_gone_until = now + RECHECK_GONE_FOR_S
+        self._next_gone_check = now + RECHECK_GONE_S
+
+    def _recheck_gone_clients(self, now: float) -> None:
+        if now < self._recheck_gone_until and now >= self._next_gone_check:
+            self._next_gone_check = now + RECHECK_GONE_S
+            self.core.clients_disconnected(now)
 
     def _take_handshake_failures(self, monitor: zmq.Socket, role: str) -> None:
         """Read a socket's monitor empty, and tell the core of each handshake that
@@ -209,7 +226,8 @@ class Broker:
             event = parse_monitor_message(monitor.recv_multipart())
             if event["event"] == HANDSHAKE_FAILED:
                 self.core.handshake_failed(role, HANDSHAKE_PROBLEMS.get(
-                    event["value"], "it does not speak ZMTP with CURVE as the broker does"))
+                    event["value"], "it does not speak ZMTP with CURVE as the broker does"),
+                    time.monotonic())
 
     # --- sending -------------------------------------------------------------
 

@@ -86,7 +86,7 @@ class MemoryCore(CoreDriver):
         self.time = start
         self.gone = GoneConnections()
         self.core = BrokerCore(load_config(None, list(overrides)).broker, self.gone, start,
-                               policies)
+                               b"boot-id1", policies)
 
     def now(self) -> float:
         return self.time

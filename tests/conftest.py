@@ -1,7 +1,13 @@
 import pytest
+from hypothesis import HealthCheck, Phase, settings
 
 from tests import hosts
 from tests.support import Stack
+
+# For scripts/mutation.sh (pytest --hypothesis-profile=mutation): a failing example ends
+# the test at once, unshrunk, and nothing is kept between runs of different mutants.
+settings.register_profile("mutation", phases=[Phase.explicit, Phase.generate], database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture

@@ -16,9 +16,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from zroute import protocol as p
-from broker.core import DEADLINE_TICK, READER_SLACK
+from broker.core import (DEADLINE_TICK, DRAIN_RATE_INTERVAL, FRESH_STATS, MAX_STATS_WAITING,
+                         MAX_STATS_WAITING_PER_CLIENT, READER_SLACK, WRONG_ENDPOINT_ANSWERS,
+                         DrainRate)
+from broker.reports import MAX_REPORTERS, MAX_REPORTS_BYTES
 from broker.policies import load_policies
-from broker.registry import WorkerInfo
+from broker.registry import LATENCY_WINDOW, WorkerInfo
 from tests.broker_memory import MemoryCore
 from tests.support import returned_types
 
@@ -407,14 +410,15 @@ def test_a_request_ends_at_request_timeout_not_before():
     assert memory.core.totals["timeouts"] == 1 and memory.core.requests == {}
 
 
-def test_a_request_timeout_ms_overrides_the_brokers_timeout():
+@pytest.mark.parametrize("timeout_ms", [520, 60_000])
+def test_a_request_s_timeout_ms_overrides_the_brokers_timeout(timeout_ms):
     memory = MemoryCore(QUIET)
     memory.register("w1")
     memory.from_client(b"c", p.encode_request_to_broker(
-        p.Request(b"r1", "generate", b"{}", timeout_ms=520)))
-    memory.tick(START + 0.51)
+        p.Request(b"r1", "generate", b"{}", timeout_ms=timeout_ms)))
+    memory.tick(START + timeout_ms / 1000 - 0.01)
     assert memory.to_client(b"c") == []
-    memory.tick(START + 0.52 + DEADLINE_TICK)
+    memory.tick(START + timeout_ms / 1000 + DEADLINE_TICK)
     assert errors(memory, b"c") == {b"r1": p.E_TIMEOUT}
 
 
@@ -740,6 +744,816 @@ def test_a_tick_marks_the_last_bytes_sent_to_a_client_and_a_failed_mark_forgets_
     assert memory.core.reply_bytes.peers == {} and memory.core.reply_bytes.total == 0
 
 
+def test_what_a_client_holds_past_its_budget_is_named_in_the_error():
+    memory = MemoryCore("Broker.max_client_bytes=200000")
+    memory.register("w1")
+    memory.request(b"c", b"r1")
+    assert memory.core.sent_to_client(b"c", 200_000, None, 200_000, memory.time)
+    [error] = memory.to_client(b"c")
+    assert error.message == ("200000 bytes of replies wait for this client unread, over "
+                             "Broker.max_client_bytes (200000)")
+
+
+def test_once_everyone_s_budget_is_spent_a_client_that_does_not_read_is_told_so():
+    memory = MemoryCore("Broker.max_buffered_bytes=100000")
+    memory.register("w1")
+    memory.request(b"c", b"r1")
+    memory.core.sent_to_client(b"c", READER_SLACK, None, READER_SLACK, memory.time)
+    assert not memory.core.sent_to_client(b"c", 1, None, READER_SLACK + 1, memory.time)
+    assert memory.core.sent_to_client(b"c", 1, None, 1, memory.time)
+    [error] = memory.to_client(b"c")
+    assert error.message == (
+        f"{READER_SLACK + 2} bytes of replies wait for this client unread, over "
+        f"{READER_SLACK} while the broker holds more than Broker.max_buffered_bytes (100000)")
+
+
+def test_a_client_with_no_request_left_is_not_cut_off_for_its_unread_bytes():
+    memory = MemoryCore("Broker.max_client_bytes=200000")
+    assert not memory.core.sent_to_client(b"c", 300_000, None, 300_000, memory.time)
+    assert memory.to_client(b"c") == []
+
+
+def test_a_client_s_unread_replies_count_against_its_next_requests():
+    memory = MemoryCore("Broker.max_client_bytes=200000")
+    memory.register("w1")
+    memory.core.sent_to_client(b"c", 199_000, None, 199_000, memory.time)
+    memory.request(b"c", b"fits", body=b"x" * 1000)
+    memory.request(b"c", b"over", body=b"x")
+    [error] = memory.to_client(b"c")
+    assert (error.rid, error.code, error.message) == (
+        b"over", p.E_LIMIT, "this client holds 200000 bytes in the broker (bodies and unread "
+                            "replies); 1 more is over Broker.max_client_bytes (200000)")
+
+
+# --- how fast the queue drains ------------------------------------------------------------
+
+
+def test_a_queue_that_cannot_drain_in_time_refuses_at_once_and_says_when_to_retry():
+    memory, w1 = busy_worker("Broker.queue_timeout=2.5")
+    memory.request(b"c1", b"r1")
+    memory.time = START + 0.5
+    end(memory, w1, tokens_to(memory, w1)[0])  # r1 leaves the queue for the worker
+    memory.tick(START + 1)  # one request left the queue in 1 s
+    assert memory.core.drain_rates["generate"].rate == 1.0
+    for rid in (b"r2", b"r3", b"r4"):
+        memory.request(b"c1", rid)
+    [error] = memory.to_client(b"c1")
+    assert (error.rid, error.code, error.message) == (
+        b"r4", p.E_QUEUE_FULL,
+        "every worker of 'generate' is busy (the queue would take 3.0 s) (retry after 3 s)")
+    assert queued(memory) == [b"r2", b"r3"]
+
+
+def test_the_drain_rate_is_averaged_over_intervals_and_forgotten_when_the_queue_stalls():
+    rate = DrainRate(START)
+    assert rate.update(START + DRAIN_RATE_INTERVAL - 0.01, waiting=True)
+    rate.taken = 4
+    assert rate.update(START + 2, waiting=True) and rate.rate == 2.0
+    rate.taken = 4
+    assert rate.update(START + 3, waiting=False) and rate.rate == 3.0  # (2 + 4) / 2
+    assert rate.wait(6) == 2.0
+    assert rate.update(START + 4, waiting=True) and rate.wait(6) == 0.0  # stalled: unknown
+    assert not rate.update(START + 5, waiting=False)  # idle: nothing to say
+
+
+# --- stats --------------------------------------------------------------------------------
+
+
+def test_stats_show_the_brokers_state():
+    memory = MemoryCore(QUIET, "Broker.stats_max_workers=2")
+    w1 = memory.register("w1", capacity=1)
+    memory.register("w3")
+    memory.from_worker(b"w3", p.encode_disconnect())
+    memory.register("w2")
+    memory.from_worker(b"w2", p.encode_drain())
+    memory.request(b"c", b"done", body=b"123")
+    memory.time = START + 0.25
+    end(memory, w1, tokens_to(memory, w1)[0])
+    memory.request(b"c", b"running", body=b"4567")
+    memory.request(b"c", b"waiting", body=b"89")
+    memory.core.peer_refused("workers", "10.0.0.7", "key", START + 1)
+    memory.core.handshake_failed("clients", "it has no CURVE keys", START + 1)
+    memory.time = START + 1.5
+    stats = memory.stats()
+    assert stats["broker"] == {
+        **dict.fromkeys(memory.core.totals, 0),
+        "requests": 3, "completed": 1, "evictions": 1, "queued": 1, "auth_failures": 1,
+        "handshake_failures": 1, "auth_failures_by_role": {"workers": 1, "clients": 0},
+        "handshake_failures_by_role": {"workers": 0, "clients": 1},
+        "inflight": 1, "queue_depth": 1, "queue_depth_by_service": {"generate": 1},
+        "queue_wait_s_total": 0.0, "body_bytes": 6, "reply_bytes": 0, "uptime_s": 1.5,
+        "boot_id": memory.core.boot_id.hex(), "workers_ready": 1, "workers_live": 2,
+        "workers_departed": 1, "workers_truncated": True}
+    assert stats["workers"] == [
+        {"id": "w1", "services": ["generate"], "state": "ready", "capacity": 1, "inflight": 1,
+         "completed": 1, "failed": 0, "last_seen_s": 1.25, "latency_p50_s": 0.25,
+         "latency_p99_s": 0.25},
+        {"id": "w2", "services": ["generate"], "state": "draining", "capacity": 0,
+         "inflight": 0, "completed": 0, "failed": 0, "last_seen_s": 1.5,
+         "latency_p50_s": None, "latency_p99_s": None}]
+    assert stats["gateways"] == {}
+
+
+def test_stats_list_the_first_workers_by_id_whether_live_or_departed():
+    memory = MemoryCore("Broker.stats_max_workers=3")
+    for worker_id in ("w4", "w2", "w3"):
+        memory.register(worker_id)
+    memory.from_worker(b"w2", p.encode_disconnect())
+    broker, workers = memory.stats()["broker"], memory.stats()["workers"]
+    assert [(w["id"], w["state"]) for w in workers] == [
+        ("w2", "evicted"), ("w3", "ready"), ("w4", "ready")]
+    assert broker["workers_truncated"] is False
+    memory.register("w1")
+    assert [w["id"] for w in memory.stats()["workers"]] == ["w1", "w2", "w3"]
+    assert memory.stats()["broker"]["workers_truncated"] is True
+
+
+def test_latency_percentiles_are_taken_from_the_worker_s_recent_requests():
+    memory = MemoryCore(QUIET)
+    w1 = memory.register("w1")
+    for n, seconds in enumerate((0.5, 0.125, 0.375, 0.25)):
+        memory.request(b"c", b"r%d" % n)
+        memory.time += seconds
+        end(memory, w1, tokens_to(memory, w1)[0])
+    [worker] = memory.stats()["workers"]
+    assert (worker["latency_p50_s"], worker["latency_p99_s"]) == (0.375, 0.5)
+    assert worker["completed"] == 4
+
+
+def ask_stats(memory: MemoryCore, client: bytes, times: int = 1) -> list[p.Message]:
+    """A client's STATS, `times` over; what the broker answers at once (taken)."""
+    for _ in range(times):
+        memory.from_client(client, p.encode_stats_request(p.StatsRequest(b"s")))
+    return memory.to_client(client)
+
+
+def test_stats_past_a_client_s_share_wait_for_one_build_per_stats_interval():
+    memory = MemoryCore("Broker.stats_interval=1")
+    assert len(ask_stats(memory, b"looping", FRESH_STATS)) == FRESH_STATS
+    assert ask_stats(memory, b"looping", 2) == []
+    memory.request(b"c", b"r1")  # after those STATS arrived: their answer shows it
+    memory.tick(START)
+    replies = memory.core.to_clients[b"looping"]
+    assert len(replies) == 2 and replies[0][3] is replies[1][3]  # built and encoded once
+    assert [m.stats["broker"]["requests"] for m in memory.to_client(b"looping")] == [1, 1]
+    assert ask_stats(memory, b"looping") == []
+    memory.tick(START + 0.99)
+    assert memory.to_client(b"looping") == []
+    memory.tick(START + 1)
+    assert len(memory.to_client(b"looping")) == 1
+    memory.time = START + 1
+    assert len(ask_stats(memory, b"looping", FRESH_STATS + 1)) == FRESH_STATS  # a new interval
+
+
+def test_stats_waiting_are_bounded_per_client_and_in_all():
+    memory = MemoryCore("Broker.stats_interval=1")
+    for n in range(MAX_STATS_WAITING // MAX_STATS_WAITING_PER_CLIENT):
+        client = b"c%d" % n
+        answers = ask_stats(memory, client, FRESH_STATS + MAX_STATS_WAITING_PER_CLIENT + 1)
+        [refusal] = answers[FRESH_STATS:]
+        assert (refusal.rid, refusal.code, refusal.message) == (b"s", 
+            p.E_LIMIT, f"{MAX_STATS_WAITING_PER_CLIENT} STATS of this client are waiting "
+                       "already: ask again later")
+    [refusal] = ask_stats(memory, b"last", FRESH_STATS + 1)[FRESH_STATS:]
+    assert (refusal.rid, refusal.code, refusal.message) == (b"s", 
+        p.E_LIMIT, f"{MAX_STATS_WAITING} STATS are waiting already: ask again later")
+    memory.tick(START)
+    assert memory.core.stats_waiting == [] and memory.core.stats_waiting_by_client == {}
+    assert ask_stats(memory, b"last") == []  # waits again: there is room
+
+
+# --- gateways' reports --------------------------------------------------------------------
+
+
+def report(memory: MemoryCore, name: str, counters: dict) -> None:
+    memory.from_client(name.encode(), p.encode_report(p.Report(name, counters)))
+
+
+def test_reports_are_kept_up_to_their_total_bytes_and_the_rest_are_counted():
+    memory = MemoryCore()
+    largest = {"p": "x" * (p.MAX_REPORT_BYTES - len('{"p":""}'))}  # JSON of MAX_REPORT_BYTES
+    for n in range(MAX_REPORTS_BYTES // p.MAX_REPORT_BYTES):
+        report(memory, f"g{n}", largest)
+    report(memory, "one-more", {})
+    assert len(memory.stats()["gateways"]) == MAX_REPORTS_BYTES // p.MAX_REPORT_BYTES
+    assert memory.core.totals["reports_refused"] == 1
+
+
+def test_a_reporter_silent_for_longer_than_heartbeat_misses_is_forgotten():
+    memory = MemoryCore("Broker.heartbeat_interval=1", "Broker.heartbeat_misses=3")
+    report(memory, "g1", {"n": 1})
+    memory.time = START + 3
+    assert memory.stats()["gateways"] == {"g1": {"n": 1}}
+    memory.time = START + 3.5
+    assert memory.stats()["gateways"] == {}
+
+
+# --- input the broker refuses -------------------------------------------------------------
+
+
+def test_a_worker_s_ready_on_the_client_socket_is_refused_and_told_where_to_go():
+    memory = MemoryCore()
+    settings = memory.core.settings
+    for _ in range(WRONG_ENDPOINT_ANSWERS + 1):
+        memory.from_client(b"w", p.encode_ready(p.Ready("w1", ["generate"])))
+    answers = memory.to_client(b"w")
+    assert answers == [p.Error(b"", p.E_WRONG_ENDPOINT, (
+        f"{settings.frontend} is the broker's client endpoint (Broker.frontend); workers "
+        f"connect to Broker.backend ({settings.backend})"))] * WRONG_ENDPOINT_ANSWERS
+    assert memory.core.registry.by_id == {}
+    assert memory.core.totals["rejected_frames"] == WRONG_ENDPOINT_ANSWERS + 1
+    memory.time = START + 1  # a second later: answered again
+    memory.from_client(b"w", p.encode_ready(p.Ready("w1", ["generate"])))
+    assert len(memory.to_client(b"w")) == 1
+
+
+def test_a_client_s_request_or_stats_on_the_worker_socket_is_failed_and_told_where_to_go():
+    memory = MemoryCore()
+    settings = memory.core.settings
+    memory.from_worker(b"c", p.encode_request_to_broker(p.Request(b"r1", "generate", b"{}")))
+    memory.from_worker(b"c", p.encode_stats_request(p.StatsRequest(b"s1")))
+    memory.from_worker(b"c", p.encode_cancel(p.Cancel(b"r1")))  # not told: dropped
+    message = (f"{settings.backend} is the broker's worker endpoint (Broker.backend); "
+               f"clients connect to Broker.frontend ({settings.frontend})")
+    assert memory.to_worker(b"c") == [p.Error(b"r1", p.E_WRONG_ENDPOINT, message),
+                                      p.Error(b"s1", p.E_WRONG_ENDPOINT, message)]
+    assert memory.core.requests == {} and memory.core.totals["rejected_frames"] == 3
+
+
+def test_a_malformed_ready_is_refused_as_a_bad_request_at_a_bounded_rate():
+    memory = MemoryCore()
+    bad = [p.VERSION, p.READY, b"w1", b"not json"]
+    for _ in range(WRONG_ENDPOINT_ANSWERS + 1):
+        memory.from_worker(b"w", bad)
+    answers = memory.to_worker(b"w")
+    assert answers == [p.Error(b"", p.E_BAD_REQUEST,
+                               "READY refused: READY info is not JSON")] * WRONG_ENDPOINT_ANSWERS
+    memory.from_worker(b"w", [p.VERSION, b"\x42"])  # not a READY: dropped unanswered
+    assert memory.to_worker(b"w") == []
+    assert memory.core.totals["rejected_frames"] == WRONG_ENDPOINT_ANSWERS + 2
+
+
+@pytest.mark.parametrize("rid, answered", [(b"r" * p.MAX_CLIENT_RID, True),
+                                           (b"r" * (p.MAX_CLIENT_RID + 1), False),
+                                           (b"", False)])
+def test_a_malformed_client_message_is_answered_if_it_names_a_request_id(rid, answered):
+    memory = MemoryCore()
+    memory.from_client(b"c", [p.VERSION, p.REQUEST, rid, b"too short"])
+    expected = [p.Error(rid, p.E_BAD_REQUEST, "REQUEST needs 8 frames, got 4")] if answered else []
+    assert memory.to_client(b"c") == expected
+    memory.from_client(b"c", [b"ZR1", p.REQUEST, b"r1", b"old version"])
+    assert memory.to_client(b"c") == []
+    assert memory.core.totals["rejected_frames"] == 2
+
+
+def test_a_malformed_batch_is_dropped_and_counted():
+    memory = MemoryCore()
+    memory.core.malformed_batch(b"c", p.ProtocolError("BATCH ends inside a frame"), memory.time)
+    assert memory.core.totals["rejected_frames"] == 1
+    assert memory.core.take_outgoing() == ({}, {})
+
+
+@pytest.mark.parametrize("rid, answered", [(b"r1", True), (b"", False),
+                                           (b"r" * (p.MAX_CLIENT_RID + 1), False)])
+def test_a_client_message_of_too_many_frames_fails_the_request_it_names(rid, answered):
+    memory = MemoryCore()
+    memory.core.client_oversized(b"c", [p.VERSION, p.REQUEST, rid], memory.time)
+    expected = [p.Error(rid, p.E_LIMIT, "the broker takes no a message of more than 1024 "
+                                        "frames")] if answered else []
+    assert memory.to_client(b"c") == expected
+    assert memory.core.totals["oversized_messages"] == 1
+
+
+def test_a_worker_message_of_too_many_frames_fails_the_request_it_names_only():
+    memory = MemoryCore()
+    w1 = memory.register("w1")
+    memory.request(b"c", b"big")
+    memory.request(b"c", b"small")
+    big, small = tokens_to(memory, w1)
+    memory.core.worker_oversized(w1, [p.VERSION, p.CHUNK, big], memory.time)
+    memory.core.worker_oversized(w1, [p.VERSION, p.CHUNK, b"unknown"], memory.time)
+    [error] = memory.to_client(b"c")
+    assert (error.rid, error.code, error.message) == (
+        b"big", p.E_LIMIT, "worker 'w1' replied with a message of more than 1024 frames")
+    assert memory.to_worker(w1) == [p.Cancel(big)]
+    assert list(memory.core.requests) == [small]
+    assert memory.core.totals["oversized_messages"] == 2
+
+
+def test_a_reply_that_relaying_would_make_too_long_fails_its_request():
+    memory = MemoryCore()
+    w1 = memory.register("w1")
+    memory.request(b"c", b"fits")
+    memory.request(b"c", b"long")
+    fits, long = tokens_to(memory, w1)
+    most = p.MAX_WORKER_REPLY_FRAMES - 3  # chunks, besides version, command and rid
+    memory.from_worker(w1, p.encode_reply_from_worker(p.Chunk(fits, [b"."] * most)))
+    memory.from_worker(w1, p.encode_reply_from_worker(p.Chunk(long, [b"."] * (most + 1))))
+    [chunk, error] = memory.to_client(b"c")
+    assert (chunk.rid, len(chunk.chunks)) == (b"fits", most)
+    assert (error.rid, error.code, error.message) == (
+        b"long", p.E_LIMIT, "worker 'w1' replied with a message of more than 1023 frames")
+
+
+def test_a_reply_for_a_request_the_worker_does_not_hold_is_dropped():
+    memory = MemoryCore()
+    w1, w2 = memory.register("w1"), memory.register("w2")
+    memory.request(b"c", b"r1")
+    [token] = tokens_to(memory, w1)
+    memory.from_worker(w2, p.encode_reply_from_worker(p.End(token)))
+    memory.from_worker(w2, p.encode_error(p.Error(token, p.E_HANDLER, "boom")))
+    assert memory.to_client(b"c") == [] and len(memory.core.requests) == 1
+    memory.from_worker(w1, p.encode_error(p.Error(token, p.E_HANDLER, "boom")))
+    assert memory.to_client(b"c") == [p.Error(b"r1", p.E_HANDLER, "boom")]
+    assert memory.core.requests == {} and memory.to_worker(w1) == []  # no CANCEL: it ended
+
+
+def test_a_request_id_already_in_flight_is_refused():
+    memory = MemoryCore()
+    memory.register("w1")
+    memory.request(b"c", b"r1")
+    memory.request(b"c", b"r1")
+    assert errors(memory, b"c") == {b"r1": p.E_BAD_REQUEST}
+    assert memory.core.totals["requests"] == 2 and len(memory.core.requests) == 1
+
+
+def test_a_client_holds_max_requests_per_client_requests():
+    memory = MemoryCore("Broker.max_requests_per_client=2")
+    memory.register("w1")
+    for rid in (b"r1", b"r2", b"r3"):
+        memory.request(b"c", rid)
+    [error] = memory.to_client(b"c")
+    assert (error.rid, error.code, error.message) == (
+        b"r3", p.E_LIMIT,
+        "this client has 2 requests in flight, its most (Broker.max_requests_per_client)")
+
+
+@pytest.mark.parametrize("setting, over, problem", [
+    ("Broker.max_request_bytes=10", 11, "the request's body is 11 bytes; the broker takes at "
+                                        "most 10 (Broker.max_request_bytes)"),
+    ("Broker.max_buffered_bytes=10", 1, "the broker holds 10 bytes of request bodies; 1 more "
+                                        "is over Broker.max_buffered_bytes (10)")])
+def test_a_body_over_a_byte_budget_is_refused_and_one_at_it_is_taken(setting, over, problem):
+    memory = MemoryCore(setting)
+    memory.request(b"c", b"at", body=b"x" * 10)  # no worker yet: the body stays held
+    memory.request(b"d", b"over", body=b"x" * over)
+    assert memory.to_client(b"c") == []
+    assert memory.to_client(b"d") == [p.Error(b"over", p.E_LIMIT, problem)]
+
+
+# --- what a failure says -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lose, reason", [
+    (lambda memory: memory.core.worker_unreachable(b"w1", memory.time), "cannot be reached"),
+    (lambda memory: ready(memory, b"w1-again", token="other", worker_id="w1") and
+     memory.gone.workers.add(b"w1") or ready(memory, b"w1-again", token="other",
+                                            worker_id="w1"), "replaced by a new registration"),
+    (lambda memory: ready(memory, b"w1", capacity=5), "registered again with new settings"),
+    (lambda memory: memory.tick(START + 3.5), "no heartbeat for 3.5 s"),
+])
+def test_a_direct_request_whose_worker_is_lost_says_why(lose, reason):
+    memory = MemoryCore()
+    ready(memory, b"w1")
+    memory.request(b"c", b"r1", policy=p.DIRECT, target="w1")
+    lose(memory)
+    [error] = [m for m in memory.to_client(b"c") if m.rid == b"r1"]
+    assert (error.code, error.message) == (
+        p.E_WORKER_LOST, f"worker 'w1' was lost before its first chunk ({reason})")
+
+
+def test_the_messages_of_refused_requests():
+    memory = MemoryCore()
+    memory.register("w1")
+    memory.request(b"c", b"r1")
+    memory.request(b"c", b"r1")
+    memory.request(b"c", b"r2", policy=p.DIRECT)
+    memory.core.shutdown(memory.time)
+    assert [(m.rid, m.message) for m in memory.to_client(b"c")] == [
+        (b"r1", "request id is already in flight"),
+        (b"r2", "direct routing needs a target worker id"),
+        (b"r1", "broker is shutting down")]
+
+
+@pytest.mark.parametrize("target_is, code, message", [
+    ("busy", p.E_QUEUE_FULL, "every worker of 'generate' is busy (waited "
+                             "Broker.queue_timeout: 1 s)"),
+    ("draining", p.E_NO_SUCH_WORKER, "worker 'w1' is gone"),
+    ("evicted", p.E_NO_SUCH_WORKER, "worker 'w1' is gone")])
+def test_a_direct_request_that_waited_too_long_says_whether_its_worker_is_there(
+        target_is, code, message):
+    memory = MemoryCore(QUIET, "Broker.queue_timeout=1")
+    w1 = memory.register("w1", capacity=1)
+    memory.register("w2")
+    memory.request(b"c0", b"busy", policy=p.DIRECT, target="w1")
+    memory.request(b"c", b"r1", policy=p.DIRECT, target="w1")
+    if target_is == "draining":
+        memory.from_worker(w1, p.encode_drain())
+    elif target_is == "evicted":
+        memory.from_worker(w1, p.encode_disconnect())
+    memory.tick(START + 1)
+    assert memory.to_client(b"c") == [p.Error(b"r1", code, message)]
+
+
+def test_a_refusal_for_a_full_queue_says_when_to_retry_once_the_drain_rate_is_known():
+    memory, w1 = busy_worker("Broker.max_queue=2", "Broker.max_queue_per_client=1",
+                             "Broker.queue_timeout=5")
+    memory.request(b"c1", b"r1")
+    end(memory, w1, tokens_to(memory, w1)[0])  # r1 leaves the queue: 1 in 0.5 s
+    memory.tick(START + 0.5)
+    memory.request(b"c1", b"r2")
+    memory.request(b"c1", b"mine")  # c1 has its share waiting; 2 in the queue: 1 s to wait
+    memory.request(b"c3", b"r1")  # the queue is full now
+    memory.request(b"c2", b"full")  # 3 in the queue: 1.5 s to wait
+    assert [(m.rid, m.message) for m in memory.to_client(b"c1") + memory.to_client(b"c2")] == [
+        (b"mine", "every worker of 'generate' is busy (this client has its share of the queue "
+                  "waiting (Broker.max_queue_per_client)) (retry after 1 s)"),
+        (b"full", "every worker of 'generate' is busy (the queue is full: Broker.max_queue "
+                  "is 2) (retry after 2 s)")]
+    memory.tick(START + 5.5)
+    [expired] = memory.to_client(b"c1")
+    assert (expired.rid, expired.message) == (
+        b"r2", "every worker of 'generate' is busy (waited Broker.queue_timeout: 5 s) "
+               "(retry after 1 s)")
+
+
+def test_a_direct_request_for_a_busy_worker_is_refused_when_the_queue_is_full():
+    memory, _ = busy_worker("Broker.max_queue=0")
+    memory.request(b"c1", b"r1", policy=p.DIRECT, target="w1")
+    assert errors(memory, b"c1") == {b"r1": p.E_QUEUE_FULL}
+    assert list(memory.core.requests) == [p.request_token(b"c0", b"busy")]
+
+
+# --- the queue, further -------------------------------------------------------------------
+
+
+def test_a_queue_of_direct_requests_for_a_busy_worker_waits_when_another_worker_frees():
+    memory = MemoryCore(QUIET)
+    w1, w2 = memory.register("w1", capacity=1), memory.register("w2", capacity=1)
+    memory.request(b"c", b"on-w1", policy=p.DIRECT, target="w1")
+    memory.request(b"c", b"on-w2", policy=p.DIRECT, target="w2")
+    tokens_to(memory, w1)
+    [on_w2] = tokens_to(memory, w2)
+    memory.request(b"c", b"for-w1", policy=p.DIRECT, target="w1")
+    end(memory, w2, on_w2)
+    assert holders(memory) == {} and queued(memory) == [b"for-w1"]
+
+
+def test_a_client_may_queue_exactly_max_queue_per_client():
+    memory, _ = busy_worker("Broker.max_queue_per_client=1")
+    memory.request(b"c1", b"r1")
+    memory.request(b"c1", b"r2")
+    assert errors(memory, b"c1") == {b"r2": p.E_QUEUE_FULL} and queued(memory) == [b"r1"]
+
+
+def test_a_request_that_would_leave_the_queue_exactly_at_queue_timeout_is_taken():
+    memory, w1 = busy_worker("Broker.queue_timeout=2")
+    memory.request(b"c1", b"r1")
+    memory.request(b"c1", b"r2")
+    end(memory, w1, tokens_to(memory, w1)[0])  # r1 leaves
+    end(memory, w1, tokens_to(memory, w1)[0])  # r2 leaves: 2 in 1 s
+    memory.tick(START + 1)
+    assert memory.core.drain_rates["generate"].rate == 2.0
+    for n in range(3, 8):
+        memory.request(b"c1", b"r%d" % n)
+    assert queued(memory) == [b"r3", b"r4", b"r5", b"r6"]  # the last leaves in 2 s
+    assert errors(memory, b"c1") == {b"r7": p.E_QUEUE_FULL}
+
+
+def test_a_drain_rate_interval_closes_after_exactly_drain_rate_interval():
+    rate = DrainRate(START)
+    rate.taken = 1
+    assert rate.update(START + DRAIN_RATE_INTERVAL, waiting=False)
+    assert rate.rate == 1 / DRAIN_RATE_INTERVAL
+
+
+# --- routing, further ---------------------------------------------------------------------
+
+
+def test_round_robin_keeps_a_turn_for_each_service():
+    memory = MemoryCore()
+    for worker_id in ("w1", "w2"):
+        memory.from_worker(worker_id.encode(), p.encode_ready(p.Ready(worker_id, ["a", "b"])))
+    picked = []
+    for service in ("a", "b", "a"):
+        memory.from_client(b"c", p.encode_request_to_broker(p.Request(b"r-" + service.encode()
+                                                                      + b"%d" % len(picked),
+                                                                      service, b"")))
+        [worker] = holders(memory)
+        picked.append(worker)
+    assert picked == [b"w1", b"w1", b"w2"]
+
+
+def test_a_direct_request_for_an_unknown_worker_lists_up_to_ten_workers():
+    memory = MemoryCore()
+    for n in range(10):
+        memory.register(f"w{n}")
+    memory.request(b"c", b"r1", policy=p.DIRECT, target="w99")
+    [error] = memory.to_client(b"c")
+    assert error.message.endswith(f"(workers of 'generate': "
+                                  f"{', '.join(f'w{n}' for n in range(10))})")
+
+
+def test_a_body_no_longer_counts_once_its_worker_has_sent_a_first_chunk():
+    memory = MemoryCore()
+    w1, w2 = memory.register("w1"), memory.register("w2")
+    memory.request(b"c", b"r1", body=b"12345")
+    [token] = tokens_to(memory, w1)
+    assert (memory.core.body_bytes, memory.core.body_bytes_by_client) == (5, {b"c": 5})
+    memory.from_worker(w1, p.encode_reply_from_worker(p.Chunk(token, [b"a"])))
+    assert (memory.core.body_bytes, memory.core.body_bytes_by_client) == (0, {})
+    memory.from_worker(w1, p.encode_reply_from_worker(p.Chunk(token, [])))  # nothing: still sent
+    memory.from_worker(w1, p.encode_disconnect())
+    assert requests_to(memory, w2) == [] and errors(memory, b"c") == {b"r1": p.E_WORKER_LOST}
+
+
+def test_a_worker_that_sent_only_empty_chunks_has_sent_nothing_and_its_request_is_retried():
+    memory = MemoryCore()
+    w1, w2 = memory.register("w1"), memory.register("w2")
+    memory.request(b"c", b"r1")
+    [token] = tokens_to(memory, w1)
+    memory.from_worker(w1, p.encode_reply_from_worker(p.Chunk(token, [])))
+    memory.from_worker(w1, p.encode_disconnect())
+    assert requests_to(memory, w2) == [b"r1"]
+
+
+# --- who holds a worker id, further -------------------------------------------------------
+
+
+def test_an_id_taken_while_its_worker_was_away_goes_back_to_that_worker_only():
+    memory = MemoryCore()
+    ready(memory, b"real", token="token-real")
+    memory.from_worker(b"real", p.encode_disconnect())
+    assert ready(memory, b"impostor", token="token-impostor") == []
+    assert memory.core.totals["id_changes"] == 1
+    assert ready(memory, b"real-again", token="token-real") == []  # the impostor is connected
+    assert holder(memory) == b"real-again" and memory.core.totals["id_changes"] == 2
+    [refusal] = ready(memory, b"impostor", token="token-impostor")
+    assert refusal.code == p.E_ID_IN_USE
+    memory.from_worker(b"real-again", p.encode_disconnect())
+    assert ready(memory, b"real-back", token="token-real") == []  # its own id: no change
+    assert memory.core.totals["id_changes"] == 2
+
+
+def test_a_worker_that_registers_again_is_listed_once():
+    memory = MemoryCore()
+    w1 = memory.register("w1")
+    memory.from_worker(w1, p.encode_disconnect())
+    memory.register("w1")
+    assert [(w["id"], w["state"]) for w in memory.stats()["workers"]] == [("w1", "ready")]
+    assert memory.stats()["broker"]["workers_departed"] == 0
+
+
+def test_an_evicted_worker_s_stats_count_the_requests_it_lost():
+    memory = MemoryCore("Broker.max_retries=0")
+    w1 = memory.register("w1")
+    for rid in (b"r1", b"r2"):
+        memory.request(b"c", rid)
+    memory.time = START + 1
+    memory.from_worker(w1, p.encode_disconnect())
+    [worker] = memory.stats()["workers"]
+    assert (worker["state"], worker["inflight"], worker["failed"], worker["last_seen_s"]) == (
+        "evicted", 0, 2, 0.0)
+
+
+# --- answers are limited per peer ---------------------------------------------------------
+
+
+def test_each_peer_has_its_own_share_of_answers():
+    memory = MemoryCore()
+    bad_ready = [p.VERSION, p.READY, b"w1", b"not json"]
+    wrong = p.encode_ready(p.Ready("w1", ["generate"]))
+    for peer in (b"a", b"b"):
+        for _ in range(WRONG_ENDPOINT_ANSWERS):
+            memory.from_worker(peer, bad_ready)
+            memory.from_client(peer, wrong)
+        memory.from_worker(peer + b"-stale", p.encode_heartbeat())
+    for peer in (b"a", b"b"):
+        assert len(memory.to_worker(peer)) == len(memory.to_client(peer)) == WRONG_ENDPOINT_ANSWERS
+        assert memory.to_worker(peer + b"-stale") == [p.Disconnect()]
+    memory.time = START + 1  # a second later: answered again
+    memory.from_worker(b"a", bad_ready)
+    assert len(memory.to_worker(b"a")) == 1
+
+
+# --- input the broker refuses, further ----------------------------------------------------
+
+
+@pytest.mark.parametrize("rid", [b"r", b"r" * p.MAX_CLIENT_RID])
+def test_the_shortest_and_the_longest_request_ids_are_answered(rid):
+    memory = MemoryCore()
+    memory.core.client_oversized(b"c", [p.VERSION, p.REQUEST, rid], memory.time)
+    memory.from_client(b"c", [p.VERSION, p.REQUEST, rid])
+    assert [(m.rid, m.code) for m in memory.to_client(b"c")] == [(rid, p.E_LIMIT),
+                                                                 (rid, p.E_BAD_REQUEST)]
+
+
+def test_a_message_too_short_to_name_a_request_is_dropped_unanswered():
+    memory = MemoryCore()
+    memory.core.client_oversized(b"c", [p.VERSION, p.REQUEST], memory.time)
+    memory.core.worker_oversized(b"stranger", [p.VERSION, p.CHUNK], memory.time)
+    assert memory.core.take_outgoing() == ({}, {})
+    assert memory.core.totals["oversized_messages"] == 2
+
+
+def test_a_queued_request_goes_to_the_worker_freed_by_a_failed_reply():
+    memory, w1 = busy_worker()
+    memory.request(b"c1", b"r1")  # queued at START
+    [busy] = tokens_to(memory, w1)
+    memory.time = START + 2
+    memory.core.worker_oversized(w1, [p.VERSION, p.CHUNK, busy], memory.time)
+    assert requests_to(memory, w1) == [b"r1"]
+    assert memory.core.queue_wait_total == 2.0
+
+
+# --- the totals ---------------------------------------------------------------------------
+
+
+def test_the_totals_count_every_event():
+    memory = MemoryCore(QUIET, "Broker.max_retries=1", "Broker.max_queue=2")
+    w1, w2 = memory.register("w1", capacity=1), memory.register("w2", capacity=1)
+    for rid in (b"r1", b"r2", b"r3", b"r4"):
+        memory.request(b"c", rid)  # r1 on w1, r2 on w2, r3 and r4 queued
+    [r1], [r2] = tokens_to(memory, w1), tokens_to(memory, w2)
+    memory.from_worker(w1, p.encode_reply_from_worker(p.Chunk(r1, [b"a", b"b"])))
+    end(memory, w1, r1)  # completed; r3 to w1
+    memory.from_client(b"c", p.encode_cancel(p.Cancel(b"r3")))  # r4 to w1
+    memory.from_client(b"c", p.encode_cancel(p.Cancel(b"r4")))
+    memory.from_worker(w2, p.encode_error(p.Error(r2, p.E_HANDLER, "boom")))
+    for rid in (b"t1", b"t2"):
+        memory.from_client(b"c", p.encode_request_to_broker(
+            p.Request(rid, "generate", b"", timeout_ms=100)))
+    memory.tick(START + 0.2)  # both time out
+    memory.request(b"c", b"e1")  # on w1 (turn)
+    memory.request(b"c", b"e2")  # on w2
+    memory.from_worker(w1, p.encode_disconnect())  # e1 is retried: waits, w2 is busy
+    memory.from_worker(w2, p.encode_disconnect())  # e2 is retried: waits
+    # Two more workers register under the id w1 in turn (the first takes e1 and e2) and
+    # leave: no retry is left.
+    for n in range(2):
+        memory.from_client(b"c", [p.VERSION, b"\x42"])
+        memory.core.client_oversized(b"c", [p.VERSION, p.CANCEL], memory.time)
+        memory.from_worker(b"w%d" % n, p.encode_ready(p.Ready("w1", ["generate"], 0, "t%d" % n)))
+        memory.from_worker(b"w%d" % n, p.encode_disconnect())
+    memory.request(b"d1", b"x")  # no worker: both wait
+    memory.request(b"d2", b"x")
+    for client in (b"d1", b"d2"):  # two connections close, one after the other
+        memory.gone.clients.add(client)
+        memory.core.clients_disconnected(memory.time)
+    for n in range(MAX_REPORTERS + 2):
+        report(memory, f"g{n}", {})
+    for role in ("workers", "clients"):  # keys CURVE refused, handshakes that failed
+        memory.core.peer_refused(role, "10.0.0.7", "key", memory.time)
+        memory.core.handshake_failed(role, "it has no CURVE keys", memory.time)
+    assert memory.core.totals == {
+        "requests": 10, "completed": 1, "failed": 9, "cancelled": 2, "chunks": 2, "errors": 5,
+        "retries": 2, "timeouts": 2, "evictions": 4, "queued": 6, "rejected_frames": 2,
+        "oversized_messages": 2, "id_changes": 2, "clients_gone": 2, "reports_refused": 2,
+        "auth_failures": 2, "handshake_failures": 2}
+
+
+# --- unread bytes at their boundaries -----------------------------------------------------
+
+
+def client_with_a_request(*overrides: str, chunk: bool = False) -> MemoryCore:
+    """A core whose client c has r1 on worker w1, with its body still held unless its
+    worker has sent a chunk."""
+    memory = MemoryCore(*overrides)
+    w1 = memory.register("w1")
+    memory.request(b"c", b"r1")
+    [token] = tokens_to(memory, w1)
+    if chunk:
+        memory.from_worker(w1, p.encode_reply_from_worker(p.Chunk(token, [b""])))
+        memory.to_client(b"c")
+    return memory
+
+
+def test_a_client_holding_no_more_than_reader_slack_is_never_cut_off():
+    memory = client_with_a_request("Broker.max_client_bytes=1000")
+    read = Tracker()
+    assert not memory.core.sent_to_client(b"c", 100, read, 100, memory.time)
+    read.done = True
+    # Measured again, what it holds is READER_SLACK exactly.
+    assert not memory.core.sent_to_client(b"c", READER_SLACK, None, READER_SLACK + 100,
+                                          memory.time)
+    assert memory.core.sent_to_client(b"c", 1, None, READER_SLACK + 101, memory.time)
+
+
+def test_a_client_is_cut_off_only_past_its_budget():
+    memory = client_with_a_request("Broker.max_client_bytes=200000", chunk=True)
+    assert not memory.core.sent_to_client(b"c", 200_000, None, 200_000, memory.time)
+    assert memory.core.sent_to_client(b"c", 1, None, 1, memory.time)
+
+
+def test_everyone_s_budget_is_spent_only_past_max_buffered_bytes():
+    memory = client_with_a_request("Broker.max_buffered_bytes=200000", chunk=True)
+    assert not memory.core.sent_to_client(b"c", 150_000, None, 150_000, memory.time)
+    assert not memory.core.sent_to_client(b"c", 50_000, None, 50_000, memory.time)  # at it
+    assert memory.core.sent_to_client(b"c", 1, None, 1, memory.time)
+
+
+def test_once_everyone_s_budget_is_spent_a_client_may_hold_reader_slack_from_earlier_passes():
+    memory = client_with_a_request("Broker.max_buffered_bytes=100000", chunk=True)
+    assert not memory.core.sent_to_client(b"c", READER_SLACK, None, READER_SLACK, memory.time)
+    assert not memory.core.sent_to_client(b"c", 1, None, 1, memory.time)  # SLACK before it
+    assert memory.core.sent_to_client(b"c", 1, None, 1, memory.time)
+
+
+def test_a_client_cut_off_loses_its_queued_requests_too():
+    memory, _ = busy_worker("Broker.max_client_bytes=200000")
+    memory.request(b"c0", b"queued")
+    memory.time = START + 2
+    assert memory.core.sent_to_client(b"c0", 200_001, None, 200_001, memory.time)
+    assert errors(memory, b"c0") == {b"busy": p.E_LIMIT, b"queued": p.E_LIMIT}
+    assert memory.core.queue_wait_total == 2.0
+
+
+def test_a_client_that_cannot_be_reached_frees_its_worker_for_the_queue():
+    memory, w1 = busy_worker()
+    memory.request(b"c1", b"r1")
+    [busy] = tokens_to(memory, w1)
+    memory.from_worker(w1, p.encode_reply_from_worker(p.Chunk(busy, [b"a"])))
+    memory.time = START + 1
+    memory.core.client_unreachable(b"c0", memory.core.to_clients.pop(b"c0"), memory.time)
+    assert requests_to(memory, w1) == [b"r1"]
+    assert memory.core.queue_wait_total == 1.0
+    assert (memory.core.totals["completed"], memory.core.totals["failed"]) == (0, 1)
+
+
+def test_a_gone_client_whose_queued_request_was_failed_meanwhile_is_ended_once():
+    memory = with_policies()
+    w1 = memory.register("w1", capacity=1)
+    memory.request(b"c", b"busy")
+    memory.request(b"c", b"broken", policy="raises")  # queued: its policy fails once it goes
+    memory.gone.clients.add(b"c")
+    memory.core.clients_disconnected(memory.time)
+    assert memory.core.requests == {} and memory.core.totals["failed"] == 2
+    assert [type(m) for m in memory.to_worker(w1)] == [p.Request, p.Cancel]
+
+
+# --- stats, further -----------------------------------------------------------------------
+
+
+def test_stats_round_seconds_to_their_stated_digits():
+    memory = MemoryCore(QUIET)
+    w1 = memory.register("w1", capacity=1)
+    memory.request(b"c", b"r1")
+    memory.request(b"c", b"r2")  # waits a third of a second
+    memory.time = START + 1 / 3
+    end(memory, w1, tokens_to(memory, w1)[0])
+    end(memory, w1, tokens_to(memory, w1)[0])
+    memory.time = START + 2 / 3
+    stats = memory.stats()
+    assert (stats["broker"]["queue_wait_s_total"], stats["broker"]["uptime_s"]) == (0.333333, 0.667)
+    [worker] = stats["workers"]
+    assert (worker["latency_p50_s"], worker["last_seen_s"]) == (0.333333, 0.333)
+
+
+def test_latency_percentiles_of_many_requests_and_only_the_latest_are_kept():
+    memory = MemoryCore(QUIET)
+    w1 = memory.register("w1")
+    for n in range(LATENCY_WINDOW + 100):
+        memory.request(b"c", b"r%d" % n)
+        memory.time += 0.001 * (n % 200 + 1)  # 1 to 200 ms
+        end(memory, w1, tokens_to(memory, w1)[0])
+    worker = memory.core.registry.by_id["w1"]
+    assert len(worker.latencies) == LATENCY_WINDOW
+    [stats] = memory.stats()["workers"]
+    assert (stats["latency_p50_s"], stats["latency_p99_s"]) == (0.101, 0.199)
+
+
+def test_the_failures_of_a_worker_are_counted_in_its_stats():
+    memory = MemoryCore()
+    w1 = memory.register("w1")
+    for rid in (b"r1", b"r2"):
+        memory.request(b"c", rid)
+    for token in tokens_to(memory, w1):
+        memory.from_worker(w1, p.encode_error(p.Error(token, p.E_HANDLER, "boom")))
+    [worker] = memory.stats()["workers"]
+    assert (worker["failed"], worker["completed"], worker["inflight"]) == (2, 0, 0)
+
+
+def test_the_first_tick_heartbeats_and_builds_waiting_stats_whatever_the_clock_reads():
+    memory = MemoryCore(start=0.0)
+    w1 = memory.register("w1")
+    assert len(ask_stats(memory, b"c", FRESH_STATS + 2)) == FRESH_STATS  # two wait
+    memory.tick(0.0)
+    assert memory.to_worker(w1) == [p.Heartbeat(memory.core.boot_id)]
+    assert [type(m) for m in memory.to_client(b"c")] == [p.StatsReply] * 2
+
+
+def test_a_new_worker_displaced_no_one_and_one_that_took_its_id_back_neither():
+    memory = MemoryCore()
+    ready(memory, b"real", token="token-real")
+    assert memory.core.registry.by_id["w1"].displaced == ""
+    memory.from_worker(b"real", p.encode_disconnect())
+    ready(memory, b"impostor", token="token-impostor")
+    assert memory.core.registry.by_id["w1"].displaced == "token-real"
+    memory.from_worker(b"impostor", p.encode_disconnect())
+    ready(memory, b"real-again", token="token-real")
+    assert memory.core.registry.by_id["w1"].displaced == ""
+
+
 # --- random sequences of events -----------------------------------------------------------
 
 WORKER_IDS = ["w1", "w2", "w3"]
@@ -887,3 +1701,19 @@ BrokerRules.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_random_sequences_of_events = BrokerRules.TestCase
+
+
+def test_a_refused_key_is_logged_with_its_address_once_per_interval(caplog):
+    memory = MemoryCore(QUIET, "Broker.curve_secret_key=keys/broker.key_secret")
+    for address, when in (("10.0.0.7", 0), ("10.0.0.7", 9.9), ("10.0.0.8", 9.9), ("10.0.0.7", 10)):
+        memory.core.peer_refused("workers", address, "KEY", START + when)
+    memory.core.handshake_failed("clients", "it has no CURVE keys", START + 10)
+    assert [record.getMessage() for record in caplog.records] == [
+        "refused a worker at 10.0.0.7: its public key KEY is not in Broker.curve_workers_dir "
+        "(keys/workers)",
+        "refused a worker at 10.0.0.8: its public key KEY is not in Broker.curve_workers_dir "
+        "(keys/workers) (and 1 more like it)",
+        "refused a worker at 10.0.0.7: its public key KEY is not in Broker.curve_workers_dir "
+        "(keys/workers)",
+        "a client failed its CURVE handshake with Broker.frontend: it has no CURVE keys"]
+    assert memory.core.auth_failures_by_role == {"workers": 4, "clients": 0}

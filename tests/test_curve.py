@@ -139,15 +139,14 @@ def test_each_socket_takes_the_keys_of_its_allowlist_only(secure_stack, keys, tm
 
     stats = stack.wait_stats(lambda s: s["broker"]["auth_failures"] == 3, 10, "3 refusals")
     assert stats["broker"]["auth_failures_by_role"] == {"workers": 2, "clients": 1}
-    handshakes = stats["broker"]["handshake_failures_by_role"]
-    assert handshakes["workers"] >= 1 and handshakes["clients"] >= 1, handshakes
+    # The broker counts a handshake that it failed (a wrong key for it, always), not one
+    # that the peer gave up first (without keys, as it may).
+    assert stats["broker"]["handshake_failures_by_role"]["clients"] >= 1, stats["broker"]
     assert set(workers_by_id(stats)) == {"w1"}  # none of them ever registered
     stranger_key = stranger.split('public-key = "')[1].split('"')[0]
     broker_log = stack.procs[0].output()
     assert (f"refused a worker at 127.0.0.1: its public key {stranger_key} is not in "
             f"Broker.curve_workers_dir ({keys}/workers)") in broker_log
-    assert ("a worker failed its CURVE handshake with Broker.backend: it has no CURVE keys"
-            in broker_log)
     assert ("a client failed its CURVE handshake with Broker.frontend: the public key it has "
             "for the broker is not the broker's") in broker_log
 

@@ -11,7 +11,7 @@ import pytest
 from zroute import protocol as p
 from zroute.loader import LoadError
 from broker.policies import (POLICIES, LeastLoaded, PowerOfTwo, Random, RoundRobin,
-                             load_policies, load_policy)
+                             is_policy_class, load_policies, load_policy)
 from broker.registry import WorkerInfo
 from tests.broker_memory import MemoryBroker
 
@@ -128,6 +128,14 @@ class Stranger:
         return WorkerInfo("w9", b"w9", ["generate"], 0)  # a worker it was not given
 
 
+class FailsToStart:
+    def __init__(self):
+        raise RuntimeError("no config\n  here")
+
+    def choose(self, service, candidates):
+        return candidates[0]
+
+
 class NeedsArguments:
     def __init__(self, weight):
         self.weight = weight
@@ -223,3 +231,16 @@ def test_a_policy_class_is_checked_when_it_loads(attribute, problem):
     with pytest.raises(LoadError) as info:
         load_policy(spec, "Broker.policies")
     assert str(info.value).startswith(f"Broker.policies {spec!r} {problem}")
+
+
+def test_a_policy_that_fails_to_start_is_named_with_its_error_on_one_line():
+    spec = f"{__name__}:FailsToStart"
+    with pytest.raises(LoadError) as info:
+        load_policies({spec: "Frontend.routing_mode"})
+    assert str(info.value) == (f"Frontend.routing_mode {spec!r} cannot be created without "
+                               "arguments: RuntimeError: no config here")
+
+
+def test_a_policy_class_is_named_as_module_colon_class():
+    assert is_policy_class("mymodule:Fastest") and is_policy_class("path/to/file.py:Fastest")
+    assert not is_policy_class("least_loaded")

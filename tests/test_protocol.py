@@ -548,3 +548,172 @@ def test_packed_sends_a_message_too_large_to_pack_as_itself():
     small = p.encode_cancel(p.Cancel(b"r1"))
     large = p.encode_request_to_broker(p.Request(b"r2", "generate", b"x" * p.MAX_BATCH_BYTES))
     assert list(p.packed([small, large, small])) == [(1, small), (1, large), (1, small)]
+
+
+# --- each refusal gives its own reason (peers read it in ERROR bad_request) -----------------
+
+
+def _request(**fields: bytes) -> list[bytes]:
+    frames = dict(rid=b"r1", service=b"generate", policy=b"", target=b"", timeout=b"0",
+                  body=b"{}")
+    frames.update(fields)
+    return [V, p.REQUEST, *frames.values()]
+
+
+def _ready(info: dict | bytes, worker_id: bytes = b"w1") -> list[bytes]:
+    return [V, p.READY, worker_id, info if type(info) is bytes else orjson.dumps(info)]
+
+
+COMMAND = b"\x42\x43\x44\x45\x46"  # not a command; the reason shows its first 4 bytes
+
+REFUSALS = [
+    (p.decode_from_client, [V], "message of 1 frame(s) is too short"),
+    (p.decode_from_client, [b"ZR9" + b"v" * 20, p.HEARTBEAT],
+     "unsupported protocol version b'ZR9vvvvvvvvvvvvv'"),
+    (p.decode_from_client, [V, COMMAND], "command b'BCDE' is not valid from a client"),
+    (p.decode_from_worker, [V, COMMAND], "command b'BCDE' is not valid from a worker"),
+    (p.decode_to_client, [V, COMMAND], "command b'BCDE' is not valid to a client"),
+    (p.decode_to_worker, [V, COMMAND], "command b'BCDE' is not valid to a worker"),
+    (p.decode_from_client, [V, p.REQUEST, b"r1"], "REQUEST needs 8 frames, got 3"),
+    (p.decode_from_client, _request(timeout=b"1" * 20), "timeout must be 1 to 19 ASCII digits"),
+    (p.decode_from_client, _request(timeout=b"-1"), "timeout must be 1 to 19 ASCII digits"),
+    (p.decode_from_client, _request(timeout=b"9" * 19),
+     "timeout is above 9223372036854775807 ms"),
+    (p.decode_from_client, _request(rid=b""), "request id must be 1 to 255 bytes"),
+    (p.decode_from_client, _request(rid=b"r" * 256), "request id must be 1 to 255 bytes"),
+    (p.decode_from_client, _request(service=b""), "service is empty"),
+    (p.decode_from_client, _request(service=b"s" * 256), "service is longer than 255 bytes"),
+    (p.decode_from_client, _request(service=b"\xff"), "service is not UTF-8"),
+    (p.decode_from_client, _request(service=b"a\nb"),
+     "service has a control or unprintable character"),
+    (p.decode_from_client, _request(policy=b"a\nb"),
+     "policy has a control or unprintable character"),
+    (p.decode_from_client, _request(target=b"a\nb"),
+     "target has a control or unprintable character"),
+    (p.decode_from_client, [V, p.REPORT, b"", b"{}"], "reporter name is empty"),
+    (p.decode_from_client, [V, p.REPORT, b"g", b" " * (p.MAX_REPORT_BYTES + 1)],
+     "REPORT counters are larger than 65536 bytes"),
+    (p.decode_from_client, [V, p.REPORT, b"g", b"{"], "REPORT counters is not JSON"),
+    (p.decode_from_client, [V, p.REPORT, b"g", b"[]"], "REPORT counters is not a JSON object"),
+    (p.decode_from_worker, _ready({"services": ["s"]}, worker_id=b""), "worker id is empty"),
+    (p.decode_from_worker, _ready(b" " * (p.MAX_READY_BYTES + 1)),
+     "READY info is longer than 65536 bytes"),
+    (p.decode_from_worker, _ready({"services": []}),
+     "READY services must be a non-empty list of names"),
+    (p.decode_from_worker, _ready({"services": ["a\nb"]}),
+     "READY service name has a control or unprintable character"),
+    (p.decode_from_worker, _ready({"services": ["s"], "capacity": -1}),
+     "READY capacity must be an integer >= 0"),
+    (p.decode_from_worker, _ready({"services": ["s"], "token": 5}),
+     "READY token must be a string of at most 64 characters"),
+    (p.decode_from_worker, _ready({"services": ["s"], "token": "t" * (p.MAX_TOKEN + 1)}),
+     "READY token must be a string of at most 64 characters"),
+    (p.decode_from_worker, [V, p.ERROR, b"r1", b"", b"boom"], "error code is empty"),
+    (p.decode_to_client, [V, p.CHUNK, b"r1", b"", b"a"], "worker id is empty"),
+    (p.decode_to_client, [V, p.STATS, b"r1", b"[]"], "stats is not a JSON object"),
+    (p.decode_to_worker, [V, p.REQUEST, b"r1", b"", b"{}"], "service is empty"),
+    (p.unbatch, [V, p.BATCH], "BATCH needs 3 frames, got 2"),
+    (p.unbatch, [V, p.BATCH, b"x" * (p.MAX_BATCH_BYTES + 1)], "BATCH is larger than 65536 bytes"),
+    (p.unbatch, [V, p.BATCH, b"\x00"], "BATCH ends inside a message"),
+    (p.unbatch, [V, p.BATCH, HEARTBEAT[:-1]], "BATCH ends inside a frame"),
+    (p.unbatch, p.encode_batch([[V, p.BATCH, b""]]), "BATCH inside a BATCH"),
+    (p.unbatch, [V, p.BATCH, b""], "BATCH must carry 1 to 256 messages"),
+    (p.unbatch, [V, p.BATCH, _packed_message(V)],
+     "a message in a BATCH has 1 frame(s), not 2 to 1024"),
+]
+
+
+@pytest.mark.parametrize("decode, frames, reason", REFUSALS)
+def test_each_refusal_says_what_is_wrong(decode, frames, reason):
+    with pytest.raises(ProtocolError) as refused:
+        decode(frames)
+    assert str(refused.value) == reason
+
+
+def test_a_heartbeat_from_a_peer_carries_no_boot_id_and_one_from_the_broker_does():
+    with pytest.raises(ProtocolError, match="HEARTBEAT needs 2 frames, got 3"):
+        p.decode_from_client([V, p.HEARTBEAT, BOOT])
+    with pytest.raises(ProtocolError, match="HEARTBEAT needs 2 frames, got 3"):
+        p.decode_from_worker([V, p.HEARTBEAT, BOOT])
+    assert p.decode_to_worker([V, p.HEARTBEAT, BOOT]) == Heartbeat(BOOT)
+
+
+# --- the bounds themselves are allowed ------------------------------------------------------
+
+
+def test_a_name_of_max_id_length_bytes_and_a_token_of_max_token_are_taken():
+    frames = _ready({"services": ["s" * p.MAX_ID_LENGTH], "token": "t" * p.MAX_TOKEN})
+    assert p.decode_from_worker(frames) == Ready("w1", ["s" * p.MAX_ID_LENGTH], 0,
+                                                 "t" * p.MAX_TOKEN)
+    p._valid_names.clear()  # checked afresh, not found among the names known to be valid
+    service = b"n" * p.MAX_ID_LENGTH
+    assert p.decode_from_client(_request(service=service)).service == service.decode()
+
+
+def test_a_ready_of_max_ready_bytes_is_taken():
+    info = orjson.dumps({"services": ["s"]})
+    info = info[:-1] + b" " * (p.MAX_READY_BYTES - len(info)) + b"}"
+    assert len(info) == p.MAX_READY_BYTES
+    assert p.decode_from_worker(_ready(info)).services == ["s"]
+
+
+def test_a_batch_of_max_batch_bytes_one_message_or_max_frames_frames_is_taken():
+    one = [V, p.HEARTBEAT]
+    assert p.unbatch(p.encode_batch([one])) == [one]
+    widest = [V, p.CHUNK] + [b""] * (p.MAX_FRAMES - 2)
+    assert p.unbatch(p.encode_batch([widest])) == [widest]
+    filler = p.MAX_BATCH_BYTES - len(p.encode_batch([[V, p.CHUNK, b""]])[2])
+    largest = [V, p.CHUNK, b"x" * filler]
+    assert len(p.encode_batch([largest])[2]) == p.MAX_BATCH_BYTES
+    assert p.unbatch(p.encode_batch([largest])) == [largest]
+
+
+def test_packed_fills_a_batch_to_exactly_max_batch_bytes():
+    # Two messages whose packed sizes add up to MAX_BATCH_BYTES travel in one BATCH; a
+    # byte more and the second goes on its own.
+    half = p.MAX_BATCH_BYTES // 2
+    overhead = len(p.encode_batch([[V, p.CHUNK, b"r", b""]])[2])
+    fitting = [[V, p.CHUNK, b"r", b"x" * (half - overhead)]] * 2
+    assert [count for count, _ in p.packed(fitting)] == [2]
+    over = [fitting[0], [V, p.CHUNK, b"r", b"x" * (half - overhead + 1)]]
+    assert [count for count, _ in p.packed(over)] == [1, 1]
+
+
+def test_packed_fills_the_batch_after_a_full_one_to_exactly_max_batch_bytes_too():
+    half = p.MAX_BATCH_BYTES // 2
+    overhead = len(p.encode_batch([[V, p.CHUNK, b"r", b""]])[2])
+    fitting = [[V, p.CHUNK, b"r", b"x" * (half - overhead)]] * 2
+    messages = [p.encode_heartbeat()] * p.MAX_BATCH + fitting
+    assert [count for count, _ in p.packed(messages)] == [p.MAX_BATCH, 2]
+
+
+def test_packed_sends_a_lone_message_of_lone_message_frames_as_itself_and_a_longer_packed():
+    five = [V, p.CHUNK, b"r", b"a", b"b"]
+    assert len(five) == p.LONE_MESSAGE_FRAMES
+    assert list(p.packed([five])) == [(1, five)]
+    six = five + [b"c"]
+    assert list(p.packed([six])) == [(1, p.encode_batch([six]))]
+    overhead = len(p.encode_batch([six])[2]) - 1  # of six frames, one of them b"c"
+    exactly = six[:-1] + [b"c" * (p.MAX_BATCH_BYTES - overhead)]
+    assert len(p.encode_batch([exactly])[2]) == p.MAX_BATCH_BYTES
+    assert list(p.packed([exactly])) == [(1, p.encode_batch([exactly]))]
+
+
+def test_a_request_token_splits_back_into_the_client_and_its_rid():
+    token = p.request_token(b"client", b"rid")
+    assert token == b"\x06clientrid"
+    assert p.split_request_token(token) == (b"client", b"rid")
+    assert p.split_request_token(p.request_token(b"c", b"r")) == (b"c", b"r")
+    assert p.split_request_token(b"") == (b"", b"")
+    assert p.split_request_token(b"\x06client") == (b"", b"\x06client")  # no rid: not a token
+    assert p.split_request_token(b"\x06clie") == (b"", b"\x06clie")
+
+
+def test_the_memory_of_valid_names_is_bounded():
+    p._valid_names.clear()
+    for n in range(p.MAX_VALID_NAMES):
+        p.decode_to_worker([V, p.REQUEST, b"r1", b"s%d" % n, b""])
+    assert len(p._valid_names) == p.MAX_VALID_NAMES
+    assert p._valid_names[b"s0"] == "s0"
+    p.decode_to_worker([V, p.REQUEST, b"r1", b"one-more", b""])
+    assert p._valid_names == {b"one-more": "one-more"}

@@ -5,18 +5,22 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Callable
 
 
 class LogLimiter:
     """Log an event at most once per interval for each kind and peer, and at most
     `per_kind` lines of a kind per interval whatever peers it comes from; the next
-    line of a kind says how many were left out.
+    line of a kind says how many were left out. `clock` tells the time (the broker's
+    core, which has no clock of its own, gives the time of the event it handles).
 
     The key is never the message's text, which may carry a peer's bytes: a peer
     that varies them would get a line per message."""
 
-    def __init__(self, logger: logging.Logger, interval: float = 10.0, per_kind: int = 10) -> None:
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, per_kind: int = 10,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.logger = logger
+        self.clock = clock
         self.interval = interval
         self.per_kind = per_kind
         self._window_start = -math.inf
@@ -31,7 +35,7 @@ class LogLimiter:
         self._log(logging.INFO, kind, message, peer)
 
     def _log(self, level: int, kind: str, message: str, peer: bytes) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if now - self._window_start >= self.interval:
             self._window_start = now
             self._logged.clear()
