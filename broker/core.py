@@ -26,7 +26,7 @@ from zroute.protocol import DEFAULT_POLICY, DIRECT, request_token
 from zroute.ratelimit import LogLimiter, PeerLimiter
 from broker.registry import WORKER_DRAINING, WORKER_EVICTED, WORKER_READY, Registry, WorkerInfo
 from broker.reports import Reports
-from zroute.settings import BrokerSettings
+from zroute.settings import CLIENTS, WORKERS, BrokerSettings
 from zroute.unreleased import MARK_BYTES, Tracker, UnreleasedByPeer
 
 log = logging.getLogger("zroute.broker")
@@ -159,7 +159,10 @@ class BrokerCore:
         self.totals = dict.fromkeys(
             ("requests", "completed", "failed", "cancelled", "chunks", "errors", "retries",
              "timeouts", "evictions", "queued", "rejected_frames", "oversized_messages",
-             "id_changes", "clients_gone", "reports_refused"), 0)
+             "id_changes", "clients_gone", "reports_refused", "auth_failures",
+             "handshake_failures"), 0)
+        self.auth_failures_by_role = dict.fromkeys((WORKERS, CLIENTS), 0)
+        self.handshake_failures_by_role = dict.fromkeys((WORKERS, CLIENTS), 0)
         self.queue_wait_total = 0.0
         self.drops = LogLimiter(log, clock=lambda: self.now)
         self.asked_to_register = PeerLimiter(settings.heartbeat_interval)
@@ -349,6 +352,29 @@ class BrokerCore:
     def _reject_oversized_reply(self, worker: WorkerInfo, req: HeldRequest, most: int) -> None:
         problem = self._oversized(worker.peer, most)
         self._fail(req, p.E_LIMIT, f"worker {worker.worker_id!r} replied with {problem}")
+
+    def peer_refused(self, role: str, address: str, key: str, now: float) -> None:
+        """A peer that CURVE kept out of the socket of `role` (WORKERS or CLIENTS): its
+        key is not in that socket's allowlist. Counted, and logged (rate-limited) with
+        its address and public key, so that it can be found or let in."""
+        self.now = now
+        self.totals["auth_failures"] += 1
+        self.auth_failures_by_role[role] += 1
+        setting = "curve_workers_dir" if role == WORKERS else "curve_clients_dir"
+        self.drops.warn("auth failed", (
+            f"refused a {role.removesuffix('s')} at {address or 'an unknown address'}: its "
+            f"public key {key} is not in Broker.{setting} ({self.settings.allowlist(role)})"),
+            address.encode())
+
+    def handshake_failed(self, role: str, problem: str, now: float) -> None:
+        """A peer's CURVE handshake with the socket of `role` failed before its key could
+        be judged: `problem` says what it lacks. Counted, and logged (rate-limited)."""
+        self.now = now
+        self.totals["handshake_failures"] += 1
+        self.handshake_failures_by_role[role] += 1
+        endpoint = "backend" if role == WORKERS else "frontend"
+        self.drops.warn("handshake failed", f"a {role.removesuffix('s')} failed its CURVE "
+                        f"handshake with Broker.{endpoint}: {problem}", role.encode())
 
     # --- peers on the wrong socket -------------------------------------------
 
@@ -871,6 +897,8 @@ class BrokerCore:
                 "inflight": len(self.requests) - queue_depth,  # on a worker now
                 "queue_depth": queue_depth,
                 "queue_depth_by_service": queued_now,
+                "auth_failures_by_role": dict(self.auth_failures_by_role),
+                "handshake_failures_by_role": dict(self.handshake_failures_by_role),
                 "queue_wait_s_total": round(self.queue_wait_total, 6),
                 "body_bytes": self.body_bytes,
                 "reply_bytes": self.reply_bytes.total,

@@ -15,11 +15,14 @@ import time
 from typing import Mapping
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from zroute import protocol as p
+from broker.auth import BrokerAuth
 from broker.core import BrokerCore
 from broker.policies import Policy
-from zroute.settings import BrokerSettings
+from zroute.curve import CurveError
+from zroute.settings import CLIENTS, WORKERS, BrokerSettings
 from zroute.zmqio import (TooManyFrames, readable, recv_frames, send_to, send_to_tracked,
                           track_every_message)
 
@@ -32,6 +35,14 @@ READ_FRAMES = 20_000
 READ_BYTES = 8 << 20
 SOCKET_HWM = 10_000  # messages queued per peer; past that a send fails and its request ends
 POLL_MS = 50  # the loop wakes at least this often for timers and stop()
+RELOAD_KEYS_S = 1.0  # how often the allowlists' directories are looked at for changes
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+# What a failed CURVE handshake says of the peer (libzmq's monitor gives no address).
+HANDSHAKE_PROBLEMS = {
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "it has no CURVE keys",
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "the public key it has for the broker is not "
+                                           "the broker's",
+}
 # libzmq may report a client's connection closed a moment before its ROUTER lets go of
 # the connection: until then the client does not count as gone. So after a disconnection
 # the broker asks again, every RECHECK_GONE_S for RECHECK_GONE_FOR_S, rather than wait for
@@ -52,6 +63,11 @@ class Broker:
     `settings` is the `Broker` section of the configuration.
     `policies` are those that requests may name (default: the built-in ones);
     "direct" is always valid besides them.
+
+    With Broker.curve_secret_key, both sockets take CURVE peers whose keys are in their
+    allowlists only; the ZAP handler that checks them is the context's (one broker per
+    context, then). Without it, an endpoint beyond loopback is refused (CurveError)
+    unless Broker.insecure.
     """
 
     def __init__(self, settings: BrokerSettings, context: zmq.Context | None = None,
@@ -59,19 +75,50 @@ class Broker:
         self.settings = settings
         self.context = context or zmq.Context.instance()
         self._stopping = False
-        self.frontend = self._router(settings.frontend)
+        self.auth = self._start_auth()  # before the sockets bind: see BrokerAuth
+        self._next_reload = 0.0
+        try:
+            self.frontend = self._router(settings.frontend, CLIENTS)
+            self.backend = self._router(settings.backend, WORKERS)
+        except BaseException:
+            if self.auth is not None:  # its thread holds the context's ZAP endpoint
+                self.auth.stop()
+            raise
         track_every_message(self.frontend)
-        self.backend = self._router(settings.backend)
         # Tells when a client's connection closes, so that its replies are not delivered
-        # to the next peer that connects under its routing id.
-        self.client_disconnects = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # to the next peer that connects under its routing id; and, with CURVE, of the
+        # handshakes that failed before the ZAP handler had a key to judge.
+        curve_events = HANDSHAKE_FAILED if self.auth is not None else 0
+        self.client_disconnects = self.frontend.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | curve_events)
+        self.worker_handshakes = (self.backend.get_monitor_socket(curve_events)
+                                  if curve_events else None)
         self._recheck_gone_until = self._next_gone_check = 0.0
         self.core = BrokerCore(settings, self, time.monotonic(), os.urandom(8), policies)
         self._readers = {self.frontend: (self.core.on_client, self.core.client_oversized),
                          self.backend: (self.core.on_worker, self.core.worker_oversized)}
 
-    def _router(self, endpoint: str) -> zmq.Socket:
+    def _start_auth(self) -> BrokerAuth | None:
+        settings = self.settings
+        if not settings.curve_secret_key:
+            problem = settings.exposure_problem()
+            if problem:
+                raise CurveError(problem)
+            exposed = settings.exposed_endpoints()
+            if exposed:
+                log.warning("INSECURE: Broker.insecure is true and the broker has no CURVE "
+                            "keys: anyone who reaches %s can register as a worker and receive "
+                            "every request, or send requests as any client",
+                            " or ".join(exposed))
+            return None
+        auth = BrokerAuth(self.context, settings)
+        auth.start()
+        return auth
+
+    def _router(self, endpoint: str, role: str) -> zmq.Socket:
         sock = self.context.socket(zmq.ROUTER)
+        if self.auth is not None:
+            self.auth.secure(sock, role)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # EHOSTUNREACH instead of a silent drop
         sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
         sock.setsockopt(zmq.RCVHWM, SOCKET_HWM)
@@ -86,15 +133,22 @@ class Broker:
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(self.client_disconnects, zmq.POLLIN)
-        log.info("broker serving clients on %s, workers on %s",
-                 self.settings.frontend, self.settings.backend)
+        if self.worker_handshakes is not None:
+            poller.register(self.worker_handshakes, zmq.POLLIN)
+        log.info("broker serving clients on %s, workers on %s%s",
+                 self.settings.frontend, self.settings.backend,
+                 ", with CURVE" if self.auth is not None else "")
         while not self._stopping:
             for sock, _ in poller.poll(POLL_MS):
                 if sock is self.client_disconnects:
                     self._on_client_disconnects()
+                elif sock is self.worker_handshakes:
+                    self._take_handshake_failures(sock, WORKERS)
                 else:
                     self._read(sock)
             now = time.monotonic()
+            if self.auth is not None:
+                self._watch_keys(now)
             self._recheck_gone_clients(now)
             self.core.on_tick(now)
             self._flush(now)
@@ -110,9 +164,22 @@ class Broker:
         self._flush(now)
         self.frontend.disable_monitor()
         self.client_disconnects.close()
+        if self.worker_handshakes is not None:
+            self.backend.disable_monitor()
+            self.worker_handshakes.close()
         self.frontend.close()
         self.backend.close()
+        if self.auth is not None:
+            self.auth.stop()
         log.info("broker stopped")
+
+    def _watch_keys(self, now: float) -> None:
+        """Count the peers that CURVE refused, and take in the allowlists' changes."""
+        for refusal in self.auth.take_refusals():
+            self.core.peer_refused(refusal.role, refusal.address, refusal.key, now)
+        if now >= self._next_reload:
+            self._next_reload = now + RELOAD_KEYS_S
+            self.auth.reload()
 
     # --- reading -------------------------------------------------------------
 
@@ -141,8 +208,7 @@ class Broker:
                 handle(peer, message, now)
 
     def _on_client_disconnects(self) -> None:
-        while self.client_disconnects.poll(0):
-            self.client_disconnects.recv_multipart()
+        self._take_handshake_failures(self.client_disconnects, CLIENTS)
         now = time.monotonic()
         self.core.clients_disconnected(now)
         self._recheck_gone_until = now + RECHECK_GONE_FOR_S
@@ -152,6 +218,16 @@ class Broker:
         if now < self._recheck_gone_until and now >= self._next_gone_check:
             self._next_gone_check = now + RECHECK_GONE_S
             self.core.clients_disconnected(now)
+
+    def _take_handshake_failures(self, monitor: zmq.Socket, role: str) -> None:
+        """Read a socket's monitor empty, and tell the core of each handshake that
+        failed (a failed handshake's closing comes with it: a disconnection too)."""
+        while monitor.poll(0):
+            event = parse_monitor_message(monitor.recv_multipart())
+            if event["event"] == HANDSHAKE_FAILED:
+                self.core.handshake_failed(role, HANDSHAKE_PROBLEMS.get(
+                    event["value"], "it does not speak ZMTP with CURVE as the broker does"),
+                    time.monotonic())
 
     # --- sending -------------------------------------------------------------
 

@@ -58,6 +58,7 @@ STATUS_OF_ERROR = {
     p.E_QUEUE_FULL: 503,
     p.E_LIMIT: 503,  # the gateway's client is over a per-client limit of the broker
     p.E_BROKER_UNREACHABLE: 503,
+    p.E_AUTH_FAILED: 503,  # the broker refused the gateway's key: its log says why
     E_GATEWAY_STOPPING: 503,
     p.E_TIMEOUT: 504,
 }
@@ -321,7 +322,7 @@ class Gateway:
                              heartbeat_misses=broker.heartbeat_misses,
                              report=self.metrics.snapshot, name=name,
                              max_buffered_bytes=settings.max_reply_buffer,
-                             receive_hwm=settings.max_queued_messages)
+                             receive_hwm=settings.max_queued_messages, curve=broker.curve)
         self.buffered_bytes = 0  # request bodies being read or sent; Frontend.max_buffered_bytes
         self.exporter = Exporter()
         self.bad_reports = LogLimiter(log)

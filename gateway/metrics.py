@@ -39,6 +39,16 @@ BROKER_COUNTERS = {
     "timeouts": ("zroute_broker_timeouts", "Requests ended by their deadline."),
     "queued": ("zroute_broker_queued", "Requests that waited in a queue."),
 }
+# Broker totals by the socket's role (workers or clients), likewise.
+BROKER_COUNTERS_BY_ROLE = {
+    "auth_failures_by_role": (
+        "zroute_broker_auth_failures",
+        "Peers refused by CURVE: their key is not in the socket's allowlist."),
+    "handshake_failures_by_role": (
+        "zroute_broker_handshake_failures",
+        "CURVE handshakes that failed before a key was judged: a peer without keys, or "
+        "without the broker's public key."),
+}
 
 
 class BrokerCollector:
@@ -53,6 +63,11 @@ class BrokerCollector:
         totals = self.snapshot["broker"]
         for key, (name, doc) in BROKER_COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=totals[key])
+        for key, (name, doc) in BROKER_COUNTERS_BY_ROLE.items():
+            family = CounterMetricFamily(name, doc, labels=["role"])
+            for role, count in totals[key].items():
+                family.add_metric([role], count)
+            yield family
         yield GaugeMetricFamily("zroute_broker_queue_depth", "Requests waiting for a worker.",
                                 value=totals["queue_depth"])
         workers = GaugeMetricFamily("zroute_workers", "Workers known to the broker, by state.",

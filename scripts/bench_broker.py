@@ -24,6 +24,9 @@ What runs (all on this machine, real processes, loopback TCP or --transport ipc)
                when a reply comes), at the same rate: half of zroute's best throughput,
                and a light load (0.1 of it). The p50 difference is the latency that
                the broker hop adds.
+  curve        with --curve, the zroute rows again with CURVE on every socket
+               (zroute+curve: keys from `zroute keys`), taking turns with the plaintext
+               ones, and side by side with them, CPU per request included.
   compared     with --compare-tree DIR, the zroute rows (broker, workers and clients, at
                the same concurrencies and open-loop rates) run the code of the checkout
                DIR too (a `git worktree` of another commit), taking turns with this
@@ -42,6 +45,7 @@ Examples:
   python scripts/bench_broker.py --quick              # one configuration each, ~30 s
   python scripts/bench_broker.py --concurrency 64,512 --procs 2,3 --duration 5
   python scripts/bench_broker.py --profile            # py-spy broker, worker, client
+  python scripts/bench_broker.py --quick --curve      # with and without CURVE, in turns
   git worktree add /tmp/before HEAD~1                 # then, before against after:
   python scripts/bench_broker.py --quick --compare-tree /tmp/before
 
@@ -73,7 +77,7 @@ from types import SimpleNamespace
 
 import zmq
 
-from checkouts import ROOT, Tree, client_module, git_commit, import_from
+from checkouts import ROOT, Tree, client_module, client_options, git_commit, import_from
 from children import die_with_parent, free_port, start_group
 
 BODY = b'{"text": "world,universe,galaxy"}'
@@ -356,6 +360,13 @@ class Result:
         return self.percentile(0.50)
 
     @property
+    def cpu_us_per_request(self) -> float:
+        """CPU time of the benchmark's own processes (clients, broker, workers) per
+        request, in microseconds."""
+        own = sum(share for role, share in self.cpu.items() if role != "other") / 100
+        return own * self.duration / self.count * 1e6 if self.count else float("nan")
+
+    @property
     def p99(self) -> float:
         return self.percentile(0.99)
 
@@ -376,25 +387,27 @@ HEADER = (f"{'system':<15} {'procs':>5} {'conc':>5} {'req/s':>9} {'chunks/s':>9}
 # --- zroute client processes ---------------------------------------------------------
 
 
-def zroute_client_main(tree, address, mode, load, warmup, duration, index, queue, go,
+def zroute_client_main(tree, keys, address, mode, load, warmup, duration, index, queue, go,
                        start) -> None:
     """One client process: its own zmq context, event loop and Client, from the checkout
-    `tree`.
+    `tree`, with the CURVE keys in the directory `keys` ("": none).
 
     mode "closed": keep `load` requests in flight. mode "open": send `load` requests per
     second on a clock, whatever the replies do.
     """
     tree_child_init(tree)
     try:
-        asyncio.run(_zroute_client(address, mode, load, warmup, duration, index, queue, go, start))
+        asyncio.run(_zroute_client(keys, address, mode, load, warmup, duration, index, queue, go,
+                                   start))
     except Exception as e:  # report instead of leaving the parent waiting
         queue.put(("error", index, f"{type(e).__name__}: {e}"))
 
 
-async def _zroute_client(address, mode, load, warmup, duration, index, queue, go, start) -> None:
+async def _zroute_client(keys, address, mode, load, warmup, duration, index, queue, go,
+                         start) -> None:
     client_api = client_module()
     BrokerError = client_api.BrokerError
-    client = client_api.Client(address, timeout=30.0)
+    client = client_api.Client(address, timeout=30.0, **client_options(keys))
     client.connect()
 
     async def one() -> int:
@@ -489,8 +502,8 @@ def run_zroute_clients(procs: Processes, system: str, tree: Tree, address: str, 
     else:
         loads = [total_load / nprocs] * nprocs
     children = [procs.spawn(f"client-{i}", ctx, zroute_client_main,
-                            (str(tree.path), address, mode, loads[i], args.warmup, args.duration,
-                             i, queue, go, start))
+                            (str(tree.path), str(tree.keys or ""), address, mode, loads[i],
+                             args.warmup, args.duration, i, queue, go, start))
                 for i in range(nprocs)]
     try:
         client_pids = []
@@ -683,13 +696,14 @@ def echo_calibration(procs: Processes, transport: str, seconds: float = 1.5) -> 
 # --- zroute broker and workers ----------------------------------------------------------
 
 
-def wait_for_workers(address: str, count: int, timeout: float = 20.0) -> None:
+def wait_for_workers(address: str, keys: str, count: int, timeout: float = 20.0) -> None:
     """Run in_tree: return once `count` workers are registered with the broker."""
     client_api = client_module()
     context = zmq.Context()
     deadline = time.monotonic() + timeout
     try:
-        with client_api.BlockingClient(address, context=context) as client:
+        with client_api.BlockingClient(address, context=context,
+                                       **client_options(keys)) as client:
             while True:
                 try:
                     workers = client.stats(timeout=1.0)["workers"]
@@ -704,11 +718,12 @@ def wait_for_workers(address: str, count: int, timeout: float = 20.0) -> None:
         context.term()
 
 
-def broker_totals(address: str) -> dict:
+def broker_totals(address: str, keys: str) -> dict:
     """Run in_tree: the broker's counts since it started."""
     context = zmq.Context()
     try:
-        with client_module().BlockingClient(address, context=context) as client:
+        with client_module().BlockingClient(address, context=context,
+                                            **client_options(keys)) as client:
             return client.stats(timeout=5.0)["broker"]
     finally:
         context.term()
@@ -720,15 +735,16 @@ def start_zroute(procs: Processes, tree: Tree, workers: int,
     cmd = tree.command()
     broker = procs.popen(f"{tree.label} broker",
                          [*cmd, "broker", "--frontend", front, "--backend", back,
-                          "--log-level", "warning"], cwd=tree.path)
+                          "--log-level", "warning", *tree.curve_args("broker")], cwd=tree.path)
     pids, members = {"broker": [broker.pid], "workers": []}, [broker]
     for i in range(workers):
         worker = procs.popen(f"{tree.label} worker w{i + 1}",
                              [*cmd, "worker", "--broker", back, "--id", f"w{i + 1}",
-                              "--Backend.sleep_time=0", "--log-level", "warning"], cwd=tree.path)
+                              "--Backend.sleep_time=0", "--log-level", "warning",
+                              *tree.curve_args("worker")], cwd=tree.path)
         pids["workers"].append(worker.pid)
         members.append(worker)
-    in_tree(tree, wait_for_workers, front, workers)
+    in_tree(tree, wait_for_workers, front, str(tree.keys or ""), workers)
     return front, pids, members
 
 
@@ -1060,6 +1076,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "and print their top functions")
     parser.add_argument("--profile-dir", default="bench-profiles", metavar="DIR",
                         help="where py-spy's raw profiles go (default: ./bench-profiles)")
+    parser.add_argument("--curve", action="store_true",
+                        help="also run this checkout's zroute rows with CURVE on every socket "
+                             "(zroute+curve), taking turns with the plaintext ones, and print "
+                             "them side by side")
     parser.add_argument("--compare-tree", type=Path, nargs="+", default=[], metavar="DIR",
                         help="also run the zroute rows with the code of these checkouts (a git "
                              "worktree of another commit, say), taking turns with this one's, "
@@ -1141,7 +1161,7 @@ def measure_zroute(procs: Processes, trees: list[Tree], closed: dict[Tree, list[
             print(f"  WARNING: {e}: no profile; starting the servers again", flush=True)
             stacks[this].restart()
     for tree, stack in stacks.items():
-        totals = in_tree(tree, broker_totals, stack.address)
+        totals = in_tree(tree, broker_totals, stack.address, str(tree.keys or ""))
         print(f"  {tree.label} broker totals: {totals['completed']} completed, "
               f"{totals['failed']} failed, {totals['timeouts']} timeouts, "
               f"{totals['retries']} retries")
@@ -1168,10 +1188,13 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     procs = Processes()
     trees = [Tree.at(ROOT), *map(Tree.at, args.compare_tree)]
+    if args.curve:
+        trees.insert(1, trees[0].with_curve(Path(tempfile.mkdtemp(prefix="zroute-bench-keys-"))))
     print(f"machine: {machine_line()}")
     print(f"code: {code_version(trees[0])}")
     for tree in trees[1:]:
-        print(f"compared with: {tree.label}, the checkout {tree.path} ({code_version(tree)})")
+        print(f"compared with: {tree.label}, the checkout {tree.path} ({code_version(tree)})"
+              + (", CURVE on every socket" if tree.keys else ""))
     print(f"request: {BODY.decode()} -> {EXPECTED_CHUNKS} chunks, workers sleep 0 s; "
           f"{args.workers} workers; {args.warmup:g} s warm-up + {args.duration:g} s measured "
           f"per configuration")
@@ -1236,7 +1259,7 @@ def main(argv=None) -> int:
         status = 1
     finally:
         procs.stop()
-        for folder in _IPC_DIR:
+        for folder in [*_IPC_DIR, *(tree.keys for tree in trees if tree.keys)]:
             shutil.rmtree(folder, ignore_errors=True)
 
     report(zroute, direct, majortomo, open_zroute, open_direct, majortomo_note)
@@ -1313,19 +1336,21 @@ def report(zroute, direct, majortomo, open_zroute, open_direct, majortomo_note) 
         print(f"{'':4}  {name:<44} {value}  (context, not a target)")
 
 
-CONFIGURATION, CELL = 26, 28  # characters per column of the side-by-side table
+CONFIGURATION, CELL = 26, 38  # characters per column of the side-by-side table
 
 
 def side_by_side(trees: list[Tree], closed: dict[Tree, list[Result]],
                  open_loop: dict[Tree, list[Result]]) -> None:
     """The zroute rows of every checkout, one line per configuration, and how each other
     checkout's compares with this one's: req/s in the closed loop, p50 at the same rate."""
-    print("\n=== zroute of each checkout, taking turns; (!) marks a disturbed or failed run ===")
+    print("\n=== zroute of each checkout (and with CURVE), taking turns; (!) marks a disturbed "
+          "or failed run ===")
     for tree in trees:
-        print(f"{tree.label}: {tree.path}")
+        print(f"{tree.label}: {tree.path}" + (", CURVE on every socket" if tree.keys else ""))
     print((" " * CONFIGURATION + "".join(tree.label.ljust(CELL) for tree in trees)).rstrip())
-    print("configuration".ljust(CONFIGURATION) + f"{'req/s':>7} {'p50':>6} / {'p99 ms':<6}".ljust(CELL)
-          * len(trees) + f"against {trees[0].label}")
+    print("configuration".ljust(CONFIGURATION)
+          + f"{'req/s':>7} {'p50':>6} / {'p99 ms':<6} {'CPU us/req':>10}".ljust(CELL) * len(trees)
+          + f"against {trees[0].label}")
     for rows in zip(*(closed[tree] for tree in trees)):
         print_side_by_side(f"{rows[0].procs} procs, {rows[0].concurrency} in flight", rows)
     for rows in zip(*(open_loop[tree] for tree in trees)):
@@ -1337,7 +1362,8 @@ def print_side_by_side(configuration: str, rows: tuple[Result, ...]) -> None:
     cells = []
     for r in rows:
         disturbed = " (!)" if r.errors or r.cpu.get("other", 0) > BUSY_LIMIT else ""
-        cells.append(f"{r.rps:>7,.0f} {r.p50:6.2f} / {r.p99:<6.2f}{disturbed}".ljust(CELL))
+        cells.append(f"{r.rps:>7,.0f} {r.p50:6.2f} / {r.p99:<6.2f} {r.cpu_us_per_request:>10,.0f}"
+                     f"{disturbed}".ljust(CELL))
     if ours.target_rate:  # the same rate for each: latency tells them apart
         against = [f"{r.p50 - ours.p50:+.2f} ms p50" for r in rows[1:]]
     else:

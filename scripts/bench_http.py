@@ -2,7 +2,7 @@
 """HTTP benchmark: zroute against nginx round robin over aiohttp servers, side by side.
 
     .venv/bin/python scripts/bench_http.py [--duration 5] [--rounds 3] [--connections 32 256]
-                                           [--gateways 1 2] [--profile SECONDS]
+                                           [--gateways 1 2] [--profile SECONDS] [--curve]
 
 The targets, each fed the seed request {"text": "world,universe,galaxy"} by wrk:
   zroute     wrk -> gateway -> broker -> 2 workers (sleep_time 0)
@@ -18,7 +18,8 @@ time to first byte with sleep_time 0.1 through zroute and through nginx. With
 --profile it then runs py-spy (installed from PyPI if missing) on each process of the
 first zroute target under load, and prints how busy each is and where its time goes.
 --compare-tree runs the zroute targets of other checkouts too (before and after a
-change, in one run).
+change, in one run), and --curve this checkout's again with CURVE on every ZeroMQ socket
+(zroute+curve).
 
 It installs wrk and nginx-light from Debian's packages when they are missing, and skips
 what it cannot install. Every process it starts listens on loopback and is stopped at
@@ -139,15 +140,16 @@ def start_zroute(procs: Processes, sleep_time: float, gateways: int, tree: Tree)
     def start(*args: str) -> int:
         return procs.start(*command, *args, "--log-level", "warning", cwd=tree.path).pid
 
-    pids = {"broker": start("broker", "--frontend", frontend, "--backend", backend)}
+    pids = {"broker": start("broker", "--frontend", frontend, "--backend", backend,
+                            *tree.curve_args("broker"))}
     for i in (1, 2):
         pids[f"worker-{i}"] = start("worker", "--broker", backend, "--id", f"worker-{i}",
-                                    f"--Backend.sleep_time={sleep_time}")
+                                    f"--Backend.sleep_time={sleep_time}",
+                                    *tree.curve_args("worker"))
     for i in range(1, gateways + 1):
-        pids[f"gateway-{i}"] = start("gateway", "--broker", frontend, "--port", str(port))
-    name = "zroute" if gateways == 1 else f"zroute-{gateways}gw"
-    if tree.name:
-        name += "@" + tree.name
+        pids[f"gateway-{i}"] = start("gateway", "--broker", frontend, "--port", str(port),
+                                     *tree.curve_args("client"))
+    name = tree.label.replace("zroute", "zroute" if gateways == 1 else f"zroute-{gateways}gw", 1)
     target = Target(name, f"http://127.0.0.1:{port}/generate", pids)
     wait_http(target.url)
     return target
@@ -257,6 +259,7 @@ def throughput(args: argparse.Namespace, targets: list[Target], script: Path) ->
                              median([r.p99_ms for r in runs]))
             cpu = "  ".join(f"{role} {median([r.cpu_us[role] for r in runs]):.0f}"
                             for role in runs[0].cpu_us)
+            cpu += f"  total {median([sum(r.cpu_us.values()) for r in runs]):.0f}"
             print(f"  {name:<18} {summary[name][0]:8.0f} {summary[name][1]:8.2f} "
                   f"{summary[name][2]:8.2f}   {cpu}")
         if "nginx" in summary:
@@ -365,6 +368,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--gateways", type=int, nargs="+", default=[1, 2],
                         help="zroute gateway processes: one zroute target per number")
+    parser.add_argument("--curve", action="store_true",
+                        help="also run this checkout's zroute targets with CURVE between the "
+                             "gateway, the broker and the workers (zroute+curve)")
     parser.add_argument("--compare-tree", type=Path, nargs="+", default=[], metavar="DIR",
                         help="also run the zroute targets from these checkouts (another "
                              "commit's worktree, say), taking turns with the others")
@@ -389,6 +395,8 @@ def main() -> int:
         script.write_text(WRK_SCRIPT)
         try:
             trees = [Tree.at(ROOT), *map(Tree.at, args.compare_tree)]
+            if args.curve:
+                trees.insert(1, trees[0].with_curve(workdir / "keys"))
             targets = [start_zroute(procs, 0.0, n, tree) for tree in trees for n in args.gateways]
             if tools["nginx"]:
                 targets.append(start_nginx(procs, workdir, 0.0))

@@ -10,6 +10,7 @@ directory goes first on sys.path, and the finder of this checkout's editable ins
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 import subprocess
@@ -17,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 SCRIPTS = Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent
@@ -27,6 +29,7 @@ CLIENT_MODULES = ("zroute.client", "broker.client")
 # The module of the finder that an editable install of zroute adds to sys.meta_path.
 EDITABLE_FINDER = "__editable___zroute_"
 # `python -c RUN_COMMAND TREE MODULE FUNCTION ARGS...` runs the zroute command of TREE.
+BENCH_WORKER, BENCH_CLIENT = "bench-worker", "bench-client"  # the names of the CURVE keys
 RUN_COMMAND = (f"import sys; sys.path.insert(0, {str(SCRIPTS)!r}); "
                "import checkouts; checkouts.run_zroute_command()")
 
@@ -46,6 +49,7 @@ class Tree:
 
     path: Path
     name: str  # "" for this checkout; else its commit, or its folder's name
+    keys: Path | None = None  # the CURVE keys its processes use (`zroute keys`); None: none
 
     @classmethod
     def at(cls, path: Path) -> Tree:
@@ -54,8 +58,29 @@ class Tree:
 
     @property
     def label(self) -> str:
-        """What a benchmark calls its zroute: zroute, or zroute@<name> for another."""
-        return f"zroute@{self.name}" if self.name else "zroute"
+        """What a benchmark calls its zroute: zroute, or zroute@<name> for another; and
+        +curve with CURVE."""
+        return (f"zroute@{self.name}" if self.name else "zroute") + ("+curve" if self.keys else "")
+
+    def with_curve(self, directory: Path) -> Tree:
+        """This checkout with CURVE on every socket: a broker key, one key for all its
+        workers and one for all its clients, made in `directory` by its `zroute keys`."""
+        for command in (("init",), ("worker", BENCH_WORKER), ("client", BENCH_CLIENT)):
+            subprocess.run([*self.command(), "keys", *command, "--dir", str(directory)],
+                           check=True, capture_output=True, cwd=self.path)
+        return dataclasses.replace(self, keys=directory)
+
+    def curve_args(self, role: str) -> list[str]:
+        """What the `zroute` command of a role ("broker", "worker" or "client", a gateway
+        or `zroute stats`) adds for CURVE; nothing without it."""
+        if self.keys is None:
+            return []
+        if role == "broker":
+            return [f"--Broker.curve_secret_key={self.keys}/broker.key_secret"]
+        setting, name = (("Backend.curve_key", BENCH_WORKER) if role == "worker"
+                         else ("Frontend.curve_key", BENCH_CLIENT))
+        return [f"--{setting}={self.keys}/{name}.key_secret",
+                f"--Broker.curve_public_key={self.keys}/broker.key"]
 
     def command(self) -> list[str]:
         """The `zroute` command, running this checkout's code: the entry point its
@@ -95,3 +120,13 @@ def client_module() -> ModuleType:
             if e.name != name:
                 raise
     raise RuntimeError(f"the checkout has none of {', '.join(CLIENT_MODULES)}")
+
+
+def client_options(keys: str) -> dict[str, Any]:
+    """The Python client's options for CURVE with the keys of Tree.with_curve in `keys`
+    (none for ""), in a process that imports the project from its checkout already."""
+    if not keys:
+        return {}
+    from zroute.curve import PeerKeys
+
+    return {"curve": PeerKeys.load(f"{keys}/{BENCH_CLIENT}.key_secret", f"{keys}/broker.key")}

@@ -16,6 +16,7 @@ from typing import Any, Callable, TypeVar
 
 from scripts.children import free_port, start_group, stop_all
 from zroute.client import BlockingClient, BrokerError
+from zroute.curve import PeerKeys
 
 
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
@@ -214,6 +215,7 @@ class Stack:
         self.backend = f"tcp://127.0.0.1:{free_port()}"
         self.procs: list[Proc] = []
         self.cwd: Path | None = None  # where processes start: a user's project directory
+        self.client_keys: PeerKeys | None = None  # what stats() connects with: a CURVE broker's
         self._stats_client: BlockingClient | None = None
 
     def start(self, name: str, *args: str) -> Proc:
@@ -231,7 +233,7 @@ class Stack:
 
     def stats(self) -> dict:
         if self._stats_client is None:
-            self._stats_client = BlockingClient(self.frontend)
+            self._stats_client = BlockingClient(self.frontend, curve=self.client_keys)
         return self._stats_client.stats(timeout=5)
 
     def ready_workers(self) -> list[str]:

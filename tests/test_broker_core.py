@@ -831,11 +831,15 @@ def test_stats_show_the_brokers_state():
     end(memory, w1, tokens_to(memory, w1)[0])
     memory.request(b"c", b"running", body=b"4567")
     memory.request(b"c", b"waiting", body=b"89")
+    memory.core.peer_refused("workers", "10.0.0.7", "key", START + 1)
+    memory.core.handshake_failed("clients", "it has no CURVE keys", START + 1)
     memory.time = START + 1.5
     stats = memory.stats()
     assert stats["broker"] == {
         **dict.fromkeys(memory.core.totals, 0),
-        "requests": 3, "completed": 1, "evictions": 1, "queued": 1,
+        "requests": 3, "completed": 1, "evictions": 1, "queued": 1, "auth_failures": 1,
+        "handshake_failures": 1, "auth_failures_by_role": {"workers": 1, "clients": 0},
+        "handshake_failures_by_role": {"workers": 0, "clients": 1},
         "inflight": 1, "queue_depth": 1, "queue_depth_by_service": {"generate": 1},
         "queue_wait_s_total": 0.0, "body_bytes": 6, "reply_bytes": 0, "uptime_s": 1.5,
         "boot_id": memory.core.boot_id.hex(), "workers_ready": 1, "workers_live": 2,
@@ -1398,10 +1402,14 @@ def test_the_totals_count_every_event():
         memory.core.clients_disconnected(memory.time)
     for n in range(MAX_REPORTERS + 2):
         report(memory, f"g{n}", {})
+    for role in ("workers", "clients"):  # keys CURVE refused, handshakes that failed
+        memory.core.peer_refused(role, "10.0.0.7", "key", memory.time)
+        memory.core.handshake_failed(role, "it has no CURVE keys", memory.time)
     assert memory.core.totals == {
         "requests": 10, "completed": 1, "failed": 9, "cancelled": 2, "chunks": 2, "errors": 5,
         "retries": 2, "timeouts": 2, "evictions": 4, "queued": 6, "rejected_frames": 2,
-        "oversized_messages": 2, "id_changes": 2, "clients_gone": 2, "reports_refused": 2}
+        "oversized_messages": 2, "id_changes": 2, "clients_gone": 2, "reports_refused": 2,
+        "auth_failures": 2, "handshake_failures": 2}
 
 
 # --- unread bytes at their boundaries -----------------------------------------------------
@@ -1693,3 +1701,19 @@ BrokerRules.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_random_sequences_of_events = BrokerRules.TestCase
+
+
+def test_a_refused_key_is_logged_with_its_address_once_per_interval(caplog):
+    memory = MemoryCore(QUIET, "Broker.curve_secret_key=keys/broker.key_secret")
+    for address, when in (("10.0.0.7", 0), ("10.0.0.7", 9.9), ("10.0.0.8", 9.9), ("10.0.0.7", 10)):
+        memory.core.peer_refused("workers", address, "KEY", START + when)
+    memory.core.handshake_failed("clients", "it has no CURVE keys", START + 10)
+    assert [record.getMessage() for record in caplog.records] == [
+        "refused a worker at 10.0.0.7: its public key KEY is not in Broker.curve_workers_dir "
+        "(keys/workers)",
+        "refused a worker at 10.0.0.8: its public key KEY is not in Broker.curve_workers_dir "
+        "(keys/workers) (and 1 more like it)",
+        "refused a worker at 10.0.0.7: its public key KEY is not in Broker.curve_workers_dir "
+        "(keys/workers)",
+        "a client failed its CURVE handshake with Broker.frontend: it has no CURVE keys"]
+    assert memory.core.auth_failures_by_role == {"workers": 4, "clients": 0}

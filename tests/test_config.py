@@ -16,6 +16,7 @@ DEFAULTS = {
         "sleep_time": 1.0,
         "drain_timeout": 30.0,
         "expose_errors": False,
+        "curve_key": "",
         "ServiceArgs": {"workers": 1, "capacity": 0},
     },
     "Frontend": {
@@ -37,6 +38,9 @@ DEFAULTS = {
         "admin_port": 0,
         "stats_feed_interval": 1.0,
         "max_stats_feeds": 32,
+        "curve_key": "",
+        "tls_cert": "",
+        "tls_key": "",
         "ServiceArgs": {"workers": 1},
     },
     "Broker": {
@@ -60,6 +64,11 @@ DEFAULTS = {
         "stats_max_workers": 100,
         "stats_interval": 0.1,
         "policies": (),
+        "curve_secret_key": "",
+        "curve_public_key": "",
+        "curve_workers_dir": "",
+        "curve_clients_dir": "",
+        "insecure": False,
     },
 }
 
@@ -187,7 +196,7 @@ def test_as_dict_uses_yaml_spelling() -> None:
         ("Foo:\n  x: 1\n",
          "unknown section 'Foo' (valid sections: Backend, Frontend, Broker)"),
         ("Backend:\n  greting: Hi\n",
-         "unknown key 'Backend.greting' (did you mean Backend.greeting? valid keys: greeting, sleep_time, drain_timeout, expose_errors, ServiceArgs)"),
+         "unknown key 'Backend.greting' (did you mean Backend.greeting? valid keys: greeting, sleep_time, drain_timeout, expose_errors, curve_key, ServiceArgs)"),
         ("Backend:\n  ServiceArgs:\n    worker: 2\n",
          "unknown key 'Backend.ServiceArgs.worker' (did you mean Backend.ServiceArgs.workers? valid keys: workers, capacity)"),
         ("Frontend:\n  port: abc\n",
@@ -207,7 +216,7 @@ def test_as_dict_uses_yaml_spelling() -> None:
         ("Backend:\n  greeting: 123\n",
          "Backend.greeting: 123 is invalid: must be a string"),
         ("Backend: 5\n",
-         "Backend: 5 is invalid: must be a mapping with keys greeting, sleep_time, drain_timeout, expose_errors, ServiceArgs"),
+         "Backend: 5 is invalid: must be a mapping with keys greeting, sleep_time, drain_timeout, expose_errors, curve_key, ServiceArgs"),
     ],
 )
 def test_file_value_errors(tmp_path: Path, yaml_text: str, message: str) -> None:
@@ -219,7 +228,7 @@ def test_file_value_errors(tmp_path: Path, yaml_text: str, message: str) -> None
     [
         ("Foo.x=1", "unknown section 'Foo' (valid sections: Backend, Frontend, Broker)"),
         ("Backend.greting=Hi",
-         "unknown key 'Backend.greting' (did you mean Backend.greeting? valid keys: greeting, sleep_time, drain_timeout, expose_errors, ServiceArgs)"),
+         "unknown key 'Backend.greting' (did you mean Backend.greeting? valid keys: greeting, sleep_time, drain_timeout, expose_errors, curve_key, ServiceArgs)"),
         ("Backend.ServiceArgs.worker=3",
          "unknown key 'Backend.ServiceArgs.worker' (did you mean Backend.ServiceArgs.workers? valid keys: workers, capacity)"),
         ("Frontend.port=abc", "Frontend.port: 'abc' is invalid: must be an integer from 1 to 65535"),

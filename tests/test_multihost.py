@@ -2,25 +2,28 @@
 broker on host 1, workers on hosts 2 and 3, the gateway on host 4, and the HTTP load and
 `zroute stats` on host 5.
 
-Every test runs once per Security mode, which says what each role adds to its command
-line and whether its traffic must be unreadable on the wire: a new mode (CURVE, say) is
-one more entry in SECURITY.
+Every test of the seed's requests, of the wire, of partitions and of slow links runs once
+per Security mode, which says what each role adds to its command line and whether its
+traffic must be unreadable on the wire: plaintext, and CURVE with the keys that `zroute
+keys` made. The tests of CURVE's refusals run with CURVE only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
 from broker.registry import latency_percentiles
-from tests.hosts import Network, stop_all
-from tests.support import ZROUTE, Proc, wait_until, workers_by_id
+from tests.hosts import Host, Network, stop_all
+from tests.support import ZROUTE, Proc, run_zroute, wait_until, workers_by_id
 
 HOSTS = 5
 WORKERS = ("worker-2", "worker-3")  # on hosts 2 and 3
@@ -32,7 +35,8 @@ STARTUP_S = 30.0  # for processes to start and find each other on a busy machine
 @dataclass(frozen=True)
 class Security:
     """A security mode: what each role adds to its command line, and whether the mode's
-    traffic must be unreadable on the wire."""
+    traffic must be unreadable on the wire. In the arguments, {keys} is the directory of
+    the keys, and {worker} a worker's id, its key's name."""
 
     name: str
     encrypted: bool = False  # no request or reply may be read on the wire
@@ -41,7 +45,14 @@ class Security:
     client_args: tuple[str, ...] = ()  # the gateway's and `zroute stats`'
 
 
-SECURITY = [Security("plaintext")]
+BROKER_KEY = "--Broker.curve_public_key={keys}/broker.key"
+# A broker beyond loopback without keys must be told that this is meant.
+PLAINTEXT = Security("plaintext", broker_args=("--Broker.insecure=true",))
+CURVE = Security("curve", encrypted=True,
+                 broker_args=("--Broker.curve_secret_key={keys}/broker.key_secret",),
+                 worker_args=("--Backend.curve_key={keys}/{worker}.key_secret", BROKER_KEY),
+                 client_args=("--Frontend.curve_key={keys}/gateway.key_secret", BROKER_KEY))
+SECURITY = [PLAINTEXT, CURVE]
 
 
 def greeting(text: str) -> list[str]:
@@ -56,9 +67,12 @@ def ready(stats: dict) -> set[str]:
 class Cluster:
     """zroute on the network's hosts, started with the `zroute` command."""
 
-    def __init__(self, network: Network, security: Security, sleep_time: float) -> None:
+    def __init__(self, network: Network, security: Security, keys: Path,
+                 sleep_time: float) -> None:
+        self.network = network
         self.broker_host, *self.worker_hosts, self.gateway_host, self.client = network.hosts
         self.security = security
+        self.keys = keys
         self.sleep_time = sleep_time
         self.frontend = f"tcp://{self.broker_host.address}:{network.port()}"
         self.backend = f"tcp://{self.broker_host.address}:{network.port()}"
@@ -66,25 +80,34 @@ class Cluster:
         self.procs: list[Proc] = []
         self.workers: dict[str, Proc] = {}
 
+    def args(self, role_args: tuple[str, ...], worker: str = "") -> list[str]:
+        """A role's arguments of the security mode, with the keys' names filled in."""
+        return [arg.format(keys=self.keys, worker=worker) for arg in role_args]
+
     def start(self) -> None:
-        self.procs.append(self.broker_host.zroute(
+        self.broker = self.broker_host.zroute(
             "broker", "broker", "--frontend", self.frontend, "--backend", self.backend,
-            *self.security.broker_args))
+            *self.args(self.security.broker_args))
+        self.procs.append(self.broker)
         for host in self.worker_hosts:
             worker_id = f"worker-{host.index}"
-            self.workers[worker_id] = host.zroute(
-                worker_id, "worker", "--broker", self.backend, "--id", worker_id,
-                f"--Backend.sleep_time={self.sleep_time}", *self.security.worker_args)
+            self.workers[worker_id] = self.worker(host, worker_id)
         self.procs += self.workers.values()
         gateway = self.gateway_host.zroute(
             "gateway", "gateway", "--broker", self.frontend, "--host", self.gateway_host.address,
             "--port", str(self.http_port), f"--Frontend.request_timeout={REQUEST_TIMEOUT}",
-            *self.security.client_args)
+            *self.args(self.security.client_args))
         self.procs.append(gateway)
         self.wait_stats(lambda stats: ready(stats) == set(WORKERS), "both workers to register",
                         STARTUP_S)
         wait_until(lambda: "gateway listening" in gateway.output(), STARTUP_S,
                    "the gateway to listen")
+
+    def worker(self, host: Host, worker_id: str, key: str | None = None) -> Proc:
+        """`zroute worker` on `host`, with the key named `key` (default: its id's)."""
+        return host.zroute(worker_id, "worker", "--broker", self.backend, "--id", worker_id,
+                           f"--Backend.sleep_time={self.sleep_time}",
+                           *self.args(self.security.worker_args, key or worker_id))
 
     def stats(self) -> dict:
         return self.wait_stats(lambda stats: True, "the broker's stats")
@@ -95,7 +118,7 @@ class Cluster:
         `condition(stats)` holds (the broker may not answer yet); return those stats."""
         def check() -> dict | None:
             result = self.client.run(ZROUTE, "stats", "--json", "--broker", self.frontend,
-                                     "--timeout", "2", *self.security.client_args)
+                                     "--timeout", "2", *self.args(self.security.client_args))
             stats = json.loads(result.stdout) if result.returncode == 0 else None
             return stats if stats is not None and condition(stats) else None
         return wait_until(check, timeout, what)
@@ -168,14 +191,26 @@ def security(request) -> Security:
     return request.param
 
 
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    """The keys of CURVE's mode, as `zroute keys` makes them: the broker's, worker-2's and
+    worker-3's, and the gateway's (which `zroute stats` uses too)."""
+    directory = tmp_path_factory.mktemp("curve") / "keys"
+    for command in (("init",), ("worker", "worker-2"), ("worker", "worker-3"),
+                    ("client", "gateway")):
+        result = run_zroute("keys", *command, "--dir", str(directory))
+        assert result.returncode == 0, result.stderr
+    return directory
+
+
 @pytest.fixture
-def start_cluster(network, security):
+def start_cluster(network, security, keys):
     """Starts a Cluster (`start_cluster(sleep_time)`); afterwards stops it, checks how its
     processes ended, and puts the network back as it was."""
     clusters = []
 
     def start(sleep_time: float) -> Cluster:
-        cluster = Cluster(network, security, sleep_time)
+        cluster = Cluster(network, security, keys, sleep_time)
         clusters.append(cluster)
         cluster.start()
         return cluster
@@ -280,3 +315,78 @@ def test_a_slow_and_lossy_link_keeps_replies_whole(start_cluster):
         print(f"{phase} on worker-2's link: {latencies(replies)}. {said}")
     stats = cluster.stats()
     assert stats["broker"]["evictions"] == 0, stats["broker"]  # no worker seemed lost
+
+
+REFUSED = "refused this process's CURVE key"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("security", [CURVE], ids=["curve"])
+def test_curve_keeps_out_unknown_and_misplaced_keys(start_cluster, tmp_path):
+    cluster = start_cluster(sleep_time=0)
+    elsewhere = tmp_path / "elsewhere"  # a key pair the broker does not know
+    for command in (("init",), ("worker", "stranger")):
+        assert run_zroute("keys", *command, "--dir", str(elsewhere)).returncode == 0
+    host = cluster.worker_hosts[0]
+    stranger = host.zroute("stranger", "worker", "--broker", cluster.backend, "--id", "stranger",
+                           f"--Backend.curve_key={elsewhere}/stranger.key_secret",
+                           BROKER_KEY.format(keys=cluster.keys))
+    posing = cluster.worker(host, "posing", key="gateway")  # a client's key, as a worker's
+    for proc in (stranger, posing):
+        proc.expect(2)
+        proc.wait(20)
+        assert REFUSED in proc.output()
+    # A worker's key, as a client's.
+    as_client = cluster.client.run(ZROUTE, "stats", "--broker", cluster.frontend,
+                                   f"--key={cluster.keys}/worker-2.key_secret",
+                                   BROKER_KEY.format(keys=cluster.keys))
+    assert as_client.returncode == 1 and REFUSED in as_client.stderr, as_client.stderr
+
+    stats = cluster.wait_stats(lambda s: s["broker"]["auth_failures"] == 3, "3 refusals")
+    assert stats["broker"]["auth_failures_by_role"] == {"workers": 2, "clients": 1}
+    assert set(workers_by_id(stats)) == set(WORKERS)  # none of them ever registered
+    assert f"refused a worker at {host.address}: its public key " in cluster.broker.output()
+    assert f"refused a client at {cluster.client.address}: " in cluster.broker.output()
+    served = cluster.post(4)
+    assert all(map(correct, served)), served
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("security", [CURVE], ids=["curve"])
+def test_a_revoked_key_is_refused_at_its_next_connection(start_cluster, keys):
+    cluster = start_cluster(sleep_time=0)
+    revoked = keys / "workers" / "worker-3.key"
+    kept = revoked.read_bytes()
+    revoked.unlink()
+    try:
+        wait_until(lambda: "accepting 1 worker key(s)" in cluster.broker.output(), 10,
+                   "the broker to read its allowlist again")
+        # The connection made before stays: CURVE checks a key as a connection opens.
+        [before] = cluster.post(1, query="?worker=worker-3")
+        assert correct(before) and before["worker"] == "worker-3", before
+        cluster.workers["worker-3"].stop()
+        again = cluster.worker(cluster.worker_hosts[1], "worker-3")
+        again.expect(2)
+        again.wait(20)
+        assert REFUSED in again.output()
+        cluster.wait_stats(lambda stats: ready(stats) == {"worker-2"}, "worker-3 to be gone")
+        after = cluster.post(4)
+        assert all(correct(r) and r["worker"] == "worker-2" for r in after), after
+    finally:
+        revoked.write_bytes(kept)
+
+
+@pytest.mark.timeout(60)
+def test_a_broker_on_a_network_address_needs_keys_or_says_it_is_insecure(network):
+    host = network.hosts[0]
+    endpoints = ("--frontend", f"tcp://{host.address}:{network.port()}",
+                 "--backend", f"tcp://{host.address}:{network.port()}")
+    refused = host.run(ZROUTE, "broker", *endpoints)
+    assert refused.returncode == 2, refused.stderr
+    [line] = refused.stderr.splitlines()
+    assert "the broker has no CURVE keys: create them with `zroute keys init" in line, line
+    insecure = host.zroute("insecure-broker", "broker", *endpoints, "--Broker.insecure=true")
+    wait_until(lambda: "broker serving" in insecure.output(), STARTUP_S, "the broker to serve")
+    assert ("WARNING INSECURE: Broker.insecure is true and the broker has no CURVE keys: anyone "
+            f"who reaches Broker.frontend (tcp://{host.address}:") in insecure.output()
+    assert insecure.stop() == 0

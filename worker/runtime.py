@@ -22,6 +22,7 @@ import zmq
 from zroute import protocol as p
 from zroute.channel import Channel
 from zroute.connection import watched_dealer
+from zroute.curve import PeerKeys
 from zroute.endpoints import check_endpoint
 from zroute.ratelimit import LogLimiter
 from zroute.settings import BackendSettings, BrokerLink
@@ -73,12 +74,15 @@ class TransportFactory(Protocol):
 
 class BrokerChannel(Channel):
     """The transport a worker opens by default: a DEALER to the broker's worker endpoint,
-    watched, so that a broker that goes is noticed as its connection closes."""
+    watched, so that a broker that goes is noticed as its connection closes; with `curve`
+    keys, authenticated and encrypted."""
 
     def __init__(self, context: zmq.Context, address: str,
                  on_message: Callable[[list[bytes]], None], on_connected: Callable[[], None],
-                 on_disconnected: Callable[[], None]) -> None:
-        sock, self.connection = watched_dealer(context, address, on_connected, on_disconnected)
+                 on_disconnected: Callable[[], None], *, curve: PeerKeys | None = None,
+                 on_refused: Callable[[str], None]) -> None:
+        sock, self.connection = watched_dealer(context, address, on_connected, on_disconnected,
+                                               on_refused, curve=curve)
         super().__init__(sock, on_message)
 
     def close(self, linger_ms: int = 200) -> None:
@@ -196,7 +200,9 @@ class Worker:
         self.expose_errors = settings.expose_errors
         self.token = secrets.token_hex(16)  # proves to the broker that a new connection is ours
         self.context = context or zmq.Context.instance()
-        self._open_transport = transport or partial(BrokerChannel, self.context, self.broker)
+        self._open_transport = transport or partial(
+            BrokerChannel, self.context, self.broker, curve=broker.curve,
+            on_refused=self._keys_refused)
         self.tasks: dict[bytes, asyncio.Task] = {}
         # Each message type the broker may send, and what handles it: a missing one is a
         # KeyError, never a message mistaken for another.
@@ -263,10 +269,19 @@ class Worker:
             self._register()
         self._answered = False
 
+    def _keys_refused(self, message: str) -> None:
+        """The broker refused this worker's keys; libzmq does not try again, and the
+        worker stops, as for any refusal."""
+        log.error("worker %s: %s", self.worker_id, message)
+        self.refused = p.Error(b"", p.E_AUTH_FAILED, message)
+        self.stop()
+
     def _on_disconnected(self) -> None:
         """The broker died or stopped: what it sent is lost, so stop working on it now.
         ZeroMQ connects again by itself, and READY goes when it does."""
         self._connected = False
+        if self.refused is not None:
+            return  # said already
         self._said_waiting = True
         if self._answered:
             cancelled = f"; cancelled {len(self.tasks)} request(s) in hand" if self.tasks else ""

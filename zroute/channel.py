@@ -14,6 +14,7 @@ from typing import Callable
 
 import zmq
 
+from zroute.curve import PeerKeys
 from zroute.protocol import MAX_FRAMES, ProtocolError, packed, unbatch
 from zroute.unreleased import Unreleased
 from zroute.zmqio import (TooManyFrames, readable, recv_frames, send_frames, send_tracked,
@@ -25,11 +26,15 @@ SOCKET_HWM = 100_000
 
 
 def dealer(context: zmq.Context, address: str, routing_id: bytes | None = None, *,
-           connect: bool = True, receive_hwm: int = SOCKET_HWM) -> zmq.Socket:
+           connect: bool = True, receive_hwm: int = SOCKET_HWM,
+           curve: PeerKeys | None = None) -> zmq.Socket:
     """A DEALER to `address`; with connect=False the caller connects it (once it has
     attached a monitor, say). `receive_hwm` bounds the messages libzmq queues for the
-    event loop: past it, it reads no more from the connection."""
+    event loop: past it, it reads no more from the connection. With `curve`, it
+    authenticates with those keys and its traffic is encrypted."""
     sock = context.socket(zmq.DEALER)
+    if curve is not None:
+        curve.apply(sock)
     sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
     sock.setsockopt(zmq.RCVHWM, receive_hwm)
     sock.setsockopt(zmq.LINGER, 200)

@@ -27,7 +27,9 @@ from zmq.utils.monitor import parse_monitor_message
 
 from zroute import protocol as p
 from zroute.channel import SOCKET_HWM, Channel, dealer
-from zroute.connection import CONNECTION_EVENTS, ConnectionWatch, watched_dealer
+from zroute.connection import (CONNECTION_EVENTS, HANDSHAKE_FAILURES, ConnectionWatch,
+                               handshake_failure, retried, watched_dealer)
+from zroute.curve import PeerKeys
 from zroute.endpoints import check_endpoint
 from zroute.zmqio import readable
 from zroute.ratelimit import LogLimiter
@@ -44,6 +46,7 @@ HEARTBEAT_INTERVAL = BrokerSettings.heartbeat_interval
 HEARTBEAT_MISSES = BrokerSettings.heartbeat_misses
 DEADLINE_GRACE = 1.0  # the broker ends a request at its deadline; the client waits this much more
 MAX_BUFFERED_BYTES = 16 << 20  # a stream whose reader falls this far behind is cancelled
+SEND_WAIT_MS = 100  # a BlockingClient's send waits this long, then looks at its connection
 
 Body = bytes | str | Any
 WorkerId = str | int  # any worker id, by its str(): Dynamo's are integers
@@ -335,6 +338,11 @@ class Client(PolicyShortcuts[Stream]):
     error slow_reader: a reader cannot make the client buffer without bound. At most
     `receive_hwm` messages from the broker wait for the event loop (then libzmq stops
     reading, and the broker's own limits apply).
+
+    A broker with CURVE takes a client with `curve` keys only (PeerKeys.load("keys/
+    NAME.key_secret", "keys/broker.key")), and only if its public key is in the broker's
+    clients' allowlist; if it is not, the client's requests fail with auth_failed, and its
+    log says why.
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
@@ -344,8 +352,10 @@ class Client(PolicyShortcuts[Stream]):
                  report: Callable[[], dict] | None = None, name: str = "",
                  context: zmq.Context | None = None,
                  max_buffered_bytes: int = MAX_BUFFERED_BYTES,
-                 receive_hwm: int = SOCKET_HWM) -> None:
+                 receive_hwm: int = SOCKET_HWM, curve: PeerKeys | None = None) -> None:
         self.address = check_endpoint(address)
+        self.curve = curve
+        self.refused: BrokerError | None = None  # why the broker refused this client's keys
         self.max_buffered_bytes = max_buffered_bytes
         self.receive_hwm = receive_hwm
         self.timeout = timeout
@@ -389,7 +399,8 @@ class Client(PolicyShortcuts[Stream]):
         # A broker that dies closes the connection: its requests fail at once rather
         # than after the heartbeats it misses.
         sock, self._connection = watched_dealer(self.context, self.address, self._on_connected,
-                                                self._on_disconnected, self.receive_hwm)
+                                                self._on_disconnected, self._on_refused,
+                                                self.receive_hwm, self.curve)
         self._channel = Channel(sock, self._on_message)
         self._last_heard = time.monotonic()
         self._beat()
@@ -426,12 +437,17 @@ class Client(PolicyShortcuts[Stream]):
         channel = self._open_channel()
         message, timeout, setting = self._new_request(service, body, policy, worker, timeout)
         reply = Reply(self, message.rid, timeout, setting)
+        if self.refused is not None:
+            reply.finish(self.refused)
+            return Stream(reply)
         self.replies[message.rid] = reply
         channel.send(p.encode_request_to_broker(message))
         return Stream(reply)
 
     async def stats(self, timeout: float = 5.0) -> dict:
         channel = self._open_channel()
+        if self.refused is not None:
+            raise self.refused
         rid = b"s%x" % next(self._ids)
         waiter = self.loop.create_future()
         self._stats_waiters[rid] = waiter
@@ -488,6 +504,8 @@ class Client(PolicyShortcuts[Stream]):
 
     def _beat(self) -> None:
         """A heartbeat, and the counters' report if this client makes one."""
+        if self.refused is not None:
+            return  # nothing would carry it: it would wait in the channel for ever
         self._channel.send(p.encode_heartbeat())
         if self.report is None:
             return
@@ -504,6 +522,13 @@ class Client(PolicyShortcuts[Stream]):
 
     def _on_connected(self) -> None:
         self._beat()  # its answer says it is alive
+
+    def _on_refused(self, message: str) -> None:
+        """The broker refused this client's keys; libzmq does not try again, so every
+        request fails with auth_failed from now on."""
+        log.error("%s", message)
+        self.refused = BrokerError(p.E_AUTH_FAILED, message)
+        self._fail_all(self.refused)
 
     def _on_heartbeat(self, msg: p.Heartbeat) -> None:
         boot_id = msg.boot_id
@@ -645,7 +670,9 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
     While it waits it heartbeats the broker, and gives up on it as the asyncio Client
     does: after `heartbeat_misses` heartbeats of silence, or when the connection closes.
     A stream left unread while others are read falls behind as in the asyncio Client:
-    past `max_buffered_bytes` it is cancelled, and ends with slow_reader.
+    past `max_buffered_bytes` it is cancelled, and ends with slow_reader. With `curve`
+    keys it connects as the asyncio Client does; a broker that refuses them fails its
+    requests with auth_failed.
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
@@ -653,15 +680,22 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
                  heartbeat_misses: int = HEARTBEAT_MISSES,
                  context: zmq.Context | None = None,
-                 max_buffered_bytes: int = MAX_BUFFERED_BYTES) -> None:
+                 max_buffered_bytes: int = MAX_BUFFERED_BYTES,
+                 curve: PeerKeys | None = None) -> None:
         self.address = check_endpoint(address)
         self.max_buffered_bytes = max_buffered_bytes
         self.timeout = timeout
         self.timeout_setting = timeout_setting
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
-        self.sock = dealer(context or zmq.Context.instance(), address, connect=False)
-        self._monitor = self.sock.get_monitor_socket(CONNECTION_EVENTS)
+        self.curve = curve
+        self.sock = dealer(context or zmq.Context.instance(), address, connect=False,
+                           curve=curve)
+        self._monitor = self.sock.get_monitor_socket(
+            CONNECTION_EVENTS | HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.sock.sndtimeo = SEND_WAIT_MS
+        self._handshake_failed: str | None = None  # why the last handshake failed
+        self._gave_up = False  # libzmq will not connect again: the broker refused us
         self.sock.connect(address)  # after the monitor, which would miss an earlier connection
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
@@ -725,11 +759,25 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
         self._sending = True
         try:
             for frames in messages:
-                self.sock.send_multipart(frames)
+                self._send_frames(frames)
             while self._abandoned:
-                self.sock.send_multipart(p.encode_cancel(p.Cancel(self._abandoned.pop())))
+                self._send_frames(p.encode_cancel(p.Cancel(self._abandoned.pop())))
         finally:
             self._sending = False
+
+    def _send_frames(self, frames: list[bytes]) -> None:
+        """Send one message, waiting while the socket's queue is full; drop it once libzmq
+        has given up on the connection (a refused handshake), which leaves the socket
+        nothing to send to and a plain send waiting for ever."""
+        while True:
+            self._take_connection_events()
+            if self._gave_up:
+                return
+            try:
+                self.sock.send_multipart(frames)  # waits SEND_WAIT_MS at most
+                return
+            except zmq.Again:
+                continue
 
     def _cancel(self, rid: bytes) -> None:
         """Tell the broker to stop a request; silent once the client is closed.
@@ -770,6 +818,8 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
                 return unread.take()
             if unread.error is not None:
                 raise unread.error
+            if self._handshake_failed:  # before the closing that follows it
+                raise BrokerError(p.E_AUTH_FAILED, self._handshake_failed)
             if self._lost_connections != connection:
                 raise closed_connection_error(self.address)
             now = time.monotonic()
@@ -816,8 +866,15 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
 
     def _take_connection_events(self) -> None:
         while self._monitor.poll(0):
-            event = parse_monitor_message(self._monitor.recv_multipart())["event"]
+            message = parse_monitor_message(self._monitor.recv_multipart())
+            event = message["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 self._lost_connections += 1  # what waited on the closed connection is lost
             elif event == zmq.EVENT_CONNECTED:
-                self._send(p.encode_heartbeat())  # its answer says it is alive
+                self._next_beat = 0.0  # at once: its answer says it is alive
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake_failed = None
+            else:
+                self._handshake_failed = handshake_failure(event, message["value"],
+                                                           self.address, self.curve is not None)
+                self._gave_up |= self._handshake_failed is not None and not retried(event)

@@ -3,6 +3,7 @@ a mistake in an address gets the same one-line explanation wherever it is made."
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 ENDPOINT_SCHEMES = ("tcp", "ipc", "inproc")
@@ -38,3 +39,19 @@ def check_endpoint(value: str) -> str:
     if problem:
         raise ValueError(problem)
     return value
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether only this machine can reach `endpoint`: ipc:// and inproc://, and tcp:// on
+    127.0.0.0/8, ::1 or localhost. Any other host name counts as reachable from outside,
+    whatever it resolves to now."""
+    scheme, _, address = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = address.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

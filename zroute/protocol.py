@@ -65,6 +65,7 @@ E_WRONG_ENDPOINT = "wrong_endpoint"  # a worker on the client socket, or a clien
 E_LIMIT = "limit_exceeded"  # a peer's message, registration or share is over a limit
 E_SLOW_READER = "slow_reader"  # raised by the client library, never sent
 E_CLIENT_CLOSED = "client_closed"  # raised by the client library, never sent
+E_AUTH_FAILED = "auth_failed"  # the broker refused the client's keys: raised, never sent
 
 # "direct" is a routing mode too, but it names its worker instead of a policy choosing one.
 DIRECT = "direct"

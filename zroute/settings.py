@@ -15,10 +15,12 @@ A field's key in YAML is its name; a section's is given with it (`ServiceArgs`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from zroute.endpoints import endpoint_problem
+from zroute.curve import PeerKeys
+from zroute.endpoints import endpoint_problem, is_loopback
 from zroute.ports import same_listener, tcp_address
 from zroute.protocol import DEFAULT_POLICY, MAX_BATCH_BYTES
 
@@ -26,6 +28,9 @@ T = TypeVar("T")
 
 RULES = "zroute.rules"  # the metadata key of a field's Rules
 KEY = "zroute.key"  # the metadata key of a section's name in YAML
+# The broker's two allowlists of public keys, and the ZAP domains of its two sockets.
+WORKERS = "workers"
+CLIENTS = "clients"
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,21 @@ def policy_spec_problem(specs: tuple[str, ...]) -> str | None:
     return None
 
 
+def file_problem(value: str) -> str | None:
+    """A setting that names a file: empty (none), or a path that is not a directory's."""
+    if "\0" in value or "\n" in value:
+        return f"{value!r} is not a file path"
+    if value.endswith(("/", os.sep)):
+        return f"{value!r} names a directory: give a file"
+    return None
+
+
+def directory_problem(value: str) -> str | None:
+    if "\0" in value or "\n" in value:
+        return f"{value!r} is not a directory path"
+    return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class BackendSettings(Section):
     """The workers'."""
@@ -108,6 +128,9 @@ class BackendSettings(Section):
     drain_timeout: float = setting(30.0, ge=0)  # SIGTERM: finish in-flight work for this long
     # Send a handler's exception text to clients; else they get a request id to look up.
     expose_errors: bool = False
+    # The worker's CURVE key pair (NAME.key_secret, from `zroute keys worker NAME`); empty:
+    # none, for a broker without CURVE.
+    curve_key: str = setting("", check=file_problem)
     service_args: ServiceArgs = section(ServiceArgs, "ServiceArgs")
 
 
@@ -143,6 +166,12 @@ class FrontendSettings(Section):
     admin_port: int = setting(0, ge=0, le=65535)
     stats_feed_interval: float = setting(1.0, ge=0.1, le=60)  # between /stats/stream events
     max_stats_feeds: int = setting(32, ge=1)  # /stats/stream connections at once
+    # The gateway's CURVE key pair (`zroute keys client NAME`); `zroute stats` uses it too.
+    curve_key: str = setting("", check=file_problem)
+    # HTTPS on both listeners: a PEM certificate (chain) and its private key; both or
+    # neither.
+    tls_cert: str = setting("", check=file_problem)
+    tls_key: str = setting("", check=file_problem)
     service_args: ServiceArgs = section(ServiceArgs, "ServiceArgs")
 
     def admin_clash(self) -> str | None:
@@ -153,6 +182,14 @@ class FrontendSettings(Section):
         return (f"Frontend.admin_port ({self.admin_port}) is Frontend.port: give the "
                 "operators' endpoints a port of their own, or 0 to serve them on "
                 "Frontend.port with /generate")
+
+    def tls_problem(self) -> str | None:
+        """Why the TLS settings cannot be used as they are, if they cannot."""
+        if bool(self.tls_cert) == bool(self.tls_key):
+            return None
+        given, missing = (("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert"))
+        return (f"Frontend.{given} is set but not Frontend.{missing}: HTTPS needs both the "
+                "certificate and its private key")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,6 +220,20 @@ class BrokerSettings(Section):
     stats_interval: float = setting(0.1, ge=0)  # STATS past a client's share wait this long at most
     # Policy classes (module:Class) a request may name besides the built-in ones.
     policies: tuple[str, ...] = setting((), check=policy_spec_problem)
+    # CURVE (docs/DEPLOY.md). The broker's key pair, broker.key_secret from `zroute keys
+    # init`; empty: no CURVE, which a broker listening beyond loopback refuses unless
+    # `insecure`.
+    curve_secret_key: str = setting("", check=file_problem)
+    # The broker's public key, as its peers take it (broker.key); empty: the one in
+    # curve_secret_key, for peers on the broker's host.
+    curve_public_key: str = setting("", check=file_problem)
+    # The public keys (*.key) that the backend (workers) and the frontend (clients and
+    # gateways) accept; empty: workers/ and clients/ beside curve_secret_key.
+    curve_workers_dir: str = setting("", check=directory_problem)
+    curve_clients_dir: str = setting("", check=directory_problem)
+    # Listen beyond loopback without CURVE: anyone who reaches a port may serve or send
+    # any request.
+    insecure: bool = False
 
     def endpoint_clash(self) -> str | None:
         """Why the two endpoints cannot both be bound, if they cannot: clients and workers
@@ -196,23 +247,48 @@ class BrokerSettings(Section):
                 "Broker.backend, so each needs its own (by default "
                 f"{BrokerSettings.frontend} and {BrokerSettings.backend})")
 
-    def for_clients(self) -> BrokerLink:
-        """The broker as its clients (gateways) reach it."""
-        return BrokerLink(self.frontend, self.heartbeat_interval, self.heartbeat_misses)
+    def allowlist(self, role: str) -> str:
+        """The directory of the public keys that the endpoint of `role` ("workers" or
+        "clients") accepts."""
+        configured = self.curve_workers_dir if role == WORKERS else self.curve_clients_dir
+        return configured or os.path.join(os.path.dirname(self.curve_secret_key), role)
 
-    def for_workers(self) -> BrokerLink:
-        """The broker as its workers reach it."""
-        return BrokerLink(self.backend, self.heartbeat_interval, self.heartbeat_misses)
+    def exposed_endpoints(self) -> list[str]:
+        """The endpoints that other hosts may reach, as "Broker.backend (tcp://...)"."""
+        return [f"Broker.{key} ({endpoint})"
+                for key, endpoint in (("frontend", self.frontend), ("backend", self.backend))
+                if not is_loopback(endpoint)]
+
+    def exposure_problem(self) -> str | None:
+        """Why the broker must not start as configured, if it must not: it would listen
+        beyond loopback in plaintext, without having been told that this is meant."""
+        exposed = self.exposed_endpoints()
+        if self.curve_secret_key or self.insecure or not exposed:
+            return None
+        return (f"{' and '.join(exposed)} can be reached from other hosts, and the broker has "
+                "no CURVE keys: create them with `zroute keys init --dir keys` and set "
+                "Broker.curve_secret_key=keys/broker.key_secret (docs/DEPLOY.md), or set "
+                "Broker.insecure=true to accept anyone")
+
+    def for_clients(self, curve: PeerKeys | None = None) -> BrokerLink:
+        """The broker as its clients (gateways) reach it, with their keys if it has CURVE."""
+        return BrokerLink(self.frontend, self.heartbeat_interval, self.heartbeat_misses, curve)
+
+    def for_workers(self, curve: PeerKeys | None = None) -> BrokerLink:
+        """The broker as its workers reach it, with their keys if it has CURVE."""
+        return BrokerLink(self.backend, self.heartbeat_interval, self.heartbeat_misses, curve)
 
 
 @dataclass(frozen=True)
 class BrokerLink:
-    """What a peer of the broker knows of it: the endpoint it connects to, and the
-    heartbeat by which each of them knows that the other is alive."""
+    """What a peer of the broker knows of it: the endpoint it connects to, the heartbeat
+    by which each of them knows that the other is alive, and the CURVE keys it connects
+    with (None: without CURVE)."""
 
     endpoint: str
     heartbeat_interval: float = BrokerSettings.heartbeat_interval
     heartbeat_misses: int = BrokerSettings.heartbeat_misses
+    curve: PeerKeys | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,6 +10,7 @@ from typing import Callable, Mapping, NoReturn, Sequence
 
 import zmq
 
+from zroute.curve import CurveError
 from zroute.loader import LoadError
 from zroute.settings import BrokerSettings, Config
 from zroute_cli.config import (ConfigError, EndpointClash, closest, closest_key, load_config,
@@ -144,8 +145,8 @@ def _stop_before_serving(signum: int, frame: object) -> None:
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse, set up logging, run `args.run(args, overrides)`.
 
-    A configuration error (or a module:attr that does not load) is one line on stderr
-    and exit code 2.
+    A configuration error (or a module:attr that does not load, a key file that cannot
+    be used) is one line on stderr and exit code 2.
     """
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args, unknown = parser.parse_known_args(rest)
@@ -161,7 +162,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     except StopBeforeServing:
         log.info("stopped before serving")
         return 0
-    except (ConfigError, LoadError) as e:
+    except (ConfigError, LoadError, CurveError) as e:
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `zroute stats --json | head`: the reader has had enough

@@ -8,14 +8,17 @@ import dataclasses
 import errno
 import logging
 import signal
+import ssl
 import sys
 
 from aiohttp import web
 
 from gateway.app import Gateway
+from zroute.curve import peer_keys
 from zroute.settings import FrontendSettings
 from zroute_cli import aio
 from zroute_cli.command import add_common_options, component_main, load
+from zroute_cli.config import ConfigError
 from zroute_cli.ports import PortInUse, http_url, in_use_message
 
 log = logging.getLogger("zroute.gateway")
@@ -49,10 +52,30 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
                                     "Frontend.port": args.port})
     frontend = dataclasses.replace(
         config.frontend, max_connections=connection_limit(config.frontend.max_connections))
-    gateway = Gateway(frontend, config.broker.for_clients(), args.log_name or "")
+    tls = tls_context(frontend)
+    keys = peer_keys(frontend.curve_key, "Frontend.curve_key", config.broker)
+    gateway = Gateway(frontend, config.broker.for_clients(keys), args.log_name or "")
     aio.run(serve(gateway, frontend.host, frontend.port, frontend.drain_timeout,
-                  args.reuse_port))
+                  args.reuse_port, tls))
     return 0
+
+
+def tls_context(frontend: FrontendSettings) -> ssl.SSLContext | None:
+    """The server side of HTTPS, from Frontend.tls_cert and Frontend.tls_key; None for
+    plain HTTP."""
+    problem = frontend.tls_problem()
+    if problem:
+        raise ConfigError(problem)
+    if not frontend.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(frontend.tls_cert, frontend.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"Frontend.tls_cert {frontend.tls_cert!r} and Frontend.tls_key "
+                          f"{frontend.tls_key!r} cannot be used: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
+    return context
 
 
 def connection_limit(configured: int) -> int:
@@ -83,11 +106,11 @@ def raise_descriptor_limit() -> int:
 
 
 async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
-                reuse_port: bool = False) -> None:
+                reuse_port: bool = False, tls: ssl.SSLContext | None = None) -> None:
     """Serve until SIGINT or SIGTERM; then stop accepting, let the requests in flight
     finish for up to `drain_timeout` seconds (a second signal: none), and cut the rest
     with an error line. With Frontend.admin_port, the operators' endpoints are served
-    there."""
+    there. With `tls`, both listeners serve HTTPS only."""
     await gateway.start()
     settings = gateway.settings
     listeners = [(gateway.server(), host, port)]
@@ -102,11 +125,13 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
             runner = web.ServerRunner(server, shutdown_timeout=drain_timeout + CUT_GRACE_S)
             runners.append(runner)
             await runner.setup()
-            await listen(runner, listen_host, listen_port, reuse_port)
-        admin = (f", operators' endpoints on {http_url(settings.admin_host, settings.admin_port)}"
+            await listen(runner, listen_host, listen_port, reuse_port, tls)
+        secure = tls is not None
+        admin = (f", operators' endpoints on "
+                 f"{http_url(settings.admin_host, settings.admin_port, secure)}"
                  if gateway.admin_routes else "")
         log.info("gateway listening on %s%s, broker %s, at most %d connections",
-                 http_url(host, port), admin, gateway.broker.endpoint,
+                 http_url(host, port, secure), admin, gateway.broker.endpoint,
                  settings.max_connections)
         stop = asyncio.Event()
 
@@ -130,9 +155,10 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
         await gateway.stop()
 
 
-async def listen(runner: web.ServerRunner, host: str, port: int, reuse_port: bool) -> None:
+async def listen(runner: web.ServerRunner, host: str, port: int, reuse_port: bool,
+                 tls: ssl.SSLContext | None) -> None:
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port, ssl_context=tls).start()
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise PortInUse(in_use_message(port)) from None

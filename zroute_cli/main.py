@@ -9,7 +9,7 @@ from typing import Sequence
 import zroute_cli.broker
 import zroute_cli.gateway
 import zroute_cli.worker
-from zroute_cli import serve, stats as stats_cli
+from zroute_cli import keys, serve, stats as stats_cli
 from zroute_cli.command import run_command
 
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("worker", zroute_cli.worker, "run a worker"),
         ("gateway", zroute_cli.gateway, "run the HTTP gateway"),
         ("stats", stats_cli, "show the broker's stats"),
+        ("keys", keys, "create CURVE keys for the broker, workers and clients"),
     ):
         module.configure(commands.add_parser(name, help=summary))
     return parser

@@ -176,15 +176,16 @@ def _command(pid: int) -> str:
     return " ".join([Path(argv[0]).name, *argv[1:]])
 
 
-def http_url(host: str, port: int) -> str:
-    """http://host:port, with an IPv6 address in brackets."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def http_url(host: str, port: int, tls: bool = False) -> str:
+    """http://host:port (https:// with `tls`), with an IPv6 address in brackets."""
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-def local_url(host: str, port: int) -> str:
+def local_url(host: str, port: int, tls: bool = False) -> str:
     """A URL that reaches, from this machine, a server listening on host:port."""
     if host in ("", "0.0.0.0"):  # every interface: loopback is one of them
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    return http_url(host, port)
+    return http_url(host, port, tls)

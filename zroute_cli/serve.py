@@ -17,6 +17,7 @@ import json
 import logging
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -281,9 +282,15 @@ def _second_stack_hint(config: Config, port: int | None) -> str:
     return f"; to run a second stack, give it other ports too: {' '.join(flags)}"
 
 
+# serve asks its own gateways, on this machine, whatever certificate they have.
+OWN_GATEWAYS = ssl.create_default_context()
+OWN_GATEWAYS.check_hostname = False
+OWN_GATEWAYS.verify_mode = ssl.CERT_NONE
+
+
 def get_json(url: str) -> dict | None:
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:
+        with urllib.request.urlopen(url, timeout=1, context=OWN_GATEWAYS) as response:
             return json.load(response)
     except (urllib.error.URLError, OSError, ValueError):
         return None
@@ -297,6 +304,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # The broker's own check of its policies, before anything starts: a bad
     # Frontend.routing_mode is then one line from serve.
     configured_policies(config)
+    # The broker's and the gateways' own checks of their security settings, likewise.
+    for problem in (config.broker.exposure_problem(), config.frontend.tls_problem()):
+        if problem:
+            raise ConfigError(problem)
     check_addresses(config, "--host" if args.host is not None else "Frontend.host")
     supervisor = build_supervisor(config, args, overrides)
     try:
@@ -307,7 +318,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, _: stop_requested.append(signum))
     supervisor.start()
-    base = local_url(config.frontend.host, config.frontend.port)
+    base = local_url(config.frontend.host, config.frontend.port, bool(config.frontend.tls_cert))
     try:
         code = _supervise(supervisor, base, config, stop_requested)
     except BaseException:
@@ -373,9 +384,10 @@ def _wait_ready(supervisor: Supervisor, url: str, stop_requested: list) -> bool:
 def operators_url(config: Config) -> str:
     """Where /stats and /dashboard are: Frontend.admin_port's listener, if it has one."""
     frontend = config.frontend
+    tls = bool(frontend.tls_cert)
     if frontend.admin_port:
-        return local_url(frontend.admin_host, frontend.admin_port)
-    return local_url(frontend.host, frontend.port)
+        return local_url(frontend.admin_host, frontend.admin_port, tls)
+    return local_url(frontend.host, frontend.port, tls)
 
 
 def _announce(base: str, config: Config) -> None:

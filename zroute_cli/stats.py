@@ -10,6 +10,7 @@ import orjson
 
 from zroute import protocol as p
 from zroute.client import BlockingClient, BrokerError
+from zroute.curve import peer_keys
 from zroute_cli.command import add_common_options, load
 from zroute_cli.config import ConfigError
 
@@ -30,6 +31,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--watch", action="store_true",
                         help="refresh the table every second, until Ctrl-C; a broker that "
                              "does not answer is shown as such, and waited for")
+    parser.add_argument("--key", metavar="FILE",
+                        help="this client's CURVE key pair, for a broker with CURVE (NAME."
+                             "key_secret from `zroute keys client NAME`; default: "
+                             "Frontend.curve_key)")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
                         help="how long to wait for the broker (default: 5; with --watch, "
                              "at most a second)")
@@ -41,9 +46,13 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if not args.timeout > 0:  # nan too
         raise ConfigError(f"--timeout {args.timeout:g} is invalid: must be a number of "
                           "seconds > 0")
-    broker = load(args, overrides, {"Broker.frontend": args.broker}).broker.for_clients()
+    config = load(args, overrides, {"Broker.frontend": args.broker,
+                                    "Frontend.curve_key": args.key})
+    keys = peer_keys(config.frontend.curve_key,
+                     "--key" if args.key else "Frontend.curve_key", config.broker)
+    broker = config.broker.for_clients(keys)
     with BlockingClient(broker.endpoint, heartbeat_interval=broker.heartbeat_interval,
-                        heartbeat_misses=broker.heartbeat_misses) as client:
+                        heartbeat_misses=broker.heartbeat_misses, curve=broker.curve) as client:
         if args.watch:
             return watch(client, min(args.timeout, REFRESH_S))
         try:
@@ -64,8 +73,9 @@ def watch(client: BlockingClient, timeout: float) -> int:
             began = time.monotonic()
             try:
                 screen = render(client.stats(timeout))
-            except BrokerError:
-                screen = f"broker unreachable at {client.address} (retrying)"
+            except BrokerError as e:
+                screen = (e.message if e.code == p.E_AUTH_FAILED
+                          else f"broker unreachable at {client.address}") + " (retrying)"
             print(CLEAR_SCREEN + screen, flush=True)
             time.sleep(max(0.0, REFRESH_S - (time.monotonic() - began)))
     except KeyboardInterrupt:
@@ -94,5 +104,6 @@ def render(stats: dict) -> str:
     lines.append(f"broker: up {b['uptime_s']:.0f}s  requests {b['requests']}  "
                  f"inflight {b['inflight']}  waiting {b['queue_depth']}  "
                  f"completed {b['completed']}  failed {b['failed']}  chunks {b['chunks']}  "
-                 f"retries {b['retries']}  timeouts {b['timeouts']}  evictions {b['evictions']}")
+                 f"retries {b['retries']}  timeouts {b['timeouts']}  evictions {b['evictions']}  "
+                 f"refused keys {b['auth_failures']}")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ import signal
 from typing import Any
 
 from zroute import protocol as p
+from zroute.curve import peer_keys
 from zroute.loader import load_object
 from worker.runtime import Handler, Worker
 from zroute_cli import aio
@@ -115,13 +116,15 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if log.isEnabledFor(logging.DEBUG):
         log.debug("configuration: %s", json.dumps(config.as_dict()))
         log.debug("handler %s: %r", args.handler, handler)
+    keys = peer_keys(config.backend.curve_key, "Backend.curve_key", config.broker)
     worker = Worker(
-        config.backend, config.broker.for_workers(),
+        config.backend, config.broker.for_workers(keys),
         args.worker_id or f"worker-{secrets.token_hex(3)}",  # tells clients nothing of the host
         {service: handler for service in args.services or ["generate"]})
     aio.run(_serve(worker))
     if worker.refused:
-        flags = {p.E_ID_IN_USE: "--id: ", p.E_WRONG_ENDPOINT: "--broker: "}
+        flags = {p.E_ID_IN_USE: "--id: ", p.E_WRONG_ENDPOINT: "--broker: ",
+                 p.E_AUTH_FAILED: "Backend.curve_key: "}
         raise ConfigError(f"{flags.get(worker.refused.code, '')}{worker.refused.message}")
     return 0
 
