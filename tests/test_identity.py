@@ -128,7 +128,7 @@ def test_a_client_that_stays_keeps_its_requests_when_another_leaves():
     memory = MemoryBroker(None, f"Broker.frontend=tcp://127.0.0.1:{free_port()}")
     broker = memory.broker
     try:
-        worker = memory.register("w1")
+        memory.register("w1")
         staying, leaving = (memory.connect(broker.frontend, name) for name in (b"c1", b"c2"))
         for sock in (staying, leaving):
             sock.send_multipart(p.encode_request_to_broker(p.Request(b"r1", "generate", b"{}")))
