@@ -167,3 +167,23 @@ def test_sigterm_before_a_worker_serves_ends_it_with_code_0(tmp_path):
     output, _ = worker.communicate(timeout=10)
     assert worker.returncode == 0, output.decode()
     assert b"stopped before serving" in output and b"Traceback" not in output
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", ["gateway", "worker", "broker"])
+def test_sigterm_as_soon_as_a_component_says_it_is_up_ends_it_with_code_0(command):
+    """SIGTERM right after a component's first line (the gateway's "listening" comes just
+    before its event loop sets its own handler): exit code 0 and no traceback."""
+    port, other = free_port(), free_port()
+    args = {"gateway": ["--broker", f"tcp://127.0.0.1:{other}", "--port", str(port)],
+            "worker": ["--broker", f"tcp://127.0.0.1:{other}"],
+            "broker": ["--frontend", f"tcp://127.0.0.1:{port}",
+                       "--backend", f"tcp://127.0.0.1:{other}"]}[command]
+    for _ in range(3):
+        proc = subprocess.Popen([ZROUTE, command, *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        output = proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        output += proc.communicate(timeout=20)[0]
+        assert proc.returncode == 0, output.decode()
+        assert b"Traceback" not in output, output.decode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
@@ -138,8 +139,24 @@ class StopBeforeServing(BaseException):
     way, around a user's module say, takes it for an error.)"""
 
 
+_stop_requested = False  # a SIGTERM came while an event loop ran, before its handler
+
+
 def _stop_before_serving(signum: int, frame: object) -> None:
-    raise StopBeforeServing
+    """Raise StopBeforeServing, except inside a running event loop, which would take the
+    exception for a failed callback and go on: there the SIGTERM is remembered, and the
+    component asks for it with stop_requested() once it has set its own handler."""
+    global _stop_requested
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise StopBeforeServing from None
+    _stop_requested = True
+
+
+def stop_requested() -> bool:
+    """Whether a SIGTERM came before the running event loop had its own handler for it."""
+    return _stop_requested
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

@@ -17,7 +17,7 @@ from gateway.app import Gateway
 from zroute.curve import peer_keys
 from zroute.settings import FrontendSettings
 from zroute_cli import aio
-from zroute_cli.command import add_common_options, component_main, load
+from zroute_cli.command import add_common_options, component_main, load, stop_requested
 from zroute_cli.config import ConfigError
 from zroute_cli.ports import PortInUse, http_url, in_use_message
 
@@ -142,6 +142,8 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal)
+        if stop_requested():
+            on_signal()
         await stop.wait()
         log.info("gateway stopping: %d request(s) in flight; waiting up to %g s "
                  "(Ctrl-C again to cut them now)", gateway.metrics.inflight, drain_timeout)

@@ -16,7 +16,7 @@ from zroute.curve import peer_keys
 from zroute.loader import load_object
 from worker.runtime import Handler, Worker
 from zroute_cli import aio
-from zroute_cli.command import add_common_options, component_main, load
+from zroute_cli.command import add_common_options, component_main, load, stop_requested
 from zroute.settings import BrokerSettings, Config
 from zroute_cli.config import ConfigError
 
@@ -133,7 +133,8 @@ async def _serve(worker: Worker) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, worker.stop)
-    await worker.run()
+    if not stop_requested():  # else it has nothing to drain: it never registered
+        await worker.run()
 
 
 if __name__ == "__main__":  # how serve starts it: only this component is imported
