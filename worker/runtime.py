@@ -183,11 +183,14 @@ class Worker:
 
     It runs with the `Backend` section's settings, and speaks to the broker at `broker`
     over a BrokerChannel, or over what `transport` opens: a broker stand-in in the same
-    process, say (`broker` then only names it in the worker's log)."""
+    process, say (`broker` then only names it in the worker's log). `on_registered` is
+    called with True once the broker has registered the worker, and with False when that
+    ends (the connection closes, the broker forgets it, it drains)."""
 
     def __init__(self, settings: BackendSettings, broker: BrokerLink, worker_id: str | int,
                  handlers: dict[str, Handler], *, context: zmq.Context | None = None,
-                 transport: TransportFactory | None = None) -> None:
+                 transport: TransportFactory | None = None,
+                 on_registered: Callable[[bool], None] | None = None) -> None:
         if not handlers:
             raise ValueError("a worker needs at least one service")
         self.broker = check_endpoint(broker.endpoint)
@@ -226,6 +229,10 @@ class Worker:
         self._backoff = RECONNECT_MIN_S
         self._stopping: asyncio.Event | None = None
         self.refused: p.Error | None = None  # why the broker refused this worker, if it did
+        # The broker heartbeats registered workers only: its first heartbeat after READY
+        # says that this worker is registered, until the connection or registration ends.
+        self.registered = False
+        self._on_registered = on_registered or (lambda registered: None)
         self._drops = LogLimiter(log)
         # A handler that blocks the loop is reported once heartbeats are due, before the
         # broker evicts the worker for missing them.
@@ -280,6 +287,7 @@ class Worker:
         """The broker died or stopped: what it sent is lost, so stop working on it now.
         ZeroMQ connects again by itself, and READY goes when it does."""
         self._connected = False
+        self._set_registered(False)
         if self.refused is not None:
             return  # said already
         self._said_waiting = True
@@ -316,6 +324,7 @@ class Worker:
             return
         # Connected, but silent: a hung broker, or a peer that is not one. A new socket.
         log.warning("worker %s: broker silent for %.1f s; reconnecting", self.worker_id, silence)
+        self._set_registered(False)
         self._abandon_requests()
         self._channel.close(0)
         self._connect()
@@ -327,6 +336,7 @@ class Worker:
         """Finish the requests in hand (and any the broker sent before it saw DRAIN),
         heartbeating meanwhile, for at most drain_timeout seconds."""
         log.info("worker %s draining %d request(s)", self.worker_id, len(self.tasks))
+        self._set_registered(False)
         self._send(p.encode_drain())
         deadline = time.monotonic() + self.drain_timeout
         while self.tasks and time.monotonic() < deadline:
@@ -394,9 +404,17 @@ class Worker:
 
     def _on_heartbeat(self, _: p.Heartbeat) -> None:
         self._backoff = RECONNECT_MIN_S
+        if not self._stopping.is_set():  # a draining worker takes no new work
+            self._set_registered(True)
+
+    def _set_registered(self, registered: bool) -> None:
+        if registered != self.registered:
+            self.registered = registered
+            self._on_registered(registered)
 
     def _on_disconnect(self, _: p.Disconnect) -> None:
         # The broker does not know us (it restarted): register again, unless leaving.
+        self._set_registered(False)
         self._abandon_requests()
         if not self._stopping.is_set():
             self._register()
@@ -404,6 +422,7 @@ class Worker:
     def _on_error(self, msg: p.Error) -> None:
         log.error("worker %s: the broker refused it: %s", self.worker_id, msg.message)
         if not msg.rid:  # about the worker itself: its id is taken, it is over a limit...
+            self._set_registered(False)
             self.refused = msg
             self.stop()
 

@@ -7,6 +7,7 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 import secrets
 import signal
 from typing import Any
@@ -40,6 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capacity", type=int, metavar="N",
                         help="most requests at once, 0 for unlimited "
                              "(default: Backend.ServiceArgs.capacity)")
+    parser.add_argument("--ready-file", metavar="PATH",
+                        help="a file that exists while the broker has this worker registered "
+                             "(for a readiness probe: test -e PATH); removed when it stops")
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="worker")
 
@@ -117,16 +121,45 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         log.debug("configuration: %s", json.dumps(config.as_dict()))
         log.debug("handler %s: %r", args.handler, handler)
     keys = peer_keys(config.backend.curve_key, "Backend.curve_key", config.broker)
+    ready_file = ReadyFile(args.ready_file) if args.ready_file else None
     worker = Worker(
         config.backend, config.broker.for_workers(keys),
         args.worker_id or f"worker-{secrets.token_hex(3)}",  # tells clients nothing of the host
-        {service: handler for service in args.services or ["generate"]})
-    aio.run(_serve(worker))
+        {service: handler for service in args.services or ["generate"]},
+        on_registered=ready_file.set if ready_file else None)
+    try:
+        aio.run(_serve(worker))
+    finally:
+        if ready_file:
+            ready_file.set(False)
     if worker.refused:
         flags = {p.E_ID_IN_USE: "--id: ", p.E_WRONG_ENDPOINT: "--broker: ",
                  p.E_AUTH_FAILED: "Backend.curve_key: "}
         raise ConfigError(f"{flags.get(worker.refused.code, '')}{worker.refused.message}")
     return 0
+
+
+class ReadyFile:
+    """--ready-file: a file that exists while the worker is registered."""
+
+    def __init__(self, path: str) -> None:
+        directory = os.path.dirname(path) or "."
+        if not os.path.isdir(directory):
+            raise ConfigError(f"--ready-file {path!r}: the directory {directory!r} does not exist")
+        self.path = path
+        self.set(False)  # one left by a process before this one says nothing of this one
+
+    def set(self, registered: bool) -> None:
+        try:
+            if registered:
+                with open(self.path, "w"):
+                    pass
+            else:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.error("--ready-file %s: %s", self.path, e.strerror or e)
 
 
 async def _serve(worker: Worker) -> None:
