@@ -31,6 +31,10 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="text lines, or one JSON object per line")
     parser.add_argument("--log-name", metavar="NAME",
                         help="the name that prefixes this process's log lines")
+    parser.add_argument("--check", action="store_true",
+                        help="check the configuration (the file, the overrides and these "
+                             "options) and exit: 0 if it is valid, else 2 and what is wrong; "
+                             "starts nothing, and reads no file that the configuration names")
     # Set by `zroute serve` on its children: it runs as many of each as the config says.
     parser.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     # Errors name the subcommand, "zroute serve: error: ...", and show its usage.
@@ -54,7 +58,30 @@ def load(args: argparse.Namespace, overrides: Sequence[str],
         raise ConfigError(_clash_from_a_flag(args, flags) or str(clash)) from None
     if not args.supervised:
         _note_the_process_count(args, config)
+    if args.check:
+        for problem in settings_problems(args.process_name, config):
+            raise ConfigError(problem)
+        raise ConfigChecked
     return config
+
+
+class ConfigChecked(Exception):
+    """--check: the configuration is valid, and the command goes no further."""
+
+
+# Settings that a command refuses to start with, though each is valid alone: the
+# security settings, which the component checks as it starts.
+STARTING_CHECKS: dict[str, tuple[Callable[[Config], str | None], ...]] = {
+    "broker": (lambda config: config.broker.exposure_problem(),),
+    "gateway": (lambda config: config.frontend.tls_problem(),),
+}
+STARTING_CHECKS["serve"] = STARTING_CHECKS["broker"] + STARTING_CHECKS["gateway"]
+
+
+def settings_problems(process_name: str, config: Config) -> list[str]:
+    """What in `config` stops the command `process_name` from starting."""
+    return [problem for check in STARTING_CHECKS.get(process_name, ())
+            if (problem := check(config))]
 
 
 # The key that sets how many processes of a command `zroute serve` runs, and its value.
@@ -178,6 +205,9 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
         return args.run(args, overrides)
     except StopBeforeServing:
         log.info("stopped before serving")
+        return 0
+    except ConfigChecked:
+        print(f"{args.prog}: the configuration is valid")
         return 0
     except (ConfigError, LoadError, CurveError) as e:
         print(f"{args.prog}: error: {e}", file=sys.stderr)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from zroute_cli.broker import configured_policies
-from zroute_cli.command import add_common_options, flag_overrides, load
+from zroute_cli.command import add_common_options, flag_overrides, load, settings_problems
 from zroute.settings import Config, FrontendSettings
 from zroute_cli.config import ConfigError
 from zroute.ports import Address, same_listener, tcp_address
@@ -305,9 +305,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # Frontend.routing_mode is then one line from serve.
     configured_policies(config)
     # The broker's and the gateways' own checks of their security settings, likewise.
-    for problem in (config.broker.exposure_problem(), config.frontend.tls_problem()):
-        if problem:
-            raise ConfigError(problem)
+    for problem in settings_problems("serve", config):
+        raise ConfigError(problem)
     check_addresses(config, "--host" if args.host is not None else "Frontend.host")
     supervisor = build_supervisor(config, args, overrides)
     try:
