@@ -316,7 +316,7 @@ class Gateway:
         self.settings = settings
         self.broker = broker
         self.metrics = GatewayMetrics()
-        self.client = Client(broker.endpoint, timeout=settings.request_timeout,
+        self.client = Client(broker.endpoints[0], timeout=settings.request_timeout,
                              timeout_setting="Frontend.request_timeout",
                              heartbeat_interval=broker.heartbeat_interval,
                              heartbeat_misses=broker.heartbeat_misses,

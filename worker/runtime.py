@@ -193,7 +193,7 @@ class Worker:
                  on_registered: Callable[[bool], None] | None = None) -> None:
         if not handlers:
             raise ValueError("a worker needs at least one service")
-        self.broker = check_endpoint(broker.endpoint)
+        self.broker = check_endpoint(broker.endpoints[0])
         self.worker_id = str(worker_id)  # any id, as the clients take it
         self.handlers = handlers
         self.capacity = settings.service_args.capacity
