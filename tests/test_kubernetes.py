@@ -257,12 +257,14 @@ def test_a_gateway_run_from_the_manifests_answers_its_probes_paths(stack: Stack,
     ports = {settings["port"]: free_port(), settings["admin_port"]: free_port()}
     config_file = tmp_path / "config.yaml"
     config_file.write_text(config_text(resources))
-    stack.start("gateway", *command_line(spec, config_file), "--Frontend.host=127.0.0.1",
-                "--Frontend.admin_host=127.0.0.1", f"--Frontend.port={ports[settings['port']]}",
-                f"--Frontend.admin_port={ports[settings['admin_port']]}",
-                f"--Broker.frontends=[\"{stack.frontend}\"]")
+    gateway = stack.start(
+        "gateway", *command_line(spec, config_file), "--Frontend.host=127.0.0.1",
+        "--Frontend.admin_host=127.0.0.1", f"--Frontend.port={ports[settings['port']]}",
+        f"--Frontend.admin_port={ports[settings['admin_port']]}",
+        f"--Broker.frontends=[\"{stack.frontend}\"]", f"--Broker.backends=[\"{stack.backend}\"]")
 
     def answer(probe: str) -> int | None:
+        assert gateway.alive, gateway.output()
         get = spec[probe]["httpGet"]
         reply = http("GET", f"http://127.0.0.1:{ports[container_ports[get['port']]]}{get['path']}")
         return reply and reply.status
