@@ -4,9 +4,11 @@ Each deployment (the default, with CURVE, and the insecure overlay) is rendered 
 `kubectl kustomize`, where kubectl is installed, and every resource it makes is
 validated against the Kubernetes schemas (kubernetes-validate, offline). Then zroute
 itself judges what the pods would run: the ConfigMap's config.yaml and each container's
-args, with `--check`. A real gateway started from the rendered configuration answers
-its probes' paths, and the numbers that must agree (grace periods and drains, broker
-replicas and the lists of brokers, ports) are compared. What only a cluster can show
+args, with `--check`. The pods run here as processes, their volumes laid out as the
+kubelet would mount them: a gateway answers its probes' paths, and the default
+deployment, with the Secrets that docs/DEPLOY.md makes, serves a request with CURVE.
+The numbers that must agree (grace periods and drains, broker replicas and the lists of
+brokers, ports) are compared. What only a cluster can show
 (scheduling, DNS, Secrets mounted, rollouts) is not run here: docs/DEPLOY.md says so.
 """
 
@@ -19,6 +21,7 @@ import subprocess
 import sys
 from functools import cache
 from pathlib import Path
+from typing import Mapping
 
 import kubernetes_validate
 import pytest
@@ -33,7 +36,6 @@ DEPLOYMENTS = {"curve": KUBERNETES, "insecure": KUBERNETES / "insecure"}
 # The oldest Kubernetes release the manifests are meant for, and the newest that
 # kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.latest_version())
-CONFIG_PATH = "/etc/zroute/config.yaml"  # where the pods mount the ConfigMap's config.yaml
 POD_NAME = "zroute-worker-5d8f7c9b4-x2k4j"  # what the downward API gives a worker's --id
 # Components, which the manifests use, came with kustomize 3.7; kubectl 1.21 has 4.0.
 MIN_KUSTOMIZE = (4, 0)
@@ -88,13 +90,37 @@ def config(resources: tuple[dict, ...]) -> dict:
     return yaml.safe_load(config_text(resources))
 
 
-def command_line(spec: dict, config_file: Path) -> list[str]:
-    """A container's args as the kubelet passes them, with the config file at
-    `config_file`: $(VAR) is the variable's value, the pod's name for metadata.name."""
+def pod_here(resources: tuple[dict, ...], kind: str, name: str, root: Path,
+             secrets: Mapping[str, Mapping[str, bytes]] | None = None) -> list[str]:
+    """The command line of a workload's container, run here with its volumes laid out
+    under `root` as the kubelet mounts them: the ConfigMap's config.yaml, each Secret
+    (name -> {file: content}; none given: empty), each emptyDir. The args name those
+    paths, and $(VAR) from the downward API's metadata.name is POD_NAME."""
+    pod = resource(resources, kind, name)["spec"]["template"]["spec"]
+    [spec] = pod["containers"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    for mount in spec["volumeMounts"]:
+        volume, target = volumes[mount["name"]], root / mount["mountPath"].lstrip("/")
+        if "configMap" in volume:
+            assert mount["subPath"] == "config.yaml"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(config_text(resources))
+            continue
+        target.mkdir(parents=True)
+        if "secret" in volume:
+            for file, content in (secrets or {}).get(volume["secret"]["secretName"], {}).items():
+                (target / file).write_bytes(content)
+                (target / file).chmod(volume["secret"]["defaultMode"])
     values = {env["name"]: POD_NAME for env in spec.get("env", [])
               if env.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name"}
-    args = [re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], arg) for arg in spec["args"]]
-    return [str(config_file) if arg == CONFIG_PATH else arg for arg in args]
+    mounted = sorted((mount["mountPath"] for mount in spec["volumeMounts"]), key=len, reverse=True)
+
+    def here(arg: str) -> str:
+        arg = re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], arg)
+        path = next((path for path in mounted if path in arg), None)
+        return arg.replace(path, f"{root}{path}", 1) if path else arg
+
+    return [here(arg) for arg in spec["args"]]
 
 
 def manifest_files() -> list[Path]:
@@ -134,12 +160,12 @@ def test_each_deployment_renders_to_resources_valid_for_kubernetes(deployment: s
 @pytest.mark.parametrize("deployment", DEPLOYMENTS)
 def test_zroute_accepts_the_config_and_every_container_s_command_line(deployment, tmp_path):
     resources = render(DEPLOYMENTS[deployment])
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(config_text(resources))
     for workload in workloads(resources):
         [spec] = workload["spec"]["template"]["spec"]["containers"]
         assert "command" not in spec, "the image's entry point, zroute, runs the args"
-        result = run_zroute(*command_line(spec, config_file), "--check")
+        name = workload["metadata"]["name"]
+        result = run_zroute(*pod_here(resources, workload["kind"], name, tmp_path / name),
+                            "--check")
         assert (result.returncode, result.stdout) == (
             0, f"zroute {spec['args'][0]}: the configuration is valid\n"), \
             f"{workload['metadata']['name']}: {result.stderr}"
@@ -149,10 +175,7 @@ def test_zroute_accepts_the_config_and_every_container_s_command_line(deployment
 def test_the_base_alone_is_refused_by_the_broker_until_an_overlay_says_how_peers_get_in(
         tmp_path):
     resources = render(KUBERNETES / "base")
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(config_text(resources))
-    spec = container(resources, "StatefulSet", "zroute-broker")
-    result = run_zroute(*command_line(spec, config_file), "--check")
+    result = run_zroute(*pod_here(resources, "StatefulSet", "zroute-broker", tmp_path), "--check")
     assert result.returncode == 2
     assert "can be reached from other hosts, and the broker has no CURVE keys" in result.stderr
 
@@ -244,13 +267,9 @@ def test_a_gateway_run_from_the_manifests_answers_its_probes_paths(stack: Stack,
     assert [port["targetPort"] for port in service["spec"]["ports"]] == ["http"]
     # Here: on loopback, free ports, and no broker.
     ports = {settings["port"]: free_port(), settings["admin_port"]: free_port()}
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(config_text(resources))
-    gateway = stack.start(
-        "gateway", *command_line(spec, config_file), "--Frontend.host=127.0.0.1",
-        "--Frontend.admin_host=127.0.0.1", f"--Frontend.port={ports[settings['port']]}",
-        f"--Frontend.admin_port={ports[settings['admin_port']]}",
-        f"--Broker.frontends=[\"{stack.frontend}\"]", f"--Broker.backends=[\"{stack.backend}\"]")
+    gateway = stack.start("gateway", *pod_here(resources, "Deployment", "zroute-gateway", tmp_path),
+                          *gateway_here(stack, ports[settings["port"]],
+                                        ports[settings["admin_port"]]))
 
     def answer(probe: str) -> int | None:
         assert gateway.alive, gateway.output()
@@ -260,6 +279,64 @@ def test_a_gateway_run_from_the_manifests_answers_its_probes_paths(stack: Stack,
 
     assert wait_until(lambda: answer("readinessProbe"), 15, "the gateway's /health") == 503
     assert answer("livenessProbe") == 200
+
+
+def on_loopback(stack: Stack) -> list[str]:
+    """Overrides that put the pods' network on loopback: one broker, at the stack's
+    endpoints."""
+    return [f"--Broker.frontend={stack.frontend}", f"--Broker.backend={stack.backend}",
+            f"--Broker.frontends=[\"{stack.frontend}\"]", f"--Broker.backends=[\"{stack.backend}\"]"]
+
+
+def gateway_here(stack: Stack, port: int, admin_port: int) -> list[str]:
+    return [*on_loopback(stack), "--Frontend.host=127.0.0.1", "--Frontend.admin_host=127.0.0.1",
+            f"--Frontend.port={port}", f"--Frontend.admin_port={admin_port}"]
+
+
+def secrets_from_the_docs(directory: Path) -> dict[str, dict[str, bytes]]:
+    """The Secrets that docs/DEPLOY.md's commands make, run in `directory`: its `zroute
+    keys` lines, then its `kubectl create secret generic NAME --from-file=...` lines read
+    as kubectl reads them (a directory gives each of its files)."""
+    docs = (REPO_ROOT / "docs" / "DEPLOY.md").read_text()
+    section = docs[docs.index("\n## Kubernetes\n"):]
+    for command in re.findall(r"^zroute (keys \S+(?: \S+)? --dir \S+)", section, re.M):
+        result = run_zroute(*command.split(), cwd=directory)
+        assert result.returncode == 0, result.stderr
+    secrets: dict[str, dict[str, bytes]] = {}
+    for name, source in re.findall(r"^kubectl create secret generic (\S+) --from-file=(\S+)$",
+                                   section, re.M):
+        key, _, path = source.rpartition("=")
+        path = directory / path
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        secrets.setdefault(name, {}).update(
+            {(key or file.name): file.read_bytes() for file in files})
+    return secrets
+
+
+@pytest.mark.timeout(90)
+def test_the_curve_deployment_run_here_with_the_docs_secrets_serves_a_request(stack, tmp_path):
+    """Every pod as the manifests and docs/DEPLOY.md make it, on loopback: the keys where
+    the curve component mounts the Secrets, the worker ready once registered."""
+    resources = render(DEPLOYMENTS["curve"])
+    secrets = secrets_from_the_docs(tmp_path)
+    broker = stack.start("broker", *pod_here(resources, "StatefulSet", "zroute-broker",
+                                             tmp_path / "broker", secrets), *on_loopback(stack))
+    worker = tmp_path / "worker"
+    stack.start("worker", *pod_here(resources, "Deployment", "zroute-worker", worker, secrets),
+                *on_loopback(stack), "--Backend.sleep_time=0")
+    port = free_port()
+    stack.start("gateway", *pod_here(resources, "Deployment", "zroute-gateway",
+                                     tmp_path / "gateway", secrets),
+                *gateway_here(stack, port, free_port()))
+    probe = container(resources, "Deployment", "zroute-worker")["readinessProbe"]["exec"]
+    ready_file = worker / probe["command"][-1].lstrip("/")
+    wait_until(ready_file.exists, 20, "the worker's ready file")
+    assert wait_until(lambda: http("GET", f"http://127.0.0.1:{port}/health"), 20,
+                      "the gateway").status == 200
+    reply = http("POST", f"http://127.0.0.1:{port}/generate", b'{"text": "pods"}')
+    assert (reply.status, reply.body, reply.headers["x-worker-id"]) == (
+        200, b"Hello pods!\n", POD_NAME)
+    assert "with CURVE" in broker.output()
 
 
 def dockerfile() -> list[tuple[str, str]]:
