@@ -44,7 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="most requests at once, 0 for unlimited "
                              "(default: Backend.ServiceArgs.capacity)")
     parser.add_argument("--ready-file", metavar="PATH",
-                        help="a file that exists while the broker has this worker registered "
+                        help="a file that exists while a broker has this worker registered "
                              "(for a readiness probe: test -e PATH); removed when it stops")
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="worker")
