@@ -38,7 +38,7 @@ from gateway.dashboard import page_handler
 from gateway.feed import StatsFeed
 from gateway.formats import STREAM_HEADERS, negotiate
 from gateway.metrics import Exporter, GatewayMetrics, total
-from gateway.routes import DEFAULT_ROUTES, Call, CallStream, Forward, Route, check_routes
+from gateway.routes import DEFAULT_ROUTES, CallStream, Forward, Route, check_routes
 from gateway.transport import reset
 from zroute.settings import BrokerLink, FrontendSettings
 from zroute.logs import fields
@@ -389,7 +389,8 @@ class Gateway:
         return web.BaseRequest(message, payload, protocol, writer, task, task.get_loop(),
                                client_max_size=self.settings.max_body)
 
-    def _handler(self, route: Route) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    def _handler(self, route: Route) -> Callable[[web.BaseRequest],
+                                                 Awaitable[web.StreamResponse]]:
         if isinstance(route, Forward):
             return functools.partial(self.forward, route.service)
         return functools.partial(self.call, route.function)
@@ -603,13 +604,10 @@ class Gateway:
         record.first_chunk = time.monotonic()
         record.status, record.policy, record.worker = 200, policy, stream.worker_id or ""
         reply_format = negotiate(request.headers.get("Accept"))  # plain text, SSE or NDJSON
-        response = ReplyResponse(headers={
-            "Server": SERVER,
-            "Content-Type": reply_format.content_type,
-            **STREAM_HEADERS,
-        })
+        headers = {"Server": SERVER, "Content-Type": reply_format.content_type, **STREAM_HEADERS}
         if stream.worker_id is not None:  # a Call is served by no worker
-            response.headers["X-Worker-Id"] = header_value(record.worker)
+            headers["X-Worker-Id"] = header_value(record.worker)
+        response = ReplyResponse(headers=headers)
         if request.version >= (1, 1):
             response.enable_chunked_encoding()
         # else HTTP/1.0, which has no chunks: the body ends when the connection closes.

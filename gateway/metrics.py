@@ -229,8 +229,8 @@ def total(summaries: list[dict]) -> dict:
 
 # A gateway's numbers exported as one series each: (family, name, help, attribute).
 PER_GATEWAY = (
-    (GaugeMetricFamily, "zroute_http_inflight_requests", "HTTP requests to the routes being served.",
-     "inflight"),
+    (GaugeMetricFamily, "zroute_http_inflight_requests",
+     "HTTP requests to the routes being served.", "inflight"),
     (CounterMetricFamily, "zroute_http_client_disconnects",
      "HTTP clients gone before their response ended.", "disconnects"),
     (CounterMetricFamily, "zroute_http_incomplete_responses",
