@@ -148,9 +148,8 @@ async def test_a_call_route_speaks_each_format(broker, accept, expected):
 
 @async_test
 async def test_forward_routes_go_to_the_service_they_name(broker):
-    stack, worker = broker
     routes = {"/hang": Forward("generate"), "/missing": Forward("no-such-service")}
-    async with serving(broker, routes, "Broker.queue_timeout=0") as (_, url, session):
+    async with serving(broker, routes) as (_, url, session):
         async with session.post(f"{url}/hang", data=b'{"marker": "forwarded"}') as resp:
             assert resp.status == 200 and resp.headers["X-Worker-Id"] == "worker-1"
             assert await resp.content.readline() == b"first\n"
@@ -227,7 +226,7 @@ async def test_an_error_after_the_first_chunk_ends_the_stream_visibly(broker):
 async def test_a_client_that_goes_away_cancels_the_function_and_its_requests(broker):
     """The function's own request to a worker is cancelled with it: the worker's
     handler is told."""
-    stack, worker = broker
+    _, worker = broker
     box: dict[str, Gateway] = {}
     finished = asyncio.Event()
 
