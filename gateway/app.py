@@ -655,11 +655,10 @@ class Gateway:
                              ttfc)
         if log.isEnabledFor(logging.INFO):  # the fields cost more than a skipped call
             error = record.error
-            log.info("", extra=fields(request=record.rid.decode(), path=record.path,
-                                      policy=record.policy,
+            log.info("", extra=fields(request=record.rid.decode(), policy=record.policy,
                                       worker=record.worker or None, status=record.status,
                                       ttfc=ttfc, duration=duration, chunks=record.chunks,
-                                      **({"error": error} if error else {})))
+                                      path=record.path, **({"error": error} if error else {})))
 
     # --- /health and /stats ------------------------------------------------
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import subprocess
 import sys
 from typing import Any, AsyncIterator
@@ -281,7 +282,8 @@ async def test_the_drain_cuts_a_call_stream_and_closes_its_function(broker):
 
 
 @async_test
-async def test_call_routes_count_in_stats_and_metrics_under_their_path(broker):
+async def test_call_routes_count_in_stats_metrics_and_the_log_under_their_path(broker, caplog):
+    caplog.set_level(logging.INFO, "zroute.gateway")
     routes = {"/ok": Call(Steps()), "/bad": failing(BadRequest("no"))}
     async with serving(broker, routes) as (gateway, url, session):
         for path in ("/ok", "/ok", "/bad"):
@@ -307,6 +309,9 @@ async def test_call_routes_count_in_stats_and_metrics_under_their_path(broker):
                  if s.name == "zroute_http_time_to_first_chunk_seconds_count"
                  and s.labels["gateway"] == "gateway-t"]
     assert durations == [2]  # the refused one had no first chunk
+    logged = [record.fields for record in caplog.records if hasattr(record, "fields")]
+    assert [(line["path"], line["request"], line["status"]) for line in logged] == [
+        ("/ok", "c1", 200), ("/ok", "c2", 200), ("/bad", "c3", 400)]
 
 
 # --- paths and methods ----------------------------------------------------------------
