@@ -18,7 +18,7 @@ from tests.handlers import CANCELLED_LINE
 from tests.http_support import http, start_gateway, wait_healthy
 from tests.support import Stack, async_wait_until, returned_types, wait_until
 from worker.runtime import Worker
-from zroute.settings import BackendSettings, BrokerLink
+from zroute.settings import WorkerSettings, BrokerLink
 
 
 @pytest.mark.timeout(60)
@@ -160,7 +160,7 @@ def test_a_worker_given_a_transport_registers_serves_and_leaves_over_it():
     transport = RecordingTransport()
 
     async def main() -> None:
-        worker = Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1",
+        worker = Worker(WorkerSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1",
                         {"shout": shout}, transport=transport.open)
         serving = asyncio.create_task(worker.run())
         await async_wait_until(transport.received, what="the worker's READY")
@@ -181,7 +181,7 @@ def test_a_worker_opens_a_new_transport_when_its_broker_falls_silent():
     transport = RecordingTransport()  # it never answers
 
     async def main() -> None:
-        worker = Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556", heartbeat_interval=0.05),
+        worker = Worker(WorkerSettings(), BrokerLink("tcp://127.0.0.1:5556", heartbeat_interval=0.05),
                         "w1", {"shout": shout}, transport=transport.open)
         serving = asyncio.create_task(worker.run())
         await async_wait_until(lambda: transport.opened == 2, what="a second transport")
@@ -193,5 +193,5 @@ def test_a_worker_opens_a_new_transport_when_its_broker_falls_silent():
 
 
 def test_every_message_the_broker_may_send_a_worker_has_a_handler():
-    worker = Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1", {"shout": shout})
+    worker = Worker(WorkerSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1", {"shout": shout})
     assert set(worker.message_handlers) == returned_types(p.decode_to_worker)

@@ -25,7 +25,7 @@ from zroute.connection import watched_dealer
 from zroute.curve import PeerKeys
 from zroute.endpoints import check_endpoint
 from zroute.ratelimit import LogLimiter
-from zroute.settings import BackendSettings, BrokerLink
+from zroute.settings import WorkerSettings, BrokerLink
 from worker.watchdog import LoopWatchdog, frame_location
 from zroute.logs import fields
 
@@ -185,7 +185,7 @@ class Worker:
     over a BrokerChannel, or over what `transport` opens: a broker stand-in in the same
     process, say (`broker` then only names it in the worker's log)."""
 
-    def __init__(self, settings: BackendSettings, broker: BrokerLink, worker_id: str | int,
+    def __init__(self, settings: WorkerSettings, broker: BrokerLink, worker_id: str | int,
                  handlers: dict[str, Handler], *, context: zmq.Context | None = None,
                  transport: TransportFactory | None = None) -> None:
         if not handlers:

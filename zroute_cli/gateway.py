@@ -1,4 +1,5 @@
-"""`zroute gateway`: the HTTP frontend."""
+"""`zroute gateway`: the HTTP frontend, serving the @api routes of a service class (the
+built-in Frontend's /generate by default)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from aiohttp import web
 
 from gateway.app import Gateway
 from zroute.curve import peer_keys
+from zroute.services import Instance
 from zroute.settings import FrontendSettings
 from zroute_cli import aio
-from zroute_cli.command import add_common_options, component_main, load, stop_requested
-from zroute_cli.config import ConfigError
+from zroute_cli.command import (add_common_options, add_graph_options, component_main, load,
+                                service_to_run, stop_requested)
+from zroute_cli.config import ConfigError, section_of
 from zroute_cli.ports import PortInUse, http_url, in_use_message
 
 log = logging.getLogger("zroute.gateway")
@@ -33,8 +36,9 @@ MAX_DEFAULT_CONNECTIONS = 10_000
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Run the HTTP gateway: POST /generate, GET /health, /stats, "
-                          "/stats/stream, /metrics, /dashboard.")
+    parser.description = ("Run the HTTP gateway: the @api routes of a service class "
+                          "(--service-class; the built-in Frontend's POST /generate by "
+                          "default), GET /health, /stats, /stats/stream, /metrics, /dashboard.")
     parser.add_argument("--broker", metavar="ADDR",
                         help="the broker's client-facing endpoint (default: Broker.frontend)")
     parser.add_argument("--host", help="address to listen on (default: Frontend.host)")
@@ -43,21 +47,40 @@ def configure(parser: argparse.ArgumentParser) -> None:
     # For `zroute serve` only: its gateways share one port. Any other gateway has the
     # port to itself, so that two stacks never answer on one port.
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    add_graph_options(parser, "gateway")
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="gateway")
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    config = load(args, overrides, {"Broker.frontend": args.broker, "Frontend.host": args.host,
-                                    "Frontend.port": args.port})
+    graph, described = service_to_run(args, http=True)
+    name = described.name
+    config = load(args, overrides, {"Broker.frontend": args.broker, f"{name}.host": args.host,
+                                    f"{name}.port": args.port}, graph, runs=described)
+    settings = section_of(config, described)
     frontend = dataclasses.replace(
-        config.frontend, max_connections=connection_limit(config.frontend.max_connections))
+        settings, max_connections=connection_limit(settings.max_connections))
     tls = tls_context(frontend)
-    keys = peer_keys(frontend.curve_key, "Frontend.curve_key", config.broker)
+    keys = peer_keys(frontend.curve_key, f"{name}.curve_key", config.broker)
     gateway = Gateway(frontend, config.broker.for_clients(keys), args.log_name or "")
+    instance = Instance(described, frontend, gateway.client)
+    check_routes(instance)
     aio.run(serve(gateway, frontend.host, frontend.port, frontend.drain_timeout,
-                  args.reuse_port, tls))
+                  args.reuse_port, tls, instance))
     return 0
+
+
+def check_routes(instance: Instance) -> None:
+    """The routes the gateway can serve: /generate, passed to the service `generate`."""
+    described = instance.service
+    for route in described.routes.values():
+        target = None
+        if route.forward is not None:
+            attribute, endpoint = route.forward
+            target = described.dependencies[attribute].endpoints[endpoint].name
+        if (route.path, target) != ("/generate", "generate"):
+            raise ConfigError(f"{described.name}.{route.attribute}: the gateway serves only "
+                              "/generate, passed to the service generate, for now")
 
 
 def tls_context(frontend: FrontendSettings) -> ssl.SSLContext | None:
@@ -106,12 +129,26 @@ def raise_descriptor_limit() -> int:
 
 
 async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
-                reuse_port: bool = False, tls: ssl.SSLContext | None = None) -> None:
+                reuse_port: bool = False, tls: ssl.SSLContext | None = None,
+                instance: Instance | None = None) -> None:
     """Serve until SIGINT or SIGTERM; then stop accepting, let the requests in flight
     finish for up to `drain_timeout` seconds (a second signal: none), and cut the rest
     with an error line. With Frontend.admin_port, the operators' endpoints are served
-    there. With `tls`, both listeners serve HTTPS only."""
+    there. With `tls`, both listeners serve HTTPS only. The service `instance` starts
+    before the gateway listens, and stops once it has drained."""
     await gateway.start()
+    try:
+        if instance is not None:
+            await instance.start()
+        await _listen_and_drain(gateway, host, port, drain_timeout, reuse_port, tls)
+        if instance is not None:
+            await instance.stop()
+    finally:
+        await gateway.stop()
+
+
+async def _listen_and_drain(gateway: Gateway, host: str, port: int, drain_timeout: float,
+                            reuse_port: bool, tls: ssl.SSLContext | None) -> None:
     settings = gateway.settings
     listeners = [(gateway.server(), host, port)]
     if gateway.admin_routes:
@@ -154,7 +191,6 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
         await asyncio.gather(*(runner.cleanup() for runner in runners))
         if cut is not None:
             cut.cancel()
-        await gateway.stop()
 
 
 async def listen(runner: web.ServerRunner, host: str, port: int, reuse_port: bool,
