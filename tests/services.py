@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator
 
 import orjson
 
-from zroute import CallError, api, depends, endpoint, on_start, on_stop, service
+from zroute import CallError, api, depends, endpoint, forward, on_start, on_stop, service
 from tests import handlers
 from worker.runtime import BadRequest
 
@@ -135,7 +135,7 @@ class FailsToStart:
     async def setup(self) -> None:
         raise ValueError("no model at /models/x")
 
-    @endpoint
+    @endpoint(name="generate")
     async def generate(self, text: str) -> str:
         return text
 
@@ -148,3 +148,28 @@ class NeedsModel:
     @endpoint
     async def generate(self, text: str) -> str:
         return f"{self.model} {text}"
+
+
+@service
+class Shouter:
+    """Backend's words in capitals, registered as `generate`: the gateway's /generate
+    passes each request to it as it comes."""
+
+    backend = depends(Backend)
+
+    @endpoint(name="generate")
+    async def generate(self, request: dict) -> AsyncIterator[str]:
+        async for chunk in self.backend.generate(request["text"]):
+            yield chunk.upper()
+
+
+@service
+class ShoutFront:
+    shouter = depends(Shouter)
+    generate = forward("/generate", shouter, "generate")
+
+
+@service
+class FailsToStartFront:
+    fails = depends(FailsToStart)
+    generate = forward("/generate", fails, "generate")
