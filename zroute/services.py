@@ -118,8 +118,12 @@ class RouteMark:
 
 def api(path: str, method: str = "POST") -> Callable[[Callable], Callable]:
     """Mark a method as an HTTP route of the gateway: it takes the request's JSON body."""
+    if not isinstance(path, str):  # @api without its path
+        raise GraphError(f"@api needs the route's path: @api(path=\"/generate\"), not "
+                         f"@api on {getattr(path, '__qualname__', path)!r}")
+
     def mark(target: Callable) -> Callable:
-        setattr(target, ROUTE, RouteMark(path, method.upper()))
+        setattr(target, ROUTE, RouteMark(path, str(method).upper()))
         return target
     return mark
 
@@ -576,6 +580,11 @@ class ServiceClient:
 Handler = Callable[[Any], AsyncIterator["bytes | str"]]
 
 
+def _raised(where: str, error: Exception) -> str:
+    """One line: `Backend.setup raised ValueError: ...`."""
+    return f"{where} raised {type(error).__name__}: {' '.join(str(error).split())}"
+
+
 class Instance:
     """A running instance of a service: its settings applied, its dependencies bound to
     `client` (a connected broker Client; None for a service without dependencies)."""
@@ -592,7 +601,10 @@ class Instance:
                 raise ValueError(f"{described.name} has dependencies: it needs a broker client")
             setattr(self.obj, attribute, ServiceClient(target, client, policy))
         if cls.__init__ is not object.__init__:
-            self.obj.__init__()
+            try:
+                self.obj.__init__()
+            except Exception as e:
+                raise StartError(_raised(f"{described.name}.__init__", e)) from e
 
     async def start(self) -> None:
         """Run the @on_start hooks; StartError, one line, if one raises."""
@@ -600,9 +612,7 @@ class Instance:
             try:
                 await self._call(attribute)
             except Exception as e:
-                detail = " ".join(str(e).split())
-                raise StartError(f"{self.service.name}.{attribute} raised "
-                                 f"{type(e).__name__}: {detail}") from e
+                raise StartError(_raised(f"{self.service.name}.{attribute}", e)) from e
 
     async def stop(self) -> None:
         """Run the @on_stop hooks; one that raises is logged, and the others still run."""

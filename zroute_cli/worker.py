@@ -47,7 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_graph_options(parser, "worker")
     parser.add_argument("--capacity", type=int, metavar="N",
                         help="most requests at once, 0 for unlimited "
-                             "(default: Backend.ServiceArgs.capacity)")
+                             "(default: the service section's ServiceArgs.capacity, e.g. "
+                             "Backend.ServiceArgs.capacity)")
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="worker")
 
@@ -118,13 +119,12 @@ def _check_names(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     _check_names(args)
-    flags = {"Backend.ServiceArgs.capacity": args.capacity, "Broker.backend": args.broker}
     worker_id = args.worker_id or f"worker-{secrets.token_hex(3)}"  # tells nothing of the host
     if args.handler is not None or (args.services and args.service_class is None):
-        runner: Worker | ServiceWorker = _handler_worker(args, overrides, flags, worker_id)
+        runner: Worker | ServiceWorker = _handler_worker(args, overrides, worker_id)
         worker, curve_setting = runner, "Backend.curve_key"
     else:
-        runner = _service_worker(args, overrides, flags, worker_id)
+        runner = _service_worker(args, overrides, worker_id)
         worker, curve_setting = runner.worker, f"{runner.instance.service.name}.curve_key"
     aio.run(_serve(runner))
     if worker.refused:
@@ -134,15 +134,19 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _handler_worker(args: argparse.Namespace, overrides: list[str], flags: dict,
-                    worker_id: str) -> Worker:
+def _flags(args: argparse.Namespace, service_name: str) -> dict[str, object | None]:
+    """The keys that the options set, for a worker of the service `service_name`."""
+    return {f"{service_name}.ServiceArgs.capacity": args.capacity, "Broker.backend": args.broker}
+
+
+def _handler_worker(args: argparse.Namespace, overrides: list[str], worker_id: str) -> Worker:
     """A worker of a plain handler (the built-in greeting's, without --handler) under the
     names of --service, with the built-in graph's configuration (a factory may read
     `config.backend.greeting`)."""
     if args.service_class is not None or args.graph is not None:
         raise ConfigError("--handler serves a plain handler: it takes no --service-class "
                           "or --graph")
-    config = load(args, overrides, flags)
+    config = load(args, overrides, _flags(args, "Backend"))
     if args.handler is None:
         handler = Instance(builtin_graph().service("Backend"), config.backend, None).function(
             "generate")
@@ -156,7 +160,7 @@ def _handler_worker(args: argparse.Namespace, overrides: list[str], flags: dict,
                   {service: handler for service in args.services or ["generate"]})
 
 
-def _service_worker(args: argparse.Namespace, overrides: list[str], flags: dict,
+def _service_worker(args: argparse.Namespace, overrides: list[str],
                     worker_id: str) -> ServiceWorker:
     """A worker of a service class: its endpoints, its hooks, and a broker client for its
     dependencies, which connects with the worker's own key."""
@@ -165,8 +169,7 @@ def _service_worker(args: argparse.Namespace, overrides: list[str], flags: dict,
                           "endpoints name themselves (@endpoint(name=...))")
     graph, described = service_to_run(args, http=False)
     name = described.name
-    flags = {key.replace("Backend.", f"{name}.", 1): value for key, value in flags.items()}
-    config = load(args, overrides, flags, graph, runs=described)
+    config = load(args, overrides, _flags(args, name), graph, runs=described)
     settings = section_of(config, described)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("configuration: %s", json.dumps(config.as_dict()))
