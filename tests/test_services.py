@@ -31,7 +31,7 @@ GRAPH = "tests/services.py:Frontend"
 def test_a_graph_lists_each_service_once_with_those_it_depends_on_first():
     graph = walk(services.Frontend)
     assert [s.name for s in graph.services] == ["Backend", "Middle", "Frontend"]
-    assert [s.name for s in graph.workers] == ["Backend", "Middle"]
+    assert [s.name for s in graph.worker_services] == ["Backend", "Middle"]
     backend, middle, frontend = graph.services
     assert {e.name for e in backend.endpoints.values()} == {
         "Backend.generate", "Backend.echo", "Backend.ready", "Backend.refuse", "Backend.hang"}

@@ -236,8 +236,8 @@ class Graph:
                          f"(its services: {', '.join(s.name for s in self.services)})")
 
     @property
-    def workers(self) -> list[Service]:
-        """The services that worker processes run."""
+    def worker_services(self) -> list[Service]:
+        """The services that worker processes run (all but an HTTP root)."""
         return [s for s in self.services if not s.is_http]
 
 
@@ -360,11 +360,11 @@ def walk(root: Any) -> Graph:
     described: dict[type, Service] = {}
     order: list[Service] = []
 
-    def visit(cls: Any, path: list[str]) -> Service:
+    def visit(cls: Any, path: list[type]) -> Service:
         if cls in described:
             return described[cls]
-        if inspect.isclass(cls) and cls.__name__ in path:
-            cycle = " -> ".join([*path[path.index(cls.__name__):], cls.__name__])
+        if cls in path:
+            cycle = " -> ".join(c.__name__ for c in [*path[path.index(cls):], cls])
             raise GraphError(f"the services depend on each other in a cycle: {cycle}; "
                              "a graph must have none")
         node = describe(cls)
@@ -373,7 +373,7 @@ def walk(root: Any) -> Graph:
             if not (inspect.isclass(dependency.target) and SERVICE in vars(dependency.target)):
                 raise GraphError(f"{where} = depends({_what_it_is(dependency.target)}): a "
                                  "dependency is a class marked @service")
-            target = visit(dependency.target, [*path, node.name])
+            target = visit(dependency.target, [*path, cls])
             if target.is_http:
                 raise GraphError(f"{where}: {target.name} has @api routes, so it is served "
                                  "over HTTP; a dependency is a service with @endpoints")

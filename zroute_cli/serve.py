@@ -32,7 +32,7 @@ from zroute_cli.broker import configured_policies
 from zroute_cli.command import START_FAILED, add_common_options, flag_overrides, load, load_graph
 from zroute.services import Graph
 from zroute.settings import Config, FrontendSettings
-from zroute_cli.config import ConfigError, section_of
+from zroute_cli.config import ConfigError, builtin_graph, section_of
 from zroute.ports import Address, same_listener, tcp_address
 from zroute_cli.processes import start_group
 from zroute_cli.ports import (PortInUse, check_free, free_port_from, held_by_running_zroute,
@@ -223,7 +223,7 @@ def build_supervisor(graph: Graph, config: Config, args: argparse.Namespace,
     groups = [[Child("broker", child_args("broker", "broker", args, overrides, *in_graph),
                      [a for a in map(tcp_address, endpoints) if a is not None],
                      STOP_MARGIN_S)]]
-    for described in graph.workers:
+    for described in graph.worker_services:
         settings = section_of(config, described)
         which = [*in_graph, "--service-class", described.name] if in_graph else []
         names = [f"{described.name}-{i}" for i in range(1, settings.service_args.workers + 1)]
@@ -419,7 +419,7 @@ def _every_service_served(http: FrontendSettings, graph: Graph) -> bool:
     if stats is None or "workers" not in stats:
         return False
     served = {name for w in stats["workers"] if w["state"] == "ready" for name in w["services"]}
-    return all(served & {e.name for e in s.endpoints.values()} for s in graph.workers)
+    return all(served & {e.name for e in s.endpoints.values()} for s in graph.worker_services)
 
 
 def operators_url(http: FrontendSettings) -> str:
@@ -433,14 +433,14 @@ def operators_url(http: FrontendSettings) -> str:
 def _announce(base: str, graph: Graph, config: Config) -> None:
     http = section_of(config, graph.root)
     operators = operators_url(http)
-    if graph.root.cls.__module__ == "worker.greeting":  # the built-in pipeline
+    if graph.root.cls is builtin_graph().root.cls:
         what = (f"({config.backend.service_args.workers} worker(s), greeting "
                 f"{config.backend.greeting!r}, routing {http.routing_mode})")
         tries = [f"  curl -X POST {base}/generate -H 'Content-Type: application/json' "
                  "-d '{\"text\": \"world,universe,galaxy\"}'"]
     else:
         counts = ", ".join(f"{section_of(config, s).service_args.workers} {s.name}"
-                           for s in graph.workers)
+                           for s in graph.worker_services)
         what = f"({graph.root.name}; workers: {counts})"
         tries = [f"  curl -X {route.method} {base}{route.path} -H 'Content-Type: "
                  "application/json' -d 'JSON'" for route in graph.root.routes.values()]
