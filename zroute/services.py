@@ -32,8 +32,10 @@ request as its caller passed it (anything JSON can carry).
 call, and `await self.backend.workers()` lists Other's live workers with their load. A call
 without a policy uses the calling class's `routing_mode` attribute if it declares one,
 else the broker's default. The dependency calls a request makes are cancelled when that
-request ends (its caller went away, say), and an error of the callee raises CallError with
-its `code` in the caller.
+request ends (its caller went away, say); a call left early (`break`) runs on until then,
+unless it is closed: `async with self.backend.generate(x) as chunks:`, or
+`chunks.cancel()`. An error of the callee raises CallError with its `code` in the caller.
+A call's argument goes as JSON, always: the callee receives what was passed.
 
 Annotated class attributes with a default are configuration, read from the YAML section
 named after the class (`Backend: {greeting: Hi}`, `--Backend.greeting=Hi`); one without a
@@ -44,7 +46,10 @@ service as well (a worker's drain_timeout, ServiceArgs.workers...; a gateway's p
 a gateway before it listens), and `@on_stop` ones once it has drained.
 
 `walk(Root)` checks a graph and returns its services, dependencies first; every mistake in
-it is a GraphError whose text is one line naming the class and what to fix.
+it is a GraphError whose text is one line naming the class and what to fix. `Instance`
+runs one service in a process: zroute_cli builds it, worker/service.py runs it in a worker
+and zroute_cli/gateway.py in a gateway. `zroute serve FILE_OR_MODULE:Root -f config.yaml`
+starts the whole graph (zroute_cli/serve.py).
 """
 
 from __future__ import annotations
