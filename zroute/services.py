@@ -616,6 +616,7 @@ class Instance:
     async def start(self) -> None:
         """Run the @on_start hooks; StartFailed, one line, if one raises."""
         for attribute in self.service.hooks[START]:
+            log.info("%s.%s: starting", self.service.name, attribute)  # it may take long
             try:
                 await self._call(attribute)
             except Exception as e:
