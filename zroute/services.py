@@ -35,7 +35,9 @@ else the broker's default. The dependency calls a request makes are cancelled wh
 request ends (its caller went away, say); a call left early (`break`) runs on until then,
 unless it is closed: `async with self.backend.generate(x) as chunks:`, or
 `chunks.cancel()`. An error of the callee raises CallError with its `code` in the caller.
-A call's argument goes as JSON, always: the callee receives what was passed.
+A call's argument goes as JSON, always: the callee receives what was passed. Its deadline
+is `timeout=` (seconds) if given, else the calling process's: Broker.request_timeout in a
+worker, Frontend.request_timeout in the gateway.
 
 Annotated class attributes with a default are configuration, read from the YAML section
 named after the class (`Backend: {greeting: Hi}`, `--Backend.greeting=Hi`); one without a
