@@ -279,7 +279,7 @@ def describe(cls: Any) -> Service:
         raise GraphError(f"{_what_it_is(cls)} is not a service: mark the class with @service")
     options: ServiceOptions = vars(cls)[SERVICE]
     name = cls.__name__
-    if name in RESERVED_NAMES:
+    if name.lower() in (reserved.lower() for reserved in RESERVED_NAMES):
         raise GraphError(f"{name}: a service cannot be named {name} (the section of that "
                          "name configures zroute itself): rename the class")
     if isinstance(options.workers, bool) or not isinstance(options.workers, int) \
@@ -312,7 +312,8 @@ def _describe_member(described: Service, attribute: str, value: Any) -> None:
         _check_callable(owner, attribute, function, "endpoint")
         given = getattr(function, ENDPOINT)
         broker_name = given if given is not None else f"{owner}.{attribute}"
-        problem = p.name_problem(broker_name)
+        problem = (p.name_problem(broker_name) if isinstance(broker_name, str)
+                   else "is not a string")
         if problem:
             raise GraphError(f"{owner}.{attribute}: the endpoint name {broker_name!r} "
                              f"{problem}: give a name of printable characters")
