@@ -297,6 +297,16 @@ class GatewayServer(web.Server):
         return GatewayConnection(self, loop=self._loop, **self._kwargs)
 
 
+def brokers_health(stats: dict) -> dict:
+    """What /health says of the brokers of a deployment that runs several: how many
+    answered, and the endpoints of those that did not (it is ok while one answers)."""
+    brokers = stats["brokers"]
+    if len(brokers) == 1:
+        return {}
+    down = [broker["endpoint"] for broker in brokers if not broker["reachable"]]
+    return {"brokers": len(brokers) - len(down), "unreachable": down}
+
+
 class ReplyResponse(web.StreamResponse):
     """A chunked response whose headers leave with its first chunk, in one write,
     as web.Response's do, rather than in a write of their own at prepare()."""
@@ -316,7 +326,7 @@ class Gateway:
         self.settings = settings
         self.broker = broker
         self.metrics = GatewayMetrics()
-        self.client = Client(broker.endpoints[0], timeout=settings.request_timeout,
+        self.client = Client(broker.endpoints, timeout=settings.request_timeout,
                              timeout_setting="Frontend.request_timeout",
                              heartbeat_interval=broker.heartbeat_interval,
                              heartbeat_misses=broker.heartbeat_misses,
@@ -571,7 +581,7 @@ class Gateway:
     # --- /health and /stats ------------------------------------------------
 
     async def _broker_stats(self) -> dict:
-        """The broker's stats; BrokerError if it does not answer."""
+        """The brokers' stats, combined; BrokerError if none answers."""
         if not self.client.broker_alive:
             raise BrokerError(p.E_BROKER_UNREACHABLE, "the broker is unreachable")
         return await self.client.stats(timeout=2.0)
@@ -583,7 +593,7 @@ class Gateway:
             return unavailable(e.message, e.code)
         workers = stats["broker"]["workers_ready"]  # the list of workers may be truncated
         if workers:
-            return json_response({"status": "ok", "workers": workers})
+            return json_response({"status": "ok", "workers": workers, **brokers_health(stats)})
         return unavailable("no worker is registered", p.E_NO_WORKERS)
 
     async def stats(self, _: web.BaseRequest) -> web.Response:

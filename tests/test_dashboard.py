@@ -70,7 +70,7 @@ async def test_the_feed_sends_the_history_then_the_stats_once_per_interval(stack
             elapsed = time.monotonic() - began
     # Once per interval, each what /stats answers with the time and the interval's point.
     assert 0.8 < elapsed < 2.0, elapsed
-    assert all(set(e) == {"broker", "workers", "gateways", "gateway", "time", "point"}
+    assert all(set(e) == {"broker", "brokers", "workers", "gateways", "gateway", "time", "point"}
                for e in events)
     assert events[-1]["broker"]["requests"] == 3
     assert [w["id"] for w in events[-1]["workers"]] == ["worker-1"]
