@@ -1,0 +1,148 @@
+"""Several brokers at once, with real processes: losing one of two with requests in flight,
+a worker's capacity across both, and `zroute serve` running two."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import pytest
+
+from scripts.children import free_port
+from tests.http_support import get_json, http
+from tests.support import Proc, Stack, wait_until
+from tests.test_faults import collect
+from tests.test_serve import Serve
+from zroute.client import BlockingClient, BrokerError, Client
+
+THREE_WORDS = {"text": "a,b,c"}
+THREE_LINES = [b"Hello a!\n", b"Hello b!\n", b"Hello c!\n"]
+
+
+class TwoBrokers:
+    """Two brokers on free ports, and workers registered with both."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.frontends = [stack.frontend, f"tcp://127.0.0.1:{free_port()}"]
+        self.backends = [stack.backend, f"tcp://127.0.0.1:{free_port()}"]
+        self.brokers = [self.start_broker(i) for i in range(2)]
+
+    def start_broker(self, index: int) -> Proc:
+        return self.stack.start(f"broker-{index + 1}", "broker", "--frontend",
+                                self.frontends[index], "--backend", self.backends[index])
+
+    def worker(self, worker_id: str, *args: str) -> Proc:
+        brokers = [flag for backend in self.backends for flag in ("--broker", backend)]
+        return self.stack.start(worker_id, "worker", *brokers, "--id", worker_id, *args)
+
+    def stats_of(self, index: int) -> dict:
+        with BlockingClient(self.frontends[index]) as client:
+            return client.stats(timeout=5)
+
+    def wait_workers(self, *ids: str) -> None:
+        """Until every broker has the workers `ids` ready."""
+        def ready() -> bool:
+            with BlockingClient(self.frontends) as client:
+                stats = client.stats(timeout=5)
+            return all(b["reachable"] and b["workers_ready"] >= len(ids)
+                       for b in stats["brokers"])
+        wait_until(ready, 10, f"workers {ids} on both brokers")
+
+
+@pytest.mark.timeout(90)
+def test_kill_9_one_of_two_brokers_with_200_requests_in_flight_and_steady_load(stack):
+    two = TwoBrokers(stack)
+    for worker_id in ("w1", "w2", "w3"):
+        two.worker(worker_id, "--Backend.sleep_time=0.3")
+    two.wait_workers("w1", "w2", "w3")
+    steady: list[tuple[float, asyncio.Task]] = []  # (when it was sent, its outcome)
+
+    async def steady_load(client: Client, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            steady.append((time.monotonic(), asyncio.create_task(
+                collect(client.round_robin("generate", THREE_WORDS)))))
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> tuple[list, float]:
+        async with Client(two.frontends, timeout=30) as client:
+            stop = asyncio.Event()
+            load = asyncio.create_task(steady_load(client, stop))
+            burst = []
+            for _ in range(200):  # over about 1 s: some have no chunk yet at the kill
+                burst.append(asyncio.create_task(collect(client.round_robin("generate",
+                                                                            THREE_WORDS))))
+                await asyncio.sleep(0.005)
+            two.brokers[0].kill()
+            killed = time.monotonic()
+            outcomes = await asyncio.wait_for(asyncio.gather(*burst), 20)  # none hangs
+            two.brokers[0].popen.wait()
+            two.brokers[0] = two.start_broker(0)
+            # The restarted broker takes traffic again: its own stats count requests.
+            await asyncio.to_thread(
+                wait_until, lambda: two.stats_of(0)["broker"]["completed"] >= 5, 15,
+                "the restarted broker to serve requests")
+            stop.set()
+            await load
+            await asyncio.wait_for(asyncio.gather(*(task for _, task in steady)), 20)
+            assert client.resent > 0  # requests without a chunk went through the other broker
+            return outcomes, killed
+
+    outcomes, killed = asyncio.run(scenario())
+    completed = [chunks for chunks, error in outcomes if error is None]
+    failed = [(chunks, error) for chunks, error in outcomes if error is not None]
+    assert all(chunks == THREE_LINES for chunks in completed)
+    assert failed, "the killed broker held streaming requests"
+    for chunks, error in failed:  # only started streams fail, and they say so
+        assert 0 < len(chunks) < 3 and error.code == "broker_unreachable", (chunks, error)
+    after_kill = [task.result() for sent, task in steady if sent > killed]
+    assert after_kill and all(error is None for _, error in after_kill)
+    before = [task.result() for sent, task in steady if sent <= killed]
+    assert all(error is None or (0 < len(chunks) < 3 and error.code == "broker_unreachable")
+               for chunks, error in before)
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_never_runs_more_than_its_capacity_with_two_brokers(stack):
+    two = TwoBrokers(stack)
+    capacities = (1, 2)
+    workers = {f"w{i}": two.worker(f"w{i}", "--handler", "tests.handlers:hold", "--capacity",
+                                   str(capacity))
+               for i, capacity in enumerate(capacities, 1)}
+    two.wait_workers(*workers)
+
+    async def scenario() -> list:
+        async with Client(two.frontends, timeout=30) as client:
+            streams = [client.round_robin("generate", {"text": str(n), "seconds": 0.05})
+                       for n in range(80)]
+            return await asyncio.wait_for(asyncio.gather(*(s.read() for s in streams)), 30)
+
+    replies = asyncio.run(scenario())
+    assert replies == [f"start {n}\ndone {n}\n".encode() for n in range(80)]
+    with BlockingClient(two.frontends) as client:
+        refusals = client.stats()["broker"]["refusals"]
+    for (worker_id, proc), capacity in zip(workers.items(), capacities):
+        proc.stop()
+        peak = re.search(r"stopped after \d+ request\(s\), at most (\d+) at once", proc.output())
+        assert peak and 1 <= int(peak[1]) <= capacity, proc.output()[-2000:]
+    assert refusals > 0  # both brokers sent to the same workers: capacity was held by refusing
+
+
+@pytest.mark.timeout(60)
+def test_serve_runs_two_brokers_and_its_stats_show_both(stack):
+    serve = Serve(stack, "--Broker.ServiceArgs.workers=2", "--Backend.sleep_time=0")
+    serve.wait_ready()
+    serve.wait_children("broker-1", "broker-2", "worker-1", "gateway-1")
+    for _ in range(4):
+        assert http("POST", f"{serve.url}/generate", b'{"text": "a"}').body == b"Hello a!\n"
+    stats = get_json(f"{serve.url}/stats")
+    second = f"{stack.frontend.rpartition(':')[0]}:{int(stack.frontend.rpartition(':')[2]) + 2}"
+    assert [(b["endpoint"], b["reachable"]) for b in stats["brokers"]] == [
+        (stack.frontend, True), (second, True)]
+    assert [b["requests"] for b in stats["brokers"]] == [2, 2]  # in turn
+    assert stats["broker"]["requests"] == 4
+    assert [(w["id"], w["brokers"], w["completed"]) for w in stats["workers"]] == [
+        ("worker-1", 2, 4)]
+    assert get_json(f"{serve.url}/health") == {"status": "ok", "workers": 1, "brokers": 2,
+                                               "unreachable": []}
