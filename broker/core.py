@@ -335,11 +335,13 @@ class BrokerCore:
             self._evict(worker, "cannot be reached")
 
     def shutdown(self, now: float) -> None:
-        """The broker stops: every request it holds fails, and none goes to a worker."""
+        """The broker stops: every request it holds fails, and none goes to a worker. They
+        fail as with a broker that is lost: a client with another broker sends those that
+        have had no chunk through it."""
         self.now = now
         self.stopping = True
         for req in list(self.requests.values()):
-            self._fail(req, p.E_WORKER_LOST, "broker is shutting down")
+            self._fail(req, p.E_BROKER_UNREACHABLE, "the broker is shutting down")
 
     # --- input that is refused -----------------------------------------------
 
@@ -539,14 +541,15 @@ class BrokerCore:
 
     # --- routing -------------------------------------------------------------
 
-    def _dispatch(self, req: HeldRequest) -> None:
-        """Send a request to a worker, queue it, or fail it."""
-        worker = self._pick(req)
+    def _dispatch(self, req: HeldRequest, first: bool = False) -> None:
+        """Send a request to a worker, queue it (at the head if `first`), or fail it."""
+        worker = self._pick(req, first)
         if worker is not None:
             self._assign(req, worker)
 
-    def _pick(self, req: HeldRequest) -> WorkerInfo | None:
-        """The worker for `req` now, or None once it is queued or failed."""
+    def _pick(self, req: HeldRequest, first: bool = False) -> WorkerInfo | None:
+        """The worker for `req` now, or None once it is queued (at the head if `first`) or
+        failed."""
         if req.policy == DIRECT:
             worker = self.registry.by_id.get(req.target)
             if worker is None or req.service not in worker.services or worker.state != WORKER_READY:
@@ -560,7 +563,7 @@ class BrokerCore:
             candidates = self.registry.available(req.service)
             if candidates:
                 return self._choose(req, candidates)
-        self._enqueue(req)
+        self._enqueue(req, first)
         return None
 
     def _choose(self, req: HeldRequest, candidates: Sequence[WorkerInfo]) -> WorkerInfo | None:
@@ -593,10 +596,11 @@ class BrokerCore:
         self._post(self.to_workers, worker.peer,
                    p.encode_request_to_worker(p.Request(req.token, req.service, req.body)))
 
-    def _enqueue(self, req: HeldRequest) -> None:
+    def _enqueue(self, req: HeldRequest, first: bool = False) -> None:
         """Wait for a worker with room, or for a first worker (while workers start);
         unless the queue is full, the client has its share of it, or the queue drains
-        too slowly for the request to leave it before Broker.queue_timeout."""
+        too slowly for the request to leave it before Broker.queue_timeout. `first`: at
+        the head of the queue (a request a worker refused came before those waiting)."""
         waiting = len(self.queues.get(req.service, ()))
         rate = self.drain_rates.get(req.service)
         wait = rate.wait(waiting + 1) if rate is not None else 0.0
@@ -611,7 +615,11 @@ class BrokerCore:
         else:
             self.totals["queued"] += 1
             req.queued_at = self.now
-            self.queues.setdefault(req.service, deque()).append(req)
+            queue = self.queues.setdefault(req.service, deque())
+            if first:
+                queue.appendleft(req)
+            else:
+                queue.append(req)
             self.queued_by_client[req.client] = self.queued_by_client.get(req.client, 0) + 1
             if rate is None:
                 self.drain_rates[req.service] = DrainRate(self.now)
@@ -759,7 +767,7 @@ class BrokerCore:
             self._fail(req, p.E_QUEUE_FULL, f"workers of {req.service!r} refused it over their "
                                             f"capacity {req.refusals} times")
         else:
-            self._dispatch(req)
+            self._dispatch(req, first=True)
 
     def _register(self, peer: bytes, known: WorkerInfo | None, msg: p.Ready) -> None:
         most = self.settings.max_services_per_worker

@@ -17,8 +17,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from zroute import protocol as p
 from broker.core import (DEADLINE_TICK, DRAIN_RATE_INTERVAL, FRESH_STATS, MAX_STATS_WAITING,
-                         MAX_STATS_WAITING_PER_CLIENT, MAX_REFUSALS, READER_SLACK, WRONG_ENDPOINT_ANSWERS,
-                         DrainRate)
+                         MAX_STATS_WAITING_PER_CLIENT, MAX_REFUSALS, READER_SLACK,
+                         WRONG_ENDPOINT_ANSWERS, DrainRate)
 from broker.reports import MAX_REPORTERS, MAX_REPORTS_BYTES
 from broker.policies import load_policies
 from broker.registry import LATENCY_WINDOW, WorkerInfo
@@ -289,6 +289,17 @@ def test_a_request_refused_max_refusals_times_fails_as_queue_full():
         b"r1", p.E_QUEUE_FULL, f"workers of 'generate' refused it over their capacity "
                                f"{MAX_REFUSALS} times")
     assert memory.core.requests == {}
+
+
+def test_a_refused_request_waits_at_the_head_of_the_queue():
+    memory = MemoryCore(QUIET)
+    w1 = memory.register("w1", capacity=2)
+    memory.request(b"c", b"r1")
+    memory.request(b"c", b"r2")
+    memory.request(b"c", b"r3")
+    first, second = tokens_to(memory, w1)
+    refuse(memory, w1, second)
+    assert queued(memory) == [b"r2", b"r3"]  # r2 came first
 
 
 def test_a_refusal_after_a_chunk_is_relayed_as_the_error_it_is():
@@ -801,8 +812,8 @@ def test_shutting_down_fails_every_request_and_sends_no_queued_one():
     memory.request(b"c1", b"r1")
     [busy] = tokens_to(memory, w1)
     memory.core.shutdown(memory.time)
-    assert errors(memory, b"c0") == {b"busy": p.E_WORKER_LOST}
-    assert errors(memory, b"c1") == {b"r1": p.E_WORKER_LOST}
+    assert errors(memory, b"c0") == {b"busy": p.E_BROKER_UNREACHABLE}
+    assert errors(memory, b"c1") == {b"r1": p.E_BROKER_UNREACHABLE}
     assert memory.to_worker(w1) == [p.Cancel(busy)]
 
 
@@ -1243,7 +1254,7 @@ def test_the_messages_of_refused_requests():
     assert [(m.rid, m.message) for m in memory.to_client(b"c")] == [
         (b"r1", "request id is already in flight"),
         (b"r2", "direct routing needs a target worker id"),
-        (b"r1", "broker is shutting down")]
+        (b"r1", "the broker is shutting down")]
 
 
 @pytest.mark.parametrize("target_is, code, message", [
@@ -1523,8 +1534,8 @@ def test_the_totals_count_every_event():
     assert memory.core.totals == {
         "requests": 11, "completed": 1, "failed": 9, "cancelled": 2, "chunks": 2, "errors": 5,
         "retries": 2, "refusals": 2, "timeouts": 2, "evictions": 4, "queued": 7,
-        "rejected_frames": 2, "oversized_messages": 2, "id_changes": 2, "clients_gone": 2, "reports_refused": 2,
-        "auth_failures": 2, "handshake_failures": 2}
+        "rejected_frames": 2, "oversized_messages": 2, "id_changes": 2, "clients_gone": 2,
+        "reports_refused": 2, "auth_failures": 2, "handshake_failures": 2}
 
 
 # --- unread bytes at their boundaries -----------------------------------------------------

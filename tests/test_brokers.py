@@ -146,3 +146,42 @@ def test_serve_runs_two_brokers_and_its_stats_show_both(stack):
         ("worker-1", 2, 4)]
     assert get_json(f"{serve.url}/health") == {"status": "ok", "workers": 1, "brokers": 2,
                                                "unreachable": []}
+
+
+@pytest.mark.timeout(60)
+def test_a_broker_that_stops_hands_its_requests_without_a_chunk_to_the_other(stack):
+    two = TwoBrokers(stack)
+    two.worker("w1", "--handler", "tests.handlers:hold", "--capacity", "1")
+    two.wait_workers("w1")
+
+    async def scenario() -> tuple[list, int]:
+        async with Client(two.frontends, timeout=30) as client:
+            streams = [client.round_robin("generate", {"text": str(n), "seconds": 0.3})
+                       for n in range(8)]  # one runs, the others wait on the two brokers
+            await streams[0].first()
+            two.brokers[0].stop()  # SIGTERM: it fails what it holds, and leaves
+            outcomes = await asyncio.wait_for(asyncio.gather(*map(collect, streams)), 30)
+            return outcomes, client.resent
+
+    outcomes, resent = asyncio.run(scenario())
+    assert resent > 0
+    for n, (chunks, error) in enumerate(outcomes):
+        if error is None:
+            assert chunks == [f"start {n}\n".encode(), f"done {n}\n".encode()]
+        else:  # only one that had begun on the stopped broker may fail
+            assert len(chunks) == 1 and error.code == "broker_unreachable", (chunks, error)
+
+
+@pytest.mark.timeout(60)
+def test_a_blocking_client_sends_new_requests_to_the_broker_left(stack):
+    two = TwoBrokers(stack)
+    two.worker("w1", "--Backend.sleep_time=0")
+    two.wait_workers("w1")
+    with BlockingClient(two.frontends, timeout=10) as client:
+        assert [client.round_robin("generate", "a").read() for _ in range(2)] == [b"Hello a!\n"] * 2
+        two.brokers[1].kill()
+        two.brokers[1].popen.wait()
+        assert [client.round_robin("generate", "b").read() for _ in range(4)] == [b"Hello b!\n"] * 4
+        stats = client.stats(timeout=2)
+    assert [b["reachable"] for b in stats["brokers"]] == [True, False]
+    assert stats["broker"]["completed"] >= 5  # the first broker's, after the second died

@@ -197,6 +197,9 @@ class BrokerSession:
         self.answered = True
         self.last_heard = 0.0
         self.backoff = RECONNECT_MIN_S
+        # It refused a request of this broker over capacity: the broker takes the worker
+        # for full until told otherwise, so the next free slot is announced to it at once.
+        self.owes_room = False
 
     def send(self, frames: list[bytes]) -> None:
         self.channel.send(frames)
@@ -360,8 +363,8 @@ class Worker:
             self._beat(session)
             return
         # Connected, but silent: a hung broker, or a peer that is not one. A new socket.
-        log.warning("worker %s: the broker at %s silent for %.1f s; reconnecting",
-                    self.worker_id, session.endpoint, silence)
+        log.warning("worker %s: broker silent for %.1f s at %s; reconnecting", self.worker_id,
+                    silence, session.endpoint)
         session.abandon_requests()
         session.channel.close(0)
         self._connect(session)
@@ -451,6 +454,15 @@ class Worker:
             self.refused = msg
             self.stop()
 
+    def _announce_room(self) -> None:
+        """A slot is free: a HEARTBEAT, which counts the requests it runs, to each broker
+        whose request it refused since, so that the broker sends it work again now rather
+        than at its next heartbeat."""
+        for session in self.sessions:
+            if session.owes_room and session.connected:
+                session.owes_room = False
+                self._beat(session)
+
     async def _until_broker_reads(self, session: BrokerSession) -> None:
         """Backpressure: a handler that yields faster than the broker takes its replies
         waits here, rather than the replies piling up in the worker's memory."""
@@ -478,6 +490,7 @@ class Worker:
         if self.capacity and inflight >= self.capacity:
             # Other brokers filled it: this broker routes the request elsewhere.
             self.refusals += 1
+            session.owes_room = True
             session.outbox.end(msg.rid, p.Error(msg.rid, p.E_WORKER_FULL, (
                 f"worker {self.worker_id} runs {inflight} requests, its capacity")))
             return
@@ -519,6 +532,7 @@ class Worker:
         finally:
             del session.tasks[rid]
             self.served += 1
+            self._announce_room()
             if log.isEnabledFor(logging.INFO):  # the fields cost more than a skipped call
                 log.info(outcome, extra=fields(worker=self.worker_id, **request_fields(rid),
                                                chunks=chunks, duration=time.monotonic() - started))

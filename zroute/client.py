@@ -549,6 +549,8 @@ class Client(PolicyShortcuts[Stream]):
     def _next_broker(self, tried: set[BrokerConnection]) -> BrokerConnection:
         """The broker for a new request, in turn: among the live ones not tried yet that
         have answered on their connection, else those not known to be lost, else any."""
+        if len(self.brokers) == 1:
+            return self.brokers[0]  # nothing to choose, and this is paid per request
         untried = [broker for broker in self.brokers if broker not in tried] or self.brokers
         live = [broker for broker in untried
                 if broker.alive(self.heartbeat_interval, self.heartbeat_misses)]
@@ -561,19 +563,22 @@ class Client(PolicyShortcuts[Stream]):
         broker.send(reply.frames)
 
     def _lost(self, broker: BrokerConnection, error: BrokerError) -> None:
-        """A broker is lost (or restarted): each of its requests that has had no chunk
-        goes to another live broker it has not tried, within its deadline; the others
-        end with `error`."""
-        now = time.monotonic()
+        """A broker is lost (or restarted): its requests go elsewhere or end."""
         for reply in [r for r in self.replies.values() if r.broker is broker]:
-            others = [b for b in self.live_brokers() if b not in reply.tried]
-            if reply.worker_id is None and others and now < reply.deadline:
-                self.resent += 1
-                if broker.last_heard != float("-inf"):  # silent, not gone: it may wake
-                    broker.send(p.encode_cancel(p.Cancel(reply.rid)))
-                self._send_through(reply, self._next_broker(reply.tried))
-            else:
-                reply.finish(error)
+            self._move_or_end(reply, error)
+
+    def _move_or_end(self, reply: Reply, error: BrokerError) -> None:
+        """A request its broker lost: if it has had no chunk, to another live broker it
+        has not tried, within its deadline; else it ends with `error`."""
+        broker = reply.broker
+        others = [b for b in self.live_brokers() if b not in reply.tried]
+        if reply.worker_id is None and others and time.monotonic() < reply.deadline:
+            self.resent += 1
+            if broker.last_heard != float("-inf"):  # silent, not gone: it may wake
+                broker.send(p.encode_cancel(p.Cancel(reply.rid)))
+            self._send_through(reply, self._next_broker(reply.tried))
+        else:
+            reply.finish(error)
 
     def _cancel(self, reply: Reply) -> None:
         if self.replies.pop(reply.rid, None) is not None and reply.broker is not None:
@@ -604,8 +609,11 @@ class Client(PolicyShortcuts[Stream]):
 
     def _on_error(self, broker: BrokerConnection, msg: p.Error) -> None:
         reply = self._reply_from(broker, msg.rid)
-        if reply is not None:
-            reply.finish(reply_error(msg, reply.timeout_setting, reply.timeout))
+        error = reply and reply_error(msg, reply.timeout_setting, reply.timeout)
+        if reply is not None and msg.code == p.E_BROKER_UNREACHABLE:  # the broker stops
+            self._move_or_end(reply, error)
+        elif reply is not None:
+            reply.finish(error)
         waiter = broker.stats_waiters.get(msg.rid)  # wrong_endpoint answers STATS too
         if waiter is not None and not waiter.done():
             waiter.set_exception(BrokerError(msg.code, msg.message))
@@ -763,21 +771,36 @@ class BlockingStream:
             msg = self._client._receive(self.rid, self._deadline, self._timed_out,
                                         self._connection)
         except BrokerError as e:
-            other = self._owner._next_broker(self._tried, live_only=True)
-            if e.code == p.E_BROKER_UNREACHABLE and self.worker_id is None and other is not None:
-                self._client._forget(self.rid)
-                self._send_through(other)
-                return
-            self._end(e, cancel=True)
-            raise
-        if isinstance(msg, p.Error):
-            self._end(reply_error(msg, self._timeout_setting, self._timeout), cancel=False)
+            if e.code != p.E_BROKER_UNREACHABLE:
+                self._end(e, cancel=True)
+                raise
+            self._move_or_end(e, cancel=True)
             return
+        if isinstance(msg, p.Error) and msg.code == p.E_BROKER_UNREACHABLE:  # the broker stops
+            self._move_or_end(BrokerError(msg.code, msg.message), cancel=False)
+        elif isinstance(msg, p.Error):
+            self._end(reply_error(msg, self._timeout_setting, self._timeout), cancel=False)
+        else:
+            self._take(msg)
+
+    def _take(self, msg: p.Chunk | p.End) -> None:
         self.worker_id = msg.worker_id
         self._chunks.extend(msg.chunks)
         if isinstance(msg, p.End):
             self.complete = True
             self._end(None, cancel=False)
+
+    def _move_or_end(self, error: BrokerError, *, cancel: bool) -> None:
+        """The broker lost the request: if it has had no chunk, it goes through another
+        broker whose connection is up and that it has not tried; else it ends with
+        `error` (raised from the read that ends it), and with a CANCEL if `cancel` (the
+        broker may still hold it)."""
+        other = self._owner._next_broker(self._tried, live_only=True)
+        if self.worker_id is None and other is not None and time.monotonic() < self._deadline:
+            self._client._forget(self.rid)
+            self._send_through(other)
+        else:
+            self._end(error, cancel=cancel)
 
     def _timed_out(self) -> BrokerError:
         return timeout_error(self._timeout_setting, self._timeout)

@@ -312,7 +312,8 @@ def _second_stack_hint(config: Config, port: int | None) -> str:
     return f"; to run a second stack, give it other ports too: {' '.join(flags)}"
 
 
-def _free_broker_ports(brokers: list[tuple[str, Address]], chosen: set[int]) -> tuple[int, int] | None:
+def _free_broker_ports(brokers: list[tuple[str, Address]],
+                       chosen: set[int]) -> tuple[int, int] | None:
     """A frontend and a backend port for serve's brokers, after those taken now, from
     which every broker's ports (counting up by 2) are free; None if there are none."""
     host = brokers[0][1][0]
