@@ -10,8 +10,8 @@ import time
 import pytest
 
 from scripts.children import free_port
-from tests.http_support import get_json, http
-from tests.support import Proc, Stack, wait_until
+from tests.http_support import get_json, http, start_gateway
+from tests.support import Proc, Stack, run_zroute, wait_until
 from tests.test_faults import collect
 from tests.test_serve import Serve
 from zroute.client import BlockingClient, BrokerError, Client
@@ -185,3 +185,33 @@ def test_a_blocking_client_sends_new_requests_to_the_broker_left(stack):
         stats = client.stats(timeout=2)
     assert [b["reachable"] for b in stats["brokers"]] == [True, False]
     assert stats["broker"]["completed"] >= 5  # the first broker's, after the second died
+
+
+@pytest.mark.timeout(60)
+def test_health_metrics_and_zroute_stats_show_each_broker_and_the_one_that_is_down(stack):
+    two = TwoBrokers(stack)
+    two.worker("w1", "--Backend.sleep_time=0")
+    two.wait_workers("w1")
+    gateway = start_gateway(stack, "--broker", two.frontends[1], broker=two.frontends[0])
+    both = {"status": "ok", "workers": 1, "brokers": 2, "unreachable": []}
+    wait_until(lambda: get_json(f"{gateway.url}/health") == both, 10, "/health with both")
+    for _ in range(4):
+        assert http("POST", f"{gateway.url}/generate", b'{"text": "a"}').body == b"Hello a!\n"
+    two.brokers[1].kill()
+    one_down = {"status": "ok", "workers": 1, "brokers": 1, "unreachable": [two.frontends[1]]}
+    wait_until(lambda: get_json(f"{gateway.url}/health") == one_down, 10,
+               "/health to name the broker that is down")
+    assert http("POST", f"{gateway.url}/generate", b'{"text": "b"}').body == b"Hello b!\n"
+    metrics = http("GET", f"{gateway.url}/metrics").body.decode()
+    assert f'zroute_broker_up{{broker="{two.frontends[0]}"}} 1.0' in metrics
+    assert f'zroute_broker_up{{broker="{two.frontends[1]}"}} 0.0' in metrics
+    assert "zroute_broker_refusals_total 0.0" in metrics
+    shown = run_zroute("stats", "--broker", two.frontends[0], "--broker", two.frontends[1],
+                       "--timeout", "2")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].split()[:3] == ["WORKER", "SERVICES", "STATE"]
+    assert lines[1].split()[:3] == ["w1", "generate", "ready"]
+    assert lines[-3].startswith(f"{two.frontends[0]}: up ")
+    assert lines[-2].startswith(f"{two.frontends[1]}: unreachable (no answer from the broker")
+    assert lines[-1].startswith("total: up ") and " completed 3 " in lines[-1]
