@@ -215,3 +215,21 @@ def test_health_metrics_and_zroute_stats_show_each_broker_and_the_one_that_is_do
     assert lines[-3].startswith(f"{two.frontends[0]}: up ")
     assert lines[-2].startswith(f"{two.frontends[1]}: unreachable (no answer from the broker")
     assert lines[-1].startswith("total: up ") and " completed 3 " in lines[-1]
+
+
+@pytest.mark.timeout(60)
+def test_a_second_serve_of_two_brokers_is_told_ports_where_both_are_free(stack):
+    first = Serve(stack, "--Broker.ServiceArgs.workers=2", "--Backend.sleep_time=0")
+    first.wait_ready()
+    second = run_zroute("serve", "--port", str(free_port()), "--Broker.ServiceArgs.workers=2",
+                        f"--Broker.frontend={stack.frontend}", f"--Broker.backend={stack.backend}")
+    assert second.returncode == 1, second.stderr
+    hint = re.fullmatch(r".*; to run a second stack, give it other ports too: "
+                        r"--Broker.frontend=tcp://127.0.0.1:(\d+) "
+                        r"--Broker.backend=tcp://127.0.0.1:(\d+)\n", second.stderr, re.S)
+    assert hint, second.stderr
+    front, back = int(hint[1]), int(hint[2])
+    assert back == front + 1
+    taken = {int(endpoint.rpartition(":")[2]) for endpoint in (stack.frontend, stack.backend)}
+    assert not {front, front + 1, front + 2, front + 3} & {port + step for port in taken
+                                                           for step in (0, 2)}
