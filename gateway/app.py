@@ -333,6 +333,9 @@ class Gateway:
                              report=self.metrics.snapshot, name=name,
                              max_buffered_bytes=settings.max_reply_buffer,
                              receive_hwm=settings.max_queued_messages, curve=broker.curve)
+        # What a request is told when no broker answers.
+        self.unreachable = ("the broker is unreachable" if len(broker.endpoints) == 1 else
+                            f"no broker is reachable ({', '.join(broker.endpoints)})")
         self.buffered_bytes = 0  # request bodies being read or sent; Frontend.max_buffered_bytes
         self.exporter = Exporter()
         self.bad_reports = LogLimiter(log)
@@ -500,7 +503,7 @@ class Gateway:
             raise HttpError(400, f"?worker= routes directly; it cannot be combined with "
                                  f"routing={policy}", p.E_BAD_REQUEST)
         if not self.client.broker_alive:
-            raise HttpError(503, "the broker is unreachable", p.E_BROKER_UNREACHABLE)
+            raise HttpError(503, self.unreachable, p.E_BROKER_UNREACHABLE)
         return policy, worker
 
     async def _stream(self, request: web.BaseRequest, stream: Stream, policy: str,
@@ -583,7 +586,7 @@ class Gateway:
     async def _broker_stats(self) -> dict:
         """The brokers' stats, combined; BrokerError if none answers."""
         if not self.client.broker_alive:
-            raise BrokerError(p.E_BROKER_UNREACHABLE, "the broker is unreachable")
+            raise BrokerError(p.E_BROKER_UNREACHABLE, self.unreachable)
         return await self.client.stats(timeout=2.0)
 
     async def health(self, _: web.BaseRequest) -> web.Response:

@@ -99,6 +99,11 @@ def policy_spec_problem(specs: tuple[str, ...]) -> str | None:
     return None
 
 
+# For each side of the brokers, the other, and who connects to it.
+WORKER_OR_CLIENT = {"client": "worker", "worker": "client"}
+ROLE_PEERS = {"client": "clients and gateways", "worker": "workers"}
+
+
 def endpoints_problem(values: tuple[str, ...]) -> str | None:
     """A list of ZeroMQ endpoints (Broker.frontends, Broker.backends): each one valid,
     none twice. The problem names the entry, `[1]: ...`, right after the key."""
@@ -287,12 +292,21 @@ class BrokerSettings(Section):
 
     def brokers_problem(self) -> str | None:
         """Why the brokers as configured cannot be told apart or reached, if so: two of
-        the brokers serve runs here on one port, a port past 65535, or lists of
-        different lengths."""
+        the brokers serve runs here on one port, a port past 65535, lists of different
+        lengths, or a client endpoint that is a worker endpoint too."""
         if self.frontends and self.backends and len(self.frontends) != len(self.backends):
             return (f"Broker.frontends lists {len(self.frontends)} endpoints and "
                     f"Broker.backends {len(self.backends)}: list each broker's client and "
                     "worker endpoint, in the same order")
+        for key, listed, others, role, other_key in (
+                ("frontends", self.frontends, self.worker_endpoints(), "client", "backend"),
+                ("backends", self.backends, self.client_endpoints(), "worker", "frontend")):
+            for index, endpoint in enumerate(listed):
+                if endpoint in others:
+                    return (f"Broker.{key}[{index}]: {endpoint} is a broker's "
+                            f"{WORKER_OR_CLIENT[role]} endpoint (Broker.{other_key}s, or "
+                            f"Broker.{other_key}): {ROLE_PEERS[role]} connect to the brokers' "
+                            f"{role} endpoints")
         seen: dict[Address, str] = {}
         for index, pair in enumerate(self.local_brokers()):
             for key, endpoint in zip(("frontend", "backend"), pair):
