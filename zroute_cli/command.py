@@ -13,6 +13,7 @@ from typing import Callable, Mapping, NoReturn, Sequence
 import zmq
 
 from zroute.curve import CurveError
+from zroute.errors import StartFailed
 from zroute.loader import LoadError
 from zroute.settings import BrokerSettings, Config
 from zroute_cli.config import (ConfigError, EndpointClash, closest, closest_key, load_config,
@@ -198,7 +199,8 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     except BrokenPipeError:  # e.g. `zroute stats --json | head`: the reader has had enough
         sys.stderr.close()  # nothing more can be written, and Python must not try at exit
         return 0
-    except (zmq.ZMQError, OSError) as e:  # an address that cannot be bound or connected
+    # An address that cannot be bound or connected; the user's start-up code failed.
+    except (zmq.ZMQError, OSError, StartFailed) as e:
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -112,7 +112,9 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
     """Serve until SIGINT or SIGTERM; then stop accepting, let the requests in flight
     finish for up to `drain_timeout` seconds (a second signal: none), and cut the rest
     with an error line. With Frontend.admin_port, the operators' endpoints are served
-    there. With `tls`, both listeners serve HTTPS only."""
+    there. With `tls`, both listeners serve HTTPS only. The gateway's on_start runs
+    before it listens, its on_stop after its listeners closed (StartFailed, from the
+    former, ends it before it listens: run_command's one line and exit code 1)."""
     await gateway.start()
     settings = gateway.settings
     listeners = [(gateway.server(), host, port)]
