@@ -262,6 +262,16 @@ def test_a_heartbeat_that_counts_nothing_ends_the_wait_too():
     assert requests_to(memory, w1) == [b"r1"]
 
 
+def test_an_unlimited_worker_that_refused_has_room_again_at_its_next_heartbeat():
+    memory = MemoryCore(QUIET)
+    w1 = memory.register("w1", capacity=0)
+    memory.request(b"c", b"r1")
+    refuse(memory, w1, tokens_to(memory, w1)[0])
+    assert queued(memory) == [b"r1"]
+    heartbeat(memory, w1, 50)  # whatever it runs: no count is over "unlimited"
+    assert requests_to(memory, w1) == [b"r1"]
+
+
 def test_a_worker_that_refused_has_room_again_when_a_request_of_this_broker_ends():
     memory = MemoryCore(QUIET)
     w1 = memory.register("w1", capacity=2)

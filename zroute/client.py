@@ -609,11 +609,12 @@ class Client(PolicyShortcuts[Stream]):
 
     def _on_error(self, broker: BrokerConnection, msg: p.Error) -> None:
         reply = self._reply_from(broker, msg.rid)
-        error = reply and reply_error(msg, reply.timeout_setting, reply.timeout)
-        if reply is not None and msg.code == p.E_BROKER_UNREACHABLE:  # the broker stops
-            self._move_or_end(reply, error)
-        elif reply is not None:
-            reply.finish(error)
+        if reply is not None:
+            error = reply_error(msg, reply.timeout_setting, reply.timeout)
+            if msg.code == p.E_BROKER_UNREACHABLE:  # the broker stops: another may serve it
+                self._move_or_end(reply, error)
+            else:
+                reply.finish(error)
         waiter = broker.stats_waiters.get(msg.rid)  # wrong_endpoint answers STATS too
         if waiter is not None and not waiter.done():
             waiter.set_exception(BrokerError(msg.code, msg.message))
