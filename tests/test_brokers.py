@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import time
 
 import pytest
 
 from scripts.children import free_port
 from tests.http_support import get_json, http, start_gateway
-from tests.support import Proc, Stack, run_zroute, wait_until
+from tests.support import Proc, Stack, async_wait_until, run_zroute, wait_until
 from tests.test_faults import collect
 from tests.test_serve import Serve
 from zroute.client import BlockingClient, BrokerError, Client
@@ -233,3 +234,36 @@ def test_a_second_serve_of_two_brokers_is_told_ports_where_both_are_free(stack):
     taken = {int(endpoint.rpartition(":")[2]) for endpoint in (stack.frontend, stack.backend)}
     assert not {front, front + 1, front + 2, front + 3} & {port + step for port in taken
                                                            for step in (0, 2)}
+
+
+@pytest.mark.timeout(60)
+def test_a_broker_that_hangs_gets_no_new_request_after_a_missed_heartbeat(stack):
+    two = TwoBrokers(stack)
+    two.worker("w1", "--Backend.sleep_time=0")
+    two.wait_workers("w1")
+
+    async def scenario() -> int:
+        async with Client(two.frontends, timeout=30) as client:
+            await asyncio.gather(*(client.round_robin("generate", "a").read() for _ in range(4)))
+            two.brokers[1].signal(signal.SIGSTOP)  # its connections stay open
+            try:
+                # Both brokers answered their last heartbeat: one of these goes to each.
+                early = [client.round_robin("generate", "b") for _ in range(2)]
+                await asyncio.sleep(2)  # one missed heartbeat, and a half
+                replies = await asyncio.wait_for(asyncio.gather(
+                    *(client.round_robin("generate", "c").read() for _ in range(6))), 3)
+                assert replies == [b"Hello c!\n"] * 6  # none went to the hung broker
+                # The one it holds goes elsewhere once it has missed 3 heartbeats.
+                assert await asyncio.wait_for(asyncio.gather(*(s.read() for s in early)),
+                                              5) == [b"Hello b!\n"] * 2
+                assert client.resent == 1
+            finally:
+                two.brokers[1].signal(signal.SIGCONT)
+            # Back, it answers its heartbeat, and takes its turn again.
+            await async_wait_until(lambda: client.brokers[1].fresh(client.heartbeat_interval),
+                                   5, "the broker to answer again")
+            before = two.stats_of(1)["broker"]["completed"]
+            await asyncio.gather(*(client.round_robin("generate", "d").read() for _ in range(4)))
+            return two.stats_of(1)["broker"]["completed"] - before
+
+    assert asyncio.run(scenario()) == 2

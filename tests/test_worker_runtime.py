@@ -228,3 +228,22 @@ def test_a_worker_of_two_brokers_refuses_one_over_its_capacity_and_says_when_it_
         await serving
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(10)
+def test_a_request_cancelled_before_its_handler_starts_leaves_the_worker_free_to_stop():
+    transport = RecordingTransport()
+
+    async def main() -> None:
+        worker = Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1",
+                        {"held": held}, transport=transport.open)
+        serving = asyncio.create_task(worker.run())
+        await async_wait_until(transport.received, what="the worker's READY")
+        # The request and the closing of its broker's connection in one turn of the loop.
+        transport.deliver(p.encode_request_to_worker(p.Request(b"r1", "held", b'{"seconds": 9}')))
+        worker._on_disconnected(worker.sessions[0])
+        await async_wait_until(lambda: worker.inflight == 0, 2, "the request to be forgotten")
+        worker.stop()
+        await asyncio.wait_for(serving, 2)  # no request left to drain
+
+    asyncio.run(main())

@@ -492,8 +492,17 @@ class Worker:
                 f"worker {self.worker_id} runs {inflight} requests, its capacity")))
             return
         self.peak_inflight = max(self.peak_inflight, inflight + 1)
-        session.tasks[msg.rid] = asyncio.get_running_loop().create_task(
+        task = asyncio.get_running_loop().create_task(
             self._serve(session, msg.rid, handler, msg.body))
+        session.tasks[msg.rid] = task
+        # A callback, not the handler's `finally`: a task cancelled before its first step
+        # (its broker gone in the same turn) never runs its body.
+        task.add_done_callback(partial(self._ended, session, msg.rid))
+
+    def _ended(self, session: BrokerSession, rid: bytes, task: asyncio.Task) -> None:
+        if session.tasks.get(rid) is task:
+            del session.tasks[rid]
+            self._announce_room()
 
     async def _serve(self, session: BrokerSession, rid: bytes, handler: Handler,
                      body: bytes) -> None:
@@ -527,9 +536,7 @@ class Worker:
             log.exception("worker %s: handler failed on %s", self.worker_id, request_label(rid))
             outbox.end(rid, p.Error(rid, p.E_HANDLER, self._handler_error(rid, e)))
         finally:
-            del session.tasks[rid]
             self.served += 1
-            self._announce_room()
             if log.isEnabledFor(logging.INFO):  # the fields cost more than a skipped call
                 log.info(outcome, extra=fields(worker=self.worker_id, **request_fields(rid),
                                                chunks=chunks, duration=time.monotonic() - started))

@@ -49,6 +49,10 @@ REQUEST_TIMEOUT_SETTING = "the request's timeout"  # timeout= given to request()
 HEARTBEAT_INTERVAL = BrokerSettings.heartbeat_interval
 HEARTBEAT_MISSES = BrokerSettings.heartbeat_misses
 DEADLINE_GRACE = 1.0  # the broker ends a request at its deadline; the client waits this much more
+# A broker not heard from for this many heartbeat intervals gets no new request while
+# another has been: a broker that hangs is left after one missed heartbeat, while its
+# requests wait the full Broker.heartbeat_misses before they go elsewhere.
+FRESH_HEARTBEATS = 1.5
 MAX_BUFFERED_BYTES = 16 << 20  # a stream whose reader falls this far behind is cancelled
 SEND_WAIT_MS = 100  # a BlockingClient's send waits this long, then looks at its connection
 
@@ -355,6 +359,12 @@ class BrokerConnection:
         given_up_at = broker_given_up_at(self.last_heard, heartbeat_interval, heartbeat_misses)
         return self.refused is None and time.monotonic() < given_up_at
 
+    def fresh(self, heartbeat_interval: float) -> bool:
+        """It answered its last heartbeat: it has been heard from on its connection within
+        FRESH_HEARTBEATS intervals (the client heartbeats it every interval)."""
+        return self.heard and time.monotonic() < self.last_heard + (
+            heartbeat_interval * FRESH_HEARTBEATS)
+
     def send(self, frames: list[bytes]) -> None:
         self.channel.send(frames)
 
@@ -370,7 +380,8 @@ class Client(PolicyShortcuts[Stream]):
     endpoint, or a list of them, one per broker of a deployment.
 
     It spreads new requests over the live brokers, in turn (a broker is live while its
-    connection is up and its heartbeats come). A request whose broker is lost (its
+    connection is up and it answers its heartbeats: one that misses one gets no new
+    request while another answers). A request whose broker is lost (its
     connection closes, it falls silent, or it restarted) before the request's first
     chunk is sent again through another live broker, once per broker at most, within
     its deadline; a stream that has begun ends with broker_unreachable. A cancel goes
@@ -548,13 +559,14 @@ class Client(PolicyShortcuts[Stream]):
 
     def _next_broker(self, tried: set[BrokerConnection]) -> BrokerConnection:
         """The broker for a new request, in turn: among the live ones not tried yet that
-        have answered on their connection, else those not known to be lost, else any."""
+        answered their last heartbeat, else those not known to be lost, else any."""
         if len(self.brokers) == 1:
             return self.brokers[0]  # nothing to choose, and this is paid per request
         untried = [broker for broker in self.brokers if broker not in tried] or self.brokers
         live = [broker for broker in untried
                 if broker.alive(self.heartbeat_interval, self.heartbeat_misses)]
-        choices = [broker for broker in live if broker.heard] or live or untried
+        choices = [broker for broker in live if broker.fresh(self.heartbeat_interval)] \
+            or live or untried
         return choices[next(self._turn) % len(choices)]
 
     def _send_through(self, reply: Reply, broker: BrokerConnection) -> None:
