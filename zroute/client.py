@@ -144,7 +144,7 @@ class Reply:
                  frames: list[bytes]) -> None:
         self.client = client
         self.rid = rid
-        self.frames = frames  # the REQUEST, to send again through another broker
+        self.frames: list[bytes] | None = frames  # the REQUEST, to send again elsewhere
         self.broker: BrokerConnection | None = None  # the one that holds it
         self.tried: set[BrokerConnection] = set()
         self.timeout = timeout
@@ -159,6 +159,7 @@ class Reply:
 
     def feed(self, chunks: list[bytes], worker_id: str, last: bool) -> None:
         self.worker_id = worker_id
+        self.frames = None  # begun: it is never sent again, and its body need not be kept
         self.chunks.extend(chunks)
         for chunk in chunks:
             self.buffered += len(chunk)
