@@ -433,6 +433,7 @@ class Client(PolicyShortcuts[Stream]):
         self.context = context or zmq.Context.instance()
         self.replies: dict[bytes, Reply] = {}
         self.resent = 0  # requests sent again through another broker
+        self._refused_by_all: BrokerError | None = None  # read per request: kept, not built
         self._ids = itertools.count(1)
         self._turn = itertools.count()
         self._connected = False
@@ -484,13 +485,13 @@ class Client(PolicyShortcuts[Stream]):
     @property
     def broker_alive(self) -> bool:
         """False once every broker has been silent for several heartbeats, or lost."""
-        return bool(self.live_brokers())
+        return any(broker.alive(self.heartbeat_interval, self.heartbeat_misses)
+                   for broker in self.brokers)
 
     @property
     def refused(self) -> BrokerError | None:
         """Why the brokers refused this client's keys, once every one has."""
-        refusals = [broker.refused for broker in self.brokers]
-        return refusals[0] if all(refusals) else None
+        return self._refused_by_all
 
     def live_brokers(self) -> list[BrokerConnection]:
         return [broker for broker in self.brokers
@@ -509,9 +510,8 @@ class Client(PolicyShortcuts[Stream]):
         self._check_open()
         message, timeout, setting = self._new_request(service, body, policy, worker, timeout)
         reply = Reply(self, message.rid, timeout, setting, p.encode_request_to_broker(message))
-        refused = self.refused
-        if refused is not None:
-            reply.finish(refused)
+        if self._refused_by_all is not None:
+            reply.finish(self._refused_by_all)
             return Stream(reply)
         self.replies[message.rid] = reply
         self._send_through(reply, self._next_broker(reply.tried))
@@ -664,6 +664,8 @@ class Client(PolicyShortcuts[Stream]):
         no request from now on."""
         log.error("%s", message)
         broker.refused = BrokerError(p.E_AUTH_FAILED, message)
+        if all(other.refused for other in self.brokers):
+            self._refused_by_all = self.brokers[0].refused
         self._lost(broker, broker.refused)
 
     def _on_heartbeat(self, broker: BrokerConnection, msg: p.Heartbeat) -> None:

@@ -250,17 +250,18 @@ def listeners(config: Config) -> dict[str, tuple[str, Address]]:
             **broker}
 
 
+BROKER_SIDES = ("frontend", "backend")
+
+
 def broker_endpoints(config: Config) -> dict[str, str]:
     """The endpoints of serve's brokers, by the key that sets them: Broker.frontend and
     Broker.backend for the first, "broker 2's frontend"... for those derived from them."""
     endpoints = {}
     for index, pair in enumerate(config.broker.local_brokers()):
         for side, endpoint in zip(BROKER_SIDES, pair):
-            endpoints[f"Broker.{side}" if index == 0 else f"broker {index + 1}'s {side}"] = endpoint
+            key = f"Broker.{side}" if index == 0 else f"broker {index + 1}'s {side}"
+            endpoints[key] = endpoint
     return endpoints
-
-
-BROKER_SIDES = ("frontend", "backend")
 
 
 def check_addresses(config: Config, host_key: str) -> None:
