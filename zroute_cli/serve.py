@@ -50,8 +50,8 @@ POLL_S = 0.05
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Run the broker, the workers and the HTTP gateway together, "
-                          "and keep them running.")
+    parser.description = ("Run the broker (or Broker.ServiceArgs.workers brokers), the workers "
+                          "and the HTTP gateway together, and keep them running.")
     parser.add_argument("--host", help="address to listen on (default: Frontend.host, "
                                        f"{FrontendSettings.host})")
     parser.add_argument("--port", type=int,
