@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -40,6 +41,16 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                      "--Section.key=value, e.g. --Backend.greeting=Hi.").strip()
 
 
+def broker_flags(brokers: list[str] | None, key: str) -> dict[str, str | None]:
+    """The overrides of a repeatable `--broker`, for `key` (Broker.frontend or
+    Broker.backend): the list of every endpoint given (Broker.frontends, Broker.backends),
+    and the first as the key itself, so that one given to the wrong side is named as
+    such."""
+    if not brokers:
+        return {key: None}
+    return {key: brokers[0], f"{key}s": json.dumps(brokers)}
+
+
 def flag_overrides(flags: Mapping[str, object | None]) -> list[str]:
     """Command-line flags (`{"Broker.frontend": value}`) as overrides; None is no flag."""
     return [f"{key}={value}" for key, value in flags.items() if value is not None]
@@ -63,6 +74,7 @@ PROCESS_COUNTS: dict[str, tuple[str, Callable[[Config], int]]] = {
     "worker": ("Backend.ServiceArgs.workers", lambda config: config.backend.service_args.workers),
     "gateway": ("Frontend.ServiceArgs.workers",
                 lambda config: config.frontend.service_args.workers),
+    "broker": ("Broker.ServiceArgs.workers", lambda config: config.broker.service_args.workers),
 }
 
 
@@ -105,7 +117,8 @@ def _clash_from_a_flag(args: argparse.Namespace, flags: Mapping[str, object | No
 
 def _flag_of(args: argparse.Namespace, value: object) -> str | None:
     """The option that gave `value`: '--broker', '--backend'...; None if none did."""
-    dest = next((dest for dest, given in vars(args).items() if given is value), None)
+    dest = next((dest for dest, given in vars(args).items()
+                 if given is value or (isinstance(given, list) and value in given)), None)
     return None if dest is None else "--" + dest.replace("_", "-")
 
 

@@ -156,8 +156,8 @@ def _check_value(dotted: str, value: Any, leaf: Leaf, typed: str | None = None) 
     elif is_list:
         value = tuple(value)
     problem = leaf.rules.check and leaf.rules.check(value)
-    if problem:
-        raise ConfigError(f"{dotted}: {problem}")
+    if problem:  # a list's names its entry, "[1]: ...", which follows the key
+        raise ConfigError(f"{dotted}{'' if problem.startswith('[') else ': '}{problem}")
     return leaf.rules.clean(value) if leaf.rules.clean else value
 
 
@@ -271,9 +271,9 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
     clash = config.broker.endpoint_clash()
     if clash:
         raise EndpointClash(clash)
-    clash = config.frontend.admin_clash()
-    if clash:
-        raise ConfigError(clash)
+    for problem in (config.frontend.admin_clash(), config.broker.brokers_problem()):
+        if problem:
+            raise ConfigError(problem)
     return config
 
 

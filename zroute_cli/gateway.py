@@ -17,7 +17,8 @@ from gateway.app import Gateway
 from zroute.curve import peer_keys
 from zroute.settings import FrontendSettings
 from zroute_cli import aio
-from zroute_cli.command import add_common_options, component_main, load, stop_requested
+from zroute_cli.command import (add_common_options, broker_flags, component_main, load,
+                                stop_requested)
 from zroute_cli.config import ConfigError
 from zroute_cli.ports import PortInUse, http_url, in_use_message
 
@@ -35,8 +36,9 @@ MAX_DEFAULT_CONNECTIONS = 10_000
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Run the HTTP gateway: POST /generate, GET /health, /stats, "
                           "/stats/stream, /metrics, /dashboard.")
-    parser.add_argument("--broker", metavar="ADDR",
-                        help="the broker's client-facing endpoint (default: Broker.frontend)")
+    parser.add_argument("--broker", metavar="ADDR", action="append",
+                        help="a broker's client-facing endpoint; repeat it for each broker "
+                             "(sets Broker.frontends; default: Broker.frontend)")
     parser.add_argument("--host", help="address to listen on (default: Frontend.host)")
     parser.add_argument("--port", type=int,
                         help=f"HTTP port (default: Frontend.port, {FrontendSettings.port})")
@@ -48,8 +50,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    config = load(args, overrides, {"Broker.frontend": args.broker, "Frontend.host": args.host,
-                                    "Frontend.port": args.port})
+    config = load(args, overrides, {**broker_flags(args.broker, "Broker.frontend"),
+                                    "Frontend.host": args.host, "Frontend.port": args.port})
     frontend = dataclasses.replace(
         config.frontend, max_connections=connection_limit(config.frontend.max_connections))
     tls = tls_context(frontend)
@@ -132,8 +134,8 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
         admin = (f", operators' endpoints on "
                  f"{http_url(settings.admin_host, settings.admin_port, secure)}"
                  if gateway.admin_routes else "")
-        log.info("gateway listening on %s%s, broker %s, at most %d connections",
-                 http_url(host, port, secure), admin, gateway.broker.endpoint,
+        log.info("gateway listening on %s%s, brokers %s, at most %d connections",
+                 http_url(host, port, secure), admin, ", ".join(gateway.broker.endpoints),
                  settings.max_connections)
         stop = asyncio.Event()
 

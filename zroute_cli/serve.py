@@ -1,6 +1,6 @@
 """`zroute serve`: the whole stack, supervised.
 
-It starts the broker, `Backend.ServiceArgs.workers` workers and
+It starts `Broker.ServiceArgs.workers` brokers (1), `Backend.ServiceArgs.workers` workers and
 `Frontend.ServiceArgs.workers` gateways as child processes, waits until
 /health is green, restarts any child that dies (with back-off), and on
 Ctrl-C or SIGTERM stops them in order: gateways, then workers (both drain),
@@ -50,8 +50,8 @@ POLL_S = 0.05
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Run the broker, the workers and the HTTP gateway together, "
-                          "and keep them running.")
+    parser.description = ("Run the broker (or Broker.ServiceArgs.workers brokers), the workers "
+                          "and the HTTP gateway together, and keep them running.")
     parser.add_argument("--host", help="address to listen on (default: Frontend.host, "
                                        f"{FrontendSettings.host})")
     parser.add_argument("--port", type=int,
@@ -208,9 +208,11 @@ def child_args(command: str, name: str, args: argparse.Namespace, overrides: lis
 
 def build_supervisor(config: Config, args: argparse.Namespace, overrides: list[str]) -> Supervisor:
     frontend = config.frontend
-    endpoints = (config.broker.frontend, config.broker.backend)
-    broker = [Child("broker", child_args("broker", "broker", args, overrides),
-                    [a for a in map(tcp_address, endpoints) if a is not None], STOP_MARGIN_S)]
+    pairs = config.broker.local_brokers()
+    brokers = [Child(name, child_args("broker", name, args, overrides, "--frontend", front,
+                                      "--backend", back),
+                     [a for a in map(tcp_address, (front, back)) if a is not None], STOP_MARGIN_S)
+               for name, (front, back) in zip(broker_names(len(pairs)), pairs)]
     workers = [Child(f"worker-{i}", child_args("worker", f"worker-{i}", args, overrides,
                                               "--id", f"worker-{i}"), [],
                      config.backend.drain_timeout + STOP_MARGIN_S)
@@ -222,7 +224,12 @@ def build_supervisor(config: Config, args: argparse.Namespace, overrides: list[s
                                                 "--reuse-port"),
                       ports, frontend.drain_timeout + STOP_MARGIN_S)
                 for i in range(1, frontend.service_args.workers + 1)]
-    return Supervisor([broker, workers, gateways])
+    return Supervisor([brokers, workers, gateways])
+
+
+def broker_names(count: int) -> list[str]:
+    """The names of serve's brokers in logs: "broker" alone, else broker-1, broker-2..."""
+    return ["broker"] if count == 1 else [f"broker-{i}" for i in range(1, count + 1)]
 
 
 # The gateways' listeners, by the key of their port, and the key of their host.
@@ -237,11 +244,24 @@ def listeners(config: Config) -> dict[str, tuple[str, Address]]:
     ports = {"Frontend.port": (frontend.host, frontend.port)}
     if frontend.admin_port:
         ports["Frontend.admin_port"] = (frontend.admin_host, frontend.admin_port)
-    endpoints = {"Broker.frontend": config.broker.frontend, "Broker.backend": config.broker.backend}
-    broker = {key: (endpoint, address) for key, endpoint in endpoints.items()
+    broker = {key: (endpoint, address) for key, endpoint in broker_endpoints(config).items()
               if (address := tcp_address(endpoint)) is not None}
     return {**{key: (f"{host}:{port}", (host, port)) for key, (host, port) in ports.items()},
             **broker}
+
+
+BROKER_SIDES = ("frontend", "backend")
+
+
+def broker_endpoints(config: Config) -> dict[str, str]:
+    """The endpoints of serve's brokers, by the key that sets them: Broker.frontend and
+    Broker.backend for the first, "broker 2's frontend"... for those derived from them."""
+    endpoints = {}
+    for index, pair in enumerate(config.broker.local_brokers()):
+        for side, endpoint in zip(BROKER_SIDES, pair):
+            key = f"Broker.{side}" if index == 0 else f"broker {index + 1}'s {side}"
+            endpoints[key] = endpoint
+    return endpoints
 
 
 def check_addresses(config: Config, host_key: str) -> None:
@@ -269,8 +289,11 @@ def _second_stack_hint(config: Config, port: int | None) -> str:
     if port is None or not held_by_running_zroute(port):
         return ""
     flags, chosen = [], set()
-    for key, (endpoint, (host, taken)) in listeners(config).items():
-        if is_free(host, taken):
+    found = listeners(config)
+    # One broker's ports are each free to choose; several brokers' count up from two.
+    several = config.broker.service_args.workers > 1
+    for key, (endpoint, (host, taken)) in found.items():
+        if (several and key not in GATEWAY_LISTENERS) or is_free(host, taken):
             continue
         free = free_port_from(host, taken + 1, chosen)
         if free is None:
@@ -279,7 +302,33 @@ def _second_stack_hint(config: Config, port: int | None) -> str:
         flags.append(f"--port {free}" if key == "Frontend.port"
                      else f"--{key}={free}" if key in GATEWAY_LISTENERS
                      else f"--{key}={endpoint.rpartition(':')[0]}:{free}")
+    brokers = [found[key] for key in found if key not in GATEWAY_LISTENERS]
+    if several and not all(is_free(host, port) for _, (host, port) in brokers):
+        block = _free_broker_ports(brokers, chosen)
+        if block is None:
+            return ""
+        for side, port in zip(BROKER_SIDES, block):
+            endpoint = found[f"Broker.{side}"][0]
+            flags.append(f"--Broker.{side}={endpoint.rpartition(':')[0]}:{port}")
     return f"; to run a second stack, give it other ports too: {' '.join(flags)}"
+
+
+def _free_broker_ports(brokers: list[tuple[str, Address]],
+                       chosen: set[int]) -> tuple[int, int] | None:
+    """A frontend and a backend port for serve's brokers, after those taken now, from
+    which every broker's ports (counting up by 2) are free; None if there are none."""
+    host = brokers[0][1][0]
+    start = max(port for _, (_, port) in brokers) + 1
+    while start + len(brokers) <= 65536:
+        first = free_port_from(host, start, chosen)
+        if first is None:
+            return None
+        block = range(first, first + len(brokers))
+        if all(port not in chosen and is_free(host, port) for port in block):
+            chosen.update(block)
+            return first, first + 1
+        start = first + 1
+    return None
 
 
 # serve asks its own gateways, on this machine, whatever certificate they have.
@@ -393,7 +442,9 @@ def operators_url(config: Config) -> str:
 def _announce(base: str, config: Config) -> None:
     backend = config.backend
     operators = operators_url(config)
+    brokers = config.broker.service_args.workers
     print(f"\nzroute is serving on {base} ({backend.service_args.workers} worker(s), "
+          f"{f'{brokers} brokers, ' if brokers > 1 else ''}"
           f"greeting {backend.greeting!r}, routing {config.frontend.routing_mode})\n"
           f"Try:\n  curl -X POST {base}/generate -H 'Content-Type: application/json' "
           "-d '{\"text\": \"world,universe,galaxy\"}'\n"

@@ -16,7 +16,8 @@ from zroute.curve import peer_keys
 from zroute.loader import load_object
 from worker.runtime import Handler, Worker
 from zroute_cli import aio
-from zroute_cli.command import add_common_options, component_main, load, stop_requested
+from zroute_cli.command import (add_common_options, broker_flags, component_main, load,
+                                stop_requested)
 from zroute.settings import BrokerSettings, Config
 from zroute_cli.config import ConfigError
 
@@ -27,9 +28,10 @@ log = logging.getLogger("zroute.worker")
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = "Run a worker that serves requests from the broker."
-    parser.add_argument("--broker", metavar="ADDR",
-                        help="the broker's worker-facing endpoint; sets Broker.backend "
-                             f"(default: {BrokerSettings.backend})")
+    parser.add_argument("--broker", metavar="ADDR", action="append",
+                        help="a broker's worker-facing endpoint; repeat it for each broker, "
+                             "the worker registers with every one (sets Broker.backends; "
+                             f"default: Broker.backend, {BrokerSettings.backend})")
     parser.add_argument("--id", dest="worker_id", metavar="ID",
                         help="worker id (default: worker- and 6 random hex digits)")
     parser.add_argument("--handler", default=DEFAULT_HANDLER, metavar="MODULE:CALLABLE",
@@ -111,7 +113,7 @@ def _check_names(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     _check_names(args)
     config = load(args, overrides, {"Backend.ServiceArgs.capacity": args.capacity,
-                                    "Broker.backend": args.broker})
+                                    **broker_flags(args.broker, "Broker.backend")})
     handler = load_handler(args.handler, config)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("configuration: %s", json.dumps(config.as_dict()))
