@@ -204,9 +204,10 @@ def test_a_handler_that_yields_faster_than_the_broker_reads_waits():
         peer, *ready = broker.recv_multipart()
         assert ready[1] == p.READY
         broker.send_multipart([peer, *p.encode_request_to_worker(p.Request(b"r1", "generate", b"{}"))])
-        await async_wait_until(lambda: waiting_for_the_broker(worker.tasks.get(b"r1")), 10,
+        tasks = worker.sessions[0].tasks
+        await async_wait_until(lambda: waiting_for_the_broker(tasks.get(b"r1")), 10,
                                "the handler to wait for the broker")
-        assert worker._channel.unsent_bytes() > runtime.MAX_UNSENT_BYTES
+        assert worker.sessions[0].channel.unsent_bytes() > runtime.MAX_UNSENT_BYTES
         assert yielded * len(chunk) <= runtime.MAX_UNSENT_BYTES + 2 * len(chunk)
         ended = False
         while not ended:  # the broker reads: the handler goes on to its END

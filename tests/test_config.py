@@ -70,6 +70,9 @@ DEFAULTS = {
         "curve_workers_dir": "",
         "curve_clients_dir": "",
         "insecure": False,
+        "frontends": (),
+        "backends": (),
+        "ServiceArgs": {"workers": 1},
     },
 }
 
@@ -458,3 +461,64 @@ def test_a_settings_class_with_a_type_no_key_can_have_is_refused_when_read() -> 
         build(Odd, None)
     assert str(info.value).endswith("Odd.names: a setting is a str, int, float, "
                                     "tuple[str, ...], bool or a section, not a list[str]")
+
+
+# --- several brokers --------------------------------------------------------
+
+
+def test_serve_s_brokers_take_ports_counting_up_by_two_and_peers_connect_to_each() -> None:
+    broker = load_config(None, ["Broker.ServiceArgs.workers=3"]).broker
+    assert broker.local_brokers() == [("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556"),
+                                      ("tcp://127.0.0.1:5557", "tcp://127.0.0.1:5558"),
+                                      ("tcp://127.0.0.1:5559", "tcp://127.0.0.1:5560")]
+    assert broker.for_clients().endpoints == ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5557",
+                                              "tcp://127.0.0.1:5559")
+    assert broker.for_workers().endpoints == ("tcp://127.0.0.1:5556", "tcp://127.0.0.1:5558",
+                                              "tcp://127.0.0.1:5560")
+
+
+def test_ipc_brokers_are_numbered_by_name() -> None:
+    broker = load_config(None, ["Broker.ServiceArgs.workers=2", "Broker.frontend=ipc:///run/zr-c",
+                                "Broker.backend=ipc:///run/zr-w"]).broker
+    assert broker.local_brokers() == [("ipc:///run/zr-c", "ipc:///run/zr-w"),
+                                      ("ipc:///run/zr-c-2", "ipc:///run/zr-w-2")]
+
+
+def test_listed_brokers_are_those_peers_connect_to(tmp_path: Path) -> None:
+    path = write(tmp_path, "Broker:\n  frontends: [tcp://b1:5555, tcp://b2:5555]\n"
+                           "  backends: [tcp://b1:5556, tcp://b2:5556]\n")
+    broker = load_config(path).broker
+    assert broker.for_clients().endpoints == ("tcp://b1:5555", "tcp://b2:5555")
+    assert broker.for_workers().endpoints == ("tcp://b1:5556", "tcp://b2:5556")
+    assert broker.frontend == "tcp://127.0.0.1:5555"  # what a broker binds, apart
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["Broker.frontends=[tcp://b1:5555, b2:5555]"],
+     "Broker.frontends[1]: 'b2:5555' is not a ZeroMQ endpoint: use tcp://HOST:PORT "
+     "(e.g. tcp://b2:5555) or ipc:///path"),
+    (["Broker.backends=[tcp://b1:5556, tcp://b1:5556]"],
+     "Broker.backends[1]: 'tcp://b1:5556' is listed already, at [0]: list each broker once"),
+    (["Broker.frontends=[tcp://b1:5555]", "Broker.backends=[tcp://b1:5556, tcp://b2:5556]"],
+     "Broker.frontends lists 1 endpoints and Broker.backends 2: list each broker's client "
+     "and worker endpoint, in the same order"),
+    (["Broker.ServiceArgs.workers=2", "Broker.backend=tcp://127.0.0.1:5557"],
+     "Broker.ServiceArgs.workers: broker 2's frontend (tcp://127.0.0.1:5557) would be broker "
+     "1's backend too: brokers take ports counting up by 2 from Broker.frontend and "
+     "Broker.backend; give those two neighbouring ports (e.g. 5555 and 5556)"),
+    (["Broker.ServiceArgs.workers=2", "Broker.frontend=tcp://127.0.0.1:65534",
+      "Broker.backend=tcp://127.0.0.1:65535"],
+     "Broker.ServiceArgs.workers: broker 2's frontend would be port 65536: give "
+     "Broker.frontend and Broker.backend lower ports, or run fewer brokers"),
+    (["Broker.ServiceArgs.workers=0"], "Broker.ServiceArgs.workers: 0 is invalid: must be an "
+                                        "integer >= 1"),
+    (["Broker.frontends=[tcp://127.0.0.1:5555, tcp://127.0.0.1:5556]"],
+     "Broker.frontends[1]: tcp://127.0.0.1:5556 is a broker's worker endpoint (Broker.backends, "
+     "or Broker.backend): clients and gateways connect to the brokers' client endpoints"),
+    (["Broker.backends=[tcp://127.0.0.1:5555]"],
+     "Broker.backends[0]: tcp://127.0.0.1:5555 is a broker's client endpoint (Broker.frontends, "
+     "or Broker.frontend): workers connect to the brokers' worker endpoints"),
+], ids=["bad-entry", "twice", "lengths", "clash", "past-65535", "none", "worker-endpoint",
+        "client-endpoint"])
+def test_broker_lists_and_counts_are_checked_in_one_line(overrides, message) -> None:
+    assert error_text(overrides=tuple(overrides)) == message

@@ -160,7 +160,8 @@ def test_a_worker_that_hears_something_else_than_zroute_says_so_once(caplog):
                     {"generate": lambda request: None})
     with caplog.at_level(logging.WARNING, "zroute.worker"):
         for _ in range(100):
-            worker._on_message([b"HTTP/1.1 400 Bad Request\r\n", b"Content-Length: 11"])
+            worker._on_message(worker.sessions[0],
+                               [b"HTTP/1.1 400 Bad Request\r\n", b"Content-Length: 11"])
     assert [r.getMessage() for r in caplog.records] == [
         "worker w1 dropped a message that is not zroute's protocol (unsupported protocol "
         "version b'HTTP/1.1 400 Bad'): is tcp://127.0.0.1:8000 the broker's worker endpoint, "

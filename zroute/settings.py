@@ -21,7 +21,7 @@ from typing import Any, Callable, TypeVar
 
 from zroute.curve import PeerKeys
 from zroute.endpoints import endpoint_problem, is_loopback
-from zroute.ports import same_listener, tcp_address
+from zroute.ports import Address, same_listener, tcp_address
 from zroute.protocol import DEFAULT_POLICY, MAX_BATCH_BYTES
 
 T = TypeVar("T")
@@ -97,6 +97,37 @@ def policy_spec_problem(specs: tuple[str, ...]) -> str | None:
             return (f"{spec!r} is not a policy class: name one as module:Class or "
                     "path/to/file.py:Class (the built-in policies need no entry)")
     return None
+
+
+# For each side of the brokers, the other, and who connects to it.
+WORKER_OR_CLIENT = {"client": "worker", "worker": "client"}
+ROLE_PEERS = {"client": "clients and gateways", "worker": "workers"}
+
+
+def endpoints_problem(values: tuple[str, ...]) -> str | None:
+    """A list of ZeroMQ endpoints (Broker.frontends, Broker.backends): each one valid,
+    none twice. The problem names the entry, `[1]: ...`, right after the key."""
+    for index, value in enumerate(values):
+        problem = endpoint_problem(value)
+        if problem:
+            return f"[{index}]: {problem}"
+        if value in values[:index]:
+            return (f"[{index}]: {value!r} is listed already, at [{values.index(value)}]: "
+                    "list each broker once")
+    return None
+
+
+def numbered_endpoint(endpoint: str, index: int) -> str:
+    """The endpoint of the broker numbered `index` (from 0) of those that `zroute serve`
+    runs from `endpoint`: for tcp://, the port plus 2 × index, so that the brokers'
+    frontend and backend ports interleave (5555 and 5556, then 5557 and 5558...); for
+    ipc:// and inproc://, the name with `-2`, `-3`... after it."""
+    if index == 0:
+        return endpoint
+    address = tcp_address(endpoint)
+    if address is None:
+        return f"{endpoint}-{index + 1}"
+    return f"{endpoint.rpartition(':')[0]}:{address[1] + 2 * index}"
 
 
 def file_problem(value: str) -> str | None:
@@ -212,6 +243,12 @@ class FrontendSettings(GatewayChecks, Section):
 class BrokerSettings(Section):
     """The broker's; its peers take its endpoints and heartbeat from here too."""
 
+    @dataclass(frozen=True, kw_only=True)
+    class ServiceArgs(Section):
+        # Brokers that `zroute serve` runs; each binds numbered_endpoint(frontend, i)
+        # and numbered_endpoint(backend, i).
+        workers: int = setting(1, ge=1)
+
     frontend: str = setting("tcp://127.0.0.1:5555", check=endpoint_problem)
     backend: str = setting("tcp://127.0.0.1:5556", check=endpoint_problem)
     heartbeat_interval: float = setting(1.0, gt=0)
@@ -250,6 +287,61 @@ class BrokerSettings(Section):
     # Listen beyond loopback without CURVE: anyone who reaches a port may serve or send
     # any request.
     insecure: bool = False
+    # Every broker's endpoints as its peers connect to them (brokers that run elsewhere
+    # too); empty: those of the brokers `zroute serve` runs from frontend and backend.
+    frontends: tuple[str, ...] = setting((), check=endpoints_problem)
+    backends: tuple[str, ...] = setting((), check=endpoints_problem)
+    service_args: ServiceArgs = section(ServiceArgs, "ServiceArgs")
+
+    def local_brokers(self) -> list[tuple[str, str]]:
+        """(frontend, backend) of each broker that `zroute serve` runs here."""
+        return [(numbered_endpoint(self.frontend, i), numbered_endpoint(self.backend, i))
+                for i in range(self.service_args.workers)]
+
+    def client_endpoints(self) -> tuple[str, ...]:
+        """Every broker's client endpoint, as gateways and clients connect to them."""
+        return self.frontends or tuple(front for front, _ in self.local_brokers())
+
+    def worker_endpoints(self) -> tuple[str, ...]:
+        """Every broker's worker endpoint, as workers connect to them."""
+        return self.backends or tuple(back for _, back in self.local_brokers())
+
+    def brokers_problem(self) -> str | None:
+        """Why the brokers as configured cannot be told apart or reached, if so: two of
+        the brokers serve runs here on one port, a port past 65535, lists of different
+        lengths, or a client endpoint that is a worker endpoint too."""
+        if self.frontends and self.backends and len(self.frontends) != len(self.backends):
+            return (f"Broker.frontends lists {len(self.frontends)} endpoints and "
+                    f"Broker.backends {len(self.backends)}: list each broker's client and "
+                    "worker endpoint, in the same order")
+        for key, listed, others, role, other_key in (
+                ("frontends", self.frontends, self.worker_endpoints(), "client", "backend"),
+                ("backends", self.backends, self.client_endpoints(), "worker", "frontend")):
+            for index, endpoint in enumerate(listed):
+                if endpoint in others:
+                    return (f"Broker.{key}[{index}]: {endpoint} is a broker's "
+                            f"{WORKER_OR_CLIENT[role]} endpoint (Broker.{other_key}s, or "
+                            f"Broker.{other_key}): {ROLE_PEERS[role]} connect to the brokers' "
+                            f"{role} endpoints")
+        seen: dict[Address, str] = {}
+        for index, pair in enumerate(self.local_brokers()):
+            for key, endpoint in zip(("frontend", "backend"), pair):
+                address = tcp_address(endpoint)
+                if address is None:
+                    continue
+                if address[1] > 65535:
+                    return (f"Broker.ServiceArgs.workers: broker {index + 1}'s {key} would be "
+                            f"port {address[1]}: give Broker.frontend and Broker.backend "
+                            "lower ports, or run fewer brokers")
+                clash = next((name for taken, name in seen.items()
+                              if same_listener(taken, address)), None)
+                if clash:
+                    return (f"Broker.ServiceArgs.workers: broker {index + 1}'s {key} "
+                            f"({endpoint}) would be {clash} too: brokers take ports counting up by "
+                            "2 from Broker.frontend and Broker.backend; give those two "
+                            "neighbouring ports (e.g. 5555 and 5556)")
+                seen[address] = f"broker {index + 1}'s {key}"
+        return None
 
     def endpoint_clash(self) -> str | None:
         """Why the two endpoints cannot both be bound, if they cannot: clients and workers
@@ -287,24 +379,31 @@ class BrokerSettings(Section):
                 "Broker.insecure=true to accept anyone")
 
     def for_clients(self, curve: PeerKeys | None = None) -> BrokerLink:
-        """The broker as its clients (gateways) reach it, with their keys if it has CURVE."""
-        return BrokerLink(self.frontend, self.heartbeat_interval, self.heartbeat_misses, curve)
+        """The brokers as their clients (gateways) reach them, with their keys if they
+        have CURVE."""
+        return BrokerLink(self.client_endpoints(), self.heartbeat_interval,
+                          self.heartbeat_misses, curve)
 
     def for_workers(self, curve: PeerKeys | None = None) -> BrokerLink:
-        """The broker as its workers reach it, with their keys if it has CURVE."""
-        return BrokerLink(self.backend, self.heartbeat_interval, self.heartbeat_misses, curve)
+        """The brokers as their workers reach them, with their keys if they have CURVE."""
+        return BrokerLink(self.worker_endpoints(), self.heartbeat_interval,
+                          self.heartbeat_misses, curve)
 
 
 @dataclass(frozen=True)
 class BrokerLink:
-    """What a peer of the broker knows of it: the endpoint it connects to, the heartbeat
-    by which each of them knows that the other is alive, and the CURVE keys it connects
-    with (None: without CURVE)."""
+    """What a peer of the brokers knows of them: the endpoints it connects to (one per
+    broker; a single string is one broker's), the heartbeat by which each of them knows
+    that the other is alive, and the CURVE keys it connects with (None: without CURVE)."""
 
-    endpoint: str
+    endpoints: tuple[str, ...] | str
     heartbeat_interval: float = BrokerSettings.heartbeat_interval
     heartbeat_misses: int = BrokerSettings.heartbeat_misses
     curve: PeerKeys | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.endpoints, str):
+            object.__setattr__(self, "endpoints", (self.endpoints,))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -42,6 +43,16 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                      "--Section.key=value, e.g. --Backend.greeting=Hi.").strip()
 
 
+def broker_flags(brokers: list[str] | None, key: str) -> dict[str, str | None]:
+    """The overrides of a repeatable `--broker`, for `key` (Broker.frontend or
+    Broker.backend): the list of every endpoint given (Broker.frontends, Broker.backends),
+    and the first as the key itself, so that one given to the wrong side is named as
+    such."""
+    if not brokers:
+        return {key: None}
+    return {key: brokers[0], f"{key}s": json.dumps(brokers)}
+
+
 def flag_overrides(flags: Mapping[str, object | None]) -> list[str]:
     """Command-line flags (`{"Broker.frontend": value}`) as overrides; None is no flag."""
     return [f"{key}={value}" for key, value in flags.items() if value is not None]
@@ -58,18 +69,24 @@ def load(args: argparse.Namespace, overrides: Sequence[str],
         config = load_config(args.config, [*overrides, *flag_overrides(flags)], graph)
     except EndpointClash as clash:
         raise ConfigError(_clash_from_a_flag(args, flags) or str(clash)) from None
-    if not args.supervised and runs is not None:
+    if not args.supervised:
         _note_the_process_count(args, config, runs)
     return config
 
 
-def _note_the_process_count(args: argparse.Namespace, config: Config, runs: Service) -> None:
-    """A count of processes for a service means something to `zroute serve` only: say so
-    rather than ignore it silently."""
-    count = section_of(config, runs).service_args.workers
+def _note_the_process_count(args: argparse.Namespace, config: Config,
+                            runs: Service | None) -> None:
+    """A count of processes for a service (or the brokers) means something to `zroute
+    serve` only: say so rather than ignore it silently."""
+    if runs is not None:
+        key, count = f"{runs.name}.ServiceArgs.workers", section_of(config, runs).service_args.workers
+    elif args.process_name == "broker":
+        key, count = "Broker.ServiceArgs.workers", config.broker.service_args.workers
+    else:
+        return
     if count > 1:
-        log.info("%s.ServiceArgs.workers is %d, but %s runs one process; `zroute serve` runs "
-                 "%d", runs.name, count, args.prog, count)
+        log.info("%s is %d, but %s runs one process; `zroute serve` runs %d",
+                 key, count, args.prog, count)
 
 
 def add_graph_options(parser: argparse.ArgumentParser, runs: str | None) -> None:
@@ -154,7 +171,8 @@ def _clash_from_a_flag(args: argparse.Namespace, flags: Mapping[str, object | No
 
 def _flag_of(args: argparse.Namespace, value: object) -> str | None:
     """The option that gave `value`: '--broker', '--backend'...; None if none did."""
-    dest = next((dest for dest, given in vars(args).items() if given is value), None)
+    dest = next((dest for dest, given in vars(args).items()
+                 if given is value or (isinstance(given, list) and value in given)), None)
     return None if dest is None else "--" + dest.replace("_", "-")
 
 

@@ -174,8 +174,8 @@ def _check_value(dotted: str, value: Any, leaf: Leaf, typed: str | None = None) 
     elif is_list:
         value = tuple(value)
     problem = leaf.rules.check and leaf.rules.check(value)
-    if problem:
-        raise ConfigError(f"{dotted}: {problem}")
+    if problem:  # a list's names its entry, "[1]: ...", which follows the key
+        raise ConfigError(f"{dotted}{'' if problem.startswith('[') else ': '}{problem}")
     return leaf.rules.clean(value) if leaf.rules.clean else value
 
 
@@ -299,10 +299,13 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (),
     clash = config.broker.endpoint_clash()
     if clash:
         raise EndpointClash(clash)
-    for settings in sections(config).values():
-        clash = settings.admin_clash() if isinstance(settings, GatewayChecks) else None
-        if clash:
-            raise ConfigError(clash)
+    gateways = [settings for settings in sections(config).values()
+                if isinstance(settings, GatewayChecks)]
+    problems = [*(settings.admin_clash() for settings in gateways),
+                config.broker.brokers_problem()]
+    for problem in problems:
+        if problem:
+            raise ConfigError(problem)
     return config
 
 

@@ -20,8 +20,8 @@ from zroute.curve import peer_keys
 from zroute.services import Instance
 from zroute.settings import FrontendSettings
 from zroute_cli import aio
-from zroute_cli.command import (add_common_options, add_graph_options, component_main, load,
-                                service_to_run, stop_requested)
+from zroute_cli.command import (add_common_options, add_graph_options, broker_flags,
+                                component_main, load, service_to_run, stop_requested)
 from zroute_cli.config import ConfigError, section_of
 from zroute_cli.ports import PortInUse, http_url, in_use_message
 
@@ -40,8 +40,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Run the HTTP gateway: the @api routes of a service class "
                           "(--service-class; the built-in Frontend's POST /generate by "
                           "default), GET /health, /stats, /stats/stream, /metrics, /dashboard.")
-    parser.add_argument("--broker", metavar="ADDR",
-                        help="the broker's client-facing endpoint (default: Broker.frontend)")
+    parser.add_argument("--broker", metavar="ADDR", action="append",
+                        help="a broker's client-facing endpoint; repeat it for each broker "
+                             "(sets Broker.frontends; default: Broker.frontend)")
     parser.add_argument("--host", help="address to listen on (default: Frontend.host)")
     parser.add_argument("--port", type=int,
                         help=f"HTTP port (default: Frontend.port, {FrontendSettings.port})")
@@ -56,8 +57,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     graph, described = service_to_run(args, http=True)
     name = described.name
-    config = load(args, overrides, {"Broker.frontend": args.broker, f"{name}.host": args.host,
-                                    f"{name}.port": args.port}, graph, runs=described)
+    config = load(args, overrides, {**broker_flags(args.broker, "Broker.frontend"),
+                                    f"{name}.host": args.host, f"{name}.port": args.port},
+                  graph, runs=described)
     settings = section_of(config, described)
     frontend = dataclasses.replace(
         settings, max_connections=connection_limit(settings.max_connections))
@@ -163,8 +165,8 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
         admin = (f", operators' endpoints on "
                  f"{http_url(settings.admin_host, settings.admin_port, secure)}"
                  if gateway.admin_routes else "")
-        log.info("gateway listening on %s%s, broker %s, at most %d connections",
-                 http_url(host, port, secure), admin, gateway.broker.endpoint,
+        log.info("gateway listening on %s%s, brokers %s, at most %d connections",
+                 http_url(host, port, secure), admin, ", ".join(gateway.broker.endpoints),
                  settings.max_connections)
         stop = asyncio.Event()
 

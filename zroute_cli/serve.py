@@ -1,12 +1,13 @@
 """`zroute serve [FILE_OR_MODULE:Class]`: a service graph, supervised (without one, the
 built-in greeting pipeline: Frontend and Backend, worker/greeting.py).
 
-It walks the graph from the class given, then starts the broker, `ServiceArgs.workers`
-workers for each service with endpoints (`Backend-1`, `Backend-2`...) and the root's
-`ServiceArgs.workers` gateways as child processes, waits until every service has a worker
-and /health is green, restarts any child that dies (with back-off), and on Ctrl-C or
-SIGTERM stops them in order: gateways, then each service's workers, those that call the
-others first (all drain), then the broker; a second Ctrl-C stops them all at once.
+It walks the graph from the class given, then starts `Broker.ServiceArgs.workers`
+brokers (1), `ServiceArgs.workers` workers for each service with endpoints (`Backend-1`,
+`Backend-2`...) and the root's `ServiceArgs.workers` gateways as child processes, waits
+until every service has a worker and /health is green, restarts any child that dies
+(with back-off), and on Ctrl-C or SIGTERM stops them in order: gateways, then each
+service's workers, those that call the others first (all drain), then the brokers; a
+second Ctrl-C stops them all at once.
 
 Before it starts anything it checks that the ports it needs are free, so that a
 second stack on the same machine stops with one line rather than sharing them.
@@ -53,8 +54,9 @@ POLL_S = 0.05
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Run a service graph: the broker, the workers of each service "
-                          "and the HTTP gateway of its root, together, and keep them running.")
+    parser.description = ("Run a service graph: the broker (or Broker.ServiceArgs.workers "
+                          "brokers), the workers of each service and the HTTP gateway of its "
+                          "root, together, and keep them running.")
     parser.add_argument("graph", nargs="?", metavar="FILE_OR_MODULE:Class",
                         help="the root of the graph, a class with @api routes, as "
                              "path/to/file.py:Class or module:Class; the services it "
@@ -217,12 +219,14 @@ def child_args(command: str, name: str, args: argparse.Namespace, overrides: lis
 
 def build_supervisor(graph: Graph, config: Config, args: argparse.Namespace,
                      overrides: list[str]) -> Supervisor:
-    """The broker, each service's workers (those that others call first), the gateways."""
+    """The brokers, each service's workers (those that others call first), the gateways."""
     in_graph = [] if args.graph is None else ["--graph", args.graph]
-    endpoints = (config.broker.frontend, config.broker.backend)
-    groups = [[Child("broker", child_args("broker", "broker", args, overrides, *in_graph),
-                     [a for a in map(tcp_address, endpoints) if a is not None],
-                     STOP_MARGIN_S)]]
+    pairs = config.broker.local_brokers()
+    groups = [[Child(name, child_args("broker", name, args, overrides, *in_graph,
+                                      "--frontend", front, "--backend", back),
+                     [a for a in map(tcp_address, (front, back)) if a is not None],
+                     STOP_MARGIN_S)
+               for name, (front, back) in zip(broker_names(len(pairs)), pairs)]]
     for described in graph.worker_services:
         settings = section_of(config, described)
         which = [*in_graph, "--service-class", described.name] if in_graph else []
@@ -241,6 +245,11 @@ def build_supervisor(graph: Graph, config: Config, args: argparse.Namespace,
     return Supervisor(groups)
 
 
+def broker_names(count: int) -> list[str]:
+    """The names of serve's brokers in logs: "broker" alone, else broker-1, broker-2..."""
+    return ["broker"] if count == 1 else [f"broker-{i}" for i in range(1, count + 1)]
+
+
 def gateway_listeners(graph: Graph) -> dict[str, str]:
     """The gateways' listeners, by the key of their port, and the key of their host."""
     name = graph.root.name
@@ -255,11 +264,24 @@ def listeners(config: Config, graph: Graph) -> dict[str, tuple[str, Address]]:
     ports = {f"{name}.port": (http.host, http.port)}
     if http.admin_port:
         ports[f"{name}.admin_port"] = (http.admin_host, http.admin_port)
-    endpoints = {"Broker.frontend": config.broker.frontend, "Broker.backend": config.broker.backend}
-    broker = {key: (endpoint, address) for key, endpoint in endpoints.items()
+    broker = {key: (endpoint, address) for key, endpoint in broker_endpoints(config).items()
               if (address := tcp_address(endpoint)) is not None}
     return {**{key: (f"{host}:{port}", (host, port)) for key, (host, port) in ports.items()},
             **broker}
+
+
+BROKER_SIDES = ("frontend", "backend")
+
+
+def broker_endpoints(config: Config) -> dict[str, str]:
+    """The endpoints of serve's brokers, by the key that sets them: Broker.frontend and
+    Broker.backend for the first, "broker 2's frontend"... for those derived from them."""
+    endpoints = {}
+    for index, pair in enumerate(config.broker.local_brokers()):
+        for side, endpoint in zip(BROKER_SIDES, pair):
+            key = f"Broker.{side}" if index == 0 else f"broker {index + 1}'s {side}"
+            endpoints[key] = endpoint
+    return endpoints
 
 
 def check_addresses(config: Config, graph: Graph, host_key: str) -> None:
@@ -288,8 +310,11 @@ def _second_stack_hint(config: Config, graph: Graph, port: int | None) -> str:
     if port is None or not held_by_running_zroute(port):
         return ""
     flags, chosen = [], set()
-    for key, (endpoint, (host, taken)) in listeners(config, graph).items():
-        if is_free(host, taken):
+    found = listeners(config, graph)
+    # One broker's ports are each free to choose; several brokers' count up from two.
+    several = config.broker.service_args.workers > 1
+    for key, (endpoint, (host, taken)) in found.items():
+        if (several and key not in gateway_listeners(graph)) or is_free(host, taken):
             continue
         free = free_port_from(host, taken + 1, chosen)
         if free is None:
@@ -298,7 +323,33 @@ def _second_stack_hint(config: Config, graph: Graph, port: int | None) -> str:
         flags.append(f"--port {free}" if key == f"{graph.root.name}.port"
                      else f"--{key}={free}" if key in gateway_listeners(graph)
                      else f"--{key}={endpoint.rpartition(':')[0]}:{free}")
+    brokers = [found[key] for key in found if key not in gateway_listeners(graph)]
+    if several and not all(is_free(host, port) for _, (host, port) in brokers):
+        block = _free_broker_ports(brokers, chosen)
+        if block is None:
+            return ""
+        for side, port in zip(BROKER_SIDES, block):
+            endpoint = found[f"Broker.{side}"][0]
+            flags.append(f"--Broker.{side}={endpoint.rpartition(':')[0]}:{port}")
     return f"; to run a second stack, give it other ports too: {' '.join(flags)}"
+
+
+def _free_broker_ports(brokers: list[tuple[str, Address]],
+                       chosen: set[int]) -> tuple[int, int] | None:
+    """A frontend and a backend port for serve's brokers, after those taken now, from
+    which every broker's ports (counting up by 2) are free; None if there are none."""
+    host = brokers[0][1][0]
+    start = max(port for _, (_, port) in brokers) + 1
+    while start + len(brokers) <= 65536:
+        first = free_port_from(host, start, chosen)
+        if first is None:
+            return None
+        block = range(first, first + len(brokers))
+        if all(port not in chosen and is_free(host, port) for port in block):
+            chosen.update(block)
+            return first, first + 1
+        start = first + 1
+    return None
 
 
 # serve asks its own gateways, on this machine, whatever certificate they have.
@@ -443,15 +494,17 @@ def operators_url(http: FrontendSettings) -> str:
 def _announce(base: str, graph: Graph, config: Config) -> None:
     http = section_of(config, graph.root)
     operators = operators_url(http)
+    brokers = config.broker.service_args.workers
+    several = f"{brokers} brokers, " if brokers > 1 else ""
     if graph.root.cls is builtin_graph().root.cls:
-        what = (f"({config.backend.service_args.workers} worker(s), greeting "
+        what = (f"({config.backend.service_args.workers} worker(s), {several}greeting "
                 f"{config.backend.greeting!r}, routing {http.routing_mode})")
         tries = [f"  curl -X POST {base}/generate -H 'Content-Type: application/json' "
                  "-d '{\"text\": \"world,universe,galaxy\"}'"]
     else:
         counts = ", ".join(f"{section_of(config, s).service_args.workers} {s.name}"
                            for s in graph.worker_services)
-        what = f"({graph.root.name}; workers: {counts})"
+        what = f"({graph.root.name}; {several}workers: {counts})"
         tries = [f"  curl -X {route.method} {base}{route.path} -H 'Content-Type: "
                  "application/json' -d 'JSON'" for route in graph.root.routes.values()]
     print(f"\nzroute is serving on {base} {what}\nTry:\n" + "\n".join(tries) + "\n"

@@ -20,8 +20,8 @@ from zroute.services import Instance
 from worker.runtime import Handler, Worker
 from worker.service import ServiceWorker
 from zroute_cli import aio
-from zroute_cli.command import (add_common_options, add_graph_options, component_main, load,
-                                service_to_run, stop_requested)
+from zroute_cli.command import (add_common_options, add_graph_options, broker_flags,
+                                component_main, load, service_to_run, stop_requested)
 from zroute.settings import BrokerSettings, Config
 from zroute_cli.config import ConfigError, builtin_graph, section_of
 
@@ -32,9 +32,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Run a worker that serves requests from the broker: the endpoints "
                           "of a service class (--service-class; the built-in greeting "
                           "Backend by default), or a plain handler (--handler).")
-    parser.add_argument("--broker", metavar="ADDR",
-                        help="the broker's worker-facing endpoint; sets Broker.backend "
-                             f"(default: {BrokerSettings.backend})")
+    parser.add_argument("--broker", metavar="ADDR", action="append",
+                        help="a broker's worker-facing endpoint; repeat it for each broker, "
+                             "the worker registers with every one (sets Broker.backends; "
+                             f"default: Broker.backend, {BrokerSettings.backend})")
     parser.add_argument("--id", dest="worker_id", metavar="ID",
                         help="worker id (default: worker- and 6 random hex digits)")
     parser.add_argument("--handler", metavar="MODULE:CALLABLE",
@@ -136,7 +137,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _flags(args: argparse.Namespace, service_name: str) -> dict[str, object | None]:
     """The keys that the options set, for a worker of the service `service_name`."""
-    return {f"{service_name}.ServiceArgs.capacity": args.capacity, "Broker.backend": args.broker}
+    return {f"{service_name}.ServiceArgs.capacity": args.capacity,
+            **broker_flags(args.broker, "Broker.backend")}
 
 
 def _handler_worker(args: argparse.Namespace, overrides: list[str], worker_id: str) -> Worker:
@@ -177,7 +179,7 @@ def _service_worker(args: argparse.Namespace, overrides: list[str],
     client = None
     if described.dependencies:
         link = config.broker.for_clients(keys)
-        client = Client(link.endpoint, timeout=config.broker.request_timeout,
+        client = Client(link.endpoints, timeout=config.broker.request_timeout,
                         timeout_setting="Broker.request_timeout",
                         heartbeat_interval=link.heartbeat_interval,
                         heartbeat_misses=link.heartbeat_misses, name=worker_id, curve=link.curve)
