@@ -321,8 +321,11 @@ def test_a_start_hook_that_raises_stops_the_worker_with_one_line_naming_it():
     (("serve", "tests/services.py:NoSuchClass"),
      "the graph 'tests/services.py:NoSuchClass' cannot be loaded: 'tests/services.py' has no "
      "attribute 'NoSuchClass'"),
+    (("stats", "--graph", "tests/services.py:Middle"),
+     "--graph: Middle has no @api routes: name the root of the graph, whose section holds "
+     "the gateway's curve_key"),
 ], ids=["not-a-service", "worker-of-routes", "not-in-graph", "serve-of-endpoints",
-        "does-not-load"])
+        "does-not-load", "stats-of-endpoints"])
 def test_a_graph_that_cannot_run_is_one_line_before_anything_starts(argv, error):
     result = run_zroute(*argv, f"--Broker.frontend=tcp://127.0.0.1:{free_port()}",
                         cwd=REPO_ROOT)
