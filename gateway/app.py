@@ -411,7 +411,8 @@ class Gateway:
     async def start(self) -> None:
         """Connect to the broker, then await on_start: its code may send requests.
         StartFailed, in one line, if on_start raises (its traceback is logged at debug
-        level); the client is closed again."""
+        level): the one on_start raised, which names what failed already, or one made
+        of what it raised; the client is closed again."""
         self.client.connect()
         if self.on_start is None:
             return
@@ -420,6 +421,8 @@ class Gateway:
         except Exception as e:
             log.debug("on_start failed", exc_info=True)
             await self.client.close()
+            if isinstance(e, StartFailed):
+                raise
             text = " ".join(str(e).split())  # one line, whatever the exception says
             raise StartFailed(f"the gateway's on_start failed: {type(e).__name__}: "
                               f"{text}") from None

@@ -562,11 +562,13 @@ async def _direct_server(endpoint: str) -> None:
     from zroute import protocol as p
     from zroute.channel import SOCKET_HWM, Channel
     from zroute.zmqio import send_to
-    from worker.greeting import make_handler
     from worker.runtime import Worker
-    from zroute.settings import BackendSettings, BrokerLink, Config
+    from zroute.services import Instance
+    from zroute.settings import BrokerLink
+    from zroute_cli.config import builtin_graph, load_config
 
-    config = Config(backend=BackendSettings(greeting=GREETING, sleep_time=0.0))
+    config = load_config(None, [f"Backend.greeting={GREETING}", "Backend.sleep_time=0"])
+    backend = builtin_graph().service("Backend")
     context = zmq.Context()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
@@ -640,7 +642,8 @@ async def _direct_server(endpoint: str) -> None:
 
     stand_in = BrokerStandIn()
     worker = Worker(config.backend, BrokerLink(endpoint), "direct",
-                    {SERVICE: make_handler(config)}, context=context, transport=stand_in.open)
+                    Instance(backend, config.backend).bind(None).handlers(), context=context,
+                    transport=stand_in.open)
     await worker.run()  # until SIGTERM
 
 

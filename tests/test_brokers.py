@@ -134,7 +134,7 @@ def test_a_worker_never_runs_more_than_its_capacity_with_two_brokers(stack):
 def test_serve_runs_two_brokers_and_its_stats_show_both(stack):
     serve = Serve(stack, "--Broker.ServiceArgs.workers=2", "--Backend.sleep_time=0")
     serve.wait_ready()
-    serve.wait_children("broker-1", "broker-2", "worker-1", "gateway-1")
+    serve.wait_children("broker-1", "broker-2", "Backend-1", "gateway-1")
     for _ in range(4):
         assert http("POST", f"{serve.url}/generate", b'{"text": "a"}').body == b"Hello a!\n"
     stats = get_json(f"{serve.url}/stats")
@@ -144,7 +144,7 @@ def test_serve_runs_two_brokers_and_its_stats_show_both(stack):
     assert [b["requests"] for b in stats["brokers"]] == [2, 2]  # in turn
     assert stats["broker"]["requests"] == 4
     assert [(w["id"], w["brokers"], w["completed"]) for w in stats["workers"]] == [
-        ("worker-1", 2, 4)]
+        ("Backend-1", 2, 4)]
     assert get_json(f"{serve.url}/health") == {"status": "ok", "workers": 1, "brokers": 2,
                                                "unreachable": []}
 

@@ -15,7 +15,7 @@ from tests.broker_memory import MemoryBroker
 from tests.support import async_wait_until, wait_until
 from worker import runtime
 from worker.runtime import Worker
-from zroute.settings import BackendSettings, BrokerLink
+from zroute.settings import WorkerSettings, BrokerLink
 
 KIB = 1024
 
@@ -197,7 +197,7 @@ def test_a_handler_that_yields_faster_than_the_broker_reads_waits():
             yield chunk
 
     async def main() -> None:
-        worker = Worker(BackendSettings(), BrokerLink("inproc://not-reading"), "w1",
+        worker = Worker(WorkerSettings(), BrokerLink("inproc://not-reading"), "w1",
                         {"generate": flood}, context=context)
         serving = asyncio.create_task(worker.run())
         await async_wait_until(lambda: broker.poll(0), 10, "the worker's READY")

@@ -18,7 +18,7 @@ from tests.handlers import CANCELLED_LINE
 from tests.http_support import http, start_gateway, wait_healthy
 from tests.support import Stack, async_wait_until, returned_types, wait_until
 from worker.runtime import Worker
-from zroute.settings import BackendSettings, BrokerLink
+from zroute.settings import WorkerSettings, BrokerLink
 
 
 @pytest.mark.timeout(60)
@@ -160,7 +160,7 @@ def test_a_worker_given_a_transport_registers_serves_and_leaves_over_it():
     transport = RecordingTransport()
 
     async def main() -> None:
-        worker = Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1",
+        worker = Worker(WorkerSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1",
                         {"shout": shout}, transport=transport.open)
         serving = asyncio.create_task(worker.run())
         await async_wait_until(transport.received, what="the worker's READY")
@@ -181,7 +181,7 @@ def test_a_worker_opens_a_new_transport_when_its_broker_falls_silent():
     transport = RecordingTransport()  # it never answers
 
     async def main() -> None:
-        worker = Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556", heartbeat_interval=0.05),
+        worker = Worker(WorkerSettings(), BrokerLink("tcp://127.0.0.1:5556", heartbeat_interval=0.05),
                         "w1", {"shout": shout}, transport=transport.open)
         serving = asyncio.create_task(worker.run())
         await async_wait_until(lambda: transport.opened == 2, what="a second transport")
@@ -193,7 +193,7 @@ def test_a_worker_opens_a_new_transport_when_its_broker_falls_silent():
 
 
 def test_every_message_the_broker_may_send_a_worker_has_a_handler():
-    worker = Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1", {"shout": shout})
+    worker = Worker(WorkerSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1", {"shout": shout})
     assert set(worker.message_handlers) == returned_types(p.decode_to_worker)
 
 
@@ -212,7 +212,7 @@ def test_a_worker_of_two_brokers_refuses_one_over_its_capacity_and_says_when_it_
         return next(transports).open(*callbacks)
 
     async def main() -> None:
-        worker = Worker(BackendSettings(service_args=BackendSettings.ServiceArgs(capacity=1)),
+        worker = Worker(WorkerSettings(service_args=WorkerSettings.ServiceArgs(capacity=1)),
                         BrokerLink(("tcp://127.0.0.1:5556", "tcp://127.0.0.1:5558")), "w1",
                         {"held": held}, transport=open_next)
         serving = asyncio.create_task(worker.run())
@@ -235,7 +235,7 @@ def test_a_request_cancelled_before_its_handler_starts_leaves_the_worker_free_to
     transport = RecordingTransport()
 
     async def main() -> None:
-        worker = Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1",
+        worker = Worker(WorkerSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1",
                         {"held": held}, transport=transport.open)
         serving = asyncio.create_task(worker.run())
         await async_wait_until(transport.received, what="the worker's READY")

@@ -26,7 +26,7 @@ from zroute.curve import PeerKeys
 from zroute.endpoints import check_endpoint
 from zroute.errors import BadRequest  # handlers may import it from here too
 from zroute.ratelimit import LogLimiter
-from zroute.settings import BackendSettings, BrokerLink
+from zroute.settings import WorkerSettings, BrokerLink
 from worker.watchdog import LoopWatchdog, frame_location
 from zroute.logs import fields
 
@@ -221,7 +221,7 @@ class Worker:
     with worker_full, which the broker takes as "route it elsewhere", and each HEARTBEAT
     says how many requests it runs, so that each broker sees the others' load."""
 
-    def __init__(self, settings: BackendSettings, broker: BrokerLink, worker_id: str | int,
+    def __init__(self, settings: WorkerSettings, broker: BrokerLink, worker_id: str | int,
                  handlers: dict[str, Handler], *, context: zmq.Context | None = None,
                  transport: TransportFactory | None = None) -> None:
         if not handlers:

@@ -11,8 +11,9 @@ import orjson
 from zroute import protocol as p
 from zroute.client import BlockingClient, BrokerError
 from zroute.curve import peer_keys
-from zroute_cli.command import add_common_options, broker_flags, load
-from zroute_cli.config import ConfigError
+from zroute_cli.command import (add_common_options, add_graph_options, broker_flags, load,
+                                load_graph)
+from zroute_cli.config import ConfigError, section_of
 
 NO_BROKER_HINT = (": is a broker running? `zroute serve` starts the whole stack, "
                   "`zroute broker` a broker alone")
@@ -36,10 +37,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", metavar="FILE",
                         help="this client's CURVE key pair, for a broker with CURVE (NAME."
                              "key_secret from `zroute keys client NAME`; default: "
-                             "Frontend.curve_key)")
+                             "the curve_key of the graph's root, e.g. Frontend.curve_key)")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
                         help="how long to wait for the broker (default: 5; with --watch, "
                              "at most a second)")
+    add_graph_options(parser, None)
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="stats")
 
@@ -48,10 +50,15 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if not args.timeout > 0:  # nan too
         raise ConfigError(f"--timeout {args.timeout:g} is invalid: must be a number of "
                           "seconds > 0")
+    graph = load_graph(args.graph, "--graph")
+    if not graph.root.is_http:
+        raise ConfigError(f"--graph: {graph.root.name} has no @api routes: name the root of "
+                          "the graph, whose section holds the gateway's curve_key")
+    key_setting = f"{graph.root.name}.curve_key"
     config = load(args, overrides, {**broker_flags(args.broker, "Broker.frontend"),
-                                    "Frontend.curve_key": args.key})
-    keys = peer_keys(config.frontend.curve_key,
-                     "--key" if args.key else "Frontend.curve_key", config.broker)
+                                    key_setting: args.key}, graph)
+    keys = peer_keys(section_of(config, graph.root).curve_key,
+                     "--key" if args.key else key_setting, config.broker)
     broker = config.broker.for_clients(keys)
     with BlockingClient(broker.endpoints, heartbeat_interval=broker.heartbeat_interval,
                         heartbeat_misses=broker.heartbeat_misses, curve=broker.curve) as client:
