@@ -1,19 +1,24 @@
-"""The HTTP gateway: POST /generate streams a worker's reply; /health and /stats.
+"""The HTTP gateway: its routes stream replies (POST /generate, a worker's, by default);
+/health and /stats.
 
 Each gateway process holds one broker Client (one DEALER socket) shared by all
-its HTTP requests. A reply's first chunk decides the status: errors before it
-become 4xx/5xx with a JSON body; an error after it ends the chunked response
-without its terminating chunk, so that the client sees a broken transfer.
+its HTTP requests. A route either forwards its request to a broker service or calls
+a function in the gateway process (gateway/routes.py); both stream alike. A reply's
+first chunk decides the status: errors before it become 4xx/5xx with a JSON body; an
+error after it ends the stream visibly (gateway/formats.py), so that a broken stream
+never reads as a complete one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import string
 import time
 from http import HTTPStatus
+from typing import Any, Awaitable, Callable
 from urllib.parse import quote
 
 import orjson
@@ -26,12 +31,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from zroute import protocol as p
 from zroute.client import BrokerError, Client, Stream
+from zroute.errors import StartFailed
 from zroute.protocol import DIRECT
 from zroute.ratelimit import LogLimiter
 from gateway.dashboard import page_handler
 from gateway.feed import StatsFeed
 from gateway.formats import STREAM_HEADERS, negotiate
 from gateway.metrics import Exporter, GatewayMetrics, total
+from gateway.routes import DEFAULT_ROUTES, CallStream, Forward, Route, check_routes
 from gateway.transport import reset
 from zroute.settings import BrokerLink, FrontendSettings
 from zroute.logs import fields
@@ -40,7 +47,6 @@ log = logging.getLogger("zroute.gateway")
 # What HTTP peers get wrong, logged once per kind of mistake and interval (10 s).
 peer_errors = LogLimiter(log)
 
-SERVICE = "generate"
 RETRY_AFTER_S = "1"
 CLIENT_CLOSED = 499  # the status logged for a client gone before its first line
 E_GATEWAY_STOPPING = "gateway_stopping"  # a request cut at the end of the gateway's drain
@@ -250,21 +256,31 @@ class GatewayConnection(RequestHandler):
 
 
 class RequestRecord:
-    """What the metrics and the log line say of one /generate request: filled in as the
-    request goes, and written once, at its end."""
+    """What the metrics and the log line say of one request to a route: filled in as
+    the request goes, and written once, at its end."""
 
-    __slots__ = ("started", "rid", "policy", "worker", "status", "first_chunk", "chunks",
-                 "error")
+    __slots__ = ("started", "path", "rid", "policy", "worker", "status", "first_chunk",
+                 "chunks", "error")
 
-    def __init__(self, policy: str) -> None:
+    def __init__(self, path: str, policy: str) -> None:
         self.started = time.monotonic()
+        self.path = path  # the route's
         self.rid = b"-"  # the request id, once the request is sent
-        self.policy = policy  # the policy label (see unjudged)
+        self.policy = policy  # the policy label (see unjudged); "-" for a Call
         self.worker = ""  # the worker that sent the first line
         self.status = 0  # 0 until the request has its answer
         self.first_chunk: float | None = None  # when the first line came
         self.chunks = 0
         self.error = ""  # why the request failed, before its first line or after it
+
+
+def refusal(record: RequestRecord, error: HttpError) -> web.Response:
+    """The answer to a request refused before it was sent or called."""
+    record.status, record.error = error.status, error.message
+    response = error_response(error)
+    if error.close:
+        response.force_close()
+    return response
 
 
 def unjudged(request: web.BaseRequest, policy: str) -> str:
@@ -310,9 +326,27 @@ class Gateway:
     broker at `broker`. `name` is the gateway's in /stats and /metrics (empty:
     hostname-pid); it reports its counters to the broker once a heartbeat.
 
+    `routes` maps a path to a Forward or a Call (gateway/routes.py); by default POST
+    /generate forwards to the broker's "generate" service. A route on one of the
+    operators' paths is a ValueError. `client` is the gateway's broker client, the one
+    that code in the gateway process (a Call's function) sends its requests with.
+    `on_start` and `on_stop` are awaited in start() and stop(): around serving.
+
     Which policies are valid is the broker's to say: it answers unknown_policy."""
 
-    def __init__(self, settings: FrontendSettings, broker: BrokerLink, name: str = "") -> None:
+    def __init__(self, settings: FrontendSettings, broker: BrokerLink, name: str = "",
+                 routes: dict[str, Route] | None = None,
+                 on_start: Callable[[], Awaitable[None]] | None = None,
+                 on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+        operators = {
+            "/health": ("GET", self.health),
+            "/stats": ("GET", self.stats),
+            "/stats/stream": ("GET", self.stats_stream),
+            "/metrics": ("GET", self.prometheus),
+            "/dashboard": ("GET", page_handler(SERVER_HEADERS)),
+        }
+        routes = DEFAULT_ROUTES if routes is None else routes
+        check_routes(routes, tuple(operators))  # before anything is opened
         self.settings = settings
         self.broker = broker
         self.metrics = GatewayMetrics()
@@ -330,16 +364,15 @@ class Gateway:
         self.feed = StatsFeed(self.stats_snapshot, settings.stats_feed_interval,
                               settings.max_stats_feeds, SERVER_HEADERS)
 
+        self.on_start = on_start
+        self.on_stop = on_stop
+        self.calls: set[CallStream] = set()  # the Call routes' streams in flight
+        self._call_ids = itertools.count(1)
+
         # path -> (method, handler). A dict lookup: aiohttp's router costs a share of the
         # gateway's CPU per request that a few routes do not need.
-        users = {"/generate": ("POST", self.generate), "/health": ("GET", self.health)}
-        operators = {
-            "/health": ("GET", self.health),
-            "/stats": ("GET", self.stats),
-            "/stats/stream": ("GET", self.stats_stream),
-            "/metrics": ("GET", self.prometheus),
-            "/dashboard": ("GET", page_handler(SERVER_HEADERS)),
-        }
+        users = {path: (route.method, self._handler(route)) for path, route in routes.items()}
+        users["/health"] = ("GET", self.health)
         # With Frontend.admin_port, the operators' endpoints are on a listener of their own.
         self.routes = users if settings.admin_port else {**users, **operators}
         self.admin_routes = operators if settings.admin_port else {}
@@ -356,18 +389,46 @@ class Gateway:
         return web.BaseRequest(message, payload, protocol, writer, task, task.get_loop(),
                                client_max_size=self.settings.max_body)
 
+    def _handler(self, route: Route) -> Callable[[web.BaseRequest],
+                                                 Awaitable[web.StreamResponse]]:
+        if isinstance(route, Forward):
+            return functools.partial(self.forward, route.service)
+        return functools.partial(self.call, route.function)
+
     async def start(self) -> None:
+        """Connect to the broker, then await on_start: its code may send requests.
+        StartFailed, in one line, if on_start raises (its traceback is logged at debug
+        level): the one on_start raised, which names what failed already, or one made
+        of what it raised; the client is closed again."""
         self.client.connect()
+        if self.on_start is None:
+            return
+        try:
+            await self.on_start()
+        except Exception as e:
+            log.debug("on_start failed", exc_info=True)
+            await self.client.close()
+            if isinstance(e, StartFailed):
+                raise
+            text = " ".join(str(e).split())  # one line, whatever the exception says
+            raise StartFailed(f"the gateway's on_start failed: {type(e).__name__}: "
+                              f"{text}") from None
 
     async def stop(self) -> None:
-        await self.client.close()
+        try:
+            if self.on_stop is not None:
+                await self.on_stop()
+        finally:
+            await self.client.close()
 
     def cut_streams(self) -> None:
         """End every request still in flight: the gateway is stopping. Each ends as a
         failed worker's would, so a cut stream never looks like a complete one."""
+        error = BrokerError(E_GATEWAY_STOPPING, "the gateway stopped before the reply finished")
         for reply in list(self.client.replies.values()):
-            reply.cancel(BrokerError(E_GATEWAY_STOPPING,
-                                     "the gateway stopped before the reply finished"))
+            reply.cancel(error)
+        for call in list(self.calls):
+            call.cancel(error)
 
     async def handle(self, routes: dict, request: web.BaseRequest) -> web.StreamResponse:
         if request.version < HttpVersion10:
@@ -394,38 +455,71 @@ class Gateway:
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return await handler(request)
 
-    # --- /generate -----------------------------------------------------------
+    # --- the routes: Forward and Call ------------------------------------------
 
-    async def generate(self, request: web.BaseRequest) -> web.StreamResponse:
-        record = RequestRecord(unjudged(request, self.settings.routing_mode))
+    async def forward(self, service: str, request: web.BaseRequest) -> web.StreamResponse:
+        """A Forward route: the body to the broker's `service`, a worker's reply back."""
+        record = RequestRecord(request.path, unjudged(request, self.settings.routing_mode))
         try:
             try:
-                stream, policy = await self._send(request)
+                stream, policy = await self._send(request, service)
             except HttpError as e:
-                record.status, record.error = e.status, e.message
-                response = error_response(e)
-                if e.close:
-                    response.force_close()
-                return response
+                return refusal(record, e)
             record.rid, record.policy = stream.rid, unjudged(request, policy)
-            self.metrics.inflight += 1
-            try:
-                return await self._stream(request, stream, policy, record)
-            finally:
-                self.metrics.inflight -= 1
-                stream.cancel()  # no-op once the reply is complete
+            return await self._serve(request, stream, policy, record)
         finally:
             if record.status:  # else the client left with its body unread, or the gateway failed
                 self._write(record)
 
-    async def _send(self, request: web.BaseRequest) -> tuple[Stream, str]:
+    async def call(self, function: Callable[[Any], Any],
+                   request: web.BaseRequest) -> web.StreamResponse:
+        """A Call route: what `function(body)` yields, from this process."""
+        record = RequestRecord(request.path, "-")  # no routing: no policy
+        try:
+            try:
+                body = await self._receive(request)
+            except HttpError as e:
+                return refusal(record, e)
+            settings = self.settings
+            stream = CallStream(function, body, b"c%x" % next(self._call_ids), request.path,
+                                settings.request_timeout, settings.max_reply_buffer,
+                                settings.expose_errors, self.client.name)
+            record.rid = stream.rid
+            self.calls.add(stream)
+            try:
+                return await self._serve(request, stream, "-", record)
+            finally:
+                self.calls.discard(stream)
+        finally:
+            if record.status:
+                self._write(record)
+
+    async def _serve(self, request: web.BaseRequest, stream: Stream | CallStream, policy: str,
+                     record: RequestRecord) -> web.StreamResponse:
+        self.metrics.inflight += 1
+        try:
+            return await self._stream(request, stream, policy, record)
+        finally:
+            self.metrics.inflight -= 1
+            stream.cancel()  # no-op once the reply is complete
+
+    async def _send(self, request: web.BaseRequest, service: str) -> tuple[Stream, str]:
         """Read the body within Frontend.max_buffered_bytes and send the request. The
         body is let go once sent: the stream may last minutes, and needs none of it."""
         reserved = self._reserve(request)
         try:
-            body = await self._read_body(request)
+            body, _ = await self._read_json(request)
             policy, worker = self._routing(request)
-            return self.client.request(SERVICE, body, policy=policy, worker=worker), policy
+            return self.client.request(service, body, policy=policy, worker=worker), policy
+        finally:
+            self.buffered_bytes -= reserved
+
+    async def _receive(self, request: web.BaseRequest) -> Any:
+        """The body, decoded, read within Frontend.max_buffered_bytes."""
+        reserved = self._reserve(request)
+        try:
+            _, value = await self._read_json(request)
+            return value
         finally:
             self.buffered_bytes -= reserved
 
@@ -447,7 +541,8 @@ class Gateway:
         self.buffered_bytes += size
         return size
 
-    async def _read_body(self, request: web.BaseRequest) -> bytes:
+    async def _read_json(self, request: web.BaseRequest) -> tuple[bytes, Any]:
+        """The body and its JSON value; an empty body is None for a GET route."""
         try:
             if request.content.is_eof():  # the usual case: it came with the head
                 body = await request.read()
@@ -468,15 +563,16 @@ class Gateway:
             peer_errors.warn(kind, f"rejected bodies that do not decode: {kind}")
             raise HttpError(400, f"body does not decode: {detail}", p.E_BAD_REQUEST,
                             close=True) from None
+        if not body and request.method in ("GET", "HEAD"):
+            return body, None
         # Only JSON passes; what it must hold is the handler's to say (the greeting's
         # BadRequest is a 400 too), so that a custom handler receives any JSON body.
         try:
-            orjson.loads(body)
+            return body, orjson.loads(body)
         except orjson.JSONDecodeError as e:
             raise HttpError(400, f"body is not valid JSON ({e}): send a JSON object such as "
                                  '{"text": "a,b"} with Content-Type: application/json',
                             p.E_BAD_REQUEST) from None
-        return body
 
     def _routing(self, request: web.BaseRequest) -> tuple[str, str]:
         """The policy and the worker that the query names. Only the query's own rules are
@@ -493,7 +589,7 @@ class Gateway:
             raise HttpError(503, "the broker is unreachable", p.E_BROKER_UNREACHABLE)
         return policy, worker
 
-    async def _stream(self, request: web.BaseRequest, stream: Stream, policy: str,
+    async def _stream(self, request: web.BaseRequest, stream: Stream | CallStream, policy: str,
                       record: RequestRecord) -> web.StreamResponse:
         try:
             await stream.first()
@@ -511,12 +607,10 @@ class Gateway:
         record.first_chunk = time.monotonic()
         record.status, record.policy, record.worker = 200, policy, stream.worker_id or ""
         reply_format = negotiate(request.headers.get("Accept"))  # plain text, SSE or NDJSON
-        response = ReplyResponse(headers={
-            "Server": SERVER,
-            "Content-Type": reply_format.content_type,
-            "X-Worker-Id": header_value(record.worker),
-            **STREAM_HEADERS,
-        })
+        headers = {"Server": SERVER, "Content-Type": reply_format.content_type, **STREAM_HEADERS}
+        if stream.worker_id is not None:  # a Call is served by no worker
+            headers["X-Worker-Id"] = header_value(record.worker)
+        response = ReplyResponse(headers=headers)
         if request.version >= (1, 1):
             response.enable_chunked_encoding()
         # else HTTP/1.0, which has no chunks: the body ends when the connection closes.
@@ -560,13 +654,14 @@ class Gateway:
         started = record.started
         duration = time.monotonic() - started
         ttfc = None if record.first_chunk is None else record.first_chunk - started
-        self.metrics.observe(record.status, record.policy, record.worker, duration, ttfc)
+        self.metrics.observe(record.status, record.policy, record.worker, record.path, duration,
+                             ttfc)
         if log.isEnabledFor(logging.INFO):  # the fields cost more than a skipped call
             error = record.error
             log.info("", extra=fields(request=record.rid.decode(), policy=record.policy,
                                       worker=record.worker or None, status=record.status,
                                       ttfc=ttfc, duration=duration, chunks=record.chunks,
-                                      **({"error": error} if error else {})))
+                                      path=record.path, **({"error": error} if error else {})))
 
     # --- /health and /stats ------------------------------------------------
 

@@ -24,6 +24,10 @@ from zroute.protocol import MAX_REPORT_BYTES
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
                    60)
 
+# The path of requests reported by gateways that did not label them with one: all were
+# to POST /generate then.
+REPORTED_WITHOUT_PATH = "/generate"
+
 # Worker labels a gateway keeps; requests served by any further worker are counted under
 # OTHER_WORKERS. Standalone workers take a new random id at each restart: unbounded, the
 # labels would grow the metrics, and the report to the broker, for as long as it runs.
@@ -121,7 +125,9 @@ class GatewayMetrics:
     take a lock per update, which costs more than the update itself."""
 
     def __init__(self) -> None:
-        self.requests: Counter[tuple[str, str, str]] = Counter()  # (status, policy, worker)
+        # (status, policy, worker, path): the path of the route; a Call's policy is "-" and
+        # its worker "".
+        self.requests: Counter[tuple[str, str, str, str]] = Counter()
         self.workers: set[str] = set()  # the worker labels, at most MAX_WORKER_LABELS
         self.inflight = 0
         self.disconnects = 0  # HTTP clients gone before their response ended
@@ -129,14 +135,14 @@ class GatewayMetrics:
         self.first_chunk = Histogram(LATENCY_BUCKETS)
         self.duration = Histogram(LATENCY_BUCKETS)
 
-    def observe(self, status: int, policy: str, worker: str, duration: float,
+    def observe(self, status: int, policy: str, worker: str, path: str, duration: float,
                 first_chunk: float | None) -> None:
         if worker not in self.workers:
             if len(self.workers) < MAX_WORKER_LABELS:
                 self.workers.add(worker)
             else:
                 worker = OTHER_WORKERS
-        self.requests[(str(status), policy, worker)] += 1
+        self.requests[(str(status), policy, worker, path)] += 1
         self.duration.observe(duration)
         if first_chunk is not None:
             self.first_chunk.observe(first_chunk)
@@ -148,12 +154,12 @@ class GatewayMetrics:
         snapshot = self._snapshot(self.requests)
         if len(orjson.dumps(snapshot)) <= MAX_REPORT_BYTES:
             return snapshot
-        without_workers: Counter[tuple[str, str, str]] = Counter()
-        for (status, policy, _), count in self.requests.items():
-            without_workers[(status, policy, OTHER_WORKERS)] += count
+        without_workers: Counter[tuple[str, str, str, str]] = Counter()
+        for (status, policy, _, path), count in self.requests.items():
+            without_workers[(status, policy, OTHER_WORKERS, path)] += count
         return self._snapshot(without_workers)
 
-    def _snapshot(self, requests: Counter[tuple[str, str, str]]) -> dict:
+    def _snapshot(self, requests: Counter[tuple[str, str, str, str]]) -> dict:
         return {
             "requests": [[*labels, count] for labels, count in requests.items()],
             "inflight": self.inflight,
@@ -168,10 +174,12 @@ class GatewayMetrics:
         """A gateway's counts from its report; ValueError if it is not a snapshot()."""
         metrics = cls()
         for entry in _field(snapshot, "requests", list):
-            if (not isinstance(entry, list) or len(entry) != 4
-                    or not all(isinstance(label, str) for label in entry[:3])):
-                raise ValueError(f"{entry!r} is not [status, policy, worker, count]")
-            metrics.requests[tuple(entry[:3])] += _count(entry[3])
+            if isinstance(entry, list) and len(entry) == 4:  # reported without a path
+                entry = [*entry[:3], REPORTED_WITHOUT_PATH, entry[3]]
+            if (not isinstance(entry, list) or len(entry) != 5
+                    or not all(isinstance(label, str) for label in entry[:4])):
+                raise ValueError(f"{entry!r} is not [status, policy, worker, path, count]")
+            metrics.requests[tuple(entry[:4])] += _count(entry[4])
         metrics.inflight = _count(_field(snapshot, "inflight", int))
         metrics.disconnects = _count(_field(snapshot, "disconnects", int))
         metrics.incomplete = _count(_field(snapshot, "incomplete", int))
@@ -182,7 +190,7 @@ class GatewayMetrics:
     def summary(self) -> dict:
         """The gateway's counters for /stats."""
         by_status: Counter[str] = Counter()
-        for (status, _, _), count in self.requests.items():
+        for (status, *_), count in self.requests.items():
             by_status[status] += count
         return {
             "requests": sum(by_status.values()),
@@ -221,8 +229,8 @@ def total(summaries: list[dict]) -> dict:
 
 # A gateway's numbers exported as one series each: (family, name, help, attribute).
 PER_GATEWAY = (
-    (GaugeMetricFamily, "zroute_http_inflight_requests", "HTTP /generate requests being served.",
-     "inflight"),
+    (GaugeMetricFamily, "zroute_http_inflight_requests",
+     "HTTP requests to the routes being served.", "inflight"),
     (CounterMetricFamily, "zroute_http_client_disconnects",
      "HTTP clients gone before their response ended.", "disconnects"),
     (CounterMetricFamily, "zroute_http_incomplete_responses",
@@ -244,8 +252,9 @@ class GatewaysCollector:
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
-            "zroute_http_requests", "HTTP /generate requests by status, routing policy, worker.",
-            labels=["gateway", "status", "policy", "worker"])
+            "zroute_http_requests",
+            "HTTP requests to the routes by status, routing policy, worker, path.",
+            labels=["gateway", "status", "policy", "worker", "path"])
         for name, metrics in self.gateways.items():
             for labels, count in metrics.requests.items():
                 requests.add_metric([name, *labels], count)

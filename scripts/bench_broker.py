@@ -638,7 +638,7 @@ async def _direct_server(endpoint: str) -> None:
 
     stand_in = BrokerStandIn()
     worker = Worker(config.backend, BrokerLink(endpoint), "direct",
-                    Instance(backend, config.backend, None).handlers(), context=context,
+                    Instance(backend, config.backend).bind(None).handlers(), context=context,
                     transport=stand_in.open)
     await worker.run()  # until SIGTERM
 

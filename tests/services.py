@@ -10,9 +10,9 @@ from typing import Any, AsyncIterator
 
 import orjson
 
-from zroute import CallError, api, depends, endpoint, forward, on_start, on_stop, service
+from zroute import (BadRequest, CallError, api, depends, endpoint, forward, on_start, on_stop,
+                    service)
 from tests import handlers
-from worker.runtime import BadRequest
 
 log = logging.getLogger("tests.services")
 
@@ -119,10 +119,16 @@ class Middle:
 @service
 class Frontend:
     middle = depends(Middle)
+    shout = forward("/shout", middle, "generate")  # the body, as it comes, to Middle
 
     @api(path="/generate", method="POST")
     async def generate(self, request: dict) -> AsyncIterator[str]:
         async for chunk in self.middle.generate(request["text"]):
+            yield chunk
+
+    @api(path="/hang")
+    async def hang(self, request: dict) -> AsyncIterator[str]:
+        async for chunk in self.middle.relay_hang(request["marker"]):
             yield chunk
 
 
@@ -135,7 +141,7 @@ class FailsToStart:
     async def setup(self) -> None:
         raise ValueError("no model at /models/x")
 
-    @endpoint(name="generate")
+    @endpoint
     async def generate(self, text: str) -> str:
         return text
 
@@ -148,25 +154,6 @@ class NeedsModel:
     @endpoint
     async def generate(self, text: str) -> str:
         return f"{self.model} {text}"
-
-
-@service
-class Shouter:
-    """Backend's words in capitals, registered as `generate`: the gateway's /generate
-    passes each request to it as it comes."""
-
-    backend = depends(Backend)
-
-    @endpoint(name="generate")
-    async def generate(self, request: dict) -> AsyncIterator[str]:
-        async for chunk in self.backend.generate(request["text"]):
-            yield chunk.upper()
-
-
-@service
-class ShoutFront:
-    shouter = depends(Shouter)
-    generate = forward("/generate", shouter, "generate")
 
 
 @service

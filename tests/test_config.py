@@ -38,6 +38,7 @@ DEFAULTS = {
         "admin_port": 0,
         "stats_feed_interval": 1.0,
         "max_stats_feeds": 32,
+        "expose_errors": False,
         "curve_key": "",
         "tls_cert": "",
         "tls_key": "",

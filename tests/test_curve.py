@@ -47,6 +47,12 @@ def peer_keys(keys: Path, name: str) -> PeerKeys:
 @pytest.fixture
 def secure_stack(stack: Stack, keys: Path) -> Stack:
     """A broker with CURVE, serving already, and stats() as the gateway's key asks them."""
+    return start_secure_broker(stack, keys)
+
+
+def start_secure_broker(stack: Stack, keys: Path) -> Stack:
+    """Start the broker of `stack` with CURVE and the keys of `keys`; once it serves,
+    stats() asks as the gateway's key."""
     broker = stack.broker(*broker_args(keys))
     wait_until(lambda: "broker serving" in broker.output(), 10, "the broker to serve")
     stack.client_keys = peer_keys(keys, "gateway")
@@ -215,10 +221,10 @@ def test_no_output_shows_a_secret_key(stack, keys):
 
 @pytest.mark.timeout(60)
 def test_a_service_with_dependencies_calls_them_with_its_worker_key_in_the_clients_allowlist(
-        secure_stack, keys):
+        stack, keys):
     make_keys(keys, ("worker", "caller", "--calls"), ("worker", "solo"))
-    stack = secure_stack
     stack.cwd = REPO_ROOT
+    start_secure_broker(stack, keys)  # with the keys above in its allowlists
     graph = ("--graph", "tests/services.py:Frontend", f"--Broker.frontend={stack.frontend}")
     stack.worker("Backend-1", *graph, "--service-class", "Backend", *peer_args(keys, "w1"))
     for worker_id, key in (("Middle-1", "caller"), ("Middle-2", "solo")):

@@ -9,12 +9,13 @@ import signal
 import time
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 
 from tests import services
 from tests.handlers import CANCELLED_LINE
-from tests.http_support import http
+from tests.http_support import async_test
 from tests.support import (REPO_ROOT, Stack, free_port, run_zroute, wait_until,
                            workers_by_id)
 from zroute import api, depends, endpoint, service
@@ -36,7 +37,8 @@ def test_a_graph_lists_each_service_once_with_those_it_depends_on_first():
     assert {e.name for e in backend.endpoints.values()} == {
         "Backend.generate", "Backend.echo", "Backend.ready", "Backend.refuse", "Backend.hang"}
     assert middle.dependencies == {"backend": backend}
-    assert (frontend.is_http, list(frontend.routes)) == (True, ["/generate"])
+    assert (frontend.is_http, list(frontend.routes)) == (True, ["/shout", "/generate", "/hang"])
+    assert frontend.routes["/shout"].forward == ("middle", "generate")
     assert [(s.name, s.default) for s in backend.settings] == [
         ("greeting", "Hello"), ("sleep_time", 0.0), ("started", False)]
     assert backend.hooks == {"on_start": ["setup"], "on_stop": ["teardown"]}
@@ -177,8 +179,8 @@ def test_each_service_has_a_section_of_its_keys_and_its_process_kinds(tmp_path: 
                                 "header_timeout, body_timeout, keepalive_timeout, send_timeout, "
                                 "max_connections, max_buffered_bytes, max_reply_buffer, "
                                 "max_queued_messages, admin_host, admin_port, "
-                                "stats_feed_interval, max_stats_feeds, curve_key, tls_cert, "
-                                "tls_key, ServiceArgs)"),
+                                "stats_feed_interval, max_stats_feeds, expose_errors, curve_key, "
+                                "tls_cert, tls_key, ServiceArgs)"),
     (("Shouter.greeting=Hi",),
      "unknown section 'Shouter' (valid sections: Backend, Middle, Frontend, Broker)"),
 ], ids=["unknown-key", "wrong-type", "key-of-another-kind", "not-in-the-graph"])
@@ -337,22 +339,35 @@ def serve_args(stack: Stack, port: int, *args: str) -> tuple[str, ...]:
 
 
 @pytest.mark.timeout(60)
-def test_serve_runs_a_two_stage_graph_and_stops_it_in_order(stack):
+@async_test
+async def test_serve_runs_a_graph_from_its_http_root_and_stops_callers_first(stack):
     stack.cwd = REPO_ROOT
     port = free_port()
-    serve = stack.start("serve", *serve_args(stack, port, "tests/services.py:ShoutFront",
-                                             "--Backend.ServiceArgs.workers=1"))
+    url = f"http://127.0.0.1:{port}"
+    serve = stack.start("serve", *serve_args(stack, port, GRAPH, "--Backend.ServiceArgs.workers=1"))
     wait_until(lambda: "\nTry:\n" in serve.output(), 30, "serve to announce itself")
-    assert (f"zroute is serving on http://127.0.0.1:{port} (ShoutFront; workers: 1 Backend, "
-            "1 Shouter)") in serve.output()
-    reply = http("POST", f"http://127.0.0.1:{port}/generate", b'{"text": "sun,moon"}')
-    assert (reply.status, reply.body, reply.headers["x-worker-id"]) == (
-        200, b"HELLO SUN!\nHELLO MOON!\n", "Shouter-1")
+    assert (f"zroute is serving on {url} (Frontend; workers: 1 Backend, 1 Middle)"
+            in serve.output())
+    async with aiohttp.ClientSession() as session:
+        # A route of the class, run in the gateway: Frontend -> Middle -> Backend.
+        async with session.post(f"{url}/generate", json={"text": "sun,moon"}) as response:
+            assert response.status == 200
+            assert [line async for line in response.content] == [b"HELLO SUN!\n",
+                                                                  b"HELLO MOON!\n"]
+        # A forward(): the body, as it comes, to Middle.generate, with ?worker=.
+        async with session.post(f"{url}/shout?worker=Middle-1", json="sky") as response:
+            assert (response.status, await response.text()) == (200, "HELLO SKY!\n")
+            assert response.headers["X-Worker-Id"] == "Middle-1"
+        # An HTTP client that leaves cancels the whole chain.
+        async with session.post(f"{url}/hang", json={"marker": "http"}) as response:
+            assert await response.content.readline() == b"first\n"
+    wait_until(lambda: CANCELLED_LINE.format(marker="http") in serve.output(), 10,
+               "the Backend's handler to be cancelled")
     serve.signal(signal.SIGTERM)
     assert serve.wait(20) == 0
     output = serve.output()
     # The caller drains before its callee, and both before the broker.
-    assert (output.index("[Shouter-1] INFO worker Shouter-1 stopped")
+    assert (output.index("[Middle-1] INFO worker Middle-1 stopped")
             < output.index("[Backend-1] INFO worker Backend-1 draining")
             < output.index("[broker] INFO broker stopped")), output
 

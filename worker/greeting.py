@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator
 
-from worker.runtime import BadRequest
+from zroute.errors import BadRequest
 from zroute.services import depends, endpoint, forward, service
 from zroute.protocol import DEFAULT_POLICY
 from zroute.settings import setting

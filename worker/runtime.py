@@ -24,6 +24,7 @@ from zroute.channel import Channel
 from zroute.connection import watched_dealer
 from zroute.curve import PeerKeys
 from zroute.endpoints import check_endpoint
+from zroute.errors import BadRequest  # handlers may import it from here too
 from zroute.ratelimit import LogLimiter
 from zroute.settings import WorkerSettings, BrokerLink
 from worker.watchdog import LoopWatchdog, frame_location
@@ -88,10 +89,6 @@ class BrokerChannel(Channel):
     def close(self, linger_ms: int = 200) -> None:
         self.connection.close()
         super().close(linger_ms)
-
-
-class BadRequest(Exception):
-    """Raised by a handler for input it cannot serve; the client gets bad_request."""
 
 
 def decode_body(body: bytes) -> Any:

@@ -21,7 +21,7 @@ class ServiceWorker:
 
     async def run(self) -> None:
         """Start the instance, serve until stop(), drain, stop the instance. A start hook
-        that raises ends it with StartError, before the worker registers."""
+        that raises ends it with StartFailed, before the worker registers."""
         if self.client is not None:
             self.client.connect()
         try:

@@ -67,6 +67,7 @@ import orjson
 
 from zroute import protocol as p
 from zroute.client import BrokerError, Client, Stream, WorkerId
+from zroute.errors import StartFailed
 
 log = logging.getLogger("zroute.services")
 
@@ -83,10 +84,6 @@ RESERVED_NAMES = ("Broker",)  # sections of the configuration that no service ma
 
 class GraphError(Exception):
     """A service graph that cannot run; str() is one line naming the class and the fix."""
-
-
-class StartError(Exception):
-    """An @on_start hook raised; str() is one line: `Backend.setup raised ValueError: ...`."""
 
 
 # --- marking classes and methods ------------------------------------------------------
@@ -591,33 +588,38 @@ def _raised(where: str, error: Exception) -> str:
 
 
 class Instance:
-    """A running instance of a service: its settings applied, its dependencies bound to
-    `client` (a connected broker Client; None for a service without dependencies)."""
+    """An instance of a service, with its settings applied; bind() gives it the broker
+    client its dependencies call through, and runs the class's own __init__."""
 
-    def __init__(self, described: Service, settings: Any, client: Client | None) -> None:
+    def __init__(self, described: Service, settings: Any) -> None:
         self.service = described
         cls = described.cls
         self.obj = cls.__new__(cls)
         for found in described.settings:
             setattr(self.obj, found.name, getattr(settings, found.name))
+
+    def bind(self, client: Client | None) -> Instance:
+        """Bind the dependencies to `client` (None for a service without any), then run
+        the class's __init__, if it has one; StartFailed, one line, if it raises."""
         policy = getattr(self.obj, "routing_mode", "") or ""
-        for attribute, target in described.dependencies.items():
+        for attribute, target in self.service.dependencies.items():
             if client is None:
-                raise ValueError(f"{described.name} has dependencies: it needs a broker client")
+                raise ValueError(f"{self.service.name} has dependencies: it needs a client")
             setattr(self.obj, attribute, ServiceClient(target, client, policy))
-        if cls.__init__ is not object.__init__:
+        if type(self.obj).__init__ is not object.__init__:
             try:
                 self.obj.__init__()
             except Exception as e:
-                raise StartError(_raised(f"{described.name}.__init__", e)) from e
+                raise StartFailed(_raised(f"{self.service.name}.__init__", e)) from e
+        return self
 
     async def start(self) -> None:
-        """Run the @on_start hooks; StartError, one line, if one raises."""
+        """Run the @on_start hooks; StartFailed, one line, if one raises."""
         for attribute in self.service.hooks[START]:
             try:
                 await self._call(attribute)
             except Exception as e:
-                raise StartError(_raised(f"{self.service.name}.{attribute}", e)) from e
+                raise StartFailed(_raised(f"{self.service.name}.{attribute}", e)) from e
 
     async def stop(self) -> None:
         """Run the @on_stop hooks; one that raises is logged, and the others still run."""

@@ -196,6 +196,9 @@ class FrontendSettings(GatewayChecks, Section):
     admin_port: int = setting(0, ge=0, le=65535)
     stats_feed_interval: float = setting(1.0, ge=0.1, le=60)  # between /stats/stream events
     max_stats_feeds: int = setting(32, ge=1)  # /stats/stream connections at once
+    # Send the exception text of a gateway route's function (a Call) to clients; else
+    # they get a request id to look up in the gateway's log.
+    expose_errors: bool = False
     # The gateway's CURVE key pair (`zroute keys client NAME`); `zroute stats` uses it too.
     curve_key: str = setting("", check=file_problem)
     # HTTPS on both listeners: a PEM certificate (chain) and its private key; both or

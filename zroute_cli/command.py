@@ -12,15 +12,16 @@ from typing import Callable, Mapping, NoReturn, Sequence
 import zmq
 
 from zroute.curve import CurveError
+from zroute.errors import StartFailed
 from zroute.loader import LoadError, load_object
-from zroute.services import Graph, GraphError, Service, StartError, walk
+from zroute.services import Graph, GraphError, Service, walk
 from zroute.settings import BrokerSettings, Config
 from zroute_cli.config import (ConfigError, EndpointClash, builtin_graph, closest, closest_key,
                                load_config, section_of, split_overrides)
 from zroute.logs import LOG_FORMATS, setup_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-START_FAILED = 3  # the exit code of a process whose service's @on_start hook raised
+START_FAILED = 3  # the exit code of a process whose start-up code (an @on_start hook) raised
 
 log = logging.getLogger("zroute")
 
@@ -237,7 +238,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     except (zmq.ZMQError, OSError) as e:  # an address that cannot be bound or connected
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 1
-    except StartError as e:  # the service's own start failed: serve stops, restarts none
+    except StartFailed as e:  # the user's start-up code: serve stops, and restarts none
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return START_FAILED
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ import sys
 from aiohttp import web
 
 from gateway.app import Gateway
+from gateway.routes import Call, Forward, Route
 from zroute.curve import peer_keys
 from zroute.services import Instance
 from zroute.settings import FrontendSettings
@@ -62,25 +63,32 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         settings, max_connections=connection_limit(settings.max_connections))
     tls = tls_context(frontend)
     keys = peer_keys(frontend.curve_key, f"{name}.curve_key", config.broker)
-    gateway = Gateway(frontend, config.broker.for_clients(keys), args.log_name or "")
-    instance = Instance(described, frontend, gateway.client)
-    check_routes(instance)
+    instance = Instance(described, frontend)
+    try:
+        gateway = Gateway(frontend, config.broker.for_clients(keys), args.log_name or "",
+                          routes=routes_of(instance), on_start=instance.start,
+                          on_stop=instance.stop)
+    except ValueError as e:  # a route on one of the gateway's own paths, say
+        raise ConfigError(f"{name}: {e}") from None
+    instance.bind(gateway.client)  # its dependencies call through the gateway's client
     aio.run(serve(gateway, frontend.host, frontend.port, frontend.drain_timeout,
-                  args.reuse_port, tls, instance))
+                  args.reuse_port, tls))
     return 0
 
 
-def check_routes(instance: Instance) -> None:
-    """The routes the gateway can serve: /generate, passed to the service `generate`."""
+def routes_of(instance: Instance) -> dict[str, Route]:
+    """The service's @api routes as the gateway serves them: a method called in the
+    gateway, or a forward() passed to a dependency's endpoint at the broker."""
     described = instance.service
+    routes: dict[str, Route] = {}
     for route in described.routes.values():
-        target = None
-        if route.forward is not None:
+        if route.forward is None:
+            routes[route.path] = Call(instance.function(route.attribute), route.method)
+        else:
             attribute, endpoint = route.forward
             target = described.dependencies[attribute].endpoints[endpoint].name
-        if (route.path, target) != ("/generate", "generate"):
-            raise ConfigError(f"{described.name}.{route.attribute}: the gateway serves only "
-                              "/generate, passed to the service generate, for now")
+            routes[route.path] = Forward(target, route.method)
+    return routes
 
 
 def tls_context(frontend: FrontendSettings) -> ssl.SSLContext | None:
@@ -129,26 +137,14 @@ def raise_descriptor_limit() -> int:
 
 
 async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
-                reuse_port: bool = False, tls: ssl.SSLContext | None = None,
-                instance: Instance | None = None) -> None:
+                reuse_port: bool = False, tls: ssl.SSLContext | None = None) -> None:
     """Serve until SIGINT or SIGTERM; then stop accepting, let the requests in flight
     finish for up to `drain_timeout` seconds (a second signal: none), and cut the rest
     with an error line. With Frontend.admin_port, the operators' endpoints are served
-    there. With `tls`, both listeners serve HTTPS only. The service `instance` starts
-    before the gateway listens, and stops once it has drained."""
+    there. With `tls`, both listeners serve HTTPS only. The gateway's on_start runs
+    before it listens, its on_stop after its listeners closed (StartFailed, from the
+    former, ends it before it listens: run_command's one line and exit code 3)."""
     await gateway.start()
-    try:
-        if instance is not None:
-            await instance.start()
-        await _listen_and_drain(gateway, host, port, drain_timeout, reuse_port, tls)
-        if instance is not None:
-            await instance.stop()
-    finally:
-        await gateway.stop()
-
-
-async def _listen_and_drain(gateway: Gateway, host: str, port: int, drain_timeout: float,
-                            reuse_port: bool, tls: ssl.SSLContext | None) -> None:
     settings = gateway.settings
     listeners = [(gateway.server(), host, port)]
     if gateway.admin_routes:
@@ -191,6 +187,7 @@ async def _listen_and_drain(gateway: Gateway, host: str, port: int, drain_timeou
         await asyncio.gather(*(runner.cleanup() for runner in runners))
         if cut is not None:
             cut.cancel()
+        await gateway.stop()
 
 
 async def listen(runner: web.ServerRunner, host: str, port: int, reuse_port: bool,

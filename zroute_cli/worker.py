@@ -148,8 +148,8 @@ def _handler_worker(args: argparse.Namespace, overrides: list[str], worker_id: s
                           "or --graph")
     config = load(args, overrides, _flags(args, "Backend"))
     if args.handler is None:
-        handler = Instance(builtin_graph().service("Backend"), config.backend, None).function(
-            "generate")
+        backend = Instance(builtin_graph().service("Backend"), config.backend).bind(None)
+        handler = backend.function("generate")
     else:
         handler = load_handler(args.handler, config)
     if log.isEnabledFor(logging.DEBUG):
@@ -179,7 +179,7 @@ def _service_worker(args: argparse.Namespace, overrides: list[str],
         link = config.broker.for_clients(keys)
         client = Client(link.endpoint, heartbeat_interval=link.heartbeat_interval,
                         heartbeat_misses=link.heartbeat_misses, name=worker_id, curve=link.curve)
-    instance = Instance(described, settings, client)
+    instance = Instance(described, settings).bind(client)
     worker = Worker(settings, config.broker.for_workers(keys), worker_id, instance.handlers())
     return ServiceWorker(instance, worker, client)
 
