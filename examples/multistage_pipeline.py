@@ -12,7 +12,7 @@ broker retries the request there); one that dies mid-stream ends the HTTP stream
 visible error, never a short reply that looks complete.
 """
 
-from simple_pipeline import Backend  # the simple pipeline's Backend, one worker
+from simple_pipeline import Backend, text_of  # the simple pipeline's Backend, one worker
 from zroute import api, depends, endpoint, service
 
 
@@ -36,5 +36,5 @@ class Frontend:
 
     @api(path="/generate", method="POST")
     async def generate(self, request: dict):
-        async for chunk in self.middle.generate(request["text"]):
+        async for chunk in self.middle.generate(text_of(request)):
             yield chunk

@@ -15,7 +15,7 @@ Each worker logs a line per request it serves, so the routing shows in the log.
 
 import logging
 
-from simple_pipeline import Backend  # the same Backend: a file beside this one
+from simple_pipeline import Backend, text_of  # the same Backend: a file beside this one
 from zroute import api, depends, on_start, service
 
 log = logging.getLogger("routed_pipeline")
@@ -40,7 +40,7 @@ class Frontend:
 
     @api(path="/generate", method="POST")
     async def generate(self, request: dict):
-        text, worker = request["text"], request.get("worker")
+        text, worker = text_of(request), request.get("worker")
         if worker:  # the caller named a worker: a direct call, never another worker
             chunks = self.backend.generate.direct(text, worker)
         else:
@@ -51,7 +51,7 @@ class Frontend:
     @api(path="/generate/best", method="POST")
     async def generate_on_best_worker(self, request: dict):
         worker = await self.select_best_worker()
-        async for chunk in self.backend.generate.direct(request["text"], worker):
+        async for chunk in self.backend.generate.direct(text_of(request), worker):
             yield chunk
 
     async def select_best_worker(self) -> str:

@@ -11,7 +11,7 @@ requests.
 
 import asyncio
 
-from zroute import api, depends, endpoint, service
+from zroute import BadRequest, api, depends, endpoint, service
 
 
 @service  # one worker process unless Backend.ServiceArgs.workers says more
@@ -38,5 +38,13 @@ class Frontend:
     @api(path="/generate", method="POST")  # served over HTTP by zroute's gateway
     async def generate(self, request: dict):
         # `request` is the JSON body. Backend's lines pass through as they come.
-        async for chunk in self.backend.generate(request["text"]):
+        async for chunk in self.backend.generate(text_of(request)):
             yield chunk
+
+
+def text_of(request: dict) -> str:
+    """The body's "text"; BadRequest, which the HTTP client gets as a 400, without one."""
+    text = request.get("text") if isinstance(request, dict) else None
+    if not isinstance(text, str):
+        raise BadRequest('the body must be JSON such as {"text": "a,b,c"}')
+    return text
