@@ -25,7 +25,8 @@ class Backend:
     async def generate(self, text: str):
         # Each yield goes to the caller at once: one line per word, as it is made.
         for word in text.split(","):
-            await asyncio.sleep(self.sleep_time)  # never time.sleep: it would block the worker
+            if self.sleep_time:  # 0: no pause at all, and the lines leave together
+                await asyncio.sleep(self.sleep_time)  # never time.sleep: it blocks the worker
             yield f"{self.greeting} {word}!\n"
 
 
