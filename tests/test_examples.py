@@ -7,6 +7,7 @@ Middle worker: before its first chunk (the broker retries it elsewhere) and mid-
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import time
 from typing import Any
@@ -16,7 +17,8 @@ import orjson
 import pytest
 
 from tests.http_support import SEED_OUTPUT, SEED_TEXT, get_json, http, start_gateway
-from tests.support import REPO_ROOT, Proc, Stack, async_wait_until, free_port, wait_until, workers_by_id
+from tests.support import (REPO_ROOT, Proc, Stack, async_wait_until, free_port,
+                           readme_example, wait_until, workers_by_id)
 from zroute.http import NDJSON, HttpStreamError, generate
 
 CONFIG = "examples/config.yaml"
@@ -69,6 +71,34 @@ async def timed_chunks(url: str, text: str) -> list[tuple[float, str]]:
 
 def gaps(arrivals: list[tuple[float, str]]) -> list[float]:
     return [later - earlier for (earlier, _), (later, _) in zip(arrivals, arrivals[1:])]
+
+
+# --- the README's code is the examples' ------------------------------------------------
+
+
+def code(source: str, class_name: str | None = None) -> str:
+    """The code of `source` (or of its class `class_name`), without comments and
+    docstrings."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:]
+    if class_name is not None:
+        tree = next(node for node in tree.body
+                    if isinstance(node, ast.ClassDef) and node.name == class_name)
+    return ast.dump(tree)
+
+
+@pytest.mark.parametrize("heading, example, class_name", [
+    ("## Write your own services", "simple_pipeline.py", None),
+    ("### Routing per call, and direct calls", "routed_pipeline.py", "Frontend"),
+    ("### A pipeline of three stages", "multistage_pipeline.py", "Middle"),
+])
+def test_the_readme_shows_the_examples_code(heading, example, class_name):
+    source = (REPO_ROOT / "examples" / example).read_text()
+    assert code(readme_example(heading), class_name) == code(source, class_name)
 
 
 # --- simple_pipeline.py and routed_pipeline.py, run by zroute serve ------------------------
