@@ -116,9 +116,11 @@ def test_the_simple_pipeline_streams_the_seeds_lines_sleep_time_apart(stack):
 
 
 @pytest.mark.timeout(40)
-def test_the_simple_pipeline_with_the_seeds_config_round_robins_over_two_backends(stack):
-    check_round_robin(serve(stack, "simple_pipeline.py", "-f", CONFIG,
-                            "--Backend.sleep_time=0.01"))
+def test_the_simple_pipeline_with_the_seeds_config_round_robins_and_refuses_a_body_without_text(stack):
+    url = serve(stack, "simple_pipeline.py", "-f", CONFIG, "--Backend.sleep_time=0.01")
+    check_round_robin(url)
+    status, body = post(url, {"txt": "sun"})
+    assert (status, orjson.loads(body)["code"]) == (400, "bad_request")
 
 
 @pytest.mark.timeout(40)
