@@ -35,7 +35,9 @@ else the broker's default. The dependency calls a request makes are cancelled wh
 request ends (its caller went away, say); a call left early (`break`) runs on until then,
 unless it is closed: `async with self.backend.generate(x) as chunks:`, or
 `chunks.cancel()`. An error of the callee raises CallError with its `code` in the caller.
-A call's argument goes as JSON, always: the callee receives what was passed.
+A call's argument goes as JSON, always: the callee receives what was passed. Its deadline
+is `timeout=` (seconds) if given, else the calling process's: Broker.request_timeout in a
+worker, Frontend.request_timeout in the gateway.
 
 Annotated class attributes with a default are configuration, read from the YAML section
 named after the class (`Backend: {greeting: Hi}`, `--Backend.greeting=Hi`); one without a
@@ -277,7 +279,7 @@ def describe(cls: Any) -> Service:
         raise GraphError(f"{_what_it_is(cls)} is not a service: mark the class with @service")
     options: ServiceOptions = vars(cls)[SERVICE]
     name = cls.__name__
-    if name in RESERVED_NAMES:
+    if name.lower() in (reserved.lower() for reserved in RESERVED_NAMES):
         raise GraphError(f"{name}: a service cannot be named {name} (the section of that "
                          "name configures zroute itself): rename the class")
     if isinstance(options.workers, bool) or not isinstance(options.workers, int) \
@@ -310,7 +312,8 @@ def _describe_member(described: Service, attribute: str, value: Any) -> None:
         _check_callable(owner, attribute, function, "endpoint")
         given = getattr(function, ENDPOINT)
         broker_name = given if given is not None else f"{owner}.{attribute}"
-        problem = p.name_problem(broker_name)
+        problem = (p.name_problem(broker_name) if isinstance(broker_name, str)
+                   else "is not a string")
         if problem:
             raise GraphError(f"{owner}.{attribute}: the endpoint name {broker_name!r} "
                              f"{problem}: give a name of printable characters")
@@ -616,6 +619,7 @@ class Instance:
     async def start(self) -> None:
         """Run the @on_start hooks; StartFailed, one line, if one raises."""
         for attribute in self.service.hooks[START]:
+            log.info("%s.%s: starting", self.service.name, attribute)  # it may take long
             try:
                 await self._call(attribute)
             except Exception as e:

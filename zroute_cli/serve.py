@@ -30,7 +30,7 @@ from typing import Callable
 
 from zroute_cli.broker import configured_policies
 from zroute_cli.command import START_FAILED, add_common_options, flag_overrides, load, load_graph
-from zroute.services import Graph
+from zroute.services import START, Graph, Service
 from zroute.settings import Config, FrontendSettings
 from zroute_cli.config import ConfigError, builtin_graph, section_of
 from zroute.ports import Address, same_listener, tcp_address
@@ -394,12 +394,14 @@ def _in_flight(base: str) -> int:
 def _wait_ready(supervisor: Supervisor, http: FrontendSettings, graph: Graph,
                 stop_requested: list) -> bool:
     """Until /health is green and every service has a worker: a request that reaches the
-    root then finds every service it calls."""
+    root then finds every service it calls. It waits READY_TIMEOUT_S, and as long again
+    each time for services whose @on_start hooks may still run (loading a model, say)."""
     base = local_url(http.host, http.port, bool(http.tls_cert))
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not stop_requested:
         status = get_json(f"{base}/health")
-        if status and status.get("status") == "ok" and _every_service_served(http, graph):
+        unserved = _services_without_workers(http, graph)
+        if status and status.get("status") == "ok" and unserved == []:
             return True
         for child in supervisor.children:
             code = child.exited()
@@ -407,19 +409,27 @@ def _wait_ready(supervisor: Supervisor, http: FrontendSettings, graph: Graph,
                 log.error("%s; stopping", child.why_it_failed(code))
                 return False
         if time.monotonic() > deadline:
-            log.error("%s was not ready within %.0f s", base, READY_TIMEOUT_S)
-            return False
+            # Unknown while the gateway does not answer: its own hooks may run.
+            pending = [graph.root, *graph.worker_services] if unserved is None else unserved
+            starting = [s.name for s in pending if s.hooks[START]]
+            if not starting:
+                log.error("%s was not ready within %.0f s", base, READY_TIMEOUT_S)
+                return False
+            log.info("waiting for %s: its @on_start hooks may still run", ", ".join(starting))
+            deadline += READY_TIMEOUT_S
         time.sleep(0.1)
     return False
 
 
-def _every_service_served(http: FrontendSettings, graph: Graph) -> bool:
-    """Whether every service of endpoints has a ready worker, as the broker's stats say."""
+def _services_without_workers(http: FrontendSettings, graph: Graph) -> list[Service] | None:
+    """The services of endpoints that have no ready worker, as the broker's stats say;
+    None if the gateway does not answer them."""
     stats = get_json(f"{operators_url(http)}/stats")
     if stats is None or "workers" not in stats:
-        return False
+        return None
     served = {name for w in stats["workers"] if w["state"] == "ready" for name in w["services"]}
-    return all(served & {e.name for e in s.endpoints.values()} for s in graph.worker_services)
+    return [s for s in graph.worker_services
+            if not served & {e.name for e in s.endpoints.values()}]
 
 
 def operators_url(http: FrontendSettings) -> str:

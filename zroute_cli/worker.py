@@ -177,7 +177,9 @@ def _service_worker(args: argparse.Namespace, overrides: list[str],
     client = None
     if described.dependencies:
         link = config.broker.for_clients(keys)
-        client = Client(link.endpoint, heartbeat_interval=link.heartbeat_interval,
+        client = Client(link.endpoint, timeout=config.broker.request_timeout,
+                        timeout_setting="Broker.request_timeout",
+                        heartbeat_interval=link.heartbeat_interval,
                         heartbeat_misses=link.heartbeat_misses, name=worker_id, curve=link.curve)
     instance = Instance(described, settings).bind(client)
     worker = Worker(settings, config.broker.for_workers(keys), worker_id, instance.handlers())
