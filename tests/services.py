@@ -111,6 +111,11 @@ class Middle:
         return "no error"
 
     @endpoint
+    async def passes_on(self, reason: str) -> str:
+        """Backend.refuse's error, not caught: the caller gets it as it came."""
+        return await self.backend.refuse(reason).read()
+
+    @endpoint
     async def relay_hang(self, marker: str) -> AsyncIterator[str]:
         async for chunk in self.backend.hang(marker):
             yield chunk

@@ -266,6 +266,15 @@ def test_a_callees_error_reaches_its_caller_with_its_code(graph_stack):
 
 
 @pytest.mark.timeout(30)
+def test_a_callees_error_that_its_caller_lets_through_reaches_the_next_caller(graph_stack):
+    with BlockingClient(graph_stack.frontend, timeout=10) as client:
+        with pytest.raises(BrokerError) as raised:
+            client.request("Middle.passes_on", orjson.dumps("no words")).read()
+    assert raised.value.code == "bad_request"
+    assert raised.value.message == "a call it made failed: no words"
+
+
+@pytest.mark.timeout(30)
 def test_a_cancelled_caller_cancels_its_callee(graph_stack):
     with BlockingClient(graph_stack.frontend, timeout=10) as client:
         stream = client.request("Middle.relay_hang", orjson.dumps("gone"))

@@ -21,6 +21,7 @@ import zmq
 
 from zroute import protocol as p
 from zroute.channel import Channel
+from zroute.client import BrokerError
 from zroute.connection import watched_dealer
 from zroute.curve import PeerKeys
 from zroute.endpoints import check_endpoint
@@ -531,6 +532,12 @@ class Worker:
         except BadRequest as e:
             outcome = "bad request"
             outbox.end(rid, p.Error(rid, p.E_BAD_REQUEST, str(e)))
+        except BrokerError as e:
+            # A call the handler made failed, and the handler let the error through: its
+            # caller learns the same, as a service between two others passes it on.
+            outcome = "call failed"
+            code = e.code if e.code in p.PASSED_ON else p.E_HANDLER
+            outbox.end(rid, p.Error(rid, code, f"a call it made failed: {e.message}"))
         except Exception as e:
             outcome = "error"
             log.exception("worker %s: handler failed on %s", self.worker_id, request_label(rid))
