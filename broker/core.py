@@ -42,6 +42,10 @@ DRAIN_RATE_INTERVAL = 0.5  # seconds over which a queue's drain rate is measured
 # it, and the message being sent.
 READER_SLACK = MARK_BYTES + p.MAX_BATCH_BYTES
 WRONG_ENDPOINT_ANSWERS = 10  # per peer per second, to a peer on the wrong socket or a bad READY
+# Refusals over capacity (worker_full) one request may meet before it fails: the workers
+# of several brokers refuse now and then, and a worker that refuses everything must not
+# make the broker send a request back and forth for ever.
+MAX_REFUSALS = 8
 
 Outbox = dict[bytes, list[list[bytes]]]  # peer -> its messages, in order
 
@@ -59,7 +63,8 @@ class HeldRequest:
     """A request the broker holds, from arrival until its END, ERROR or CANCEL."""
 
     __slots__ = ("token", "client", "rid", "service", "body", "policy", "target",
-                 "worker", "chunks", "retries", "arrived", "queued_at", "deadline_tick")
+                 "worker", "chunks", "retries", "refusals", "arrived", "queued_at",
+                 "deadline_tick")
 
     def __init__(self, token: bytes, client: bytes, m: p.Request, policy: str,
                  arrived: float, deadline_tick: int) -> None:
@@ -73,6 +78,7 @@ class HeldRequest:
         self.worker: WorkerInfo | None = None
         self.chunks = 0
         self.retries = 0
+        self.refusals = 0  # worker_full answers from workers
         self.arrived = arrived
         self.queued_at: float | None = None
         self.deadline_tick = deadline_tick
@@ -158,7 +164,7 @@ class BrokerCore:
         self.started = now
         self.totals = dict.fromkeys(
             ("requests", "completed", "failed", "cancelled", "chunks", "errors", "retries",
-             "timeouts", "evictions", "queued", "rejected_frames", "oversized_messages",
+             "refusals", "timeouts", "evictions", "queued", "rejected_frames", "oversized_messages",
              "id_changes", "clients_gone", "reports_refused", "auth_failures",
              "handshake_failures"), 0)
         self.auth_failures_by_role = dict.fromkeys((WORKERS, CLIENTS), 0)
@@ -329,11 +335,13 @@ class BrokerCore:
             self._evict(worker, "cannot be reached")
 
     def shutdown(self, now: float) -> None:
-        """The broker stops: every request it holds fails, and none goes to a worker."""
+        """The broker stops: every request it holds fails, and none goes to a worker. They
+        fail as with a broker that is lost: a client with another broker sends those that
+        have had no chunk through it."""
         self.now = now
         self.stopping = True
         for req in list(self.requests.values()):
-            self._fail(req, p.E_WORKER_LOST, "broker is shutting down")
+            self._fail(req, p.E_BROKER_UNREACHABLE, "the broker is shutting down")
 
     # --- input that is refused -----------------------------------------------
 
@@ -533,14 +541,15 @@ class BrokerCore:
 
     # --- routing -------------------------------------------------------------
 
-    def _dispatch(self, req: HeldRequest) -> None:
-        """Send a request to a worker, queue it, or fail it."""
-        worker = self._pick(req)
+    def _dispatch(self, req: HeldRequest, first: bool = False) -> None:
+        """Send a request to a worker, queue it (at the head if `first`), or fail it."""
+        worker = self._pick(req, first)
         if worker is not None:
             self._assign(req, worker)
 
-    def _pick(self, req: HeldRequest) -> WorkerInfo | None:
-        """The worker for `req` now, or None once it is queued or failed."""
+    def _pick(self, req: HeldRequest, first: bool = False) -> WorkerInfo | None:
+        """The worker for `req` now, or None once it is queued (at the head if `first`) or
+        failed."""
         if req.policy == DIRECT:
             worker = self.registry.by_id.get(req.target)
             if worker is None or req.service not in worker.services or worker.state != WORKER_READY:
@@ -554,7 +563,7 @@ class BrokerCore:
             candidates = self.registry.available(req.service)
             if candidates:
                 return self._choose(req, candidates)
-        self._enqueue(req)
+        self._enqueue(req, first)
         return None
 
     def _choose(self, req: HeldRequest, candidates: Sequence[WorkerInfo]) -> WorkerInfo | None:
@@ -587,10 +596,11 @@ class BrokerCore:
         self._post(self.to_workers, worker.peer,
                    p.encode_request_to_worker(p.Request(req.token, req.service, req.body)))
 
-    def _enqueue(self, req: HeldRequest) -> None:
+    def _enqueue(self, req: HeldRequest, first: bool = False) -> None:
         """Wait for a worker with room, or for a first worker (while workers start);
         unless the queue is full, the client has its share of it, or the queue drains
-        too slowly for the request to leave it before Broker.queue_timeout."""
+        too slowly for the request to leave it before Broker.queue_timeout. `first`: at
+        the head of the queue (a request a worker refused came before those waiting)."""
         waiting = len(self.queues.get(req.service, ()))
         rate = self.drain_rates.get(req.service)
         wait = rate.wait(waiting + 1) if rate is not None else 0.0
@@ -605,7 +615,11 @@ class BrokerCore:
         else:
             self.totals["queued"] += 1
             req.queued_at = self.now
-            self.queues.setdefault(req.service, deque()).append(req)
+            queue = self.queues.setdefault(req.service, deque())
+            if first:
+                queue.appendleft(req)
+            else:
+                queue.append(req)
             self.queued_by_client[req.client] = self.queued_by_client.get(req.client, 0) + 1
             if rate is None:
                 self.drain_rates[req.service] = DrainRate(self.now)
@@ -669,6 +683,7 @@ class BrokerCore:
             return
         worker.requests.pop(req.token, None)
         worker.inflight -= 1
+        worker.full = False  # it has a slot free now, if no other broker takes it first
         if ok:
             worker.completed += 1
             worker.latencies.append(self.now - req.arrived)
@@ -681,8 +696,17 @@ class BrokerCore:
 
     # --- workers -------------------------------------------------------------
 
-    def _heard(self, worker: WorkerInfo, _: p.Heartbeat) -> None:
-        """A HEARTBEAT says only that the worker is there, as every message does."""
+    def _heard(self, worker: WorkerInfo, msg: p.Heartbeat) -> None:
+        """A HEARTBEAT says that the worker is there, as every message does, and may count
+        the requests it runs from every broker: the load that policies see, and whether
+        a worker that refused one over its capacity has room again."""
+        if msg.inflight is not None:
+            worker.inflight_elsewhere = max(0, msg.inflight - worker.inflight)
+        if worker.full and (msg.inflight is None or worker.capacity == 0
+                            or msg.inflight < worker.capacity):
+            worker.full = False
+            for service in worker.services:
+                self._pump(service)
 
     def _said_goodbye(self, worker: WorkerInfo, _: p.Disconnect) -> None:
         self._evict(worker, DISCONNECTED)
@@ -722,8 +746,28 @@ class BrokerCore:
             self.drops.info("stray reply", f"dropped an error from {worker.worker_id} for a "
                                            "request it does not hold", worker.peer)
             return
+        if msg.code == p.E_WORKER_FULL and not req.chunks:
+            self._refused(worker, req)
+            return
         self._reply_error(req.client, req.rid, msg.code, msg.message)
         self._finish(req, ok=False)
+
+    def _refused(self, worker: WorkerInfo, req: HeldRequest) -> None:
+        """The worker runs its capacity already (other brokers send it work too): it is
+        full until it says otherwise, and the request goes to another worker or waits,
+        unless it has been refused MAX_REFUSALS times."""
+        worker.requests.pop(req.token)
+        worker.inflight -= 1
+        worker.full = True
+        worker.refusals += 1
+        self.totals["refusals"] += 1
+        req.worker = None
+        req.refusals += 1
+        if req.refusals >= MAX_REFUSALS:
+            self._fail(req, p.E_QUEUE_FULL, f"workers of {req.service!r} refused it over their "
+                                            f"capacity {req.refusals} times")
+        else:
+            self._dispatch(req, first=True)
 
     def _register(self, peer: bytes, known: WorkerInfo | None, msg: p.Ready) -> None:
         most = self.settings.max_services_per_worker

@@ -17,7 +17,8 @@ class WorkerInfo:
     """One registered worker, keyed by its id and by its ZeroMQ routing identity."""
 
     __slots__ = ("worker_id", "peer", "services", "capacity", "token", "displaced", "state",
-                 "inflight", "completed", "failed", "last_seen", "requests", "latencies")
+                 "inflight", "inflight_elsewhere", "full", "refusals", "completed", "failed",
+                 "last_seen", "requests", "latencies")
 
     def __init__(self, worker_id: str, peer: bytes, services: list[str], capacity: int,
                  token: str = "", displaced: str = "", last_seen: float = 0.0) -> None:
@@ -28,7 +29,11 @@ class WorkerInfo:
         self.token = token  # the worker process's secret: its new connections take the id back
         self.displaced = displaced  # the token of the worker it took the id from while away
         self.state = WORKER_READY
-        self.inflight = 0
+        self.inflight = 0  # from this broker
+        # From other brokers, as of the worker's last HEARTBEAT that counted its requests.
+        self.inflight_elsewhere = 0
+        self.full = False  # it refused a request over its capacity, and has not had room since
+        self.refusals = 0
         self.completed = 0
         self.failed = 0
         self.last_seen = last_seen  # when the broker last heard from it
@@ -37,12 +42,16 @@ class WorkerInfo:
 
     @property
     def has_room(self) -> bool:
-        return self.state == WORKER_READY and (self.capacity == 0 or self.inflight < self.capacity)
+        """Room as this broker sees it: what other brokers send is the worker's to refuse."""
+        return self.state == WORKER_READY and not self.full and (
+            self.capacity == 0 or self.inflight < self.capacity)
 
     @property
     def load(self) -> float:
-        """In-flight relative to capacity; unlimited workers count raw in-flight."""
-        return self.inflight / self.capacity if self.capacity else float(self.inflight)
+        """In-flight relative to capacity, from every broker (other brokers' as of the
+        worker's last heartbeat); unlimited workers count raw in-flight."""
+        inflight = self.inflight + self.inflight_elsewhere
+        return inflight / self.capacity if self.capacity else float(inflight)
 
     def stats(self, now: float) -> dict:
         return {
@@ -51,6 +60,8 @@ class WorkerInfo:
             "state": self.state,
             "capacity": self.capacity,
             "inflight": self.inflight,
+            "inflight_elsewhere": self.inflight_elsewhere,
+            "refusals": self.refusals,
             "completed": self.completed,
             "failed": self.failed,
             "last_seen_s": round(now - self.last_seen, 3),

@@ -313,6 +313,16 @@ class GatewayServer(web.Server):
         return GatewayConnection(self, loop=self._loop, **self._kwargs)
 
 
+def brokers_health(stats: dict) -> dict:
+    """What /health says of the brokers of a deployment that runs several: how many
+    answered, and the endpoints of those that did not (it is ok while one answers)."""
+    brokers = stats["brokers"]
+    if len(brokers) == 1:
+        return {}
+    down = [broker["endpoint"] for broker in brokers if not broker["reachable"]]
+    return {"brokers": len(brokers) - len(down), "unreachable": down}
+
+
 class ReplyResponse(web.StreamResponse):
     """A chunked response whose headers leave with its first chunk, in one write,
     as web.Response's do, rather than in a write of their own at prepare()."""
@@ -350,13 +360,16 @@ class Gateway:
         self.settings = settings
         self.broker = broker
         self.metrics = GatewayMetrics()
-        self.client = Client(broker.endpoints[0], timeout=settings.request_timeout,
+        self.client = Client(broker.endpoints, timeout=settings.request_timeout,
                              timeout_setting="Frontend.request_timeout",
                              heartbeat_interval=broker.heartbeat_interval,
                              heartbeat_misses=broker.heartbeat_misses,
                              report=self.metrics.snapshot, name=name,
                              max_buffered_bytes=settings.max_reply_buffer,
                              receive_hwm=settings.max_queued_messages, curve=broker.curve)
+        # What a request is told when no broker answers.
+        self.unreachable = ("the broker is unreachable" if len(broker.endpoints) == 1 else
+                            f"no broker is reachable ({', '.join(broker.endpoints)})")
         self.buffered_bytes = 0  # request bodies being read or sent; Frontend.max_buffered_bytes
         self.exporter = Exporter()
         self.bad_reports = LogLimiter(log)
@@ -398,7 +411,8 @@ class Gateway:
     async def start(self) -> None:
         """Connect to the broker, then await on_start: its code may send requests.
         StartFailed, in one line, if on_start raises (its traceback is logged at debug
-        level); the client is closed again."""
+        level): the one on_start raised, which names what failed already, or one made
+        of what it raised; the client is closed again."""
         self.client.connect()
         if self.on_start is None:
             return
@@ -407,6 +421,8 @@ class Gateway:
         except Exception as e:
             log.debug("on_start failed", exc_info=True)
             await self.client.close()
+            if isinstance(e, StartFailed):
+                raise
             text = " ".join(str(e).split())  # one line, whatever the exception says
             raise StartFailed(f"the gateway's on_start failed: {type(e).__name__}: "
                               f"{text}") from None
@@ -583,7 +599,7 @@ class Gateway:
             raise HttpError(400, f"?worker= routes directly; it cannot be combined with "
                                  f"routing={policy}", p.E_BAD_REQUEST)
         if not self.client.broker_alive:
-            raise HttpError(503, "the broker is unreachable", p.E_BROKER_UNREACHABLE)
+            raise HttpError(503, self.unreachable, p.E_BROKER_UNREACHABLE)
         return policy, worker
 
     async def _stream(self, request: web.BaseRequest, stream: Stream | CallStream, policy: str,
@@ -663,9 +679,9 @@ class Gateway:
     # --- /health and /stats ------------------------------------------------
 
     async def _broker_stats(self) -> dict:
-        """The broker's stats; BrokerError if it does not answer."""
+        """The brokers' stats, combined; BrokerError if none answers."""
         if not self.client.broker_alive:
-            raise BrokerError(p.E_BROKER_UNREACHABLE, "the broker is unreachable")
+            raise BrokerError(p.E_BROKER_UNREACHABLE, self.unreachable)
         return await self.client.stats(timeout=2.0)
 
     async def health(self, _: web.BaseRequest) -> web.Response:
@@ -675,7 +691,7 @@ class Gateway:
             return unavailable(e.message, e.code)
         workers = stats["broker"]["workers_ready"]  # the list of workers may be truncated
         if workers:
-            return json_response({"status": "ok", "workers": workers})
+            return json_response({"status": "ok", "workers": workers, **brokers_health(stats)})
         return unavailable("no worker is registered", p.E_NO_WORKERS)
 
     async def stats(self, _: web.BaseRequest) -> web.Response:

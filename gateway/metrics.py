@@ -38,6 +38,8 @@ OTHER_WORKERS = "other"
 BROKER_COUNTERS = {
     "requests": ("zroute_broker_requests", "Requests the broker received."),
     "retries": ("zroute_broker_retries", "Requests retried on another worker."),
+    "refusals": ("zroute_broker_refusals",
+                 "Requests a worker refused over its capacity (worker_full), routed elsewhere."),
     "cancelled": ("zroute_broker_cancellations", "Requests cancelled by their client."),
     "evictions": ("zroute_broker_evictions", "Workers evicted (dead, gone or disconnected)."),
     "timeouts": ("zroute_broker_timeouts", "Requests ended by their deadline."),
@@ -74,6 +76,11 @@ class BrokerCollector:
             yield family
         yield GaugeMetricFamily("zroute_broker_queue_depth", "Requests waiting for a worker.",
                                 value=totals["queue_depth"])
+        up = GaugeMetricFamily("zroute_broker_up", "1 if the broker answered the last scrape's "
+                                                   "STATS, else 0.", labels=["broker"])
+        for broker in self.snapshot["brokers"]:
+            up.add_metric([broker["endpoint"]], int(broker["reachable"]))
+        yield up
         workers = GaugeMetricFamily("zroute_workers", "Workers known to the broker, by state.",
                                     labels=["state"])
         inflight = GaugeMetricFamily("zroute_worker_inflight_requests",

@@ -24,6 +24,9 @@ What runs (all on this machine, real processes, loopback TCP or --transport ipc)
                when a reply comes), at the same rate: half of zroute's best throughput,
                and a light load (0.1 of it). The p50 difference is the latency that
                the broker hop adds.
+  brokers      with --brokers 1,2, the zroute rows with 1 and with 2 brokers (each worker
+               and each client on both), taking turns, side by side, and the CPU per
+               request of each process: what N brokers would carry with more cores.
   curve        with --curve, the zroute rows again with CURVE on every socket
                (zroute+curve: keys from `zroute keys`), taking turns with the plaintext
                ones, and side by side with them, CPU per request included.
@@ -46,6 +49,7 @@ Examples:
   python scripts/bench_broker.py --concurrency 64,512 --procs 2,3 --duration 5
   python scripts/bench_broker.py --profile            # py-spy broker, worker, client
   python scripts/bench_broker.py --quick --curve      # with and without CURVE, in turns
+  python scripts/bench_broker.py --quick --brokers 1,2 --no-brokerless --no-majortomo
   git worktree add /tmp/before HEAD~1                 # then, before against after:
   python scripts/bench_broker.py --quick --compare-tree /tmp/before
 
@@ -558,11 +562,13 @@ async def _direct_server(endpoint: str) -> None:
     from zroute import protocol as p
     from zroute.channel import SOCKET_HWM, Channel
     from zroute.zmqio import send_to
-    from worker.greeting import make_handler
     from worker.runtime import Worker
-    from zroute.settings import BackendSettings, BrokerLink, Config
+    from zroute.services import Instance
+    from zroute.settings import BrokerLink
+    from zroute_cli.config import builtin_graph, load_config
 
-    config = Config(backend=BackendSettings(greeting=GREETING, sleep_time=0.0))
+    config = load_config(None, [f"Backend.greeting={GREETING}", "Backend.sleep_time=0"])
+    backend = builtin_graph().service("Backend")
     context = zmq.Context()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
@@ -636,7 +642,8 @@ async def _direct_server(endpoint: str) -> None:
 
     stand_in = BrokerStandIn()
     worker = Worker(config.backend, BrokerLink(endpoint), "direct",
-                    {SERVICE: make_handler(config)}, context=context, transport=stand_in.open)
+                    Instance(backend, config.backend).bind(None).handlers(), context=context,
+                    transport=stand_in.open)
     await worker.run()  # until SIGTERM
 
 
@@ -706,8 +713,7 @@ def wait_for_workers(address: str, keys: str, count: int, timeout: float = 20.0)
                                        **client_options(keys)) as client:
             while True:
                 try:
-                    workers = client.stats(timeout=1.0)["workers"]
-                    if sum(w["state"] == "ready" for w in workers) >= count:
+                    if ready_everywhere(client.stats(timeout=1.0)) >= count:
                         return
                 except client_api.BrokerError:
                     pass
@@ -716,6 +722,14 @@ def wait_for_workers(address: str, keys: str, count: int, timeout: float = 20.0)
                 time.sleep(0.1)
     finally:
         context.term()
+
+
+def ready_everywhere(stats: dict) -> int:
+    """The workers ready on every broker (a checkout from before several brokers has one,
+    and its stats no "brokers")."""
+    if "brokers" in stats:
+        return min(broker.get("workers_ready", 0) for broker in stats["brokers"])
+    return sum(w["state"] == "ready" for w in stats["workers"])
 
 
 def broker_totals(address: str, keys: str) -> dict:
@@ -730,22 +744,38 @@ def broker_totals(address: str, keys: str) -> dict:
 
 
 def start_zroute(procs: Processes, tree: Tree, workers: int,
-                 transport: str) -> tuple[str, dict, list]:
-    front, back = new_endpoint(transport), new_endpoint(transport)
+                 transport: str) -> tuple[str | list[str], dict, list]:
+    """The tree's brokers and workers; the address the clients connect to (a list of
+    endpoints for several brokers)."""
+    fronts = [new_endpoint(transport) for _ in range(tree.brokers)]
+    backs = [new_endpoint(transport) for _ in range(tree.brokers)]
     cmd = tree.command()
-    broker = procs.popen(f"{tree.label} broker",
-                         [*cmd, "broker", "--frontend", front, "--backend", back,
-                          "--log-level", "warning", *tree.curve_args("broker")], cwd=tree.path)
-    pids, members = {"broker": [broker.pid], "workers": []}, [broker]
+    pids: dict[str, list[int]] = {}  # by role: each broker's CPU is measured apart
+    members = []
+    for name, front, back in zip(broker_roles(tree.brokers), fronts, backs):
+        broker = procs.popen(f"{tree.label} {name}",
+                             [*cmd, "broker", "--frontend", front, "--backend", back,
+                              "--log-level", "warning", *tree.curve_args("broker")],
+                             cwd=tree.path)
+        pids[name] = [broker.pid]
+        members.append(broker)
+    pids["workers"] = []
+    brokers = [flag for back in backs for flag in ("--broker", back)]
     for i in range(workers):
         worker = procs.popen(f"{tree.label} worker w{i + 1}",
-                             [*cmd, "worker", "--broker", back, "--id", f"w{i + 1}",
+                             [*cmd, "worker", *brokers, "--id", f"w{i + 1}",
                               "--Backend.sleep_time=0", "--log-level", "warning",
                               *tree.curve_args("worker")], cwd=tree.path)
         pids["workers"].append(worker.pid)
         members.append(worker)
-    in_tree(tree, wait_for_workers, front, str(tree.keys or ""), workers)
-    return front, pids, members
+    address = fronts[0] if tree.brokers == 1 else fronts
+    in_tree(tree, wait_for_workers, address, str(tree.keys or ""), workers)
+    return address, pids, members
+
+
+def broker_roles(count: int) -> list[str]:
+    """The roles of a stack's brokers in the CPU columns: broker, or broker-1, broker-2..."""
+    return ["broker"] if count == 1 else [f"broker-{i}" for i in range(1, count + 1)]
 
 
 def start_direct_server(procs: Processes, transport: str) -> tuple[str, dict, list]:
@@ -919,7 +949,7 @@ def profile_under_load(procs: Processes, tree: Tree, address: str, pids: dict[st
     seconds = max(1, int(args.duration))
     out_dir = Path(args.profile_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    targets = {"broker": pids["broker"][0], "worker w1": pids["workers"][0]}
+    targets = {"broker": pids[broker_roles(tree.brokers)[0]][0], "worker w1": pids["workers"][0]}
     spies = {}
 
     threads_before: dict[str, tuple[float, dict[str, float]]] = {}
@@ -1080,6 +1110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also run this checkout's zroute rows with CURVE on every socket "
                              "(zroute+curve), taking turns with the plaintext ones, and print "
                              "them side by side")
+    parser.add_argument("--brokers", type=parse_ints, default=[1], metavar="N,...",
+                        help="brokers in this checkout's stack; several counts (1,2) run side "
+                             "by side, taking turns, with the CPU per request of each process "
+                             "(default: 1)")
     parser.add_argument("--compare-tree", type=Path, nargs="+", default=[], metavar="DIR",
                         help="also run the zroute rows with the code of these checkouts (a git "
                              "worktree of another commit, say), taking turns with this one's, "
@@ -1187,7 +1221,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     procs = Processes()
-    trees = [Tree.at(ROOT), *map(Tree.at, args.compare_tree)]
+    broker_counts = [Tree.at(ROOT).with_brokers(n) for n in args.brokers]
+    trees = [*broker_counts, *map(Tree.at, args.compare_tree)]
     if args.curve:
         trees.insert(1, trees[0].with_curve(Path(tempfile.mkdtemp(prefix="zroute-bench-keys-"))))
     print(f"machine: {machine_line()}")
@@ -1265,6 +1300,8 @@ def main(argv=None) -> int:
     report(zroute, direct, majortomo, open_zroute, open_direct, majortomo_note)
     if len(trees) > 1:
         side_by_side(trees, closed, open_loop)
+    if len(args.brokers) > 1:
+        cpu_per_process(broker_counts, closed)
     return status
 
 
@@ -1355,6 +1392,29 @@ def side_by_side(trees: list[Tree], closed: dict[Tree, list[Result]],
         print_side_by_side(f"{rows[0].procs} procs, {rows[0].concurrency} in flight", rows)
     for rows in zip(*(open_loop[tree] for tree in trees)):
         print_side_by_side(f"open, {rows[0].label}", rows)
+
+
+def cpu_per_process(trees: list[Tree], closed: dict[Tree, list[Result]]) -> None:
+    """Where the CPU of a request goes with 1, 2... brokers: each broker process's share of
+    a core and its CPU per request it routed (the client sends each broker an equal share),
+    and the workers' and clients' CPU per request; what it takes to project the capacity
+    of N brokers on a machine with more cores."""
+    print("\n=== CPU by process with each number of brokers: % of one core, and us of CPU "
+          "per request it handled ===")
+    print(f"{'configuration':<{CONFIGURATION}}{'brokers':>7} {'req/s':>8}  each broker "
+          f"{'':>14}workers  clients  total us/req")
+    for rows in zip(*(closed[tree] for tree in trees)):
+        for tree, r in zip(trees, rows):
+            def per_request(share: float, requests: float) -> float:
+                return share / 100 * r.duration / requests * 1e6 if requests else 0.0
+            brokers = "  ".join(
+                f"{r.cpu[role]:3.0f}% {per_request(r.cpu[role], r.count / tree.brokers):3.0f}us"
+                for role in broker_roles(tree.brokers))
+            configuration = f"{r.procs} procs, {r.concurrency} in flight"
+            print(f"{configuration:<{CONFIGURATION}}{tree.brokers:>7} {r.rps:>8,.0f}  "
+                  f"{brokers:<25}{per_request(r.cpu['workers'], r.count):>6.0f}us "
+                  f"{per_request(r.cpu['clients'], r.count):>6.0f}us "
+                  f"{r.cpu_us_per_request:>8.0f}us")
 
 
 def print_side_by_side(configuration: str, rows: tuple[Result, ...]) -> None:

@@ -117,13 +117,14 @@ class Processes:
         stop_all(self.children)
 
 
-def wait_http(url: str, timeout: float = 30) -> None:
+def wait_http(url: str, timeout: float = 30, expected: bytes = EXPECTED) -> None:
+    """Wait until a POST of the seed request to `url` answers `expected`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             request = urllib.request.Request(url, data=BODY.encode(), method="POST")
             with urllib.request.urlopen(request, timeout=2) as response:
-                if response.read() == EXPECTED:
+                if response.read() == expected:
                     return
         except OSError:
             pass
@@ -131,7 +132,8 @@ def wait_http(url: str, timeout: float = 30) -> None:
     raise SystemExit(f"bench_http: {url} did not answer within {timeout} s")
 
 
-def start_zroute(procs: Processes, sleep_time: float, gateways: int, tree: Tree) -> Target:
+def start_zroute(procs: Processes, sleep_time: float, gateways: int, tree: Tree,
+                 workers: int = 2) -> Target:
     """A zroute stack that runs the code of the checkout `tree`."""
     frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     port = free_port()
@@ -142,7 +144,7 @@ def start_zroute(procs: Processes, sleep_time: float, gateways: int, tree: Tree)
 
     pids = {"broker": start("broker", "--frontend", frontend, "--backend", backend,
                             *tree.curve_args("broker"))}
-    for i in (1, 2):
+    for i in range(1, workers + 1):
         pids[f"worker-{i}"] = start("worker", "--broker", backend, "--id", f"worker-{i}",
                                     f"--Backend.sleep_time={sleep_time}",
                                     *tree.curve_args("worker"))
@@ -241,9 +243,14 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def throughput(args: argparse.Namespace, targets: list[Target], script: Path) -> None:
+def throughput(args: argparse.Namespace, targets: list[Target],
+               script: Path) -> dict[int, dict[str, list[Result]]]:
+    """wrk against each target at each of args.connections, taking turns, with a table
+    of medians per connection count; every result, by connections and target name."""
+    every: dict[int, dict[str, list[Result]]] = {}
     for connections in args.connections:
         results: dict[str, list[Result]] = {t.name: [] for t in targets}
+        every[connections] = results
         for round_no in range(1, args.rounds + 1):
             for target in targets:  # taking turns: drift hits every target alike
                 result = run_wrk(target, connections, args.duration, script)
@@ -269,6 +276,7 @@ def throughput(args: argparse.Namespace, targets: list[Target], script: Path) ->
                 print(f"  {name}/nginx: req/s {zr[0] / ng[0]:.2f}x (target >= 1.0), "
                       f"p99 {zr[2] / ng[2]:.2f}x (target <= 1.5)")
         print()
+    return every
 
 
 def ttfb(args: argparse.Namespace, procs: Processes, workdir: Path, have_nginx: bool) -> None:

@@ -50,6 +50,7 @@ class Tree:
     path: Path
     name: str  # "" for this checkout; else its commit, or its folder's name
     keys: Path | None = None  # the CURVE keys its processes use (`zroute keys`); None: none
+    brokers: int = 1  # the brokers its stack runs, each worker and client on all of them
 
     @classmethod
     def at(cls, path: Path) -> Tree:
@@ -59,8 +60,9 @@ class Tree:
     @property
     def label(self) -> str:
         """What a benchmark calls its zroute: zroute, or zroute@<name> for another; and
-        +curve with CURVE."""
-        return (f"zroute@{self.name}" if self.name else "zroute") + ("+curve" if self.keys else "")
+        +curve with CURVE, x2brokers with two brokers."""
+        return ((f"zroute@{self.name}" if self.name else "zroute") + ("+curve" if self.keys else "")
+                + (f"x{self.brokers}brokers" if self.brokers > 1 else ""))
 
     def with_curve(self, directory: Path) -> Tree:
         """This checkout with CURVE on every socket: a broker key, one key for all its
@@ -69,6 +71,10 @@ class Tree:
             subprocess.run([*self.command(), "keys", *command, "--dir", str(directory)],
                            check=True, capture_output=True, cwd=self.path)
         return dataclasses.replace(self, keys=directory)
+
+    def with_brokers(self, count: int) -> Tree:
+        """This checkout with `count` brokers."""
+        return dataclasses.replace(self, brokers=count)
 
     def curve_args(self, role: str) -> list[str]:
         """What the `zroute` command of a role ("broker", "worker" or "client", a gateway

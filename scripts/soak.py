@@ -10,6 +10,13 @@ random worker (restarting it under the same id a moment later). With
 prints the outcome of every request: a request either succeeds with the exact
 reply or ends with a visible error; none may hang.
 
+--brokers N runs N brokers, each worker registered with all of them and the client
+spreading its requests over them; --kill-broker then kills them in turn. A request
+that had no chunk when its broker died goes through another: no request may fail
+before its first chunk with broker_unreachable.
+
+    .venv/bin/python scripts/soak.py --duration 60 --brokers 2 --kill-broker --broker-every 5
+
 --hostile KIND (repeatable) runs a hostile peer beside the load, at a bounded rate:
 
     .venv/bin/python scripts/soak.py --duration 60 --kill-every 0 --hostile all
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import os
 import random
 import signal
@@ -38,6 +46,7 @@ import zmq
 from children import free_port, start_group, stop_all
 from zroute import protocol as p
 from zroute.client import BrokerError, Client, BlockingClient
+from zroute_cli.serve import broker_names
 
 ZROUTE = str(Path(sys.executable).with_name("zroute"))
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
@@ -55,18 +64,20 @@ def rss_kib(pid: int) -> int | None:
 
 
 class Cluster:
-    def __init__(self, workers: int, sleep_time: float) -> None:
-        self.frontend = f"tcp://127.0.0.1:{free_port()}"
-        self.backend = f"tcp://127.0.0.1:{free_port()}"
+    def __init__(self, workers: int, sleep_time: float, brokers: int = 1) -> None:
+        self.frontends = [f"tcp://127.0.0.1:{free_port()}" for _ in range(brokers)]
+        self.backends = [f"tcp://127.0.0.1:{free_port()}" for _ in range(brokers)]
+        self.frontend, self.backend = self.frontends[0], self.backends[0]  # hostile peers'
         self.sleep_time = sleep_time
-        self.broker: subprocess.Popen | None = None
+        self.brokers: dict[str, subprocess.Popen] = {}
         self.workers: dict[str, subprocess.Popen] = {}
         self.first_rss: dict[str, int | None] = {}
         self.restarts = collections.Counter()
         self.retries_before_broker_kills = 0
         self.log_dir = tempfile.TemporaryDirectory(prefix="zroute-soak-")
         self.logs: dict[str, Path] = {}  # of the current process of each name
-        self.start_broker()
+        for name in self.broker_names():
+            self.start_broker(name)
         for i in range(1, workers + 1):
             self.start_worker(f"worker-{i}")
 
@@ -78,17 +89,22 @@ class Cluster:
             return start_group([ZROUTE, *args, "--log-level", "warning"],
                                stdout=out, stderr=subprocess.STDOUT)
 
-    def start_broker(self) -> None:
-        self.broker = self._spawn("broker", "broker", "--frontend", self.frontend,
-                                  "--backend", self.backend)
+    def broker_names(self) -> list[str]:
+        return broker_names(len(self.frontends))
+
+    def start_broker(self, name: str) -> None:
+        index = self.broker_names().index(name)
+        self.brokers[name] = self._spawn(name, "broker", "--frontend", self.frontends[index],
+                                         "--backend", self.backends[index])
 
     def start_worker(self, worker_id: str) -> None:
+        brokers = [flag for backend in self.backends for flag in ("--broker", backend)]
         self.workers[worker_id] = self._spawn(
-            worker_id, "worker", "--broker", self.backend, "--id", worker_id,
+            worker_id, "worker", *brokers, "--id", worker_id,
             f"--Backend.sleep_time={self.sleep_time}")
 
     def processes(self) -> dict[str, subprocess.Popen]:
-        return {"broker": self.broker, **self.workers}
+        return {**self.brokers, **self.workers}
 
     def record_rss(self) -> dict[str, int | None]:
         return {name: rss_kib(proc.pid) for name, proc in self.processes().items()}
@@ -116,11 +132,11 @@ class Cluster:
 
 def wait_ready(cluster: Cluster, count: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
-    with BlockingClient(cluster.frontend) as client:
+    with BlockingClient(cluster.frontends) as client:
         while time.monotonic() < deadline:
             try:
-                workers = client.stats(timeout=1)["workers"]
-                if sum(w["state"] == "ready" for w in workers) >= count:
+                brokers = client.stats(timeout=1)["brokers"]
+                if all(b["reachable"] and b["workers_ready"] >= count for b in brokers):
                     return
             except BrokerError:
                 pass
@@ -133,26 +149,34 @@ async def load(cluster: Cluster, concurrency: int, duration: float, timeout: flo
     """Keep `concurrency` requests in flight until `duration` has passed."""
     stop_at = time.monotonic() + duration
     rng = random.Random(1)
-    async with Client(cluster.frontend, timeout=timeout) as client:
+    async with Client(cluster.frontends, timeout=timeout) as client:
         async def one_loop() -> None:
             while time.monotonic() < stop_at:
                 words = rng.sample(WORDS, rng.randint(2, 5))
                 expected = b"".join(f"Hello {w}!\n".encode() for w in words)
                 outcomes["requests"] += 1
+                chunks: list[bytes] = []
                 try:
-                    reply = await asyncio.wait_for(
-                        client.round_robin("generate", {"text": ",".join(words)}).read(),
-                        timeout + HANG_GRACE_S)
+                    await asyncio.wait_for(
+                        read_into(client.round_robin("generate", {"text": ",".join(words)}),
+                                  chunks), timeout + HANG_GRACE_S)
                 except asyncio.TimeoutError:
                     outcomes["hung"] += 1
                     continue
                 except BrokerError as e:
-                    outcomes[f"error {e.code}"] += 1
+                    when = "streaming" if chunks else "before its first chunk"
+                    outcomes[f"error {e.code} {when}"] += 1
                     await asyncio.sleep(0.05)  # as a real client would before trying again
                     continue
-                outcomes["success" if reply == expected else "wrong reply"] += 1
+                outcomes["success" if b"".join(chunks) == expected else "wrong reply"] += 1
 
         await asyncio.gather(*(one_loop() for _ in range(concurrency)))
+
+
+async def read_into(stream, chunks: list[bytes]) -> None:
+    """Read a stream into `chunks`: what came before an error stays there."""
+    async for chunk in stream:
+        chunks.append(chunk)
 
 
 # --- hostile peers ---------------------------------------------------------------------
@@ -307,13 +331,15 @@ async def chaos(cluster: Cluster, duration: float, kill_every: float, broker_eve
     stop_at = time.monotonic() + duration - restart_delay
     next_broker_kill = time.monotonic() + broker_every if broker_every else float("inf")
     rng = random.Random(2)
+    brokers = itertools.cycle(cluster.broker_names())  # killed in turn
     while kill_every and time.monotonic() + kill_every < stop_at:
         await asyncio.sleep(kill_every)
         if time.monotonic() >= next_broker_kill:
-            cluster.retries_before_broker_kills += broker_retries(cluster)
-            cluster.kill("broker")
+            victim = next(brokers)
+            cluster.retries_before_broker_kills += broker_retries(cluster, victim)
+            cluster.kill(victim)
             await asyncio.sleep(restart_delay)
-            cluster.start_broker()
+            cluster.start_broker(victim)
             next_broker_kill = time.monotonic() + broker_every
             continue
         victim = rng.choice(sorted(cluster.workers))
@@ -322,8 +348,11 @@ async def chaos(cluster: Cluster, duration: float, kill_every: float, broker_eve
         cluster.start_worker(victim)
 
 
-def broker_retries(cluster: Cluster) -> int:
-    with BlockingClient(cluster.frontend) as client:
+def broker_retries(cluster: Cluster, name: str | None = None) -> int:
+    """The retries counted by the broker `name`, or by all of them."""
+    frontends = (cluster.frontends if name is None
+                 else cluster.frontends[cluster.broker_names().index(name)])
+    with BlockingClient(frontends) as client:
         try:
             return client.stats(timeout=2)["broker"]["retries"]
         except BrokerError:
@@ -351,7 +380,10 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=3,
                         help="seconds between kills; 0 kills nothing")
     parser.add_argument("--restart-delay", type=float, default=0.5)
-    parser.add_argument("--kill-broker", action="store_true", help="kill the broker too")
+    parser.add_argument("--brokers", type=int, default=1,
+                        help="brokers, each worker registered with all (default 1)")
+    parser.add_argument("--kill-broker", action="store_true",
+                        help="kill the broker too (with --brokers, each in turn)")
     parser.add_argument("--broker-every", type=float, default=15,
                         help="with --kill-broker, seconds between broker kills (default 15)")
     parser.add_argument("--hostile", action="append", default=[],
@@ -362,7 +394,7 @@ def main() -> int:
     if "all" in args.hostile:
         args.hostile = list(HOSTILE)
 
-    cluster = Cluster(args.workers, args.sleep_time)
+    cluster = Cluster(args.workers, args.sleep_time, args.brokers)
     try:
         wait_ready(cluster, args.workers)
         rss_start = cluster.record_rss()
@@ -374,14 +406,20 @@ def main() -> int:
     finally:
         endings = cluster.stop()
 
-    print(f"\nsoak: {elapsed:.0f} s, {args.workers} workers, {args.concurrency} in flight, "
-          f"worker kills {sum(v for k, v in cluster.restarts.items() if k != 'broker')}, "
-          f"broker kills {cluster.restarts['broker']}")
+    broker_kills = sum(cluster.restarts[name] for name in cluster.broker_names())
+    print(f"\nsoak: {elapsed:.0f} s, {args.brokers} broker(s), {args.workers} workers, "
+          f"{args.concurrency} in flight, worker kills "
+          f"{sum(cluster.restarts[name] for name in cluster.workers)}, "
+          f"broker kills {broker_kills}")
     print(f"  requests          {outcomes['requests']}")
     print(f"  successes         {outcomes['success']}")
     print(f"  retried by broker {retries}  (sent again before their first chunk)")
     for key in sorted(k for k in outcomes if k.startswith("error ")):
-        print(f"  visible {key:<28}{outcomes[key]}")
+        print(f"  visible {key:<48}{outcomes[key]}")
+    # With several brokers, a lost broker's requests without a chunk go through another.
+    lost_before_first_chunk = outcomes[f"error {p.E_BROKER_UNREACHABLE} before its first chunk"]
+    if args.brokers > 1:
+        print(f"  broker_unreachable before a first chunk: {lost_before_first_chunk}  (must be 0)")
     print(f"  wrong replies     {outcomes['wrong reply']}")
     print(f"  hung              {outcomes['hung']}  (must be 0)")
     failures = outcomes["requests"] - outcomes["success"]
@@ -397,8 +435,10 @@ def main() -> int:
         print(f"  {problem}")
     ok = outcomes["hung"] == 0 and outcomes["wrong reply"] == 0 and not endings
     ok = ok and not (args.hostile and failures)
+    ok = ok and not (args.brokers > 1 and lost_before_first_chunk)
     print("PASS" if ok else "FAIL: requests hung, replies were wrong, a process did not end "
-                            "cleanly, or hostile peers cost the normal load requests")
+                            "cleanly, hostile peers cost the normal load requests, or a lost "
+                            "broker's request failed before its first chunk")
     return 0 if ok else 1
 
 

@@ -17,8 +17,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from zroute import protocol as p
 from broker.core import (DEADLINE_TICK, DRAIN_RATE_INTERVAL, FRESH_STATS, MAX_STATS_WAITING,
-                         MAX_STATS_WAITING_PER_CLIENT, READER_SLACK, WRONG_ENDPOINT_ANSWERS,
-                         DrainRate)
+                         MAX_STATS_WAITING_PER_CLIENT, MAX_REFUSALS, READER_SLACK,
+                         WRONG_ENDPOINT_ANSWERS, DrainRate)
 from broker.reports import MAX_REPORTERS, MAX_REPORTS_BYTES
 from broker.policies import load_policies
 from broker.registry import LATENCY_WINDOW, WorkerInfo
@@ -214,6 +214,137 @@ def test_a_worker_of_capacity_zero_takes_every_request():
         memory.request(b"c", b"r%d" % n)
     assert len(requests_to(memory, w1)) == 100
     assert memory.core.queues == {}
+
+
+# --- a worker's refusals over its capacity (it serves several brokers) --------------------
+
+
+def refuse(memory: MemoryCore, worker: bytes, token: bytes) -> None:
+    memory.from_worker(worker, p.encode_error(p.Error(token, p.E_WORKER_FULL, "full")))
+
+
+def heartbeat(memory: MemoryCore, worker: bytes, inflight: int | None) -> None:
+    memory.from_worker(worker, p.encode_heartbeat(p.Heartbeat(inflight=inflight)))
+
+
+def test_a_refused_request_goes_to_another_worker_and_the_refusal_is_counted():
+    memory = MemoryCore(QUIET)
+    w1, w2 = memory.register("w1", capacity=1), memory.register("w2", capacity=1)
+    memory.request(b"c", b"r1")
+    [token] = tokens_to(memory, w1)
+    refuse(memory, w1, token)
+    assert holders(memory) == {w2: [b"r1"]}
+    assert memory.to_client(b"c") == []  # the client hears nothing of it
+    stats = memory.stats()
+    assert stats["broker"]["refusals"] == 1 and stats["broker"]["failed"] == 0
+    assert [(w["id"], w["refusals"], w["inflight"]) for w in stats["workers"]] == [
+        ("w1", 1, 0), ("w2", 0, 1)]
+
+
+def test_a_worker_that_refused_is_full_until_a_heartbeat_says_it_has_room():
+    memory = MemoryCore(QUIET)
+    w1 = memory.register("w1", capacity=2)
+    memory.request(b"c", b"r1")
+    refuse(memory, w1, tokens_to(memory, w1)[0])
+    assert queued(memory) == [b"r1"]  # nobody else: it waits
+    heartbeat(memory, w1, 2)  # still full with other brokers' requests
+    assert queued(memory) == [b"r1"]
+    heartbeat(memory, w1, 1)
+    assert requests_to(memory, w1) == [b"r1"] and queued(memory) == []
+
+
+def test_a_heartbeat_that_counts_nothing_ends_the_wait_too():
+    memory = MemoryCore(QUIET)
+    w1 = memory.register("w1", capacity=1)
+    memory.request(b"c", b"r1")
+    refuse(memory, w1, tokens_to(memory, w1)[0])
+    heartbeat(memory, w1, None)
+    assert requests_to(memory, w1) == [b"r1"]
+
+
+def test_an_unlimited_worker_that_refused_has_room_again_at_its_next_heartbeat():
+    memory = MemoryCore(QUIET)
+    w1 = memory.register("w1", capacity=0)
+    memory.request(b"c", b"r1")
+    refuse(memory, w1, tokens_to(memory, w1)[0])
+    assert queued(memory) == [b"r1"]
+    heartbeat(memory, w1, 50)  # whatever it runs: no count is over "unlimited"
+    assert requests_to(memory, w1) == [b"r1"]
+
+
+def test_a_worker_that_refused_has_room_again_when_a_request_of_this_broker_ends():
+    memory = MemoryCore(QUIET)
+    w1 = memory.register("w1", capacity=2)
+    memory.request(b"c", b"r1")
+    memory.request(b"c", b"r2")
+    first, second = tokens_to(memory, w1)
+    refuse(memory, w1, second)
+    memory.request(b"c", b"r3")
+    assert queued(memory) == [b"r2", b"r3"]
+    end(memory, w1, first)
+    assert requests_to(memory, w1) == [b"r2", b"r3"]
+
+
+def test_a_request_refused_max_refusals_times_fails_as_queue_full():
+    memory = MemoryCore(QUIET)
+    w1 = memory.register("w1", capacity=1)
+    memory.request(b"c", b"r1")
+    for _ in range(MAX_REFUSALS - 1):
+        refuse(memory, w1, tokens_to(memory, w1)[0])
+        heartbeat(memory, w1, 0)  # says it has room, and refuses again
+    refuse(memory, w1, tokens_to(memory, w1)[0])
+    assert tokens_to(memory, w1) == []
+    [error] = memory.to_client(b"c")
+    assert (error.rid, error.code, error.message) == (
+        b"r1", p.E_QUEUE_FULL, f"workers of 'generate' refused it over their capacity "
+                               f"{MAX_REFUSALS} times")
+    assert memory.core.requests == {}
+
+
+def test_a_refused_request_waits_at_the_head_of_the_queue():
+    memory = MemoryCore(QUIET)
+    w1 = memory.register("w1", capacity=2)
+    memory.request(b"c", b"r1")
+    memory.request(b"c", b"r2")
+    memory.request(b"c", b"r3")
+    first, second = tokens_to(memory, w1)
+    refuse(memory, w1, second)
+    assert queued(memory) == [b"r2", b"r3"]  # r2 came first
+
+
+def test_a_refusal_after_a_chunk_is_relayed_as_the_error_it_is():
+    memory = MemoryCore(QUIET)
+    w1, w2 = memory.register("w1", capacity=1), memory.register("w2", capacity=1)
+    memory.request(b"c", b"r1")
+    [token] = tokens_to(memory, w1)
+    memory.from_worker(w1, p.encode_reply_from_worker(p.Chunk(token, [b"a"])))
+    refuse(memory, w1, token)
+    assert holders(memory) == {}
+    assert [type(m) for m in memory.to_client(b"c")] == [p.Chunk, p.Error]
+    assert memory.core.totals["refusals"] == 0
+
+
+def test_a_refused_direct_request_waits_for_its_own_worker():
+    memory = MemoryCore(QUIET)
+    w1, w2 = memory.register("w1", capacity=1), memory.register("w2", capacity=1)
+    memory.request(b"c", b"r1", policy=p.DIRECT, target="w1")
+    refuse(memory, w1, tokens_to(memory, w1)[0])
+    assert holders(memory) == {} and queued(memory) == [b"r1"]
+    heartbeat(memory, w1, 0)
+    assert holders(memory) == {w1: [b"r1"]}
+
+
+def test_least_loaded_sees_the_requests_of_other_brokers_as_of_the_last_heartbeat():
+    memory = MemoryCore(QUIET)
+    w1, w2 = memory.register("w1", capacity=4), memory.register("w2", capacity=4)
+    heartbeat(memory, w1, 3)  # three from other brokers
+    memory.request(b"c", b"r1", policy="least_loaded")
+    memory.request(b"c", b"r2", policy="least_loaded")
+    memory.request(b"c", b"r3", policy="least_loaded")
+    assert holders(memory) == {w2: [b"r1", b"r2", b"r3"]}
+    assert [w["inflight_elsewhere"] for w in memory.stats()["workers"]] == [3, 0]
+    heartbeat(memory, w2, 3)  # this broker's three: none from elsewhere
+    assert memory.core.registry.by_id["w2"].inflight_elsewhere == 0
 
 
 # --- the queue ----------------------------------------------------------------------------
@@ -691,8 +822,8 @@ def test_shutting_down_fails_every_request_and_sends_no_queued_one():
     memory.request(b"c1", b"r1")
     [busy] = tokens_to(memory, w1)
     memory.core.shutdown(memory.time)
-    assert errors(memory, b"c0") == {b"busy": p.E_WORKER_LOST}
-    assert errors(memory, b"c1") == {b"r1": p.E_WORKER_LOST}
+    assert errors(memory, b"c0") == {b"busy": p.E_BROKER_UNREACHABLE}
+    assert errors(memory, b"c1") == {b"r1": p.E_BROKER_UNREACHABLE}
     assert memory.to_worker(w1) == [p.Cancel(busy)]
 
 
@@ -846,10 +977,11 @@ def test_stats_show_the_brokers_state():
         "workers_departed": 1, "workers_truncated": True}
     assert stats["workers"] == [
         {"id": "w1", "services": ["generate"], "state": "ready", "capacity": 1, "inflight": 1,
-         "completed": 1, "failed": 0, "last_seen_s": 1.25, "latency_p50_s": 0.25,
-         "latency_p99_s": 0.25},
+         "inflight_elsewhere": 0, "refusals": 0, "completed": 1, "failed": 0,
+         "last_seen_s": 1.25, "latency_p50_s": 0.25, "latency_p99_s": 0.25},
         {"id": "w2", "services": ["generate"], "state": "draining", "capacity": 0,
-         "inflight": 0, "completed": 0, "failed": 0, "last_seen_s": 1.5,
+         "inflight": 0, "inflight_elsewhere": 0, "refusals": 0, "completed": 0, "failed": 0,
+         "last_seen_s": 1.5,
          "latency_p50_s": None, "latency_p99_s": None}]
     assert stats["gateways"] == {}
 
@@ -1132,7 +1264,7 @@ def test_the_messages_of_refused_requests():
     assert [(m.rid, m.message) for m in memory.to_client(b"c")] == [
         (b"r1", "request id is already in flight"),
         (b"r2", "direct routing needs a target worker id"),
-        (b"r1", "broker is shutting down")]
+        (b"r1", "the broker is shutting down")]
 
 
 @pytest.mark.parametrize("target_is, code, message", [
@@ -1405,11 +1537,15 @@ def test_the_totals_count_every_event():
     for role in ("workers", "clients"):  # keys CURVE refused, handshakes that failed
         memory.core.peer_refused(role, "10.0.0.7", "key", memory.time)
         memory.core.handshake_failed(role, "it has no CURVE keys", memory.time)
+    w5, w6 = memory.register("w5", capacity=1), memory.register("w6", capacity=1)
+    memory.request(b"c", b"f1")  # refused by one worker, then by the other: it waits
+    refuse(memory, w5, tokens_to(memory, w5)[0])
+    refuse(memory, w6, tokens_to(memory, w6)[0])
     assert memory.core.totals == {
-        "requests": 10, "completed": 1, "failed": 9, "cancelled": 2, "chunks": 2, "errors": 5,
-        "retries": 2, "timeouts": 2, "evictions": 4, "queued": 6, "rejected_frames": 2,
-        "oversized_messages": 2, "id_changes": 2, "clients_gone": 2, "reports_refused": 2,
-        "auth_failures": 2, "handshake_failures": 2}
+        "requests": 11, "completed": 1, "failed": 9, "cancelled": 2, "chunks": 2, "errors": 5,
+        "retries": 2, "refusals": 2, "timeouts": 2, "evictions": 4, "queued": 7,
+        "rejected_frames": 2, "oversized_messages": 2, "id_changes": 2, "clients_gone": 2,
+        "reports_refused": 2, "auth_failures": 2, "handshake_failures": 2}
 
 
 # --- unread bytes at their boundaries -----------------------------------------------------
@@ -1615,19 +1751,22 @@ class BrokerRules(RuleBasedStateMachine):
         return [(w.peer, token) for w in self.core.registry.by_id.values()
                 for token in w.requests]
 
-    def replies(self, worker: bytes, token: bytes, kind: type) -> None:
-        message = p.Error(token, p.E_HANDLER, "boom") if kind is p.Error else kind(token, [b"x"])
+    def replies(self, worker: bytes, token: bytes, kind: type | str) -> None:
+        if kind in (p.E_HANDLER, p.E_WORKER_FULL):
+            message, kind = p.Error(token, kind, "boom"), p.Error
+        else:
+            message = kind(token, [b"x"])
         encode = p.encode_error if kind is p.Error else p.encode_reply_from_worker
         self.memory.from_worker(worker, encode(message))
         self.take()
 
     @precondition(lambda self: self.on_workers())
-    @rule(data=st.data(), kind=st.sampled_from([p.Chunk, p.End, p.Error]))
+    @rule(data=st.data(), kind=st.sampled_from([p.Chunk, p.End, p.E_HANDLER, p.E_WORKER_FULL]))
     def reply(self, data: st.DataObject, kind: type) -> None:
         self.replies(*data.draw(st.sampled_from(self.on_workers())), kind)
 
     @precondition(lambda self: self.given)
-    @rule(data=st.data(), kind=st.sampled_from([p.Chunk, p.End, p.Error]))
+    @rule(data=st.data(), kind=st.sampled_from([p.Chunk, p.End, p.E_HANDLER, p.E_WORKER_FULL]))
     def late_reply(self, data: st.DataObject, kind: type) -> None:
         """A reply for any request the worker was ever given: ended, cancelled, moved."""
         worker = data.draw(st.sampled_from(sorted(self.given)))
@@ -1642,7 +1781,8 @@ class BrokerRules(RuleBasedStateMachine):
         self.take()
 
     @rule(worker=st.sampled_from(WORKER_IDS),
-          message=st.sampled_from([p.Disconnect(), p.Drain(), p.Heartbeat()]))
+          message=st.sampled_from([p.Disconnect(), p.Drain(), p.Heartbeat(),
+                                   p.Heartbeat(inflight=0), p.Heartbeat(inflight=2)]))
     def worker_says(self, worker: str, message: p.Message) -> None:
         encode = {p.Disconnect: p.encode_disconnect, p.Drain: p.encode_drain,
                   p.Heartbeat: p.encode_heartbeat}[type(message)]

@@ -15,7 +15,7 @@ from tests.broker_memory import MemoryBroker
 from tests.support import async_wait_until, wait_until
 from worker import runtime
 from worker.runtime import Worker
-from zroute.settings import BackendSettings, BrokerLink
+from zroute.settings import WorkerSettings, BrokerLink
 
 KIB = 1024
 
@@ -197,16 +197,17 @@ def test_a_handler_that_yields_faster_than_the_broker_reads_waits():
             yield chunk
 
     async def main() -> None:
-        worker = Worker(BackendSettings(), BrokerLink("inproc://not-reading"), "w1",
+        worker = Worker(WorkerSettings(), BrokerLink("inproc://not-reading"), "w1",
                         {"generate": flood}, context=context)
         serving = asyncio.create_task(worker.run())
         await async_wait_until(lambda: broker.poll(0), 10, "the worker's READY")
         peer, *ready = broker.recv_multipart()
         assert ready[1] == p.READY
         broker.send_multipart([peer, *p.encode_request_to_worker(p.Request(b"r1", "generate", b"{}"))])
-        await async_wait_until(lambda: waiting_for_the_broker(worker.tasks.get(b"r1")), 10,
+        tasks = worker.sessions[0].tasks
+        await async_wait_until(lambda: waiting_for_the_broker(tasks.get(b"r1")), 10,
                                "the handler to wait for the broker")
-        assert worker._channel.unsent_bytes() > runtime.MAX_UNSENT_BYTES
+        assert worker.sessions[0].channel.unsent_bytes() > runtime.MAX_UNSENT_BYTES
         assert yielded * len(chunk) <= runtime.MAX_UNSENT_BYTES + 2 * len(chunk)
         ended = False
         while not ended:  # the broker reads: the handler goes on to its END

@@ -9,7 +9,7 @@ from importlib.metadata import version
 
 import pytest
 
-from tests.support import ZROUTE, free_port, run_zroute, wait_until
+from tests.support import REPO_ROOT, ZROUTE, free_port, run_zroute, wait_until
 from zroute_cli.main import main
 
 CLEAR_SCREEN = "\033[H\033[2J"
@@ -70,7 +70,7 @@ def refusal(capsys, *argv: str) -> str:
     (("serve", "--backnd.ServiceArgs.workers=2"),
      "unrecognized argument '--backnd.ServiceArgs.workers=2': did you mean "
      "--Backend.ServiceArgs.workers=2?"),
-    (("serve", "--Backend.greeting", "Hi"),
+    (("worker", "--Backend.greeting", "Hi"),
      "override '--Backend.greeting' has no value: the form is --Backend.greeting=Hi"),
     (("worker", "extra"),
      "unexpected argument 'extra': zroute worker takes options only; see zroute worker --help"),
@@ -80,16 +80,13 @@ def test_an_unknown_argument_is_refused_by_its_subcommand_with_a_hint(capsys, ar
 
 
 @pytest.mark.timeout(20)
-def test_serve_given_a_service_graph_says_it_runs_the_built_in_pipeline():
-    # As in `dynamo serve routed_pipeline:Frontend -f config.yaml`.
-    result = run_zroute("serve", "routed_pipeline:Frontend", "-f", "config.yaml")
+def test_serve_given_a_graph_that_does_not_load_says_so_in_one_line():
+    # As in `dynamo serve routed_pipeline:Frontend -f config.yaml`, without that module.
+    result = run_zroute("serve", "routed_pipeline:Frontend", "-f", "config.yaml", cwd=REPO_ROOT)
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr.startswith(SERVE_USAGE)
-    assert result.stderr.splitlines()[-1] == (
-        "zroute serve: error: unexpected argument 'routed_pipeline:Frontend': zroute serve "
-        "takes options only; it runs the built-in pipeline (the gateway and the greeting "
-        "workers) and takes no service graph such as module:Class yet; for your own code, "
-        "run workers with `zroute worker --handler module:callable`")
+    assert result.stderr == (
+        "zroute serve: error: the graph 'routed_pipeline:Frontend' cannot be loaded: no module "
+        f"named 'routed_pipeline' in the current directory ({REPO_ROOT}) or the installed packages\n")
 
 
 @pytest.mark.timeout(20)

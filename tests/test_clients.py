@@ -12,7 +12,7 @@ import pytest
 from zroute import protocol as p
 from zroute.client import BlockingClient, BlockingStream, BrokerError, Client
 from zroute.endpoints import endpoint_problem
-from zroute.settings import BackendSettings, BrokerLink
+from zroute.settings import WorkerSettings, BrokerLink
 from tests.handlers import CANCELLED_LINE
 from tests.support import Stack, returned_types, wait_until
 
@@ -196,9 +196,9 @@ def test_a_blocking_client_used_after_closing_says_so():
 def test_a_worker_checks_its_broker_address_and_takes_any_id():
     from worker.runtime import Worker
     with pytest.raises(ValueError) as caught:
-        Worker(BackendSettings(), BrokerLink("localhost:5556"), "w1", {"generate": None})
+        Worker(WorkerSettings(), BrokerLink("localhost:5556"), "w1", {"generate": None})
     assert str(caught.value) == endpoint_problem("localhost:5556")
-    assert Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556"), 7,
+    assert Worker(WorkerSettings(), BrokerLink("tcp://127.0.0.1:5556"), 7,
                   {"generate": None}).worker_id == "7"
 
 

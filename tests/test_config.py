@@ -512,6 +512,13 @@ def test_listed_brokers_are_those_peers_connect_to(tmp_path: Path) -> None:
      "Broker.frontend and Broker.backend lower ports, or run fewer brokers"),
     (["Broker.ServiceArgs.workers=0"], "Broker.ServiceArgs.workers: 0 is invalid: must be an "
                                         "integer >= 1"),
-], ids=["bad-entry", "twice", "lengths", "clash", "past-65535", "none"])
+    (["Broker.frontends=[tcp://127.0.0.1:5555, tcp://127.0.0.1:5556]"],
+     "Broker.frontends[1]: tcp://127.0.0.1:5556 is a broker's worker endpoint (Broker.backends, "
+     "or Broker.backend): clients and gateways connect to the brokers' client endpoints"),
+    (["Broker.backends=[tcp://127.0.0.1:5555]"],
+     "Broker.backends[0]: tcp://127.0.0.1:5555 is a broker's client endpoint (Broker.frontends, "
+     "or Broker.frontend): workers connect to the brokers' worker endpoints"),
+], ids=["bad-entry", "twice", "lengths", "clash", "past-65535", "none", "worker-endpoint",
+        "client-endpoint"])
 def test_broker_lists_and_counts_are_checked_in_one_line(overrides, message) -> None:
     assert error_text(overrides=tuple(overrides)) == message

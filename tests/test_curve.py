@@ -13,7 +13,7 @@ import pytest
 from zmq.auth import load_certificate
 
 from tests.http_support import http, start_gateway, wait_healthy
-from tests.support import Stack, free_port, run_zroute, wait_until, workers_by_id
+from tests.support import REPO_ROOT, Stack, free_port, run_zroute, wait_until, workers_by_id
 from zroute import protocol as p
 from zroute.client import BlockingClient, BrokerError
 from zroute.curve import PeerKeys
@@ -48,6 +48,12 @@ def peer_keys(keys: Path, name: str) -> PeerKeys:
 @pytest.fixture
 def secure_stack(stack: Stack, keys: Path) -> Stack:
     """A broker with CURVE, serving already, and stats() as the gateway's key asks them."""
+    return start_secure_broker(stack, keys)
+
+
+def start_secure_broker(stack: Stack, keys: Path) -> Stack:
+    """Start the broker of `stack` with CURVE and the keys of `keys`; once it serves,
+    stats() asks as the gateway's key."""
     broker = stack.broker(*broker_args(keys))
     wait_until(lambda: "broker serving" in broker.output(), 10, "the broker to serve")
     stack.client_keys = peer_keys(keys, "gateway")
@@ -212,6 +218,25 @@ def test_no_output_shows_a_secret_key(stack, keys):
     for output in outputs:
         for secret in secrets:
             assert secret not in output
+
+
+@pytest.mark.timeout(60)
+def test_a_service_with_dependencies_calls_them_with_its_worker_key_in_the_clients_allowlist(
+        stack, keys):
+    make_keys(keys, ("worker", "caller", "--calls"), ("worker", "solo"))
+    stack.cwd = REPO_ROOT
+    start_secure_broker(stack, keys)  # with the keys above in its allowlists
+    graph = ("--graph", "tests/services.py:Frontend", f"--Broker.frontend={stack.frontend}")
+    stack.worker("Backend-1", *graph, "--service-class", "Backend", *peer_args(keys, "w1"))
+    for worker_id, key in (("Middle-1", "caller"), ("Middle-2", "solo")):
+        stack.worker(worker_id, *graph, "--service-class", "Middle",
+                     *peer_args(keys, key, "Middle.curve_key"))
+    stack.wait_workers("Backend-1", "Middle-1", "Middle-2", timeout=20)
+    with BlockingClient(stack.frontend, curve=peer_keys(keys, "gateway"), timeout=10) as client:
+        assert client.direct("Middle.generate", '"a"', "Middle-1").read() == b"HELLO A!\n"
+        # A worker key that only the workers' allowlist holds registers, but cannot call.
+        refused = client.direct("Middle.refused", '"x"', "Middle-2").read().decode()
+    assert refused.startswith("auth_failed: the broker at "), refused
 
 
 @pytest.mark.timeout(60)

@@ -29,12 +29,12 @@ def post(url: str, query: str = ""):
     return reply
 
 
-def served_after_two_on_worker_1(url: str, query: str = "") -> list[str]:
-    """Two requests to worker-1, then three more with `query`: the workers that served
-    those three. FewestCompleted sends them to worker-2, worker-2, then worker-1 (a tie
-    goes to the first); round robin would begin with worker-1."""
+def served_after_two_on_backend_1(url: str, query: str = "") -> list[str]:
+    """Two requests to Backend-1, then three more with `query`: the workers that served
+    those three. FewestCompleted sends them to Backend-2, Backend-2, then Backend-1 (a tie
+    goes to the first); round robin would begin with Backend-1."""
     for _ in range(2):
-        assert post(url, "?worker=worker-1").status == 200
+        assert post(url, "?worker=Backend-1").status == 200
     return [post(url, query).headers["x-worker-id"] for _ in range(3)]
 
 
@@ -42,13 +42,13 @@ def served_after_two_on_worker_1(url: str, query: str = "") -> list[str]:
 def test_broker_worker_and_gateway_route_by_the_readme_policy(stack: Stack, project):
     stack.cwd = project
     stack.broker(f"--Frontend.routing_mode={POLICY}")
-    for worker_id in ("worker-1", "worker-2"):
+    for worker_id in ("Backend-1", "Backend-2"):
         stack.worker(worker_id)
-    stack.wait_workers("worker-1", "worker-2")
+    stack.wait_workers("Backend-1", "Backend-2")
     gateway = start_gateway(stack, f"--Frontend.routing_mode={POLICY}")
     wait_healthy(gateway, 2)
-    served = served_after_two_on_worker_1(gateway.url)
-    assert served == ["worker-2", "worker-2", "worker-1"]
+    served = served_after_two_on_backend_1(gateway.url)
+    assert served == ["Backend-2", "Backend-2", "Backend-1"]
     reply = post(gateway.url, f"?routing={POLICY}")
     assert (reply.status, reply.body) == (200, b"Hello a!\nHello b!\n")
     if CURL:
@@ -95,7 +95,7 @@ def test_zroute_serve_as_the_readme_shows_it(stack: Stack, project, option, quer
     serve.wait_ready()
     wait_until(lambda: get_json(f"{serve.url}/health") == {"status": "ok", "workers": 2}, 15,
                "both workers to register")
-    assert served_after_two_on_worker_1(serve.url, query) == ["worker-2", "worker-2", "worker-1"]
+    assert served_after_two_on_backend_1(serve.url, query) == ["Backend-2", "Backend-2", "Backend-1"]
     reply = post(serve.url, query)
     assert (reply.status, reply.body) == (200, b"Hello a!\nHello b!\n")
 

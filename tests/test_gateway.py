@@ -130,7 +130,7 @@ async def test_generate_streams_the_greetings_chunked_with_the_worker_id(stack, 
         requests += 2
 
     stats = reported(one_worker, requests)
-    assert set(stats) == {"broker", "workers", "gateway", "gateways"}
+    assert set(stats) == {"broker", "brokers", "workers", "gateway", "gateways"}
     assert stats["gateway"] == {"requests": requests, "requests_by_status": {"200": requests},
                                 "inflight": 0, "disconnects": 0, "incomplete": 0}
     assert list(stats["gateways"].values()) == [stats["gateway"]]  # the only gateway

@@ -425,11 +425,11 @@ raise SystemExit(run_command(parser, []))
 """
 
 
-def test_a_failing_on_start_ends_the_command_with_one_line_and_exit_code_1():
+def test_a_failing_on_start_ends_the_command_with_one_line_and_exit_code_3():
     script = FAILING_START.replace("PORT", str(free_port()))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=20, env=child_env())
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 3, result.stderr  # START_FAILED: serve restarts none
     assert result.stderr.splitlines()[-1] == (
         "zroute gateway: error: the gateway's on_start failed: RuntimeError: no model here")
     assert "Traceback" not in result.stderr and "listening" not in result.stderr

@@ -135,6 +135,13 @@ def test_heartbeat_worker_to_broker():
     assert p.decode_from_worker(p.encode_heartbeat()) == Heartbeat(b"")
 
 
+@pytest.mark.parametrize("inflight", [0, 7, 10**p.MAX_INFLIGHT_DIGITS - 1])
+def test_a_worker_s_heartbeat_may_say_how_many_requests_it_runs(inflight):
+    frames = p.encode_heartbeat(Heartbeat(inflight=inflight))
+    assert frames == [VERSION, p.HEARTBEAT, b"%d" % inflight]
+    assert p.decode_from_worker(frames) == Heartbeat(inflight=inflight)
+
+
 def test_disconnect_worker_to_broker():
     assert p.encode_disconnect() == [VERSION, p.DISCONNECT]
     assert roundtrip(p.encode_disconnect, p.decode_from_worker, Disconnect()) == Disconnect()
@@ -363,7 +370,11 @@ FROM_WORKER = COMMON + [
     ("error-extra-frame", [V, p.ERROR, b"r", b"code", b"m", b"x"]),
     ("error-empty-code", [V, p.ERROR, b"r", b"", b"m"]),
     ("error-overlong-code", [V, p.ERROR, b"r", b"c" * (p.MAX_ID_LENGTH + 1), b"m"]),
-    ("heartbeat-extra-frame", [V, p.HEARTBEAT, BOOT]),
+    ("heartbeat-inflight-not-digits", [V, p.HEARTBEAT, BOOT]),
+    ("heartbeat-inflight-negative", [V, p.HEARTBEAT, b"-1"]),
+    ("heartbeat-inflight-empty", [V, p.HEARTBEAT, b""]),
+    ("heartbeat-inflight-too-long", [V, p.HEARTBEAT, b"1" * (p.MAX_INFLIGHT_DIGITS + 1)]),
+    ("heartbeat-extra-frame", [V, p.HEARTBEAT, b"1", b"x"]),
     ("disconnect-extra-frame", [V, p.DISCONNECT, b""]),
     ("drain-extra-frame", [V, p.DRAIN, b"x"]),
     ("report-not-from-worker", [V, p.REPORT, b"g", b"{}"]),
@@ -633,7 +644,7 @@ def test_each_refusal_says_what_is_wrong(decode, frames, reason):
 def test_a_heartbeat_from_a_peer_carries_no_boot_id_and_one_from_the_broker_does():
     with pytest.raises(ProtocolError, match="HEARTBEAT needs 2 frames, got 3"):
         p.decode_from_client([V, p.HEARTBEAT, BOOT])
-    with pytest.raises(ProtocolError, match="HEARTBEAT needs 2 frames, got 3"):
+    with pytest.raises(ProtocolError, match="HEARTBEAT in-flight count must be 1 to 9 ASCII"):
         p.decode_from_worker([V, p.HEARTBEAT, BOOT])
     assert p.decode_to_worker([V, p.HEARTBEAT, BOOT]) == Heartbeat(BOOT)
 

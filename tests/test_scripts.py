@@ -73,7 +73,7 @@ def test_run_all_and_test_sh_take_arguments_in_a_fresh_clone(tmp_path):
         wait_until(announced, 120, "run_all.sh to serve")
         reply = http("POST", f"http://127.0.0.1:{port}/generate", b'{"text": "sun,moon"}')
         assert reply is not None and (reply.status, reply.body) == (200, b"Hi sun!\nHi moon!\n")
-        assert reply.headers["x-worker-id"] == "worker-1"  # my.yaml: 1, config.yaml: 2
+        assert reply.headers["x-worker-id"] == "Backend-1"  # my.yaml: 1, config.yaml: 2
     finally:
         code = serve.stop(20)
     output = serve.output()

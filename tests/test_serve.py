@@ -79,12 +79,12 @@ async def test_serve_without_a_config_file_streams_the_seed_output_and_stops_on_
     hint = (f"  curl -X POST {serve.url}/generate -H 'Content-Type: application/json' "
             """-d '{"text": "world,universe,galaxy"}'""")
     assert hint in output.splitlines(), output
-    kids = serve.wait_children("broker", "worker-1", "gateway-1")
+    kids = serve.wait_children("broker", "Backend-1", "gateway-1")
 
     async def with_aiohttp() -> None:
         async with aiohttp.ClientSession() as session:
             async with session.post(f"{serve.url}/generate", json={"text": SEED_TEXT}) as resp:
-                assert (resp.status, resp.headers["X-Worker-Id"]) == (200, "worker-1")
+                assert (resp.status, resp.headers["X-Worker-Id"]) == (200, "Backend-1")
                 assert await resp.text() == SEED_OUTPUT
 
     async def with_the_hint() -> None:  # the announced command, run as printed
@@ -111,7 +111,7 @@ async def test_serve_with_the_config_file_runs_two_workers_and_stops_on_sigint(s
     assert f"zroute is serving on {serve.url} (2 worker(s), greeting 'Goodnight', " \
            "routing round_robin)" in output
     assert "runs one process" not in output  # serve's children are not told they are one
-    kids = serve.wait_children("broker", "worker-1", "worker-2", "gateway-1")
+    kids = serve.wait_children("broker", "Backend-1", "Backend-2", "gateway-1")
     expected = "Goodnight sun!\nGoodnight moon!\nGoodnight stars!\n"
     body = b'{"text": "sun,moon,stars"}'
 
@@ -122,14 +122,14 @@ async def test_serve_with_the_config_file_runs_two_workers_and_stops_on_sigint(s
                                     headers={"Content-Type": "application/json"}) as resp:
                 assert (resp.status, await resp.text()) == (200, expected)
                 served.append(resp.headers["X-Worker-Id"])
-    assert sorted(served) == ["worker-1", "worker-2"]  # round robin
+    assert sorted(served) == ["Backend-1", "Backend-2"]  # round robin
     if CURL:
         result = curl(f"{serve.url}/generate", body=body)
         assert (result.returncode, result.status, result.body.decode()) == (0, 200, expected)
 
     stats = get_json(f"{serve.url}/stats")
     workers = workers_by_id(stats)
-    assert sorted(workers) == ["worker-1", "worker-2"]
+    assert sorted(workers) == ["Backend-1", "Backend-2"]
     assert {w["state"] for w in workers.values()} == {"ready"}
     assert sum(w["completed"] for w in workers.values()) == (3 if CURL else 2)
 
@@ -142,38 +142,38 @@ async def test_serve_with_the_config_file_runs_two_workers_and_stops_on_sigint(s
 async def test_serve_restarts_a_worker_killed_with_sigkill(stack):
     serve = Serve(stack, "--Backend.sleep_time=0", "--log-level", "debug")
     serve.wait_ready()
-    kids = serve.wait_children("broker", "worker-1", "gateway-1")
-    old = kids["worker-1"]
+    kids = serve.wait_children("broker", "Backend-1", "gateway-1")
+    old = kids["Backend-1"]
     old_pid = old[0]
     # Debug lines say what serve ran, and the children pass the level on.
     output = serve.proc.output()
-    assert f"[serve] DEBUG started worker-1, pid {old_pid}: " in output, output
-    assert "[worker-1] DEBUG configuration: " in output and "[broker] DEBUG policies: " in output
+    assert f"[serve] DEBUG started Backend-1, pid {old_pid}: " in output, output
+    assert "[Backend-1] DEBUG configuration: " in output and "[broker] DEBUG policies: " in output
     os.kill(old_pid, signal.SIGKILL)
 
     def restarted() -> tuple[int, str | None] | None:
-        new = serve.children().get("worker-1")
+        new = serve.children().get("Backend-1")
         return new if new and new[0] != old_pid else None
 
-    new_pid, _ = wait_until(restarted, 10, "serve to start worker-1 again")
-    assert ("[serve] WARNING worker-1 exited with code -9; restarting in 0.5 s"
+    new_pid, _ = wait_until(restarted, 10, "serve to start Backend-1 again")
+    assert ("[serve] WARNING Backend-1 exited with code -9; restarting in 0.5 s"
             in serve.proc.output())
-    assert ("[serve] DEBUG restarting worker-1; the next back-off is 1.0 s"
+    assert ("[serve] DEBUG restarting Backend-1; the next back-off is 1.0 s"
             in serve.proc.output())
 
-    # The new process registers as worker-1 (the broker forgets the dead one) and serves.
+    # The new process registers as Backend-1 (the broker forgets the dead one) and serves.
     def served_by_worker_1() -> bool:
-        reply = http("POST", f"{serve.url}/generate?worker=worker-1", b'{"text": "again"}')
+        reply = http("POST", f"{serve.url}/generate?worker=Backend-1", b'{"text": "again"}')
         return reply is not None and reply.status == 200 and reply.body == b"Hello again!\n" \
-            and reply.headers["x-worker-id"] == "worker-1"
+            and reply.headers["x-worker-id"] == "Backend-1"
 
-    wait_until(served_by_worker_1, 15, "the restarted worker-1 to serve")
+    wait_until(served_by_worker_1, 15, "the restarted Backend-1 to serve")
     stats = get_json(f"{serve.url}/stats")
-    assert workers_by_id(stats)["worker-1"]["state"] == "ready"
-    assert workers_by_id(stats)["worker-1"]["completed"] == 1  # counted for the new registration
+    assert workers_by_id(stats)["Backend-1"]["state"] == "ready"
+    assert workers_by_id(stats)["Backend-1"]["completed"] == 1  # counted for the new registration
     output = serve.proc.output()
-    assert output.count("[broker] INFO worker worker-1 ready for generate") == 2, output
-    assert serve.children()["worker-1"][0] == new_pid
+    assert output.count("[broker] INFO worker Backend-1 ready for generate") == 2, output
+    assert serve.children()["Backend-1"][0] == new_pid
 
     kids = serve.children()
     assert serve.stop(signal.SIGTERM) == 0
@@ -188,19 +188,19 @@ def test_a_worker_whose_restart_fails_at_once_is_restarted_again_and_serve_stays
     config.write_text("Backend:\n  sleep_time: 0\n")
     serve = Serve(stack, "-f", str(config))
     serve.wait_ready()
-    kids = serve.wait_children("broker", "worker-1", "gateway-1")
+    kids = serve.wait_children("broker", "Backend-1", "gateway-1")
     # Its restart reads the file again and exits 2 at once, as a first start that fails
     # would: only a first start's failure stops serve.
     config.write_text("Backend:\n  sleep_time: -1\n")
-    os.kill(kids["worker-1"][0], signal.SIGKILL)
-    wait_until(lambda: "[serve] WARNING worker-1 exited with code 2; restarting in 1.0 s"
+    os.kill(kids["Backend-1"][0], signal.SIGKILL)
+    wait_until(lambda: "[serve] WARNING Backend-1 exited with code 2; restarting in 1.0 s"
                in serve.proc.output(), 10, "the failed restart to be restarted again")
     assert serve.proc.alive, serve.proc.output()
 
     config.write_text("Backend:\n  sleep_time: 0\n")
-    wait_until(lambda: (reply := http("POST", f"{serve.url}/generate?worker=worker-1",
+    wait_until(lambda: (reply := http("POST", f"{serve.url}/generate?worker=Backend-1",
                                       b'{"text": "again"}')) and reply.status == 200,
-               20, "the restarted worker-1 to serve")
+               20, "the restarted Backend-1 to serve")
     assert serve.proc.alive and "ERROR" not in serve.proc.output(), serve.proc.output()
     kids = serve.children()
     assert serve.stop(signal.SIGTERM) == 0
@@ -210,7 +210,7 @@ def test_a_worker_whose_restart_fails_at_once_is_restarted_again_and_serve_stays
 async def test_serve_runs_two_gateways_on_one_port(stack):
     serve = Serve(stack, "--Backend.sleep_time=0", "--Frontend.ServiceArgs.workers=2")
     serve.wait_ready()
-    kids = serve.wait_children("broker", "worker-1", "gateway-1", "gateway-2")
+    kids = serve.wait_children("broker", "Backend-1", "gateway-1", "gateway-2")
 
     def answered_by(name: str) -> int:
         return serve.proc.output().count(f"[{name}] INFO request=")
@@ -250,7 +250,7 @@ def test_serve_with_a_bad_value_exits_2_with_one_line_naming_the_key():
 async def test_serve_shutdown_finishes_the_requests_in_flight(stack):
     serve = Serve(stack, "--Backend.sleep_time=0.4", "--Backend.ServiceArgs.workers=2")
     serve.wait_ready()
-    kids = serve.wait_children("broker", "worker-1", "worker-2", "gateway-1")
+    kids = serve.wait_children("broker", "Backend-1", "Backend-2", "gateway-1")
     words = "a,b,c,d"
     expected = "".join(f"Hello {w}!\n" for w in words.split(","))
     async with aiohttp.ClientSession() as session:
@@ -292,7 +292,7 @@ def port_of(endpoint: str) -> int:
 def test_a_second_serve_on_a_port_of_the_first_exits_with_one_line_naming_it(stack, shared):
     first = Serve(stack, "--Backend.sleep_time=0")
     first.wait_ready()
-    kids = first.wait_children("broker", "worker-1", "gateway-1")
+    kids = first.wait_children("broker", "Backend-1", "gateway-1")
     ports = {"http": first.port, "frontend": port_of(stack.frontend),
              "backend": port_of(stack.backend)}
     mine = {name: free_port() for name in ports}
@@ -390,7 +390,7 @@ def test_serve_does_not_start_on_a_port_another_program_listens_on(stack):
 def test_a_broker_that_cannot_listen_when_restarted_stops_serve_with_one_line(stack):
     serve = Serve(stack, "--Backend.sleep_time=0")
     serve.wait_ready()
-    kids = serve.wait_children("broker", "worker-1", "gateway-1")
+    kids = serve.wait_children("broker", "Backend-1", "gateway-1")
     os.kill(kids["broker"][0], signal.SIGKILL)
     serve.proc.expect(1)  # it stops: the broker cannot be restarted
 
@@ -436,7 +436,7 @@ def wait_stopping(serve: Serve) -> str:
 async def test_ctrl_c_says_what_drains_and_ends_a_cut_stream_with_an_error_line(stack):
     serve = Serve(stack, "--Backend.sleep_time=0.2", "--Frontend.drain_timeout=1")
     serve.wait_ready()
-    kids = serve.wait_children("broker", "worker-1", "gateway-1")
+    kids = serve.wait_children("broker", "Backend-1", "gateway-1")
     curl_process = await streaming(serve)
     serve.proc.signal(signal.SIGINT)
     assert ("[serve] INFO stopping: gateways, then workers, then the broker; 1 request(s) in "
@@ -459,7 +459,7 @@ async def test_ctrl_c_says_what_drains_and_ends_a_cut_stream_with_an_error_line(
 async def test_a_second_ctrl_c_stops_everything_at_once(stack):
     serve = Serve(stack, "--Backend.sleep_time=0.2")  # the default drain: 30 s
     serve.wait_ready()
-    kids = serve.wait_children("broker", "worker-1", "gateway-1")
+    kids = serve.wait_children("broker", "Backend-1", "gateway-1")
     curl_process = await streaming(serve)
     serve.proc.signal(signal.SIGINT)
     wait_stopping(serve)
@@ -553,10 +553,10 @@ def test_serve_logs_json_lines_with_the_per_request_fields(stack):
 
     [request] = [e for e in by_process["gateway-1"] if "status" in e]
     assert {k: request[k] for k in ("policy", "worker", "status", "chunks")} == {
-        "policy": "round_robin", "worker": "worker-1", "status": 200, "chunks": 2}
+        "policy": "round_robin", "worker": "Backend-1", "status": 200, "chunks": 2}
     assert isinstance(request["duration"], float) and isinstance(request["ttfc"], float)
     assert request["message"].startswith(f"request={request['request']} policy=round_robin ")
 
-    [served] = [e for e in by_process["worker-1"] if "chunks" in e]
-    assert (served["worker"], served["chunks"]) == ("worker-1", 2)
+    [served] = [e for e in by_process["Backend-1"] if "chunks" in e]
+    assert (served["worker"], served["chunks"]) == ("Backend-1", 2)
     assert served["message"].endswith(" ok")

@@ -65,7 +65,7 @@ async def test_every_gateway_answers_the_same_stats_and_metrics_and_none_goes_ba
     serve = Serve(stack, "--Backend.sleep_time=0", "--Frontend.ServiceArgs.workers=2",
                   "--Broker.heartbeat_interval=0.2")
     serve.wait_ready()
-    serve.wait_children("broker", "worker-1", *GATEWAYS)
+    serve.wait_children("broker", "Backend-1", *GATEWAYS)
 
     def answered_by(name: str) -> int:
         return serve.proc.output().count(f"[{name}] INFO request=")
@@ -97,6 +97,6 @@ async def test_every_gateway_answers_the_same_stats_and_metrics_and_none_goes_ba
     by_gateway = {name: counts["requests"] for name, counts in stats["gateways"].items()}
     assert sorted(by_gateway) == GATEWAYS
     assert by_gateway == {name: answered_by(name) for name in GATEWAYS}
-    assert series == {(name, "200", "round_robin", "worker-1"): float(count)
+    assert series == {(name, "200", "round_robin", "Backend-1"): float(count)
                       for name, count in by_gateway.items()}
     assert stats["gateway"]["requests_by_status"] == {"200": sent}

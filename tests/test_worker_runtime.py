@@ -18,7 +18,7 @@ from tests.handlers import CANCELLED_LINE
 from tests.http_support import http, start_gateway, wait_healthy
 from tests.support import Stack, async_wait_until, returned_types, run_zroute, wait_until
 from worker.runtime import Worker
-from zroute.settings import BackendSettings, BrokerLink
+from zroute.settings import WorkerSettings, BrokerLink
 
 
 @pytest.mark.timeout(60)
@@ -51,13 +51,13 @@ def hang_worker(stack: Stack, *args: str):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("signum, exit_code, code", [
-    (signal.SIGKILL, -signal.SIGKILL, p.E_BROKER_UNREACHABLE),
-    # the broker tells its clients why, and its workers CANCEL
-    (signal.SIGTERM, 0, p.E_WORKER_LOST),
+@pytest.mark.parametrize("signum, exit_code", [
+    (signal.SIGKILL, -signal.SIGKILL),
+    # the broker tells its clients it stops (broker_unreachable), and its workers CANCEL
+    (signal.SIGTERM, 0),
 ], ids=["killed", "stopped"])
 def test_a_worker_stops_its_work_as_soon_as_the_broker_goes_and_comes_back_to_it(
-        stack, signum, exit_code, code):
+        stack, signum, exit_code):
     broker = stack.broker()
     worker = hang_worker(stack)
     with BlockingClient(stack.frontend, timeout=30) as client:
@@ -71,7 +71,7 @@ def test_a_worker_stops_its_work_as_soon_as_the_broker_goes_and_comes_back_to_it
         elapsed = time.monotonic() - lost
         with pytest.raises(BrokerError) as caught:
             stream.read()
-    assert caught.value.code == code
+    assert caught.value.code == p.E_BROKER_UNREACHABLE
     # At once, not after three missed heartbeats (3 s).
     assert elapsed < 2.0, f"took {elapsed:.2f} s"
     assert f"the connection to the broker at {stack.backend} closed" in worker.output()
@@ -187,7 +187,7 @@ def test_a_worker_given_a_transport_registers_serves_and_leaves_over_it():
     transport = RecordingTransport()
 
     async def main() -> None:
-        worker = Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1",
+        worker = Worker(WorkerSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1",
                         {"shout": shout}, transport=transport.open)
         serving = asyncio.create_task(worker.run())
         await async_wait_until(transport.received, what="the worker's READY")
@@ -208,7 +208,7 @@ def test_a_worker_opens_a_new_transport_when_its_broker_falls_silent():
     transport = RecordingTransport()  # it never answers
 
     async def main() -> None:
-        worker = Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556", heartbeat_interval=0.05),
+        worker = Worker(WorkerSettings(), BrokerLink("tcp://127.0.0.1:5556", heartbeat_interval=0.05),
                         "w1", {"shout": shout}, transport=transport.open)
         serving = asyncio.create_task(worker.run())
         await async_wait_until(lambda: transport.opened == 2, what="a second transport")
@@ -220,5 +220,57 @@ def test_a_worker_opens_a_new_transport_when_its_broker_falls_silent():
 
 
 def test_every_message_the_broker_may_send_a_worker_has_a_handler():
-    worker = Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1", {"shout": shout})
+    worker = Worker(WorkerSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1", {"shout": shout})
     assert set(worker.message_handlers) == returned_types(p.decode_to_worker)
+
+
+async def held(request):
+    yield "start"
+    await asyncio.sleep(float(request["seconds"]))
+    yield "done"
+
+
+@pytest.mark.timeout(10)
+def test_a_worker_of_two_brokers_refuses_one_over_its_capacity_and_says_when_it_has_room():
+    first, second = RecordingTransport(), RecordingTransport()
+    transports = iter([first, second])
+
+    def open_next(*callbacks) -> RecordingTransport:
+        return next(transports).open(*callbacks)
+
+    async def main() -> None:
+        worker = Worker(WorkerSettings(service_args=WorkerSettings.ServiceArgs(capacity=1)),
+                        BrokerLink(("tcp://127.0.0.1:5556", "tcp://127.0.0.1:5558")), "w1",
+                        {"held": held}, transport=open_next)
+        serving = asyncio.create_task(worker.run())
+        await async_wait_until(lambda: first.received() and second.received(), what="READYs")
+        first.deliver(p.encode_request_to_worker(p.Request(b"r1", "held", b'{"seconds": 0.2}')))
+        second.deliver(p.encode_request_to_worker(p.Request(b"r1", "held", b'{"seconds": 0}')))
+        await async_wait_until(lambda: p.End(b"r1", [b"done"]) in first.received(),
+                               what="the first broker's request to end")
+        refusal, room = second.received()[1:3]
+        assert (type(refusal), refusal.rid, refusal.code) == (p.Error, b"r1", p.E_WORKER_FULL)
+        assert room == p.Heartbeat(inflight=0)  # at once, not at the next heartbeat
+        worker.stop()
+        await serving
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(10)
+def test_a_request_cancelled_before_its_handler_starts_leaves_the_worker_free_to_stop():
+    transport = RecordingTransport()
+
+    async def main() -> None:
+        worker = Worker(WorkerSettings(), BrokerLink("tcp://127.0.0.1:5556"), "w1",
+                        {"held": held}, transport=transport.open)
+        serving = asyncio.create_task(worker.run())
+        await async_wait_until(transport.received, what="the worker's READY")
+        # The request and the closing of its broker's connection in one turn of the loop.
+        transport.deliver(p.encode_request_to_worker(p.Request(b"r1", "held", b'{"seconds": 9}')))
+        worker._on_disconnected(worker.sessions[0])
+        await async_wait_until(lambda: worker.inflight == 0, 2, "the request to be forgotten")
+        worker.stop()
+        await asyncio.wait_for(serving, 2)  # no request left to drain
+
+    asyncio.run(main())

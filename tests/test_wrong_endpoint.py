@@ -14,7 +14,7 @@ from tests.broker_memory import MemoryBroker
 from tests.http_support import async_test, get_json, http, start_gateway
 from tests.support import Stack, run_zroute, wait_until
 from worker.runtime import Worker
-from zroute.settings import BackendSettings, BrokerLink
+from zroute.settings import WorkerSettings, BrokerLink
 
 
 @pytest.fixture
@@ -156,11 +156,12 @@ def test_a_default_endpoint_given_to_the_other_side_names_the_flag(args, message
 def test_a_worker_that_hears_something_else_than_zroute_says_so_once(caplog):
     # What a worker connected to the gateway's HTTP port receives: its 400 answers, again
     # and again.
-    worker = Worker(BackendSettings(), BrokerLink("tcp://127.0.0.1:8000"), "w1",
+    worker = Worker(WorkerSettings(), BrokerLink("tcp://127.0.0.1:8000"), "w1",
                     {"generate": lambda request: None})
     with caplog.at_level(logging.WARNING, "zroute.worker"):
         for _ in range(100):
-            worker._on_message([b"HTTP/1.1 400 Bad Request\r\n", b"Content-Length: 11"])
+            worker._on_message(worker.sessions[0],
+                               [b"HTTP/1.1 400 Bad Request\r\n", b"Content-Length: 11"])
     assert [r.getMessage() for r in caplog.records] == [
         "worker w1 dropped a message that is not zroute's protocol (unsupported protocol "
         "version b'HTTP/1.1 400 Bad'): is tcp://127.0.0.1:8000 the broker's worker endpoint, "

@@ -1,9 +1,11 @@
-"""The default handler: the greeting backend of the simple pipeline.
+"""The built-in graph: the greeting pipeline of the simple pipeline, as service classes.
 
-For each comma-separated word of `text` (or of a request that is a plain string) it
-waits `sleep_time` seconds and yields "{greeting} {word}!\\n". asyncio.sleep, not
-time.sleep, so one worker serves many requests at once and a cancelled request stops
-at once.
+`Backend.generate` (registered as `generate`) waits `sleep_time` seconds before each
+comma-separated word of `text` (or of a request that is a plain string) and yields
+"{greeting} {word}!\\n". asyncio.sleep, not time.sleep, so one worker serves many requests
+at once and a cancelled request stops at once. `Frontend` is served by the gateway: its
+/generate passes each request, as it comes, to Backend (with ?routing=, ?worker= and every
+streaming format). `zroute serve` with no graph serves this one.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator
 
-from worker.runtime import BadRequest, Handler
+from zroute.errors import BadRequest
+from zroute.services import depends, endpoint, forward, service
+from zroute.protocol import DEFAULT_POLICY
+from zroute.settings import setting
 
 
 def words(text: str) -> list[str]:
@@ -31,15 +36,21 @@ def words_of(request: Any) -> list[str]:
     return found
 
 
-def make_handler(config: Any) -> Handler:
-    """Build the handler from the `Backend` section of a configuration."""
-    greeting = config.backend.greeting
-    sleep_time = config.backend.sleep_time
+@service
+class Backend:
+    greeting: str = "Hello"
+    sleep_time: float = setting(1.0, ge=0)  # seconds before each word
 
-    async def generate(request: Any) -> AsyncIterator[str]:
+    @endpoint(name="generate")  # the broker's service, as clients have always named it
+    async def generate(self, request: Any) -> AsyncIterator[str]:
         for word in words_of(request):
-            if sleep_time:
-                await asyncio.sleep(sleep_time)
-            yield f"{greeting} {word}!\n"
+            if self.sleep_time:
+                await asyncio.sleep(self.sleep_time)
+            yield f"{self.greeting} {word}!\n"
 
-    return generate
+
+@service
+class Frontend:
+    backend = depends(Backend)
+    routing_mode: str = DEFAULT_POLICY  # Frontend.routing_mode: the gateway's default policy
+    generate = forward("/generate", backend, "generate")

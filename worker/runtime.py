@@ -21,12 +21,13 @@ import zmq
 
 from zroute import protocol as p
 from zroute.channel import Channel
+from zroute.client import BrokerError
 from zroute.connection import watched_dealer
 from zroute.curve import PeerKeys
 from zroute.endpoints import check_endpoint
 from zroute.errors import BadRequest  # handlers may import it from here too
 from zroute.ratelimit import LogLimiter
-from zroute.settings import BackendSettings, BrokerLink
+from zroute.settings import WorkerSettings, BrokerLink
 from worker.watchdog import LoopWatchdog, frame_location
 from zroute.logs import fields
 
@@ -64,7 +65,8 @@ class Transport(Protocol):
 
 
 class TransportFactory(Protocol):
-    """Opens a worker's transport; called again for each new connection. The transport
+    """Opens a worker's transport; called again for each new connection, and once per
+    broker. The transport
     hands every message it receives to `on_message`, and calls `on_connected` and
     `on_disconnected` as its connection to the broker opens and closes."""
 
@@ -175,22 +177,61 @@ class Outbox:
         self.push()
 
 
+class BrokerSession:
+    """The worker's connection to one broker: its transport, what the worker knows of
+    that broker's liveness, and the requests that broker sent (their ids are that
+    broker's: two brokers may use the same one)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.channel: Transport | None = None
+        self.outbox: Outbox | None = None
+        self.tasks: dict[bytes, asyncio.Task] = {}
+        self.connected = False  # the socket's connection is open (it may not be a broker)
+        self.said_waiting = False  # "waiting for a broker" is said once per wait
+        # A broker has sent something on the current connection (or, before the first one,
+        # nothing has failed yet). A peer that is not a broker accepts and closes
+        # connection after connection: those are logged through the worker's drops, not each.
+        self.answered = True
+        self.last_heard = 0.0
+        self.backoff = RECONNECT_MIN_S
+        # The broker heartbeats registered workers only: its first heartbeat after READY
+        # says that it has this worker registered, until the connection or registration
+        # ends.
+        self.registered = False
+        # It refused a request of this broker over capacity: the broker takes the worker
+        # for full until told otherwise, so the next free slot is announced to it at once.
+        self.owes_room = False
+
+    def send(self, frames: list[bytes]) -> None:
+        self.channel.send(frames)
+
+    def push(self) -> None:
+        self.channel.flush()
+
+    def abandon_requests(self) -> None:
+        """Cancel work the broker has forgotten (it restarted or is gone)."""
+        for task in self.tasks.values():
+            task.cancel()
+
+
 class Worker:
-    """Registers with the broker, serves requests, heartbeats, reconnects, drains.
+    """Registers with every broker, serves requests, heartbeats, reconnects, drains.
 
-    It runs with the `Backend` section's settings, and speaks to the broker at `broker`
+    It runs with the `Backend` section's settings, and speaks to each broker of `broker`
     over a BrokerChannel, or over what `transport` opens: a broker stand-in in the same
-    process, say (`broker` then only names it in the worker's log). `on_registered` is
-    called with True once the broker has registered the worker, and with False when that
-    ends (the connection closes, the broker forgets it, it drains)."""
+    process, say (the endpoint then only names it in the worker's log).
 
-    def __init__(self, settings: BackendSettings, broker: BrokerLink, worker_id: str | int,
+    Its capacity holds for the requests of all brokers together: one over it is refused
+    with worker_full, which the broker takes as "route it elsewhere", and each HEARTBEAT
+    says how many requests it runs, so that each broker sees the others' load."""
+
+    def __init__(self, settings: WorkerSettings, broker: BrokerLink, worker_id: str | int,
                  handlers: dict[str, Handler], *, context: zmq.Context | None = None,
-                 transport: TransportFactory | None = None,
-                 on_registered: Callable[[bool], None] | None = None) -> None:
+                 transport: TransportFactory | None = None) -> None:
         if not handlers:
             raise ValueError("a worker needs at least one service")
-        self.broker = check_endpoint(broker.endpoints[0])
+        self.sessions = [BrokerSession(check_endpoint(endpoint)) for endpoint in broker.endpoints]
         self.worker_id = str(worker_id)  # any id, as the clients take it
         self.handlers = handlers
         self.capacity = settings.service_args.capacity
@@ -198,15 +239,13 @@ class Worker:
         self.heartbeat_misses = broker.heartbeat_misses
         self.drain_timeout = settings.drain_timeout
         self.expose_errors = settings.expose_errors
-        self.token = secrets.token_hex(16)  # proves to the broker that a new connection is ours
+        self.token = secrets.token_hex(16)  # proves to a broker that a new connection is ours
         self.context = context or zmq.Context.instance()
-        self._open_transport = transport or partial(
-            BrokerChannel, self.context, self.broker, curve=broker.curve,
-            on_refused=self._keys_refused)
-        self.tasks: dict[bytes, asyncio.Task] = {}
-        # Each message type the broker may send, and what handles it: a missing one is a
+        self._transport = transport
+        self._curve = broker.curve
+        # Each message type a broker may send, and what handles it: a missing one is a
         # KeyError, never a message mistaken for another.
-        self.message_handlers: dict[type, Callable[[Any], None]] = {
+        self.message_handlers: dict[type, Callable[[BrokerSession, Any], None]] = {
             p.Request: self._start,
             p.Cancel: self._cancel,
             p.Heartbeat: self._on_heartbeat,
@@ -214,27 +253,35 @@ class Worker:
             p.Error: self._on_error,
         }
         self.served = 0
-        self._channel: Transport | None = None
-        self._connected = False  # the socket's connection is open (it may not be a broker)
-        self._said_waiting = False  # "waiting for a broker" is said once per wait
-        # A broker has sent something on the current connection (or, before the first one,
-        # nothing has failed yet). A peer that is not a broker accepts and closes
-        # connection after connection: those are logged through _drops, not each.
-        self._answered = True
-        self._outbox = Outbox(self._send, self._push)
-        self._last_heard = 0.0
-        self._backoff = RECONNECT_MIN_S
+        self.refusals = 0  # requests refused over capacity
+        self.peak_inflight = 0
         self._stopping: asyncio.Event | None = None
-        self.refused: p.Error | None = None  # why the broker refused this worker, if it did
-        # The broker heartbeats registered workers only: its first heartbeat after READY
-        # says that this worker is registered, until the connection or registration ends.
-        self.registered = False
-        self._on_registered = on_registered or (lambda registered: None)
+        self.refused: p.Error | None = None  # why a broker refused this worker, if one did
+        # Called with True once a broker (any one) has the worker registered, and with
+        # False once none has: `zroute worker --ready-file` keeps a file for a readiness
+        # probe with it.
+        self.on_registered: Callable[[bool], None] = lambda registered: None
         self._drops = LogLimiter(log)
         # A handler that blocks the loop is reported once heartbeats are due, before the
         # broker evicts the worker for missing them.
         self._watchdog = LoopWatchdog(broker.heartbeat_interval, self._report_blocked_loop)
         self._blocked = LogLimiter(log, interval=BLOCKED_LOG_INTERVAL, per_kind=1)
+
+    @property
+    def registered(self) -> bool:
+        """Whether a broker (any one) has this worker registered."""
+        return any(session.registered for session in self.sessions)
+
+    def _set_registered(self, session: BrokerSession, registered: bool) -> None:
+        before = self.registered
+        session.registered = registered
+        if self.registered != before:
+            self.on_registered(self.registered)
+
+    @property
+    def inflight(self) -> int:
+        """The requests it runs, from every broker."""
+        return sum(len(session.tasks) for session in self.sessions)
 
     # --- life cycle -----------------------------------------------------------
 
@@ -242,13 +289,15 @@ class Worker:
         """Serve until stop(); then drain and disconnect."""
         self._stopping = asyncio.Event()
         self._watchdog.start()
-        self._connect()
+        for session in self.sessions:
+            self._connect(session)
         try:
             while not self._stopping.is_set():
                 try:
                     await asyncio.wait_for(self._stopping.wait(), self.heartbeat_interval)
                 except asyncio.TimeoutError:
-                    self._heartbeat()
+                    for session in self.sessions:
+                        self._heartbeat(session)
             await self._drain()
         finally:
             self._watchdog.stop()
@@ -258,101 +307,122 @@ class Worker:
         if self._stopping is not None:
             self._stopping.set()
 
-    def _connect(self) -> None:
-        """Open a transport to the broker; READY goes once its connection is up."""
-        self._channel = self._open_transport(self._on_message, self._on_connected,
-                                             self._on_disconnected)
-        self._connected = False
-        self._last_heard = time.monotonic()
+    def _connect(self, session: BrokerSession) -> None:
+        """Open a transport to a broker; READY goes once its connection is up."""
+        callbacks = (partial(self._on_message, session), partial(self._on_connected, session),
+                     partial(self._on_disconnected, session))
+        if self._transport is not None:
+            session.channel = self._transport(*callbacks)
+        else:
+            session.channel = BrokerChannel(self.context, session.endpoint, *callbacks,
+                                            curve=self._curve, on_refused=self._keys_refused)
+        session.outbox = Outbox(session.send, session.push)
+        session.connected = False
+        session.last_heard = time.monotonic()
 
-    def _on_connected(self) -> None:
-        self._connected = True
-        self._said_waiting = False
-        self._last_heard = time.monotonic()  # the broker is judged from now on
+    def _on_connected(self, session: BrokerSession) -> None:
+        session.connected = True
+        session.said_waiting = False
+        session.last_heard = time.monotonic()  # the broker is judged from now on
         if not self._stopping.is_set():
-            self._register()
-        self._answered = False
+            self._register(session)
+        session.answered = False
 
     def _keys_refused(self, message: str) -> None:
-        """The broker refused this worker's keys; libzmq does not try again, and the
+        """A broker refused this worker's keys; libzmq does not try again, and the
         worker stops, as for any refusal."""
         log.error("worker %s: %s", self.worker_id, message)
         self.refused = p.Error(b"", p.E_AUTH_FAILED, message)
         self.stop()
 
-    def _on_disconnected(self) -> None:
+    def _on_disconnected(self, session: BrokerSession) -> None:
         """The broker died or stopped: what it sent is lost, so stop working on it now.
         ZeroMQ connects again by itself, and READY goes when it does."""
-        self._connected = False
-        self._set_registered(False)
+        session.connected = False
+        self._set_registered(session, False)
         if self.refused is not None:
             return  # said already
-        self._said_waiting = True
-        if self._answered:
-            cancelled = f"; cancelled {len(self.tasks)} request(s) in hand" if self.tasks else ""
+        session.said_waiting = True
+        if session.answered:
+            cancelled = (f"; cancelled {len(session.tasks)} request(s) in hand"
+                         if session.tasks else "")
             log.warning("worker %s: the connection to the broker at %s closed%s; waiting for it",
-                        self.worker_id, self.broker, cancelled)
+                        self.worker_id, session.endpoint, cancelled)
         else:
             self._drops.warn("closed unanswered", f"worker {self.worker_id}: the connection to "
-                             f"{self.broker} closed before a broker answered: is it the "
+                             f"{session.endpoint} closed before a broker answered: is it the "
                              "broker's worker endpoint, Broker.backend?")
-        self._abandon_requests()
+        session.abandon_requests()
 
-    def _register(self) -> None:
+    def _register(self, session: BrokerSession) -> None:
         services = sorted(self.handlers)
-        self._send(p.encode_ready(p.Ready(self.worker_id, services, self.capacity, self.token)))
-        message = (f"worker {self.worker_id} registering with {self.broker} for "
+        session.send(p.encode_ready(p.Ready(self.worker_id, services, self.capacity, self.token)))
+        message = (f"worker {self.worker_id} registering with {session.endpoint} for "
                    f"{', '.join(services)}")
-        if self._answered:
+        if session.answered:
             log.info(message)
         else:  # the last connection closed unanswered: this one may too, in a moment
             self._drops.info("registering", message)
 
-    def _heartbeat(self) -> None:
-        if not self._connected:
+    def _beat(self, session: BrokerSession) -> None:
+        """A HEARTBEAT that counts the requests the worker runs, from every broker."""
+        session.send(p.encode_heartbeat(p.Heartbeat(inflight=self.inflight)))
+
+    def _heartbeat(self, session: BrokerSession) -> None:
+        if not session.connected:
             # Nothing to hear from; ZeroMQ keeps trying to connect. Say so once.
-            if not self._said_waiting:
-                self._said_waiting = True
-                log.info("worker %s: waiting for a broker at %s", self.worker_id, self.broker)
+            if not session.said_waiting:
+                session.said_waiting = True
+                log.info("worker %s: waiting for a broker at %s", self.worker_id,
+                         session.endpoint)
             return
-        silence = time.monotonic() - self._last_heard
+        silence = time.monotonic() - session.last_heard
         if silence <= self.heartbeat_interval * self.heartbeat_misses:
-            self._send(p.encode_heartbeat())
+            self._beat(session)
             return
         # Connected, but silent: a hung broker, or a peer that is not one. A new socket.
-        log.warning("worker %s: broker silent for %.1f s; reconnecting", self.worker_id, silence)
-        self._set_registered(False)
-        self._abandon_requests()
-        self._channel.close(0)
-        self._connect()
+        log.warning("worker %s: broker silent for %.1f s at %s; reconnecting", self.worker_id,
+                    silence, session.endpoint)
+        self._set_registered(session, False)
+        session.abandon_requests()
+        session.channel.close(0)
+        self._connect(session)
         # Wait a jittered, growing while before judging the new connection.
-        self._last_heard += self._backoff * random.uniform(0.5, 1.5)
-        self._backoff = min(RECONNECT_MAX_S, self._backoff * 2)
+        session.last_heard += session.backoff * random.uniform(0.5, 1.5)
+        session.backoff = min(RECONNECT_MAX_S, session.backoff * 2)
 
     async def _drain(self) -> None:
-        """Finish the requests in hand (and any the broker sent before it saw DRAIN),
+        """Finish the requests in hand (and any a broker sent before it saw DRAIN),
         heartbeating meanwhile, for at most drain_timeout seconds."""
-        log.info("worker %s draining %d request(s)", self.worker_id, len(self.tasks))
-        self._set_registered(False)
-        self._send(p.encode_drain())
+        log.info("worker %s draining %d request(s)", self.worker_id, self.inflight)
+        for session in self.sessions:
+            self._set_registered(session, False)
+            session.send(p.encode_drain())
         deadline = time.monotonic() + self.drain_timeout
-        while self.tasks and time.monotonic() < deadline:
+        while self.inflight and time.monotonic() < deadline:
             wait = min(self.heartbeat_interval, deadline - time.monotonic())
-            await asyncio.wait(list(self.tasks.values()), timeout=wait)
-            self._send(p.encode_heartbeat())
-        for rid, task in list(self.tasks.items()):
-            task.cancel()
-            self._outbox.end(rid, p.Error(rid, p.E_WORKER_LOST, "worker stopped before finishing"))
-        self._outbox.flush()
-        self._send(p.encode_disconnect())
-        self._channel.close(linger_ms=200)
-        log.info("worker %s stopped after %d request(s)", self.worker_id, self.served)
+            running = [task for session in self.sessions for task in session.tasks.values()]
+            await asyncio.wait(running, timeout=wait)
+            for session in self.sessions:
+                self._beat(session)
+        for session in self.sessions:
+            for rid, task in list(session.tasks.items()):
+                task.cancel()
+                session.outbox.end(rid, p.Error(rid, p.E_WORKER_LOST,
+                                                "worker stopped before finishing"))
+            session.outbox.flush()
+            session.send(p.encode_disconnect())
+            session.channel.close(linger_ms=200)
+        refused = f", refused {self.refusals} over its capacity" if self.refusals else ""
+        log.info("worker %s stopped after %d request(s), at most %d at once%s", self.worker_id,
+                 self.served, self.peak_inflight, refused)
 
     def _report_blocked_loop(self, blocked_for: float, task: asyncio.Task | None,
                              frame: FrameType | None) -> None:
         """Say what blocks the event loop, and what to do about it. Runs in the
         watchdog's thread, while the loop is blocked: it reads, and changes nothing."""
-        in_flight = list(self.tasks.items())
+        in_flight = [item for session in list(self.sessions)
+                     for item in list(session.tasks.items())]
         culprit = next((rid for rid, running in in_flight if running is task), None)
         what = f"the handler of {request_label(culprit)}" if culprit else "code outside a handler"
         others = [request_label(rid) for rid, _ in in_flight if rid != culprit]
@@ -367,66 +437,60 @@ class Worker:
             "elsewhere. A handler must not block: use await asyncio.sleep(), not time.sleep(), "
             "and run blocking code with await asyncio.to_thread(...)"))
 
-    def _abandon_requests(self) -> None:
-        """Cancel work the broker has forgotten (it restarted or is gone)."""
-        for task in self.tasks.values():
-            task.cancel()
-
     # --- messages ------------------------------------------------------------
 
-    def _send(self, frames: list[bytes]) -> None:
-        self._channel.send(frames)
-
-    def _push(self) -> None:
-        self._channel.flush()
-
-    def _on_message(self, frames: list[bytes]) -> None:
-        self._last_heard = time.monotonic()
+    def _on_message(self, session: BrokerSession, frames: list[bytes]) -> None:
+        session.last_heard = time.monotonic()
         try:
             msg = p.decode_to_worker(frames)
         except p.ProtocolError as e:
             # A peer that is not a broker (say, the gateway's HTTP port) sends a stream of
             # these: say once in a while what it may be, not once per message.
             self._drops.warn("not zroute", f"worker {self.worker_id} dropped a message that is "
-                             f"not zroute's protocol ({e}): is {self.broker} the broker's worker "
-                             "endpoint, Broker.backend?")
+                             f"not zroute's protocol ({e}): is {session.endpoint} the broker's "
+                             "worker endpoint, Broker.backend?")
             return
-        self._answered = True
-        self.message_handlers[type(msg)](msg)
+        session.answered = True
+        self.message_handlers[type(msg)](session, msg)
 
-    def _cancel(self, msg: p.Cancel) -> None:
-        task = self.tasks.get(msg.rid)
+    def _cancel(self, session: BrokerSession, msg: p.Cancel) -> None:
+        task = session.tasks.get(msg.rid)
         if task is not None:
             task.cancel()
 
-    def _on_heartbeat(self, _: p.Heartbeat) -> None:
-        self._backoff = RECONNECT_MIN_S
+    def _on_heartbeat(self, session: BrokerSession, _: p.Heartbeat) -> None:
+        session.backoff = RECONNECT_MIN_S
         if not self._stopping.is_set():  # a draining worker takes no new work
-            self._set_registered(True)
+            self._set_registered(session, True)
 
-    def _set_registered(self, registered: bool) -> None:
-        if registered != self.registered:
-            self.registered = registered
-            self._on_registered(registered)
-
-    def _on_disconnect(self, _: p.Disconnect) -> None:
+    def _on_disconnect(self, session: BrokerSession, _: p.Disconnect) -> None:
         # The broker does not know us (it restarted): register again, unless leaving.
-        self._set_registered(False)
-        self._abandon_requests()
+        self._set_registered(session, False)
+        session.abandon_requests()
         if not self._stopping.is_set():
-            self._register()
+            self._register(session)
 
-    def _on_error(self, msg: p.Error) -> None:
-        log.error("worker %s: the broker refused it: %s", self.worker_id, msg.message)
+    def _on_error(self, session: BrokerSession, msg: p.Error) -> None:
+        log.error("worker %s: the broker at %s refused it: %s", self.worker_id,
+                  session.endpoint, msg.message)
         if not msg.rid:  # about the worker itself: its id is taken, it is over a limit...
-            self._set_registered(False)
+            self._set_registered(session, False)
             self.refused = msg
             self.stop()
 
-    async def _until_broker_reads(self) -> None:
+    def _announce_room(self) -> None:
+        """A slot is free: a HEARTBEAT, which counts the requests it runs, to each broker
+        whose request it refused since, so that the broker sends it work again now rather
+        than at its next heartbeat."""
+        for session in self.sessions:
+            if session.owes_room and session.connected:
+                session.owes_room = False
+                self._beat(session)
+
+    async def _until_broker_reads(self, session: BrokerSession) -> None:
         """Backpressure: a handler that yields faster than the broker takes its replies
         waits here, rather than the replies piling up in the worker's memory."""
-        while self._channel.unsent_bytes() > MAX_UNSENT_BYTES:
+        while session.channel.unsent_bytes() > MAX_UNSENT_BYTES:
             await asyncio.sleep(UNSENT_RETRY_S)
 
     def _handler_error(self, rid: bytes, error: Exception) -> str:
@@ -438,21 +502,41 @@ class Worker:
         return (f"the handler failed on {request_label(rid)}; "
                 f"worker {self.worker_id}'s log has the details")
 
-    def _start(self, msg: p.Request) -> None:
-        if msg.rid in self.tasks:
+    def _start(self, session: BrokerSession, msg: p.Request) -> None:
+        if msg.rid in session.tasks:
             return
         handler = self.handlers.get(msg.service)
         if handler is None:
-            self._outbox.end(msg.rid, p.Error(msg.rid, p.E_BAD_REQUEST,
-                                              f"worker serves no {msg.service!r}"))
+            session.outbox.end(msg.rid, p.Error(msg.rid, p.E_BAD_REQUEST,
+                                                f"worker serves no {msg.service!r}"))
             return
-        self.tasks[msg.rid] = asyncio.get_running_loop().create_task(
-            self._serve(msg.rid, handler, msg.body))
+        inflight = self.inflight
+        if self.capacity and inflight >= self.capacity:
+            # Other brokers filled it: this broker routes the request elsewhere.
+            self.refusals += 1
+            session.owes_room = True
+            session.outbox.end(msg.rid, p.Error(msg.rid, p.E_WORKER_FULL, (
+                f"worker {self.worker_id} runs {inflight} requests, its capacity")))
+            return
+        self.peak_inflight = max(self.peak_inflight, inflight + 1)
+        task = asyncio.get_running_loop().create_task(
+            self._serve(session, msg.rid, handler, msg.body))
+        session.tasks[msg.rid] = task
+        # A callback, not the handler's `finally`: a task cancelled before its first step
+        # (its broker gone in the same turn) never runs its body.
+        task.add_done_callback(partial(self._ended, session, msg.rid))
 
-    async def _serve(self, rid: bytes, handler: Handler, body: bytes) -> None:
+    def _ended(self, session: BrokerSession, rid: bytes, task: asyncio.Task) -> None:
+        if session.tasks.get(rid) is task:
+            del session.tasks[rid]
+            self._announce_room()
+
+    async def _serve(self, session: BrokerSession, rid: bytes, handler: Handler,
+                     body: bytes) -> None:
         started = time.monotonic()
         chunks = 0
         outcome = "ok"
+        outbox = session.outbox
         try:
             async for item in handler(decode_body(body)):
                 if isinstance(item, str):
@@ -460,26 +544,31 @@ class Worker:
                 elif not isinstance(item, bytes):
                     raise TypeError(f"the handler yielded {type(item).__name__}, "
                                     "not str or bytes")
-                self._outbox.chunk(rid, item)
+                outbox.chunk(rid, item)
                 chunks += 1
-                if self._channel.unsent_bytes() > MAX_UNSENT_BYTES:
-                    await self._until_broker_reads()
+                if session.channel.unsent_bytes() > MAX_UNSENT_BYTES:
+                    await self._until_broker_reads(session)
                 elif chunks % YIELD_EVERY == 0:
                     await asyncio.sleep(0)  # a handler that never awaits must not starve others
-            self._outbox.end(rid)
+            outbox.end(rid)
         except asyncio.CancelledError:
             outcome = "cancelled"
-            if rid in self._outbox.chunks:
-                self._outbox.forget(rid)  # the broker has forgotten the request
+            if rid in outbox.chunks:
+                outbox.forget(rid)  # the broker has forgotten the request
         except BadRequest as e:
             outcome = "bad request"
-            self._outbox.end(rid, p.Error(rid, p.E_BAD_REQUEST, str(e)))
+            outbox.end(rid, p.Error(rid, p.E_BAD_REQUEST, str(e)))
+        except BrokerError as e:
+            # A call the handler made failed, and the handler let the error through: its
+            # caller learns the same, as a service between two others passes it on.
+            outcome = "call failed"
+            code = e.code if e.code in p.PASSED_ON else p.E_HANDLER
+            outbox.end(rid, p.Error(rid, code, f"a call it made failed: {e.message}"))
         except Exception as e:
             outcome = "error"
             log.exception("worker %s: handler failed on %s", self.worker_id, request_label(rid))
-            self._outbox.end(rid, p.Error(rid, p.E_HANDLER, self._handler_error(rid, e)))
+            outbox.end(rid, p.Error(rid, p.E_HANDLER, self._handler_error(rid, e)))
         finally:
-            del self.tasks[rid]
             self.served += 1
             if log.isEnabledFor(logging.INFO):  # the fields cost more than a skipped call
                 log.info(outcome, extra=fields(worker=self.worker_id, **request_fields(rid),

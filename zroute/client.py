@@ -1,12 +1,14 @@
-"""The Python client of the broker.
+"""The Python client of the brokers.
 
     async with Client("tcp://127.0.0.1:5555") as client:
         async for chunk in client.round_robin("generate", {"text": "a,b"}):
             print(chunk.decode(), end="")
 
-One DEALER socket carries any number of concurrent requests, told apart by
-request id. Leaving a stream early (break, aclose(), or dropping it) sends
-CANCEL, and the worker's handler is cancelled.
+One DEALER socket per broker carries any number of concurrent requests, told apart by
+request id; with several brokers (`Client(["tcp://b1:5555", "tcp://b2:5555"])`) each
+request goes through one of them, and its cancel and replies through that one. Leaving a
+stream early (break, aclose(), or dropping it) sends CANCEL, and the worker's handler is
+cancelled.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import os
 import socket
 import time
 from collections import deque
-from typing import Any, Callable, Generator, Generic, Iterator, TypeVar
+from functools import partial
+from typing import Any, Callable, Generator, Generic, Iterator, Sequence, TypeVar
 
 import orjson
 import zmq
@@ -30,6 +33,7 @@ from zroute.channel import SOCKET_HWM, Channel, dealer
 from zroute.connection import (CONNECTION_EVENTS, HANDSHAKE_FAILURES, ConnectionWatch,
                                handshake_failure, retried, watched_dealer)
 from zroute.curve import PeerKeys
+from zroute.brokerstats import combine
 from zroute.endpoints import check_endpoint
 from zroute.zmqio import readable
 from zroute.ratelimit import LogLimiter
@@ -45,6 +49,10 @@ REQUEST_TIMEOUT_SETTING = "the request's timeout"  # timeout= given to request()
 HEARTBEAT_INTERVAL = BrokerSettings.heartbeat_interval
 HEARTBEAT_MISSES = BrokerSettings.heartbeat_misses
 DEADLINE_GRACE = 1.0  # the broker ends a request at its deadline; the client waits this much more
+# A broker not heard from for this many heartbeat intervals gets no new request while
+# another has been: a broker that hangs is left after one missed heartbeat, while its
+# requests wait the full Broker.heartbeat_misses before they go elsewhere.
+FRESH_HEARTBEATS = 1.5
 MAX_BUFFERED_BYTES = 16 << 20  # a stream whose reader falls this far behind is cancelled
 SEND_WAIT_MS = 100  # a BlockingClient's send waits this long, then looks at its connection
 
@@ -129,12 +137,16 @@ class Reply:
     and its finalizer cancels the request.
     """
 
-    __slots__ = ("client", "rid", "timeout", "timeout_setting", "deadline", "worker_id",
-                 "chunks", "buffered", "waiter", "error", "done")
+    __slots__ = ("client", "rid", "frames", "broker", "tried", "timeout", "timeout_setting",
+                 "deadline", "worker_id", "chunks", "buffered", "waiter", "error", "done")
 
-    def __init__(self, client: Client, rid: bytes, timeout: float, timeout_setting: str) -> None:
+    def __init__(self, client: Client, rid: bytes, timeout: float, timeout_setting: str,
+                 frames: list[bytes]) -> None:
         self.client = client
         self.rid = rid
+        self.frames: list[bytes] | None = frames  # the REQUEST, to send again elsewhere
+        self.broker: BrokerConnection | None = None  # the one that holds it
+        self.tried: set[BrokerConnection] = set()
         self.timeout = timeout
         self.timeout_setting = timeout_setting  # named when the deadline ends the request
         self.deadline = time.monotonic() + timeout + DEADLINE_GRACE
@@ -147,6 +159,7 @@ class Reply:
 
     def feed(self, chunks: list[bytes], worker_id: str, last: bool) -> None:
         self.worker_id = worker_id
+        self.frames = None  # begun: it is never sent again, and its body need not be kept
         self.chunks.extend(chunks)
         for chunk in chunks:
             self.buffered += len(chunk)
@@ -324,19 +337,67 @@ class PolicyShortcuts(Generic[Result]):
         return message, timeout, setting
 
 
+class BrokerConnection:
+    """A Client's connection to one broker: its socket, and what the client knows of
+    that broker: when it last heard from it, its boot id, whether it refused the
+    client's keys, and the STATS waiting for its answer."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel: Channel | None = None
+        self.watch: ConnectionWatch | None = None
+        # Heard from since the connection opened: until then it takes no new requests
+        # while another broker does.
+        self.heard = False
+        self.last_heard = 0.0
+        self.boot_id: bytes | None = None
+        self.refused: BrokerError | None = None  # why the broker refused this client's keys
+        self.stats_waiters: dict[bytes, asyncio.Future] = {}
+
+    def alive(self, heartbeat_interval: float, heartbeat_misses: int) -> bool:
+        """False once the broker has been silent for several heartbeats, or its
+        connection closed."""
+        given_up_at = broker_given_up_at(self.last_heard, heartbeat_interval, heartbeat_misses)
+        return self.refused is None and time.monotonic() < given_up_at
+
+    def fresh(self, heartbeat_interval: float) -> bool:
+        """It answered its last heartbeat: it has been heard from on its connection within
+        FRESH_HEARTBEATS intervals (the client heartbeats it every interval)."""
+        return self.heard and time.monotonic() < self.last_heard + (
+            heartbeat_interval * FRESH_HEARTBEATS)
+
+    def send(self, frames: list[bytes]) -> None:
+        self.channel.send(frames)
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+        if self.channel is not None:
+            self.channel.close()
+
+
 class Client(PolicyShortcuts[Stream]):
-    """An asyncio client of the broker's client-facing socket.
+    """An asyncio client of the brokers' client-facing sockets: `address` is one
+    endpoint, or a list of them, one per broker of a deployment.
+
+    It spreads new requests over the live brokers, in turn (a broker is live while its
+    connection is up and it answers its heartbeats: one that misses one gets no new
+    request while another answers). A request whose broker is lost (its
+    connection closes, it falls silent, or it restarted) before the request's first
+    chunk is sent again through another live broker, once per broker at most, within
+    its deadline; a stream that has begun ends with broker_unreachable. A cancel goes
+    to the broker that holds the request.
 
     `timeout` is the default deadline of a request, and `timeout_setting` what a
     request it ends calls it (the gateway's is "Frontend.request_timeout").
 
     A client given `report` sends what it returns (a JSON object of cumulative
-    counters, at most protocol.MAX_REPORT_BYTES) to the broker with each heartbeat,
-    under `name`; the broker's stats carry every reporter's latest, in "gateways".
+    counters, at most protocol.MAX_REPORT_BYTES) to every broker with each heartbeat,
+    under `name`; the brokers' stats carry every reporter's latest, in "gateways".
 
     A stream whose reader falls `max_buffered_bytes` behind is cancelled with the
     error slow_reader: a reader cannot make the client buffer without bound. At most
-    `receive_hwm` messages from the broker wait for the event loop (then libzmq stops
+    `receive_hwm` messages from a broker wait for the event loop (then libzmq stops
     reading, and the broker's own limits apply).
 
     A broker with CURVE takes a client with `curve` keys only (PeerKeys.load("keys/
@@ -345,7 +406,8 @@ class Client(PolicyShortcuts[Stream]):
     log says why.
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
+    def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, *,
+                 timeout: float = DEFAULT_TIMEOUT,
                  timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
                  heartbeat_misses: int = HEARTBEAT_MISSES,
@@ -353,9 +415,12 @@ class Client(PolicyShortcuts[Stream]):
                  context: zmq.Context | None = None,
                  max_buffered_bytes: int = MAX_BUFFERED_BYTES,
                  receive_hwm: int = SOCKET_HWM, curve: PeerKeys | None = None) -> None:
-        self.address = check_endpoint(address)
+        addresses = [address] if isinstance(address, str) else list(address)
+        if not addresses:
+            raise ValueError("a client needs at least one broker endpoint")
+        self.brokers = [BrokerConnection(check_endpoint(a)) for a in addresses]
+        self.address = ", ".join(addresses)  # as messages name the brokers
         self.curve = curve
-        self.refused: BrokerError | None = None  # why the broker refused this client's keys
         self.max_buffered_bytes = max_buffered_bytes
         self.receive_hwm = receive_hwm
         self.timeout = timeout
@@ -367,18 +432,17 @@ class Client(PolicyShortcuts[Stream]):
         self.heartbeat_misses = heartbeat_misses
         self.context = context or zmq.Context.instance()
         self.replies: dict[bytes, Reply] = {}
-        self._stats_waiters: dict[bytes, asyncio.Future] = {}
+        self.resent = 0  # requests sent again through another broker
+        self._refused_by_all: BrokerError | None = None  # read per request: kept, not built
         self._ids = itertools.count(1)
-        self._channel: Channel | None = None
+        self._turn = itertools.count()
+        self._connected = False
         self.closed = False
-        self._connection: ConnectionWatch | None = None
         self._watchdog: asyncio.Task | None = None
-        self._last_heard = 0.0
-        self._boot_id: bytes | None = None
         self.loop: asyncio.AbstractEventLoop
         # Each message type the broker may send, and what handles it: a missing one is a
         # KeyError, never a message mistaken for another.
-        self.message_handlers: dict[type, Callable[[Any], None]] = {
+        self.message_handlers: dict[type, Callable[[BrokerConnection, Any], None]] = {
             p.Chunk: self._on_reply,
             p.End: self._on_reply,
             p.Error: self._on_error,
@@ -394,16 +458,19 @@ class Client(PolicyShortcuts[Stream]):
         await self.close()
 
     def connect(self) -> None:
-        """Open the socket; call it inside the running event loop."""
+        """Open the sockets; call it inside the running event loop."""
         self.loop = asyncio.get_running_loop()
-        # A broker that dies closes the connection: its requests fail at once rather
-        # than after the heartbeats it misses.
-        sock, self._connection = watched_dealer(self.context, self.address, self._on_connected,
-                                                self._on_disconnected, self._on_refused,
-                                                self.receive_hwm, self.curve)
-        self._channel = Channel(sock, self._on_message)
-        self._last_heard = time.monotonic()
-        self._beat()
+        for broker in self.brokers:
+            # A broker that dies closes the connection: its requests fail (or go to
+            # another broker) at once rather than after the heartbeats it misses.
+            sock, broker.watch = watched_dealer(
+                self.context, broker.address, partial(self._on_connected, broker),
+                partial(self._on_disconnected, broker), partial(self._on_refused, broker),
+                self.receive_hwm, self.curve)
+            broker.channel = Channel(sock, partial(self._on_message, broker))
+            broker.last_heard = time.monotonic()
+            self._beat(broker)
+        self._connected = True
         self._watchdog = self.loop.create_task(self._watch())
 
     async def close(self) -> None:
@@ -412,17 +479,23 @@ class Client(PolicyShortcuts[Stream]):
             reply.cancel(client_closed_error())  # a cut stream must not read as complete
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._connection is not None:
-            self._connection.close()
-        if self._channel is not None:
-            self._channel.close()
+        for broker in self.brokers:
+            broker.close()
 
     @property
     def broker_alive(self) -> bool:
-        """False once the broker has been silent for several heartbeats."""
-        given_up_at = broker_given_up_at(self._last_heard, self.heartbeat_interval,
-                                         self.heartbeat_misses)
-        return time.monotonic() < given_up_at
+        """False once every broker has been silent for several heartbeats, or lost."""
+        return any(broker.alive(self.heartbeat_interval, self.heartbeat_misses)
+                   for broker in self.brokers)
+
+    @property
+    def refused(self) -> BrokerError | None:
+        """Why the brokers refused this client's keys, once every one has."""
+        return self._refused_by_all
+
+    def live_brokers(self) -> list[BrokerConnection]:
+        return [broker for broker in self.brokers
+                if broker.alive(self.heartbeat_interval, self.heartbeat_misses)]
 
     # --- requests -------------------------------------------------------------
 
@@ -434,79 +507,141 @@ class Client(PolicyShortcuts[Stream]):
         the "direct" policy. `timeout` (seconds) ends the request if it is not
         done by then.
         """
-        channel = self._open_channel()
+        self._check_open()
         message, timeout, setting = self._new_request(service, body, policy, worker, timeout)
-        reply = Reply(self, message.rid, timeout, setting)
-        if self.refused is not None:
-            reply.finish(self.refused)
+        reply = Reply(self, message.rid, timeout, setting, p.encode_request_to_broker(message))
+        if self._refused_by_all is not None:
+            reply.finish(self._refused_by_all)
             return Stream(reply)
         self.replies[message.rid] = reply
-        channel.send(p.encode_request_to_broker(message))
+        self._send_through(reply, self._next_broker(reply.tried))
         return Stream(reply)
 
     async def stats(self, timeout: float = 5.0) -> dict:
-        channel = self._open_channel()
-        if self.refused is not None:
-            raise self.refused
+        """The stats of every broker, combined (zroute/brokerstats.py): the totals, each
+        broker's own, and each worker once. BrokerError if no broker answers."""
+        self._check_open()
+        answers = await asyncio.gather(*(self._stats_of(broker, timeout)
+                                         for broker in self.brokers))
+        errors = [answer for answer in answers if isinstance(answer, BrokerError)]
+        if len(errors) == len(answers):
+            raise errors[0]
+        return combine([(broker.address, answer if isinstance(answer, dict) else answer.message)
+                        for broker, answer in zip(self.brokers, answers)])
+
+    async def _stats_of(self, broker: BrokerConnection, timeout: float) -> dict | BrokerError:
+        """One broker's STATS answer, or why there is none."""
+        if broker.refused is not None:
+            return broker.refused
+        if not broker.alive(self.heartbeat_interval, self.heartbeat_misses):
+            return BrokerError(p.E_BROKER_UNREACHABLE, f"the broker at {broker.address} is "
+                                                       "unreachable")
         rid = b"s%x" % next(self._ids)
         waiter = self.loop.create_future()
-        self._stats_waiters[rid] = waiter
-        channel.send(p.encode_stats_request(p.StatsRequest(rid)))
+        broker.stats_waiters[rid] = waiter
+        broker.send(p.encode_stats_request(p.StatsRequest(rid)))
         try:
             return await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
-            raise no_stats_error(self.address, timeout) from None
+            return no_stats_error(broker.address, timeout)
+        except BrokerError as e:
+            return e
         finally:
-            self._stats_waiters.pop(rid, None)
+            broker.stats_waiters.pop(rid, None)
 
     # --- plumbing ---------------------------------------------------------------
 
-    def _open_channel(self) -> Channel:
+    def _check_open(self) -> None:
         if self.closed:
             raise client_closed_error()
-        if self._channel is None:
+        if not self._connected:
             raise RuntimeError("the client is not connected: use `async with Client(...) as "
                                "client`, or call client.connect() in the running event loop")
-        return self._channel
+
+    def _next_broker(self, tried: set[BrokerConnection]) -> BrokerConnection:
+        """The broker for a new request, in turn: among the live ones not tried yet that
+        answered their last heartbeat, else those not known to be lost, else any."""
+        if len(self.brokers) == 1:
+            return self.brokers[0]  # nothing to choose, and this is paid per request
+        untried = [broker for broker in self.brokers if broker not in tried] or self.brokers
+        live = [broker for broker in untried
+                if broker.alive(self.heartbeat_interval, self.heartbeat_misses)]
+        choices = [broker for broker in live if broker.fresh(self.heartbeat_interval)] \
+            or live or untried
+        return choices[next(self._turn) % len(choices)]
+
+    def _send_through(self, reply: Reply, broker: BrokerConnection) -> None:
+        reply.broker = broker
+        reply.tried.add(broker)
+        broker.send(reply.frames)
+
+    def _lost(self, broker: BrokerConnection, error: BrokerError) -> None:
+        """A broker is lost (or restarted): its requests go elsewhere or end."""
+        for reply in [r for r in self.replies.values() if r.broker is broker]:
+            self._move_or_end(reply, error)
+
+    def _move_or_end(self, reply: Reply, error: BrokerError) -> None:
+        """A request its broker lost: if it has had no chunk, to another live broker it
+        has not tried, within its deadline; else it ends with `error`."""
+        broker = reply.broker
+        others = [b for b in self.live_brokers() if b not in reply.tried]
+        if reply.worker_id is None and others and time.monotonic() < reply.deadline:
+            self.resent += 1
+            if broker.last_heard != float("-inf"):  # silent, not gone: it may wake
+                broker.send(p.encode_cancel(p.Cancel(reply.rid)))
+            self._send_through(reply, self._next_broker(reply.tried))
+        else:
+            reply.finish(error)
 
     def _cancel(self, reply: Reply) -> None:
-        if self.replies.pop(reply.rid, None) is not None and self._channel is not None:
-            self._channel.send(p.encode_cancel(p.Cancel(reply.rid)))
+        if self.replies.pop(reply.rid, None) is not None and reply.broker is not None:
+            reply.broker.send(p.encode_cancel(p.Cancel(reply.rid)))
 
     def _forget(self, reply: Reply) -> None:
         self.replies.pop(reply.rid, None)
 
-    def _on_message(self, frames: list[bytes]) -> None:
-        self._last_heard = time.monotonic()
+    def _on_message(self, broker: BrokerConnection, frames: list[bytes]) -> None:
+        broker.last_heard = time.monotonic()
+        broker.heard = True
         try:
             msg = p.decode_to_client(frames)
         except p.ProtocolError:
             return  # not from a zroute broker; nothing to route it to
-        self.message_handlers[type(msg)](msg)
+        self.message_handlers[type(msg)](broker, msg)
 
-    def _on_reply(self, msg: p.Chunk | p.End) -> None:
-        reply = self.replies.get(msg.rid)
+    def _reply_from(self, broker: BrokerConnection, rid: bytes) -> Reply | None:
+        """The request `rid` if `broker` holds it: a broker it left behind has nothing
+        more to say of it."""
+        reply = self.replies.get(rid)
+        return reply if reply is not None and reply.broker is broker else None
+
+    def _on_reply(self, broker: BrokerConnection, msg: p.Chunk | p.End) -> None:
+        reply = self._reply_from(broker, msg.rid)
         if reply is not None:
             reply.feed(msg.chunks, msg.worker_id, type(msg) is p.End)
 
-    def _on_error(self, msg: p.Error) -> None:
-        reply = self.replies.get(msg.rid)
+    def _on_error(self, broker: BrokerConnection, msg: p.Error) -> None:
+        reply = self._reply_from(broker, msg.rid)
         if reply is not None:
-            reply.finish(reply_error(msg, reply.timeout_setting, reply.timeout))
-        waiter = self._stats_waiters.get(msg.rid)  # wrong_endpoint answers STATS too
+            error = reply_error(msg, reply.timeout_setting, reply.timeout)
+            if msg.code == p.E_BROKER_UNREACHABLE:  # the broker stops: another may serve it
+                self._move_or_end(reply, error)
+            else:
+                reply.finish(error)
+        waiter = broker.stats_waiters.get(msg.rid)  # wrong_endpoint answers STATS too
         if waiter is not None and not waiter.done():
             waiter.set_exception(BrokerError(msg.code, msg.message))
 
-    def _on_stats(self, msg: p.StatsReply) -> None:
-        waiter = self._stats_waiters.get(msg.rid)
+    def _on_stats(self, broker: BrokerConnection, msg: p.StatsReply) -> None:
+        waiter = broker.stats_waiters.get(msg.rid)
         if waiter is not None and not waiter.done():
             waiter.set_result(msg.stats)
 
-    def _beat(self) -> None:
+    def _beat(self, broker: BrokerConnection) -> None:
         """A heartbeat, and the counters' report if this client makes one."""
-        if self.refused is not None:
+        if broker.refused is not None:
             return  # nothing would carry it: it would wait in the channel for ever
-        self._channel.send(p.encode_heartbeat())
+        broker.send(p.encode_heartbeat())
         if self.report is None:
             return
         frames = p.encode_report(p.Report(self.name, self.report()))
@@ -514,40 +649,42 @@ class Client(PolicyShortcuts[Stream]):
             self._report_too_large.warn("report too large", f"not reporting counters of {len(frames[-1])} bytes "
                                         f"(the broker takes at most {p.MAX_REPORT_BYTES})")
             return
-        self._channel.send(frames)
+        broker.send(frames)
 
-    def _on_disconnected(self) -> None:
-        self._last_heard = float("-inf")  # not alive until the broker speaks again
-        self._fail_all(closed_connection_error(self.address))
+    def _on_disconnected(self, broker: BrokerConnection) -> None:
+        broker.last_heard = float("-inf")  # not alive until the broker speaks again
+        broker.heard = False
+        self._lost(broker, closed_connection_error(broker.address))
 
-    def _on_connected(self) -> None:
-        self._beat()  # its answer says it is alive
+    def _on_connected(self, broker: BrokerConnection) -> None:
+        self._beat(broker)  # its answer says it is alive
 
-    def _on_refused(self, message: str) -> None:
-        """The broker refused this client's keys; libzmq does not try again, so every
-        request fails with auth_failed from now on."""
+    def _on_refused(self, broker: BrokerConnection, message: str) -> None:
+        """The broker refused this client's keys; libzmq does not try again, so it takes
+        no request from now on."""
         log.error("%s", message)
-        self.refused = BrokerError(p.E_AUTH_FAILED, message)
-        self._fail_all(self.refused)
+        broker.refused = BrokerError(p.E_AUTH_FAILED, message)
+        if all(other.refused for other in self.brokers):
+            self._refused_by_all = self.brokers[0].refused
+        self._lost(broker, broker.refused)
 
-    def _on_heartbeat(self, msg: p.Heartbeat) -> None:
+    def _on_heartbeat(self, broker: BrokerConnection, msg: p.Heartbeat) -> None:
         boot_id = msg.boot_id
-        if self._boot_id is not None and boot_id != self._boot_id:
-            self._fail_all(BrokerError(p.E_BROKER_UNREACHABLE,
-                                       "the broker restarted during the request"))
-        self._boot_id = boot_id
-
-    def _fail_all(self, error: BrokerError) -> None:
-        for reply in list(self.replies.values()):
-            reply.finish(error)
+        if broker.boot_id is not None and boot_id != broker.boot_id:
+            self._lost(broker, BrokerError(p.E_BROKER_UNREACHABLE,
+                                           "the broker restarted during the request"))
+        broker.boot_id = boot_id
 
     async def _watch(self) -> None:
-        """Heartbeat the broker; end requests past their deadline or on a dead broker."""
+        """Heartbeat the brokers; end requests past their deadline, or move those of a
+        silent broker."""
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            self._beat()
-            if not self.broker_alive:
-                self._fail_all(silent_broker_error(self.address))
+            for broker in self.brokers:
+                self._beat(broker)
+                if not broker.alive(self.heartbeat_interval, self.heartbeat_misses):
+                    broker.heard = False
+                    self._lost(broker, broker.refused or silent_broker_error(broker.address))
             now = time.monotonic()
             for reply in [r for r in self.replies.values() if now > r.deadline]:
                 reply.cancel(reply.timed_out())
@@ -581,21 +718,34 @@ class BlockingStream:
     """The reply to one request of a BlockingClient: an iterator of chunks (bytes), as
     Stream is an async one. `worker_id` names the worker once its first reply has
     arrived. Leaving it early (cancel(), the end of a `with` block, or dropping it)
-    cancels the request on the worker."""
+    cancels the request on the worker. A request whose broker is lost before its first
+    reply is sent again through another broker, once per broker at most."""
 
-    def __init__(self, client: BlockingClient, rid: bytes, timeout: float,
+    def __init__(self, owner: BlockingClient, message: p.Request, timeout: float,
                  timeout_setting: str) -> None:
-        self._client = client
-        self.rid = rid
+        self._owner = owner
+        self._message = message
         self.worker_id: str | None = None
         self._timeout = timeout
         self._timeout_setting = timeout_setting
         self._deadline = time.monotonic() + timeout + DEADLINE_GRACE
-        self._connection = client._lost_connections  # the connection it is sent on
+        self._tried: list[BlockingBroker] = []
         self._chunks: deque[bytes] = deque()
         self._error: BrokerError | None = None
         self.done = False
         self.complete = False  # True once the reply has ended with its END
+        self._send_through(owner._next_broker(self._tried))
+
+    @property
+    def rid(self) -> bytes:
+        return self._message.rid
+
+    def _send_through(self, broker: BlockingBroker) -> None:
+        self._client = broker
+        self._tried.append(broker)
+        broker._start_waiting(self.rid)
+        self._connection = broker._lost_connections  # the connection it is sent on
+        broker._send(p.encode_request_to_broker(self._message))
 
     def __iter__(self) -> BlockingStream:
         return self
@@ -637,16 +787,36 @@ class BlockingStream:
             msg = self._client._receive(self.rid, self._deadline, self._timed_out,
                                         self._connection)
         except BrokerError as e:
-            self._end(e, cancel=True)
-            raise
-        if isinstance(msg, p.Error):
-            self._end(reply_error(msg, self._timeout_setting, self._timeout), cancel=False)
+            if e.code != p.E_BROKER_UNREACHABLE:
+                self._end(e, cancel=True)
+                raise
+            self._move_or_end(e, cancel=True)
             return
+        if isinstance(msg, p.Error) and msg.code == p.E_BROKER_UNREACHABLE:  # the broker stops
+            self._move_or_end(BrokerError(msg.code, msg.message), cancel=False)
+        elif isinstance(msg, p.Error):
+            self._end(reply_error(msg, self._timeout_setting, self._timeout), cancel=False)
+        else:
+            self._take(msg)
+
+    def _take(self, msg: p.Chunk | p.End) -> None:
         self.worker_id = msg.worker_id
         self._chunks.extend(msg.chunks)
         if isinstance(msg, p.End):
             self.complete = True
             self._end(None, cancel=False)
+
+    def _move_or_end(self, error: BrokerError, *, cancel: bool) -> None:
+        """The broker lost the request: if it has had no chunk, it goes through another
+        broker whose connection is up and that it has not tried; else it ends with
+        `error` (raised from the read that ends it), and with a CANCEL if `cancel` (the
+        broker may still hold it)."""
+        other = self._owner._next_broker(self._tried, live_only=True)
+        if self.worker_id is None and other is not None and time.monotonic() < self._deadline:
+            self._client._forget(self.rid)
+            self._send_through(other)
+        else:
+            self._end(error, cancel=cancel)
 
     def _timed_out(self) -> BrokerError:
         return timeout_error(self._timeout_setting, self._timeout)
@@ -665,7 +835,9 @@ class BlockingStream:
 class BlockingClient(PolicyShortcuts[BlockingStream]):
     """A synchronous client for scripts and the REPL: the same calls as Client, and
     streams that are iterators rather than async ones. A stream's replies arrive as it
-    is read; several may be open at once.
+    is read; several may be open at once. `address` is one broker's endpoint, or a list
+    of them: requests go through each in turn (those whose connection is up first), and
+    stats() combines every broker's.
 
     While it waits it heartbeats the broker, and gives up on it as the asyncio Client
     does: after `heartbeat_misses` heartbeats of silence, or when the connection closes.
@@ -675,32 +847,106 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
     requests with auth_failed.
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT,
+    def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, *,
+                 timeout: float = DEFAULT_TIMEOUT,
                  timeout_setting: str = DEFAULT_TIMEOUT_SETTING,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
                  heartbeat_misses: int = HEARTBEAT_MISSES,
                  context: zmq.Context | None = None,
                  max_buffered_bytes: int = MAX_BUFFERED_BYTES,
                  curve: PeerKeys | None = None) -> None:
-        self.address = check_endpoint(address)
-        self.max_buffered_bytes = max_buffered_bytes
+        addresses = [address] if isinstance(address, str) else list(address)
+        if not addresses:
+            raise ValueError("a client needs at least one broker endpoint")
         self.timeout = timeout
         self.timeout_setting = timeout_setting
+        self.brokers = [BlockingBroker(a, heartbeat_interval, heartbeat_misses,
+                                       context or zmq.Context.instance(), max_buffered_bytes,
+                                       curve) for a in addresses]
+        self.address = ", ".join(addresses)  # as messages name the brokers
+        self._ids = itertools.count(1)
+        self._turn = itertools.count()
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.brokers[0].closed
+
+    def close(self) -> None:
+        """Cancel the requests still open (their streams end with `client_closed`), and
+        close the sockets."""
+        for broker in self.brokers:
+            broker.close()
+
+    def request(self, service: str, body: Body, *, policy: str = "", worker: WorkerId = "",
+                timeout: float | None = None) -> BlockingStream:
+        """Send a request; its reply's chunks are read from the returned stream."""
+        self._check_open()
+        message, timeout, setting = self._new_request(service, body, policy, worker, timeout)
+        return BlockingStream(self, message, timeout, setting)
+
+    def stats(self, timeout: float = 5.0) -> dict:
+        """Every broker's stats, combined as the asyncio Client's are; BrokerError if no
+        broker answers."""
+        self._check_open()
+        deadline = time.monotonic() + timeout
+        asked = [(broker, broker.ask_stats()) for broker in self.brokers]
+        answers: list[tuple[str, dict | str]] = []
+        errors = []
+        for broker, (rid, connection) in asked:
+            try:
+                answers.append((broker.address, broker.stats_answer(rid, connection, deadline,
+                                                                    timeout)))
+            except BrokerError as e:
+                errors.append(e)
+                answers.append((broker.address, e.message))
+        if len(errors) == len(self.brokers):
+            raise errors[0]
+        return combine(answers)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise client_closed_error()
+
+    def _next_broker(self, tried: list[BlockingBroker],
+                     live_only: bool = False) -> BlockingBroker | None:
+        """The broker for a request, in turn: among those not tried whose connection is
+        up, else (unless `live_only`) any not tried, else any."""
+        untried = [broker for broker in self.brokers if broker not in tried]
+        live = [broker for broker in untried if broker.connected()]
+        choices = live if live_only else (live or untried or self.brokers)
+        return choices[next(self._turn) % len(choices)] if choices else None
+
+
+class BlockingBroker:
+    """A BlockingClient's connection to one broker: its socket, the replies that wait to
+    be read, and what the client knows of the broker's liveness."""
+
+    def __init__(self, address: str, heartbeat_interval: float, heartbeat_misses: int,
+                 context: zmq.Context, max_buffered_bytes: int,
+                 curve: PeerKeys | None) -> None:
+        self.address = check_endpoint(address)
+        self.max_buffered_bytes = max_buffered_bytes
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
         self.curve = curve
-        self.sock = dealer(context or zmq.Context.instance(), address, connect=False,
-                           curve=curve)
+        self.sock = dealer(context, address, connect=False, curve=curve)
         self._monitor = self.sock.get_monitor_socket(
             CONNECTION_EVENTS | HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.sock.sndtimeo = SEND_WAIT_MS
+        self._up = False  # its connection is open
         self._handshake_failed: str | None = None  # why the last handshake failed
         self._gave_up = False  # libzmq will not connect again: the broker refused us
         self.sock.connect(address)  # after the monitor, which would miss an earlier connection
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(1)  # of its STATS
         self._replies: dict[bytes, Unread] = {}  # rid -> its replies not yet read
         self._lost_connections = 0  # connections to the broker that closed
         self._last_heard = 0.0
@@ -708,12 +954,6 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
         self._sending = False
         self._abandoned: list[bytes] = []  # requests to cancel once the socket is free
         self.closed = False
-
-    def __enter__(self) -> BlockingClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Cancel the requests still open (their streams end with `client_closed`), and
@@ -729,23 +969,23 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
         self._monitor.close(0)
         self.sock.close()  # with its linger, so that the last CANCELs still leave
 
-    def request(self, service: str, body: Body, *, policy: str = "", worker: WorkerId = "",
-                timeout: float | None = None) -> BlockingStream:
-        """Send a request; its reply's chunks are read from the returned stream."""
-        message, timeout, setting = self._new_request(service, body, policy, worker, timeout)
-        self._start_waiting(message.rid)
-        stream = BlockingStream(self, message.rid, timeout, setting)
-        self._send(p.encode_request_to_broker(message))
-        return stream
+    def connected(self) -> bool:
+        """Whether its connection is up, as far as the client has looked."""
+        self._take_connection_events()
+        return self._up and not self._gave_up
 
-    def stats(self, timeout: float = 5.0) -> dict:
+    def ask_stats(self) -> tuple[bytes, int]:
+        """Send STATS; its rid, and the connection it went on."""
         rid = b"s%x" % next(self._ids)
         self._start_waiting(rid)
         self._send(p.encode_stats_request(p.StatsRequest(rid)))
+        return rid, self._lost_connections
+
+    def stats_answer(self, rid: bytes, connection: int, deadline: float, timeout: float) -> dict:
+        """The answer to ask_stats(), by `deadline`; BrokerError if none comes."""
         try:
-            reply = self._receive(rid, time.monotonic() + timeout,
-                                  lambda: no_stats_error(self.address, timeout),
-                                  self._lost_connections)
+            reply = self._receive(rid, deadline, lambda: no_stats_error(self.address, timeout),
+                                  connection)
         finally:
             self._forget(rid)
         if isinstance(reply, p.Error):  # e.g. wrong_endpoint
@@ -870,8 +1110,10 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
             event = message["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 self._lost_connections += 1  # what waited on the closed connection is lost
+                self._up = False
             elif event == zmq.EVENT_CONNECTED:
                 self._next_beat = 0.0  # at once: its answer says it is alive
+                self._up = True
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshake_failed = None
             else:

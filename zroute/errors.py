@@ -12,5 +12,6 @@ class BadRequest(Exception):
 
 
 class StartFailed(Exception):
-    """A component's own start-up code (a gateway's on_start) failed: the command ends
-    with this one line and exit code 1, before it serves."""
+    """A component's own start-up code (a service's @on_start hook, a gateway's on_start)
+    failed: the command ends with this one line and exit code 3, before it serves, and
+    `zroute serve` stops rather than restart it."""

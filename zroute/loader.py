@@ -1,9 +1,10 @@
 """Load what a user names as `module:attr` or `path/to/file.py:attr`.
 
-Handlers and routing policies are named this way in the configuration and on
-the command line. A module is found as `python -m` finds it: in the current
+Handlers, routing policies and service graphs are named this way in the configuration
+and on the command line. A module is found as `python -m` finds it: in the current
 directory first, then among the installed packages. (A console script such as
-`zroute` starts with its own bin directory on sys.path, not the current one.)
+`zroute` starts with its own bin directory on sys.path, not the current one.) What a file
+imports is found beside it too, as `python path/to/file.py` finds it.
 """
 
 from __future__ import annotations
@@ -45,10 +46,15 @@ def _is_file(source: str) -> bool:
     return source.endswith(".py") or os.sep in source or "/" in source
 
 
+def _on_path(directory: str) -> None:
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+
+
 def _import(name: str) -> ModuleType:
     cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
+    if "" not in sys.path:
+        _on_path(cwd)
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
@@ -68,6 +74,10 @@ def _load_file(path: str) -> ModuleType:
     loaded = sys.modules.get(name)
     if loaded is not None:
         return loaded
+    # What the file imports is found as `python path/to/file.py` finds it, beside the
+    # file, and as `python -m` finds modules, in the current directory.
+    _on_path(os.getcwd())
+    _on_path(str(file.parent))
     module_spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # classes defined in it can find their module

@@ -66,6 +66,16 @@ E_LIMIT = "limit_exceeded"  # a peer's message, registration or share is over a 
 E_SLOW_READER = "slow_reader"  # raised by the client library, never sent
 E_CLIENT_CLOSED = "client_closed"  # raised by the client library, never sent
 E_AUTH_FAILED = "auth_failed"  # the broker refused the client's keys: raised, never sent
+# A worker's answer to a REQUEST over its capacity (it serves several brokers): the broker
+# routes the request elsewhere, and never relays this code to a client.
+E_WORKER_FULL = "worker_full"
+
+# The codes a worker hands on to its own caller when a call it made fails and its handler
+# lets the error through: they say what happened to the request. The others speak of a
+# peer's own link to its broker, which its caller's broker would misread (worker_full as
+# this worker being full, broker_unreachable as its own broker gone).
+PASSED_ON = frozenset({E_NO_WORKERS, E_NO_SUCH_WORKER, E_BAD_REQUEST, E_UNKNOWN_POLICY,
+                       E_HANDLER, E_WORKER_LOST, E_TIMEOUT, E_QUEUE_FULL, E_POLICY, E_LIMIT})
 
 # "direct" is a routing mode too, but it names its worker instead of a policy choosing one.
 DIRECT = "direct"
@@ -84,6 +94,7 @@ MAX_FRAMES = 1024  # frames in one message, header included; a longer one is rej
 MAX_WORKER_REPLY_FRAMES = MAX_FRAMES - 1
 MAX_TIMEOUT_MS = 2**63 - 1  # a request's timeout fits a signed 64-bit integer
 MAX_REPORT_BYTES = 1 << 16  # a REPORT's counters; a larger one is refused
+MAX_INFLIGHT_DIGITS = 9  # a worker's in-flight count in its HEARTBEAT
 
 
 _RETRY_AFTER = re.compile(r" \(retry after (\d+) s\)$")
@@ -193,13 +204,15 @@ class Ready:
 
 @dataclass(slots=True)
 class Heartbeat:
-    """Any message proves liveness; this one carries nothing else.
+    """Any message proves liveness.
 
     From the broker it names the broker's boot id, so that a peer can tell
-    that the broker restarted and forgot it.
+    that the broker restarted and forgot it. From a worker it may say how many
+    requests the worker runs, from every broker (None: it does not say).
     """
 
     boot_id: bytes = b""
+    inflight: int | None = None
 
 
 @dataclass(slots=True)
@@ -273,6 +286,8 @@ def encode_ready(m: Ready) -> list[bytes]:
 def encode_heartbeat(m: Heartbeat | None = None) -> list[bytes]:
     if m is not None and m.boot_id:
         return [VERSION, HEARTBEAT, m.boot_id]
+    if m is not None and m.inflight is not None:
+        return [VERSION, HEARTBEAT, b"%d" % m.inflight]
     return [VERSION, HEARTBEAT]
 
 
@@ -520,7 +535,7 @@ def decode_from_worker(frames: list[bytes]) -> FromWorker:
         cls = Chunk if command == CHUNK else End
         return cls(_rid(frames[2]), frames[3:])
     if command == HEARTBEAT:
-        return _heartbeat(frames, from_broker=False)
+        return _worker_heartbeat(frames)
     if command == READY:
         return _ready(frames)
     if command == ERROR:
@@ -532,6 +547,17 @@ def decode_from_worker(frames: list[bytes]) -> FromWorker:
         _expect(frames, 2)
         return Drain()
     raise ProtocolError(f"command {command[:4]!r} is not valid from a worker")
+
+
+def _worker_heartbeat(frames: list[bytes]) -> Heartbeat:
+    """A worker's HEARTBEAT, with the count of the requests it runs or without."""
+    if len(frames) == 2:
+        return Heartbeat()
+    _expect(frames, 3)
+    if not frames[2].isdigit() or len(frames[2]) > MAX_INFLIGHT_DIGITS:
+        raise ProtocolError(f"HEARTBEAT in-flight count must be 1 to {MAX_INFLIGHT_DIGITS} "
+                            "ASCII digits")
+    return Heartbeat(inflight=int(frames[2]))
 
 
 def _ready(frames: list[bytes]) -> Ready:

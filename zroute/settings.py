@@ -99,6 +99,11 @@ def policy_spec_problem(specs: tuple[str, ...]) -> str | None:
     return None
 
 
+# For each side of the brokers, the other, and who connects to it.
+WORKER_OR_CLIENT = {"client": "worker", "worker": "client"}
+ROLE_PEERS = {"client": "clients and gateways", "worker": "workers"}
+
+
 def endpoints_problem(values: tuple[str, ...]) -> str | None:
     """A list of ZeroMQ endpoints (Broker.frontends, Broker.backends): each one valid,
     none twice. The problem names the entry, `[1]: ...`, right after the key."""
@@ -141,28 +146,58 @@ def directory_problem(value: str) -> str | None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class BackendSettings(Section):
-    """The workers'."""
+class WorkerSettings(Section):
+    """A worker's runtime settings, in the section of the service it serves (the built-in
+    greeting's is `Backend`), beside the service's own keys."""
 
     @dataclass(frozen=True, kw_only=True)
     class ServiceArgs(Section):
         workers: int = setting(1, ge=1)
         capacity: int = setting(0, ge=0)  # 0 means unlimited
 
-    greeting: str = "Hello"
-    sleep_time: float = setting(1.0, ge=0)
     drain_timeout: float = setting(30.0, ge=0)  # SIGTERM: finish in-flight work for this long
     # Send a handler's exception text to clients; else they get a request id to look up.
     expose_errors: bool = False
     # The worker's CURVE key pair (NAME.key_secret, from `zroute keys worker NAME`); empty:
-    # none, for a broker without CURVE.
+    # none, for a broker without CURVE. A service with dependencies connects with it to
+    # the broker's frontend too.
     curve_key: str = setting("", check=file_problem)
     service_args: ServiceArgs = section(ServiceArgs, "ServiceArgs")
 
 
+class GatewayChecks:
+    """What a gateway's settings (FrontendSettings' keys, in whichever section) say of
+    themselves; a base of every class that holds them."""
+
+    host: str
+    port: int
+    admin_host: str
+    admin_port: int
+    tls_cert: str
+    tls_key: str
+
+    def admin_clash(self) -> str | None:
+        """Why the operators' listener cannot be apart from the users', if it cannot."""
+        if not self.admin_port or not same_listener((self.host, self.port),
+                                                    (self.admin_host, self.admin_port)):
+            return None
+        return (f"Frontend.admin_port ({self.admin_port}) is Frontend.port: give the "
+                "operators' endpoints a port of their own, or 0 to serve them on "
+                "Frontend.port with /generate")
+
+    def tls_problem(self) -> str | None:
+        """Why the TLS settings cannot be used as they are, if they cannot."""
+        if bool(self.tls_cert) == bool(self.tls_key):
+            return None
+        given, missing = (("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert"))
+        return (f"Frontend.{given} is set but not Frontend.{missing}: HTTPS needs both the "
+                "certificate and its private key")
+
+
 @dataclass(frozen=True, kw_only=True)
-class FrontendSettings(Section):
-    """The HTTP gateways'."""
+class FrontendSettings(GatewayChecks, Section):
+    """The HTTP gateways', in the section of the service they serve (the built-in one's
+    is `Frontend`), beside the service's own keys."""
 
     @dataclass(frozen=True, kw_only=True)
     class ServiceArgs(Section):
@@ -202,23 +237,6 @@ class FrontendSettings(Section):
     tls_cert: str = setting("", check=file_problem)
     tls_key: str = setting("", check=file_problem)
     service_args: ServiceArgs = section(ServiceArgs, "ServiceArgs")
-
-    def admin_clash(self) -> str | None:
-        """Why the operators' listener cannot be apart from the users', if it cannot."""
-        if not self.admin_port or not same_listener((self.host, self.port),
-                                                    (self.admin_host, self.admin_port)):
-            return None
-        return (f"Frontend.admin_port ({self.admin_port}) is Frontend.port: give the "
-                "operators' endpoints a port of their own, or 0 to serve them on "
-                "Frontend.port with /generate")
-
-    def tls_problem(self) -> str | None:
-        """Why the TLS settings cannot be used as they are, if they cannot."""
-        if bool(self.tls_cert) == bool(self.tls_key):
-            return None
-        given, missing = (("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert"))
-        return (f"Frontend.{given} is set but not Frontend.{missing}: HTTPS needs both the "
-                "certificate and its private key")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,12 +308,21 @@ class BrokerSettings(Section):
 
     def brokers_problem(self) -> str | None:
         """Why the brokers as configured cannot be told apart or reached, if so: two of
-        the brokers serve runs here on one port, a port past 65535, or lists of
-        different lengths."""
+        the brokers serve runs here on one port, a port past 65535, lists of different
+        lengths, or a client endpoint that is a worker endpoint too."""
         if self.frontends and self.backends and len(self.frontends) != len(self.backends):
             return (f"Broker.frontends lists {len(self.frontends)} endpoints and "
                     f"Broker.backends {len(self.backends)}: list each broker's client and "
                     "worker endpoint, in the same order")
+        for key, listed, others, role, other_key in (
+                ("frontends", self.frontends, self.worker_endpoints(), "client", "backend"),
+                ("backends", self.backends, self.client_endpoints(), "worker", "frontend")):
+            for index, endpoint in enumerate(listed):
+                if endpoint in others:
+                    return (f"Broker.{key}[{index}]: {endpoint} is a broker's "
+                            f"{WORKER_OR_CLIENT[role]} endpoint (Broker.{other_key}s, or "
+                            f"Broker.{other_key}): {ROLE_PEERS[role]} connect to the brokers' "
+                            f"{role} endpoints")
         seen: dict[Address, str] = {}
         for index, pair in enumerate(self.local_brokers()):
             for key, endpoint in zip(("frontend", "backend"), pair):
@@ -381,9 +408,6 @@ class BrokerLink:
 
 @dataclass(frozen=True, kw_only=True)
 class Config(Section):
-    """The whole configuration: ``config.backend.greeting``,
-    ``config.frontend.service_args.workers``..."""
-
-    backend: BackendSettings = section(BackendSettings, "Backend")
-    frontend: FrontendSettings = section(FrontendSettings, "Frontend")
-    broker: BrokerSettings = section(BrokerSettings, "Broker")
+    """The whole configuration of a service graph: a class made for each graph
+    (zroute_cli/config.py), with a section per service, named by its class
+    (``config.backend.greeting``, the section `Backend`), and ``config.broker``."""

@@ -11,7 +11,9 @@ from zroute.loader import LoadError
 from broker.policies import Policy, is_policy_class, load_policies, unknown_policy
 from zroute.protocol import DIRECT
 from broker.server import Broker
-from zroute_cli.command import add_common_options, component_main, load
+from zroute_cli.command import (add_common_options, add_graph_options, component_main, load,
+                                load_graph)
+from zroute_cli.config import sections
 from zroute.ports import tcp_address
 from zroute.settings import BrokerSettings, Config
 from zroute_cli.ports import check_free
@@ -28,6 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", dest="policies", action="append", metavar="MODULE:CLASS",
                         help="a routing policy class that requests may name, besides the "
                              "built-in ones; repeatable (sets Broker.policies)")
+    add_graph_options(parser, None)
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="broker")
 
@@ -35,7 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     config = load(args, overrides, {
         "Broker.frontend": args.frontend, "Broker.backend": args.backend,
-        "Broker.policies": json.dumps(args.policies) if args.policies else None})
+        "Broker.policies": json.dumps(args.policies) if args.policies else None},
+        None if args.graph is None else load_graph(args.graph, "--graph"))
     for endpoint in (config.broker.frontend, config.broker.backend):
         address = tcp_address(endpoint)
         if address is not None:
@@ -56,19 +60,23 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def configured_policies(config: Config) -> dict[str, Policy]:
-    """The built-in policies, the classes of Broker.policies, and that of
-    Frontend.routing_mode if it names one: the gateways' default must be valid here."""
+    """The built-in policies, the classes of Broker.policies, and those that the services'
+    routing_mode names (Frontend.routing_mode, say): the default policy of a gateway, or
+    of a service's calls, must be valid here."""
+    defaults = {f"{name}.routing_mode": settings.routing_mode
+                for name, settings in sections(config).items()
+                if getattr(settings, "routing_mode", "")}
     named = dict.fromkeys(config.broker.policies, "Broker.policies")
-    default = config.frontend.routing_mode
-    if is_policy_class(default):
-        named.setdefault(default, "Frontend.routing_mode")
+    for key, default in defaults.items():
+        if is_policy_class(default):
+            named.setdefault(default, key)
     policies = load_policies(named)
-    if default == DIRECT:
-        raise LoadError(f"Frontend.routing_mode: {DIRECT!r} needs a worker per request "
-                          f"(?worker=), so it cannot be the default; use one of "
-                          f"{', '.join(policies)}")
-    if default not in policies:
-        raise LoadError(f"Frontend.routing_mode: {unknown_policy(default, policies)}")
+    for key, default in defaults.items():
+        if default == DIRECT:
+            raise LoadError(f"{key}: {DIRECT!r} needs a worker per request (?worker=), so "
+                            f"it cannot be the default; use one of {', '.join(policies)}")
+        if default not in policies:
+            raise LoadError(f"{key}: {unknown_policy(default, policies)}")
     return policies
 
 

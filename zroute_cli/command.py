@@ -14,13 +14,15 @@ import zmq
 
 from zroute.curve import CurveError
 from zroute.errors import StartFailed
-from zroute.loader import LoadError
-from zroute.settings import BrokerSettings, Config
-from zroute_cli.config import (ConfigError, EndpointClash, closest, closest_key, load_config,
-                               split_overrides)
+from zroute.loader import LoadError, load_object
+from zroute.services import Graph, GraphError, Service, walk
+from zroute.settings import BrokerSettings, Config, GatewayChecks
+from zroute_cli.config import (ConfigError, EndpointClash, builtin_graph, closest, closest_key,
+                               load_config, section_of, split_overrides)
 from zroute.logs import LOG_FORMATS, setup_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+START_FAILED = 3  # the exit code of a process whose start-up code (an @on_start hook) raised
 
 log = logging.getLogger("zroute")
 
@@ -61,19 +63,20 @@ def flag_overrides(flags: Mapping[str, object | None]) -> list[str]:
 
 
 def load(args: argparse.Namespace, overrides: Sequence[str],
-         flags: Mapping[str, object | None] | None = None) -> Config:
-    """The configuration, with command-line flags (`{"Broker.frontend": value}`) on top."""
+         flags: Mapping[str, object | None] | None = None, graph: Graph | None = None,
+         runs: Service | None = None) -> Config:
+    """The configuration of `graph` (the built-in one's by default), with command-line
+    flags (`{"Broker.frontend": value}`) on top. `runs` is the service this process runs
+    one process of."""
     flags = flags or {}
     try:
-        config = load_config(args.config, [*overrides, *flag_overrides(flags)])
+        config = load_config(args.config, [*overrides, *flag_overrides(flags)], graph)
     except EndpointClash as clash:
         raise ConfigError(_clash_from_a_flag(args, flags) or str(clash)) from None
     if not args.supervised:
-        _note_the_process_count(args, config)
+        _note_the_process_count(args, config, runs)
     if args.check:
-        for problem in settings_problems(args.process_name, config):
-            raise ConfigError(problem)
-        raise ConfigChecked
+        _stop_checked(args, config, runs or (graph or builtin_graph()).root)
     return config
 
 
@@ -81,40 +84,93 @@ class ConfigChecked(Exception):
     """--check: the configuration is valid, and the command goes no further."""
 
 
-# Settings that a command refuses to start with, though each is valid alone: the
-# security settings, which the component checks as it starts.
-STARTING_CHECKS: dict[str, tuple[Callable[[Config], str | None], ...]] = {
-    "broker": (lambda config: config.broker.exposure_problem(),),
-    "gateway": (lambda config: config.frontend.tls_problem(),),
-}
-STARTING_CHECKS["serve"] = STARTING_CHECKS["broker"] + STARTING_CHECKS["gateway"]
+def _stop_checked(args: argparse.Namespace, config: Config, runs: Service) -> NoReturn:
+    """--check: the first problem that would stop the command as it starts, else
+    ConfigChecked. `runs` is the service it runs (for serve, the gateways')."""
+    http = section_of(config, runs) if args.process_name in ("gateway", "serve") else None
+    for problem in starting_problems(config, args.process_name, http):
+        raise ConfigError(problem)
+    raise ConfigChecked
 
 
-def settings_problems(process_name: str, config: Config) -> list[str]:
-    """What in `config` stops the command `process_name` from starting."""
-    return [problem for check in STARTING_CHECKS.get(process_name, ())
-            if (problem := check(config))]
+def starting_problems(config: Config, process_name: str,
+                      http: GatewayChecks | None) -> list[str]:
+    """What stops the command `process_name` as it starts, though each value is valid
+    alone: a broker beyond loopback without keys nor Broker.insecure, half of the TLS
+    settings of the gateways' section `http`."""
+    problems = [config.broker.exposure_problem() if process_name in ("broker", "serve") else None,
+                http.tls_problem() if http is not None else None]
+    return [problem for problem in problems if problem]
 
 
-# The key that sets how many processes of a command `zroute serve` runs, and its value.
-PROCESS_COUNTS: dict[str, tuple[str, Callable[[Config], int]]] = {
-    "worker": ("Backend.ServiceArgs.workers", lambda config: config.backend.service_args.workers),
-    "gateway": ("Frontend.ServiceArgs.workers",
-                lambda config: config.frontend.service_args.workers),
-    "broker": ("Broker.ServiceArgs.workers", lambda config: config.broker.service_args.workers),
-}
-
-
-def _note_the_process_count(args: argparse.Namespace, config: Config) -> None:
-    """A count of processes for this command means something to `zroute serve` only:
-    say so rather than ignore it silently."""
-    if args.process_name not in PROCESS_COUNTS:
+def _note_the_process_count(args: argparse.Namespace, config: Config,
+                            runs: Service | None) -> None:
+    """A count of processes for a service (or the brokers) means something to `zroute
+    serve` only: say so rather than ignore it silently."""
+    if runs is not None:
+        key, count = f"{runs.name}.ServiceArgs.workers", section_of(config, runs).service_args.workers
+    elif args.process_name == "broker":
+        key, count = "Broker.ServiceArgs.workers", config.broker.service_args.workers
+    else:
         return
-    key, count_of = PROCESS_COUNTS[args.process_name]
-    count = count_of(config)
     if count > 1:
         log.info("%s is %d, but %s runs one process; `zroute serve` runs %d",
                  key, count, args.prog, count)
+
+
+def add_graph_options(parser: argparse.ArgumentParser, runs: str | None) -> None:
+    """--graph, and for a command that runs a service (`runs`: "worker" or "gateway"),
+    --service-class."""
+    if runs is not None:
+        parser.add_argument(
+            "--service-class", metavar="FILE_OR_MODULE:Class",
+            help=f"the service class whose {runs} to run (path/to/file.py:Class or "
+                 "module:Class), with the services it depends on; with --graph, the name "
+                 "of a service of that graph (default: the built-in greeting pipeline's "
+                 f"{'Backend' if runs == 'worker' else 'Frontend'})")
+    parser.add_argument(
+        "--graph", metavar="FILE_OR_MODULE:Class",
+        help="the service graph that the configuration configures, by its root class: the "
+             "config file may hold a section for each of its services, and they are checked "
+             "(zroute serve passes it to its processes; default: the graph of "
+             f"{'--service-class' if runs else 'the built-in greeting pipeline'})")
+
+
+def load_graph(spec: str | None, what: str) -> Graph:
+    """The graph of the class that `spec` names (FILE_OR_MODULE:Class), checked; the
+    built-in one without a spec."""
+    if spec is None:
+        return builtin_graph()
+    try:
+        return walk(load_object(spec, what))
+    except GraphError as e:
+        raise ConfigError(f"{what} {spec!r}: {e}") from None
+
+
+def service_to_run(args: argparse.Namespace, http: bool) -> tuple[Graph, Service]:
+    """The graph of --graph and --service-class, and the service of it this process runs:
+    one with @api routes for a gateway (`http`), with endpoints for a worker."""
+    if args.graph is not None:
+        graph = load_graph(args.graph, "--graph")
+        try:
+            described = (graph.service(args.service_class) if args.service_class
+                         else graph.root if http else None)
+        except GraphError as e:
+            raise ConfigError(f"--service-class: {e}") from None
+        if described is None:
+            raise ConfigError("--graph needs --service-class NAME: the service of the graph "
+                              "to run")
+    else:
+        graph = load_graph(args.service_class, "--service-class")
+        described = graph.root if args.service_class else (
+            graph.root if http else graph.service("Backend"))
+    if described.is_http != http:
+        kind = ("has no @api routes: a gateway serves a class with routes, and `zroute "
+                "worker --service-class` runs one with endpoints" if http else
+                "has @api routes: the gateway serves it (`zroute gateway --service-class`); "
+                "a worker runs a class with endpoints")
+        raise ConfigError(f"--service-class: {described.name} {kind}")
+    return graph, described
 
 
 # The broker's two endpoints, and who uses each.
@@ -229,10 +285,12 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     except BrokenPipeError:  # e.g. `zroute stats --json | head`: the reader has had enough
         sys.stderr.close()  # nothing more can be written, and Python must not try at exit
         return 0
-    # An address that cannot be bound or connected; the user's start-up code failed.
-    except (zmq.ZMQError, OSError, StartFailed) as e:
+    except (zmq.ZMQError, OSError) as e:  # an address that cannot be bound or connected
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 1
+    except StartFailed as e:  # the user's start-up code: serve stops, and restarts none
+        print(f"{args.prog}: error: {e}", file=sys.stderr)
+        return START_FAILED
     except KeyboardInterrupt:
         return 130
 

@@ -6,6 +6,12 @@ Precedence: built-in defaults < YAML file (``-f config.yaml``) < command-line ov
 The keys, their types, defaults and bounds are the settings classes' (zroute/settings.py);
 `build` reads a mapping into any such class, a dataclass whose fields are settings or
 sections of their own, and says in one line what is wrong with a value.
+
+The sections are those of a service graph (zroute/services.py): one per service, named by
+its class, with the keys the class declares and those of the process that runs it
+(WorkerSettings' for a service of workers, FrontendSettings' for one the gateway serves),
+and Broker. `config_class(graph)` makes that class; without a graph, the built-in one's
+(Backend, Frontend, Broker).
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 import yaml
 
-from zroute.settings import Config, Rules, key_of, rules_of
+from zroute.services import Graph, Service, walk
+from zroute.settings import (BrokerSettings, Config, FrontendSettings, GatewayChecks, Rules,
+                             Section, WorkerSettings, key_of, rules_of, section, setting)
 
 T = TypeVar("T")
 
@@ -44,6 +52,7 @@ class Leaf:
     name: str
     type: Any
     rules: Rules
+    required: bool = False  # no default: the file or an override must give it
 
     def accepts(self, value: Any) -> bool:
         """True if ``value`` has the right type and lies in range."""
@@ -88,12 +97,21 @@ def keys_of(cls: type) -> dict[str, Leaf | Nested]:
         if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             keys[key_of(field)] = Nested(field.name, kind)
         elif kind in KINDS:
-            keys[key_of(field)] = Leaf(field.name, kind, rules_of(field))
+            keys[key_of(field)] = Leaf(field.name, kind, rules_of(field),
+                                       _is_required(field))
         else:
-            raise TypeError(f"{cls.__qualname__}.{field.name}: a setting is a "
-                            f"{', '.join(map(_type_name, KINDS))} or a section, not a "
-                            f"{_type_name(kind)}")
+            raise TypeError(kind_problem(f"{cls.__qualname__}.{field.name}", kind))
     return keys
+
+
+def kind_problem(dotted: str, kind: Any) -> str:
+    """Why a setting cannot have the type `kind`."""
+    return (f"{dotted}: a setting is a {', '.join(map(_type_name, KINDS))} or a section, "
+            f"not a {_type_name(kind)}")
+
+
+def _is_required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 def _type_name(kind: Any) -> str:
@@ -121,10 +139,10 @@ def closest(word: str, choices: Iterable[str]) -> str | None:
     return by_lower[close[0]] if close else None
 
 
-def closest_key(dotted: str) -> str | None:
-    """The configuration key closest to a mistyped one ('backend.greting' ->
-    'Backend.greeting'), or None."""
-    keys, found = keys_of(Config), []
+def closest_key(dotted: str, cls: type | None = None) -> str | None:
+    """The key of the configuration class `cls` (the built-in graph's by default) closest
+    to a mistyped one ('backend.greting' -> 'Backend.greeting'), or None."""
+    keys, found = keys_of(cls or builtin_config_class()), []
     spec: Leaf | Nested | None = None
     for part in dotted.split("."):
         key = closest(part, keys)
@@ -197,7 +215,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _read_file(path: str) -> Any:
+def _read_file(path: str, cls: type) -> Any:
     try:
         with open(path, "rb") as stream:
             loader = _UniqueKeyLoader(stream)  # its name, in messages, is the path
@@ -215,7 +233,7 @@ def _read_file(path: str) -> Any:
         raise ConfigError(" ".join(f"config file {path!r} is not valid YAML: {detail}".split())) from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config file {path!r}: top level must be a mapping of sections "
-                          f"({', '.join(keys_of(Config))}), not a {type(data).__name__}")
+                          f"({', '.join(keys_of(cls))}), not a {type(data).__name__}")
     return data
 
 
@@ -246,13 +264,20 @@ def _apply_override(cls: type, values: dict[str, Any], override: str) -> None:
     node[last] = _check_value(dotted, raw if leaf.type is str else _parse_scalar(raw), leaf, raw)
 
 
-def _instantiate(cls: type, values: Mapping[str, Any]) -> Any:
-    """Build ``cls`` from checked values (YAML spelling); absent keys keep their defaults."""
+def _instantiate(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build ``cls`` from checked values (YAML spelling); absent keys keep their defaults,
+    and a required key that is absent is a ConfigError."""
     kwargs = {}
     for key, spec in keys_of(cls).items():
         if key in values:
             value = values[key]
-            kwargs[spec.name] = value if isinstance(spec, Leaf) else _instantiate(spec.cls, value)
+            kwargs[spec.name] = (value if isinstance(spec, Leaf)
+                                 else _instantiate(spec.cls, value, f"{prefix}{key}."))
+        elif isinstance(spec, Leaf) and spec.required:
+            raise ConfigError(f"{prefix}{key} is required and has no default: set it in the "
+                              f"config file or with --{prefix}{key}=VALUE")
+        elif isinstance(spec, Nested):
+            kwargs[spec.name] = _instantiate(spec.cls, {}, f"{prefix}{key}.")
     return cls(**kwargs)
 
 
@@ -265,16 +290,115 @@ def build(cls: type[T], data: Mapping[str, Any] | None, overrides: Sequence[str]
     return _instantiate(cls, values)
 
 
-def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults < YAML file at ``path`` < ``Section.key=value`` overrides; raises ConfigError."""
-    config = build(Config, _read_file(path) if path is not None else None, overrides)
+def load_config(path: str | None = None, overrides: Sequence[str] = (),
+                graph: Graph | None = None) -> Config:
+    """The configuration of `graph` (the built-in one's by default): defaults < YAML file
+    at ``path`` < ``Section.key=value`` overrides; raises ConfigError."""
+    cls = builtin_config_class() if graph is None else config_class(graph)
+    config = build(cls, _read_file(path, cls) if path is not None else None, overrides)
     clash = config.broker.endpoint_clash()
     if clash:
         raise EndpointClash(clash)
-    for problem in (config.frontend.admin_clash(), config.broker.brokers_problem()):
+    gateways = [settings for settings in sections(config).values()
+                if isinstance(settings, GatewayChecks)]
+    problems = [*(settings.admin_clash() for settings in gateways),
+                config.broker.brokers_problem()]
+    for problem in problems:
         if problem:
             raise ConfigError(problem)
     return config
+
+
+# --- the sections of a service graph ----------------------------------------------------
+
+
+def field_name(service_name: str) -> str:
+    """The attribute of a service's section on the configuration: `config.backend`."""
+    return service_name.lower()
+
+
+def sections(config: Config) -> dict[str, Any]:
+    """The services' sections of a configuration, by service name."""
+    return {key_of(field): getattr(config, field.name) for field in dataclasses.fields(config)
+            if field.name != "broker"}
+
+
+def section_of(config: Config, described: Service) -> Any:
+    return getattr(config, field_name(described.name))
+
+
+def config_class(graph: Graph) -> type[Config]:
+    """The configuration class of a graph; ConfigError if a service's settings cannot be
+    keys."""
+    return _config_class(graph.root.cls)
+
+
+@functools.cache
+def _config_class(root: type) -> type[Config]:
+    graph = walk(root)
+    fields = [(field_name(s.name), cls, section(cls, s.name))
+              for s in graph.services for cls in [section_class(s)]]
+    fields.append(("broker", BrokerSettings, section(BrokerSettings, "Broker")))
+    return dataclasses.make_dataclass("Config", fields, bases=(Config,), frozen=True,
+                                      kw_only=True)
+
+
+def builtin_config_class() -> type[Config]:
+    """The built-in graph's configuration class: Backend, Frontend, Broker."""
+    return config_class(builtin_graph())
+
+
+def builtin_graph() -> Graph:
+    from worker.greeting import Frontend  # the built-in graph; loaded when it is needed
+
+    return walk(Frontend)
+
+
+def section_class(described: Service) -> type:
+    """The class of a service's section: the keys the service declares, then the runtime
+    settings of the process that runs it (a declared key may set a runtime one of the same
+    name and type, as the built-in Frontend's routing_mode does), with ServiceArgs.workers
+    defaulting to @service(workers=...)."""
+    runtime = FrontendSettings if described.is_http else WorkerSettings
+    runtime_types = typing.get_type_hints(runtime)
+    fields: dict[str, tuple[str, Any, dataclasses.Field]] = {}
+    for declared in described.settings:
+        dotted = f"{described.name}.{declared.name}"
+        if declared.type not in KINDS:
+            raise ConfigError(kind_problem(dotted, declared.type))
+        runtime_type = runtime_types.get(declared.name, declared.type)
+        if runtime_type != declared.type:
+            raise ConfigError(f"{dotted}: declared as {_type_name(declared.type)}, but it is "
+                              f"the {_type_name(runtime_type)} setting of the process that "
+                              "runs the service: rename it")
+        fields[declared.name] = (declared.name, declared.type, _field(declared.default))
+    for runtime_field in dataclasses.fields(runtime):
+        name = runtime_field.name
+        if name in fields:  # declared by the service: its default, the runtime's rules
+            _, kind, declared_field = fields[name]
+            fields[name] = (name, kind, dataclasses.field(
+                default=declared_field.default, metadata=runtime_field.metadata))
+        else:
+            fields[name] = (name, runtime_types[name], _field(runtime_field))
+    args = dataclasses.make_dataclass(
+        "ServiceArgs", [("workers", int, setting(described.workers, ge=1))],
+        bases=(runtime.ServiceArgs,), frozen=True, kw_only=True)
+    fields["service_args"] = ("service_args", args, section(args, "ServiceArgs"))
+    bases = (GatewayChecks, Section) if described.is_http else (Section,)
+    try:
+        return dataclasses.make_dataclass(described.name, list(fields.values()), bases=bases,
+                                          frozen=True, kw_only=True)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{described.name}: its settings cannot be read: {e}") from None
+
+
+def _field(default: Any) -> dataclasses.Field:
+    """A field of a section class from a default, or from a field (`setting(...)`, with its
+    rules, or a runtime setting's)."""
+    if not isinstance(default, dataclasses.Field):
+        return dataclasses.field(default=default)
+    return dataclasses.field(default=default.default, default_factory=default.default_factory,
+                             metadata=default.metadata)
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -1,4 +1,5 @@
-"""`zroute gateway`: the HTTP frontend."""
+"""`zroute gateway`: the HTTP frontend, serving the @api routes of a service class (the
+built-in Frontend's /generate by default)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import sys
 from aiohttp import web
 
 from gateway.app import Gateway
+from gateway.routes import Call, Forward, Route
 from zroute.curve import peer_keys
+from zroute.services import Instance
 from zroute.settings import FrontendSettings
 from zroute_cli import aio
-from zroute_cli.command import (add_common_options, broker_flags, component_main, load,
-                                stop_requested)
-from zroute_cli.config import ConfigError
+from zroute_cli.command import (add_common_options, add_graph_options, broker_flags,
+                                component_main, load, service_to_run, stop_requested)
+from zroute_cli.config import ConfigError, section_of
 from zroute_cli.ports import PortInUse, http_url, in_use_message
 
 log = logging.getLogger("zroute.gateway")
@@ -34,8 +37,9 @@ MAX_DEFAULT_CONNECTIONS = 10_000
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Run the HTTP gateway: POST /generate, GET /health, /stats, "
-                          "/stats/stream, /metrics, /dashboard.")
+    parser.description = ("Run the HTTP gateway: the @api routes of a service class "
+                          "(--service-class; the built-in Frontend's POST /generate by "
+                          "default), GET /health, /stats, /stats/stream, /metrics, /dashboard.")
     parser.add_argument("--broker", metavar="ADDR", action="append",
                         help="a broker's client-facing endpoint; repeat it for each broker "
                              "(sets Broker.frontends; default: Broker.frontend)")
@@ -45,21 +49,48 @@ def configure(parser: argparse.ArgumentParser) -> None:
     # For `zroute serve` only: its gateways share one port. Any other gateway has the
     # port to itself, so that two stacks never answer on one port.
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    add_graph_options(parser, "gateway")
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="gateway")
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    graph, described = service_to_run(args, http=True)
+    name = described.name
     config = load(args, overrides, {**broker_flags(args.broker, "Broker.frontend"),
-                                    "Frontend.host": args.host, "Frontend.port": args.port})
+                                    f"{name}.host": args.host, f"{name}.port": args.port},
+                  graph, runs=described)
+    settings = section_of(config, described)
     frontend = dataclasses.replace(
-        config.frontend, max_connections=connection_limit(config.frontend.max_connections))
+        settings, max_connections=connection_limit(settings.max_connections))
     tls = tls_context(frontend)
-    keys = peer_keys(frontend.curve_key, "Frontend.curve_key", config.broker)
-    gateway = Gateway(frontend, config.broker.for_clients(keys), args.log_name or "")
+    keys = peer_keys(frontend.curve_key, f"{name}.curve_key", config.broker)
+    instance = Instance(described, frontend)
+    try:
+        gateway = Gateway(frontend, config.broker.for_clients(keys), args.log_name or "",
+                          routes=routes_of(instance), on_start=instance.start,
+                          on_stop=instance.stop)
+    except ValueError as e:  # a route on one of the gateway's own paths, say
+        raise ConfigError(f"{name}: {e}") from None
+    instance.bind(gateway.client)  # its dependencies call through the gateway's client
     aio.run(serve(gateway, frontend.host, frontend.port, frontend.drain_timeout,
                   args.reuse_port, tls))
     return 0
+
+
+def routes_of(instance: Instance) -> dict[str, Route]:
+    """The service's @api routes as the gateway serves them: a method called in the
+    gateway, or a forward() passed to a dependency's endpoint at the broker."""
+    described = instance.service
+    routes: dict[str, Route] = {}
+    for route in described.routes.values():
+        if route.forward is None:
+            routes[route.path] = Call(instance.function(route.attribute), route.method)
+        else:
+            attribute, endpoint = route.forward
+            target = described.dependencies[attribute].endpoints[endpoint].name
+            routes[route.path] = Forward(target, route.method)
+    return routes
 
 
 def tls_context(frontend: FrontendSettings) -> ssl.SSLContext | None:
@@ -114,7 +145,7 @@ async def serve(gateway: Gateway, host: str, port: int, drain_timeout: float,
     with an error line. With Frontend.admin_port, the operators' endpoints are served
     there. With `tls`, both listeners serve HTTPS only. The gateway's on_start runs
     before it listens, its on_stop after its listeners closed (StartFailed, from the
-    former, ends it before it listens: run_command's one line and exit code 1)."""
+    former, ends it before it listens: run_command's one line and exit code 3)."""
     await gateway.start()
     settings = gateway.settings
     listeners = [(gateway.server(), host, port)]

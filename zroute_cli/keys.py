@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -55,6 +56,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "within a second, without a restart; remove the file to revoke it).")
         peer.add_argument("name", metavar="NAME", help="the key's name: letters, digits, "
                           "'.', '_' and '-', e.g. worker-1 or gateway")
+        if role == WORKERS:
+            peer.add_argument("--calls", action="store_true",
+                              help=f"for the worker of a service with dependencies, which "
+                                   f"calls them as a client: its public key in "
+                                   f"DIR/{CLIENTS}/ too")
         _common(peer, run_peer)
         peer.set_defaults(role=role)
     parser.set_defaults(prog=parser.prog, command_parser=parser)
@@ -95,12 +101,19 @@ def run_peer(args: argparse.Namespace, overrides: list[str]) -> int:
     if not allowlist.is_dir():
         raise ConfigError(f"{allowlist} is not a directory: run `zroute keys init --dir "
                           f"{directory}` first")
+    as_client = directory / CLIENTS / f"{name}.key" if role == WORKERS and args.calls else None
+    if as_client is not None and as_client.exists() and not args.force:
+        raise ConfigError(f"{as_client} exists: keep it, or give --force to replace it")
     secret, public = _create(name, directory, allowlist, args.force)
     setting = "Backend.curve_key" if role == WORKERS else "Frontend.curve_key"
     print(f"created {secret} (the {role.removesuffix('s')}'s key pair: copy it to its host, "
           "and nowhere else)\n"
-          f"created {public} (its public key: the broker accepts it within a second)\n"
-          f"{role.removesuffix('s')}: --{setting}={secret} "
+          f"created {public} (its public key: the broker accepts it within a second)")
+    if as_client is not None:
+        shutil.copyfile(public, as_client)
+        as_client.chmod(PUBLIC_FILE)
+        print(f"created {as_client} (the same key, as a client: its service may call others)")
+    print(f"{role.removesuffix('s')}: --{setting}={secret} "
           f"--Broker.curve_public_key={directory / BROKER}.key")
     return 0
 

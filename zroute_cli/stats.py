@@ -11,8 +11,9 @@ import orjson
 from zroute import protocol as p
 from zroute.client import BlockingClient, BrokerError
 from zroute.curve import peer_keys
-from zroute_cli.command import add_common_options, broker_flags, load
-from zroute_cli.config import ConfigError
+from zroute_cli.command import (add_common_options, add_graph_options, broker_flags, load,
+                                load_graph)
+from zroute_cli.config import ConfigError, section_of
 
 NO_BROKER_HINT = (": is a broker running? `zroute serve` starts the whole stack, "
                   "`zroute broker` a broker alone")
@@ -23,7 +24,8 @@ COLUMNS = ("WORKER", "SERVICES", "STATE", "INFLIGHT", "CAPACITY", "COMPLETED", "
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Show the broker's stats: one row per worker, then the totals."
+    parser.description = ("Show the brokers' stats: one row per worker, then each broker's "
+                          "totals and theirs.")
     parser.add_argument("--broker", metavar="ADDR", action="append",
                         help="a broker's client-facing endpoint; repeat it for each broker "
                              "(sets Broker.frontends; default: Broker.frontend)")
@@ -35,10 +37,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", metavar="FILE",
                         help="this client's CURVE key pair, for a broker with CURVE (NAME."
                              "key_secret from `zroute keys client NAME`; default: "
-                             "Frontend.curve_key)")
+                             "the curve_key of the graph's root, e.g. Frontend.curve_key)")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
                         help="how long to wait for the broker (default: 5; with --watch, "
                              "at most a second)")
+    add_graph_options(parser, None)
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="stats")
 
@@ -47,12 +50,17 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if not args.timeout > 0:  # nan too
         raise ConfigError(f"--timeout {args.timeout:g} is invalid: must be a number of "
                           "seconds > 0")
+    graph = load_graph(args.graph, "--graph")
+    if not graph.root.is_http:
+        raise ConfigError(f"--graph: {graph.root.name} has no @api routes: name the root of "
+                          "the graph, whose section holds the gateway's curve_key")
+    key_setting = f"{graph.root.name}.curve_key"
     config = load(args, overrides, {**broker_flags(args.broker, "Broker.frontend"),
-                                    "Frontend.curve_key": args.key})
-    keys = peer_keys(config.frontend.curve_key,
-                     "--key" if args.key else "Frontend.curve_key", config.broker)
+                                    key_setting: args.key}, graph)
+    keys = peer_keys(section_of(config, graph.root).curve_key,
+                     "--key" if args.key else key_setting, config.broker)
     broker = config.broker.for_clients(keys)
-    with BlockingClient(broker.endpoints[0], heartbeat_interval=broker.heartbeat_interval,
+    with BlockingClient(broker.endpoints, heartbeat_interval=broker.heartbeat_interval,
                         heartbeat_misses=broker.heartbeat_misses, curve=broker.curve) as client:
         if args.watch:
             return watch(client, min(args.timeout, REFRESH_S))
@@ -100,11 +108,22 @@ def render(stats: dict) -> str:
              for row in rows]
     if len(rows) == 1:
         lines.append("(no workers)")
-    b = stats["broker"]
     lines.append("")
-    lines.append(f"broker: up {b['uptime_s']:.0f}s  requests {b['requests']}  "
-                 f"inflight {b['inflight']}  waiting {b['queue_depth']}  "
-                 f"completed {b['completed']}  failed {b['failed']}  chunks {b['chunks']}  "
-                 f"retries {b['retries']}  timeouts {b['timeouts']}  evictions {b['evictions']}  "
-                 f"refused keys {b['auth_failures']}")
+    brokers = stats["brokers"]
+    if len(brokers) > 1:  # each broker's line, then their totals
+        lines.extend(f"{broker['endpoint']}: {_counts(broker)}" if broker["reachable"]
+                     else f"{broker['endpoint']}: unreachable ({broker['error']})"
+                     for broker in brokers)
+        lines.append(f"total: {_counts(stats['broker'])}")
+    else:
+        lines.append(f"broker: {_counts(stats['broker'])}")
     return "\n".join(lines)
+
+
+def _counts(b: dict) -> str:
+    """A broker's totals on one line."""
+    return (f"up {b['uptime_s']:.0f}s  requests {b['requests']}  "
+            f"inflight {b['inflight']}  waiting {b['queue_depth']}  "
+            f"completed {b['completed']}  failed {b['failed']}  chunks {b['chunks']}  "
+            f"retries {b['retries']}  refusals {b['refusals']}  timeouts {b['timeouts']}  "
+            f"evictions {b['evictions']}  refused keys {b['auth_failures']}")

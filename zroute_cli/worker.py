@@ -1,4 +1,5 @@
-"""`zroute worker`: one worker process, alone."""
+"""`zroute worker`: one worker process, alone: of a service class (the built-in Backend by
+default), or of a plain handler."""
 
 from __future__ import annotations
 
@@ -13,36 +14,43 @@ import signal
 from typing import Any
 
 from zroute import protocol as p
+from zroute.client import Client
 from zroute.curve import peer_keys
 from zroute.loader import load_object
+from zroute.services import Instance
 from worker.runtime import Handler, Worker
+from worker.service import ServiceWorker
 from zroute_cli import aio
-from zroute_cli.command import (add_common_options, broker_flags, component_main, load,
-                                stop_requested)
+from zroute_cli.command import (add_common_options, add_graph_options, broker_flags,
+                                component_main, load, service_to_run, stop_requested)
 from zroute.settings import BrokerSettings, Config
-from zroute_cli.config import ConfigError
-
-DEFAULT_HANDLER = "worker.greeting:make_handler"
+from zroute_cli.config import ConfigError, builtin_graph, section_of
 
 log = logging.getLogger("zroute.worker")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Run a worker that serves requests from the broker."
+    parser.description = ("Run a worker that serves requests from the broker: the endpoints "
+                          "of a service class (--service-class; the built-in greeting "
+                          "Backend by default), or a plain handler (--handler).")
     parser.add_argument("--broker", metavar="ADDR", action="append",
                         help="a broker's worker-facing endpoint; repeat it for each broker, "
                              "the worker registers with every one (sets Broker.backends; "
                              f"default: Broker.backend, {BrokerSettings.backend})")
     parser.add_argument("--id", dest="worker_id", metavar="ID",
                         help="worker id (default: worker- and 6 random hex digits)")
-    parser.add_argument("--handler", default=DEFAULT_HANDLER, metavar="MODULE:CALLABLE",
-                        help="an async generator function, or a factory that takes the "
-                             f"configuration and returns one (default: {DEFAULT_HANDLER})")
+    parser.add_argument("--handler", metavar="MODULE:CALLABLE",
+                        help="serve a plain handler rather than a service class: an async "
+                             "generator function, or a factory that takes the configuration "
+                             "and returns one")
     parser.add_argument("--service", dest="services", action="append", metavar="NAME",
-                        help="a service to serve with the handler; repeatable (default: generate)")
+                        help="a service to serve with --handler, or with the built-in "
+                             "greeting; repeatable (default: generate)")
+    add_graph_options(parser, "worker")
     parser.add_argument("--capacity", type=int, metavar="N",
                         help="most requests at once, 0 for unlimited "
-                             "(default: Backend.ServiceArgs.capacity)")
+                             "(default: the service section's ServiceArgs.capacity, e.g. "
+                             "Backend.ServiceArgs.capacity)")
     parser.add_argument("--ready-file", metavar="PATH",
                         help="a file that exists while a broker has this worker registered "
                              "(for a readiness probe: test -e PATH); removed when it stops")
@@ -116,29 +124,79 @@ def _check_names(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     _check_names(args)
-    config = load(args, overrides, {"Backend.ServiceArgs.capacity": args.capacity,
-                                    **broker_flags(args.broker, "Broker.backend")})
-    handler = load_handler(args.handler, config)
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("configuration: %s", json.dumps(config.as_dict()))
-        log.debug("handler %s: %r", args.handler, handler)
-    keys = peer_keys(config.backend.curve_key, "Backend.curve_key", config.broker)
+    worker_id = args.worker_id or f"worker-{secrets.token_hex(3)}"  # tells nothing of the host
+    if args.handler is not None or (args.services and args.service_class is None):
+        runner: Worker | ServiceWorker = _handler_worker(args, overrides, worker_id)
+        worker, curve_setting = runner, "Backend.curve_key"
+    else:
+        runner = _service_worker(args, overrides, worker_id)
+        worker, curve_setting = runner.worker, f"{runner.instance.service.name}.curve_key"
     ready_file = ReadyFile(args.ready_file) if args.ready_file else None
-    worker = Worker(
-        config.backend, config.broker.for_workers(keys),
-        args.worker_id or f"worker-{secrets.token_hex(3)}",  # tells clients nothing of the host
-        {service: handler for service in args.services or ["generate"]},
-        on_registered=ready_file.set if ready_file else None)
+    if ready_file:
+        worker.on_registered = ready_file.set
     try:
-        aio.run(_serve(worker))
+        aio.run(_serve(runner))
     finally:
         if ready_file:
             ready_file.set(False)
     if worker.refused:
         flags = {p.E_ID_IN_USE: "--id: ", p.E_WRONG_ENDPOINT: "--broker: ",
-                 p.E_AUTH_FAILED: "Backend.curve_key: "}
+                 p.E_AUTH_FAILED: f"{curve_setting}: "}
         raise ConfigError(f"{flags.get(worker.refused.code, '')}{worker.refused.message}")
     return 0
+
+
+def _flags(args: argparse.Namespace, service_name: str) -> dict[str, object | None]:
+    """The keys that the options set, for a worker of the service `service_name`."""
+    return {f"{service_name}.ServiceArgs.capacity": args.capacity,
+            **broker_flags(args.broker, "Broker.backend")}
+
+
+def _handler_worker(args: argparse.Namespace, overrides: list[str], worker_id: str) -> Worker:
+    """A worker of a plain handler (the built-in greeting's, without --handler) under the
+    names of --service, with the built-in graph's configuration (a factory may read
+    `config.backend.greeting`)."""
+    if args.service_class is not None or args.graph is not None:
+        raise ConfigError("--handler serves a plain handler: it takes no --service-class "
+                          "or --graph")
+    config = load(args, overrides, _flags(args, "Backend"))
+    if args.handler is None:
+        backend = Instance(builtin_graph().service("Backend"), config.backend).bind(None)
+        handler = backend.function("generate")
+    else:
+        handler = load_handler(args.handler, config)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("configuration: %s", json.dumps(config.as_dict()))
+        log.debug("handler %s: %r", args.handler, handler)
+    keys = peer_keys(config.backend.curve_key, "Backend.curve_key", config.broker)
+    return Worker(config.backend, config.broker.for_workers(keys), worker_id,
+                  {service: handler for service in args.services or ["generate"]})
+
+
+def _service_worker(args: argparse.Namespace, overrides: list[str],
+                    worker_id: str) -> ServiceWorker:
+    """A worker of a service class: its endpoints, its hooks, and a broker client for its
+    dependencies, which connects with the worker's own key."""
+    if args.services:
+        raise ConfigError("--service names the services of a --handler; a service class's "
+                          "endpoints name themselves (@endpoint(name=...))")
+    graph, described = service_to_run(args, http=False)
+    name = described.name
+    config = load(args, overrides, _flags(args, name), graph, runs=described)
+    settings = section_of(config, described)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("configuration: %s", json.dumps(config.as_dict()))
+    keys = peer_keys(settings.curve_key, f"{name}.curve_key", config.broker)
+    client = None
+    if described.dependencies:
+        link = config.broker.for_clients(keys)
+        client = Client(link.endpoints, timeout=config.broker.request_timeout,
+                        timeout_setting="Broker.request_timeout",
+                        heartbeat_interval=link.heartbeat_interval,
+                        heartbeat_misses=link.heartbeat_misses, name=worker_id, curve=link.curve)
+    instance = Instance(described, settings).bind(client)
+    worker = Worker(settings, config.broker.for_workers(keys), worker_id, instance.handlers())
+    return ServiceWorker(instance, worker, client)
 
 
 class ReadyFile:
@@ -164,12 +222,12 @@ class ReadyFile:
             log.error("--ready-file %s: %s", self.path, e.strerror or e)
 
 
-async def _serve(worker: Worker) -> None:
+async def _serve(runner: Worker | ServiceWorker) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, worker.stop)
+        loop.add_signal_handler(signum, runner.stop)
     if not stop_requested():  # else it has nothing to drain: it never registered
-        await worker.run()
+        await runner.run()
 
 
 if __name__ == "__main__":  # how serve starts it: only this component is imported

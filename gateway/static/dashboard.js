@@ -84,7 +84,7 @@
 
   // --- totals ---------------------------------------------------------------------
 
-  function renderTotals(broker) {
+  function renderTotals(broker, brokers) {
     const totals = [
       ["requests", broker.requests], ["completed", broker.completed],
       ["failed", broker.failed], ["errors answered", broker.errors],
@@ -93,13 +93,23 @@
       ["cancelled", broker.cancelled], ["evictions", broker.evictions],
       ["workers ready", broker.workers_ready], ["workers live", broker.workers_live],
     ];
+    if (brokers.length > 1) totals.push(["refused over capacity", broker.refusals]);
     const cells = totals.map(([label, value]) => {
       const cell = el("div", undefined, "total");
       cell.append(el("b", String(value)), el("span", label));
       return cell;
     });
     $("totals").replaceChildren(...cells);
-    $("broker").textContent = `broker up ${duration(broker.uptime_s)}, boot ${broker.boot_id}`;
+    $("broker").textContent = brokers.length > 1 ? brokersLine(brokers)
+      : `broker up ${duration(broker.uptime_s)}, boot ${broker.boot_id}`;
+  }
+
+  // Several brokers: how many answer, each one's uptime, and which do not answer.
+  function brokersLine(brokers) {
+    const up = brokers.filter((b) => b.reachable);
+    const each = brokers.map((b) => b.reachable ? `${b.endpoint} up ${duration(b.uptime_s)}`
+      : `${b.endpoint} unreachable`);
+    return `${up.length} of ${brokers.length} brokers answer: ${each.join(", ")}`;
   }
 
   // --- workers --------------------------------------------------------------------
@@ -259,7 +269,7 @@
       const oldest = stats.point.t - windowS;
       while (points.length && points[0].t < oldest) points.shift();
     }
-    renderTotals(stats.broker);
+    renderTotals(stats.broker, stats.brokers || []);
     renderWorkers(stats);
     renderGateways(stats.gateways);
     drawCharts();
