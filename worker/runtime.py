@@ -257,26 +257,20 @@ class Worker:
         self.peak_inflight = 0
         self._stopping: asyncio.Event | None = None
         self.refused: p.Error | None = None  # why a broker refused this worker, if one did
-        # Called with True once a broker (any one) has the worker registered, and with
-        # False once none has: `zroute worker --ready-file` keeps a file for a readiness
-        # probe with it.
-        self.on_registered: Callable[[bool], None] = lambda registered: None
+        # Called with the endpoints of the brokers that have the worker registered, each
+        # time they change (empty: none has): `zroute worker --ready-file` keeps a file
+        # for a readiness probe with it.
+        self.on_registered: Callable[[list[str]], None] = lambda endpoints: None
         self._drops = LogLimiter(log)
         # A handler that blocks the loop is reported once heartbeats are due, before the
         # broker evicts the worker for missing them.
         self._watchdog = LoopWatchdog(broker.heartbeat_interval, self._report_blocked_loop)
         self._blocked = LogLimiter(log, interval=BLOCKED_LOG_INTERVAL, per_kind=1)
 
-    @property
-    def registered(self) -> bool:
-        """Whether a broker (any one) has this worker registered."""
-        return any(session.registered for session in self.sessions)
-
     def _set_registered(self, session: BrokerSession, registered: bool) -> None:
-        before = self.registered
-        session.registered = registered
-        if self.registered != before:
-            self.on_registered(self.registered)
+        if session.registered != registered:
+            session.registered = registered
+            self.on_registered([s.endpoint for s in self.sessions if s.registered])
 
     @property
     def inflight(self) -> int:

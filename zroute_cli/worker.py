@@ -52,8 +52,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(default: the service section's ServiceArgs.capacity, e.g. "
                              "Backend.ServiceArgs.capacity)")
     parser.add_argument("--ready-file", metavar="PATH",
-                        help="a file that exists while a broker has this worker registered "
-                             "(for a readiness probe: test -e PATH); removed when it stops")
+                        help="a file that exists while a broker has this worker registered, "
+                             "and names those that have (for a readiness probe: test -e "
+                             "PATH); removed when it stops")
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="worker")
 
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         aio.run(_serve(runner))
     finally:
         if ready_file:
-            ready_file.set(False)
+            ready_file.set([])
     if worker.refused:
         flags = {p.E_ID_IN_USE: "--id: ", p.E_WRONG_ENDPOINT: "--broker: ",
                  p.E_AUTH_FAILED: f"{curve_setting}: "}
@@ -200,20 +201,22 @@ def _service_worker(args: argparse.Namespace, overrides: list[str],
 
 
 class ReadyFile:
-    """--ready-file: a file that exists while the worker is registered."""
+    """--ready-file: a file that exists while a broker has the worker registered, and
+    holds the endpoints of those that have, one a line."""
 
     def __init__(self, path: str) -> None:
         directory = os.path.dirname(path) or "."
         if not os.path.isdir(directory):
             raise ConfigError(f"--ready-file {path!r}: the directory {directory!r} does not exist")
         self.path = path
-        self.set(False)  # one left by a process before this one says nothing of this one
+        self.set([])  # one left by a process before this one says nothing of this one
 
-    def set(self, registered: bool) -> None:
+    def set(self, brokers: list[str]) -> None:
         try:
-            if registered:
-                with open(self.path, "w"):
-                    pass
+            if brokers:  # whole or not at all, for whoever reads it meanwhile
+                with open(f"{self.path}.new", "w") as new:
+                    new.write("".join(f"{broker}\n" for broker in brokers))
+                os.replace(f"{self.path}.new", self.path)
             else:
                 os.unlink(self.path)
         except FileNotFoundError:
