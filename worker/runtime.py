@@ -195,6 +195,10 @@ class BrokerSession:
         self.answered = True
         self.last_heard = 0.0
         self.backoff = RECONNECT_MIN_S
+        # The broker heartbeats registered workers only: its first heartbeat after READY
+        # says that it has this worker registered, until the connection or registration
+        # ends.
+        self.registered = False
         # It refused a request of this broker over capacity: the broker takes the worker
         # for full until told otherwise, so the next free slot is announced to it at once.
         self.owes_room = False
@@ -253,11 +257,20 @@ class Worker:
         self.peak_inflight = 0
         self._stopping: asyncio.Event | None = None
         self.refused: p.Error | None = None  # why a broker refused this worker, if one did
+        # Called with the endpoints of the brokers that have the worker registered, each
+        # time they change (empty: none has): `zroute worker --ready-file` keeps a file
+        # for a readiness probe with it.
+        self.on_registered: Callable[[list[str]], None] = lambda endpoints: None
         self._drops = LogLimiter(log)
         # A handler that blocks the loop is reported once heartbeats are due, before the
         # broker evicts the worker for missing them.
         self._watchdog = LoopWatchdog(broker.heartbeat_interval, self._report_blocked_loop)
         self._blocked = LogLimiter(log, interval=BLOCKED_LOG_INTERVAL, per_kind=1)
+
+    def _set_registered(self, session: BrokerSession, registered: bool) -> None:
+        if session.registered != registered:
+            session.registered = registered
+            self.on_registered([s.endpoint for s in self.sessions if s.registered])
 
     @property
     def inflight(self) -> int:
@@ -320,6 +333,7 @@ class Worker:
         """The broker died or stopped: what it sent is lost, so stop working on it now.
         ZeroMQ connects again by itself, and READY goes when it does."""
         session.connected = False
+        self._set_registered(session, False)
         if self.refused is not None:
             return  # said already
         session.said_waiting = True
@@ -363,6 +377,7 @@ class Worker:
         # Connected, but silent: a hung broker, or a peer that is not one. A new socket.
         log.warning("worker %s: broker silent for %.1f s at %s; reconnecting", self.worker_id,
                     silence, session.endpoint)
+        self._set_registered(session, False)
         session.abandon_requests()
         session.channel.close(0)
         self._connect(session)
@@ -375,6 +390,7 @@ class Worker:
         heartbeating meanwhile, for at most drain_timeout seconds."""
         log.info("worker %s draining %d request(s)", self.worker_id, self.inflight)
         for session in self.sessions:
+            self._set_registered(session, False)
             session.send(p.encode_drain())
         deadline = time.monotonic() + self.drain_timeout
         while self.inflight and time.monotonic() < deadline:
@@ -438,9 +454,12 @@ class Worker:
 
     def _on_heartbeat(self, session: BrokerSession, _: p.Heartbeat) -> None:
         session.backoff = RECONNECT_MIN_S
+        if not self._stopping.is_set():  # a draining worker takes no new work
+            self._set_registered(session, True)
 
     def _on_disconnect(self, session: BrokerSession, _: p.Disconnect) -> None:
         # The broker does not know us (it restarted): register again, unless leaving.
+        self._set_registered(session, False)
         session.abandon_requests()
         if not self._stopping.is_set():
             self._register(session)
@@ -449,6 +468,7 @@ class Worker:
         log.error("worker %s: the broker at %s refused it: %s", self.worker_id,
                   session.endpoint, msg.message)
         if not msg.rid:  # about the worker itself: its id is taken, it is over a limit...
+            self._set_registered(session, False)
             self.refused = msg
             self.stop()
 
