@@ -99,6 +99,12 @@ class Middle:
                              "chose": best.id, "served": stream.worker_id}).decode()
 
     @endpoint
+    async def workers_at_once(self, calls: int) -> str:
+        """How many workers each of `calls` concurrent workers() calls lists."""
+        found = await asyncio.gather(*(self.backend.workers() for _ in range(calls)))
+        return orjson.dumps(sorted({len(workers) for workers in found})).decode()
+
+    @endpoint
     async def echo(self, request: Any) -> str:
         return await self.backend.echo(request).read()
 

@@ -252,6 +252,13 @@ def test_a_call_chooses_its_routing_or_its_worker(graph_stack):
 
 
 @pytest.mark.timeout(30)
+def test_many_concurrent_workers_calls_share_one_stats_request(graph_stack):
+    """The broker answers one client's STATS once per Broker.stats_interval and refuses
+    past 100 waiting: the calls of a process share theirs."""
+    assert call(graph_stack, "Middle.workers_at_once", 300) == "[2]"
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("argument, received", [
     ("123", 'str "123"'), ("a,b", 'str "a,b"'), ({"text": "a"}, 'dict {"text":"a"}'),
     (5, "int 5"), (2.5, "float 2.5"), ([1, "x"], 'list [1,"x"]'), (None, "NoneType null"),

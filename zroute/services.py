@@ -29,7 +29,8 @@ request as its caller passed it (anything JSON can carry).
 `depends(Other)` makes an attribute that, on a running instance, calls Other's endpoints:
 `self.backend.generate(x)` streams the callee's chunks as str; `.round_robin(x)`,
 `.random(x)`, `.direct(x, worker_id)` and `.request(x, policy=...)` choose the routing per
-call, and `await self.backend.workers()` lists Other's live workers with their load. A call
+call, and `await self.backend.workers()` lists Other's ready workers with their load (the
+process's calls share one broker STATS at a time, and its answer for 0.1 s). A call
 without a policy uses the calling class's `routing_mode` attribute if it declares one,
 else the broker's default. The dependency calls a request makes are cancelled when that
 request ends (its caller went away, say); a call left early (`break`) runs on until then,
@@ -56,12 +57,14 @@ starts the whole graph (zroute_cli/serve.py).
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import contextvars
 import dataclasses
 import inspect
 import logging
 import typing
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, ClassVar, Generator
 
@@ -524,6 +527,50 @@ class WorkerLoad:
         return self.inflight / self.capacity if self.capacity else float(self.inflight)
 
 
+class SharedStats:
+    """A client's broker stats of one service's workers, shared by every workers() call
+    of the process: one STATS at a time, its answer reused for MAX_AGE seconds. So a route
+    that lists the workers per request costs the broker one STATS per MAX_AGE, not one per
+    request (which the broker answers once per Broker.stats_interval, refusing past 100
+    waiting)."""
+
+    MAX_AGE = 0.1  # seconds; Broker.stats_interval's default
+    _of_client: weakref.WeakKeyDictionary[Client, dict[str, SharedStats]] = \
+        weakref.WeakKeyDictionary()  # a process's dependencies' services: a few per client
+
+    def __init__(self, client: Client, service: str) -> None:
+        self._client = client
+        self._service = service
+        self._asking: asyncio.Future[dict] | None = None
+        self._answer: dict | None = None
+        self._asked_at = 0.0
+
+    @classmethod
+    def of(cls, client: Client, service: str) -> SharedStats:
+        by_service = cls._of_client.setdefault(client, {})
+        if service not in by_service:
+            by_service[service] = cls(client, service)
+        return by_service[service]
+
+    async def get(self) -> dict:
+        """The stats as of at most MAX_AGE ago: the last answer, or the STATS in flight's."""
+        now = asyncio.get_running_loop().time()
+        if self._answer is not None and now - self._asked_at < self.MAX_AGE:
+            return self._answer
+        if self._asking is None:
+            self._asking = asyncio.ensure_future(self._ask(now))
+        # One caller that goes away does not cancel the others' answer.
+        return await asyncio.shield(self._asking)
+
+    async def _ask(self, now: float) -> dict:
+        try:  # an error is no answer to reuse: the next call asks again
+            self._answer = await self._client.stats(service=self._service)
+            self._asked_at = now
+            return self._answer
+        finally:
+            self._asking = None
+
+
 class EndpointClient:
     """`self.backend.generate`: calls one endpoint of a dependency."""
 
@@ -570,13 +617,14 @@ class ServiceClient:
                                  f"(its endpoints: {', '.join(self._endpoints)})") from None
 
     async def workers(self) -> list[WorkerLoad]:
-        """The live workers that serve this dependency's endpoints, with their load."""
-        names = {found.name for found in self._target.endpoints.values()}
-        stats = await self._client.stats()
+        """The ready workers of this dependency, with their load as of at most
+        SharedStats.MAX_AGE ago: those that serve its first endpoint, as every worker of
+        the class does, up to Broker.stats_max_workers of them."""
+        first = next(iter(self._target.endpoints.values())).name
+        stats = await SharedStats.of(self._client, first).get()
         return [WorkerLoad(w["id"], w["services"], w["state"], w["inflight"], w["capacity"],
                            w["completed"], w["failed"])
-                for w in stats["workers"]
-                if w["state"] == "ready" and names & set(w["services"])]
+                for w in stats["workers"] if w["state"] == "ready"]
 
 
 # --- running an instance -----------------------------------------------------------------
