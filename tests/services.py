@@ -66,8 +66,7 @@ class Backend:
 
 @service
 class Middle:
-    backend = depends(Backend)
-    routing_mode: str = "round_robin"
+    backend = depends(Backend)  # its calls without a policy: by Middle.routing_mode
 
     @endpoint
     async def generate(self, text: str) -> AsyncIterator[str]:

@@ -188,6 +188,12 @@ def test_a_bad_key_of_a_service_is_one_line_naming_it(overrides, message):
     assert config_error(services.Frontend, overrides) == message
 
 
+def test_a_worker_service_that_calls_others_has_a_routing_mode():
+    config = load_config(None, ["Middle.routing_mode=random"], walk(services.Frontend))
+    assert config.middle.routing_mode == "random"
+    assert "routing_mode" not in config.as_dict()["Backend"]  # it calls nothing
+
+
 def test_a_required_setting_without_a_value_is_named():
     assert config_error(services.NeedsModel) == (
         "NeedsModel.model is required and has no default: set it in the config file or with "
@@ -249,6 +255,22 @@ def test_a_call_chooses_its_routing_or_its_worker(graph_stack):
     listed = orjson.loads(call(graph_stack, "Middle.workers", None))
     assert listed["workers"] == [["Backend-1", 0, 3], ["Backend-2", 0, 3]]
     assert listed["chose"] == listed["served"] == "Backend-1"
+
+
+@pytest.mark.timeout(30)
+def test_a_call_without_a_policy_takes_the_section_s_routing_mode(graph_stack):
+    """Middle declares no routing_mode: its section's, as the command line sets it."""
+    spreading = graph_stack.worker("Middle-2", "--graph", GRAPH, "--service-class", "Middle",
+                                   "--Middle.routing_mode=random",
+                                   f"--Broker.frontend={graph_stack.frontend}")
+    graph_stack.wait_workers("Middle-2")
+    with BlockingClient(graph_stack.frontend, timeout=10) as client:
+        served = [client.request("Middle.route", b"{}", policy="direct", worker="Middle-2")
+                  .read().decode() for _ in range(24)]
+    spreading.stop()
+    graph_stack.procs.remove(spreading)
+    assert set(served) == {"Backend-1", "Backend-2"}
+    assert any(served[n] == served[n + 1] for n in range(len(served) - 1))  # not in turn
 
 
 @pytest.mark.timeout(30)
@@ -340,8 +362,11 @@ def test_a_start_hook_that_raises_stops_the_worker_with_one_line_naming_it():
     (("stats", "--graph", "tests/services.py:Middle"),
      "--graph: Middle has no @api routes: name the root of the graph, whose section holds "
      "the gateway's curve_key"),
+    (("serve", GRAPH, "--Middle.routing_mode=bogus"),
+     "Middle.routing_mode: unknown routing policy 'bogus' (valid: round_robin, random, "
+     "least_loaded, power_of_two)"),
 ], ids=["not-a-service", "worker-of-routes", "not-in-graph", "serve-of-endpoints",
-        "does-not-load", "stats-of-endpoints"])
+        "does-not-load", "stats-of-endpoints", "unknown-routing-mode"])
 def test_a_graph_that_cannot_run_is_one_line_before_anything_starts(argv, error):
     result = run_zroute(*argv, f"--Broker.frontend=tcp://127.0.0.1:{free_port()}",
                         cwd=REPO_ROOT)

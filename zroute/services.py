@@ -31,8 +31,9 @@ request as its caller passed it (anything JSON can carry).
 `.random(x)`, `.direct(x, worker_id)` and `.request(x, policy=...)` choose the routing per
 call, and `await self.backend.workers()` lists Other's ready workers with their load (the
 process's calls share one broker STATS at a time, and its answer for 0.1 s). A call
-without a policy uses the calling class's `routing_mode` attribute if it declares one,
-else the broker's default. The dependency calls a request makes are cancelled when that
+without a policy uses the calling service's section's `routing_mode` (Frontend.routing_mode
+for the gateway's, Middle.routing_mode for a worker service with dependencies), whether
+the class declares it or not. The dependency calls a request makes are cancelled when that
 request ends (its caller went away, say); a call left early (`break`) runs on until then,
 unless it is closed: `async with self.backend.generate(x) as chunks:`, or
 `chunks.cancel()`. An error of the callee raises CallError with its `code` in the caller.
@@ -580,7 +581,7 @@ class EndpointClient:
         self._policy = policy
 
     def __call__(self, argument: Any, *, timeout: float | None = None) -> CallStream:
-        """Call with the calling class's routing_mode, or the broker's default."""
+        """Call with the calling service's routing_mode (its section's)."""
         return self.request(argument, policy=self._policy, timeout=timeout)
 
     def request(self, argument: Any, *, policy: str = "", worker: WorkerId = "",
@@ -648,15 +649,16 @@ class Instance:
         self.obj = cls.__new__(cls)
         for found in described.settings:
             setattr(self.obj, found.name, getattr(settings, found.name))
+        # The section's, whether the class declares it or not (Frontend.routing_mode).
+        self._routing_mode: str = getattr(settings, "routing_mode", "")
 
     def bind(self, client: Client | None) -> Instance:
         """Bind the dependencies to `client` (None for a service without any), then run
         the class's __init__, if it has one; StartFailed, one line, if it raises."""
-        policy = getattr(self.obj, "routing_mode", "") or ""
         for attribute, target in self.service.dependencies.items():
             if client is None:
                 raise ValueError(f"{self.service.name} has dependencies: it needs a client")
-            setattr(self.obj, attribute, ServiceClient(target, client, policy))
+            setattr(self.obj, attribute, ServiceClient(target, client, self._routing_mode))
         if type(self.obj).__init__ is not object.__init__:
             try:
                 self.obj.__init__()

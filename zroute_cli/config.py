@@ -9,7 +9,8 @@ sections of their own, and says in one line what is wrong with a value.
 
 The sections are those of a service graph (zroute/services.py): one per service, named by
 its class, with the keys the class declares and those of the process that runs it
-(WorkerSettings' for a service of workers, FrontendSettings' for one the gateway serves),
+(WorkerSettings' for a service of workers, CallingWorkerSettings' if it has dependencies,
+FrontendSettings' for one the gateway serves),
 and Broker. `config_class(graph)` makes that class; without a graph, the built-in one's
 (Backend, Frontend, Broker).
 """
@@ -27,8 +28,9 @@ from typing import Any, Iterable, Mapping, Sequence, TypeVar
 import yaml
 
 from zroute.services import Graph, Service, walk
-from zroute.settings import (BrokerSettings, Config, FrontendSettings, GatewayChecks, Rules,
-                             Section, WorkerSettings, key_of, rules_of, section, setting)
+from zroute.settings import (BrokerSettings, CallingWorkerSettings, Config, FrontendSettings,
+                             GatewayChecks, Rules, Section, WorkerSettings, key_of, rules_of,
+                             section, setting)
 
 T = TypeVar("T")
 
@@ -359,7 +361,7 @@ def section_class(described: Service) -> type:
     settings of the process that runs it (a declared key may set a runtime one of the same
     name and type, as the built-in Frontend's routing_mode does), with ServiceArgs.workers
     defaulting to @service(workers=...)."""
-    runtime = FrontendSettings if described.is_http else WorkerSettings
+    runtime = runtime_settings(described)
     runtime_types = typing.get_type_hints(runtime)
     fields: dict[str, tuple[str, Any, dataclasses.Field]] = {}
     for declared in described.settings:
@@ -390,6 +392,14 @@ def section_class(described: Service) -> type:
                                           frozen=True, kw_only=True)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{described.name}: its settings cannot be read: {e}") from None
+
+
+def runtime_settings(described: Service) -> type:
+    """The settings of the process that runs a service: a gateway's, or a worker's (with
+    the routing_mode of its calls if it makes any)."""
+    if described.is_http:
+        return FrontendSettings
+    return CallingWorkerSettings if described.dependencies else WorkerSettings
 
 
 def _field(default: Any) -> dataclasses.Field:
