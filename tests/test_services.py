@@ -5,6 +5,7 @@ the lifecycle hooks; then `zroute serve FILE:Class`."""
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -260,12 +261,17 @@ def test_a_call_chooses_its_routing_or_its_worker(graph_stack):
 @pytest.mark.timeout(30)
 def test_a_call_without_a_policy_takes_the_section_s_routing_mode(graph_stack):
     """Middle declares no routing_mode: its section's, as the command line sets it."""
-    spreading = graph_stack.worker("Middle-2", "--graph", GRAPH, "--service-class", "Middle",
-                                   "--Middle.routing_mode=random",
-                                   f"--Broker.frontend={graph_stack.frontend}")
-    graph_stack.wait_workers("Middle-2")
+    spreading = graph_stack.start("spreading", "worker", "--broker", graph_stack.backend,
+                                  "--graph", GRAPH, "--service-class", "Middle",
+                                  "--Middle.routing_mode=random",
+                                  f"--Broker.frontend={graph_stack.frontend}")
+    ids = wait_until(lambda: set(graph_stack.ready_workers()) - {"Middle-1", "Backend-1",
+                                                                 "Backend-2"}, 10,
+                     "the worker to register")
+    [own_id] = ids  # without --id: its service's name, and random hex digits
+    assert re.fullmatch(r"Middle-[0-9a-f]{6}", own_id)
     with BlockingClient(graph_stack.frontend, timeout=10) as client:
-        served = [client.request("Middle.route", b"{}", policy="direct", worker="Middle-2")
+        served = [client.request("Middle.route", b"{}", policy="direct", worker=own_id)
                   .read().decode() for _ in range(24)]
     spreading.stop()
     graph_stack.procs.remove(spreading)
