@@ -9,6 +9,7 @@ import re
 import signal
 import time
 from pathlib import Path
+from typing import Optional
 
 import aiohttp
 import orjson
@@ -204,15 +205,41 @@ def test_a_required_setting_without_a_value_is_named():
 
 def test_a_setting_of_a_type_no_key_can_have_is_named():
     @service
-    class Lists:
-        names: list[str] = []
+    class Counts:
+        counts: dict[str, int] = {}
 
         @endpoint
         async def run(self, request):
             yield request
 
-    assert config_error(Lists) == ("Lists.names: a setting is a str, int, float, "
-                                   "tuple[str, ...], bool or a section, not a list[str]")
+    assert config_error(Counts) == (
+        "Counts.counts: a setting is a str, int, float, bool (each may be `X | None`), "
+        "tuple[str, ...] or list[str], or a section, not a dict[str, int]")
+
+
+@service
+class Optionals:
+    model: Optional[str] = None
+    size: int | None = None
+    names: list[str] = ["a"]
+
+    @endpoint
+    async def run(self, request):
+        yield request
+
+
+def test_optional_settings_take_null_and_lists_are_lists(tmp_path: Path):
+    settings = load_config(None, (), walk(Optionals)).optionals
+    assert (settings.model, settings.size, settings.names) == (None, None, ["a"])
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("Optionals:\n  model: m\n  size: 3\n  names: [b, c]\n")
+    settings = load_config(str(config_file), (), walk(Optionals)).optionals
+    assert (settings.model, settings.size, settings.names) == ("m", 3, ["b", "c"])
+    settings = load_config(str(config_file), ("Optionals.model=null", "Optionals.size=null"),
+                           walk(Optionals)).optionals
+    assert (settings.model, settings.size) == (None, None)
+    assert config_error(Optionals, ("Optionals.size=big",)) == (
+        "Optionals.size: 'big' is invalid: must be an integer or null")
 
 
 # --- a graph served by workers -----------------------------------------------------------
