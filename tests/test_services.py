@@ -138,6 +138,19 @@ def test_each_mistake_in_a_graph_is_one_line_naming_the_class():
     assert graph_error(Idle) == "Idle has no @endpoint and no @api route: nothing would serve it"
 
     @service
+    class Configured:
+        def __init__(self, model):
+            self.model = model
+
+        @endpoint
+        async def run(self, request):
+            yield request
+
+    assert graph_error(Configured) == (
+        "Configured.__init__ takes arguments besides self, but zroute creates the instance "
+        "with none: make them settings (annotated attributes) or give them defaults")
+
+    @service
     class SameName:
         a = depends(A)
 

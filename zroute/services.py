@@ -48,7 +48,9 @@ null, `--Backend.model=null`), or a list[str] or tuple[str, ...]. The section ho
 service as well (a worker's drain_timeout, ServiceArgs.workers...; a gateway's port...).
 
 `@on_start` methods run before a process takes requests (a worker before it registers,
-a gateway before it listens), and `@on_stop` ones once it has drained.
+a gateway before it listens), and `@on_stop` ones once it has drained. A class's own
+`__init__`, if it has one, runs before them, once its settings and dependencies are set;
+it takes no argument besides self.
 
 `walk(Root)` checks a graph and returns its services, dependencies first; every mistake in
 it is a GraphError whose text is one line naming the class and what to fix. `Instance`
@@ -291,6 +293,7 @@ def describe(cls: Any) -> Service:
             or options.workers < 1:
         raise GraphError(f"{name}: @service(workers={options.workers!r}) is invalid: must be "
                          "an integer >= 1")
+    _check_init(cls)
     described = Service(cls, options.workers)
     members = _members(cls)
     for attribute, value in members.items():
@@ -303,6 +306,21 @@ def describe(cls: Any) -> Service:
     if not described.routes and not described.endpoints:
         raise GraphError(f"{name} has no @endpoint and no @api route: nothing would serve it")
     return described
+
+
+def _check_init(cls: type) -> None:
+    """zroute calls a service's __init__ with no arguments (Instance.bind): say so now,
+    not once its process has started."""
+    if cls.__init__ is object.__init__:
+        return
+    try:
+        inspect.signature(cls.__init__).bind(None)
+    except TypeError:
+        raise GraphError(f"{cls.__name__}.__init__ takes arguments besides self, but zroute "
+                         "creates the instance with none: make them settings (annotated "
+                         "attributes) or give them defaults") from None
+    except ValueError:  # a signature Python cannot tell (a builtin base's): it will tell
+        pass
 
 
 def _describe_member(described: Service, attribute: str, value: Any) -> None:
