@@ -2,7 +2,8 @@
 broker service) or a Call (to a function run in the gateway process).
 
 A Call's function receives the request's decoded JSON body and returns an async
-iterator of chunks (str or bytes), typically an async generator. CallStream runs it
+iterator of chunks, typically an async generator: str, bytes, or any other value JSON
+can carry, sent as its JSON text (zroute/chunks.py). CallStream runs it
 and offers its chunks as the broker client's Stream offers a reply's, so that the
 gateway streams, times out, cuts and counts both alike.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Union
 
 from zroute import protocol as p
+from zroute.chunks import as_chunk
 from zroute.client import BrokerError, timeout_error
 from zroute.errors import BadRequest
 
@@ -147,7 +149,7 @@ class CallStream:
             chunks = iterate(function(body))
             count = 0
             async for item in chunks:
-                chunk = as_bytes(item)
+                chunk = as_chunk(item, f"the route {self.path}")
                 self._chunks.append(chunk)
                 self._ahead += len(chunk)
                 self._arrived.set()
@@ -202,11 +204,3 @@ async def close(chunks: AsyncIterator[Any] | None) -> None:
         await chunks.aclose()
     except Exception:
         log.exception("a route's function failed while it was being closed")
-
-
-def as_bytes(item: Any) -> bytes:
-    if isinstance(item, bytes):
-        return item
-    if isinstance(item, str):
-        return item.encode()
-    raise TypeError(f"the function yielded {type(item).__name__}, not str or bytes")

@@ -148,6 +148,22 @@ async def test_a_call_route_speaks_each_format(broker, accept, expected):
 
 
 @async_test
+async def test_a_call_route_sends_a_value_that_is_not_text_as_its_json(broker, caplog):
+    async def values(body: Any) -> AsyncIterator[Any]:
+        yield {"a": [1, 2.5, True, None]}
+        yield 7
+
+    routes = {"/values": Call(values), "/set": Call(lambda body: fails(ValueError(), ({1},)))}
+    async with serving(broker, routes) as (_, url, session):
+        async with session.post(f"{url}/values", data=b"{}", headers={"Accept": NDJSON}) as resp:
+            assert await resp.read() == (b'{"chunk":"{\\"a\\":[1,2.5,true,null]}"}\n'
+                                         b'{"chunk":"7"}\n{"done":true}\n')
+        async with session.post(f"{url}/set", data=b"{}") as resp:
+            assert (resp.status, (await resp.json())["code"]) == (502, p.E_HANDLER)
+    assert "the route /set yielded a set, which is not str, bytes or a value JSON" in caplog.text
+
+
+@async_test
 async def test_forward_routes_go_to_the_service_they_name(broker):
     routes = {"/hang": Forward("generate"), "/missing": Forward("no-such-service")}
     async with serving(broker, routes) as (_, url, session):

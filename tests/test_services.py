@@ -35,7 +35,8 @@ def test_a_graph_lists_each_service_once_with_those_it_depends_on_first():
     assert [s.name for s in graph.worker_services] == ["Backend", "Middle"]
     backend, middle, frontend = graph.services
     assert {e.name for e in backend.endpoints.values()} == {
-        "Backend.generate", "Backend.echo", "Backend.ready", "Backend.refuse", "Backend.hang"}
+        "Backend.generate", "Backend.echo", "Backend.ready", "Backend.refuse", "Backend.values",
+        "Backend.binary", "Backend.unencodable", "Backend.hang"}
     assert middle.dependencies == {"backend": backend}
     assert (frontend.is_http, list(frontend.routes)) == (True, ["/shout", "/generate", "/hang"])
     assert frontend.routes["/shout"].forward == ("middle", "generate")
@@ -258,6 +259,35 @@ def test_a_call_chooses_its_routing_or_its_worker(graph_stack):
 ])
 def test_an_endpoint_receives_exactly_what_its_caller_passed(graph_stack, argument, received):
     assert call(graph_stack, "Middle.echo", argument) == received
+
+
+@pytest.mark.timeout(30)
+def test_an_endpoint_may_yield_any_json_value_and_its_caller_reads_the_values(graph_stack):
+    with BlockingClient(graph_stack.frontend, timeout=10) as client:
+        assert list(client.request("Backend.values", orjson.dumps({"a": 1}))) == [
+            b'{"a":1}', b'[1,"x"]', b"2.5", b"true"]
+    assert orjson.loads(call(graph_stack, "Middle.values", {"a": 1})) == {
+        "values": [{"a": 1}, [1, "x"], 2.5, True]}
+
+
+@pytest.mark.timeout(30)
+def test_a_value_json_cannot_carry_fails_naming_the_endpoint_and_its_type(graph_stack):
+    with BlockingClient(graph_stack.frontend, timeout=10) as client:
+        with pytest.raises(BrokerError) as raised:
+            client.request("Backend.unencodable", b"null").read()
+    assert raised.value.code == "handler_error"
+    line = ("the handler 'Backend.unencodable' yielded a set, which is not str, bytes or a "
+            "value JSON can carry")
+    wait_until(lambda: any(line in proc.output() for proc in graph_stack.procs), 5,
+               "the worker's log line")
+    for proc in graph_stack.procs:
+        proc.traceback_expected |= line in proc.output()  # the handler's mistake, logged
+
+
+@pytest.mark.timeout(30)
+def test_a_middle_stage_relays_binary_chunks_unchanged(graph_stack):
+    with BlockingClient(graph_stack.frontend, timeout=10) as client:
+        assert list(client.request("Middle.binary", b"null")) == [b"\xff\xfe", b"\x00\x80ok"]
 
 
 @pytest.mark.timeout(30)

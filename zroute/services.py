@@ -22,12 +22,17 @@ processes (`ServiceArgs.workers` of them), each registered with the broker under
 `Class.method` (or `@endpoint(name=...)`), so that every routing policy, capacity, queue,
 retry and the stats apply to them. A class with `@api` routes is served over HTTP by the
 gateway instead; only the root of a graph may have routes. An endpoint or a route is an
-async generator function, whose yields (str or bytes) stream to the caller as they come,
-or a coroutine function, whose return value is its one chunk; it takes one argument, the
-request as its caller passed it (anything JSON can carry).
+async generator function, whose yields stream to the caller as they come, or a coroutine
+function, whose return value is its one chunk; it takes one argument, the request as its
+caller passed it (anything JSON can carry). A chunk is str (sent as UTF-8), bytes (as they
+are), or any other value JSON can carry (a dict, a list, a number...), sent as its JSON
+text: one chunk, one JSON text (zroute/chunks.py). A value JSON cannot carry fails the
+request with an error that names the method and the type.
 
 `depends(Other)` makes an attribute that, on a running instance, calls Other's endpoints:
-`self.backend.generate(x)` streams the callee's chunks as str; `.round_robin(x)`,
+`self.backend.generate(x)` streams the callee's chunks as str, `.raw()` of it as bytes
+unchanged (what a stage relays), `.values()` of it as the JSON values that the callee
+yielded or returned; `.round_robin(x)`,
 `.random(x)`, `.direct(x, worker_id)` and `.request(x, policy=...)` choose the routing per
 call, and `await self.backend.workers()` lists Other's live workers with their load. A call
 without a policy uses the calling class's `routing_mode` attribute if it declares one,
@@ -448,7 +453,8 @@ def encode_argument(argument: Any) -> bytes:
 
 class CallStream:
     """The reply to one dependency call: an async iterator of str chunks, as the callee
-    yields them. An error of the callee raises CallError (`.code`)."""
+    yields them; `.raw()` gives them as bytes, `.values()` as the values JSON chunks
+    hold. An error of the callee raises CallError (`.code`)."""
 
     def __init__(self, stream: Stream) -> None:
         self._stream = stream
@@ -473,14 +479,35 @@ class CallStream:
 
     async def __anext__(self) -> str:
         while True:
-            try:
-                chunk = await self._stream.__anext__()
-            except BaseException:
-                self._untrack()
-                raise
-            text = self._decoder.decode(chunk)
+            text = self._decoder.decode(await self._next_chunk())
             if text:
                 return text
+
+    async def raw(self) -> AsyncIterator[bytes]:
+        """The chunks as bytes, as the callee sent them: what a stage relays unchanged
+        (binary chunks, say). A stream is read as str or as bytes, not both."""
+        while True:
+            try:
+                yield await self._next_chunk()
+            except StopAsyncIteration:
+                return
+
+    async def values(self) -> AsyncIterator[Any]:
+        """Each chunk decoded as the JSON text it is: the values a callee yields or
+        returns that are not str or bytes (a dict, a list...)."""
+        async for chunk in self.raw():
+            try:
+                yield orjson.loads(chunk)
+            except orjson.JSONDecodeError as e:
+                raise ValueError(f"a chunk of the reply is not JSON ({e}): {chunk[:60]!r}; "
+                                 "read it as str, or with raw()") from None
+
+    async def _next_chunk(self) -> bytes:
+        try:
+            return await self._stream.__anext__()
+        except BaseException:
+            self._untrack()
+            raise
 
     async def read(self) -> str:
         """The whole reply, joined."""
