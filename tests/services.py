@@ -158,6 +158,11 @@ class Frontend:
         async for chunk in self.middle.generate(request["text"]):
             yield chunk
 
+    @api(path="/generate", method="GET")
+    async def query(self, query: dict) -> dict:
+        """The query parameters, as a GET route receives them."""
+        return {"query": query}
+
     @api(path="/hang")
     async def hang(self, request: dict) -> AsyncIterator[str]:
         async for chunk in self.middle.relay_hang(request["marker"]):

@@ -38,8 +38,9 @@ def test_a_graph_lists_each_service_once_with_those_it_depends_on_first():
         "Backend.generate", "Backend.echo", "Backend.ready", "Backend.refuse", "Backend.values",
         "Backend.binary", "Backend.unencodable", "Backend.hang"}
     assert middle.dependencies == {"backend": backend}
-    assert (frontend.is_http, list(frontend.routes)) == (True, ["/shout", "/generate", "/hang"])
-    assert frontend.routes["/shout"].forward == ("middle", "generate")
+    assert (frontend.is_http, list(frontend.routes)) == (True, [
+        ("POST", "/shout"), ("POST", "/generate"), ("GET", "/generate"), ("POST", "/hang")])
+    assert frontend.routes["POST", "/shout"].forward == ("middle", "generate")
     assert [(s.name, s.default) for s in backend.settings] == [
         ("greeting", "Hello"), ("sleep_time", 0.0), ("started", False)]
     assert backend.hooks == {"on_start": ["setup"], "on_stop": ["teardown"]}
@@ -96,8 +97,8 @@ def test_each_mistake_in_a_graph_is_one_line_naming_the_class():
         async def second(self, request):
             yield "2"
 
-    assert graph_error(TwoRoutes) == ("TwoRoutes: the route /a is declared twice, by first "
-                                      "and second: give each its own path")
+    assert graph_error(TwoRoutes) == ("TwoRoutes: the route POST /a is declared twice, by "
+                                      "first and second: give each its own path or method")
 
     @service
     class NotAsync:
@@ -390,12 +391,19 @@ async def test_serve_runs_a_graph_from_its_http_root_and_stops_callers_first(sta
     wait_until(lambda: "\nTry:\n" in serve.output(), 30, "serve to announce itself")
     assert (f"zroute is serving on {url} (Frontend; workers: 1 Backend, 1 Middle)"
             in serve.output())
+    # The banner's example of each route follows its method.
+    assert f"  curl -X POST {url}/generate -H 'Content-Type: application/json'" in serve.output()
+    assert f"  curl '{url}/generate?key=value'\n" in serve.output()
     async with aiohttp.ClientSession() as session:
         # A route of the class, run in the gateway: Frontend -> Middle -> Backend.
         async with session.post(f"{url}/generate", json={"text": "sun,moon"}) as response:
             assert response.status == 200
             assert [line async for line in response.content] == [b"HELLO SUN!\n",
                                                                   b"HELLO MOON!\n"]
+        # GET and POST share the path; the GET route receives the query.
+        async with session.get(f"{url}/generate?text=a%20b&n=1") as response:
+            assert (response.status, await response.json(content_type=None)) == (
+                200, {"query": {"text": "a b", "n": "1"}})
         # A forward(): the body, as it comes, to Middle.generate, with ?worker=.
         async with session.post(f"{url}/shout?worker=Middle-1", json="sky") as response:
             assert (response.status, await response.text()) == (200, "HELLO SKY!\n")

@@ -126,7 +126,9 @@ class RouteMark:
 
 
 def api(path: str, method: str = "POST") -> Callable[[Callable], Callable]:
-    """Mark a method as an HTTP route of the gateway: it takes the request's JSON body."""
+    """Mark a method as an HTTP route of the gateway: it takes the request's JSON body,
+    or, for GET, its query parameters as a dict of str. A path may have one route per
+    method."""
     if not isinstance(path, str):  # @api without its path
         raise GraphError(f"@api needs the route's path: @api(path=\"/generate\"), not "
                          f"@api on {getattr(path, '__qualname__', path)!r}")
@@ -215,7 +217,7 @@ class Service:
     cls: type
     workers: int
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # by attribute
-    routes: dict[str, Route] = field(default_factory=dict)  # by path
+    routes: dict[tuple[str, str], Route] = field(default_factory=dict)  # by (method, path)
     dependencies: dict[str, Service] = field(default_factory=dict)  # by attribute
     hooks: dict[str, list[str]] = field(default_factory=lambda: {START: [], STOP: []})
     settings: list[Setting] = field(default_factory=list)
@@ -339,12 +341,13 @@ def _add_route(described: Service, attribute: str, mark: RouteMark,
     if mark.method not in HTTP_METHODS:
         raise GraphError(f"{owner}.{attribute}: the method {mark.method!r} is not one of "
                          f"{', '.join(HTTP_METHODS)}")
-    other = described.routes.get(mark.path)
+    key = (mark.method, mark.path)
+    other = described.routes.get(key)
     if other is not None:
-        raise GraphError(f"{owner}: the route {mark.path} is declared twice, by "
-                         f"{other.attribute} and {attribute}: give each its own path")
+        raise GraphError(f"{owner}: the route {mark.method} {mark.path} is declared twice, by "
+                         f"{other.attribute} and {attribute}: give each its own path or method")
     target = None if forward is None else (forward.attribute, mark.forward or "")
-    described.routes[mark.path] = Route(mark.path, mark.method, attribute, target)
+    described.routes[key] = Route(mark.path, mark.method, attribute, target)
 
 
 def _settings(cls: type, members: dict[str, Any]) -> list[Setting]:
