@@ -3,8 +3,9 @@ runtime (endpoints, plain handlers) and the gateway (Call routes), so that both 
 the same values.
 
 str is sent as UTF-8 and bytes as they are; anything else that JSON can carry (a dict, a
-list, a number, a bool, None) is sent as its JSON text, one chunk per value, which a
-caller across a dependency decodes with `CallStream.values()`.
+list, a number, a bool) is sent as its JSON text, one chunk per value, which a caller
+across a dependency decodes with `CallStream.values()`. (A coroutine's None return is
+no chunk at all: zroute/services.py.)
 """
 
 from __future__ import annotations
