@@ -1,12 +1,14 @@
 """deploy/kubernetes and the Dockerfile, checked without a cluster and without Docker.
 
-Each deployment (the default, with CURVE, and the insecure overlay) is rendered with
+Each deployment (the default, with CURVE, the insecure overlay, and the overlay of
+examples/multistage_pipeline.py, a graph of three services) is rendered with
 `kubectl kustomize`, where kubectl is installed, and every resource it makes is
 validated against the Kubernetes schemas (kubernetes-validate, offline). Then zroute
 itself judges what the pods would run: the ConfigMap's config.yaml and each container's
 args, with `--check`. The pods run here as processes, their volumes laid out as the
 kubelet would mount them: a gateway answers its probes' paths, and the default
-deployment, with the Secrets that docs/DEPLOY.md makes, serves a request with CURVE.
+deployment and the multistage graph, with the Secrets that docs/DEPLOY.md makes, serve
+a request with CURVE, the graph's through each of its services.
 The numbers that must agree (grace periods and drains, broker replicas and the lists of
 brokers, ports) are compared. What only a cluster can show
 (scheduling, DNS, Secrets mounted, rollouts) is not run here: docs/DEPLOY.md says so.
@@ -305,17 +307,17 @@ def test_every_key_file_the_curve_args_name_is_in_a_mounted_secret(deployment):
 @pytest.mark.timeout(60)
 def test_every_pod_of_the_multistage_graph_loads_it_from_the_files_its_image_adds():
     resources = render(DEPLOYMENTS["multistage"])
-    for workload in workloads(resources):
-        spec = workload["spec"]["template"]["spec"]["containers"][0]
-        [graph] = [arg.partition("=")[2] for arg in spec["args"] if arg.startswith("--graph=")]
-        assert graph.rpartition(":")[0] in image_files(spec["image"]), workload["metadata"]["name"]
-    # The image is zroute's, at this version, and so is its tag.
+    # The image is zroute's at this version, with the graph's files, and so is its tag.
     version = yaml.safe_load((KUBERNETES / "base" / "kustomization.yaml").read_text())[
         "images"][0]["newTag"]
     [base] = [rest for kind, rest in dockerfile(IMAGE_DOCKERFILES["zroute-multistage"])
               if kind == "FROM"]
     assert base == f"zroute:{version}"
-    assert spec["image"] == f"zroute-multistage:{version}"
+    for workload in workloads(resources):
+        spec = workload["spec"]["template"]["spec"]["containers"][0]
+        assert spec["image"] == f"zroute-multistage:{version}"
+        [graph] = [arg.partition("=")[2] for arg in spec["args"] if arg.startswith("--graph=")]
+        assert graph.rpartition(":")[0] in image_files(spec["image"]), workload["metadata"]["name"]
 
 
 @pytest.mark.timeout(60)
