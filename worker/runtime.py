@@ -21,6 +21,7 @@ import zmq
 
 from zroute import protocol as p
 from zroute.channel import Channel
+from zroute.chunks import as_chunk
 from zroute.client import BrokerError
 from zroute.connection import watched_dealer
 from zroute.curve import PeerKeys
@@ -104,6 +105,11 @@ def decode_body(body: bytes) -> Any:
         return body.decode()
     except UnicodeDecodeError:
         raise BadRequest("body is neither JSON nor UTF-8 text") from None
+
+
+def handler_name(handler: Handler) -> str:
+    """A handler as an error names it: `the handler 'Backend.lookup'`."""
+    return f"the handler {getattr(handler, '__qualname__', handler)!r}"
 
 
 def request_fields(token: bytes) -> dict[str, str]:
@@ -535,9 +541,8 @@ class Worker:
             async for item in handler(decode_body(body)):
                 if isinstance(item, str):
                     item = item.encode()
-                elif not isinstance(item, bytes):
-                    raise TypeError(f"the handler yielded {type(item).__name__}, "
-                                    "not str or bytes")
+                elif not isinstance(item, bytes):  # a dict, a list...: its JSON text
+                    item = as_chunk(item, handler_name(handler))
                 outbox.chunk(rid, item)
                 chunks += 1
                 if session.channel.unsent_bytes() > MAX_UNSENT_BYTES:

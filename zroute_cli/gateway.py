@@ -83,18 +83,19 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def routes_of(instance: Instance) -> dict[str, Route]:
-    """The service's @api routes as the gateway serves them: a method called in the
-    gateway, or a forward() passed to a dependency's endpoint at the broker."""
+def routes_of(instance: Instance) -> dict[str, list[Route]]:
+    """The service's @api routes as the gateway serves them, by path: a method called in
+    the gateway, or a forward() passed to a dependency's endpoint at the broker."""
     described = instance.service
-    routes: dict[str, Route] = {}
+    routes: dict[str, list[Route]] = {}
     for route in described.routes.values():
         if route.forward is None:
-            routes[route.path] = Call(instance.function(route.attribute), route.method)
+            served: Route = Call(instance.function(route.attribute), route.method)
         else:
             attribute, endpoint = route.forward
             target = described.dependencies[attribute].endpoints[endpoint].name
-            routes[route.path] = Forward(target, route.method)
+            served = Forward(target, route.method)
+        routes.setdefault(route.path, []).append(served)
     return routes
 
 

@@ -32,7 +32,7 @@ from typing import Callable
 from zroute_cli.broker import configured_policies
 from zroute_cli.command import (START_FAILED, add_common_options, flag_overrides, load,
                                 load_graph, starting_problems)
-from zroute.services import START, Graph, Service
+from zroute.services import START, Graph, Route, Service
 from zroute.settings import Config, FrontendSettings
 from zroute_cli.config import ConfigError, builtin_graph, section_of
 from zroute.ports import Address, same_listener, tcp_address
@@ -505,8 +505,16 @@ def _announce(base: str, graph: Graph, config: Config) -> None:
         counts = ", ".join(f"{section_of(config, s).service_args.workers} {s.name}"
                            for s in graph.worker_services)
         what = f"({graph.root.name}; {several}workers: {counts})"
-        tries = [f"  curl -X {route.method} {base}{route.path} -H 'Content-Type: "
-                 "application/json' -d 'JSON'" for route in graph.root.routes.values()]
+        tries = [try_route(base, route) for route in graph.root.routes.values()]
     print(f"\nzroute is serving on {base} {what}\nTry:\n" + "\n".join(tries) + "\n"
           f"  curl {operators}/stats    # or open {operators}/dashboard in a browser\n",
           flush=True)
+
+
+def try_route(base: str, route: Route) -> str:
+    """A curl command line for a route of the banner: a GET takes a query, the others
+    a JSON body."""
+    if route.method == "GET":
+        return f"  curl '{base}{route.path}?key=value'"
+    return (f"  curl -X {route.method} {base}{route.path} -H 'Content-Type: application/json' "
+            "-d 'JSON'")
