@@ -52,6 +52,13 @@ class TwoBrokers:
         wait_until(ready, 10, f"workers {ids} on both brokers")
 
 
+def peak_of(worker: Proc) -> int:
+    """Stop a worker: the most requests it ran at once, as it logs on exit (0 if it did not)."""
+    worker.stop()
+    peak = re.search(r"stopped after \d+ request\(s\), at most (\d+) at once", worker.output())
+    return int(peak[1]) if peak else 0
+
+
 @pytest.mark.timeout(90)
 def test_kill_9_one_of_two_brokers_with_200_requests_in_flight_and_steady_load(stack):
     two = TwoBrokers(stack)
@@ -123,11 +130,35 @@ def test_a_worker_never_runs_more_than_its_capacity_with_two_brokers(stack):
     assert replies == [f"start {n}\ndone {n}\n".encode() for n in range(80)]
     with BlockingClient(two.frontends) as client:
         refusals = client.stats()["broker"]["refusals"]
-    for (worker_id, proc), capacity in zip(workers.items(), capacities):
-        proc.stop()
-        peak = re.search(r"stopped after \d+ request\(s\), at most (\d+) at once", proc.output())
-        assert peak and 1 <= int(peak[1]) <= capacity, proc.output()[-2000:]
+    for proc, capacity in zip(workers.values(), capacities):
+        assert 1 <= peak_of(proc) <= capacity, proc.output()[-2000:]
     assert refusals > 0  # both brokers sent to the same workers: capacity was held by refusing
+
+
+@pytest.mark.timeout(60)
+def test_a_backlog_on_two_brokers_and_workers_of_capacity_1_all_succeed(stack):
+    # Each broker sees both workers; each worker runs one request at a time, whichever
+    # broker sent it. The backlog drains well within Broker.queue_timeout: no request
+    # fails, however often the brokers race for a free slot.
+    two = TwoBrokers(stack)
+    workers = {worker_id: two.worker(worker_id, "--handler", "tests.handlers:hold",
+                                     "--capacity", "1") for worker_id in ("w1", "w2")}
+    two.wait_workers(*workers)
+    backlog = 300
+
+    async def scenario() -> list:
+        async with Client(two.frontends, timeout=30) as client:
+            streams = [client.round_robin("generate", {"text": str(n), "seconds": 0.005})
+                       for n in range(backlog)]
+            return await asyncio.wait_for(
+                asyncio.gather(*(s.read() for s in streams), return_exceptions=True), 30)
+
+    replies = asyncio.run(scenario())
+    failures = [reply for reply in replies if isinstance(reply, Exception)]
+    assert failures == []
+    assert replies == [f"start {n}\ndone {n}\n".encode() for n in range(backlog)]
+    for proc in workers.values():
+        assert peak_of(proc) == 1, proc.output()[-2000:]
 
 
 @pytest.mark.timeout(60)

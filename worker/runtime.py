@@ -195,8 +195,9 @@ class BrokerSession:
         self.answered = True
         self.last_heard = 0.0
         self.backoff = RECONNECT_MIN_S
-        # It refused a request of this broker over capacity: the broker takes the worker
-        # for full until told otherwise, so the next free slot is announced to it at once.
+        # The broker takes the worker for full (it refused one of its requests, or its
+        # last HEARTBEAT counted its capacity) until told otherwise: a free slot may be
+        # announced to it at once.
         self.owes_room = False
 
     def send(self, frames: list[bytes]) -> None:
@@ -251,6 +252,7 @@ class Worker:
         self.served = 0
         self.refusals = 0  # requests refused over capacity
         self.peak_inflight = 0
+        self._room_turn = 0  # the broker last told of a free slot: the next one is told next
         self._stopping: asyncio.Event | None = None
         self.refused: p.Error | None = None  # why a broker refused this worker, if one did
         self._drops = LogLimiter(log)
@@ -346,7 +348,10 @@ class Worker:
 
     def _beat(self, session: BrokerSession) -> None:
         """A HEARTBEAT that counts the requests the worker runs, from every broker."""
-        session.send(p.encode_heartbeat(p.Heartbeat(inflight=self.inflight)))
+        inflight = self.inflight
+        if self.capacity and inflight >= self.capacity:
+            session.owes_room = True
+        session.send(p.encode_heartbeat(p.Heartbeat(inflight=inflight)))
 
     def _heartbeat(self, session: BrokerSession) -> None:
         if not session.connected:
@@ -452,14 +457,22 @@ class Worker:
             self.refused = msg
             self.stop()
 
-    def _announce_room(self) -> None:
-        """A slot is free: a HEARTBEAT, which counts the requests it runs, to each broker
-        whose request it refused since, so that the broker sends it work again now rather
-        than at its next heartbeat."""
-        for session in self.sessions:
+    def _announce_room(self, ended: BrokerSession) -> None:
+        """A slot of `ended`'s request is free, and `ended` knows it from the request's
+        end. One other broker that takes the worker for full is told too, with a
+        HEARTBEAT that counts the requests the worker runs, so that it sends work again now
+        rather than at its next heartbeat: one, in turn, since brokers told together
+        would race for the one slot and all but one be refused."""
+        ended.owes_room = False
+        count = len(self.sessions)
+        for step in range(1, count + 1):
+            turn = (self._room_turn + step) % count
+            session = self.sessions[turn]
             if session.owes_room and session.connected:
+                self._room_turn = turn
                 session.owes_room = False
                 self._beat(session)
+                return
 
     async def _until_broker_reads(self, session: BrokerSession) -> None:
         """Backpressure: a handler that yields faster than the broker takes its replies
@@ -503,7 +516,7 @@ class Worker:
     def _ended(self, session: BrokerSession, rid: bytes, task: asyncio.Task) -> None:
         if session.tasks.get(rid) is task:
             del session.tasks[rid]
-            self._announce_room()
+            self._announce_room(session)
 
     async def _serve(self, session: BrokerSession, rid: bytes, handler: Handler,
                      body: bytes) -> None:
