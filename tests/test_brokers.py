@@ -22,21 +22,28 @@ THREE_LINES = [b"Hello a!\n", b"Hello b!\n", b"Hello c!\n"]
 
 
 class TwoBrokers:
-    """Two brokers on free ports, and workers registered with both."""
+    """Two brokers on free ports, each with its `broker_args`, and workers registered
+    with both."""
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: Stack, broker_args: tuple[tuple[str, ...], ...] = ((), ())) -> None:
         self.stack = stack
         self.frontends = [stack.frontend, f"tcp://127.0.0.1:{free_port()}"]
         self.backends = [stack.backend, f"tcp://127.0.0.1:{free_port()}"]
+        self.broker_args = broker_args
         self.brokers = [self.start_broker(i) for i in range(2)]
 
     def start_broker(self, index: int) -> Proc:
         return self.stack.start(f"broker-{index + 1}", "broker", "--frontend",
-                                self.frontends[index], "--backend", self.backends[index])
+                                self.frontends[index], "--backend", self.backends[index],
+                                *self.broker_args[index])
 
     def worker(self, worker_id: str, *args: str) -> Proc:
         brokers = [flag for backend in self.backends for flag in ("--broker", backend)]
         return self.stack.start(worker_id, "worker", *brokers, "--id", worker_id, *args)
+
+    def ready_on(self, index: int) -> int:
+        """The workers ready on one broker."""
+        return self.stats_of(index)["broker"]["workers_ready"]
 
     def stats_of(self, index: int) -> dict:
         with BlockingClient(self.frontends[index]) as client:
@@ -159,6 +166,37 @@ def test_a_backlog_on_two_brokers_and_workers_of_capacity_1_all_succeed(stack):
     assert replies == [f"start {n}\ndone {n}\n".encode() for n in range(backlog)]
     for proc in workers.values():
         assert peak_of(proc) == 1, proc.output()[-2000:]
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_refused_by_one_of_two_brokers_serves_through_the_other_and_asks_again(stack):
+    two = TwoBrokers(stack, broker_args=((), ("--Broker.max_workers=1",)))
+    first = stack.start("r1", "worker", "--broker", two.backends[1], "--id", "r1")
+    wait_until(lambda: two.ready_on(1) == 1, 10, "r1 on the second broker")
+    second = two.worker("r2")
+    wait_until(lambda: two.ready_on(0) == 1, 10, "r2 on the first broker")
+    wait_until(lambda: "Broker.max_workers" in second.output(), 10, "the refusal in r2's log")
+    with BlockingClient(two.frontends[0]) as client:
+        assert client.round_robin("generate", THREE_WORDS).read() == b"".join(THREE_LINES)
+    assert second.alive
+    first.stop()  # room on the second broker: r2 asks again, and is taken
+    wait_until(lambda: "registered with the broker at " + two.backends[1] in second.output(),
+               15, "r2 registered with the second broker")
+    assert two.ready_on(1) == 1
+    refusals = [line for line in second.output().splitlines() if "refused it" in line]
+    assert len(refusals) == 1 and "going on with the other brokers" in refusals[0], refusals
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_refused_by_every_broker_exits_saying_why(stack):
+    two = TwoBrokers(stack, broker_args=(("--Broker.max_workers=1",),) * 2)
+    two.worker("r1")
+    two.wait_workers("r1")
+    second = two.worker("r2")
+    second.expect(2)
+    assert second.wait() == 2
+    errors = [line for line in second.output().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Broker.max_workers" in errors[0], errors
 
 
 @pytest.mark.timeout(60)
