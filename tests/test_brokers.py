@@ -275,7 +275,8 @@ def test_health_metrics_and_zroute_stats_show_each_broker_and_the_one_that_is_do
     metrics = http("GET", f"{gateway.url}/metrics").body.decode()
     assert f'zroute_broker_up{{broker="{two.frontends[0]}"}} 1.0' in metrics
     assert f'zroute_broker_up{{broker="{two.frontends[1]}"}} 0.0' in metrics
-    assert "zroute_broker_refusals_total 0.0" in metrics
+    assert f'zroute_broker_refusals_total{{broker="{two.frontends[0]}"}} 0.0' in metrics
+    assert f'zroute_broker_refusals_total{{broker="{two.frontends[1]}"}}' not in metrics
     shown = run_zroute("stats", "--broker", two.frontends[0], "--broker", two.frontends[1],
                        "--timeout", "2")
     assert shown.returncode == 0, shown.stderr
