@@ -316,10 +316,15 @@ class BrokerCore:
 
     def client_unreachable(self, client: bytes, undelivered: list[list[bytes]],
                            now: float) -> None:
-        """A client is gone or its queue is full: cancel what it was being sent."""
+        """A client is gone or its queue is full: cancel what it was being sent. A client
+        that held no request (one that asked for stats and left, say) costs nothing: not
+        worth a warning."""
         self.now = now
-        self.drops.warn("unreachable", "a client is gone or not reading; cancelling its "
-                                       "requests", client)
+        if client in self.requests_by_client:
+            self.drops.warn("unreachable", "a client is gone or not reading; cancelling its "
+                                           "requests", client)
+        else:
+            log.debug("a client without requests is gone or not reading")
         self.reply_bytes.send_failed(client)
         for frames in undelivered:
             req = self.requests.get(request_token(client, frames[2])) if len(frames) > 2 else None

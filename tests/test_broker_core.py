@@ -848,6 +848,16 @@ def test_a_client_that_cannot_be_sent_its_replies_loses_those_requests():
     assert list(memory.core.requests) == [p.request_token(b"c", b"r2")]  # not in what failed
 
 
+def test_a_client_that_leaves_with_no_request_is_no_warning(caplog):
+    memory = MemoryCore()
+    memory.from_client(b"stats", p.encode_stats_request(p.StatsRequest(b"s1")))
+    memory.core.client_unreachable(b"stats", memory.core.to_clients.pop(b"stats"), memory.time)
+    memory.request(b"c", b"r1")  # queued: no worker
+    memory.core.client_unreachable(b"c", [p.encode_heartbeat()], memory.time)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= 30] == [
+        ("WARNING", "a client is gone or not reading; cancelling its requests")]
+
+
 def test_a_worker_that_cannot_be_reached_is_evicted_and_its_requests_move():
     memory = MemoryCore()
     w1, w2 = memory.register("w1"), memory.register("w2")

@@ -243,6 +243,17 @@ def test_a_broker_that_stops_hands_its_requests_without_a_chunk_to_the_other(sta
 
 
 @pytest.mark.timeout(60)
+def test_serve_says_so_when_the_brokers_listed_leave_out_one_it_runs(stack):
+    serve = Serve(stack, "--Broker.ServiceArgs.workers=2", "--Backend.sleep_time=0",
+                  f"--Broker.frontends=[{stack.frontend}]", f"--Broker.backends=[{stack.backend}]")
+    output = serve.wait_ready()
+    warnings = [line for line in output.splitlines() if "lists no endpoint of" in line]
+    assert [w.split("WARNING ")[1].split(" (")[0] for w in warnings] == [
+        f"Broker.{key} lists no endpoint of broker-2" for key in ("frontends", "backends")]
+    serve.proc.stop()
+
+
+@pytest.mark.timeout(60)
 def test_a_blocking_client_sends_new_requests_to_the_broker_left(stack):
     two = TwoBrokers(stack)
     two.worker("w1", "--Backend.sleep_time=0")
