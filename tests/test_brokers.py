@@ -15,7 +15,7 @@ from tests.http_support import get_json, http, start_gateway
 from tests.support import Proc, Stack, async_wait_until, run_zroute, wait_until
 from tests.test_faults import collect
 from tests.test_serve import Serve
-from zroute.client import BlockingClient, BrokerError, Client
+from zroute.client import ANSWER_MARGIN_S, BlockingClient, BrokerError, Client
 
 THREE_WORDS = {"text": "a,b,c"}
 THREE_LINES = [b"Hello a!\n", b"Hello b!\n", b"Hello c!\n"]
@@ -327,10 +327,17 @@ def test_a_broker_that_hangs_gets_no_new_request_after_a_missed_heartbeat(stack)
         async with Client(two.frontends, timeout=30) as client:
             await asyncio.gather(*(client.round_robin("generate", "a").read() for _ in range(4)))
             two.brokers[1].signal(signal.SIGSTOP)  # its connections stay open
+            stopped = time.monotonic()
             try:
                 # Both brokers answered their last heartbeat: one of these goes to each.
                 early = [client.round_robin("generate", "b") for _ in range(2)]
-                await asyncio.sleep(2)  # one missed heartbeat, and a half
+                # Left once it misses a heartbeat: within an interval and ANSWER_MARGIN_S
+                # (and what the test's own loop adds).
+                await async_wait_until(
+                    lambda: not client.brokers[1].fresh(client.heartbeat_interval), 3,
+                    "the hung broker to miss a heartbeat")
+                bound = client.heartbeat_interval + ANSWER_MARGIN_S + 0.2
+                assert time.monotonic() - stopped < bound
                 replies = await asyncio.wait_for(asyncio.gather(
                     *(client.round_robin("generate", "c").read() for _ in range(6))), 3)
                 assert replies == [b"Hello c!\n"] * 6  # none went to the hung broker
