@@ -169,13 +169,17 @@ def test_a_backlog_on_two_brokers_and_workers_of_capacity_1_all_succeed(stack):
 
 
 @pytest.mark.timeout(60)
-def test_a_worker_refused_by_one_of_two_brokers_serves_through_the_other_and_asks_again(stack):
+def test_a_worker_refused_by_one_of_two_brokers_serves_through_the_other_and_asks_again(
+        stack, tmp_path):
     two = TwoBrokers(stack, broker_args=((), ("--Broker.max_workers=1",)))
     first = stack.start("r1", "worker", "--broker", two.backends[1], "--id", "r1")
     wait_until(lambda: two.ready_on(1) == 1, 10, "r1 on the second broker")
-    second = two.worker("r2")
+    ready = tmp_path / "ready"
+    second = two.worker("r2", "--ready-file", str(ready))
     wait_until(lambda: two.ready_on(0) == 1, 10, "r2 on the first broker")
     wait_until(lambda: "Broker.max_workers" in second.output(), 10, "the refusal in r2's log")
+    wait_until(ready.exists, 5, "r2's ready file")
+    assert ready.read_text() == f"{two.backends[0]}\n"  # ready: one broker has it
     with BlockingClient(two.frontends[0]) as client:
         assert client.round_robin("generate", THREE_WORDS).read() == b"".join(THREE_LINES)
     assert second.alive
@@ -183,6 +187,7 @@ def test_a_worker_refused_by_one_of_two_brokers_serves_through_the_other_and_ask
     wait_until(lambda: "registered with the broker at " + two.backends[1] in second.output(),
                15, "r2 registered with the second broker")
     assert two.ready_on(1) == 1
+    wait_until(lambda: ready.read_text().count("\n") == 2, 5, "both brokers in the ready file")
     refusals = [line for line in second.output().splitlines() if "refused it" in line]
     assert len(refusals) == 1 and "going on with the other brokers" in refusals[0], refusals
 

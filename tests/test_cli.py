@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 from importlib.metadata import version
 
@@ -184,3 +185,33 @@ def test_sigterm_as_soon_as_a_component_says_it_is_up_ends_it_with_code_0(comman
         output += proc.communicate(timeout=20)[0]
         assert proc.returncode == 0, output.decode()
         assert b"Traceback" not in output, output.decode()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", ["broker", "worker", "gateway", "serve", "stats"])
+def test_check_says_a_valid_configuration_is_valid_and_starts_nothing(command, tmp_path):
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(f"Broker:\n  frontend: tcp://127.0.0.1:{port}\n")
+    result = run_zroute(command, "-f", str(config), "--Broker.max_retries=1", "--check")
+    assert (result.returncode, result.stdout) == (
+        0, f"zroute {command}: the configuration is valid\n"), result.stderr
+    with socket.create_server(("127.0.0.1", port)):
+        pass  # nothing bound the port
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("command, args, problem", [
+    ("worker", ["--Backend.greting=Hi"], "unknown key 'Backend.greting'"),
+    ("worker", ["--id", "a b\n"], "--id 'a b\\n' has a control or unprintable character"),
+    ("gateway", ["--port", "0"], "Frontend.port: 0 is invalid"),
+    ("gateway", ["--Frontend.tls_cert=cert.pem"], "Frontend.tls_cert is set but not"),
+    ("broker", ["--frontend", "tcp://0.0.0.0:5555"], "Broker.frontend (tcp://0.0.0.0:5555) "
+                                                     "can be reached from other hosts"),
+    ("serve", ["--Broker.backend=tcp://0.0.0.0:5556"], "can be reached from other hosts"),
+])
+def test_check_says_what_is_wrong_with_a_configuration(command, args, problem):
+    result = run_zroute(command, *args, "--check")
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith(f"zroute {command}: error: ") and problem in result.stderr, \
+        result.stderr

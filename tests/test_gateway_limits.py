@@ -172,6 +172,7 @@ def test_the_gateway_raises_its_open_file_limit_and_sizes_its_connection_cap_fro
     """With the usual soft limit (1,024 here 256) a few hundred idle connections would
     make accept() fail for everyone."""
     stack.broker()
+    stack.wait_stats(lambda stats: True, 15, "the broker to answer")  # before it is stopped
     port = free_port()
     lowered = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
                "(256, 2048)); os.execv(sys.argv[1], sys.argv[1:])")

@@ -16,7 +16,8 @@ from zroute import protocol as p
 from zroute.client import BlockingClient, BrokerError
 from tests.handlers import CANCELLED_LINE
 from tests.http_support import http, start_gateway, wait_healthy
-from tests.support import Stack, async_wait_until, returned_types, wait_until
+from tests.support import (Stack, async_wait_until, free_port, returned_types, run_zroute,
+                           wait_until)
 from worker.runtime import Worker
 from zroute.settings import WorkerSettings, BrokerLink
 
@@ -116,6 +117,54 @@ def test_a_worker_pointed_at_a_port_that_is_not_a_broker_logs_a_few_lines_not_on
         lines = worker.output().splitlines()
     assert len(lines) <= 6, "\n".join(lines)
     assert any("closed before a broker answered" in line for line in lines), lines
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_s_ready_file_exists_exactly_while_a_broker_has_it_registered(stack, tmp_path):
+    ready = tmp_path / "ready"
+    ready.write_text("")  # left by a process before this one
+    worker = stack.worker("w1", "--ready-file", str(ready))
+    wait_until(lambda: "waiting for a broker" in worker.output(), 10, "the worker to wait")
+    assert not ready.exists()
+    broker = stack.broker()
+    wait_until(ready.exists, 10, "the ready file")
+    assert ready.read_text() == f"{stack.backend}\n"
+    assert stack.ready_workers() == ["w1"]
+    broker.kill()
+    wait_until(lambda: not ready.exists(), 5, "the ready file to go with the broker")
+    stack.broker()
+    wait_until(ready.exists, 10, "the ready file, with the broker back")
+    worker.stop()
+    assert not ready.exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_of_two_brokers_is_ready_while_either_has_it_registered(stack, tmp_path):
+    ready = tmp_path / "ready"
+    first = stack.broker()
+    other = f"tcp://127.0.0.1:{free_port()}"
+    second = stack.start("broker-2", "broker", "--frontend", f"tcp://127.0.0.1:{free_port()}",
+                         "--backend", other)
+    stack.start("w1", "worker", "--broker", stack.backend, "--broker", other,
+                "--id", "w1", "--ready-file", str(ready))
+
+    def registered_with() -> set[str]:
+        return set(ready.read_text().split()) if ready.exists() else set()
+
+    wait_until(lambda: registered_with() == {stack.backend, other}, 10, "both in the ready file")
+    first.kill()
+    wait_until(lambda: registered_with() == {other}, 10, "the first broker to leave the file")
+    second.kill()
+    wait_until(lambda: not ready.exists(), 10, "the ready file to go with the second broker")
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_whose_ready_file_cannot_be_made_says_so_and_does_not_start(tmp_path):
+    missing = tmp_path / "missing" / "ready"
+    result = run_zroute("worker", "--ready-file", str(missing))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"zroute worker: error: --ready-file {str(missing)!r}: "
+                                     f"the directory {str(missing.parent)!r} does not exist")
 
 
 class RecordingTransport:

@@ -199,6 +199,10 @@ class BrokerSession:
         # the worker asks again on a new connection from `retry_at`.
         self.refused: p.Error | None = None
         self.retry_at = 0.0
+        # The broker heartbeats registered workers only: its first heartbeat after READY
+        # says that it has this worker registered, until the connection or registration
+        # ends.
+        self.registered = False
         # The broker takes the worker for full (it refused one of its requests, or its
         # last HEARTBEAT counted its capacity) until told otherwise: a free slot may be
         # announced to it at once.
@@ -259,11 +263,20 @@ class Worker:
         self._room_turn = 0  # the broker last told of a free slot: the next one is told next
         self._stopping: asyncio.Event | None = None
         self.refused: p.Error | None = None  # why the brokers refused this worker, if all did
+        # Called with the endpoints of the brokers that have the worker registered, each
+        # time they change (empty: none has): `zroute worker --ready-file` keeps a file
+        # for a readiness probe with it.
+        self.on_registered: Callable[[list[str]], None] = lambda endpoints: None
         self._drops = LogLimiter(log)
         # A handler that blocks the loop is reported once heartbeats are due, before the
         # broker evicts the worker for missing them.
         self._watchdog = LoopWatchdog(broker.heartbeat_interval, self._report_blocked_loop)
         self._blocked = LogLimiter(log, interval=BLOCKED_LOG_INTERVAL, per_kind=1)
+
+    def _set_registered(self, session: BrokerSession, registered: bool) -> None:
+        if session.registered != registered:
+            session.registered = registered
+            self.on_registered([s.endpoint for s in self.sessions if s.registered])
 
     @property
     def inflight(self) -> int:
@@ -328,6 +341,7 @@ class Worker:
         it does a broker that falls silent (a worker over Broker.max_workers may fit
         later; one whose id is in use may take it once the holder is gone)."""
         session.refused = error
+        self._set_registered(session, False)
         session.abandon_requests()
         if all(other.refused is not None for other in self.sessions):
             log.error("worker %s: %s", self.worker_id, said)
@@ -345,6 +359,7 @@ class Worker:
         """The broker died or stopped: what it sent is lost, so stop working on it now.
         ZeroMQ connects again by itself, and READY goes when it does."""
         session.connected = False
+        self._set_registered(session, False)
         if session.refused is not None:
             return  # said already; asked again in its turn
         session.said_waiting = True
@@ -402,6 +417,7 @@ class Worker:
 
     def _reconnect(self, session: BrokerSession) -> None:
         """A new socket to a broker, forgetting the requests it sent on the old one."""
+        self._set_registered(session, False)
         session.abandon_requests()
         session.channel.close(0)
         self._connect(session)
@@ -411,6 +427,7 @@ class Worker:
         heartbeating meanwhile, for at most drain_timeout seconds."""
         log.info("worker %s draining %d request(s)", self.worker_id, self.inflight)
         for session in self.sessions:
+            self._set_registered(session, False)
             session.send(p.encode_drain())
         deadline = time.monotonic() + self.drain_timeout
         while self.inflight and time.monotonic() < deadline:
@@ -465,10 +482,6 @@ class Worker:
                              "worker endpoint, Broker.backend?")
             return
         session.answered = True
-        if session.refused is not None and type(msg) in (p.Heartbeat, p.Request):
-            session.refused = None  # it took the worker: it heartbeats only those it knows
-            log.info("worker %s: registered with the broker at %s", self.worker_id,
-                     session.endpoint)
         self.message_handlers[type(msg)](session, msg)
 
     def _cancel(self, session: BrokerSession, msg: p.Cancel) -> None:
@@ -478,9 +491,16 @@ class Worker:
 
     def _on_heartbeat(self, session: BrokerSession, _: p.Heartbeat) -> None:
         session.backoff = RECONNECT_MIN_S
+        if session.refused is not None:  # asked again, it took the worker
+            session.refused = None
+            log.info("worker %s: registered with the broker at %s", self.worker_id,
+                     session.endpoint)
+        if not self._stopping.is_set():  # a draining worker takes no new work
+            self._set_registered(session, True)
 
     def _on_disconnect(self, session: BrokerSession, _: p.Disconnect) -> None:
         # The broker does not know us (it restarted): register again, unless leaving.
+        self._set_registered(session, False)
         session.abandon_requests()
         if not self._stopping.is_set():
             self._register(session)

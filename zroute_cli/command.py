@@ -16,7 +16,7 @@ from zroute.curve import CurveError
 from zroute.errors import StartFailed
 from zroute.loader import LoadError, load_object
 from zroute.services import Graph, GraphError, Service, walk
-from zroute.settings import BrokerSettings, Config
+from zroute.settings import BrokerSettings, Config, GatewayChecks
 from zroute_cli.config import (ConfigError, EndpointClash, builtin_graph, closest, closest_key,
                                load_config, section_of, split_overrides)
 from zroute.logs import LOG_FORMATS, setup_logging
@@ -35,6 +35,10 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="text lines, or one JSON object per line")
     parser.add_argument("--log-name", metavar="NAME",
                         help="the name that prefixes this process's log lines")
+    parser.add_argument("--check", action="store_true",
+                        help="check the configuration (the file, the overrides and these "
+                             "options) and exit: 0 if it is valid, else 2 and what is wrong; "
+                             "starts nothing, and reads no file that the configuration names")
     # Set by `zroute serve` on its children: it runs as many of each as the config says.
     parser.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     # Errors name the subcommand, "zroute serve: error: ...", and show its usage.
@@ -71,7 +75,32 @@ def load(args: argparse.Namespace, overrides: Sequence[str],
         raise ConfigError(_clash_from_a_flag(args, flags) or str(clash)) from None
     if not args.supervised:
         _note_the_process_count(args, config, runs)
+    if args.check:
+        _stop_checked(args, config, runs or (graph or builtin_graph()).root)
     return config
+
+
+class ConfigChecked(Exception):
+    """--check: the configuration is valid, and the command goes no further."""
+
+
+def _stop_checked(args: argparse.Namespace, config: Config, runs: Service) -> NoReturn:
+    """--check: the first problem that would stop the command as it starts, else
+    ConfigChecked. `runs` is the service it runs (for serve, the gateways')."""
+    http = section_of(config, runs) if args.process_name in ("gateway", "serve") else None
+    for problem in starting_problems(config, args.process_name, http):
+        raise ConfigError(problem)
+    raise ConfigChecked
+
+
+def starting_problems(config: Config, process_name: str,
+                      http: GatewayChecks | None) -> list[str]:
+    """What stops the command `process_name` as it starts, though each value is valid
+    alone: a broker beyond loopback without keys nor Broker.insecure, half of the TLS
+    settings of the gateways' section `http`."""
+    problems = [config.broker.exposure_problem() if process_name in ("broker", "serve") else None,
+                http.tls_problem() if http is not None else None]
+    return [problem for problem in problems if problem]
 
 
 def _note_the_process_count(args: argparse.Namespace, config: Config,
@@ -246,6 +275,9 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
         return args.run(args, overrides)
     except StopBeforeServing:
         log.info("stopped before serving")
+        return 0
+    except ConfigChecked:
+        print(f"{args.prog}: the configuration is valid")
         return 0
     except (ConfigError, LoadError, CurveError) as e:
         print(f"{args.prog}: error: {e}", file=sys.stderr)

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from zroute_cli.broker import configured_policies
-from zroute_cli.command import START_FAILED, add_common_options, flag_overrides, load, load_graph
+from zroute_cli.command import (START_FAILED, add_common_options, flag_overrides, load,
+                                load_graph, starting_problems)
 from zroute.services import START, Graph, Service
 from zroute.settings import Config, FrontendSettings
 from zroute_cli.config import ConfigError, builtin_graph, section_of
@@ -406,9 +407,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # Frontend.routing_mode is then one line from serve.
     configured_policies(config)
     # The broker's and the gateways' own checks of their security settings, likewise.
-    for problem in (config.broker.exposure_problem(), http.tls_problem()):
-        if problem:
-            raise ConfigError(problem)
+    for problem in starting_problems(config, "serve", http):
+        raise ConfigError(problem)
     check_addresses(config, graph, "--host" if args.host is not None else f"{name}.host")
     _warn_unlisted_brokers(config)
     supervisor = build_supervisor(graph, config, args, overrides)

@@ -8,6 +8,7 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 import secrets
 import signal
 from typing import Any
@@ -50,6 +51,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="most requests at once, 0 for unlimited "
                              "(default: the service section's ServiceArgs.capacity, e.g. "
                              "Backend.ServiceArgs.capacity)")
+    parser.add_argument("--ready-file", metavar="PATH",
+                        help="a file that exists while a broker has this worker registered, "
+                             "and names those that have (for a readiness probe: test -e "
+                             "PATH); removed when it stops")
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="worker")
 
@@ -127,7 +132,14 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     else:
         runner = _service_worker(args, overrides, worker_id)
         worker, curve_setting = runner.worker, f"{runner.instance.service.name}.curve_key"
-    aio.run(_serve(runner))
+    ready_file = ReadyFile(args.ready_file) if args.ready_file else None
+    if ready_file:
+        worker.on_registered = ready_file.set
+    try:
+        aio.run(_serve(runner))
+    finally:
+        if ready_file:
+            ready_file.set([])
     if worker.refused:
         flags = {p.E_ID_IN_USE: "--id: ", p.E_WRONG_ENDPOINT: "--broker: ",
                  p.E_AUTH_FAILED: f"{curve_setting}: "}
@@ -186,6 +198,31 @@ def _service_worker(args: argparse.Namespace, overrides: list[str],
     instance = Instance(described, settings).bind(client)
     worker = Worker(settings, config.broker.for_workers(keys), worker_id, instance.handlers())
     return ServiceWorker(instance, worker, client)
+
+
+class ReadyFile:
+    """--ready-file: a file that exists while a broker has the worker registered, and
+    holds the endpoints of those that have, one a line."""
+
+    def __init__(self, path: str) -> None:
+        directory = os.path.dirname(path) or "."
+        if not os.path.isdir(directory):
+            raise ConfigError(f"--ready-file {path!r}: the directory {directory!r} does not exist")
+        self.path = path
+        self.set([])  # one left by a process before this one says nothing of this one
+
+    def set(self, brokers: list[str]) -> None:
+        try:
+            if brokers:  # whole or not at all, for whoever reads it meanwhile
+                with open(f"{self.path}.new", "w") as new:
+                    new.write("".join(f"{broker}\n" for broker in brokers))
+                os.replace(f"{self.path}.new", self.path)
+            else:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.error("--ready-file %s: %s", self.path, e.strerror or e)
 
 
 async def _serve(runner: Worker | ServiceWorker) -> None:
