@@ -43,10 +43,6 @@ DRAIN_RATE_INTERVAL = 0.5  # seconds over which a queue's drain rate is measured
 # it, and the message being sent.
 READER_SLACK = MARK_BYTES + p.MAX_BATCH_BYTES
 WRONG_ENDPOINT_ANSWERS = 10  # per peer per second, to a peer on the wrong socket or a bad READY
-# Refusals over capacity (worker_full) one request may meet before it fails: the workers
-# of several brokers refuse now and then, and a worker that refuses everything must not
-# make the broker send a request back and forth for ever.
-MAX_REFUSALS = 8
 
 Outbox = dict[bytes, list[list[bytes]]]  # peer -> its messages, in order
 
@@ -64,7 +60,7 @@ class HeldRequest:
     """A request the broker holds, from arrival until its END, ERROR or CANCEL."""
 
     __slots__ = ("token", "client", "rid", "service", "body", "policy", "target",
-                 "worker", "chunks", "retries", "refusals", "arrived", "queued_at",
+                 "worker", "chunks", "retries", "arrived", "queued_at", "waiting_since",
                  "deadline_tick")
 
     def __init__(self, token: bytes, client: bytes, m: p.Request, policy: str,
@@ -79,9 +75,12 @@ class HeldRequest:
         self.worker: WorkerInfo | None = None
         self.chunks = 0
         self.retries = 0
-        self.refusals = 0  # worker_full answers from workers
         self.arrived = arrived
-        self.queued_at: float | None = None
+        self.queued_at: float | None = None  # since when it is in the queue, if it is
+        # Since when it has waited for a worker: first queued, or first refused over a
+        # worker's capacity. Broker.queue_timeout counts from then, however often a
+        # worker refuses it.
+        self.waiting_since: float | None = None
         self.deadline_tick = deadline_tick
 
 
@@ -319,10 +318,15 @@ class BrokerCore:
 
     def client_unreachable(self, client: bytes, undelivered: list[list[bytes]],
                            now: float) -> None:
-        """A client is gone or its queue is full: cancel what it was being sent."""
+        """A client is gone or its queue is full: cancel what it was being sent. A client
+        that held no request (one that asked for stats and left, say) costs nothing: not
+        worth a warning."""
         self.now = now
-        self.drops.warn("unreachable", "a client is gone or not reading; cancelling its "
-                                       "requests", client)
+        if client in self.requests_by_client:
+            self.drops.warn("unreachable", "a client is gone or not reading; cancelling its "
+                                           "requests", client)
+        else:
+            log.debug("a client without requests is gone or not reading")
         self.reply_bytes.send_failed(client)
         for frames in undelivered:
             req = self.requests.get(request_token(client, frames[2])) if len(frames) > 2 else None
@@ -605,7 +609,7 @@ class BrokerCore:
         the head of the queue (a request a worker refused came before those waiting)."""
         waiting = len(self.queues.get(req.service, ()))
         rate = self.drain_rates.get(req.service)
-        wait = rate.wait(waiting + 1) if rate is not None else 0.0
+        wait = rate.wait(1 if first else waiting + 1) if rate is not None else 0.0
         if waiting >= self.settings.max_queue:
             self._fail_unavailable(req, f"the queue is full: Broker.max_queue is "
                                         f"{self.settings.max_queue}", wait)
@@ -617,6 +621,8 @@ class BrokerCore:
         else:
             self.totals["queued"] += 1
             req.queued_at = self.now
+            if req.waiting_since is None:
+                req.waiting_since = self.now
             queue = self.queues.setdefault(req.service, deque())
             if first:
                 queue.appendleft(req)
@@ -700,13 +706,16 @@ class BrokerCore:
 
     def _heard(self, worker: WorkerInfo, msg: p.Heartbeat) -> None:
         """A HEARTBEAT says that the worker is there, as every message does, and may count
-        the requests it runs from every broker: the load that policies see, and whether
-        a worker that refused one over its capacity has room again."""
-        if msg.inflight is not None:
-            worker.inflight_elsewhere = max(0, msg.inflight - worker.inflight)
+        the requests it runs from every broker: the load that policies see, the room
+        that other brokers leave it, and whether a worker that refused one over its
+        capacity has room again. A HEARTBEAT that counts nothing says nothing of other
+        brokers."""
+        had_room = worker.has_room
+        worker.inflight_elsewhere = max(0, (msg.inflight or 0) - worker.inflight)
         if worker.full and (msg.inflight is None or worker.capacity == 0
                             or msg.inflight < worker.capacity):
             worker.full = False
+        if worker.has_room and not had_room:
             for service in worker.services:
                 self._pump(service)
 
@@ -755,19 +764,25 @@ class BrokerCore:
         self._finish(req, ok=False)
 
     def _refused(self, worker: WorkerInfo, req: HeldRequest) -> None:
-        """The worker runs its capacity already (other brokers send it work too): it is
-        full until it says otherwise, and the request goes to another worker or waits,
-        unless it has been refused MAX_REFUSALS times."""
+        """The worker runs its capacity already (other brokers sent it work since its
+        last heartbeat): it is full until it says otherwise, and the request goes to
+        another worker or waits at the head of the queue, for as long as any queued
+        request may wait. The broker sends a worker it takes for full nothing until the
+        worker says it has room, so a worker that refuses everything costs one dispatch
+        per message it sends, and a request bounces for Broker.queue_timeout at most."""
         worker.requests.pop(req.token)
         worker.inflight -= 1
         worker.full = True
         worker.refusals += 1
         self.totals["refusals"] += 1
+        self.drops.info("refused", f"worker {worker.worker_id} refused a request over its "
+                        f"capacity ({worker.refusals} so far): other brokers filled it since "
+                        "its last heartbeat, or it miscounts", worker.peer)
         req.worker = None
-        req.refusals += 1
-        if req.refusals >= MAX_REFUSALS:
-            self._fail(req, p.E_QUEUE_FULL, f"workers of {req.service!r} refused it over their "
-                                            f"capacity {req.refusals} times")
+        if req.waiting_since is None:
+            req.waiting_since = self.now
+        if self.now - req.waiting_since >= self.settings.queue_timeout:
+            self._waited_too_long(req, 1)
         else:
             self._dispatch(req, first=True)
 
@@ -870,12 +885,19 @@ class BrokerCore:
     def _expire_queued(self, now: float) -> None:
         limit = self.settings.queue_timeout
         for queue in list(self.queues.values()):
-            while queue and now - queue[0].queued_at >= limit:
-                self._fail_unavailable(queue[0], f"waited Broker.queue_timeout: {limit:g} s",
-                                       self.drain_rates[queue[0].service].wait(len(queue)))
+            while queue and now - queue[0].waiting_since >= limit:
+                self._waited_too_long(queue[0], len(queue))
         for service, rate in list(self.drain_rates.items()):
             if not rate.update(now, service in self.queues):
                 del self.drain_rates[service]  # services named by clients must not pile up
+
+    def _waited_too_long(self, req: HeldRequest, waiting: int) -> None:
+        """Fail a request that waited Broker.queue_timeout for a worker, `waiting` requests
+        of its service being in the queue with it."""
+        rate = self.drain_rates.get(req.service)
+        limit = self.settings.queue_timeout
+        self._fail_unavailable(req, f"waited Broker.queue_timeout: {limit:g} s",
+                               rate.wait(waiting) if rate is not None else 0.0)
 
     def _fail_unavailable(self, req: HeldRequest, detail: str, wait: float) -> None:
         if req.policy == DIRECT:

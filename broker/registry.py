@@ -42,9 +42,10 @@ class WorkerInfo:
 
     @property
     def has_room(self) -> bool:
-        """Room as this broker sees it: what other brokers send is the worker's to refuse."""
+        """Room as this broker sees it: its own requests now, the other brokers' as of the
+        worker's last heartbeat. What they sent since is the worker's to refuse."""
         return self.state == WORKER_READY and not self.full and (
-            self.capacity == 0 or self.inflight < self.capacity)
+            self.capacity == 0 or self.inflight + self.inflight_elsewhere < self.capacity)
 
     @property
     def load(self) -> float:

@@ -38,7 +38,7 @@ from gateway.dashboard import page_handler
 from gateway.feed import StatsFeed
 from gateway.formats import STREAM_HEADERS, negotiate
 from gateway.metrics import Exporter, GatewayMetrics, total
-from gateway.routes import DEFAULT_ROUTES, CallStream, Forward, Route, check_routes
+from gateway.routes import DEFAULT_ROUTES, CallStream, Forward, Route, Routes, check_routes
 from gateway.transport import reset
 from zroute.settings import BrokerLink, FrontendSettings
 from zroute.logs import fields
@@ -86,6 +86,10 @@ SERVER = "zroute"  # aiohttp's default Server header names its version
 SERVER_HEADERS = {"Server": SERVER}
 # Printable ASCII but "%": what a header may carry of a peer's value as it is.
 HEADER_SAFE = "".join(c for c in string.printable if c not in "%\t\n\r\x0b\x0c")
+# What a body that is not JSON is told to send: the built-in /generate takes {"text": ...}.
+JSON_HINT = "send a JSON value with Content-Type: application/json"
+GENERATE_HINT = ('send a JSON object such as {"text": "a,b"} with Content-Type: '
+                 "application/json")
 
 
 class HttpError(Exception):
@@ -147,6 +151,29 @@ def stop_reading(request: web.BaseRequest) -> None:
     logged as an unhandled error."""
     request.protocol.close()  # parses nothing more; closes after the response
     request.content.feed_eof()
+
+
+RouteHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def by_method(handlers: dict[str, RouteHandler]) -> dict[str, RouteHandler]:
+    """A path's handlers by method, HEAD answered as GET is."""
+    return {**handlers, "HEAD": handlers["GET"]} if "GET" in handlers else handlers
+
+
+def query_of(request: web.BaseRequest) -> dict[str, str]:
+    """What a GET route receives: the query parameters, each given once; a body is
+    refused (aiohttp bounds the query, with the request line, to 8190 bytes)."""
+    if request.body_exists:
+        stop_reading(request)
+        raise HttpError(400, f"{request.method} {request.path} takes its parameters from "
+                             "the query string, not a body", p.E_BAD_REQUEST, close=True)
+    query = request.query
+    if len(query) == len(set(query)):
+        return dict(query)
+    repeated = next(key for key in query if len(query.getall(key)) > 1)
+    raise HttpError(400, f"the query gives {repeated!r} more than once: give each parameter "
+                         "once", p.E_BAD_REQUEST)
 
 
 def unavailable(message: str, code: str) -> web.Response:
@@ -336,8 +363,8 @@ class Gateway:
     broker at `broker`. `name` is the gateway's in /stats and /metrics (empty:
     hostname-pid); it reports its counters to the broker once a heartbeat.
 
-    `routes` maps a path to a Forward or a Call (gateway/routes.py); by default POST
-    /generate forwards to the broker's "generate" service. A route on one of the
+    `routes` maps a path to a Forward or a Call, or to a list of them of different
+    methods (gateway/routes.py); by default POST /generate forwards to the broker's "generate" service. A route on one of the
     operators' paths is a ValueError. `client` is the gateway's broker client, the one
     that code in the gateway process (a Call's function) sends its requests with.
     `on_start` and `on_stop` are awaited in start() and stop(): around serving.
@@ -345,18 +372,18 @@ class Gateway:
     Which policies are valid is the broker's to say: it answers unknown_policy."""
 
     def __init__(self, settings: FrontendSettings, broker: BrokerLink, name: str = "",
-                 routes: dict[str, Route] | None = None,
+                 routes: Routes | None = None,
                  on_start: Callable[[], Awaitable[None]] | None = None,
                  on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
         operators = {
-            "/health": ("GET", self.health),
-            "/stats": ("GET", self.stats),
-            "/stats/stream": ("GET", self.stats_stream),
-            "/metrics": ("GET", self.prometheus),
-            "/dashboard": ("GET", page_handler(SERVER_HEADERS)),
+            "/health": by_method({"GET": self.health}),
+            "/stats": by_method({"GET": self.stats}),
+            "/stats/stream": by_method({"GET": self.stats_stream}),
+            "/metrics": by_method({"GET": self.prometheus}),
+            "/dashboard": by_method({"GET": page_handler(SERVER_HEADERS)}),
         }
-        routes = DEFAULT_ROUTES if routes is None else routes
-        check_routes(routes, tuple(operators))  # before anything is opened
+        given = DEFAULT_ROUTES if routes is None else routes
+        checked = check_routes(given, tuple(operators))  # before anything is opened
         self.settings = settings
         self.broker = broker
         self.metrics = GatewayMetrics()
@@ -382,10 +409,11 @@ class Gateway:
         self.calls: set[CallStream] = set()  # the Call routes' streams in flight
         self._call_ids = itertools.count(1)
 
-        # path -> (method, handler). A dict lookup: aiohttp's router costs a share of the
+        # path -> method -> handler. Dict lookups: aiohttp's router costs a share of the
         # gateway's CPU per request that a few routes do not need.
-        users = {path: (route.method, self._handler(route)) for path, route in routes.items()}
-        users["/health"] = ("GET", self.health)
+        users = {path: by_method({route.method: self._handler(path, route) for route in found})
+                 for path, found in checked.items()}
+        users["/health"] = operators["/health"]
         # With Frontend.admin_port, the operators' endpoints are on a listener of their own.
         self.routes = users if settings.admin_port else {**users, **operators}
         self.admin_routes = operators if settings.admin_port else {}
@@ -402,10 +430,11 @@ class Gateway:
         return web.BaseRequest(message, payload, protocol, writer, task, task.get_loop(),
                                client_max_size=self.settings.max_body)
 
-    def _handler(self, route: Route) -> Callable[[web.BaseRequest],
-                                                 Awaitable[web.StreamResponse]]:
+    def _handler(self, path: str, route: Route) -> RouteHandler:
         if isinstance(route, Forward):
-            return functools.partial(self.forward, route.service)
+            builtin = DEFAULT_ROUTES.get(path) == route
+            return functools.partial(self.forward, route.service,
+                                     GENERATE_HINT if builtin else JSON_HINT)
         return functools.partial(self.call, route.function)
 
     async def start(self) -> None:
@@ -446,17 +475,18 @@ class Gateway:
     async def handle(self, routes: dict, request: web.BaseRequest) -> web.StreamResponse:
         if request.version < HttpVersion10:
             return refuse_http09(request)
-        route = routes.get(request.path)
-        if route is None:
+        methods = routes.get(request.path)
+        if methods is None:
             return error_response(HttpError(404, f"no such path {request.path!r}; "
                                                  "the paths are " + ", ".join(routes),
                                             E_NOT_FOUND))
-        method, handler = route
-        if request.method != method and not (method == "GET" and request.method == "HEAD"):
-            response = error_response(HttpError(405, f"{request.path} takes {method}, "
+        handler = methods.get(request.method)
+        if handler is None:
+            allowed = ", ".join(methods)
+            response = error_response(HttpError(405, f"{request.path} takes {allowed}, "
                                                      f"not {request.method}",
                                                 E_METHOD_NOT_ALLOWED))
-            response.headers["Allow"] = "GET, HEAD" if method == "GET" else method
+            response.headers["Allow"] = allowed
             return response
         expect = request.headers.get("Expect")
         if expect is not None:  # answered by aiohttp's router, not by its low-level server
@@ -470,12 +500,14 @@ class Gateway:
 
     # --- the routes: Forward and Call ------------------------------------------
 
-    async def forward(self, service: str, request: web.BaseRequest) -> web.StreamResponse:
-        """A Forward route: the body to the broker's `service`, a worker's reply back."""
+    async def forward(self, service: str, json_hint: str,
+                      request: web.BaseRequest) -> web.StreamResponse:
+        """A Forward route: the body to the broker's `service`, a worker's reply back;
+        `json_hint` says what to send instead of a body that is not JSON."""
         record = RequestRecord(request.path, unjudged(request, self.settings.routing_mode))
         try:
             try:
-                stream, policy = await self._send(request, service)
+                stream, policy = await self._send(request, service, json_hint)
             except HttpError as e:
                 return refusal(record, e)
             record.rid, record.policy = stream.rid, unjudged(request, policy)
@@ -486,11 +518,13 @@ class Gateway:
 
     async def call(self, function: Callable[[Any], Any],
                    request: web.BaseRequest) -> web.StreamResponse:
-        """A Call route: what `function(body)` yields, from this process."""
+        """A Call route: what `function(body)` yields, from this process; for GET (and
+        HEAD), `function(query)`."""
         record = RequestRecord(request.path, "-")  # no routing: no policy
         try:
             try:
-                body = await self._receive(request)
+                body = (query_of(request) if request.method in ("GET", "HEAD")
+                        else await self._receive(request))
             except HttpError as e:
                 return refusal(record, e)
             settings = self.settings
@@ -516,12 +550,13 @@ class Gateway:
             self.metrics.inflight -= 1
             stream.cancel()  # no-op once the reply is complete
 
-    async def _send(self, request: web.BaseRequest, service: str) -> tuple[Stream, str]:
+    async def _send(self, request: web.BaseRequest, service: str,
+                    json_hint: str) -> tuple[Stream, str]:
         """Read the body within Frontend.max_buffered_bytes and send the request. The
         body is let go once sent: the stream may last minutes, and needs none of it."""
         reserved = self._reserve(request)
         try:
-            body, _ = await self._read_json(request)
+            body, _ = await self._read_json(request, json_hint)
             policy, worker = self._routing(request)
             return self.client.request(service, body, policy=policy, worker=worker), policy
         finally:
@@ -531,7 +566,7 @@ class Gateway:
         """The body, decoded, read within Frontend.max_buffered_bytes."""
         reserved = self._reserve(request)
         try:
-            _, value = await self._read_json(request)
+            _, value = await self._read_json(request, JSON_HINT)
             return value
         finally:
             self.buffered_bytes -= reserved
@@ -554,7 +589,7 @@ class Gateway:
         self.buffered_bytes += size
         return size
 
-    async def _read_json(self, request: web.BaseRequest) -> tuple[bytes, Any]:
+    async def _read_json(self, request: web.BaseRequest, json_hint: str) -> tuple[bytes, Any]:
         """The body and its JSON value; an empty body is None for a GET route."""
         try:
             if request.content.is_eof():  # the usual case: it came with the head
@@ -583,8 +618,7 @@ class Gateway:
         try:
             return body, orjson.loads(body)
         except orjson.JSONDecodeError as e:
-            raise HttpError(400, f"body is not valid JSON ({e}): send a JSON object such as "
-                                 '{"text": "a,b"} with Content-Type: application/json',
+            raise HttpError(400, f"body is not valid JSON ({e}): {json_hint}",
                             p.E_BAD_REQUEST) from None
 
     def _routing(self, request: web.BaseRequest) -> tuple[str, str]:

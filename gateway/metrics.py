@@ -34,7 +34,8 @@ REPORTED_WITHOUT_PATH = "/generate"
 MAX_WORKER_LABELS = 100
 OTHER_WORKERS = "other"
 
-# Broker totals exported as counters: stats key -> (metric name, help).
+# Each broker's totals exported as counters, labelled `broker` (its endpoint): stats key ->
+# (metric name, help).
 BROKER_COUNTERS = {
     "requests": ("zroute_broker_requests", "Requests the broker received."),
     "retries": ("zroute_broker_retries", "Requests retried on another worker."),
@@ -45,7 +46,7 @@ BROKER_COUNTERS = {
     "timeouts": ("zroute_broker_timeouts", "Requests ended by their deadline."),
     "queued": ("zroute_broker_queued", "Requests that waited in a queue."),
 }
-# Broker totals by the socket's role (workers or clients), likewise.
+# Each broker's totals by the socket's role (workers or clients), likewise.
 BROKER_COUNTERS_BY_ROLE = {
     "auth_failures_by_role": (
         "zroute_broker_auth_failures",
@@ -66,16 +67,25 @@ class BrokerCollector:
     def collect(self) -> Iterator[Metric]:
         if self.snapshot is None:
             return
-        totals = self.snapshot["broker"]
+        # Per broker, by its endpoint: each broker's counters only grow (until it restarts),
+        # where their sum would drop while one does not answer.
+        answered = [block for block in self.snapshot["brokers"] if block["reachable"]]
         for key, (name, doc) in BROKER_COUNTERS.items():
-            yield CounterMetricFamily(name, doc, value=totals[key])
-        for key, (name, doc) in BROKER_COUNTERS_BY_ROLE.items():
-            family = CounterMetricFamily(name, doc, labels=["role"])
-            for role, count in totals[key].items():
-                family.add_metric([role], count)
+            family = CounterMetricFamily(name, doc, labels=["broker"])
+            for block in answered:
+                family.add_metric([block["endpoint"]], block[key])
             yield family
-        yield GaugeMetricFamily("zroute_broker_queue_depth", "Requests waiting for a worker.",
-                                value=totals["queue_depth"])
+        for key, (name, doc) in BROKER_COUNTERS_BY_ROLE.items():
+            family = CounterMetricFamily(name, doc, labels=["broker", "role"])
+            for block in answered:
+                for role, count in block[key].items():
+                    family.add_metric([block["endpoint"], role], count)
+            yield family
+        depth = GaugeMetricFamily("zroute_broker_queue_depth", "Requests waiting for a worker.",
+                                  labels=["broker"])
+        for block in answered:
+            depth.add_metric([block["endpoint"]], block["queue_depth"])
+        yield depth
         up = GaugeMetricFamily("zroute_broker_up", "1 if the broker answered the last scrape's "
                                                    "STATS, else 0.", labels=["broker"])
         for broker in self.snapshot["brokers"]:

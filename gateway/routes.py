@@ -1,10 +1,13 @@
-"""The routes a gateway serves besides the operators': each path is a Forward (to a
-broker service) or a Call (to a function run in the gateway process).
+"""The routes a gateway serves besides the operators': each route of a path is a Forward
+(to a broker service) or a Call (to a function run in the gateway process); a path may
+have one route per method.
 
-A Call's function receives the request's decoded JSON body and returns an async
-iterator of chunks (str or bytes), typically an async generator. CallStream runs it
-and offers its chunks as the broker client's Stream offers a reply's, so that the
-gateway streams, times out, cuts and counts both alike.
+A Call's function receives the request's decoded JSON body (for GET, its query
+parameters, a dict of str) and returns an async iterator of chunks, typically an async
+generator: str, bytes, or any other value JSON can carry, sent as its JSON text
+(zroute/chunks.py). CallStream runs it and offers its chunks as the broker client's
+Stream offers a reply's, so that the gateway streams, times out, cuts and counts both
+alike.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Union
 
 from zroute import protocol as p
+from zroute.chunks import as_chunk
 from zroute.client import BrokerError, timeout_error
 from zroute.errors import BadRequest
 
@@ -43,27 +47,40 @@ class Call:
 
 
 Route = Union[Forward, Call]
-DEFAULT_ROUTES: dict[str, Route] = {"/generate": Forward("generate")}
+# A path's route, or its routes of different methods (GET and POST of /items, say).
+Routes = dict[str, Union[Route, list[Route]]]
+DEFAULT_ROUTES: Routes = {"/generate": Forward("generate")}
 
 
-def check_routes(routes: dict[str, Route], reserved: tuple[str, ...]) -> None:
-    """ValueError, in one line, for a route the gateway cannot serve."""
-    for path, route in routes.items():
+def check_routes(routes: Routes, reserved: tuple[str, ...]) -> dict[str, list[Route]]:
+    """Each path's routes; ValueError, in one line, for a route the gateway cannot serve."""
+    checked: dict[str, list[Route]] = {}
+    for path, given in routes.items():
         if not isinstance(path, str) or not path.startswith("/"):
             raise ValueError(f"route path {path!r} must be a string that starts with /")
         if path in reserved:
             raise ValueError(f"route path {path} is the gateway's own; the operators' "
                              f"paths ({', '.join(reserved)}) cannot be routes")
-        if not isinstance(route, (Forward, Call)):
-            raise ValueError(f"route {path} is {type(route).__name__}, not Forward or Call")
-        if route.method not in METHODS:
-            raise ValueError(f"route {path} has method {route.method!r}; it must be one of "
-                             f"{', '.join(METHODS)}")
-        if isinstance(route, Forward) and not (isinstance(route.service, str) and route.service):
-            raise ValueError(f"route {path} forwards to service {route.service!r}, "
-                             "which is not a name")
-        if isinstance(route, Call) and not callable(route.function):
-            raise ValueError(f"route {path} calls {route.function!r}, which is not callable")
+        checked[path] = given if isinstance(given, list) else [given]
+        methods = [getattr(route, "method", None) for route in checked[path]]
+        if len(set(methods)) < len(methods):
+            raise ValueError(f"route {path} has two routes for one method: give each its own")
+        for route in checked[path]:
+            check_route(path, route)
+    return checked
+
+
+def check_route(path: str, route: Route) -> None:
+    if not isinstance(route, (Forward, Call)):
+        raise ValueError(f"route {path} is {type(route).__name__}, not Forward or Call")
+    if route.method not in METHODS:
+        raise ValueError(f"route {path} has method {route.method!r}; it must be one of "
+                         f"{', '.join(METHODS)}")
+    if isinstance(route, Forward) and not (isinstance(route.service, str) and route.service):
+        raise ValueError(f"route {path} forwards to service {route.service!r}, "
+                         "which is not a name")
+    if isinstance(route, Call) and not callable(route.function):
+        raise ValueError(f"route {path} calls {route.function!r}, which is not callable")
 
 
 class CallStream:
@@ -147,7 +164,7 @@ class CallStream:
             chunks = iterate(function(body))
             count = 0
             async for item in chunks:
-                chunk = as_bytes(item)
+                chunk = as_chunk(item, f"the route {self.path}")
                 self._chunks.append(chunk)
                 self._ahead += len(chunk)
                 self._arrived.set()
@@ -202,11 +219,3 @@ async def close(chunks: AsyncIterator[Any] | None) -> None:
         await chunks.aclose()
     except Exception:
         log.exception("a route's function failed while it was being closed")
-
-
-def as_bytes(item: Any) -> bytes:
-    if isinstance(item, bytes):
-        return item
-    if isinstance(item, str):
-        return item.encode()
-    raise TypeError(f"the function yielded {type(item).__name__}, not str or bytes")

@@ -64,11 +64,13 @@ def rss_kib(pid: int) -> int | None:
 
 
 class Cluster:
-    def __init__(self, workers: int, sleep_time: float, brokers: int = 1) -> None:
+    def __init__(self, workers: int, sleep_time: float, brokers: int = 1,
+                 capacity: int = 0) -> None:
         self.frontends = [f"tcp://127.0.0.1:{free_port()}" for _ in range(brokers)]
         self.backends = [f"tcp://127.0.0.1:{free_port()}" for _ in range(brokers)]
         self.frontend, self.backend = self.frontends[0], self.backends[0]  # hostile peers'
         self.sleep_time = sleep_time
+        self.capacity = capacity  # of each worker; 0: unlimited
         self.brokers: dict[str, subprocess.Popen] = {}
         self.workers: dict[str, subprocess.Popen] = {}
         self.first_rss: dict[str, int | None] = {}
@@ -100,7 +102,7 @@ class Cluster:
     def start_worker(self, worker_id: str) -> None:
         brokers = [flag for backend in self.backends for flag in ("--broker", backend)]
         self.workers[worker_id] = self._spawn(
-            worker_id, "worker", *brokers, "--id", worker_id,
+            worker_id, "worker", *brokers, "--id", worker_id, "--capacity", str(self.capacity),
             f"--Backend.sleep_time={self.sleep_time}")
 
     def processes(self) -> dict[str, subprocess.Popen]:
@@ -375,6 +377,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=60, help="seconds of load (default 60)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight")
+    parser.add_argument("--capacity", type=int, default=0,
+                        help="requests each worker runs at once, from all brokers together "
+                             "(default 0: unlimited); more wait in the brokers' queues")
     parser.add_argument("--sleep-time", type=float, default=0.05, help="worker delay per word")
     parser.add_argument("--timeout", type=float, default=10, help="deadline of each request")
     parser.add_argument("--kill-every", type=float, default=3,
@@ -394,7 +399,7 @@ def main() -> int:
     if "all" in args.hostile:
         args.hostile = list(HOSTILE)
 
-    cluster = Cluster(args.workers, args.sleep_time, args.brokers)
+    cluster = Cluster(args.workers, args.sleep_time, args.brokers, args.capacity)
     try:
         wait_ready(cluster, args.workers)
         rss_start = cluster.record_rss()
@@ -408,7 +413,7 @@ def main() -> int:
 
     broker_kills = sum(cluster.restarts[name] for name in cluster.broker_names())
     print(f"\nsoak: {elapsed:.0f} s, {args.brokers} broker(s), {args.workers} workers, "
-          f"{args.concurrency} in flight, worker kills "
+          f"{args.concurrency} in flight, capacity {args.capacity or 'unlimited'}, worker kills "
           f"{sum(cluster.restarts[name] for name in cluster.workers)}, "
           f"broker kills {broker_kills}")
     print(f"  requests          {outcomes['requests']}")

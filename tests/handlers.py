@@ -114,9 +114,9 @@ async def fail_at_once(request: Any) -> AsyncIterator[str]:
     yield  # an async generator, as handlers are
 
 
-async def yields_a_number(request: Any) -> AsyncIterator[Any]:
-    """A broken handler: chunks must be str or bytes."""
-    yield 42
+async def yields_a_set(request: Any) -> AsyncIterator[Any]:
+    """A broken handler: a chunk is str, bytes or a value JSON can carry."""
+    yield {42}
 
 
 def not_a_factory(config: Any) -> int:

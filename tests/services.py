@@ -58,6 +58,22 @@ class Backend:
         yield  # an async generator, as endpoints may be
 
     @endpoint
+    async def values(self, request: Any) -> AsyncIterator[Any]:
+        """Chunks that are not str: the request, then a list, a number and a bool."""
+        for value in (request, [1, "x"], 2.5, True):
+            yield value
+
+    @endpoint
+    async def binary(self, _: Any) -> AsyncIterator[bytes]:
+        """Chunks that are not UTF-8."""
+        yield b"\xff\xfe"
+        yield b"\x00\x80ok"
+
+    @endpoint
+    async def unencodable(self, _: Any) -> set:
+        return {1, 2}
+
+    @endpoint
     async def hang(self, marker: str) -> AsyncIterator[str]:
         """One chunk, then a wait until cancelled, which its log says (CANCELLED_LINE)."""
         async for chunk in handlers.hang({"marker": marker}):
@@ -121,6 +137,17 @@ class Middle:
         return await self.backend.refuse(reason).read()
 
     @endpoint
+    async def values(self, request: Any) -> dict:
+        """Backend.values' chunks, decoded, in one dict."""
+        return {"values": [value async for value in self.backend.values(request).values()]}
+
+    @endpoint
+    async def binary(self, request: Any) -> AsyncIterator[bytes]:
+        """Backend.binary's chunks, relayed unchanged."""
+        async for chunk in self.backend.binary(request).raw():
+            yield chunk
+
+    @endpoint
     async def relay_hang(self, marker: str) -> AsyncIterator[str]:
         async for chunk in self.backend.hang(marker):
             yield chunk
@@ -135,6 +162,11 @@ class Frontend:
     async def generate(self, request: dict) -> AsyncIterator[str]:
         async for chunk in self.middle.generate(request["text"]):
             yield chunk
+
+    @api(path="/generate", method="GET")
+    async def query(self, query: dict) -> dict:
+        """The query parameters, as a GET route receives them."""
+        return {"query": query}
 
     @api(path="/hang")
     async def hang(self, request: dict) -> AsyncIterator[str]:

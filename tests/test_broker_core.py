@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from zroute import protocol as p
 from broker.core import (DEADLINE_TICK, DRAIN_RATE_INTERVAL, FRESH_STATS, MAX_STATS_WAITING,
-                         MAX_STATS_WAITING_PER_CLIENT, MAX_REFUSALS, READER_SLACK,
+                         MAX_STATS_WAITING_PER_CLIENT, READER_SLACK,
                          WRONG_ENDPOINT_ANSWERS, DrainRate)
 from broker.reports import MAX_REPORTERS, MAX_REPORTS_BYTES
 from broker.policies import load_policies
@@ -285,20 +285,61 @@ def test_a_worker_that_refused_has_room_again_when_a_request_of_this_broker_ends
     assert requests_to(memory, w1) == [b"r2", b"r3"]
 
 
-def test_a_request_refused_max_refusals_times_fails_as_queue_full():
-    memory = MemoryCore(QUIET)
+def test_a_refused_request_waits_as_long_as_a_queued_one_and_fails_as_busy():
+    memory = MemoryCore(QUIET, "Broker.queue_timeout=2")
     w1 = memory.register("w1", capacity=1)
     memory.request(b"c", b"r1")
-    for _ in range(MAX_REFUSALS - 1):
+    for _ in range(50):  # a worker that says it has room and refuses, again and again
         refuse(memory, w1, tokens_to(memory, w1)[0])
-        heartbeat(memory, w1, 0)  # says it has room, and refuses again
+        assert memory.to_client(b"c") == []
+        memory.tick(memory.time + 0.039)
+        heartbeat(memory, w1, 0)
+    memory.tick(memory.time + 0.06)  # over 2 s since it was first refused
     refuse(memory, w1, tokens_to(memory, w1)[0])
     assert tokens_to(memory, w1) == []
     [error] = memory.to_client(b"c")
-    assert (error.rid, error.code, error.message) == (
-        b"r1", p.E_QUEUE_FULL, f"workers of 'generate' refused it over their capacity "
-                               f"{MAX_REFUSALS} times")
+    assert (error.rid, error.code) == (b"r1", p.E_QUEUE_FULL)
+    assert error.message.startswith("every worker of 'generate' is busy (waited "
+                                    "Broker.queue_timeout: 2 s)")
     assert memory.core.requests == {}
+
+
+def test_a_refused_request_keeps_the_time_it_has_waited_in_the_queue():
+    memory = MemoryCore(QUIET, "Broker.queue_timeout=2")
+    w1 = memory.register("w1", capacity=1)
+    memory.request(b"c", b"r1")
+    memory.request(b"c", b"r2")  # waits behind r1
+    memory.tick(START + 1.5)
+    end(memory, w1, tokens_to(memory, w1)[0])
+    refuse(memory, w1, tokens_to(memory, w1)[0])  # r2, after 1.5 s in the queue
+    assert queued(memory) == [b"r2"]
+    memory.tick(START + 2.1)
+    assert errors(memory, b"c") == {b"r2": p.E_QUEUE_FULL}
+
+
+def test_a_worker_that_refuses_everything_is_sent_one_request_per_heartbeat_of_room():
+    memory = MemoryCore(QUIET)
+    w1 = memory.register("w1", capacity=1)
+    for n in range(20):
+        memory.request(b"c", b"r%d" % n)
+    [token] = tokens_to(memory, w1)
+    for _ in range(10):
+        refuse(memory, w1, token)
+        assert tokens_to(memory, w1) == []  # full: nothing until it says it has room
+        heartbeat(memory, w1, 0)
+        [token] = tokens_to(memory, w1)
+    assert memory.core.totals["refusals"] == 10 and len(queued(memory)) == 19
+
+
+def test_room_counts_the_requests_of_other_brokers_as_of_the_last_heartbeat():
+    memory = MemoryCore(QUIET)
+    w1 = memory.register("w1", capacity=2)
+    heartbeat(memory, w1, 1)  # one from another broker
+    memory.request(b"c", b"r1")
+    memory.request(b"c", b"r2")
+    assert requests_to(memory, w1) == [b"r1"] and queued(memory) == [b"r2"]
+    heartbeat(memory, w1, 1)  # the other broker's ended; r1 runs
+    assert requests_to(memory, w1) == [b"r2"] and queued(memory) == []
 
 
 def test_a_refused_request_waits_at_the_head_of_the_queue():
@@ -805,6 +846,16 @@ def test_a_client_that_cannot_be_sent_its_replies_loses_those_requests():
     memory.core.client_unreachable(b"c", undelivered, memory.time)
     assert memory.to_worker(w1) == [p.Cancel(r1)]
     assert list(memory.core.requests) == [p.request_token(b"c", b"r2")]  # not in what failed
+
+
+def test_a_client_that_leaves_with_no_request_is_no_warning(caplog):
+    memory = MemoryCore()
+    memory.from_client(b"stats", p.encode_stats_request(p.StatsRequest(b"s1")))
+    memory.core.client_unreachable(b"stats", memory.core.to_clients.pop(b"stats"), memory.time)
+    memory.request(b"c", b"r1")  # queued: no worker
+    memory.core.client_unreachable(b"c", [p.encode_heartbeat()], memory.time)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= 30] == [
+        ("WARNING", "a client is gone or not reading; cancelling its requests")]
 
 
 def test_a_worker_that_cannot_be_reached_is_evicted_and_its_requests_move():

@@ -17,28 +17,35 @@ from tests.support import (REPO_ROOT, Proc, Stack, async_wait_until, run_zroute,
                            wait_until)
 from tests.test_faults import collect
 from tests.test_serve import Serve
-from zroute.client import BlockingClient, BrokerError, Client
+from zroute.client import ANSWER_MARGIN_S, BlockingClient, BrokerError, Client
 
 THREE_WORDS = {"text": "a,b,c"}
 THREE_LINES = [b"Hello a!\n", b"Hello b!\n", b"Hello c!\n"]
 
 
 class TwoBrokers:
-    """Two brokers on free ports, and workers registered with both."""
+    """Two brokers on free ports, each with its `broker_args`, and workers registered
+    with both."""
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: Stack, broker_args: tuple[tuple[str, ...], ...] = ((), ())) -> None:
         self.stack = stack
         self.frontends = [stack.frontend, f"tcp://127.0.0.1:{free_port()}"]
         self.backends = [stack.backend, f"tcp://127.0.0.1:{free_port()}"]
+        self.broker_args = broker_args
         self.brokers = [self.start_broker(i) for i in range(2)]
 
     def start_broker(self, index: int) -> Proc:
         return self.stack.start(f"broker-{index + 1}", "broker", "--frontend",
-                                self.frontends[index], "--backend", self.backends[index])
+                                self.frontends[index], "--backend", self.backends[index],
+                                *self.broker_args[index])
 
     def worker(self, worker_id: str, *args: str) -> Proc:
         brokers = [flag for backend in self.backends for flag in ("--broker", backend)]
         return self.stack.start(worker_id, "worker", *brokers, "--id", worker_id, *args)
+
+    def ready_on(self, index: int) -> int:
+        """The workers ready on one broker."""
+        return self.stats_of(index)["broker"]["workers_ready"]
 
     def stats_of(self, index: int) -> dict:
         with BlockingClient(self.frontends[index]) as client:
@@ -52,6 +59,13 @@ class TwoBrokers:
             return all(b["reachable"] and b["workers_ready"] >= len(ids)
                        for b in stats["brokers"])
         wait_until(ready, 10, f"workers {ids} on both brokers")
+
+
+def peak_of(worker: Proc) -> int:
+    """Stop a worker: the most requests it ran at once, as it logs on exit (0 if it did not)."""
+    worker.stop()
+    peak = re.search(r"stopped after \d+ request\(s\), at most (\d+) at once", worker.output())
+    return int(peak[1]) if peak else 0
 
 
 @pytest.mark.timeout(90)
@@ -125,11 +139,71 @@ def test_a_worker_never_runs_more_than_its_capacity_with_two_brokers(stack):
     assert replies == [f"start {n}\ndone {n}\n".encode() for n in range(80)]
     with BlockingClient(two.frontends) as client:
         refusals = client.stats()["broker"]["refusals"]
-    for (worker_id, proc), capacity in zip(workers.items(), capacities):
-        proc.stop()
-        peak = re.search(r"stopped after \d+ request\(s\), at most (\d+) at once", proc.output())
-        assert peak and 1 <= int(peak[1]) <= capacity, proc.output()[-2000:]
+    for proc, capacity in zip(workers.values(), capacities):
+        assert 1 <= peak_of(proc) <= capacity, proc.output()[-2000:]
     assert refusals > 0  # both brokers sent to the same workers: capacity was held by refusing
+
+
+@pytest.mark.timeout(60)
+def test_a_backlog_on_two_brokers_and_workers_of_capacity_1_all_succeed(stack):
+    # Each broker sees both workers; each worker runs one request at a time, whichever
+    # broker sent it. The backlog drains well within Broker.queue_timeout: no request
+    # fails, however often the brokers race for a free slot.
+    two = TwoBrokers(stack)
+    workers = {worker_id: two.worker(worker_id, "--handler", "tests.handlers:hold",
+                                     "--capacity", "1") for worker_id in ("w1", "w2")}
+    two.wait_workers(*workers)
+    backlog = 300
+
+    async def scenario() -> list:
+        async with Client(two.frontends, timeout=30) as client:
+            streams = [client.round_robin("generate", {"text": str(n), "seconds": 0.005})
+                       for n in range(backlog)]
+            return await asyncio.wait_for(
+                asyncio.gather(*(s.read() for s in streams), return_exceptions=True), 30)
+
+    replies = asyncio.run(scenario())
+    failures = [reply for reply in replies if isinstance(reply, Exception)]
+    assert failures == []
+    assert replies == [f"start {n}\ndone {n}\n".encode() for n in range(backlog)]
+    for proc in workers.values():
+        assert peak_of(proc) == 1, proc.output()[-2000:]
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_refused_by_one_of_two_brokers_serves_through_the_other_and_asks_again(
+        stack, tmp_path):
+    two = TwoBrokers(stack, broker_args=((), ("--Broker.max_workers=1",)))
+    first = stack.start("r1", "worker", "--broker", two.backends[1], "--id", "r1")
+    wait_until(lambda: two.ready_on(1) == 1, 10, "r1 on the second broker")
+    ready = tmp_path / "ready"
+    second = two.worker("r2", "--ready-file", str(ready))
+    wait_until(lambda: two.ready_on(0) == 1, 10, "r2 on the first broker")
+    wait_until(lambda: "Broker.max_workers" in second.output(), 10, "the refusal in r2's log")
+    wait_until(ready.exists, 5, "r2's ready file")
+    assert ready.read_text() == f"{two.backends[0]}\n"  # ready: one broker has it
+    with BlockingClient(two.frontends[0]) as client:
+        assert client.round_robin("generate", THREE_WORDS).read() == b"".join(THREE_LINES)
+    assert second.alive
+    first.stop()  # room on the second broker: r2 asks again, and is taken
+    wait_until(lambda: "registered with the broker at " + two.backends[1] in second.output(),
+               15, "r2 registered with the second broker")
+    assert two.ready_on(1) == 1
+    wait_until(lambda: ready.read_text().count("\n") == 2, 5, "both brokers in the ready file")
+    refusals = [line for line in second.output().splitlines() if "refused it" in line]
+    assert len(refusals) == 1 and "going on with the other brokers" in refusals[0], refusals
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_refused_by_every_broker_exits_saying_why(stack):
+    two = TwoBrokers(stack, broker_args=(("--Broker.max_workers=1",),) * 2)
+    two.worker("r1")
+    two.wait_workers("r1")
+    second = two.worker("r2")
+    second.expect(2)
+    assert second.wait() == 2
+    errors = [line for line in second.output().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Broker.max_workers" in errors[0], errors
 
 
 @pytest.mark.timeout(60)
@@ -176,6 +250,17 @@ def test_a_broker_that_stops_hands_its_requests_without_a_chunk_to_the_other(sta
 
 
 @pytest.mark.timeout(60)
+def test_serve_says_so_when_the_brokers_listed_leave_out_one_it_runs(stack):
+    serve = Serve(stack, "--Broker.ServiceArgs.workers=2", "--Backend.sleep_time=0",
+                  f"--Broker.frontends=[{stack.frontend}]", f"--Broker.backends=[{stack.backend}]")
+    output = serve.wait_ready()
+    warnings = [line for line in output.splitlines() if "lists no endpoint of" in line]
+    assert [w.split("WARNING ")[1].split(" (")[0] for w in warnings] == [
+        f"Broker.{key} lists no endpoint of broker-2" for key in ("frontends", "backends")]
+    serve.proc.stop()
+
+
+@pytest.mark.timeout(60)
 def test_a_blocking_client_sends_new_requests_to_the_broker_left(stack):
     two = TwoBrokers(stack)
     two.worker("w1", "--Backend.sleep_time=0")
@@ -208,7 +293,8 @@ def test_health_metrics_and_zroute_stats_show_each_broker_and_the_one_that_is_do
     metrics = http("GET", f"{gateway.url}/metrics").body.decode()
     assert f'zroute_broker_up{{broker="{two.frontends[0]}"}} 1.0' in metrics
     assert f'zroute_broker_up{{broker="{two.frontends[1]}"}} 0.0' in metrics
-    assert "zroute_broker_refusals_total 0.0" in metrics
+    assert f'zroute_broker_refusals_total{{broker="{two.frontends[0]}"}} 0.0' in metrics
+    assert f'zroute_broker_refusals_total{{broker="{two.frontends[1]}"}}' not in metrics
     shown = run_zroute("stats", "--broker", two.frontends[0], "--broker", two.frontends[1],
                        "--timeout", "2")
     assert shown.returncode == 0, shown.stderr
@@ -248,10 +334,17 @@ def test_a_broker_that_hangs_gets_no_new_request_after_a_missed_heartbeat(stack)
         async with Client(two.frontends, timeout=30) as client:
             await asyncio.gather(*(client.round_robin("generate", "a").read() for _ in range(4)))
             two.brokers[1].signal(signal.SIGSTOP)  # its connections stay open
+            stopped = time.monotonic()
             try:
                 # Both brokers answered their last heartbeat: one of these goes to each.
                 early = [client.round_robin("generate", "b") for _ in range(2)]
-                await asyncio.sleep(2)  # one missed heartbeat, and a half
+                # Left once it misses a heartbeat: within an interval and ANSWER_MARGIN_S
+                # (and what the test's own loop adds).
+                await async_wait_until(
+                    lambda: not client.brokers[1].fresh(client.heartbeat_interval), 3,
+                    "the hung broker to miss a heartbeat")
+                bound = client.heartbeat_interval + ANSWER_MARGIN_S + 0.2
+                assert time.monotonic() - stopped < bound
                 replies = await asyncio.wait_for(asyncio.gather(
                     *(client.round_robin("generate", "c").read() for _ in range(6))), 3)
                 assert replies == [b"Hello c!\n"] * 6  # none went to the hung broker

@@ -12,8 +12,8 @@ def broker(requests: int, uptime: float, ready: int, boot: str, **extra) -> dict
 
 
 def worker(worker_id: str, state: str = "ready", inflight: int = 0, completed: int = 0,
-           p50: float | None = None, seen: float = 0.5) -> dict:
-    return {"id": worker_id, "state": state, "inflight": inflight, "inflight_elsewhere": 0,
+           p50: float | None = None, seen: float = 0.5, elsewhere: int = 0) -> dict:
+    return {"id": worker_id, "state": state, "inflight": inflight, "inflight_elsewhere": elsewhere,
             "refusals": 0, "completed": completed, "failed": 0, "last_seen_s": seen,
             "latency_p50_s": p50, "latency_p99_s": p50}
 
@@ -51,3 +51,15 @@ def test_counters_add_up_workers_count_once_and_a_broker_that_did_not_answer_say
             w1["last_seen_s"], w1["brokers"]) == ("w1", "ready", 3, 10, 0.3, 0.2, 2)
     assert (w2["id"], w2["state"], w2["brokers"]) == ("w2", "evicted", 0)
     assert combined["gateways"] == {"g1": {"inflight": 1}, "g2": {"inflight": 0}}
+
+
+def test_a_worker_s_requests_from_every_broker_count_once():
+    # w1 runs 2 requests of the first broker, 1 of the second and 1 of a third that did
+    # not answer; each broker counts the others' in its inflight_elsewhere.
+    first = {"broker": broker(2, 1.0, 1, "ab"), "gateways": {},
+             "workers": [worker("w1", inflight=2, elsewhere=2)]}
+    second = {"broker": broker(1, 1.0, 1, "cd"), "gateways": {},
+              "workers": [worker("w1", inflight=1, elsewhere=3)]}
+    [w1] = combine([("tcp://b1:5555", first), ("tcp://b2:5555", second),
+                    ("tcp://b3:5555", "no answer")])["workers"]
+    assert (w1["inflight"], w1["inflight_elsewhere"]) == (3, 1)  # the third's, as w1 said

@@ -278,9 +278,9 @@ def test_a_vanished_client_has_its_requests_cancelled(stack):
 
 
 @pytest.mark.timeout(30)
-def test_a_handler_yielding_neither_str_nor_bytes_fails_its_request_only(stack):
+def test_a_handler_yielding_what_json_cannot_carry_fails_its_request_only(stack):
     stack.broker()
-    worker = stack.worker("w1", "--handler", "tests.handlers:yields_a_number")
+    worker = stack.worker("w1", "--handler", "tests.handlers:yields_a_set")
     worker.expect(0, traceback=True)  # it logs each failure with its traceback
     stack.wait_workers("w1")
     with BlockingClient(stack.frontend, timeout=10) as client:
@@ -289,7 +289,8 @@ def test_a_handler_yielding_neither_str_nor_bytes_fails_its_request_only(stack):
                 list(client.request("generate", {}))
             assert failed.value.code == "handler_error"
     assert worker_state(stack, "w1") == "ready"
-    assert "TypeError: the handler yielded int, not str or bytes" in worker.output()
+    assert ("TypeError: the handler 'yields_a_set' yielded a set, which is not str, bytes or "
+            "a value JSON can carry") in worker.output()
 
 
 @pytest.mark.timeout(30)

@@ -301,9 +301,9 @@ WRONG_ROUTES = {
                      "not_found", None),
     "get-generate": ("GET", "/generate", 405, "/generate takes POST, not GET",
                      "method_not_allowed", "POST"),
-    "post-health": ("POST", "/health", 405, "/health takes GET, not POST",
+    "post-health": ("POST", "/health", 405, "/health takes GET, HEAD, not POST",
                     "method_not_allowed", "GET, HEAD"),
-    "delete-stats": ("DELETE", "/stats", 405, "/stats takes GET, not DELETE",
+    "delete-stats": ("DELETE", "/stats", 405, "/stats takes GET, HEAD, not DELETE",
                      "method_not_allowed", "GET, HEAD"),
 }
 

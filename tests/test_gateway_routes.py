@@ -148,6 +148,22 @@ async def test_a_call_route_speaks_each_format(broker, accept, expected):
 
 
 @async_test
+async def test_a_call_route_sends_a_value_that_is_not_text_as_its_json(broker, caplog):
+    async def values(body: Any) -> AsyncIterator[Any]:
+        yield {"a": [1, 2.5, True, None]}
+        yield 7
+
+    routes = {"/values": Call(values), "/set": Call(lambda body: fails(ValueError(), ({1},)))}
+    async with serving(broker, routes) as (_, url, session):
+        async with session.post(f"{url}/values", data=b"{}", headers={"Accept": NDJSON}) as resp:
+            assert await resp.read() == (b'{"chunk":"{\\"a\\":[1,2.5,true,null]}"}\n'
+                                         b'{"chunk":"7"}\n{"done":true}\n')
+        async with session.post(f"{url}/set", data=b"{}") as resp:
+            assert (resp.status, (await resp.json())["code"]) == (502, p.E_HANDLER)
+    assert "the route /set yielded a set, which is not str, bytes or a value JSON" in caplog.text
+
+
+@async_test
 async def test_forward_routes_go_to_the_service_they_name(broker):
     routes = {"/hang": Forward("generate"), "/missing": Forward("no-such-service")}
     async with serving(broker, routes) as (_, url, session):
@@ -331,6 +347,7 @@ def test_a_route_on_an_operators_path_is_refused(path):
     ({"/x": Forward("generate", "FETCH")}, "method 'FETCH'"),
     ({"/x": Forward("")}, "is not a name"),
     ({"/x": Call("not callable")}, "is not callable"),
+    ({"/x": [Call(print), Call(print)]}, "route /x has two routes for one method"),
     ({"/x": "generate"}, "not Forward or Call"),
 ])
 def test_a_route_the_gateway_cannot_serve_is_refused(routes, words):
@@ -355,13 +372,44 @@ async def test_each_route_takes_its_method_and_unknown_paths_list_the_routes(bro
         async with session.get(f"{url}/steps") as resp:
             assert (resp.status, resp.headers["Allow"]) == (405, "POST")
         steps.free()
-        async with session.get(f"{url}/status") as resp:  # no body: None
+        async with session.get(f"{url}/status") as resp:  # no query: {}
             assert (resp.status, await resp.read()) == (200, b"status\n")
         async with session.get(f"{url}/nowhere") as resp:
             assert resp.status == 404
             assert (await resp.json())["error"].startswith(
                 "no such path '/nowhere'; the paths are /status, /steps, /health, /stats")
-    assert steps.received == [None]
+    assert steps.received == [{}]
+
+
+@async_test
+async def test_a_get_route_receives_the_query_and_shares_its_path_with_a_post_route(broker):
+    async def query(received: Any) -> AsyncIterator[Any]:
+        yield {"got": received}
+
+    async def body(received: Any) -> AsyncIterator[Any]:
+        yield {"posted": received}
+
+    routes = {"/items": [Call(query, method="GET"), Call(body)]}
+    async with serving(broker, routes) as (_, url, session):
+        async with session.get(f"{url}/items?a=1&b=x%20y&empty=") as resp:
+            assert (resp.status, await resp.json(content_type=None)) == (
+                200, {"got": {"a": "1", "b": "x y", "empty": ""}})
+        async with session.post(f"{url}/items", data=b"[1]") as resp:
+            assert await resp.json(content_type=None) == {"posted": [1]}
+        async with session.delete(f"{url}/items") as resp:
+            assert (resp.status, resp.headers["Allow"]) == (405, "GET, POST, HEAD")
+            assert (await resp.json())["error"] == "/items takes GET, POST, HEAD, not DELETE"
+        async with session.get(f"{url}/items?a=1&a=2") as resp:
+            assert (resp.status, await resp.json()) == (400, {
+                "error": "the query gives 'a' more than once: give each parameter once",
+                "code": p.E_BAD_REQUEST})
+        async with session.get(f"{url}/items", data=b'{"a": 1}') as resp:
+            assert (resp.status, (await resp.json())["error"]) == (
+                400, "GET /items takes its parameters from the query string, not a body")
+        async with session.post(f"{url}/items", data=b"not json") as resp:
+            error = (await resp.json())["error"]
+            assert error.endswith(": send a JSON value with Content-Type: application/json")
+            assert "text" not in error
 
 
 # --- starting and stopping ------------------------------------------------------------

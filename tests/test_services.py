@@ -37,10 +37,12 @@ def test_a_graph_lists_each_service_once_with_those_it_depends_on_first():
     assert [s.name for s in graph.worker_services] == ["Backend", "Middle"]
     backend, middle, frontend = graph.services
     assert {e.name for e in backend.endpoints.values()} == {
-        "Backend.generate", "Backend.echo", "Backend.ready", "Backend.refuse", "Backend.hang"}
+        "Backend.generate", "Backend.echo", "Backend.ready", "Backend.refuse", "Backend.values",
+        "Backend.binary", "Backend.unencodable", "Backend.hang"}
     assert middle.dependencies == {"backend": backend}
-    assert (frontend.is_http, list(frontend.routes)) == (True, ["/shout", "/generate", "/hang"])
-    assert frontend.routes["/shout"].forward == ("middle", "generate")
+    assert (frontend.is_http, list(frontend.routes)) == (True, [
+        ("POST", "/shout"), ("POST", "/generate"), ("GET", "/generate"), ("POST", "/hang")])
+    assert frontend.routes["POST", "/shout"].forward == ("middle", "generate")
     assert [(s.name, s.default) for s in backend.settings] == [
         ("greeting", "Hello"), ("sleep_time", 0.0), ("started", False)]
     assert backend.hooks == {"on_start": ["setup"], "on_stop": ["teardown"]}
@@ -97,8 +99,8 @@ def test_each_mistake_in_a_graph_is_one_line_naming_the_class():
         async def second(self, request):
             yield "2"
 
-    assert graph_error(TwoRoutes) == ("TwoRoutes: the route /a is declared twice, by first "
-                                      "and second: give each its own path")
+    assert graph_error(TwoRoutes) == ("TwoRoutes: the route POST /a is declared twice, by "
+                                      "first and second: give each its own path or method")
 
     @service
     class NotAsync:
@@ -336,6 +338,35 @@ def test_an_endpoint_receives_exactly_what_its_caller_passed(graph_stack, argume
 
 
 @pytest.mark.timeout(30)
+def test_an_endpoint_may_yield_any_json_value_and_its_caller_reads_the_values(graph_stack):
+    with BlockingClient(graph_stack.frontend, timeout=10) as client:
+        assert list(client.request("Backend.values", orjson.dumps({"a": 1}))) == [
+            b'{"a":1}', b'[1,"x"]', b"2.5", b"true"]
+    assert orjson.loads(call(graph_stack, "Middle.values", {"a": 1})) == {
+        "values": [{"a": 1}, [1, "x"], 2.5, True]}
+
+
+@pytest.mark.timeout(30)
+def test_a_value_json_cannot_carry_fails_naming_the_endpoint_and_its_type(graph_stack):
+    with BlockingClient(graph_stack.frontend, timeout=10) as client:
+        with pytest.raises(BrokerError) as raised:
+            client.request("Backend.unencodable", b"null").read()
+    assert raised.value.code == "handler_error"
+    line = ("the handler 'Backend.unencodable' yielded a set, which is not str, bytes or a "
+            "value JSON can carry")
+    wait_until(lambda: any(line in proc.output() for proc in graph_stack.procs), 5,
+               "the worker's log line")
+    for proc in graph_stack.procs:
+        proc.traceback_expected |= line in proc.output()  # the handler's mistake, logged
+
+
+@pytest.mark.timeout(30)
+def test_a_middle_stage_relays_binary_chunks_unchanged(graph_stack):
+    with BlockingClient(graph_stack.frontend, timeout=10) as client:
+        assert list(client.request("Middle.binary", b"null")) == [b"\xff\xfe", b"\x00\x80ok"]
+
+
+@pytest.mark.timeout(30)
 def test_a_callees_error_reaches_its_caller_with_its_code(graph_stack):
     assert call(graph_stack, "Middle.refused", "no words") == "bad_request: no words"
 
@@ -438,12 +469,19 @@ async def test_serve_runs_a_graph_from_its_http_root_and_stops_callers_first(sta
     wait_until(lambda: "\nTry:\n" in serve.output(), 30, "serve to announce itself")
     assert (f"zroute is serving on {url} (Frontend; workers: 1 Backend, 1 Middle)"
             in serve.output())
+    # The banner's example of each route follows its method.
+    assert f"  curl -X POST {url}/generate -H 'Content-Type: application/json'" in serve.output()
+    assert f"  curl '{url}/generate?key=value'\n" in serve.output()
     async with aiohttp.ClientSession() as session:
         # A route of the class, run in the gateway: Frontend -> Middle -> Backend.
         async with session.post(f"{url}/generate", json={"text": "sun,moon"}) as response:
             assert response.status == 200
             assert [line async for line in response.content] == [b"HELLO SUN!\n",
                                                                   b"HELLO MOON!\n"]
+        # GET and POST share the path; the GET route receives the query.
+        async with session.get(f"{url}/generate?text=a%20b&n=1") as response:
+            assert (response.status, await response.json(content_type=None)) == (
+                200, {"query": {"text": "a b", "n": "1"}})
         # A forward(): the body, as it comes, to Middle.generate, with ?worker=.
         async with session.post(f"{url}/shout?worker=Middle-1", json="sky") as response:
             assert (response.status, await response.text()) == (200, "HELLO SKY!\n")

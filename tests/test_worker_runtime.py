@@ -280,6 +280,44 @@ def test_a_worker_of_two_brokers_refuses_one_over_its_capacity_and_says_when_it_
 
 
 @pytest.mark.timeout(10)
+def test_a_free_slot_is_announced_to_one_refused_broker_at_a_time_in_turn():
+    first, second, third = RecordingTransport(), RecordingTransport(), RecordingTransport()
+    transports = iter([first, second, third])
+
+    def open_next(*callbacks) -> RecordingTransport:
+        return next(transports).open(*callbacks)
+
+    def heartbeats(transport: RecordingTransport) -> list:
+        return [m for m in transport.received() if type(m) is p.Heartbeat]
+
+    def request(transport: RecordingTransport, seconds: float) -> None:
+        body = b'{"seconds": %g}' % seconds
+        transport.deliver(p.encode_request_to_worker(p.Request(b"r1", "held", body)))
+
+    async def main() -> None:
+        endpoints = ("tcp://127.0.0.1:5556", "tcp://127.0.0.1:5558", "tcp://127.0.0.1:5560")
+        worker = Worker(WorkerSettings(service_args=WorkerSettings.ServiceArgs(capacity=1)),
+                        BrokerLink(endpoints, heartbeat_interval=100), "w1",
+                        {"held": held}, transport=open_next)
+        serving = asyncio.create_task(worker.run())
+        await async_wait_until(lambda: all(t.received() for t in (first, second, third)),
+                               what="READYs")
+        request(first, 0.1)
+        request(second, 0)  # refused, and so is the third's
+        request(third, 0)
+        await async_wait_until(lambda: heartbeats(second) or heartbeats(third),
+                               what="a free slot announced")
+        assert (heartbeats(second), heartbeats(third)) == ([p.Heartbeat(inflight=0)], [])
+        request(second, 0.05)  # the broker told takes the slot; at its end, the other's turn
+        await async_wait_until(lambda: heartbeats(third), what="the slot announced again")
+        assert len(heartbeats(second)) == 1 and heartbeats(first) == []
+        worker.stop()
+        await serving
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(10)
 def test_a_request_cancelled_before_its_handler_starts_leaves_the_worker_free_to_stop():
     transport = RecordingTransport()
 

@@ -21,6 +21,7 @@ import zmq
 
 from zroute import protocol as p
 from zroute.channel import Channel
+from zroute.chunks import as_chunk
 from zroute.client import BrokerError
 from zroute.connection import watched_dealer
 from zroute.curve import PeerKeys
@@ -104,6 +105,11 @@ def decode_body(body: bytes) -> Any:
         return body.decode()
     except UnicodeDecodeError:
         raise BadRequest("body is neither JSON nor UTF-8 text") from None
+
+
+def handler_name(handler: Handler) -> str:
+    """A handler as an error names it: `the handler 'Backend.lookup'`."""
+    return f"the handler {getattr(handler, '__qualname__', handler)!r}"
 
 
 def request_fields(token: bytes) -> dict[str, str]:
@@ -195,12 +201,17 @@ class BrokerSession:
         self.answered = True
         self.last_heard = 0.0
         self.backoff = RECONNECT_MIN_S
+        # Why this broker refused the worker (its READY, or its keys), until it takes it;
+        # the worker asks again on a new connection from `retry_at`.
+        self.refused: p.Error | None = None
+        self.retry_at = 0.0
         # The broker heartbeats registered workers only: its first heartbeat after READY
         # says that it has this worker registered, until the connection or registration
         # ends.
         self.registered = False
-        # It refused a request of this broker over capacity: the broker takes the worker
-        # for full until told otherwise, so the next free slot is announced to it at once.
+        # The broker takes the worker for full (it refused one of its requests, or its
+        # last HEARTBEAT counted its capacity) until told otherwise: a free slot may be
+        # announced to it at once.
         self.owes_room = False
 
     def send(self, frames: list[bytes]) -> None:
@@ -255,8 +266,9 @@ class Worker:
         self.served = 0
         self.refusals = 0  # requests refused over capacity
         self.peak_inflight = 0
+        self._room_turn = 0  # the broker last told of a free slot: the next one is told next
         self._stopping: asyncio.Event | None = None
-        self.refused: p.Error | None = None  # why a broker refused this worker, if one did
+        self.refused: p.Error | None = None  # why the brokers refused this worker, if all did
         # Called with the endpoints of the brokers that have the worker registered, each
         # time they change (empty: none has): `zroute worker --ready-file` keeps a file
         # for a readiness probe with it.
@@ -309,7 +321,8 @@ class Worker:
             session.channel = self._transport(*callbacks)
         else:
             session.channel = BrokerChannel(self.context, session.endpoint, *callbacks,
-                                            curve=self._curve, on_refused=self._keys_refused)
+                                            curve=self._curve,
+                                            on_refused=partial(self._keys_refused, session))
         session.outbox = Outbox(session.send, session.push)
         session.connected = False
         session.last_heard = time.monotonic()
@@ -322,20 +335,39 @@ class Worker:
             self._register(session)
         session.answered = False
 
-    def _keys_refused(self, message: str) -> None:
-        """A broker refused this worker's keys; libzmq does not try again, and the
-        worker stops, as for any refusal."""
-        log.error("worker %s: %s", self.worker_id, message)
-        self.refused = p.Error(b"", p.E_AUTH_FAILED, message)
-        self.stop()
+    def _keys_refused(self, session: BrokerSession, message: str) -> None:
+        """A broker refused this worker's keys; libzmq does not try again on that
+        connection. As for any refusal."""
+        self._refused_by(session, p.Error(b"", p.E_AUTH_FAILED, message), message)
+
+    def _refused_by(self, session: BrokerSession, error: p.Error, said: str) -> None:
+        """A broker refused this worker itself, as `said`. With one broker, or once every
+        broker has, the worker stops and says why. Until then it serves through the
+        others, and asks this one again on a new connection after a growing back-off, as
+        it does a broker that falls silent (a worker over Broker.max_workers may fit
+        later; one whose id is in use may take it once the holder is gone)."""
+        session.refused = error
+        self._set_registered(session, False)
+        session.abandon_requests()
+        if all(other.refused is not None for other in self.sessions):
+            log.error("worker %s: %s", self.worker_id, said)
+            self.refused = error
+            self.stop()
+            return
+        wait = session.backoff * random.uniform(0.5, 1.5)
+        session.retry_at = time.monotonic() + wait
+        session.backoff = min(RECONNECT_MAX_S, session.backoff * 2)
+        self._drops.warn("refused", f"worker {self.worker_id}: {said}; going on with the "
+                         f"other brokers, and asking this one again in {wait:.1f} s",
+                         session.endpoint.encode())
 
     def _on_disconnected(self, session: BrokerSession) -> None:
         """The broker died or stopped: what it sent is lost, so stop working on it now.
         ZeroMQ connects again by itself, and READY goes when it does."""
         session.connected = False
         self._set_registered(session, False)
-        if self.refused is not None:
-            return  # said already
+        if session.refused is not None:
+            return  # said already; asked again in its turn
         session.said_waiting = True
         if session.answered:
             cancelled = (f"; cancelled {len(session.tasks)} request(s) in hand"
@@ -353,16 +385,23 @@ class Worker:
         session.send(p.encode_ready(p.Ready(self.worker_id, services, self.capacity, self.token)))
         message = (f"worker {self.worker_id} registering with {session.endpoint} for "
                    f"{', '.join(services)}")
-        if session.answered:
+        if session.answered and session.refused is None:
             log.info(message)
-        else:  # the last connection closed unanswered: this one may too, in a moment
+        else:  # the last connection closed unanswered, or was refused: this one may be too
             self._drops.info("registering", message)
 
     def _beat(self, session: BrokerSession) -> None:
         """A HEARTBEAT that counts the requests the worker runs, from every broker."""
-        session.send(p.encode_heartbeat(p.Heartbeat(inflight=self.inflight)))
+        inflight = self.inflight
+        if self.capacity and inflight >= self.capacity:
+            session.owes_room = True
+        session.send(p.encode_heartbeat(p.Heartbeat(inflight=inflight)))
 
     def _heartbeat(self, session: BrokerSession) -> None:
+        if session.refused is not None:
+            if time.monotonic() >= session.retry_at:  # its turn to be asked again
+                self._reconnect(session)
+            return
         if not session.connected:
             # Nothing to hear from; ZeroMQ keeps trying to connect. Say so once.
             if not session.said_waiting:
@@ -377,13 +416,17 @@ class Worker:
         # Connected, but silent: a hung broker, or a peer that is not one. A new socket.
         log.warning("worker %s: broker silent for %.1f s at %s; reconnecting", self.worker_id,
                     silence, session.endpoint)
+        self._reconnect(session)
+        # Wait a jittered, growing while before judging the new connection.
+        session.last_heard += session.backoff * random.uniform(0.5, 1.5)
+        session.backoff = min(RECONNECT_MAX_S, session.backoff * 2)
+
+    def _reconnect(self, session: BrokerSession) -> None:
+        """A new socket to a broker, forgetting the requests it sent on the old one."""
         self._set_registered(session, False)
         session.abandon_requests()
         session.channel.close(0)
         self._connect(session)
-        # Wait a jittered, growing while before judging the new connection.
-        session.last_heard += session.backoff * random.uniform(0.5, 1.5)
-        session.backoff = min(RECONNECT_MAX_S, session.backoff * 2)
 
     async def _drain(self) -> None:
         """Finish the requests in hand (and any a broker sent before it saw DRAIN),
@@ -454,6 +497,10 @@ class Worker:
 
     def _on_heartbeat(self, session: BrokerSession, _: p.Heartbeat) -> None:
         session.backoff = RECONNECT_MIN_S
+        if session.refused is not None:  # asked again, it took the worker
+            session.refused = None
+            log.info("worker %s: registered with the broker at %s", self.worker_id,
+                     session.endpoint)
         if not self._stopping.is_set():  # a draining worker takes no new work
             self._set_registered(session, True)
 
@@ -465,21 +512,28 @@ class Worker:
             self._register(session)
 
     def _on_error(self, session: BrokerSession, msg: p.Error) -> None:
-        log.error("worker %s: the broker at %s refused it: %s", self.worker_id,
-                  session.endpoint, msg.message)
-        if not msg.rid:  # about the worker itself: its id is taken, it is over a limit...
-            self._set_registered(session, False)
-            self.refused = msg
-            self.stop()
+        said = f"the broker at {session.endpoint} refused it: {msg.message}"
+        if msg.rid:
+            log.error("worker %s: %s", self.worker_id, said)
+        else:  # about the worker itself: its id is taken, it is over a limit...
+            self._refused_by(session, msg, said)
 
-    def _announce_room(self) -> None:
-        """A slot is free: a HEARTBEAT, which counts the requests it runs, to each broker
-        whose request it refused since, so that the broker sends it work again now rather
-        than at its next heartbeat."""
-        for session in self.sessions:
+    def _announce_room(self, ended: BrokerSession) -> None:
+        """A slot of `ended`'s request is free, and `ended` knows it from the request's
+        end. One other broker that takes the worker for full is told too, with a
+        HEARTBEAT that counts the requests the worker runs, so that it sends work again now
+        rather than at its next heartbeat: one, in turn, since brokers told together
+        would race for the one slot and all but one be refused."""
+        ended.owes_room = False
+        count = len(self.sessions)
+        for step in range(1, count + 1):
+            turn = (self._room_turn + step) % count
+            session = self.sessions[turn]
             if session.owes_room and session.connected:
+                self._room_turn = turn
                 session.owes_room = False
                 self._beat(session)
+                return
 
     async def _until_broker_reads(self, session: BrokerSession) -> None:
         """Backpressure: a handler that yields faster than the broker takes its replies
@@ -523,7 +577,7 @@ class Worker:
     def _ended(self, session: BrokerSession, rid: bytes, task: asyncio.Task) -> None:
         if session.tasks.get(rid) is task:
             del session.tasks[rid]
-            self._announce_room()
+            self._announce_room(session)
 
     async def _serve(self, session: BrokerSession, rid: bytes, handler: Handler,
                      body: bytes) -> None:
@@ -535,9 +589,8 @@ class Worker:
             async for item in handler(decode_body(body)):
                 if isinstance(item, str):
                     item = item.encode()
-                elif not isinstance(item, bytes):
-                    raise TypeError(f"the handler yielded {type(item).__name__}, "
-                                    "not str or bytes")
+                elif not isinstance(item, bytes):  # a dict, a list...: its JSON text
+                    item = as_chunk(item, handler_name(handler))
                 outbox.chunk(rid, item)
                 chunks += 1
                 if session.channel.unsent_bytes() > MAX_UNSENT_BYTES:

@@ -15,8 +15,11 @@ from typing import Any
 # not their sum. And the one whose value is a time, not a count.
 COUNTS_OF_WORKERS = ("workers_ready", "workers_live", "workers_departed")
 LONGEST = ("uptime_s",)
-# A worker's counters, summed over the brokers; its latency is the highest of theirs.
-WORKER_SUMS = ("inflight", "inflight_elsewhere", "refusals", "completed", "failed")
+# A worker's counters, summed over the brokers: each broker counts only the requests it
+# sent the worker (in flight now, refused, completed, failed), so the sum counts each
+# request once. Its latency is the highest of theirs. Its `inflight_elsewhere` is
+# recomputed (see _elsewhere), since every broker counts the others' requests in it.
+WORKER_SUMS = ("inflight", "refusals", "completed", "failed")
 WORKER_HIGHEST = ("latency_p50_s", "latency_p99_s")
 # A worker's state as the brokers see it, the first of these that one of them sees: ready
 # if any broker may send it work (broker/registry.py's states).
@@ -72,11 +75,14 @@ def _workers(lists: list[list[dict]]) -> list[dict]:
     """Each worker once, by id, with what every broker sees of it."""
     merged: dict[str, dict] = {}
     seen_by: dict[str, int] = {}
+    totals: dict[str, int] = {}  # the most requests a broker saw the worker run
     for workers in lists:
         for worker in workers:
             known = merged.get(worker["id"])
             live = worker["state"] != "evicted"
             seen_by[worker["id"]] = seen_by.get(worker["id"], 0) + live
+            total = worker.get("inflight", 0) + worker.get("inflight_elsewhere", 0)
+            totals[worker["id"]] = max(totals.get(worker["id"], 0), total)
             if known is None:
                 merged[worker["id"]] = dict(worker)
                 continue
@@ -89,7 +95,15 @@ def _workers(lists: list[list[dict]]) -> list[dict]:
             known["last_seen_s"] = min(known["last_seen_s"], worker["last_seen_s"])
     for worker_id, worker in merged.items():
         worker["brokers"] = seen_by[worker_id]
+        worker["inflight_elsewhere"] = _elsewhere(worker, totals[worker_id])
     return [merged[worker_id] for worker_id in sorted(merged)]
+
+
+def _elsewhere(worker: dict, most_seen: int) -> int:
+    """What a worker runs for brokers that these stats leave out (those that did not
+    answer), as of its last heartbeat: the most that one broker saw it run (its own
+    requests now, the others' as of the heartbeat) less what the brokers here send it."""
+    return max(0, most_seen - worker.get("inflight", 0))
 
 
 def _state_rank(state: str) -> int:

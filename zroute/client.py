@@ -49,10 +49,12 @@ REQUEST_TIMEOUT_SETTING = "the request's timeout"  # timeout= given to request()
 HEARTBEAT_INTERVAL = BrokerSettings.heartbeat_interval
 HEARTBEAT_MISSES = BrokerSettings.heartbeat_misses
 DEADLINE_GRACE = 1.0  # the broker ends a request at its deadline; the client waits this much more
-# A broker not heard from for this many heartbeat intervals gets no new request while
-# another has been: a broker that hangs is left after one missed heartbeat, while its
-# requests wait the full Broker.heartbeat_misses before they go elsewhere.
-FRESH_HEARTBEATS = 1.5
+# A broker that has not answered a heartbeat this long after it was sent gets no new
+# request while another broker has answered: the client heartbeats each broker every
+# interval, so a broker that hangs is left within one interval and this margin, while its
+# requests wait the full Broker.heartbeat_misses before they go elsewhere. At most half
+# an interval, so that a short interval keeps its meaning.
+ANSWER_MARGIN_S = 0.1
 MAX_BUFFERED_BYTES = 16 << 20  # a stream whose reader falls this far behind is cancelled
 SEND_WAIT_MS = 100  # a BlockingClient's send waits this long, then looks at its connection
 
@@ -350,6 +352,7 @@ class BrokerConnection:
         # while another broker does.
         self.heard = False
         self.last_heard = 0.0
+        self.beat_sent_at = 0.0  # when the client last sent it a heartbeat
         self.boot_id: bytes | None = None
         self.refused: BrokerError | None = None  # why the broker refused this client's keys
         self.stats_waiters: dict[bytes, asyncio.Future] = {}
@@ -361,10 +364,12 @@ class BrokerConnection:
         return self.refused is None and time.monotonic() < given_up_at
 
     def fresh(self, heartbeat_interval: float) -> bool:
-        """It answered its last heartbeat: it has been heard from on its connection within
-        FRESH_HEARTBEATS intervals (the client heartbeats it every interval)."""
-        return self.heard and time.monotonic() < self.last_heard + (
-            heartbeat_interval * FRESH_HEARTBEATS)
+        """It has been heard from on its connection, and since the last heartbeat sent to
+        it, unless that heartbeat is too recent to have been answered yet (less than
+        ANSWER_MARGIN_S, or half an interval if shorter)."""
+        margin = min(ANSWER_MARGIN_S, heartbeat_interval / 2)
+        return self.heard and (self.last_heard >= self.beat_sent_at
+                               or time.monotonic() < self.beat_sent_at + margin)
 
     def send(self, frames: list[bytes]) -> None:
         self.channel.send(frames)
@@ -644,6 +649,7 @@ class Client(PolicyShortcuts[Stream]):
         if broker.refused is not None:
             return  # nothing would carry it: it would wait in the channel for ever
         broker.send(p.encode_heartbeat())
+        broker.beat_sent_at = time.monotonic()
         if self.report is None:
             return
         frames = p.encode_report(p.Report(self.name, self.report()))

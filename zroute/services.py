@@ -22,12 +22,17 @@ processes (`ServiceArgs.workers` of them), each registered with the broker under
 `Class.method` (or `@endpoint(name=...)`), so that every routing policy, capacity, queue,
 retry and the stats apply to them. A class with `@api` routes is served over HTTP by the
 gateway instead; only the root of a graph may have routes. An endpoint or a route is an
-async generator function, whose yields (str or bytes) stream to the caller as they come,
-or a coroutine function, whose return value is its one chunk; it takes one argument, the
-request as its caller passed it (anything JSON can carry).
+async generator function, whose yields stream to the caller as they come, or a coroutine
+function, whose return value is its one chunk; it takes one argument, the request as its
+caller passed it (anything JSON can carry). A chunk is str (sent as UTF-8), bytes (as they
+are), or any other value JSON can carry (a dict, a list, a number...), sent as its JSON
+text: one chunk, one JSON text (zroute/chunks.py). A value JSON cannot carry fails the
+request with an error that names the method and the type.
 
 `depends(Other)` makes an attribute that, on a running instance, calls Other's endpoints:
-`self.backend.generate(x)` streams the callee's chunks as str; `.round_robin(x)`,
+`self.backend.generate(x)` streams the callee's chunks as str, `.raw()` of it as bytes
+unchanged (what a stage relays), `.values()` of it as the JSON values that the callee
+yielded or returned; `.round_robin(x)`,
 `.random(x)`, `.direct(x, worker_id)` and `.request(x, policy=...)` choose the routing per
 call, and `await self.backend.workers()` lists Other's ready workers with their load (the
 process's calls share one broker STATS at a time, and its answer for 0.1 s). A call
@@ -128,7 +133,9 @@ class RouteMark:
 
 
 def api(path: str, method: str = "POST") -> Callable[[Callable], Callable]:
-    """Mark a method as an HTTP route of the gateway: it takes the request's JSON body."""
+    """Mark a method as an HTTP route of the gateway: it takes the request's JSON body,
+    or, for GET, its query parameters as a dict of str. A path may have one route per
+    method."""
     if not isinstance(path, str):  # @api without its path
         raise GraphError(f"@api needs the route's path: @api(path=\"/generate\"), not "
                          f"@api on {getattr(path, '__qualname__', path)!r}")
@@ -217,7 +224,7 @@ class Service:
     cls: type
     workers: int
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # by attribute
-    routes: dict[str, Route] = field(default_factory=dict)  # by path
+    routes: dict[tuple[str, str], Route] = field(default_factory=dict)  # by (method, path)
     dependencies: dict[str, Service] = field(default_factory=dict)  # by attribute
     hooks: dict[str, list[str]] = field(default_factory=lambda: {START: [], STOP: []})
     settings: list[Setting] = field(default_factory=list)
@@ -357,12 +364,13 @@ def _add_route(described: Service, attribute: str, mark: RouteMark,
     if mark.method not in HTTP_METHODS:
         raise GraphError(f"{owner}.{attribute}: the method {mark.method!r} is not one of "
                          f"{', '.join(HTTP_METHODS)}")
-    other = described.routes.get(mark.path)
+    key = (mark.method, mark.path)
+    other = described.routes.get(key)
     if other is not None:
-        raise GraphError(f"{owner}: the route {mark.path} is declared twice, by "
-                         f"{other.attribute} and {attribute}: give each its own path")
+        raise GraphError(f"{owner}: the route {mark.method} {mark.path} is declared twice, by "
+                         f"{other.attribute} and {attribute}: give each its own path or method")
     target = None if forward is None else (forward.attribute, mark.forward or "")
-    described.routes[mark.path] = Route(mark.path, mark.method, attribute, target)
+    described.routes[key] = Route(mark.path, mark.method, attribute, target)
 
 
 def _settings(cls: type, members: dict[str, Any]) -> list[Setting]:
@@ -471,7 +479,8 @@ def encode_argument(argument: Any) -> bytes:
 
 class CallStream:
     """The reply to one dependency call: an async iterator of str chunks, as the callee
-    yields them. An error of the callee raises CallError (`.code`)."""
+    yields them; `.raw()` gives them as bytes, `.values()` as the values JSON chunks
+    hold. An error of the callee raises CallError (`.code`)."""
 
     def __init__(self, stream: Stream) -> None:
         self._stream = stream
@@ -496,14 +505,35 @@ class CallStream:
 
     async def __anext__(self) -> str:
         while True:
-            try:
-                chunk = await self._stream.__anext__()
-            except BaseException:
-                self._untrack()
-                raise
-            text = self._decoder.decode(chunk)
+            text = self._decoder.decode(await self._next_chunk())
             if text:
                 return text
+
+    async def raw(self) -> AsyncIterator[bytes]:
+        """The chunks as bytes, as the callee sent them: what a stage relays unchanged
+        (binary chunks, say). A stream is read as str or as bytes, not both."""
+        while True:
+            try:
+                yield await self._next_chunk()
+            except StopAsyncIteration:
+                return
+
+    async def values(self) -> AsyncIterator[Any]:
+        """Each chunk decoded as the JSON text it is: the values a callee yields or
+        returns that are not str or bytes (a dict, a list...)."""
+        async for chunk in self.raw():
+            try:
+                yield orjson.loads(chunk)
+            except orjson.JSONDecodeError as e:
+                raise ValueError(f"a chunk of the reply is not JSON ({e}): {chunk[:60]!r}; "
+                                 "read it as str, or with raw()") from None
+
+    async def _next_chunk(self) -> bytes:
+        try:
+            return await self._stream.__anext__()
+        except BaseException:
+            self._untrack()
+            raise
 
     async def read(self) -> str:
         """The whole reply, joined."""

@@ -49,6 +49,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     # For `zroute serve` only: its gateways share one port. Any other gateway has the
     # port to itself, so that two stacks never answer on one port.
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--key", metavar="FILE",
+                        help="this gateway's CURVE key pair, for brokers with CURVE (NAME."
+                             "key_secret from `zroute keys client NAME`; sets the curve_key "
+                             "of the section of the class it serves, e.g. Frontend.curve_key)")
     add_graph_options(parser, "gateway")
     add_common_options(parser)
     parser.set_defaults(run=run, process_name="gateway")
@@ -58,7 +62,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     graph, described = service_to_run(args, http=True)
     name = described.name
     config = load(args, overrides, {**broker_flags(args.broker, "Broker.frontend"),
-                                    f"{name}.host": args.host, f"{name}.port": args.port},
+                                    f"{name}.host": args.host, f"{name}.port": args.port,
+                                    f"{name}.curve_key": args.key},
                   graph, runs=described)
     settings = section_of(config, described)
     frontend = dataclasses.replace(
@@ -78,18 +83,19 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def routes_of(instance: Instance) -> dict[str, Route]:
-    """The service's @api routes as the gateway serves them: a method called in the
-    gateway, or a forward() passed to a dependency's endpoint at the broker."""
+def routes_of(instance: Instance) -> dict[str, list[Route]]:
+    """The service's @api routes as the gateway serves them, by path: a method called in
+    the gateway, or a forward() passed to a dependency's endpoint at the broker."""
     described = instance.service
-    routes: dict[str, Route] = {}
+    routes: dict[str, list[Route]] = {}
     for route in described.routes.values():
         if route.forward is None:
-            routes[route.path] = Call(instance.function(route.attribute), route.method)
+            served: Route = Call(instance.function(route.attribute), route.method)
         else:
             attribute, endpoint = route.forward
             target = described.dependencies[attribute].endpoints[endpoint].name
-            routes[route.path] = Forward(target, route.method)
+            served = Forward(target, route.method)
+        routes.setdefault(route.path, []).append(served)
     return routes
 
 

@@ -32,7 +32,7 @@ from typing import Callable
 from zroute_cli.broker import configured_policies
 from zroute_cli.command import (START_FAILED, add_common_options, flag_overrides, load,
                                 load_graph, starting_problems)
-from zroute.services import START, Graph, Service
+from zroute.services import START, Graph, Route, Service
 from zroute.settings import Config, FrontendSettings
 from zroute_cli.config import ConfigError, builtin_graph, section_of
 from zroute.ports import Address, same_listener, tcp_address
@@ -285,6 +285,30 @@ def broker_endpoints(config: Config) -> dict[str, str]:
     return endpoints
 
 
+def _warn_unlisted_brokers(config: Config) -> None:
+    """Say so when Broker.frontends or Broker.backends lists no endpoint on the port of a
+    broker that serve runs here: nothing would connect to it. (A listed endpoint on its
+    port may name another host; only the port can be told apart here.)"""
+    broker = config.broker
+    for index, pair in enumerate(broker.local_brokers()):
+        for key, listed, own in (("frontends", broker.frontends, pair[0]),
+                                 ("backends", broker.backends, pair[1])):
+            if listed and not any(_same_port(own, endpoint) for endpoint in listed):
+                log.warning("Broker.%s lists no endpoint of %s (%s): it starts, but no "
+                            "peer connects to it; list it, or run fewer brokers "
+                            "(Broker.ServiceArgs.workers)", key,
+                            broker_names(len(broker.local_brokers()))[index], own)
+
+
+def _same_port(own: str, endpoint: str) -> bool:
+    """Whether `endpoint` may reach the broker bound at `own`: the same TCP port, or the
+    same endpoint for other transports."""
+    own_address, address = tcp_address(own), tcp_address(endpoint)
+    if own_address is None or address is None:
+        return own == endpoint
+    return own_address[1] == address[1]
+
+
 def check_addresses(config: Config, graph: Graph, host_key: str) -> None:
     """Before anything starts: every host to listen on resolves, and no HTTP port is one
     of the broker's (each would be taken twice). `host_key` is how the user set the
@@ -386,6 +410,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     for problem in starting_problems(config, "serve", http):
         raise ConfigError(problem)
     check_addresses(config, graph, "--host" if args.host is not None else f"{name}.host")
+    _warn_unlisted_brokers(config)
     supervisor = build_supervisor(graph, config, args, overrides)
     try:
         supervisor.check_ports()
@@ -505,8 +530,16 @@ def _announce(base: str, graph: Graph, config: Config) -> None:
         counts = ", ".join(f"{section_of(config, s).service_args.workers} {s.name}"
                            for s in graph.worker_services)
         what = f"({graph.root.name}; {several}workers: {counts})"
-        tries = [f"  curl -X {route.method} {base}{route.path} -H 'Content-Type: "
-                 "application/json' -d 'JSON'" for route in graph.root.routes.values()]
+        tries = [try_route(base, route) for route in graph.root.routes.values()]
     print(f"\nzroute is serving on {base} {what}\nTry:\n" + "\n".join(tries) + "\n"
           f"  curl {operators}/stats    # or open {operators}/dashboard in a browser\n",
           flush=True)
+
+
+def try_route(base: str, route: Route) -> str:
+    """A curl command line for a route of the banner: a GET takes a query, the others
+    a JSON body."""
+    if route.method == "GET":
+        return f"  curl '{base}{route.path}?key=value'"
+    return (f"  curl -X {route.method} {base}{route.path} -H 'Content-Type: application/json' "
+            "-d 'JSON'")

@@ -49,6 +49,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a service to serve with --handler, or with the built-in "
                              "greeting; repeatable (default: generate)")
     add_graph_options(parser, "worker")
+    parser.add_argument("--key", metavar="FILE",
+                        help="this worker's CURVE key pair, for brokers with CURVE (NAME."
+                             "key_secret from `zroute keys worker NAME`; sets the curve_key "
+                             "of its service's section, e.g. Backend.curve_key)")
     parser.add_argument("--capacity", type=int, metavar="N",
                         help="most requests at once, 0 for unlimited "
                              "(default: the service section's ServiceArgs.capacity, e.g. "
@@ -160,6 +164,7 @@ def _worker_id(args: argparse.Namespace, service_name: str) -> str:
 def _flags(args: argparse.Namespace, service_name: str) -> dict[str, object | None]:
     """The keys that the options set, for a worker of the service `service_name`."""
     return {f"{service_name}.ServiceArgs.capacity": args.capacity,
+            f"{service_name}.curve_key": args.key,
             **broker_flags(args.broker, "Broker.backend")}
 
 
