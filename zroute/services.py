@@ -49,8 +49,9 @@ worker, Frontend.request_timeout in the gateway.
 Annotated class attributes with a default are configuration, read from the YAML section
 named after the class (`Backend: {greeting: Hi}`, `--Backend.greeting=Hi`); one without a
 default is required. A setting is a str, int, float or bool, each may be `X | None` (YAML
-null, `--Backend.model=null`), or a list[str] or tuple[str, ...]. The section holds the runtime settings of the process that runs the
-service as well (a worker's drain_timeout, ServiceArgs.workers...; a gateway's port...).
+null, `--Backend.model=null`), or a list[str] or tuple[str, ...]. The section holds the
+runtime settings of the process that runs the service as well (a worker's drain_timeout,
+ServiceArgs.workers...; a gateway's port...).
 
 `@on_start` methods run before a process takes requests (a worker before it registers,
 a gateway before it listens), and `@on_stop` ones once it has drained. A class's own

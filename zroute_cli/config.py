@@ -289,7 +289,8 @@ def _apply_override(cls: type, values: dict[str, Any], override: str) -> None:
         raise ConfigError(f"{dotted} is a section, not a key: "
                           f"use --{dotted}.KEY=value with KEY one of {keys}")
     # A str is the text as it is; `null` is None for one that may be.
-    value = raw if leaf.type is str and not (leaf.optional and raw == "null") else _parse_scalar(raw)
+    as_text = leaf.type is str and not (leaf.optional and raw == "null")
+    value = raw if as_text else _parse_scalar(raw)
     node[last] = _check_value(dotted, value, leaf, raw)
 
 
