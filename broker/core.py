@@ -37,6 +37,7 @@ FRESH_STATS = 5  # STATS of a client answered at once per Broker.stats_interval
 LISTED_WORKERS = 10  # worker ids an unknown direct target's error lists
 MAX_STATS_WAITING = 10_000  # STATS waiting for the next shared build, from all clients
 MAX_STATS_WAITING_PER_CLIENT = 100  # and from one client
+UNSERVED = "\n"  # a name no worker can register: the waiting STATS of a service none serves
 DRAIN_RATE_INTERVAL = 0.5  # seconds over which a queue's drain rate is measured
 # What a client that reads may seem to hold: the bytes since the last tracked message to
 # it, and the message being sent.
@@ -153,7 +154,8 @@ class BrokerCore:
         self.body_bytes_by_client: dict[bytes, int] = {}
         self.reply_bytes = UnreleasedByPeer()
         self.fresh_stats = PeerLimiter(settings.stats_interval, FRESH_STATS)
-        self.stats_waiting: list[tuple[bytes, bytes]] = []  # (client, rid) of deferred STATS
+        # (client, rid, service asked about) of deferred STATS
+        self.stats_waiting: list[tuple[bytes, bytes, str]] = []
         self.stats_waiting_by_client: dict[bytes, int] = {}
         self._next_stats_build = 0.0
         # Deadlines in buckets, so that a finished request is forgotten at once.
@@ -929,7 +931,7 @@ class BrokerCore:
         rid = msg.rid
         if self.fresh_stats.allow(client, self.now):
             self._post(self.to_clients, client,
-                       p.encode_stats_reply(p.StatsReply(rid, self.stats(self.now))))
+                       p.encode_stats_reply(p.StatsReply(rid, self.stats(self.now, msg.service))))
         elif self.stats_waiting_by_client.get(client, 0) >= MAX_STATS_WAITING_PER_CLIENT:
             self._reply_error(client, rid, p.E_LIMIT, f"{MAX_STATS_WAITING_PER_CLIENT} STATS of "
                               "this client are waiting already: ask again later")
@@ -937,23 +939,36 @@ class BrokerCore:
             self._reply_error(client, rid, p.E_LIMIT, f"{MAX_STATS_WAITING} STATS are waiting "
                               "already: ask again later")
         else:
-            self.stats_waiting.append((client, rid))
+            self.stats_waiting.append((client, rid, msg.service))
             self.stats_waiting_by_client[client] = self.stats_waiting_by_client.get(client, 0) + 1
 
     def _answer_waiting_stats(self, now: float) -> None:
         if not self.stats_waiting or now < self._next_stats_build:
             return
         self._next_stats_build = now + self.settings.stats_interval
-        stats = orjson.dumps(self.stats(now))  # once for every reply: a build can be MiBs
+        # Built once for every reply that asks the same (a build can be MiBs): so at most
+        # once per service a worker serves, once for all the others, and once whole.
+        builds: dict[str, bytes] = {}
         waiting, self.stats_waiting = self.stats_waiting, []
         self.stats_waiting_by_client = {}
-        for client, rid in waiting:
+        for client, rid, service in waiting:
+            if service and service not in self.registry.by_service:
+                service = UNSERVED
+            stats = builds.get(service)
+            if stats is None:
+                stats = builds[service] = orjson.dumps(self.stats(now, service))
             self._post(self.to_clients, client, p.encode_encoded_stats_reply(rid, stats))
 
-    def stats(self, now: float) -> dict:
-        """What a STATS reply carries, as of `now`."""
+    def stats(self, now: float, service: str = "") -> dict:
+        """What a STATS reply carries, as of `now`: the first Broker.stats_max_workers
+        workers by id, departed ones included; or with `service`, those of the live
+        workers of that service, and no gateways' reports."""
         live, departed = self.registry.by_id, self.registry.departed
-        shown = heapq.nsmallest(self.settings.stats_max_workers, [*live, *departed])
+        if service:
+            candidates = [w.worker_id for w in self.registry.by_service.get(service, ())]
+        else:
+            candidates = [*live, *departed]
+        shown = heapq.nsmallest(self.settings.stats_max_workers, candidates)
         workers = [live[i].stats(now) if i in live else departed[i].stats for i in shown]
         queued_now = {service: len(q) for service, q in self.queues.items() if q}
         queue_depth = sum(queued_now.values())
@@ -973,10 +988,10 @@ class BrokerCore:
                 "workers_ready": sum(w.state == WORKER_READY for w in live.values()),
                 "workers_live": len(live),
                 "workers_departed": len(departed),
-                "workers_truncated": len(shown) < len(live) + len(departed),
+                "workers_truncated": len(shown) < len(candidates),
             },
-            "workers": workers,  # the first Broker.stats_max_workers by id
-            "gateways": self.reports.current(now),
+            "workers": workers,
+            "gateways": {} if service else self.reports.current(now),
         }
 
 

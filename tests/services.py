@@ -82,8 +82,7 @@ class Backend:
 
 @service
 class Middle:
-    backend = depends(Backend)
-    routing_mode: str = "round_robin"
+    backend = depends(Backend)  # its calls without a policy: by Middle.routing_mode
 
     @endpoint
     async def generate(self, text: str) -> AsyncIterator[str]:
@@ -113,6 +112,12 @@ class Middle:
         await stream.read()
         return orjson.dumps({"workers": [[w.id, w.inflight, w.capacity] for w in found],
                              "chose": best.id, "served": stream.worker_id}).decode()
+
+    @endpoint
+    async def workers_at_once(self, calls: int) -> str:
+        """How many workers each of `calls` concurrent workers() calls lists."""
+        found = await asyncio.gather(*(self.backend.workers() for _ in range(calls)))
+        return orjson.dumps(sorted({len(workers) for workers in found})).decode()
 
     @endpoint
     async def echo(self, request: Any) -> str:

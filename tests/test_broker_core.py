@@ -1051,6 +1051,37 @@ def test_stats_list_the_first_workers_by_id_whether_live_or_departed():
     assert memory.stats()["broker"]["workers_truncated"] is True
 
 
+def test_stats_of_one_service_list_its_live_workers_whatever_the_others():
+    memory = MemoryCore("Broker.stats_max_workers=2")
+    for worker_id in ("a1", "a2", "a3"):  # the first by id, of every service
+        memory.register(worker_id)
+    for worker_id in ("w2", "w1", "w3"):
+        memory.from_worker(worker_id.encode(), p.encode_ready(p.Ready(worker_id, ["other"], 0)))
+    memory.from_worker(b"w3", p.encode_disconnect())
+    stats = memory.core.stats(memory.now(), "other")
+    assert [(w["id"], w["state"]) for w in stats["workers"]] == [("w1", "ready"), ("w2", "ready")]
+    assert (stats["broker"]["workers_truncated"], stats["gateways"]) == (False, {})
+    memory.from_worker(b"w0", p.encode_ready(p.Ready("w0", ["other"], 0)))
+    assert memory.core.stats(memory.now(), "other")["broker"]["workers_truncated"] is True
+    assert memory.core.stats(memory.now(), "nobody's")["workers"] == []
+
+
+def test_waiting_stats_of_one_service_share_one_build_per_service():
+    memory = MemoryCore("Broker.stats_interval=1")
+    memory.register("w1")
+    asked = {b"s1": "generate", b"s2": "generate", b"s3": "x", b"s4": "y", b"s5": ""}
+    for rid, service in [*asked.items()] * 2:  # past its share, the second round waits
+        memory.from_client(b"c", p.encode_stats_request(p.StatsRequest(rid, service)))
+    memory.to_client(b"c")
+    memory.tick(START)
+    replies = memory.core.to_clients[b"c"]
+    builds = [replies[n][3] for n in range(5)]  # encoded once for each that asks the same
+    assert builds[0] is builds[1] and builds[2] is builds[3]  # generate; those none serves
+    assert len({id(build) for build in builds}) == 3  # and the whole
+    workers = {m.rid: [w["id"] for w in m.stats["workers"]] for m in memory.to_client(b"c")}
+    assert workers == {b"s1": ["w1"], b"s2": ["w1"], b"s3": [], b"s4": [], b"s5": ["w1"]}
+
+
 def test_latency_percentiles_are_taken_from_the_worker_s_recent_requests():
     memory = MemoryCore(QUIET)
     w1 = memory.register("w1")

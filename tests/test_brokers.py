@@ -8,11 +8,13 @@ import re
 import signal
 import time
 
+import orjson
 import pytest
 
 from scripts.children import free_port
 from tests.http_support import get_json, http, start_gateway
-from tests.support import Proc, Stack, async_wait_until, run_zroute, wait_until
+from tests.support import (REPO_ROOT, Proc, Stack, async_wait_until, run_zroute,
+                           wait_until)
 from tests.test_faults import collect
 from tests.test_serve import Serve
 from zroute.client import ANSWER_MARGIN_S, BlockingClient, BrokerError, Client
@@ -360,3 +362,20 @@ def test_a_broker_that_hangs_gets_no_new_request_after_a_missed_heartbeat(stack)
             return two.stats_of(1)["broker"]["completed"] - before
 
     assert asyncio.run(scenario()) == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_service_lists_each_worker_of_its_dependency_once_with_two_brokers(stack):
+    stack.cwd = REPO_ROOT
+    two = TwoBrokers(stack)
+    both = [f"--Broker.frontends=[{', '.join(two.frontends)}]",
+            f"--Broker.backends=[{', '.join(two.backends)}]"]
+    for worker_id, name in (("Backend-1", "Backend"), ("Backend-2", "Backend"),
+                            ("Middle-1", "Middle")):
+        two.worker(worker_id, "--graph", "tests/services.py:Frontend", "--service-class", name,
+                   "--capacity", "3", *both)
+    two.wait_workers("Backend-1", "Backend-2", "Middle-1")
+    with BlockingClient(two.frontends[1], timeout=10) as client:
+        listed = orjson.loads(client.request("Middle.workers", b"null").read())
+    assert listed["workers"] == [["Backend-1", 0, 3], ["Backend-2", 0, 3]]
+    assert listed["chose"] == listed["served"] == "Backend-1"

@@ -455,12 +455,13 @@ def test_a_class_of_annotated_fields_is_read_from_its_section_like_the_built_in_
 def test_a_settings_class_with_a_type_no_key_can_have_is_refused_when_read() -> None:
     @dataclasses.dataclass
     class Odd:
-        names: list[str] = dataclasses.field(default_factory=list)
+        sizes: list[int] = dataclasses.field(default_factory=list)
 
     with pytest.raises(TypeError) as info:
         build(Odd, None)
-    assert str(info.value).endswith("Odd.names: a setting is a str, int, float, "
-                                    "tuple[str, ...], bool or a section, not a list[str]")
+    assert str(info.value).endswith("Odd.sizes: a setting is a str, int, float, bool (each "
+                                    "may be `X | None`), tuple[str, ...] or list[str], or a "
+                                    "section, not a list[int]")
 
 
 # --- several brokers --------------------------------------------------------

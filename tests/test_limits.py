@@ -299,7 +299,7 @@ def test_waiting_stats_are_bounded_per_client_and_share_one_encoding():
         assert len(replies) == core.MAX_STATS_WAITING_PER_CLIENT + 1
         assert all(reply[3] is replies[0][3] for reply in replies)  # serialized once
         ask(b"looping")  # the build answered the waiting ones: room again
-        assert memory.core.stats_waiting == [(b"looping", b"s")]
+        assert memory.core.stats_waiting == [(b"looping", b"s", "")]
     finally:
         memory.close()
 

@@ -52,8 +52,9 @@ def test_cancel_client_to_broker():
     assert roundtrip(p.encode_cancel, p.decode_from_client, Cancel(RID)) == Cancel(RID)
 
 
-def test_stats_request_client_to_broker():
-    message = StatsRequest(b"s1")
+@pytest.mark.parametrize("message", [StatsRequest(b"s1"), StatsRequest(b"s1", "Backend.generate")],
+                         ids=["every-worker", "of-one-service"])
+def test_stats_request_client_to_broker(message):
     assert roundtrip(p.encode_stats_request, p.decode_from_client, message) == message
 
 
@@ -284,7 +285,9 @@ FROM_CLIENT = COMMON + [
     ("cancel-empty-rid", [V, p.CANCEL, b""]),
     ("cancel-overlong-rid", [V, p.CANCEL, b"r" * (p.MAX_CLIENT_RID + 1)]),
     ("stats-missing-rid", [V, p.STATS]),
-    ("stats-extra-frame", [V, p.STATS, b"r", b"{}"]),
+    ("stats-extra-frame", [V, p.STATS, b"r", b"Backend.generate", b"x"]),
+    ("stats-empty-service", [V, p.STATS, b"r", b""]),
+    ("stats-service-with-newline", [V, p.STATS, b"r", b"a\nb"]),
     ("stats-empty-rid", [V, p.STATS, b""]),
     ("stats-overlong-rid", [V, p.STATS, b"r" * (p.MAX_CLIENT_RID + 1)]),
     ("heartbeat-extra-frame", [V, p.HEARTBEAT, BOOT]),

@@ -5,9 +5,11 @@ the lifecycle hooks; then `zroute serve FILE:Class`."""
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
+from typing import Optional
 
 import aiohttp
 import orjson
@@ -138,6 +140,19 @@ def test_each_mistake_in_a_graph_is_one_line_naming_the_class():
     assert graph_error(Idle) == "Idle has no @endpoint and no @api route: nothing would serve it"
 
     @service
+    class Configured:
+        def __init__(self, model):
+            self.model = model
+
+        @endpoint
+        async def run(self, request):
+            yield request
+
+    assert graph_error(Configured) == (
+        "Configured.__init__ takes arguments besides self, but zroute creates the instance "
+        "with none: make them settings (annotated attributes) or give them defaults")
+
+    @service
     class SameName:
         a = depends(A)
 
@@ -190,6 +205,12 @@ def test_a_bad_key_of_a_service_is_one_line_naming_it(overrides, message):
     assert config_error(services.Frontend, overrides) == message
 
 
+def test_a_worker_service_that_calls_others_has_a_routing_mode():
+    config = load_config(None, ["Middle.routing_mode=random"], walk(services.Frontend))
+    assert config.middle.routing_mode == "random"
+    assert "routing_mode" not in config.as_dict()["Backend"]  # it calls nothing
+
+
 def test_a_required_setting_without_a_value_is_named():
     assert config_error(services.NeedsModel) == (
         "NeedsModel.model is required and has no default: set it in the config file or with "
@@ -199,15 +220,41 @@ def test_a_required_setting_without_a_value_is_named():
 
 def test_a_setting_of_a_type_no_key_can_have_is_named():
     @service
-    class Lists:
-        names: list[str] = []
+    class Counts:
+        counts: dict[str, int] = {}
 
         @endpoint
         async def run(self, request):
             yield request
 
-    assert config_error(Lists) == ("Lists.names: a setting is a str, int, float, "
-                                   "tuple[str, ...], bool or a section, not a list[str]")
+    assert config_error(Counts) == (
+        "Counts.counts: a setting is a str, int, float, bool (each may be `X | None`), "
+        "tuple[str, ...] or list[str], or a section, not a dict[str, int]")
+
+
+@service
+class Optionals:
+    model: Optional[str] = None
+    size: int | None = None
+    names: list[str] = ["a"]
+
+    @endpoint
+    async def run(self, request):
+        yield request
+
+
+def test_optional_settings_take_null_and_lists_are_lists(tmp_path: Path):
+    settings = load_config(None, (), walk(Optionals)).optionals
+    assert (settings.model, settings.size, settings.names) == (None, None, ["a"])
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("Optionals:\n  model: m\n  size: 3\n  names: [b, c]\n")
+    settings = load_config(str(config_file), (), walk(Optionals)).optionals
+    assert (settings.model, settings.size, settings.names) == ("m", 3, ["b", "c"])
+    settings = load_config(str(config_file), ("Optionals.model=null", "Optionals.size=null"),
+                           walk(Optionals)).optionals
+    assert (settings.model, settings.size) == (None, None)
+    assert config_error(Optionals, ("Optionals.size=big",)) == (
+        "Optionals.size: 'big' is invalid: must be an integer or null")
 
 
 # --- a graph served by workers -----------------------------------------------------------
@@ -251,6 +298,34 @@ def test_a_call_chooses_its_routing_or_its_worker(graph_stack):
     listed = orjson.loads(call(graph_stack, "Middle.workers", None))
     assert listed["workers"] == [["Backend-1", 0, 3], ["Backend-2", 0, 3]]
     assert listed["chose"] == listed["served"] == "Backend-1"
+
+
+@pytest.mark.timeout(30)
+def test_a_call_without_a_policy_takes_the_section_s_routing_mode(graph_stack):
+    """Middle declares no routing_mode: its section's, as the command line sets it."""
+    spreading = graph_stack.start("spreading", "worker", "--broker", graph_stack.backend,
+                                  "--graph", GRAPH, "--service-class", "Middle",
+                                  "--Middle.routing_mode=random",
+                                  f"--Broker.frontend={graph_stack.frontend}")
+    ids = wait_until(lambda: set(graph_stack.ready_workers()) - {"Middle-1", "Backend-1",
+                                                                 "Backend-2"}, 10,
+                     "the worker to register")
+    [own_id] = ids  # without --id: its service's name, and random hex digits
+    assert re.fullmatch(r"Middle-[0-9a-f]{6}", own_id)
+    with BlockingClient(graph_stack.frontend, timeout=10) as client:
+        served = [client.request("Middle.route", b"{}", policy="direct", worker=own_id)
+                  .read().decode() for _ in range(24)]
+    spreading.stop()
+    graph_stack.procs.remove(spreading)
+    assert set(served) == {"Backend-1", "Backend-2"}
+    assert any(served[n] == served[n + 1] for n in range(len(served) - 1))  # not in turn
+
+
+@pytest.mark.timeout(30)
+def test_many_concurrent_workers_calls_share_one_stats_request(graph_stack):
+    """The broker answers one client's STATS once per Broker.stats_interval and refuses
+    past 100 waiting: the calls of a process share theirs."""
+    assert call(graph_stack, "Middle.workers_at_once", 300) == "[2]"
 
 
 @pytest.mark.timeout(30)
@@ -364,8 +439,11 @@ def test_a_start_hook_that_raises_stops_the_worker_with_one_line_naming_it():
     (("stats", "--graph", "tests/services.py:Middle"),
      "--graph: Middle has no @api routes: name the root of the graph, whose section holds "
      "the gateway's curve_key"),
+    (("serve", GRAPH, "--Middle.routing_mode=bogus"),
+     "Middle.routing_mode: unknown routing policy 'bogus' (valid: round_robin, random, "
+     "least_loaded, power_of_two)"),
 ], ids=["not-a-service", "worker-of-routes", "not-in-graph", "serve-of-endpoints",
-        "does-not-load", "stats-of-endpoints"])
+        "does-not-load", "stats-of-endpoints", "unknown-routing-mode"])
 def test_a_graph_that_cannot_run_is_one_line_before_anything_starts(argv, error):
     result = run_zroute(*argv, f"--Broker.frontend=tcp://127.0.0.1:{free_port()}",
                         cwd=REPO_ROOT)

@@ -522,11 +522,12 @@ class Client(PolicyShortcuts[Stream]):
         self._send_through(reply, self._next_broker(reply.tried))
         return Stream(reply)
 
-    async def stats(self, timeout: float = 5.0) -> dict:
+    async def stats(self, timeout: float = 5.0, service: str = "") -> dict:
         """The stats of every broker, combined (zroute/brokerstats.py): the totals, each
-        broker's own, and each worker once. BrokerError if no broker answers."""
+        broker's own, and each worker once; with `service`, only the live workers of that
+        service (and no gateways' reports). BrokerError if no broker answers."""
         self._check_open()
-        answers = await asyncio.gather(*(self._stats_of(broker, timeout)
+        answers = await asyncio.gather(*(self._stats_of(broker, timeout, service)
                                          for broker in self.brokers))
         errors = [answer for answer in answers if isinstance(answer, BrokerError)]
         if len(errors) == len(answers):
@@ -534,7 +535,8 @@ class Client(PolicyShortcuts[Stream]):
         return combine([(broker.address, answer if isinstance(answer, dict) else answer.message)
                         for broker, answer in zip(self.brokers, answers)])
 
-    async def _stats_of(self, broker: BrokerConnection, timeout: float) -> dict | BrokerError:
+    async def _stats_of(self, broker: BrokerConnection, timeout: float,
+                        service: str) -> dict | BrokerError:
         """One broker's STATS answer, or why there is none."""
         if broker.refused is not None:
             return broker.refused
@@ -544,7 +546,7 @@ class Client(PolicyShortcuts[Stream]):
         rid = b"s%x" % next(self._ids)
         waiter = self.loop.create_future()
         broker.stats_waiters[rid] = waiter
-        broker.send(p.encode_stats_request(p.StatsRequest(rid)))
+        broker.send(p.encode_stats_request(p.StatsRequest(rid, service)))
         try:
             return await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:

@@ -178,6 +178,7 @@ class Cancel:
 @dataclass(slots=True)
 class StatsRequest:
     rid: bytes
+    service: str = ""  # only the live workers of this service; empty: every worker
 
 
 @dataclass(slots=True)
@@ -262,7 +263,7 @@ def encode_cancel(m: Cancel) -> list[bytes]:
 
 
 def encode_stats_request(m: StatsRequest) -> list[bytes]:
-    return [VERSION, STATS, m.rid]
+    return [VERSION, STATS, m.rid, m.service.encode()] if m.service else [VERSION, STATS, m.rid]
 
 
 def encode_stats_reply(m: StatsReply) -> list[bytes]:
@@ -493,8 +494,10 @@ def decode_from_client(frames: list[bytes]) -> Request | Cancel | StatsRequest |
         _expect(frames, 3)
         return Cancel(_rid(frames[2], MAX_CLIENT_RID))
     if command == STATS:
-        _expect(frames, 3)
-        return StatsRequest(_rid(frames[2], MAX_CLIENT_RID))
+        if len(frames) != 4:
+            _expect(frames, 3)
+            return StatsRequest(_rid(frames[2], MAX_CLIENT_RID))
+        return StatsRequest(_rid(frames[2], MAX_CLIENT_RID), _text(frames[3], "service"))
     if command == HEARTBEAT:
         return _heartbeat(frames, from_broker=False)
     if command == REPORT:

@@ -34,9 +34,11 @@ request with an error that names the method and the type.
 unchanged (what a stage relays), `.values()` of it as the JSON values that the callee
 yielded or returned; `.round_robin(x)`,
 `.random(x)`, `.direct(x, worker_id)` and `.request(x, policy=...)` choose the routing per
-call, and `await self.backend.workers()` lists Other's live workers with their load. A call
-without a policy uses the calling class's `routing_mode` attribute if it declares one,
-else the broker's default. The dependency calls a request makes are cancelled when that
+call, and `await self.backend.workers()` lists Other's ready workers with their load (the
+process's calls share one broker STATS at a time, and its answer for 0.1 s). A call
+without a policy uses the calling service's section's `routing_mode` (Frontend.routing_mode
+for the gateway's, Middle.routing_mode for a worker service with dependencies), whether
+the class declares it or not. The dependency calls a request makes are cancelled when that
 request ends (its caller went away, say); a call left early (`break`) runs on until then,
 unless it is closed: `async with self.backend.generate(x) as chunks:`, or
 `chunks.cancel()`. An error of the callee raises CallError with its `code` in the caller.
@@ -46,11 +48,15 @@ worker, Frontend.request_timeout in the gateway.
 
 Annotated class attributes with a default are configuration, read from the YAML section
 named after the class (`Backend: {greeting: Hi}`, `--Backend.greeting=Hi`); one without a
-default is required. The section holds the runtime settings of the process that runs the
-service as well (a worker's drain_timeout, ServiceArgs.workers...; a gateway's port...).
+default is required. A setting is a str, int, float or bool, each may be `X | None` (YAML
+null, `--Backend.model=null`), or a list[str] or tuple[str, ...]. The section holds the
+runtime settings of the process that runs the service as well (a worker's drain_timeout,
+ServiceArgs.workers...; a gateway's port...).
 
 `@on_start` methods run before a process takes requests (a worker before it registers,
-a gateway before it listens), and `@on_stop` ones once it has drained.
+a gateway before it listens), and `@on_stop` ones once it has drained. A class's own
+`__init__`, if it has one, runs before them, once its settings and dependencies are set;
+it takes no argument besides self.
 
 `walk(Root)` checks a graph and returns its services, dependencies first; every mistake in
 it is a GraphError whose text is one line naming the class and what to fix. `Instance`
@@ -61,12 +67,14 @@ starts the whole graph (zroute_cli/serve.py).
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import contextvars
 import dataclasses
 import inspect
 import logging
 import typing
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, ClassVar, Generator
 
@@ -293,6 +301,7 @@ def describe(cls: Any) -> Service:
             or options.workers < 1:
         raise GraphError(f"{name}: @service(workers={options.workers!r}) is invalid: must be "
                          "an integer >= 1")
+    _check_init(cls)
     described = Service(cls, options.workers)
     members = _members(cls)
     for attribute, value in members.items():
@@ -305,6 +314,21 @@ def describe(cls: Any) -> Service:
     if not described.routes and not described.endpoints:
         raise GraphError(f"{name} has no @endpoint and no @api route: nothing would serve it")
     return described
+
+
+def _check_init(cls: type) -> None:
+    """zroute calls a service's __init__ with no arguments (Instance.bind): say so now,
+    not once its process has started."""
+    if cls.__init__ is object.__init__:
+        return
+    try:
+        inspect.signature(cls.__init__).bind(None)
+    except TypeError:
+        raise GraphError(f"{cls.__name__}.__init__ takes arguments besides self, but zroute "
+                         "creates the instance with none: make them settings (annotated "
+                         "attributes) or give them defaults") from None
+    except ValueError:  # a signature Python cannot tell (a builtin base's): it will tell
+        pass
 
 
 def _describe_member(described: Service, attribute: str, value: Any) -> None:
@@ -554,6 +578,50 @@ class WorkerLoad:
         return self.inflight / self.capacity if self.capacity else float(self.inflight)
 
 
+class SharedStats:
+    """A client's broker stats of one service's workers, shared by every workers() call
+    of the process: one STATS at a time, its answer reused for MAX_AGE seconds. So a route
+    that lists the workers per request costs the broker one STATS per MAX_AGE, not one per
+    request (which the broker answers once per Broker.stats_interval, refusing past 100
+    waiting)."""
+
+    MAX_AGE = 0.1  # seconds; Broker.stats_interval's default
+    _of_client: weakref.WeakKeyDictionary[Client, dict[str, SharedStats]] = \
+        weakref.WeakKeyDictionary()  # a process's dependencies' services: a few per client
+
+    def __init__(self, client: Client, service: str) -> None:
+        self._client = client
+        self._service = service
+        self._asking: asyncio.Future[dict] | None = None
+        self._answer: dict | None = None
+        self._asked_at = 0.0
+
+    @classmethod
+    def of(cls, client: Client, service: str) -> SharedStats:
+        by_service = cls._of_client.setdefault(client, {})
+        if service not in by_service:
+            by_service[service] = cls(client, service)
+        return by_service[service]
+
+    async def get(self) -> dict:
+        """The stats as of at most MAX_AGE ago: the last answer, or the STATS in flight's."""
+        now = asyncio.get_running_loop().time()
+        if self._answer is not None and now - self._asked_at < self.MAX_AGE:
+            return self._answer
+        if self._asking is None:
+            self._asking = asyncio.ensure_future(self._ask(now))
+        # One caller that goes away does not cancel the others' answer.
+        return await asyncio.shield(self._asking)
+
+    async def _ask(self, now: float) -> dict:
+        try:  # an error is no answer to reuse: the next call asks again
+            self._answer = await self._client.stats(service=self._service)
+            self._asked_at = now
+            return self._answer
+        finally:
+            self._asking = None
+
+
 class EndpointClient:
     """`self.backend.generate`: calls one endpoint of a dependency."""
 
@@ -563,7 +631,7 @@ class EndpointClient:
         self._policy = policy
 
     def __call__(self, argument: Any, *, timeout: float | None = None) -> CallStream:
-        """Call with the calling class's routing_mode, or the broker's default."""
+        """Call with the calling service's routing_mode (its section's)."""
         return self.request(argument, policy=self._policy, timeout=timeout)
 
     def request(self, argument: Any, *, policy: str = "", worker: WorkerId = "",
@@ -600,13 +668,14 @@ class ServiceClient:
                                  f"(its endpoints: {', '.join(self._endpoints)})") from None
 
     async def workers(self) -> list[WorkerLoad]:
-        """The live workers that serve this dependency's endpoints, with their load."""
-        names = {found.name for found in self._target.endpoints.values()}
-        stats = await self._client.stats()
+        """The ready workers of this dependency, with their load as of at most
+        SharedStats.MAX_AGE ago: those that serve its first endpoint, as every worker of
+        the class does, up to Broker.stats_max_workers of them."""
+        first = next(iter(self._target.endpoints.values())).name
+        stats = await SharedStats.of(self._client, first).get()
         return [WorkerLoad(w["id"], w["services"], w["state"], w["inflight"], w["capacity"],
                            w["completed"], w["failed"])
-                for w in stats["workers"]
-                if w["state"] == "ready" and names & set(w["services"])]
+                for w in stats["workers"] if w["state"] == "ready"]
 
 
 # --- running an instance -----------------------------------------------------------------
@@ -630,15 +699,16 @@ class Instance:
         self.obj = cls.__new__(cls)
         for found in described.settings:
             setattr(self.obj, found.name, getattr(settings, found.name))
+        # The section's, whether the class declares it or not (Frontend.routing_mode).
+        self._routing_mode: str = getattr(settings, "routing_mode", "")
 
     def bind(self, client: Client | None) -> Instance:
         """Bind the dependencies to `client` (None for a service without any), then run
         the class's __init__, if it has one; StartFailed, one line, if it raises."""
-        policy = getattr(self.obj, "routing_mode", "") or ""
         for attribute, target in self.service.dependencies.items():
             if client is None:
                 raise ValueError(f"{self.service.name} has dependencies: it needs a client")
-            setattr(self.obj, attribute, ServiceClient(target, client, policy))
+            setattr(self.obj, attribute, ServiceClient(target, client, self._routing_mode))
         if type(self.obj).__init__ is not object.__init__:
             try:
                 self.obj.__init__()

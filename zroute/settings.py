@@ -165,6 +165,15 @@ class WorkerSettings(Section):
     service_args: ServiceArgs = section(ServiceArgs, "ServiceArgs")
 
 
+@dataclass(frozen=True, kw_only=True)
+class CallingWorkerSettings(WorkerSettings):
+    """A worker's runtime settings, of a service with dependencies, which it calls."""
+
+    # The policy of its calls that name none: a policy the broker loaded, as
+    # FrontendSettings.routing_mode.
+    routing_mode: str = DEFAULT_POLICY
+
+
 class GatewayChecks:
     """What a gateway's settings (FrontendSettings' keys, in whichever section) say of
     themselves; a base of every class that holds them."""

@@ -9,7 +9,8 @@ sections of their own, and says in one line what is wrong with a value.
 
 The sections are those of a service graph (zroute/services.py): one per service, named by
 its class, with the keys the class declares and those of the process that runs it
-(WorkerSettings' for a service of workers, FrontendSettings' for one the gateway serves),
+(WorkerSettings' for a service of workers, CallingWorkerSettings' if it has dependencies,
+FrontendSettings' for one the gateway serves),
 and Broker. `config_class(graph)` makes that class; without a graph, the built-in one's
 (Backend, Frontend, Broker).
 """
@@ -19,6 +20,7 @@ import dataclasses
 import difflib
 import functools
 import re
+import types
 import typing
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -27,8 +29,9 @@ from typing import Any, Iterable, Mapping, Sequence, TypeVar
 import yaml
 
 from zroute.services import Graph, Service, walk
-from zroute.settings import (BrokerSettings, Config, FrontendSettings, GatewayChecks, Rules,
-                             Section, WorkerSettings, key_of, rules_of, section, setting)
+from zroute.settings import (BrokerSettings, CallingWorkerSettings, Config, FrontendSettings,
+                             GatewayChecks, Rules, Section, WorkerSettings, key_of, rules_of,
+                             section, setting)
 
 T = TypeVar("T")
 
@@ -41,22 +44,38 @@ class EndpointClash(ConfigError):
     """Broker.frontend and Broker.backend are one endpoint."""
 
 
-KINDS = {str: "a string", int: "an integer", float: "a number",
-         tuple[str, ...]: "a list of strings", bool: "true or false"}
+SCALARS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+LISTS = {tuple[str, ...]: tuple, list[str]: list}  # each kind, and what makes its value
+KINDS = {**SCALARS, **dict.fromkeys(LISTS, "a list of strings")}
+
+
+def leaf_kind(kind: Any) -> tuple[Any, bool] | None:
+    """The kind of a setting's type and whether null is a value of it (`X | None`,
+    `Optional[X]`, for a scalar X); None if no setting can have the type."""
+    if kind in KINDS:
+        return kind, False
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        scalars = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        if len(scalars) == 1 and len(typing.get_args(kind)) == 2 and scalars[0] in SCALARS:
+            return scalars[0], True
+    return None
 
 
 @dataclass(frozen=True)
 class Leaf:
-    """A key that holds a value: the field's name and type, and its rules."""
+    """A key that holds a value: the field's name and kind, and its rules."""
 
     name: str
-    type: Any
+    type: Any  # a kind of KINDS
     rules: Rules
     required: bool = False  # no default: the file or an override must give it
+    optional: bool = False  # null is a value: None
 
     def accepts(self, value: Any) -> bool:
         """True if ``value`` has the right type and lies in range."""
-        if self.type == tuple[str, ...]:
+        if value is None:
+            return self.optional
+        if self.type in LISTS:
             return isinstance(value, list) and all(isinstance(item, str) for item in value)
         if self.type is bool:
             return isinstance(value, bool)
@@ -69,7 +88,7 @@ class Leaf:
 
     def describe(self) -> str:
         """What a valid value looks like, e.g. 'must be an integer from 1 to 65535'."""
-        kind, rules = KINDS[self.type], self.rules
+        kind, rules = KINDS[self.type] + (" or null" if self.optional else ""), self.rules
         if rules.ge is not None and rules.le is not None:
             return f"must be {kind} from {rules.ge} to {rules.le}"
         if rules.ge is not None:
@@ -96,9 +115,10 @@ def keys_of(cls: type) -> dict[str, Leaf | Nested]:
         kind = types[field.name]
         if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             keys[key_of(field)] = Nested(field.name, kind)
-        elif kind in KINDS:
-            keys[key_of(field)] = Leaf(field.name, kind, rules_of(field),
-                                       _is_required(field))
+        elif leaf_kind(kind):
+            base, optional = leaf_kind(kind)
+            keys[key_of(field)] = Leaf(field.name, base, rules_of(field),
+                                       _is_required(field), optional)
         else:
             raise TypeError(kind_problem(f"{cls.__qualname__}.{field.name}", kind))
     return keys
@@ -106,8 +126,9 @@ def keys_of(cls: type) -> dict[str, Leaf | Nested]:
 
 def kind_problem(dotted: str, kind: Any) -> str:
     """Why a setting cannot have the type `kind`."""
-    return (f"{dotted}: a setting is a {', '.join(map(_type_name, KINDS))} or a section, "
-            f"not a {_type_name(kind)}")
+    return (f"{dotted}: a setting is a {', '.join(map(_type_name, SCALARS))} (each may be "
+            f"`X | None`), {' or '.join(map(_type_name, LISTS))}, or a section, not a "
+            f"{_type_name(kind)}")
 
 
 def _is_required(field: dataclasses.Field) -> bool:
@@ -115,7 +136,11 @@ def _is_required(field: dataclasses.Field) -> bool:
 
 
 def _type_name(kind: Any) -> str:
-    """'int', 'tuple[str, ...]'."""
+    """'int', 'tuple[str, ...]', 'str | None'."""
+    if typing.get_origin(kind) is typing.Union:  # Optional[str]: as `str | None` shows
+        return " | ".join(_type_name(arg) for arg in typing.get_args(kind))
+    if kind is type(None):
+        return "None"
     return str(kind) if typing.get_args(kind) else kind.__name__
 
 
@@ -159,7 +184,9 @@ NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 def _check_value(dotted: str, value: Any, leaf: Leaf, typed: str | None = None) -> Any:
     """The value to use for `dotted`, or ConfigError; `typed` is how the user wrote it."""
-    is_list = leaf.type == tuple[str, ...]
+    if value is None and leaf.optional:
+        return None
+    is_list = leaf.type in LISTS
     if is_list and isinstance(value, str):
         value = [value]
     # YAML 1.1 reads 1e-1 (no dot) as a string: a number all the same.
@@ -172,7 +199,7 @@ def _check_value(dotted: str, value: Any, leaf: Leaf, typed: str | None = None) 
     if leaf.type is float:
         value = float(value)
     elif is_list:
-        value = tuple(value)
+        value = LISTS[leaf.type](value)
     problem = leaf.rules.check and leaf.rules.check(value)
     if problem:  # a list's names its entry, "[1]: ...", which follows the key
         raise ConfigError(f"{dotted}{'' if problem.startswith('[') else ': '}{problem}")
@@ -261,7 +288,10 @@ def _apply_override(cls: type, values: dict[str, Any], override: str) -> None:
         keys = ", ".join(keys_of(leaf.cls))
         raise ConfigError(f"{dotted} is a section, not a key: "
                           f"use --{dotted}.KEY=value with KEY one of {keys}")
-    node[last] = _check_value(dotted, raw if leaf.type is str else _parse_scalar(raw), leaf, raw)
+    # A str is the text as it is; `null` is None for one that may be.
+    as_text = leaf.type is str and not (leaf.optional and raw == "null")
+    value = raw if as_text else _parse_scalar(raw)
+    node[last] = _check_value(dotted, value, leaf, raw)
 
 
 def _instantiate(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
@@ -359,12 +389,12 @@ def section_class(described: Service) -> type:
     settings of the process that runs it (a declared key may set a runtime one of the same
     name and type, as the built-in Frontend's routing_mode does), with ServiceArgs.workers
     defaulting to @service(workers=...)."""
-    runtime = FrontendSettings if described.is_http else WorkerSettings
+    runtime = runtime_settings(described)
     runtime_types = typing.get_type_hints(runtime)
     fields: dict[str, tuple[str, Any, dataclasses.Field]] = {}
     for declared in described.settings:
         dotted = f"{described.name}.{declared.name}"
-        if declared.type not in KINDS:
+        if leaf_kind(declared.type) is None:
             raise ConfigError(kind_problem(dotted, declared.type))
         runtime_type = runtime_types.get(declared.name, declared.type)
         if runtime_type != declared.type:
@@ -392,9 +422,19 @@ def section_class(described: Service) -> type:
         raise ConfigError(f"{described.name}: its settings cannot be read: {e}") from None
 
 
+def runtime_settings(described: Service) -> type:
+    """The settings of the process that runs a service: a gateway's, or a worker's (with
+    the routing_mode of its calls if it makes any)."""
+    if described.is_http:
+        return FrontendSettings
+    return CallingWorkerSettings if described.dependencies else WorkerSettings
+
+
 def _field(default: Any) -> dataclasses.Field:
     """A field of a section class from a default, or from a field (`setting(...)`, with its
     rules, or a runtime setting's)."""
+    if isinstance(default, list):  # each section its own list
+        return dataclasses.field(default_factory=functools.partial(list, default))
     if not isinstance(default, dataclasses.Field):
         return dataclasses.field(default=default)
     return dataclasses.field(default=default.default, default_factory=default.default_factory,

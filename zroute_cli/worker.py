@@ -38,7 +38,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "the worker registers with every one (sets Broker.backends; "
                              f"default: Broker.backend, {BrokerSettings.backend})")
     parser.add_argument("--id", dest="worker_id", metavar="ID",
-                        help="worker id (default: worker- and 6 random hex digits)")
+                        help="worker id (default: the --service-class's name, e.g. Middle, "
+                             "a dash and 6 random hex digits; worker- and 6 random hex "
+                             "digits for the built-in Backend and --handler)")
     parser.add_argument("--handler", metavar="MODULE:CALLABLE",
                         help="serve a plain handler rather than a service class: an async "
                              "generator function, or a factory that takes the configuration "
@@ -129,12 +131,11 @@ def _check_names(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     _check_names(args)
-    worker_id = args.worker_id or f"worker-{secrets.token_hex(3)}"  # tells nothing of the host
     if args.handler is not None or (args.services and args.service_class is None):
-        runner: Worker | ServiceWorker = _handler_worker(args, overrides, worker_id)
+        runner: Worker | ServiceWorker = _handler_worker(args, overrides)
         worker, curve_setting = runner, "Backend.curve_key"
     else:
-        runner = _service_worker(args, overrides, worker_id)
+        runner = _service_worker(args, overrides)
         worker, curve_setting = runner.worker, f"{runner.instance.service.name}.curve_key"
     ready_file = ReadyFile(args.ready_file) if args.ready_file else None
     if ready_file:
@@ -151,6 +152,15 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _worker_id(args: argparse.Namespace, service_name: str) -> str:
+    """--id, else the name of the --service-class's service (`worker` for the built-in
+    Backend and a handler, as it always was), a dash and random hex digits, which tell
+    nothing of the host."""
+    if args.worker_id:
+        return args.worker_id
+    return f"{service_name if args.service_class else 'worker'}-{secrets.token_hex(3)}"
+
+
 def _flags(args: argparse.Namespace, service_name: str) -> dict[str, object | None]:
     """The keys that the options set, for a worker of the service `service_name`."""
     return {f"{service_name}.ServiceArgs.capacity": args.capacity,
@@ -158,7 +168,7 @@ def _flags(args: argparse.Namespace, service_name: str) -> dict[str, object | No
             **broker_flags(args.broker, "Broker.backend")}
 
 
-def _handler_worker(args: argparse.Namespace, overrides: list[str], worker_id: str) -> Worker:
+def _handler_worker(args: argparse.Namespace, overrides: list[str]) -> Worker:
     """A worker of a plain handler (the built-in greeting's, without --handler) under the
     names of --service, with the built-in graph's configuration (a factory may read
     `config.backend.greeting`)."""
@@ -175,12 +185,11 @@ def _handler_worker(args: argparse.Namespace, overrides: list[str], worker_id: s
         log.debug("configuration: %s", json.dumps(config.as_dict()))
         log.debug("handler %s: %r", args.handler, handler)
     keys = peer_keys(config.backend.curve_key, "Backend.curve_key", config.broker)
-    return Worker(config.backend, config.broker.for_workers(keys), worker_id,
+    return Worker(config.backend, config.broker.for_workers(keys), _worker_id(args, "Backend"),
                   {service: handler for service in args.services or ["generate"]})
 
 
-def _service_worker(args: argparse.Namespace, overrides: list[str],
-                    worker_id: str) -> ServiceWorker:
+def _service_worker(args: argparse.Namespace, overrides: list[str]) -> ServiceWorker:
     """A worker of a service class: its endpoints, its hooks, and a broker client for its
     dependencies, which connects with the worker's own key."""
     if args.services:
@@ -188,6 +197,7 @@ def _service_worker(args: argparse.Namespace, overrides: list[str],
                           "endpoints name themselves (@endpoint(name=...))")
     graph, described = service_to_run(args, http=False)
     name = described.name
+    own_id = _worker_id(args, name)
     config = load(args, overrides, _flags(args, name), graph, runs=described)
     settings = section_of(config, described)
     if log.isEnabledFor(logging.DEBUG):
@@ -199,9 +209,9 @@ def _service_worker(args: argparse.Namespace, overrides: list[str],
         client = Client(link.endpoints, timeout=config.broker.request_timeout,
                         timeout_setting="Broker.request_timeout",
                         heartbeat_interval=link.heartbeat_interval,
-                        heartbeat_misses=link.heartbeat_misses, name=worker_id, curve=link.curve)
+                        heartbeat_misses=link.heartbeat_misses, name=own_id, curve=link.curve)
     instance = Instance(described, settings).bind(client)
-    worker = Worker(settings, config.broker.for_workers(keys), worker_id, instance.handlers())
+    worker = Worker(settings, config.broker.for_workers(keys), own_id, instance.handlers())
     return ServiceWorker(instance, worker, client)
 
 
