@@ -209,6 +209,8 @@ def test_check_says_a_valid_configuration_is_valid_and_starts_nothing(command, t
     ("broker", ["--frontend", "tcp://0.0.0.0:5555"], "Broker.frontend (tcp://0.0.0.0:5555) "
                                                      "can be reached from other hosts"),
     ("serve", ["--Broker.backend=tcp://0.0.0.0:5556"], "can be reached from other hosts"),
+    ("serve", ["--Frontend.routing_mode=nosuch"], "unknown routing policy 'nosuch'"),
+    ("broker", ["--Broker.policies=nosuch:Policy"], "no module named 'nosuch'"),
 ])
 def test_check_says_what_is_wrong_with_a_configuration(command, args, problem):
     result = run_zroute(command, *args, "--check")

@@ -90,6 +90,11 @@ def _stop_checked(args: argparse.Namespace, config: Config, runs: Service) -> No
     http = section_of(config, runs) if args.process_name in ("gateway", "serve") else None
     for problem in starting_problems(config, args.process_name, http):
         raise ConfigError(problem)
+    if args.process_name in ("broker", "serve"):
+        # Imported here: only these two load the routing policies, and the other
+        # components' processes import none of the broker's code.
+        from zroute_cli.broker import configured_policies
+        configured_policies(config)  # a policy that does not load is a LoadError: exit 2
     raise ConfigChecked
 
 
