@@ -27,6 +27,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from multidict import MultiMapping
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from zroute import protocol as p
@@ -168,7 +169,12 @@ def query_of(request: web.BaseRequest) -> dict[str, str]:
         stop_reading(request)
         raise HttpError(400, f"{request.method} {request.path} takes its parameters from "
                              "the query string, not a body", p.E_BAD_REQUEST, close=True)
-    query = request.query
+    return single_values(request.query)
+
+
+def single_values(query: MultiMapping[str]) -> dict[str, str]:
+    """The query's parameters; a 400 if one is given twice, since which of the two the
+    user meant cannot be known."""
     if len(query) == len(set(query)):
         return dict(query)
     repeated = next(key for key in query if len(query.getall(key)) > 1)
@@ -625,8 +631,9 @@ class Gateway:
         """The policy and the worker that the query names. Only the query's own rules are
         checked here: ?worker= routes directly, so it goes with no other routing, and
         routing=direct needs it. Whether a policy exists is the broker's to say."""
-        worker = request.query.get("worker", "")
-        policy = request.query.get("routing") or (DIRECT if worker else self.settings.routing_mode)
+        query = single_values(request.query) if request.query_string else {}
+        worker = query.get("worker", "")
+        policy = query.get("routing") or (DIRECT if worker else self.settings.routing_mode)
         if policy == DIRECT and not worker:
             raise HttpError(400, "routing=direct needs ?worker=<worker id>", p.E_BAD_REQUEST)
         if worker and policy != DIRECT:

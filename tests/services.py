@@ -148,6 +148,12 @@ class Middle:
             yield chunk
 
     @endpoint
+    async def relay_hang_briefly(self, marker: str) -> AsyncIterator[str]:
+        """Backend.hang with a deadline of its own, its timeout not caught."""
+        async for chunk in self.backend.hang(marker, timeout=0.5):
+            yield chunk
+
+    @endpoint
     async def relay_hang(self, marker: str) -> AsyncIterator[str]:
         async for chunk in self.backend.hang(marker):
             yield chunk

@@ -259,6 +259,9 @@ REJECTED = {
     "worker-with-other-routing": ("gateway", "?worker=worker-1&routing=random", SEED_BODY, 400, {
         "error": "?worker= routes directly; it cannot be combined with routing=random",
         "code": "bad_request"}),
+    "worker-given-twice": ("gateway", "?worker=worker-1&worker=worker-2", SEED_BODY, 400, {
+        "error": "the query gives 'worker' more than once: give each parameter once",
+        "code": "bad_request"}),
 }
 
 

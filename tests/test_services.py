@@ -381,6 +381,18 @@ def test_a_callees_error_that_its_caller_lets_through_reaches_the_next_caller(gr
 
 
 @pytest.mark.timeout(30)
+def test_a_calls_timeout_reaches_the_next_caller_as_that_calls_not_its_own(graph_stack):
+    with BlockingClient(graph_stack.frontend, timeout=10) as client:
+        stream = client.request("Middle.relay_hang_briefly", orjson.dumps("brief"))
+        assert next(stream) == b"first\n"
+        with pytest.raises(BrokerError) as raised:
+            stream.read()
+    assert raised.value.code == "handler_error"  # a timeout would name the client's 10 s
+    assert raised.value.message == ("a call it made failed: no reply within the request's "
+                                    "timeout (0.5 s)")
+
+
+@pytest.mark.timeout(30)
 def test_a_cancelled_caller_cancels_its_callee(graph_stack):
     with BlockingClient(graph_stack.frontend, timeout=10) as client:
         stream = client.request("Middle.relay_hang", orjson.dumps("gone"))

@@ -71,11 +71,12 @@ E_AUTH_FAILED = "auth_failed"  # the broker refused the client's keys: raised, n
 E_WORKER_FULL = "worker_full"
 
 # The codes a worker hands on to its own caller when a call it made fails and its handler
-# lets the error through: they say what happened to the request. The others speak of a
-# peer's own link to its broker, which its caller's broker would misread (worker_full as
-# this worker being full, broker_unreachable as its own broker gone).
+# lets the error through: they say what happened to the request. The others would be
+# misread on the way back: worker_full and broker_unreachable speak of a peer's own link
+# to its broker (its caller's broker would take the worker for full, its client its broker
+# for gone), and a client takes a timeout for its own deadline, though the call's ended.
 PASSED_ON = frozenset({E_NO_WORKERS, E_NO_SUCH_WORKER, E_BAD_REQUEST, E_UNKNOWN_POLICY,
-                       E_HANDLER, E_WORKER_LOST, E_TIMEOUT, E_QUEUE_FULL, E_POLICY, E_LIMIT})
+                       E_HANDLER, E_WORKER_LOST, E_QUEUE_FULL, E_POLICY, E_LIMIT})
 
 # "direct" is a routing mode too, but it names its worker instead of a policy choosing one.
 DIRECT = "direct"
