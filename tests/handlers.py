@@ -92,6 +92,14 @@ async def forty_mebibytes(request: Any) -> AsyncIterator[bytes]:
         await asyncio.sleep(0.05)
 
 
+async def sized(request: Any) -> AsyncIterator[str | bytes]:
+    """Yield "start" at once, wait request["seconds"] (default 0), then yield one chunk of
+    request["bytes"] bytes."""
+    yield "start\n"
+    await asyncio.sleep(float(request.get("seconds", 0)))
+    yield b"z" * int(request["bytes"])
+
+
 # --- failures ----------------------------------------------------------------------
 
 

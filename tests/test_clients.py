@@ -13,8 +13,8 @@ from zroute import protocol as p
 from zroute.client import BlockingClient, BlockingStream, BrokerError, Client
 from zroute.endpoints import endpoint_problem
 from zroute.settings import WorkerSettings, BrokerLink
-from tests.handlers import CANCELLED_LINE
-from tests.support import Stack, returned_types, wait_until
+from tests.handlers import CANCELLED_LINE, MEBIBYTE
+from tests.support import Stack, async_wait_until, returned_types, wait_until
 
 
 def start(stack: Stack, *worker_ids: str) -> None:
@@ -204,3 +204,34 @@ def test_a_worker_checks_its_broker_address_and_takes_any_id():
 
 def test_every_message_the_broker_may_send_a_client_has_a_handler():
     assert set(Client().message_handlers) == returned_types(p.decode_to_client)
+
+
+@pytest.mark.timeout(40)
+def test_a_chunk_over_the_buffer_limit_reaches_a_fast_reader_and_a_slow_one_is_cut(stack):
+    """Only bytes a reader leaves unread count against its limit: one chunk larger than
+    it passes, a second one that finds it still unread ends the stream."""
+    stack.broker()
+    stack.worker("sizer", "--handler", "tests.handlers:sized", "--service", "sized")
+    stack.worker("flooder", "--handler", "tests.handlers:forty_mebibytes", "--service", "flood")
+    stack.wait_workers("sizer", "flooder", timeout=20)
+    limit = 256 << 10
+    big = {"bytes": 600_000}
+    with BlockingClient(stack.frontend, timeout=20, max_buffered_bytes=limit) as client:
+        assert list(client.request("sized", big)) == [b"start\n", b"z" * 600_000]
+
+    async def readers() -> tuple[list[bytes], list[bytes]]:
+        async with Client(stack.frontend, timeout=20, max_buffered_bytes=limit) as client:
+            fast = [chunk async for chunk in client.round_robin("sized", big)]
+            slow = client.round_robin("flood", {})  # 1 MiB chunks
+            await slow.first()
+            await async_wait_until(lambda: slow.done, what="the unread stream to end")
+            unread = []
+            with pytest.raises(BrokerError) as caught:
+                async for chunk in slow:
+                    unread.append(chunk)
+            assert caught.value.code == p.E_SLOW_READER
+            return fast, unread
+
+    fast, unread = asyncio.run(readers())
+    assert fast == [b"start\n", b"z" * 600_000]
+    assert unread == [MEBIBYTE]  # the second one found the first unread

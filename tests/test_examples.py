@@ -227,6 +227,14 @@ def test_the_middle_stage_transforms_each_chunk_as_it_arrives(multistage):
 
 
 @pytest.mark.timeout(30)
+def test_a_line_larger_than_max_reply_buffer_passes_every_stage(multistage):
+    """263,000 characters: one chunk over Frontend.max_reply_buffer (256 KiB) at each stage."""
+    text = "x" * 263_000
+    status, body = post(multistage.url, {"text": text})
+    assert (status, body) == (200, f"1. Hello {text}!\n")
+
+
+@pytest.mark.timeout(30)
 def test_a_middle_worker_killed_before_its_first_chunk_is_replaced_by_the_other(multistage):
     async def request_while_its_middle_dies() -> tuple[list[str], Proc]:
         reading = asyncio.ensure_future(timed_chunks(multistage.url, "a,b,c"))

@@ -236,6 +236,33 @@ def test_oversized_frame_drops_the_peer_not_the_broker(stack):
 
 
 @pytest.mark.timeout(30)
+def test_a_chunk_over_the_brokers_limit_fails_its_request_only(stack):
+    """Sent, it would make the broker drop the worker's connection, and with it every
+    other stream the worker runs."""
+    limit = "--Broker.max_message_size=1048576"
+    stack.broker(limit)
+    worker = stack.worker("w1", limit, "--handler", "tests.handlers:sized")
+    stack.wait_workers("w1")
+
+    async def scenario():
+        async with Client(stack.frontend, timeout=10) as client:
+            slow = client.round_robin("generate", {"bytes": 10, "seconds": 1})
+            await slow.first()  # it runs on the worker
+            big = client.round_robin("generate", {"bytes": 1048577})
+            return await collect(big), await collect(slow)
+
+    (big_chunks, big_error), slow_reply = asyncio.run(scenario())
+    assert big_chunks == [b"start\n"] and big_error.code == "handler_error"
+    message = ("the handler yielded a chunk of 1048577 bytes, more than "
+               "Broker.max_message_size (1048576 bytes); yield it in smaller pieces")
+    assert big_error.message == message
+    assert slow_reply == ([b"start\n", b"z" * 10], None)
+    assert message in worker.output() and "Traceback" not in worker.output()
+    stats = stack.stats()
+    assert stats["broker"]["evictions"] == 0 and worker_state(stack, "w1") == "ready"
+
+
+@pytest.mark.timeout(30)
 def test_a_reader_that_falls_behind_is_cut_off_not_buffered(stack):
     stack.broker()
     worker = stack.worker("w1", "--handler", "tests.handlers:forty_mebibytes")

@@ -236,3 +236,14 @@ def test_a_client_that_does_not_read_its_reply_is_cut_off_and_costs_little(limit
 def rss_kib(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(status.split("VmRSS:")[1].split()[0])
+
+
+def test_a_reply_chunk_over_max_reply_buffer_reaches_a_client_that_reads(stack):
+    """Only bytes the client leaves unread count against Frontend.max_reply_buffer
+    (256 KiB by default): one chunk larger than that passes."""
+    stack.broker()
+    stack.worker("sizer", "--handler", "tests.handlers:sized")
+    gateway = start_gateway(stack)
+    wait_healthy(gateway, 1)
+    reply = http("POST", f"{gateway.url}/generate", b'{"bytes": 600000}', timeout=10)
+    assert (reply.status, reply.body) == (200, b"start\n" + b"z" * 600_000)

@@ -126,6 +126,10 @@ def request_label(token: bytes) -> str:
     return " ".join(f"{key}={value}" for key, value in request_fields(token).items())
 
 
+class ChunkTooLarge(Exception):
+    """A handler yielded a chunk larger than a broker takes: its request fails alone."""
+
+
 class Outbox:
     """Replies waiting for the end of the current event-loop turn.
 
@@ -248,6 +252,11 @@ class Worker:
         self.capacity = settings.service_args.capacity
         self.heartbeat_interval = broker.heartbeat_interval
         self.heartbeat_misses = broker.heartbeat_misses
+        # The largest chunk a broker takes. Each chunk travels in a frame of its own
+        # (encode_reply_from_worker), and the broker's limit (ZeroMQ's MAXMSGSIZE) bounds
+        # each frame, so a CHUNK's other frames take none of it; a BATCH packs only
+        # messages within MAX_BATCH_BYTES, which the limit is no less than.
+        self.max_chunk = broker.max_message_size
         self.drain_timeout = settings.drain_timeout
         self.expose_errors = settings.expose_errors
         self.token = secrets.token_hex(16)  # proves to a broker that a new connection is ours
@@ -541,6 +550,14 @@ class Worker:
         while session.channel.unsent_bytes() > MAX_UNSENT_BYTES:
             await asyncio.sleep(UNSENT_RETRY_S)
 
+    def _check_chunk(self, chunk: bytes) -> None:
+        """ChunkTooLarge for a chunk the broker would not take: sent, it would make the
+        broker drop this worker's connection, and with it every request the worker runs."""
+        if len(chunk) > self.max_chunk:
+            raise ChunkTooLarge(f"the handler yielded a chunk of {len(chunk)} bytes, more than "
+                                f"Broker.max_message_size ({self.max_chunk} bytes); "
+                                "yield it in smaller pieces")
+
     def _handler_error(self, rid: bytes, error: Exception) -> str:
         """What a client is told of a handler's exception. Its text may hold paths, host
         names or secrets: unless expose_errors, only the request id, which the worker's
@@ -591,6 +608,7 @@ class Worker:
                     item = item.encode()
                 elif not isinstance(item, bytes):  # a dict, a list...: its JSON text
                     item = as_chunk(item, handler_name(handler))
+                self._check_chunk(item)
                 outbox.chunk(rid, item)
                 chunks += 1
                 if session.channel.unsent_bytes() > MAX_UNSENT_BYTES:
@@ -602,6 +620,10 @@ class Worker:
             outcome = "cancelled"
             if rid in outbox.chunks:
                 outbox.forget(rid)  # the broker has forgotten the request
+        except ChunkTooLarge as e:
+            outcome = "chunk too large"
+            log.warning("worker %s: %s on %s", self.worker_id, e, request_label(rid))
+            outbox.end(rid, p.Error(rid, p.E_HANDLER, str(e)))
         except BadRequest as e:
             outcome = "bad request"
             outbox.end(rid, p.Error(rid, p.E_BAD_REQUEST, str(e)))

@@ -109,6 +109,14 @@ def slow_reader_error() -> BrokerError:
     return BrokerError(p.E_SLOW_READER, "the reader fell too far behind the stream")
 
 
+def fell_behind(unread: int, limit: int) -> bool:
+    """Whether a reader that has `unread` bytes waiting when more arrive is too slow.
+    Only what it left unread counts, not what just arrived: a chunk that finds nothing
+    (or little) waiting passes whatever its size (Broker.max_message_size bounds it
+    already), or one large chunk would cut off a reader as fast as can be."""
+    return unread > limit
+
+
 def client_closed_error() -> BrokerError:
     return BrokerError(p.E_CLIENT_CLOSED, "the client was closed")
 
@@ -162,13 +170,13 @@ class Reply:
     def feed(self, chunks: list[bytes], worker_id: str, last: bool) -> None:
         self.worker_id = worker_id
         self.frames = None  # begun: it is never sent again, and its body need not be kept
+        if not last and fell_behind(self.buffered, self.client.max_buffered_bytes):
+            self.cancel(slow_reader_error())  # after what it holds already
+            return
         self.chunks.extend(chunks)
-        for chunk in chunks:
-            self.buffered += len(chunk)
+        self.buffered += sum(map(len, chunks))
         if last:
             self.finish(None)
-        elif self.buffered > self.client.max_buffered_bytes:
-            self.cancel(slow_reader_error())
         else:
             self.wake()
 
@@ -1107,10 +1115,11 @@ class BlockingBroker:
 
     def _hand_over(self, msg: p.Message, unread: Unread) -> None:
         """Keep a message for its stream, unless its reader has fallen too far behind."""
-        unread.add(msg)
-        if unread.buffered > self.max_buffered_bytes and not isinstance(msg, p.End):
+        if not isinstance(msg, p.End) and fell_behind(unread.buffered, self.max_buffered_bytes):
             unread.error = slow_reader_error()  # after what it holds already
             self._send_cancel(msg.rid)
+        else:
+            unread.add(msg)
 
     def _take_connection_events(self) -> None:
         while self._monitor.poll(0):

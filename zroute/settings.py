@@ -391,24 +391,26 @@ class BrokerSettings(Section):
         """The brokers as their clients (gateways) reach them, with their keys if they
         have CURVE."""
         return BrokerLink(self.client_endpoints(), self.heartbeat_interval,
-                          self.heartbeat_misses, curve)
+                          self.heartbeat_misses, curve, self.max_message_size)
 
     def for_workers(self, curve: PeerKeys | None = None) -> BrokerLink:
         """The brokers as their workers reach them, with their keys if they have CURVE."""
         return BrokerLink(self.worker_endpoints(), self.heartbeat_interval,
-                          self.heartbeat_misses, curve)
+                          self.heartbeat_misses, curve, self.max_message_size)
 
 
 @dataclass(frozen=True)
 class BrokerLink:
     """What a peer of the brokers knows of them: the endpoints it connects to (one per
     broker; a single string is one broker's), the heartbeat by which each of them knows
-    that the other is alive, and the CURVE keys it connects with (None: without CURVE)."""
+    that the other is alive, the CURVE keys it connects with (None: without CURVE), and
+    the largest frame a broker takes (a larger one makes it drop the connection)."""
 
     endpoints: tuple[str, ...] | str
     heartbeat_interval: float = BrokerSettings.heartbeat_interval
     heartbeat_misses: int = BrokerSettings.heartbeat_misses
     curve: PeerKeys | None = None
+    max_message_size: int = BrokerSettings.max_message_size
 
     def __post_init__(self) -> None:
         if isinstance(self.endpoints, str):
