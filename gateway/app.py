@@ -399,7 +399,8 @@ class Gateway:
                              heartbeat_misses=broker.heartbeat_misses,
                              report=self.metrics.snapshot, name=name,
                              max_buffered_bytes=settings.max_reply_buffer,
-                             receive_hwm=settings.max_queued_messages, curve=broker.curve)
+                             receive_hwm=settings.max_queued_messages, curve=broker.curve,
+                             max_message_size=broker.max_message_size)
         # What a request is told when no broker answers.
         self.unreachable = ("the broker is unreachable" if len(broker.endpoints) == 1 else
                             f"no broker is reachable ({', '.join(broker.endpoints)})")

@@ -235,3 +235,19 @@ def test_a_chunk_over_the_buffer_limit_reaches_a_fast_reader_and_a_slow_one_is_c
     fast, unread = asyncio.run(readers())
     assert fast == [b"start\n", b"z" * 600_000]
     assert unread == [MEBIBYTE]  # the second one found the first unread
+
+
+@pytest.mark.timeout(30)
+def test_a_body_over_max_message_size_fails_alone_before_it_is_sent(stack):
+    """Sent, it would close the connection, and fail the stream beside it too."""
+    stack.broker("--Broker.max_message_size=1048576")
+    stack.worker("sizer", "--handler", "tests.handlers:sized", "--service", "sized")
+    stack.wait_workers("sizer")
+    with BlockingClient(stack.frontend, timeout=10, max_message_size=1 << 20) as client:
+        beside = client.request("sized", {"bytes": 10})
+        with pytest.raises(BrokerError) as caught:
+            client.request("sized", b"x" * ((1 << 20) + 1))
+        assert caught.value.code == p.E_LIMIT
+        assert caught.value.message == ("the body is 1048577 bytes, more than "
+                                        "Broker.max_message_size (1048576 bytes)")
+        assert list(beside) == [b"start\n", b"z" * 10]

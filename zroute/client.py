@@ -48,6 +48,7 @@ DEFAULT_TIMEOUT_SETTING = "the client's timeout"
 REQUEST_TIMEOUT_SETTING = "the request's timeout"  # timeout= given to request()
 HEARTBEAT_INTERVAL = BrokerSettings.heartbeat_interval
 HEARTBEAT_MISSES = BrokerSettings.heartbeat_misses
+MAX_MESSAGE_SIZE = BrokerSettings.max_message_size
 DEADLINE_GRACE = 1.0  # the broker ends a request at its deadline; the client waits this much more
 # A broker that has not answered a heartbeat this long after it was sent gets no new
 # request while another broker has answered: the client heartbeats each broker every
@@ -319,6 +320,7 @@ class PolicyShortcuts(Generic[Result]):
 
     timeout: float
     timeout_setting: str
+    max_message_size: int
     _ids: Iterator[int]
 
     def request(self, service: str, body: Body, *, policy: str = "", worker: WorkerId = "",
@@ -341,9 +343,15 @@ class PolicyShortcuts(Generic[Result]):
             timeout, setting = self.timeout, self.timeout_setting
         else:
             setting = REQUEST_TIMEOUT_SETTING
+        encoded = encode_body(body)
+        if len(encoded) > self.max_message_size:
+            # Sent, it would close the connection (the broker's socket takes no larger
+            # frame), and fail every other request on it: refused here, it fails alone.
+            raise BrokerError(p.E_LIMIT, f"the body is {len(encoded)} bytes, more than "
+                                         f"Broker.max_message_size ({self.max_message_size} "
+                                         "bytes)")
         rid = b"%x" % next(self._ids)
-        message = p.Request(rid, service, encode_body(body), policy, str(worker),
-                            int(timeout * 1000))
+        message = p.Request(rid, service, encoded, policy, str(worker), int(timeout * 1000))
         return message, timeout, setting
 
 
@@ -413,6 +421,9 @@ class Client(PolicyShortcuts[Stream]):
     `receive_hwm` messages from a broker wait for the event loop (then libzmq stops
     reading, and the broker's own limits apply).
 
+    A request whose body is over `max_message_size` (the broker's Broker.max_message_size)
+    raises limit_exceeded at once: sent, it would close the connection to the broker.
+
     A broker with CURVE takes a client with `curve` keys only (PeerKeys.load("keys/
     NAME.key_secret", "keys/broker.key")), and only if its public key is in the broker's
     clients' allowlist; if it is not, the client's requests fail with auth_failed, and its
@@ -427,10 +438,12 @@ class Client(PolicyShortcuts[Stream]):
                  report: Callable[[], dict] | None = None, name: str = "",
                  context: zmq.Context | None = None,
                  max_buffered_bytes: int = MAX_BUFFERED_BYTES,
-                 receive_hwm: int = SOCKET_HWM, curve: PeerKeys | None = None) -> None:
+                 receive_hwm: int = SOCKET_HWM, curve: PeerKeys | None = None,
+                 max_message_size: int = MAX_MESSAGE_SIZE) -> None:
         addresses = [address] if isinstance(address, str) else list(address)
         if not addresses:
             raise ValueError("a client needs at least one broker endpoint")
+        self.max_message_size = max_message_size
         self.brokers = [BrokerConnection(check_endpoint(a)) for a in addresses]
         self.address = ", ".join(addresses)  # as messages name the brokers
         self.curve = curve
@@ -870,10 +883,12 @@ class BlockingClient(PolicyShortcuts[BlockingStream]):
                  heartbeat_misses: int = HEARTBEAT_MISSES,
                  context: zmq.Context | None = None,
                  max_buffered_bytes: int = MAX_BUFFERED_BYTES,
-                 curve: PeerKeys | None = None) -> None:
+                 curve: PeerKeys | None = None,
+                 max_message_size: int = MAX_MESSAGE_SIZE) -> None:
         addresses = [address] if isinstance(address, str) else list(address)
         if not addresses:
             raise ValueError("a client needs at least one broker endpoint")
+        self.max_message_size = max_message_size
         self.timeout = timeout
         self.timeout_setting = timeout_setting
         self.brokers = [BlockingBroker(a, heartbeat_interval, heartbeat_misses,

@@ -209,7 +209,8 @@ def _service_worker(args: argparse.Namespace, overrides: list[str]) -> ServiceWo
         client = Client(link.endpoints, timeout=config.broker.request_timeout,
                         timeout_setting="Broker.request_timeout",
                         heartbeat_interval=link.heartbeat_interval,
-                        heartbeat_misses=link.heartbeat_misses, name=own_id, curve=link.curve)
+                        heartbeat_misses=link.heartbeat_misses, name=own_id, curve=link.curve,
+                        max_message_size=link.max_message_size)
     instance = Instance(described, settings).bind(client)
     worker = Worker(settings, config.broker.for_workers(keys), own_id, instance.handlers())
     return ServiceWorker(instance, worker, client)
